@@ -1,0 +1,3 @@
+from models.fetch import main
+
+raise SystemExit(main())
