@@ -85,9 +85,13 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     root = Path(root)
     manifest_path = root / MANIFEST
     if not root.is_dir():
-        raise BundleError(f"bundle directory not found: {root}; build one with `python -m convert --run RUN --out {root}`")
+        raise BundleError(
+            f"bundle directory not found: {root}; build one with `python -m convert --run RUN --out {root}`"
+        )
     if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path} is missing: {root} is not a faceberry bundle; rebuild it with `python -m convert`")
+        raise BundleError(
+            f"{manifest_path} is missing: {root} is not a faceberry bundle; rebuild it with `python -m convert`"
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -106,7 +110,9 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         if not path.is_file():
             raise BundleError(f"{path} is missing from the bundle; copy the whole bundle directory again")
         if verify and sha256_file(path) != expected:
-            raise BundleError(f"{path} does not match its sha256 in the manifest (corrupt or edited); copy the bundle again")
+            raise BundleError(
+                f"{path} does not match its sha256 in the manifest (corrupt or edited); copy the bundle again"
+            )
     classifier = _require(manifest, "classifier", manifest_path)
     kind = classifier.get("kind")
     if kind not in CLASSIFIER_KINDS:

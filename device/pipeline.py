@@ -57,6 +57,6 @@ class FacePipeline:
         preds = [self.classifier.classify(c) for c in crops]
         t3 = time.perf_counter()
         return FrameResult(
-            [Recognition(f, c, p) for f, c, p in zip(faces, crops, preds)],
+            [Recognition(f, c, p) for f, c, p in zip(faces, crops, preds, strict=True)],
             {"detect": (t1 - t0) * 1e3, "align": (t2 - t1) * 1e3, "classify": (t3 - t2) * 1e3},
         )

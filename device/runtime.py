@@ -114,4 +114,4 @@ class TFLiteModel:
         return [_dequantize(self.interpreter.get_tensor(d["index"]), d) for d in self.output_details]
 
     def run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.run(x)))
+        return dict(zip(self.output_names, self.run(x), strict=True))
