@@ -1,0 +1,129 @@
+"""A real mosquitto broker on a free loopback port, started by the test suite.
+
+`mosquitto` (session scope) is shared by tests that only publish and subscribe; `mosquitto_factory`
+(function scope) hands out brokers a test may stop and restart on the same port, for the
+"broker goes away and comes back" tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Mosquitto:
+    """One mosquitto process; `stop()` and `start()` keep the same port."""
+
+    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.config = workdir / f"mosquitto-{self.port}.conf"
+        self.log = workdir / f"mosquitto-{self.port}.log"
+        self.config.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
+            encoding="utf-8",
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
+        self._log = log
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
+            if _accepts(self.host, self.port):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not accept connections on {self.host}:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        # Wait until the port is free again so a restart on the same port succeeds.
+        deadline = time.monotonic() + 5
+        while _accepts(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _need_binary() -> str:
+    binary = _mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (apt install mosquitto): the broker tests need a real broker")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A broker shared by the session: `.host`, `.port`."""
+    broker = Mosquitto(_need_binary(), tmp_path_factory.mktemp("mosquitto")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[], Mosquitto]]:
+    """Start private brokers (stoppable, restartable on the same port); all are stopped afterwards."""
+    binary = _need_binary()
+    brokers: list[Mosquitto] = []
+
+    def make() -> Mosquitto:
+        broker = Mosquitto(binary, tmp_path).start()
+        brokers.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in brokers:
+            broker.stop()
