@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# faceberry quickstart: the two commands the README promises.
+#
+#   ./quickstart.sh demo [demo.py flags]   set up everything, train on sample faces, convert, run the
+#                                          device daemon over held-out photos, print the MQTT events
+#   ./quickstart.sh test [pytest args]     set up the test environment, run ruff and the whole test suite
+#   ./quickstart.sh setup                  only create/update the environments and fetch the detector
+#
+# Environments (created next to this script, reused on later runs):
+#   .venv         workstation: requirements-train.txt (+ requirements-dev.txt for `test`); Python >= 3.10
+#   .venv-device  the Pi's environment, requirements-device.txt only (no TensorFlow): the demo's daemon runs here
+#   .venv-tflite  tflite-runtime 2.14 (`test` only): proves bundles still load in the old runtime
+#
+# Environment variables:
+#   PYTHON                    interpreter to build the venvs with (default: python3.11, else python3)
+#   FACEBERRY_SAMPLE_PHOTOS   a local folder of <person>/*.jpg for the demo instead of downloading LFW
+#   FACEBERRY_WEIGHTS         MobileNetV2 weights file for the demo instead of Keras' "imagenet" download
+set -euo pipefail
+
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+DEVICE_VENV="$ROOT/.venv-device"
+TFLITE_VENV="$ROOT/.venv-tflite"
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+pick_python() {
+    if [ -n "${PYTHON:-}" ]; then
+        echo "$PYTHON"
+    elif command -v python3.11 >/dev/null 2>&1; then
+        echo python3.11
+    elif command -v python3 >/dev/null 2>&1; then
+        echo python3
+    else
+        die "no python3 found; install Python 3.10-3.12 (e.g. sudo apt install python3 python3-venv)"
+    fi
+}
+
+make_venv() {  # make_venv DIR: create DIR with the chosen Python unless it already works
+    local dir=$1 py
+    if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c 'import sys' 2>/dev/null; then
+        return 0
+    fi
+    py=$(pick_python)
+    "$py" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)' \
+        || die "$py is Python $("$py" -c 'import platform; print(platform.python_version())'), faceberry needs 3.10-3.12; set PYTHON=/path/to/python3.11"
+    "$py" -m venv "$dir" \
+        || die "could not create $dir; install the venv module (e.g. sudo apt install python3-venv)"
+}
+
+pip_install() {  # pip_install VENV ARGS...
+    local dir=$1; shift
+    "$dir/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "$@"
+}
+
+setup_workstation() {  # setup_workstation REQUIREMENTS_FILE
+    say "workstation environment $VENV from $1"
+    make_venv "$VENV"
+    pip_install "$VENV" -r "$1"
+    say "face detector (python -m models fetch)"
+    "$VENV/bin/python" -m models fetch
+}
+
+setup_device() {
+    say "device environment $DEVICE_VENV from requirements-device.txt (what the Pi installs; no TensorFlow)"
+    make_venv "$DEVICE_VENV"
+    pip_install "$DEVICE_VENV" -r requirements-device.txt
+}
+
+setup_tflite() {
+    say "tflite-runtime 2.14 environment $TFLITE_VENV (bundles must load in the old runtime too)"
+    if [ -x "$TFLITE_VENV/bin/python" ] && "$TFLITE_VENV/bin/python" -c 'import tflite_runtime.interpreter' 2>/dev/null; then
+        return 0
+    fi
+    make_venv "$TFLITE_VENV"
+    pip_install "$TFLITE_VENV" tflite-runtime==2.14.0 "numpy<2"
+}
+
+run_tests() {
+    local start rc ruff_rc
+    start=$(date +%s)
+    setup_workstation requirements-dev.txt
+    setup_tflite
+    # ruff and pytest both run, so one report shows every problem; either failing fails the command.
+    say "ruff check ."
+    set +e
+    "$VENV/bin/python" -m ruff check .
+    ruff_rc=$?
+    say "pytest $*"
+    "$VENV/bin/python" -m pytest "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        die "pytest collected no tests (exit 5); that is a failure, not a pass"
+    elif [ "$rc" -ne 0 ]; then
+        die "pytest failed (exit $rc)"
+    elif [ "$ruff_rc" -ne 0 ]; then
+        die "ruff found problems (exit $ruff_rc); fix them or run: .venv/bin/ruff check --fix ."
+    fi
+    say "all tests passed in $(( $(date +%s) - start )) s"
+}
+
+run_demo() {
+    setup_workstation requirements-train.txt
+    setup_device
+    say "demo (python demo.py $*)"
+    "$VENV/bin/python" demo.py --device-python "$DEVICE_VENV/bin/python" "$@"
+}
+
+command=${1:-}
+[ $# -gt 0 ] && shift
+case "$command" in
+    demo) run_demo "$@" ;;
+    test) run_tests "$@" ;;
+    setup) setup_workstation requirements-dev.txt; setup_device ;;
+    -h|--help|help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        ;;
+    *)
+        echo "usage: ./quickstart.sh demo|test|setup [args]   (./quickstart.sh --help for more)" >&2
+        exit 2
+        ;;
+esac
