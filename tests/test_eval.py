@@ -1,0 +1,175 @@
+"""`python -m device eval` on the tiny bundle and held-out photos of its people (plus strangers).
+
+Every figure the command reports is recounted here from its per-probe results, so a wrong
+aggregation fails, and accuracy is compared with chance computed from the number of people.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device import evaluate
+from device.bundle import load_bundle
+from device.classifier import UNKNOWN
+from device.pipeline import FacePipeline
+from device.preprocess import load_image
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture(scope="module")
+def eval_result(tiny_bundle, heldout_photos, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("eval") / "eval.json"
+    rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(heldout_photos), "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_json_has_the_documented_keys_and_types(eval_result):
+    for key in ("known_accuracy", "stranger_false_accept_rate", "no_face_rate"):
+        assert isinstance(eval_result[key], float), key
+        assert 0.0 <= eval_result[key] <= 1.0, key
+    assert isinstance(eval_result["probes"], list) and eval_result["probes"]
+    assert isinstance(eval_result["per_person"], dict) and eval_result["per_person"]
+    assert isinstance(eval_result["bundle_id"], str) and eval_result["bundle_id"]
+    assert isinstance(eval_result["confusion"], dict)
+    for stage in ("decode", "detect", "align", "classify"):
+        stat = eval_result["latency_ms"][stage]
+        assert stat["n"] > 0, stage
+        assert 0.0 < stat["median"] <= stat["p95"], stage
+
+
+def test_per_person_figures_match_a_recount_and_beat_chance(eval_result, tiny_bundle_people):
+    probes = eval_result["probes"]
+    people = set(tiny_bundle_people)
+    assert set(eval_result["per_person"]) == {p["folder"] for p in probes if p["folder"] in people}
+    for person, row in eval_result["per_person"].items():
+        mine = [p for p in probes if p["folder"] == person]
+        right = sum(1 for p in mine if p["predicted"] == person)
+        assert row["probes"] == len(mine)
+        assert row["right"] == right
+        assert row["accuracy"] == pytest.approx(right / len(mine))
+        assert row["right"] + row["wrong"] + row["rejected"] + row["no_face"] == row["probes"]
+    known = [p for p in probes if p["folder"] in people]
+    right = sum(1 for p in known if p["predicted"] == p["folder"])
+    assert eval_result["known_accuracy"] == pytest.approx(right / len(known))
+    # Confusion rows are the same probes, counted by what the pipeline said.
+    for folder, row in eval_result["confusion"].items():
+        said = Counter(p["predicted"] for p in probes if p["folder"] == folder)
+        assert row == dict(said)
+    # Chance for a closed-set guess among the bundle's people; "well above" = at least twice it,
+    # for the closed-set choice and for the accepted-and-right rate, on average over people.
+    chance = 1.0 / len(people)
+    mean_accuracy = float(np.mean([row["accuracy"] for row in eval_result["per_person"].values()]))
+    assert eval_result["closed_set_accuracy"] >= min(1.0, 2 * chance)
+    assert mean_accuracy >= min(0.9, 2 * chance), eval_result["per_person"]
+
+
+def test_strangers_false_accept_rate_is_consistent_with_the_counts(eval_result, tiny_bundle_people):
+    probes = eval_result["probes"]
+    strangers = [p for p in probes if p["folder"] not in set(tiny_bundle_people)]
+    assert strangers, "heldout_photos should hold a stranger folder"
+    assert all(p["truth"] == UNKNOWN and not p["known"] for p in strangers)
+    found = [p for p in strangers if p["faces"] > 0]
+    accepted = [p for p in found if p["predicted"] != UNKNOWN]
+    assert eval_result["counts"]["false_accepts"] == len(accepted)
+    assert eval_result["stranger_false_accept_rate"] == pytest.approx(len(accepted) / len(found))
+    assert 0.0 <= eval_result["stranger_false_accept_rate"] <= 1.0
+    per_folder = sum(row["false_accepts"] for row in eval_result["strangers"].values())
+    assert per_folder == len(accepted)
+    no_face = sum(1 for p in probes if p["faces"] == 0)
+    assert eval_result["no_face_rate"] == pytest.approx(no_face / len(probes))
+
+
+def test_probe_results_are_the_device_pipelines(eval_result, tiny_bundle, heldout_photos):
+    """A probe re-run through FacePipeline directly gives the same answer: eval takes no shortcut."""
+    probe = next(p for p in eval_result["probes"] if p["faces"] == 1)
+    pipeline = FacePipeline(load_bundle(tiny_bundle), num_threads=1)
+    result = pipeline.process(load_image(heldout_photos / probe["path"]))
+    assert len(result.recognitions) == 1
+    pred = result.recognitions[0].prediction
+    assert pred.label == probe["predicted"]
+    assert pred.score == pytest.approx(probe["score"], abs=1e-5)
+
+
+def test_unreadable_and_faceless_photos_are_counted_and_skipped(tiny_bundle, heldout_photos, tmp_path, caplog,
+                                                                capsys):
+    photos = tmp_path / "photos"
+    person = next(d for d in sorted(heldout_photos.iterdir()) if d.is_dir())
+    shutil.copytree(person, photos / person.name)
+    (photos / person.name / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    blank = np.full((240, 320, 3), 200, dtype=np.uint8)
+    cv2.rectangle(blank, (40, 40), (120, 200), (30, 90, 160), -1)  # shapes, no face
+    cv2.imwrite(str(photos / person.name / "no_face.png"), blank)
+    out = tmp_path / "eval.json"
+    with caplog.at_level(logging.WARNING, logger="device.evaluate"):
+        rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(photos), "--json", str(out)])
+    assert rc == 0
+    assert "corrupt.jpg" in caplog.text
+    result = json.loads(out.read_text())
+    assert result["counts"]["unreadable"] == 1
+    assert [u["path"] for u in result["unreadable"]] == [str(photos / person.name / "corrupt.jpg")]
+    assert all(not p["path"].endswith("corrupt.jpg") for p in result["probes"])
+    faceless = next(p for p in result["probes"] if p["path"].endswith("no_face.png"))
+    assert faceless["faces"] == 0 and faceless["outcome"] == "no_face"
+    assert result["per_person"][person.name]["no_face"] >= 1
+    assert "known accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["bundle", "photos", "empty"])
+def test_bad_input_is_one_line_error_and_nonzero_exit(what, tiny_bundle, heldout_photos, tmp_path, capsys):
+    bundle, photos = tiny_bundle, heldout_photos
+    if what == "bundle":
+        bundle = tmp_path / "no-such-bundle"
+    elif what == "photos":
+        photos = tmp_path / "no-such-photos"
+    else:
+        photos = tmp_path / "empty"
+        (photos / "someone").mkdir(parents=True)
+    rc = evaluate.main(["--bundle", str(bundle), "--photos", str(photos)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert str(bundle if what == "bundle" else photos) in err
+
+
+def test_operating_points_recount_on_synthetic_probes():
+    """The threshold picked for a target FAR accepts no more strangers than it allows (no models needed)."""
+    rng = np.random.default_rng(0)
+    probes = []
+    for i in range(200):
+        probes.append({"known": False, "faces": 1, "truth": UNKNOWN, "best": "a", "score": float(rng.uniform(0, 0.8))})
+    for i in range(100):
+        best = "a" if i % 4 else "b"
+        probes.append({"known": True, "faces": 1, "truth": "a", "best": best, "score": float(rng.uniform(0.3, 1.0))})
+    probes.append({"known": True, "faces": 0, "truth": "a", "best": evaluate.NO_FACE, "score": 0.0})
+    points = evaluate.operating_points(probes, (0.01, 0.05))
+    assert [p["target_far"] for p in points] == [0.01, 0.05]
+    for point in points:
+        t = point["threshold"]
+        fa = sum(1 for p in probes if not p["known"] and p["score"] >= t)
+        right = sum(1 for p in probes if p["known"] and p["best"] == "a" and p["faces"] and p["score"] >= t)
+        assert fa <= point["target_far"] * 200
+        assert point["stranger_false_accept_rate"] == pytest.approx(fa / 200)
+        assert point["known_accuracy"] == pytest.approx(right / 101)
+    assert points[0]["threshold"] >= points[1]["threshold"]
+
+
+def test_help_documents_every_flag(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="eval")
+    evaluate.add_arguments(parser)
+    text = parser.format_help()
+    for flag in ("--bundle", "--photos", "--json", "--threads", "--min-face-size"):
+        assert flag in text
+    assert isinstance(evaluate.HELP, str) and evaluate.HELP
+    assert Path(evaluate.__file__).name == "evaluate.py"
