@@ -145,7 +145,7 @@ def test_operating_points_recount_on_synthetic_probes():
     """The threshold picked for a target FAR accepts no more strangers than it allows (no models needed)."""
     rng = np.random.default_rng(0)
     probes = []
-    for i in range(200):
+    for _ in range(200):
         probes.append({"known": False, "faces": 1, "truth": UNKNOWN, "best": "a", "score": float(rng.uniform(0, 0.8))})
     for i in range(100):
         best = "a" if i % 4 else "b"
