@@ -1,0 +1,106 @@
+"""`python -m device check`: is this Pi ready to run? Config, bundle, camera and broker, each OK or why."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TextIO
+
+from device.config import Config, describe, load_config
+
+HELP = "check the config, the bundle, the camera and the broker, each OK or a clear reason"
+DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get("FACEBERRY_CONFIG", DEFAULT_CONFIG),
+        help=f"YAML or TOML config file (default: $FACEBERRY_CONFIG or {DEFAULT_CONFIG})",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for the first camera frame and for the broker (default 5)")
+    parser.add_argument("--skip", action="append", default=[], choices=("bundle", "camera", "broker"),
+                        help="skip one check (repeatable), e.g. --skip camera on a workstation")
+
+
+def check_bundle(cfg: Config) -> str:
+    from device.bundle import load_bundle
+    from device.pipeline import FacePipeline
+
+    bundle = load_bundle(cfg.bundle)  # verifies every checksum
+    FacePipeline(bundle, num_threads=1, min_face_size=cfg.detection.min_face_size)  # the models load and fit
+    people = [lab for lab in bundle.labels if lab != "unknown"]
+    return (f"{bundle.bundle_id}: {bundle.kind} {bundle.manifest['classifier'].get('quantization', '?')}, "
+            f"{len(people)} people, threshold {cfg.recognition.threshold or bundle.accept_threshold:.3f}")
+
+
+def check_camera(cfg: Config, timeout: float) -> str:
+    from device.camera import Capture, open_source
+
+    capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True)
+    capture.start()
+    try:
+        frame = capture.get(timeout=timeout)
+    except TimeoutError:
+        return f"FAIL:no frame from {capture.source.name} within {timeout:g}s"
+    finally:
+        capture.stop()
+    if frame is None:
+        return f"FAIL:{capture.source.name} delivered no readable frame"
+    h, w = frame.image.shape[:2]
+    return f"{capture.source.name}: got a {w}×{h} frame"
+
+
+def check_broker(cfg: Config, timeout: float) -> str:
+    from device.mqtt import probe
+
+    reason = probe(cfg.mqtt, f"faceberry-{cfg.device_id}-check", cfg.mqtt_password, timeout=timeout)
+    if reason:
+        return "FAIL:" + reason
+    return f"connected to {cfg.mqtt.host}:{cfg.mqtt.port}"
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    failures = 0
+
+    def report(name: str, fn: Callable[[], str]) -> None:
+        nonlocal failures
+        try:
+            detail = fn()
+        except Exception as exc:  # every failure is reported, then the next check runs
+            detail = f"FAIL:{exc}"
+        if detail.startswith("FAIL:"):
+            failures += 1
+            out.write(f"{name:<7} FAIL  {detail[5:]}\n")
+        else:
+            out.write(f"{name:<7} OK    {detail}\n")
+        out.flush()
+
+    cfg_holder: list[Config] = []
+
+    def config_step() -> str:
+        cfg_holder.append(load_config(args.config))
+        return describe(cfg_holder[0])
+
+    report("config", config_step)
+    if not cfg_holder:
+        out.write("bundle, camera and broker not checked: fix the config first\n")
+        return 1
+    cfg = cfg_holder[0]
+    steps: list[tuple[str, Callable[[], str]]] = [
+        ("bundle", lambda: check_bundle(cfg)),
+        ("camera", lambda: check_camera(cfg, args.timeout)),
+        ("broker", lambda: check_broker(cfg, args.timeout)),
+    ]
+    for name, fn in steps:
+        if name in args.skip:
+            out.write(f"{name:<7} SKIP\n")
+        else:
+            report(name, fn)
+    if threading.active_count() > 1:
+        pass  # capture and paho threads are daemons; nothing to join
+    return 1 if failures else 0

@@ -1,0 +1,181 @@
+"""MQTT topics and payloads, as pure functions: the daemon's whole public interface lives here.
+
+Topics (prefix defaults to "faceberry"):
+    <prefix>/<device_id>/status           "online" (retained) / "offline" (retained, also the last will)
+    <prefix>/<device_id>/events           one JSON event per decided (or changed) track identity
+    <prefix>/<device_id>/person/<label>   retained JSON last-seen state, for presence automations
+    <prefix>/<device_id>/snapshot/<label> JPEG face crop, only when snapshots are enabled (off by default)
+
+Every JSON payload carries `schema` so subscribers can tell versions apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+SCHEMA_VERSION = 1
+ONLINE = "online"
+OFFLINE = "offline"
+
+# MQTT forbids nothing but NUL in topic names, yet + and # are wildcards for subscribers and / splits
+# levels: a label containing them would land on another topic (or match the wrong filter).
+_UNSAFE = re.compile(r"[+#/\x00-\x1f\x7f\s]+")
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def sanitize_label(label: str) -> str:
+    """A label safe as one topic level: wildcards, slashes, control characters and spaces become '_'."""
+    cleaned = _UNSAFE.sub("_", str(label)).strip("_")
+    if cleaned in ("", ".", ".."):
+        return "_"
+    return cleaned
+
+
+def valid_device_id(device_id: str) -> bool:
+    return bool(_DEVICE_ID.match(device_id))
+
+
+def _base(prefix: str, device_id: str) -> str:
+    prefix = prefix.strip("/")
+    if not prefix or "+" in prefix or "#" in prefix:
+        raise ValueError(f"topic prefix {prefix!r} is empty or contains a wildcard")
+    if not valid_device_id(device_id):
+        raise ValueError(f"device_id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return f"{prefix}/{device_id}"
+
+
+def status_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/status"
+
+
+def events_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/events"
+
+
+def person_topic(prefix: str, device_id: str, label: str) -> str:
+    return f"{_base(prefix, device_id)}/person/{sanitize_label(label)}"
+
+
+def snapshot_topic(prefix: str, device_id: str, label: str) -> str:
+    return f"{_base(prefix, device_id)}/snapshot/{sanitize_label(label)}"
+
+
+def iso_utc(timestamp: float) -> str:
+    """Unix time → ISO 8601 UTC with milliseconds, e.g. 2026-01-31T08:15:02.123Z."""
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def event_payload(
+    *,
+    device_id: str,
+    camera: str,
+    label: str,
+    score: float,
+    bbox: Sequence[float],
+    track_id: int,
+    frames: int,
+    model: str,
+    timestamp: float,
+    previous: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """The JSON object published on <prefix>/<device_id>/events.
+
+    `bbox` is [x1, y1, x2, y2] in frame pixels; `frames` is how many frames voted for the decision;
+    `previous` is the track's former label when this event is a change of identity, else null.
+    """
+    return {
+        "schema": SCHEMA_VERSION,
+        "event_id": event_id or str(uuid.uuid4()),
+        "device_id": device_id,
+        "camera": camera,
+        "timestamp": iso_utc(timestamp),
+        "label": label,
+        "score": round(float(score), 4),
+        "bbox": [round(float(v), 1) for v in bbox],
+        "track_id": int(track_id),
+        "frames": int(frames),
+        "model": model,
+        "previous": previous,
+    }
+
+
+def person_state_payload(event: dict[str, Any]) -> dict[str, Any]:
+    """Retained last-seen state for <prefix>/<device_id>/person/<label>, derived from an event."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "label": event["label"],
+        "device_id": event["device_id"],
+        "camera": event["camera"],
+        "last_seen": event["timestamp"],
+        "score": event["score"],
+        "event_id": event["event_id"],
+        "model": event["model"],
+    }
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+class Cooldown:
+    """Per-label rate limit: a label may fire again only `seconds` after it last fired.
+
+    A person standing in front of the camera keeps being re-detected (tracks are lost and found);
+    without this the broker would see an event every few seconds.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if seconds < 0:
+            raise ValueError("cooldown must be >= 0 seconds")
+        self.seconds = float(seconds)
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def ready(self, label: str) -> bool:
+        last = self._last.get(label)
+        return last is None or self.clock() - last >= self.seconds
+
+    def fire(self, label: str) -> bool:
+        """True (and the label's clock restarts) if the label may fire now; False counts a suppression."""
+        if self.ready(label):
+            self._last[label] = self.clock()
+            return True
+        self.suppressed += 1
+        return False
+
+
+def ha_discovery(
+    prefix: str, device_id: str, labels: Sequence[str], discovery_prefix: str = "homeassistant"
+) -> list[tuple[str, dict[str, Any]]]:
+    """Home Assistant MQTT discovery: one sensor per known person (last seen) plus a last-event sensor.
+
+    Returned as (topic, config) pairs; the daemon publishes them retained.
+    """
+    device = {"identifiers": [f"faceberry_{device_id}"], "name": f"faceberry {device_id}", "manufacturer": "faceberry"}
+    avail = {"availability_topic": status_topic(prefix, device_id), "payload_available": ONLINE,
+             "payload_not_available": OFFLINE}
+    out: list[tuple[str, dict[str, Any]]] = []
+    uid = f"faceberry_{device_id}_last_event"
+    out.append((f"{discovery_prefix}/sensor/{uid}/config", {
+        "name": "Last face", "unique_id": uid, "state_topic": events_topic(prefix, device_id),
+        "value_template": "{{ value_json.label }}", "json_attributes_topic": events_topic(prefix, device_id),
+        "device": device, **avail,
+    }))
+    for label in labels:
+        safe = sanitize_label(label)
+        uid = f"faceberry_{device_id}_{safe}"
+        out.append((f"{discovery_prefix}/sensor/{uid}/config", {
+            "name": f"{label} last seen", "unique_id": uid, "device_class": "timestamp",
+            "state_topic": person_topic(prefix, device_id, label), "value_template": "{{ value_json.last_seen }}",
+            "json_attributes_topic": person_topic(prefix, device_id, label), "device": device, **avail,
+        }))
+    return out

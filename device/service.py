@@ -1,0 +1,204 @@
+"""`python -m device run`: the daemon. camera → FacePipeline → tracker → events → MQTT.
+
+Runs until the camera stream ends (files and folders), a fatal camera error, or SIGTERM/SIGINT; in
+every case capture stops, `offline` is published and the MQTT queue is flushed before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import cv2
+
+from device.bundle import load_bundle
+from device.camera import Capture, Frame, open_source
+from device.classifier import UNKNOWN
+from device.config import Config, describe, load_config
+from device.events import (
+    Cooldown,
+    encode,
+    event_payload,
+    events_topic,
+    ha_discovery,
+    iso_utc,
+    person_state_payload,
+    person_topic,
+    snapshot_topic,
+)
+from device.mqtt import MqttPublisher
+from device.pipeline import FacePipeline
+from device.tracker import Decision, Observation, Tracker
+
+log = logging.getLogger(__name__)
+
+HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
+DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get("FACEBERRY_CONFIG", DEFAULT_CONFIG),
+        help=f"YAML or TOML config file (default: $FACEBERRY_CONFIG or {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--max-frames", type=int, default=0, metavar="N",
+        help="stop after processing N frames (0 = run until the stream ends or a signal; for testing)",
+    )
+
+
+class Service:
+    def __init__(self, cfg: Config, publisher: MqttPublisher | None = None) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        bundle = load_bundle(cfg.bundle)
+        self.bundle_id = bundle.bundle_id
+        self.pipeline = FacePipeline(
+            bundle,
+            num_threads=cfg.recognition.num_threads,
+            min_face_size=cfg.detection.min_face_size,
+            score_threshold=cfg.detection.score_threshold,
+        )
+        if cfg.recognition.threshold is not None:
+            self.pipeline.classifier.threshold = cfg.recognition.threshold
+        self.labels = [lab for lab in bundle.labels if lab != UNKNOWN]
+        self.tracker = Tracker(cfg.tracking.iou, cfg.tracking.votes_needed, cfg.tracking.max_age)
+        self.cooldown = Cooldown(cfg.events.cooldown)
+        # Presence: while a decided person stays in view, their retained last-seen state is refreshed,
+        # but no more often than the event cooldown.
+        self.state_refresh = Cooldown(cfg.events.cooldown)
+        self.prefix = cfg.events.topic_prefix
+        self.publisher = publisher or MqttPublisher(cfg.mqtt, cfg.device_id, self.prefix, cfg.mqtt_password)
+        if cfg.events.homeassistant:
+            self.publisher.on_connect(self._publish_discovery)
+        self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps)
+        self.frames = 0
+        self.faces = 0
+        self.events = 0
+        self.stage_ms: dict[str, float] = defaultdict(float)
+        self._last_events: dict[int, dict[str, Any]] = {}
+
+    def _publish_discovery(self) -> None:
+        for topic, config in ha_discovery(self.prefix, self.cfg.device_id, self.labels,
+                                          self.cfg.events.homeassistant_prefix):
+            self.publisher.client.publish(topic, encode(config), qos=1, retain=True)
+
+    def request_stop(self, *_: Any) -> None:
+        self.stop_event.set()
+
+    def run(self, max_frames: int = 0) -> int:
+        log.info("starting: %s, model %s", describe(self.cfg), self.bundle_id)
+        self.capture.start()  # an unreachable camera fails here, before we announce ourselves
+        self.publisher.start()
+        last_stats = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    frame = self.capture.get(timeout=0.5)
+                except TimeoutError:
+                    continue
+                if frame is None:
+                    log.info("end of the camera stream")
+                    break
+                self.handle_frame(frame)
+                if max_frames and self.frames >= max_frames:
+                    break
+                if time.monotonic() - last_stats >= self.cfg.stats_interval:
+                    self.log_stats()
+                    last_stats = time.monotonic()
+        finally:
+            self.capture.stop()
+            self.publisher.stop(timeout=5.0)
+            self.log_stats()
+        return 0
+
+    def handle_frame(self, frame: Frame) -> None:
+        result = self.pipeline.process(frame.image)
+        t0 = time.perf_counter()
+        self.frames += 1
+        self.faces += len(result.recognitions)
+        for stage, ms in result.timings_ms.items():
+            self.stage_ms[stage] += ms
+        observations = [
+            Observation(r.face.box, r.prediction.label, r.prediction.score, extra=r.crop)
+            for r in result.recognitions
+        ]
+        for decision in self.tracker.update(observations, frame.index):
+            self.emit(decision, frame)
+        self.refresh_presence(frame)
+        self.stage_ms["track+publish"] += (time.perf_counter() - t0) * 1e3
+
+    def emit(self, decision: Decision, frame: Frame) -> None:
+        label = decision.label
+        if label == UNKNOWN and not self.cfg.events.unknown:
+            return
+        if not self.cooldown.fire(label):
+            log.debug("track %d: %s within its cooldown, no event", decision.track_id, label)
+            return
+        event = event_payload(
+            device_id=self.cfg.device_id, camera=self.cfg.camera.name, label=label, score=decision.score,
+            bbox=decision.box, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
+            timestamp=frame.timestamp, previous=decision.previous,
+        )
+        self.publisher.publish(events_topic(self.prefix, self.cfg.device_id), encode(event))
+        self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, label),
+                               encode(person_state_payload(event)), retain=True)
+        self.state_refresh.fire(label)
+        self._last_events[decision.track_id] = event
+        self.events += 1
+        log.info("event: %s (score %.2f, track %d, %d frames%s)", label, decision.score, decision.track_id,
+                 decision.frames, f", was {decision.previous}" if decision.previous else "")
+        if self.cfg.events.snapshots and decision.extra is not None:
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(decision.extra, cv2.COLOR_RGB2BGR))
+            if ok:
+                self.publisher.publish(snapshot_topic(self.prefix, self.cfg.device_id, label), jpeg.tobytes())
+
+    def refresh_presence(self, frame: Frame) -> None:
+        for track in self.tracker.active():
+            event = self._last_events.get(track.track_id)
+            if event is None or track.last_frame != frame.index or track.label != event["label"]:
+                continue
+            if self.state_refresh.fire(track.label):
+                state = person_state_payload({**event, "timestamp": iso_utc(frame.timestamp)})
+                self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, track.label),
+                                       encode(state), retain=True)
+        live = set(self.tracker.tracks)
+        for track_id in [t for t in self._last_events if t not in live]:
+            del self._last_events[track_id]
+
+    def stats(self) -> dict[str, Any]:
+        n = max(self.frames, 1)
+        return {
+            "frames": self.frames, "captured": self.capture.captured, "dropped": self.capture.dropped,
+            "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
+            "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),
+            "mqtt": self.publisher.stats(),
+            "ms_per_frame": {k: round(v / n, 2) for k, v in self.stage_ms.items()},
+        }
+
+    def log_stats(self) -> None:
+        s = self.stats()
+        stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())
+        log.info(
+            "stats: %d frames (%d captured, %d dropped, %d unreadable skipped), %d faces, %d events "
+            "(%d in cooldown), mqtt %s; ms/frame: %s",
+            s["frames"], s["captured"], s["dropped"], s["skipped_images"], s["faces"], s["events"],
+            s["suppressed"], " ".join(f"{k}={v}" for k, v in s["mqtt"].items()), stages or "-",
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    service = Service(cfg)
+    previous = {sig: signal.signal(sig, service.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return service.run(max_frames=args.max_frames)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
