@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 import cv2
+import numpy as np
 
 from device.bundle import load_bundle
 from device.camera import Capture, Frame, open_source
@@ -141,9 +142,12 @@ class Service:
         if not self.cooldown.fire(label):
             log.debug("track %d: %s within its cooldown, no event", decision.track_id, label)
             return
+        h, w = frame.image.shape[:2]
+        # Faces at the edge get boxes reaching past it; subscribers want pixels inside the frame.
+        bbox = np.clip(decision.box, 0, [w, h, w, h])
         event = event_payload(
             device_id=self.cfg.device_id, camera=self.cfg.camera.name, label=label, score=decision.score,
-            bbox=decision.box, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
+            bbox=bbox, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
             timestamp=frame.timestamp, previous=decision.previous,
         )
         self.publisher.publish(events_topic(self.prefix, self.cfg.device_id), encode(event))

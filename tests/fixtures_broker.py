@@ -2,7 +2,8 @@
 
 `mosquitto` (session scope) is shared by tests that only publish and subscribe; `mosquitto_factory`
 (function scope) hands out brokers a test may stop and restart on the same port, for the
-"broker goes away and comes back" tests.
+"broker goes away and comes back" tests (with persistence, so a subscriber's session survives).
+`Subscriber` is a paho client that records what it receives, for assertions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,15 +46,17 @@ def _accepts(host: str, port: int) -> bool:
 class Mosquitto:
     """One mosquitto process; `stop()` and `start()` keep the same port."""
 
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, binary: str, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
         self.binary = binary
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
         self.config = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
+        # Persistence keeps sessions and retained messages across a restart (saved when mosquitto stops).
+        persistence = f"persistence true\npersistence_location {workdir}/\n" if persistent else "persistence false\n"
         self.config.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}"
             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
             encoding="utf-8",
         )
@@ -112,13 +116,18 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
-def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[], Mosquitto]]:
-    """Start private brokers (stoppable, restartable on the same port); all are stopped afterwards."""
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Start private brokers (stoppable, restartable on the same port); all are stopped afterwards.
+
+    `mosquitto_factory(persistent=True)` keeps sessions and retained messages across `stop()`/`start()`.
+    """
     binary = _need_binary()
     brokers: list[Mosquitto] = []
 
-    def make() -> Mosquitto:
-        broker = Mosquitto(binary, tmp_path).start()
+    def make(persistent: bool = False) -> Mosquitto:
+        workdir = tmp_path / f"broker{len(brokers)}"
+        workdir.mkdir()
+        broker = Mosquitto(binary, workdir, persistent=persistent).start()
         brokers.append(broker)
         return broker
 
@@ -127,3 +136,54 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[], Mosquitto]]:
     finally:
         for broker in brokers:
             broker.stop()
+
+
+class Subscriber:
+    """A paho client subscribed to `topic` that records (topic, payload, retain) in arrival order.
+
+    With `session` (a client id), it keeps a persistent QoS 1 session, so messages published while it is
+    disconnected, or while a persistent broker restarts, are still delivered to it.
+    """
+
+    def __init__(self, host: str, port: int, topic: str = "#", session: str | None = None) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=session or "",
+                                  clean_session=session is None)
+        self.client.reconnect_delay_set(1, 1)
+
+        def on_connect(client, userdata, flags, reason, properties) -> None:
+            client.subscribe(topic, qos=1)
+
+        def on_subscribe(client, userdata, mid, reasons, properties) -> None:
+            self._subscribed.set()
+
+        def on_message(client, userdata, msg) -> None:
+            with self._cond:
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect(host, port, keepalive=10)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("subscriber could not subscribe")
+
+    def wait_for(self, predicate: Callable[[list[tuple[str, bytes, bool]]], bool], timeout: float = 20.0) -> bool:
+        """Wait until predicate(messages so far) is true; returns whether it became true."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(list(self.messages)), timeout)
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._cond:
+            return [payload for t, payload, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

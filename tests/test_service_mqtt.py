@@ -1,0 +1,313 @@
+"""The daemon against a real mosquitto: online, events for real faces, offline on SIGTERM, the last will
+on SIGKILL, and nothing lost while the broker is away."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from device.bundle import load_bundle
+from device.camera import IMAGE_SUFFIXES
+from device.events import OFFLINE, ONLINE
+from device.mqtt import MqttPublisher
+from device.pipeline import FacePipeline
+from device.preprocess import load_image
+from device.tracker import Observation, Tracker
+from tests.fixtures_broker import Subscriber
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "testcam"
+EVENT_KEYS = {"event_id", "device_id", "camera", "timestamp", "label", "score", "bbox", "track_id", "frames",
+              "model", "schema"}
+
+pytestmark = pytest.mark.broker
+
+
+def folder_of_photos(heldout_photos: Path, dest: Path, per_person: int = 3, broken: bool = True) -> list[Path]:
+    """A camera folder: a few held-out photos of each person (symlinks), plus an unreadable image."""
+    dest.mkdir(parents=True, exist_ok=True)
+    chosen = []
+    for person in sorted(p for p in heldout_photos.iterdir() if p.is_dir()):
+        photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:per_person]
+        for i, photo in enumerate(photos):
+            link = dest / f"{person.name}_{i:02d}{photo.suffix.lower()}"
+            link.symlink_to(photo.resolve())
+            chosen.append(link)
+    if broken:
+        # Sorted between the people: the run must warn and go on.
+        (dest / f"{chosen[len(chosen) // 2].stem}_broken.jpg").write_bytes(b"not a jpeg at all")
+    return chosen
+
+
+def write_config(path: Path, bundle: Path, broker, camera: dict, **sections) -> Path:
+    data = {
+        "bundle": str(bundle),
+        "device_id": DEVICE,
+        "camera": {"source": "folder", **camera},
+        # Every photo is a new scene: decide on one frame and let every change of face be an event.
+        "tracking": {"votes_needed": 1, "max_age": 0},
+        "events": {"cooldown": 0},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 5, "reconnect_max_delay": 2},
+        "stats_interval": 1,
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def start_daemon(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "device", "run", "--config", str(config), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"daemon did not exit within {timeout}s:\n{err[-3000:]}")
+    return proc.returncode, err
+
+
+def stamp(event_json: bytes) -> float:
+    text = json.loads(event_json)["timestamp"]
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def events_of(sub: Subscriber) -> list[dict]:
+    return [json.loads(p) for p in sub.on(f"faceberry/{DEVICE}/events")]
+
+
+def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
+    """What the daemon should announce, computed in-process with the same pipeline and tracker settings."""
+    pipeline = FacePipeline(load_bundle(bundle_dir), num_threads=2, min_face_size=40)
+    tracker = Tracker(0.3, votes_needed=1, max_age=0)
+    labels = []
+    for index, path in enumerate(frames):
+        result = pipeline.process(load_image(path))
+        obs = [Observation(r.face.box, r.prediction.label, r.prediction.score) for r in result.recognitions]
+        labels += [d.label for d in tracker.update(obs, index)]
+    return labels
+
+
+@pytest.fixture
+def subscriber(mosquitto):
+    sub = Subscriber(mosquitto.host, mosquitto.port, f"faceberry/{DEVICE}/#")
+    # Retained messages of earlier tests (online/offline, person state) are not this test's.
+    time.sleep(0.3)
+    sub.messages.clear()
+    yield sub
+    sub.close()
+
+
+def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos,
+                                                     tiny_bundle_people) -> None:
+    frames = folder_of_photos(heldout_photos, tmp_path / "camera")
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")})
+    rc, err = finish(start_daemon(config))
+    assert rc == 0, err[-3000:]
+    assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode(), False) in m, 10)
+
+    status = subscriber.on(f"faceberry/{DEVICE}/status")
+    assert status[0] == ONLINE.encode() and status[-1] == OFFLINE.encode()
+    events = events_of(subscriber)
+    bundle_id = load_bundle(tiny_bundle).bundle_id
+    for event in events:
+        assert set(event) >= EVENT_KEYS
+        assert (event["device_id"], event["model"], event["camera"], event["schema"]) == (DEVICE, bundle_id,
+                                                                                          "camera", 1)
+        assert event["label"] in [*tiny_bundle_people, "unknown"]
+        x1, y1, x2, y2 = event["bbox"]
+        assert 0 <= x1 < x2 and 0 <= y1 < y2
+    # The daemon announced exactly what the pipeline recognises, in order: nothing lost, nothing invented.
+    readable = [f for f in sorted((tmp_path / "camera").iterdir()) if "broken" not in f.name]
+    assert [e["label"] for e in events] == expected_event_labels(tiny_bundle, readable)
+    assert len({e["event_id"] for e in events}) == len(events)
+    # The bundle knows these people: some of their held-out photos are recognised.
+    assert {e["label"] for e in events} & set(tiny_bundle_people)
+    # Retained last-seen state for each announced label.
+    for label in {e["label"] for e in events}:
+        state = json.loads(subscriber.on(f"faceberry/{DEVICE}/person/{label}")[-1])
+        assert state["label"] == label and state["last_seen"]
+    # Snapshots are off by default.
+    assert not [t for t, _, _ in subscriber.messages if "/snapshot/" in t]
+    # The unreadable image was skipped with a warning and the run went on past it.
+    assert "skipping unreadable image" in err and "_broken.jpg" in err
+    assert "1 unreadable skipped" in err
+    assert len(frames) >= 6 and len(events) >= 2
+
+
+def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")},
+                          events={"snapshots": True})
+    rc, err = finish(start_daemon(config))
+    assert rc == 0, err[-3000:]
+    subscriber.wait_for(lambda m: any(p == OFFLINE.encode() for _, p, _ in m), 10)
+    snaps = [(t, p) for t, p, _ in subscriber.messages if "/snapshot/" in t]
+    events = events_of(subscriber)
+    assert len(snaps) == len(events) > 0
+    assert all(p[:3] == b"\xff\xd8\xff" for _, p in snaps)  # JPEG
+
+
+def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"device": str(tmp_path / "camera"), "loop": True})
+    proc = start_daemon(config)
+    try:
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), "no event"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert subscriber.wait_for(lambda m: m[-1][1] == OFFLINE.encode(), 10)
+    assert "Traceback" not in err
+    assert "stats:" in err  # final statistics are logged
+
+
+def test_sigkill_leaves_the_last_will(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"device": str(tmp_path / "camera"), "loop": True})
+    proc = start_daemon(config)
+    try:
+        assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", ONLINE.encode(), False) in m, 60)
+        subscriber.messages.clear()
+    finally:
+        proc.kill()
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    # The broker publishes the will as soon as it sees the connection die.
+    assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode(), False) in m, 15)
+    # And it is retained: a subscriber arriving later learns the device is offline.
+    late = Subscriber(mosquitto.host, mosquitto.port, f"faceberry/{DEVICE}/status")
+    try:
+        assert late.wait_for(lambda m: bool(m), 5) and late.messages[-1][1:] == (OFFLINE.encode(), True)
+    finally:
+        late.close()
+
+
+def test_daemon_survives_a_broker_restart(tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+    broker = mosquitto_factory()
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+                          {"device": str(tmp_path / "camera"), "loop": True, "fps": 5})
+    sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
+    proc = start_daemon(config)
+    try:
+        assert sub.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60)
+        broker.stop()
+        time.sleep(2)
+        broker.start()
+        sub.close()
+        restarted = time.time()
+        sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
+        # The daemon reconnects by itself, says online again (retained, so whether it reconnected before or
+        # after this subscriber does not matter), and its new events arrive.
+        assert sub.wait_for(lambda m: (f"faceberry/{DEVICE}/status", ONLINE.encode()) in [x[:2] for x in m], 30)
+        assert sub.wait_for(lambda m: any(t.endswith("/events") and stamp(p) > restarted for t, p, _ in m), 30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert "lost the broker" in err and "reconnect 1" in err
+    assert all(e["device_id"] == DEVICE for e in events_of(sub))
+    sub.close()
+
+
+# --- the publisher alone: counts what is queued, delivered and dropped -----------------------------------
+
+def mqtt_cfg(broker, queue_size: int = 1000):
+    from device.config import MqttConfig
+
+    return MqttConfig(host=broker.host, port=broker.port, keepalive=5, queue_size=queue_size,
+                      reconnect_min_delay=1, reconnect_max_delay=1)
+
+
+def test_publisher_queues_while_the_broker_is_away_and_loses_nothing(mosquitto_factory) -> None:
+    broker = mosquitto_factory(persistent=True)
+    sub = Subscriber(broker.host, broker.port, "faceberry/pub/events", session="faceberry-test-sub")
+    pub = MqttPublisher(mqtt_cfg(broker, queue_size=50), "pub")
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        for i in range(5):
+            pub.publish("faceberry/pub/events", f"before-{i}")
+        assert pub.flush(10)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        for i in range(30):
+            assert pub.publish("faceberry/pub/events", f"during-{i}")
+        assert pub.pending >= 30
+        broker.start()
+        assert pub.wait_connected(20)
+        for i in range(5):
+            pub.publish("faceberry/pub/events", f"after-{i}")
+        expected = [f"before-{i}" for i in range(5)] + [f"during-{i}" for i in range(30)] + [
+            f"after-{i}" for i in range(5)]
+        ok = sub.wait_for(lambda m: {p.decode() for _, p, _ in m} >= set(expected), 30)
+        got = [p.decode() for _, p, _ in sub.messages]
+        assert ok, f"missing: {sorted(set(expected) - set(got))[:10]}"
+        assert pub.dropped == 0 and pub.connects == 2
+        # QoS 1 is at-least-once; order within the queued backlog is kept.
+        during = [g for g in got if g.startswith("during-")]
+        assert sorted(set(during), key=during.index) == [f"during-{i}" for i in range(30)]
+    finally:
+        pub.stop(timeout=5)
+        sub.close()
+
+
+def test_publisher_queue_bound_drops_and_counts(mosquitto_factory) -> None:
+    broker = mosquitto_factory(persistent=True)
+    sub = Subscriber(broker.host, broker.port, "faceberry/pub/events", session="faceberry-test-sub2")
+    pub = MqttPublisher(mqtt_cfg(broker, queue_size=10), "pub")
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        results = [pub.publish("faceberry/pub/events", f"m{i}") for i in range(15)]
+        assert results == [True] * 10 + [False] * 5
+        assert pub.dropped == 5
+        broker.start()
+        assert sub.wait_for(lambda m: {p.decode() for _, p, _ in m} >= {f"m{i}" for i in range(10)}, 30)
+        time.sleep(0.5)
+        assert not {p.decode() for _, p, _ in sub.messages} & {f"m{i}" for i in range(10, 15)}
+    finally:
+        pub.stop(timeout=5)
+        sub.close()
+
+
+def test_publisher_status_online_retained_and_offline_on_stop(mosquitto) -> None:
+    pub = MqttPublisher(mqtt_cfg(mosquitto), "pubstatus")
+    pub.start()
+    assert pub.wait_connected(10)
+    assert pub.flush(5)
+    late = Subscriber(mosquitto.host, mosquitto.port, "faceberry/pubstatus/status")
+    try:
+        assert late.wait_for(lambda m: bool(m), 5)
+        assert late.messages[0][1:] == (ONLINE.encode(), True)  # retained: a newcomer learns we are up
+        pub.stop(timeout=5)
+        assert late.wait_for(lambda m: m[-1][1] == OFFLINE.encode(), 5)
+    finally:
+        late.close()
