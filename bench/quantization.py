@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
          "decision = float32", *[f"invoke ms {t} thr (med / p95)" for t in args.threads], "classify in pipeline"],
         [[q, f"{r['classifier_bytes'] / 1e6:.2f} MB", pct(r["known_accuracy"]), pct(r["stranger_false_accept_rate"]),
           pct(at2[q]["known_accuracy"]) if at2[q] else "—",
-          pct(r.get("agreement_with_float32", {}).get("top1")), pct(r.get("agreement_with_float32", {}).get("decision")),
+          pct(r.get("agreement_with_float32", {}).get("top1")),
+          pct(r.get("agreement_with_float32", {}).get("decision")),
           *[fmt_ms(r["invoke_ms"][str(t)]) for t in args.threads], fmt_ms(r["classify_ms_in_pipeline"])]
          for q, r in rows.items()]))
     path = write_result("quantization", {"machine": info, "run": str(run_dir), "train": train_meta,
