@@ -104,5 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if type(exc).__module__.startswith("device."):  # our own errors (EnrollError …) carry their fix
+            return _error(str(exc))
         log.debug("unexpected failure", exc_info=True)
         return _error(f"{type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)")

@@ -1,0 +1,253 @@
+"""`python -m device`: help for every flag, `check`, and bad input → one clear `error:` line, non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from device import cli
+from device.bundle import write_manifest
+from device.config import CREDENTIAL_NAME
+from device.preprocess import Preprocessing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def device_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "device", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "FACEBERRY_LOG_LEVEL": "INFO"})
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line a failed command must print (and no traceback)."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
+    """A bundle that loads through the real code path, without a training run.
+
+    Its "classifier" is the BlazeFace model itself (a real 128×128 LiteRT model), so it recognises
+    nobody: it exists for the paths that only need a bundle to load (errors, check, camera failures).
+    """
+    root = tmp_path_factory.mktemp("bundle") / "bundle"
+    root.mkdir()
+    shutil.copy(detector_path, root / "face_detection_short_range.tflite")
+    shutil.copy(detector_path, root / "classifier.tflite")
+    (root / "labels.txt").write_text("alice\nbob\n")
+    write_manifest(root, {
+        "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
+        "detector": {"file": "face_detection_short_range.tflite"},
+        "labels": {"file": "labels.txt", "count": 2},
+        "preprocessing": Preprocessing(input_size=128).to_dict(),
+        "thresholds": {"accept": 0.9, "target_far": 0.01},
+    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
+    return root
+
+
+def make_config(tmp_path: Path, bundle: Path | str, camera: dict | None = None, port: int = 1, **extra) -> Path:
+    data = {"bundle": str(bundle), "device_id": "clitest",
+            "camera": camera or {"source": "folder", "device": str(tmp_path)},
+            "mqtt": {"host": "127.0.0.1", "port": port}, **extra}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- help ------------------------------------------------------------------------------------------------
+
+def test_top_level_help_lists_every_command() -> None:
+    proc = device_cli("--help")
+    assert proc.returncode == 0
+    for command in ("run", "check", "eval", "enroll", "--log-level"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_flag_is_explained(command: str) -> None:
+    parser = cli.build_parser(only=command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if command not in sub.choices or "_module" not in sub.choices[command]._defaults:
+        pytest.skip(f"device {command} is not installed in this checkout")
+    for action in sub.choices[command]._actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"{command}: {action.option_strings} has no help"
+    proc = device_cli(command, "--help")
+    assert proc.returncode == 0 and "usage: python -m device " + command in proc.stdout
+
+
+def test_no_command_prints_usage_and_fails() -> None:
+    proc = device_cli()
+    assert proc.returncode == 2 and "COMMAND" in proc.stderr
+
+
+# --- bad input: one clear line, non-zero exit ------------------------------------------------------------
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    line = one_error_line(device_cli("run", "--config", str(tmp_path / "nope.yaml")))
+    assert "config file not found" in line and "nope.yaml" in line
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("bundle: /b\ncamera:\n  sorce: folder\n")
+    line = one_error_line(device_cli("run", "--config", str(path)))
+    assert "unknown key 'camera.sorce'" in line and str(path) in line
+
+
+def test_password_in_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("bundle: /b\nmqtt: {password: hunter2}\n")
+    line = one_error_line(device_cli("run", "--config", str(path)))
+    assert "mqtt.password" in line and "password_file" in line and "hunter2" not in line
+
+
+def test_missing_bundle(tmp_path: Path) -> None:
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, tmp_path / "no-bundle"))))
+    assert "bundle directory not found" in line and "python -m convert" in line
+
+
+def test_corrupt_bundle_manifest(tmp_path: Path, loadable_bundle: Path) -> None:
+    bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
+    (bundle / "manifest.json").write_text('{"schema": 1, "files": {')
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, bundle))))
+    assert "manifest.json is not valid JSON" in line
+
+
+def test_checksum_mismatch(tmp_path: Path, loadable_bundle: Path) -> None:
+    bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
+    with open(bundle / "classifier.tflite", "r+b") as handle:  # one flipped byte, as a bad copy would do
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, bundle))))
+    assert "classifier.tflite does not match its sha256" in line and "copy the bundle again" in line
+
+
+def test_bundle_file_missing(tmp_path: Path, loadable_bundle: Path) -> None:
+    bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
+    (bundle / "labels.txt").unlink()
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, bundle))))
+    assert "labels.txt is missing from the bundle" in line
+
+
+@pytest.mark.parametrize(
+    ("camera", "message"),
+    [({"source": "opencv", "device": "/dev/video97"}, "camera /dev/video97 does not exist"),
+     ({"source": "opencv", "device": 97}, "cannot open camera 97"),
+     ({"source": "folder", "device": "/nonexistent/pics"}, "image folder not found"),
+     ({"source": "picamera2"}, "picamera2")],
+)
+def test_unreachable_camera(tmp_path: Path, loadable_bundle: Path, camera: dict, message: str) -> None:
+    if camera["source"] == "picamera2" and shutil.which("rpicam-hello"):
+        pytest.skip("this machine has a Pi camera stack")
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, camera))))
+    assert message in line
+
+
+def test_folder_with_unreadable_images_only_runs_and_ends(tmp_path: Path, loadable_bundle: Path, mosquitto) -> None:
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "a.jpg").write_bytes(b"broken")
+    config = make_config(tmp_path, loadable_bundle, {"source": "folder", "device": str(pics)}, port=mosquitto.port)
+    proc = device_cli("run", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping unreadable image" in proc.stderr and "a.jpg" in proc.stderr
+
+
+# --- check -----------------------------------------------------------------------------------------------
+
+def write_frame(folder: Path) -> None:
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "frame.png"), np.full((48, 64, 3), 128, np.uint8))
+
+
+def test_check_all_ok(tmp_path: Path, loadable_bundle: Path, mosquitto) -> None:
+    write_frame(tmp_path / "pics")
+    config = make_config(tmp_path, loadable_bundle, {"source": "folder", "device": str(tmp_path / "pics")},
+                         port=mosquitto.port)
+    proc = device_cli("check", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert set(lines) == {"config", "bundle", "camera", "broker"}
+    assert all(v.startswith("OK") for v in lines.values()), proc.stdout
+    assert "2 people" in lines["bundle"] and "64×48" in lines["camera"]
+
+
+def test_check_reports_every_failure(tmp_path: Path) -> None:
+    config = make_config(tmp_path, tmp_path / "missing-bundle", {"source": "opencv", "device": "/dev/video97"},
+                         port=_closed_port())
+    proc = device_cli("check", "--config", str(config), "--timeout", "2")
+    assert proc.returncode == 1
+    lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert lines["config"].startswith("OK")
+    assert lines["bundle"].startswith("FAIL") and "bundle directory not found" in lines["bundle"]
+    assert lines["camera"].startswith("FAIL") and "/dev/video97 does not exist" in lines["camera"]
+    assert lines["broker"].startswith("FAIL") and "refused" in lines["broker"].lower()
+
+
+def test_check_stops_at_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("bundle: /b\nnope: 1\n")
+    proc = device_cli("check", "--config", str(path))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("config  FAIL") and "unknown key 'nope'" in proc.stdout
+    assert "fix the config first" in proc.stdout
+
+
+def _closed_port() -> int:
+    from tests.fixtures_broker import free_port
+
+    return free_port()  # bound and released: nothing listens there
+
+
+def test_log_level_is_accepted_after_the_command(tmp_path: Path) -> None:
+    proc = device_cli("check", "--log-level", "debug", "--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 1 and "config file not found" in proc.stdout
+
+
+# --- systemd ---------------------------------------------------------------------------------------------
+
+def test_unit_and_installer_agree() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # keys are case-sensitive
+    unit.read(ROOT / "systemd" / "faceberry.service")
+    service = unit["Service"]
+    assert service["User"] == "faceberry" and service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict" and service["CapabilityBoundingSet"] == ""
+    assert service["ExecStart"] == "/opt/faceberry/venv/bin/python -m device run --config /etc/faceberry/config.yaml"
+    assert service["LoadCredential"] == f"{CREDENTIAL_NAME}:/etc/faceberry/mqtt_password"
+    installer = (ROOT / "systemd" / "install.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "systemd" / "install.sh")]).returncode == 0
+    # The installer's dry run walks every step without touching the system.
+    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--no-apt"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "venv --system-site-packages /opt/faceberry/venv" in out
+    assert "useradd --system" in out and "/etc/faceberry/mqtt_password" in out
+    assert "requirements-device.txt" in out and "systemctl enable faceberry.service" in out
+    assert "faceberry.example.yaml /etc/faceberry/config.yaml" in out
+    assert "mqtt_password" in installer
+
+
+def test_installer_refuses_a_non_bundle(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--bundle", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "is not a bundle" in proc.stderr
+
