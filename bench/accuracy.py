@@ -167,6 +167,22 @@ def summarise_probes(probes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def far_curve(probes: list[dict[str, Any]], points: int = 60) -> list[list[float]]:
+    """(stranger FAR, known accuracy) as the threshold sweeps over every stranger score: the ROC-like
+    curve the docs plot. Same definitions as device eval."""
+    known = [p for p in probes if p["known"]]
+    strangers = [p for p in probes if not p["known"] and p["faces"]]
+    if not known or not strangers:
+        return []
+    s_scores = np.array([p["score"] for p in strangers if p["best"] != UNKNOWN])
+    right_scores = np.array([p["score"] for p in known if p["faces"] and p["best"] == p["truth"]])
+    thresholds = np.unique(np.concatenate([np.quantile(s_scores, np.linspace(0, 1, points)), [np.inf]]))
+    curve = []
+    for t in thresholds:
+        curve.append([float(np.sum(s_scores >= t)) / len(strangers), float(np.sum(right_scores >= t)) / len(known)])
+    return sorted(curve)
+
+
 def calibrate_distance(neg_distances: np.ndarray, target_far: float) -> float:
     """The largest distance tolerance that accepts at most target_far of the negatives."""
     d = np.sort(neg_distances)
@@ -204,7 +220,8 @@ def peer_scores(split: Split, target_far: float) -> dict[str, Any]:
         points = operating_points(probes)
         for point in points:
             point["distance"] = -point.pop("threshold")
-        out["methods"][name] = {"tolerance": tol, **summary, "operating_points": points}
+        out["methods"][name] = {"tolerance": tol, **summary, "operating_points": points,
+                                "far_curve": far_curve(probes) if tol == 0.6 or name.startswith("mean@0.45") else []}
     return out
 
 
@@ -281,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "closed_set_accuracy", "counts", "operating_points", "latency_ms")},
             "per_person_accuracy": {p: r["accuracy"] for p, r in ev["per_person"].items()},
             "eval_json": str(work / f"eval-{bundle_dir.name}.json"),
+            "far_curve": far_curve(ev["probes"]),
         })
         result["faceberry"] = ours
     peer = None

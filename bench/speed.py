@@ -115,49 +115,55 @@ def frame_sets(video_frames: int, repeat: int) -> list[FrameSet]:
 
 
 class Publisher:
-    """Builds the daemon's event payload; publishes it with paho (QoS 1) when a broker is running."""
+    """The daemon's publishing path: event payload + person state built by device.events, handed to
+    device.mqtt.MqttPublisher (paho, QoS 1) when a broker is running; payload building only otherwise."""
 
     def __init__(self, broker: LocalBroker | None, model: str) -> None:
-        from device.events import encode, event_payload, events_topic
+        from device import events
 
-        self.encode, self.event_payload = encode, event_payload
-        self.topic = events_topic("faceberry", "bench")
+        self.events = events
+        self.topic = events.events_topic("faceberry", "bench")
         self.model = model
-        self.client = None
-        self.sent = self.acked = 0
+        self.mqtt = None
         if broker is not None:
-            import paho.mqtt.client as mqtt
+            from device.config import MqttConfig
+            from device.mqtt import MqttPublisher
 
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="faceberry-bench")
-            client.on_publish = self._on_publish
-            client.connect(broker.host, broker.port)
-            client.loop_start()
-            self.client = client
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self.acked += 1
+            self.mqtt = MqttPublisher(MqttConfig(host=broker.host, port=broker.port, client_id="faceberry-bench",
+                                                 queue_size=100000), "bench")
+            self.mqtt.start()
+            if not self.mqtt.wait_connected(10):
+                self.mqtt.stop(1)
+                self.mqtt = None
 
     @property
     def mode(self) -> str:
-        return "payload + paho publish (QoS 1) to local mosquitto" if self.client else "payload build only (no broker)"
+        return ("event + person-state payloads, MqttPublisher (paho, QoS 1) to a local mosquitto" if self.mqtt
+                else "payload build only (no broker)")
 
     def publish(self, recognitions: list, track_id: int) -> None:
+        ev = self.events
         for rec in recognitions:
-            payload = self.event_payload(
+            payload = ev.event_payload(
                 device_id="bench", camera="bench", label=rec.prediction.label, score=rec.prediction.score,
                 bbox=rec.face.box.tolist(), track_id=track_id, frames=5, model=self.model, timestamp=time.time())
-            data = self.encode(payload)
-            if self.client is not None:
-                self.client.publish(self.topic, data, qos=1)
-                self.sent += 1
+            data = ev.encode(payload)
+            state = ev.encode(ev.person_state_payload(payload))
+            if self.mqtt is not None:
+                self.mqtt.publish(self.topic, data)
+                self.mqtt.publish(ev.person_topic("faceberry", "bench", rec.prediction.label), state, retain=True)
+
+    @property
+    def sent(self) -> int:
+        return self.mqtt.queued if self.mqtt else 0
+
+    @property
+    def acked(self) -> int:
+        return self.mqtt.published if self.mqtt else 0
 
     def close(self) -> None:
-        if self.client is not None:
-            deadline = time.monotonic() + 10
-            while self.acked < self.sent and time.monotonic() < deadline:
-                time.sleep(0.01)
-            self.client.loop_stop()
-            self.client.disconnect()
+        if self.mqtt is not None:
+            self.mqtt.stop(timeout=10)
 
 
 def bare_invoke_ms(model, inputs: list[np.ndarray], repeat: int = 3) -> dict[str, Any]:
@@ -210,11 +216,12 @@ def bench_threads(bundle, sets: list[FrameSet], threads: int, broker: LocalBroke
                 kept.setdefault(fset.name, []).append((i, frame))
         per_set[fset.name] = {"frames": rows}
     publisher.close()
+    sent, acked = publisher.sent, publisher.acked
     det = bare_invoke_ms(pipeline.detector.model, det_inputs)
     cls = bare_invoke_ms(pipeline.classifier.model, [normalize(c[None], pipeline.classifier.prep) for c in crops])
     det_med, cls_med = det["invoke"]["median"], cls["invoke"]["median"]
     summary: dict[str, Any] = {"threads": threads, "publish_mode": publisher.mode,
-                               "published": publisher.sent, "acked": publisher.acked,
+                               "published": sent, "acked": acked,
                                "bare": {"detector": det, "classifier": cls}, "sets": {}}
     all_ratios = []
     for name, data in per_set.items():
