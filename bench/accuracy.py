@@ -176,7 +176,11 @@ def far_curve(probes: list[dict[str, Any]], points: int = 60) -> list[list[float
         return []
     s_scores = np.array([p["score"] for p in strangers if p["best"] != UNKNOWN])
     right_scores = np.array([p["score"] for p in known if p["faces"] and p["best"] == p["truth"]])
-    thresholds = np.unique(np.concatenate([np.quantile(s_scores, np.linspace(0, 1, points)), [np.inf]]))
+    if not len(s_scores):
+        return [[0.0, float(len(right_scores)) / len(known)]]
+    # Stranger-score quantiles, plus just above the best stranger: the most a zero-FAR threshold allows.
+    top = np.nextafter(s_scores.max(), np.inf)
+    thresholds = np.unique(np.concatenate([np.quantile(s_scores, np.linspace(0, 1, points)), [top]]))
     curve = []
     for t in thresholds:
         curve.append([float(np.sum(s_scores >= t)) / len(strangers), float(np.sum(right_scores >= t)) / len(known)])

@@ -87,3 +87,20 @@ def test_calibrated_distance_accepts_at_most_the_target_share(target):
     accepted = int(np.sum(d <= tol))
     assert accepted <= target * len(d)
     assert accepted >= target * len(d) - 1  # and not needlessly strict
+
+
+def test_far_curve_is_monotonic_and_spans_its_range():
+    rng = np.random.default_rng(2)
+    probes = [{"known": True, "faces": 1, "truth": "a", "best": "a", "score": float(s)}
+              for s in rng.uniform(0.4, 1, 50)]
+    probes += [{"known": True, "faces": 0, "truth": "a", "best": "(no face)", "score": 0.0}]
+    probes += [{"known": False, "faces": 1, "truth": UNKNOWN, "best": "a", "score": float(s)}
+               for s in rng.uniform(0, 0.7, 80)]
+    curve = accuracy.far_curve(probes)
+    fars, accs = zip(*curve, strict=True)
+    assert list(fars) == sorted(fars) and list(accs) == sorted(accs)
+    top = max(p["score"] for p in probes if not p["known"])
+    assert curve[0] == [0.0, pytest.approx(sum(1 for p in probes[:50] if p["score"] > top) / 51)]
+    lowest = min(p["score"] for p in probes if not p["known"])
+    assert curve[-1][0] == 1.0
+    assert curve[-1][1] == pytest.approx(sum(1 for p in probes[:50] if p["score"] >= lowest) / 51)
