@@ -1,9 +1,10 @@
 """The broker connection: paho-mqtt 2.x, QoS 1, retained status with a last will, reconnects.
 
 paho keeps every QoS ≥ 1 message in its outgoing queue until the broker acknowledges it, across
-disconnections, and resends it after reconnecting. We bound that queue (`queue_size`): while the
-broker is away events pile up there, and within the bound none is lost; beyond it new messages are
-refused by paho, which we count and log rather than hide.
+disconnections, and resends it after reconnecting. We bound that queue ourselves (`queue_size`): while
+the broker is away events pile up there, and within the bound none is lost; beyond it new events are
+refused, counted and logged rather than hidden. Status messages (online/offline, discovery) are never
+refused, so a full queue cannot leave the device looking offline.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ class MqttPublisher:
         self.qos = int(cfg.qos)
         self.status_topic = status_topic(prefix, device_id)
         self.client = make_client(cfg, cfg.client_id or f"faceberry-{device_id}", password)
-        self.client.max_queued_messages_set(int(cfg.queue_size))
         self.client.reconnect_delay_set(int(cfg.reconnect_min_delay), int(cfg.reconnect_max_delay))
         self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -128,13 +128,13 @@ class MqttPublisher:
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False, qos: int | None = None) -> bool:
         """Queue a message; False if it was dropped because the offline queue is full."""
-        info = self.client.publish(topic, payload, qos=self.qos if qos is None else qos, retain=retain)
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+        if self.pending >= self.cfg.queue_size:
             with self._lock:
                 self.dropped += 1
             log.warning("MQTT queue full (%d messages waiting for the broker): dropped a message to %s",
                         self.cfg.queue_size, topic)
             return False
+        self.client.publish(topic, payload, qos=self.qos if qos is None else qos, retain=retain)
         with self._lock:
             self.queued += 1
         return True
@@ -142,7 +142,9 @@ class MqttPublisher:
     @property
     def pending(self) -> int:
         """Messages handed to paho and not yet acknowledged."""
-        return len(self.client._out_messages)  # no public accessor in paho 2.x
+        # No public accessor in paho 2.x; len() of a dict is atomic, and taking paho's mutex here could
+        # deadlock against its network thread.
+        return len(self.client._out_messages)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued message is acknowledged (only possible while connected)."""

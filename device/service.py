@@ -83,7 +83,7 @@ class Service:
         self.faces = 0
         self.events = 0
         self.stage_ms: dict[str, float] = defaultdict(float)
-        self._last_events: dict[int, dict[str, Any]] = {}
+        self._last_event: dict[str, dict[str, Any]] = {}  # per label, for presence refreshes
 
     def _publish_discovery(self) -> None:
         for topic, config in ha_discovery(self.prefix, self.cfg.device_id, self.labels,
@@ -154,7 +154,7 @@ class Service:
         self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, label),
                                encode(person_state_payload(event)), retain=True)
         self.state_refresh.fire(label)
-        self._last_events[decision.track_id] = event
+        self._last_event[label] = event
         self.events += 1
         log.info("event: %s (score %.2f, track %d, %d frames%s)", label, decision.score, decision.track_id,
                  decision.frames, f", was {decision.previous}" if decision.previous else "")
@@ -164,17 +164,20 @@ class Service:
                 self.publisher.publish(snapshot_topic(self.prefix, self.cfg.device_id, label), jpeg.tobytes())
 
     def refresh_presence(self, frame: Frame) -> None:
+        """Keep the retained last-seen state of people in view fresh (at most once per cooldown).
+
+        Covers people whose new track fell within the cooldown: no event, but they are still present.
+        """
         for track in self.tracker.active():
-            event = self._last_events.get(track.track_id)
-            if event is None or track.last_frame != frame.index or track.label != event["label"]:
+            if track.label is None or track.last_frame != frame.index:
                 continue
-            if self.state_refresh.fire(track.label):
-                state = person_state_payload({**event, "timestamp": iso_utc(frame.timestamp)})
-                self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, track.label),
-                                       encode(state), retain=True)
-        live = set(self.tracker.tracks)
-        for track_id in [t for t in self._last_events if t not in live]:
-            del self._last_events[track_id]
+            event = self._last_event.get(track.label)
+            if event is None or not self.state_refresh.fire(track.label):
+                continue
+            state = person_state_payload({**event, "timestamp": iso_utc(frame.timestamp),
+                                          "score": round(track.score, 4)})
+            self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, track.label), encode(state),
+                                   retain=True)
 
     def stats(self) -> dict[str, Any]:
         n = max(self.frames, 1)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -55,8 +56,11 @@ class Mosquitto:
         self.log = workdir / f"mosquitto-{self.port}.log"
         # Persistence keeps sessions and retained messages across a restart (saved when mosquitto stops).
         persistence = f"persistence true\npersistence_location {workdir}/\n" if persistent else "persistence false\n"
+        # Started as root (CI containers), mosquitto would switch to the `mosquitto` user, which cannot
+        # write the persistence file in our temp dir; as anyone else this line is ignored.
+        user = f"user {getpass.getuser()}\n"
         self.config.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}"
+            f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}{user}"
             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
             encoding="utf-8",
         )

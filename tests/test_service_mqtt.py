@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,38 @@ def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, tiny_bundle, he
     assert all(p[:3] == b"\xff\xd8\xff" for _, p in snaps)  # JPEG
 
 
+def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosquitto, subscriber, tiny_bundle,
+                                                                 heldout_photos, tiny_bundle_people) -> None:
+    person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for photo in sorted(person.iterdir())[:3]:
+        (camera / photo.name).symlink_to(photo.resolve())
+    # Every frame a new track (no box matches at IoU 1.0 across different photos), decided at once:
+    # only the cooldown stands between 9 frames and 9 events.
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera), "loop": True},
+                          tracking={"iou": 1.0}, events={"cooldown": 3600, "homeassistant": True})
+    ha = Subscriber(mosquitto.host, mosquitto.port, "homeassistant/#")
+    try:
+        rc, err = finish(start_daemon(config, "--max-frames", "9"))
+        assert rc == 0, err[-3000:]
+        subscriber.wait_for(lambda m: any(p == OFFLINE.encode() for _, p, _ in m), 10)
+        labels = [e["label"] for e in events_of(subscriber)]
+        assert labels and len(labels) == len(set(labels))  # each label announced once
+        stats = re.findall(r"stats: (\d+) frames .*?(\d+) faces, (\d+) events \((\d+) in cooldown\)", err)[-1]
+        frames, faces, n_events, suppressed = map(int, stats)
+        assert frames == 9 and n_events == len(labels) and suppressed == faces - n_events > 0
+        # Home Assistant discovery: one retained "last seen" sensor per person, plus the last-event sensor.
+        assert ha.wait_for(lambda m: len(m) >= len(tiny_bundle_people) + 1, 10)
+        topics = {t for t, _, _ in ha.messages}
+        for name in tiny_bundle_people:
+            assert f"homeassistant/sensor/faceberry_testcam_{name}/config" in topics
+        config_payload = json.loads(ha.messages[0][1])
+        assert config_payload["availability_topic"] == f"faceberry/{DEVICE}/status"
+    finally:
+        ha.close()
+
+
 def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
     config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
@@ -277,11 +310,12 @@ def test_publisher_queues_while_the_broker_is_away_and_loses_nothing(mosquitto_f
 
 def test_publisher_queue_bound_drops_and_counts(mosquitto_factory) -> None:
     broker = mosquitto_factory(persistent=True)
-    sub = Subscriber(broker.host, broker.port, "faceberry/pub/events", session="faceberry-test-sub2")
+    sub = Subscriber(broker.host, broker.port, "faceberry/pub/#", session="faceberry-test-sub2")
     pub = MqttPublisher(mqtt_cfg(broker, queue_size=10), "pub")
     pub.start()
     try:
         assert pub.wait_connected(10)
+        assert pub.flush(5)
         broker.stop()
         deadline = time.monotonic() + 10
         while pub.connected and time.monotonic() < deadline:
@@ -289,9 +323,13 @@ def test_publisher_queue_bound_drops_and_counts(mosquitto_factory) -> None:
         results = [pub.publish("faceberry/pub/events", f"m{i}") for i in range(15)]
         assert results == [True] * 10 + [False] * 5
         assert pub.dropped == 5
+        sub.messages.clear()
         broker.start()
         assert sub.wait_for(lambda m: {p.decode() for _, p, _ in m} >= {f"m{i}" for i in range(10)}, 30)
-        time.sleep(0.5)
+        # A full queue never blocks the status: the device says online again after reconnecting.
+        assert pub.wait_connected(10) and pub.flush(5)
+        assert sub.wait_for(lambda m: ("faceberry/pub/status", ONLINE.encode(), False) in m, 10)
+        time.sleep(0.3)
         assert not {p.decode() for _, p, _ in sub.messages} & {f"m{i}" for i in range(10, 15)}
     finally:
         pub.stop(timeout=5)
