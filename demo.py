@@ -449,8 +449,23 @@ def run_daemon(device_python: str, config: Path, sub: Subscriber, visits: list[V
 
 # ---- the summary -------------------------------------------------------------------------------------
 
+def agreement_with_eval(outcomes: list[Outcome], probes: list[dict[str, Any]]) -> tuple[int, int]:
+    """(agreeing, compared): the daemon's event label against `device eval`'s answer for the same photo.
+
+    The same code decides both, so they should agree on every photo; a mismatch means events were
+    matched to the wrong photos (or the daemon and eval paths diverged)."""
+    by_file = {(str(p.get("folder")), Path(str(p.get("path"))).name): p.get("predicted") for p in probes}
+    compared = agreeing = 0
+    for o in outcomes:
+        predicted = by_file.get((o.visit.person, Path(o.visit.photo).name))
+        if predicted is not None:
+            compared += 1
+            agreeing += predicted == o.label
+    return agreeing, compared
+
+
 def summarise(result: dict[str, Any], visits: list[Visit], timings: dict[str, float],
-              latency: dict[str, Any] | None) -> dict[str, Any]:
+              latency: dict[str, Any] | None, eval_probes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     outcomes: list[Outcome] = result["outcomes"]
     known = [o for o in outcomes if o.visit.known]
     strangers = [o for o in outcomes if not o.visit.known]
@@ -467,6 +482,7 @@ def summarise(result: dict[str, Any], visits: list[Visit], timings: dict[str, fl
         "seconds": timings,
         "first_event_s": result["first_event_s"],
         "latency_ms": latency,
+        "agrees_with_eval": agreement_with_eval(outcomes, eval_probes or []),
     }
 
     def pct(a: int, b: int) -> str:
@@ -480,6 +496,9 @@ def summarise(result: dict[str, Any], visits: list[Visit], timings: dict[str, fl
     say(f"strangers:     {summary['strangers_right']} of {summary['strangers']} called unknown "
         f"({pct(summary['strangers_right'], summary['strangers'])}); "
         f"{summary['strangers'] - summary['strangers_right']} taken for someone known")
+    agree, compared = summary["agrees_with_eval"]
+    if compared:
+        say(f"cross-check:   the events agree with `device eval` on {agree} of {compared} photos")
     say(f"device status messages: {' → '.join(result['statuses']) or 'none'}")
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     if result["first_event_s"] is not None:
@@ -508,6 +527,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default=os.environ.get("FACEBERRY_WEIGHTS") or "imagenet",
                         help="MobileNetV2 initialisation passed to `python -m train --weights` (default: "
                         "$FACEBERRY_WEIGHTS, else imagenet)")
+    parser.add_argument("--backbone", type=Path, default=os.environ.get("FACEBERRY_BACKBONE") or None,
+                        help="a face-aware backbone directory from `python -m train backbone`, passed to "
+                        "`python -m train --backbone` (default: $FACEBERRY_BACKBONE, else none: fine-tune MobileNetV2)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo",
                         help="where everything is written (default demo/)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
@@ -528,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # TensorFlow's C++ start-up chatter (oneDNN notices) hides the demo's own output; errors still show.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     try:
         stage("1. sample photos")
         t0 = time.monotonic()
@@ -557,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["training"] = run_logged(
             [sys.executable, "-m", "train", "--photos", str(plan.train_dir), "--negatives", str(plan.negatives_dir),
              "--out", str(run_dir), "--force", "--weights", str(args.weights), "--seed", str(args.seed),
-             *preset["train_args"]],
+             *(["--backbone", str(args.backbone)] if args.backbone else preset["train_args"])],
             work / "train.log", "training", env)
         report = run_dir / "report.json"
         if report.is_file():
@@ -592,10 +615,11 @@ def main(argv: list[str] | None = None) -> int:
             [args.device_python, "-m", "device", "eval", "--bundle", str(bundle), "--photos", str(plan.test_dir),
              "--json", str(eval_json), "--quiet"],
             work / "eval.log", "device eval", env)
-        latency = json.loads(eval_json.read_text()).get("latency_ms") if eval_json.is_file() else None
+        evaluation = json.loads(eval_json.read_text()) if eval_json.is_file() else {}
+        latency = evaluation.get("latency_ms")
 
         timings["total"] = time.monotonic() - started
-        summary = summarise(result, plan.visits, timings, latency)
+        summary = summarise(result, plan.visits, timings, latency, evaluation.get("probes"))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         if not result["outcomes"]:
