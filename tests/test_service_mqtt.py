@@ -23,6 +23,7 @@ from device.mqtt import MqttPublisher
 from device.pipeline import FacePipeline
 from device.preprocess import load_image
 from device.tracker import Observation, Tracker
+from tests.conftest import need_shared
 from tests.fixtures_broker import Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +196,24 @@ def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosqui
         assert config_payload["availability_topic"] == f"faceberry/{DEVICE}/status"
     finally:
         ha.close()
+
+
+def test_video_file_through_opencv(tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
+    clip = need_shared("video", "short_hamilton_clip.mp4")  # 640×360, one person walking and talking
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"source": "opencv", "device": str(clip)},
+                          tracking={"votes_needed": 5, "max_age": 10}, events={"cooldown": 3600})
+    rc, err = finish(start_daemon(config, "--max-frames", "40"))
+    assert rc == 0, err[-3000:]
+    subscriber.wait_for(lambda m: any(p == OFFLINE.encode() for _, p, _ in m), 10)
+    events = events_of(subscriber)
+    # One person in view: the first event comes after 5 voting frames; the cooldown keeps it to one per label.
+    assert events and events[0]["frames"] == 5 and events[0]["previous"] is None
+    assert len(events) == len({e["label"] for e in events})
+    for event in events:
+        x1, y1, x2, y2 = event["bbox"]
+        assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 360
+    # A file is not real time: the reader waits for the recogniser instead of dropping frames.
+    assert re.search(r"stats: 40 frames \(\d+ captured, 0 dropped", err)
 
 
 def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
