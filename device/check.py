@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from collections.abc import Callable
 from typing import TextIO
 
@@ -101,6 +100,4 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             out.write(f"{name:<7} SKIP\n")
         else:
             report(name, fn)
-    if threading.active_count() > 1:
-        pass  # capture and paho threads are daemons; nothing to join
     return 1 if failures else 0
