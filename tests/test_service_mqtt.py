@@ -282,6 +282,33 @@ def test_daemon_survives_a_broker_restart(tmp_path, mosquitto_factory, tiny_bund
     sub.close()
 
 
+def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, mosquitto_factory, tiny_bundle,
+                                                                  heldout_photos) -> None:
+    broker = mosquitto_factory(persistent=True)
+    sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#", session="faceberry-test-boot")
+    broker.stop()  # the Pi booted faster than the broker
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+                          {"device": str(tmp_path / "camera"), "loop": True, "fps": 5})
+    proc = start_daemon(config)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None  # no broker is no reason to stop
+        started = time.time()
+        broker.start()
+        # Events recognised while the broker was down were queued and arrive now.
+        assert sub.wait_for(lambda m: any(t.endswith("/events") and stamp(p) < started for t, p, _ in m), 30)
+        proc.send_signal(signal.SIGTERM)
+        rc, err = finish(proc, timeout=60)
+        assert rc == 0, err[-3000:]
+        assert "cannot reach the broker" in err
+        assert sub.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode()) in [x[:2] for x in m], 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+
+
 # --- the publisher alone: counts what is queued, delivered and dropped -----------------------------------
 
 def mqtt_cfg(broker, queue_size: int = 1000):
