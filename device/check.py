@@ -39,8 +39,16 @@ def check_bundle(cfg: Config) -> str:
 def check_camera(cfg: Config, timeout: float) -> str:
     from device.camera import Capture, open_source
 
+    from device.camera import CameraError
+
     capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True)
-    capture.start()
+    try:
+        capture.start()
+    except CameraError as exc:
+        if cfg.camera.source == "folder":
+            raise
+        # A camera has one user: the running service holds it, so a check beside it cannot open it.
+        raise CameraError(f"{exc} (if faceberry.service is running it holds the camera: stop it first)") from exc
     try:
         frame = capture.get(timeout=timeout)
     except TimeoutError:
