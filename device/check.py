@@ -37,9 +37,7 @@ def check_bundle(cfg: Config) -> str:
 
 
 def check_camera(cfg: Config, timeout: float) -> str:
-    from device.camera import Capture, open_source
-
-    from device.camera import CameraError
+    from device.camera import CameraError, Capture, open_source
 
     capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True)
     try:
