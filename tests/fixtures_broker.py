@@ -47,7 +47,8 @@ def _accepts(host: str, port: int) -> bool:
 class Mosquitto:
     """One mosquitto process; `stop()` and `start()` keep the same port."""
 
-    def __init__(self, binary: str, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(self, binary: str, workdir: Path, port: int | None = None, persistent: bool = False,
+                 anonymous: bool = True, extra_config: str = "") -> None:
         self.binary = binary
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -60,7 +61,8 @@ class Mosquitto:
         # write the persistence file in our temp dir; as anyone else this line is ignored.
         user = f"user {getpass.getuser()}\n"
         self.config.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}{user}"
+            f"listener {self.port} {self.host}\nallow_anonymous {'true' if anonymous else 'false'}\n"
+            f"{persistence}{user}{extra_config}\n"
             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
             encoding="utf-8",
         )
@@ -123,15 +125,18 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start private brokers (stoppable, restartable on the same port); all are stopped afterwards.
 
-    `mosquitto_factory(persistent=True)` keeps sessions and retained messages across `stop()`/`start()`.
+    `mosquitto_factory(persistent=True)` keeps sessions and retained messages across `stop()`/`start()`;
+    `anonymous=False` and `extra_config` (mosquitto.conf lines: password_file, cafile …) make an
+    authenticating or TLS broker.
     """
     binary = _need_binary()
     brokers: list[Mosquitto] = []
 
-    def make(persistent: bool = False) -> Mosquitto:
+    def make(persistent: bool = False, anonymous: bool = True, extra_config: str = "") -> Mosquitto:
         workdir = tmp_path / f"broker{len(brokers)}"
         workdir.mkdir()
-        broker = Mosquitto(binary, workdir, persistent=persistent).start()
+        broker = Mosquitto(binary, workdir, persistent=persistent, anonymous=anonymous,
+                           extra_config=extra_config).start()
         brokers.append(broker)
         return broker
 

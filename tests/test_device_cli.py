@@ -251,3 +251,54 @@ def test_installer_refuses_a_non_bundle(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "is not a bundle" in proc.stderr
 
+
+
+# --- broker authentication and TLS, checked against a real mosquitto ------------------------------------
+
+def _tls_material(tmp: Path) -> dict[str, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=faceberry test CA",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "ext.cnf", "-out", "server.crt")
+    return {name: tmp / f"{name}" for name in ("ca.crt", "server.crt", "server.key")}
+
+
+def test_check_broker_with_password_and_tls(tmp_path: Path, mosquitto_factory) -> None:
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    certs = _tls_material(tmp_path)
+    passwords = tmp_path / "mosquitto.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "pi", "correct horse"], check=True, timeout=30)
+    broker = mosquitto_factory(anonymous=False, extra_config=(
+        f"password_file {passwords}\ncafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\n"
+        f"keyfile {certs['server.key']}"))
+
+    def check(password: str, tls: dict) -> dict[str, str]:
+        (tmp_path / "pw").write_text(password + "\n")
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({
+            "bundle": str(tmp_path / "none"), "device_id": "tls",
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "pi", "password_file": "pw", "tls": tls},
+        }))
+        proc = device_cli("check", "--config", str(config), "--skip", "bundle", "--skip", "camera", "--timeout", "3")
+        return dict(line.split(None, 1) for line in proc.stdout.splitlines())
+
+    good = check("correct horse", {"enabled": True, "ca": str(certs["ca.crt"])})
+    assert good["broker"].startswith("OK"), good
+    assert "with password" in good["config"] and "tls" in good["config"] and "correct horse" not in str(good)
+    wrong = check("wrong", {"enabled": True, "ca": str(certs["ca.crt"])})
+    assert wrong["broker"].startswith("FAIL") and "refused" in wrong["broker"]
+    untrusted = check("correct horse", {"enabled": True})  # the system CAs do not know our test CA
+    assert untrusted["broker"].startswith("FAIL") and "certificate verify failed" in untrusted["broker"].lower()
+    insecure = check("correct horse", {"enabled": True, "insecure": True})
+    assert insecure["broker"].startswith("OK"), insecure
+    plain = check("correct horse", {"enabled": False})  # plain MQTT to a TLS port
+    assert plain["broker"].startswith("FAIL")
