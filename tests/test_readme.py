@@ -116,6 +116,36 @@ def test_python_module_commands_exist_with_their_flags(argv: list[str]) -> None:
         assert re.search(re.escape(flag) + r"\b", text), f"`{' '.join(argv)}`: {flag} is not in its --help"
 
 
+RUNNERS = [ROOT / "demo.py", ROOT / "quickstart.sh", *sorted((ROOT / "tests").glob("*.py"))]
+
+
+def runs_of(module: str, subs: list[str]) -> list[Path]:
+    """Files (the demo, quickstart.sh, tests) that run `python -m module subs…` as a subprocess."""
+    words = [module, *subs]
+    py = r'"-m",\s*' + r",\s*".join(f'"{re.escape(w)}"' for w in words) + (r",\s*\"-" if not subs else "")
+    sh = r"-m " + " ".join(re.escape(w) for w in words) + (r" -" if not subs else r"\b")
+    found = []
+    for path in RUNNERS:
+        if path.name == "test_readme.py" or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if re.search(py, text) or (path.suffix == ".sh" and re.search(sh, text)):
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("argv", [c for c in readme_commands() if python_module(c)], ids=" ".join)
+def test_python_module_commands_are_run_by_the_demo_or_a_test(argv: list[str]) -> None:
+    """Not only --help: the demo or some test runs the command itself, with every flag the README shows."""
+    module, subs, rest = python_module(argv)  # type: ignore[misc]
+    wanted = flags(rest)
+    runners = runs_of(module, subs)
+    full = [p for p in runners if all(f'"{f}"' in p.read_text(encoding="utf-8") or
+                                       (p.suffix == ".sh" and f in p.read_text(encoding="utf-8")) for f in wanted)]
+    assert full, (f"`{' '.join(argv)}` is not run with {wanted} by demo.py, quickstart.sh or a test "
+                  f"(runs of it: {[p.name for p in runners]})")
+
+
 def test_inline_commands_in_the_prose_exist_with_their_flags() -> None:
     """`python -m X --flag` and `.venv/bin/python demo.py --flag` written inline in the text."""
     text = README.read_text(encoding="utf-8")
