@@ -312,3 +312,30 @@ def test_home_assistant_yaml_uses_the_daemons_topics_and_fields() -> None:
     assert trigger["topic"] == events_topic("faceberry", HA_DEVICE)
     used = re.findall(r"payload_json\.(\w+)", automation[0]["condition"][0]["value_template"])
     assert used and set(used) <= set(event)
+
+
+def test_mqtt_reference_doc_matches_the_daemon() -> None:
+    from device.events import (
+        event_payload,
+        events_topic,
+        person_state_payload,
+        person_topic,
+        snapshot_topic,
+        status_topic,
+    )
+
+    doc = (ROOT / "docs" / "MQTT.md").read_text(encoding="utf-8")
+    shown = [json.loads(m) for m in re.findall(r"```json\n(.*?)```", doc, re.S)]
+    event = event_payload(device_id="d", camera="c", label="alice", score=0.9, bbox=[0, 0, 1, 1], track_id=1,
+                          frames=5, model="m", timestamp=0.0)
+    assert set(shown[0]) == set(event)
+    assert set(shown[1]) == set(person_state_payload(event))
+    # The field table documents every event field, and nothing else.
+    table = re.search(r"\| field \| meaning \|\n\|---\|---\|\n(.*?)\n\n", doc, re.S)
+    assert table, "docs/MQTT.md: the event field table is missing"
+    documented = re.findall(r"^\| `(\w+)` \|", table.group(1), re.M)
+    assert sorted(documented) == sorted(event)
+    for topic in (status_topic("P", "D"), events_topic("P", "D"), person_topic("P", "D", "L"),
+                  snapshot_topic("P", "D", "L")):
+        pattern = topic.replace("P/", "<prefix>/").replace("/D/", "/<device>/").replace("/L", "/<label>")
+        assert f"`{pattern}`" in doc, pattern
