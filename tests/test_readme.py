@@ -308,9 +308,9 @@ def test_home_assistant_yaml_uses_the_daemons_topics_and_fields() -> None:
         if "availability_topic" in sensor:
             assert sensor["availability_topic"] == status_topic("faceberry", HA_DEVICE)
             assert (sensor["payload_available"], sensor["payload_not_available"]) == (ONLINE, OFFLINE)
-    trigger = automation[0]["trigger"][0]
-    assert trigger["topic"] == events_topic("faceberry", HA_DEVICE)
-    used = re.findall(r"payload_json\.(\w+)", automation[0]["condition"][0]["value_template"])
+    trigger = automation[0]["triggers"][0]
+    assert trigger["trigger"] == "mqtt" and trigger["topic"] == events_topic("faceberry", HA_DEVICE)
+    used = re.findall(r"payload_json\.(\w+)", automation[0]["conditions"][0]["value_template"])
     assert used and set(used) <= set(event)
 
 
