@@ -49,7 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"people": 3, "train_photos": 8, "test_photos": 3, "strangers": 3, "negatives": 15,
               "train_args": ["--epochs", "6", "--fine-tune-epochs", "0", "--input-size", "96"]},
 }
-FRAMES_PER_VISIT = 3  # the daemon decides a face's identity by a vote over this many frames
+FRAMES_PER_VISIT = 3
+# Start-up chatter of TensorFlow and LiteRT: kept in the stage's log file, not echoed to the terminal.
+NOISE = ("All log messages before absl::InitializeLog", "oneDNN custom operations", "XNNPACK delegate",
+         "Assets written to:", "fully_quantize:", "TF_ENABLE_ONEDNN_OPTS")  # the daemon decides a face's identity by a vote over this many frames
 
 
 class DemoError(RuntimeError):
@@ -91,7 +94,7 @@ def run_logged(cmd: list[str], log_path: Path, title: str, env: dict[str, str] |
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if echo:
+            if echo and not any(n in line for n in NOISE):
                 sys.stdout.write("   " + line)
                 sys.stdout.flush()
         rc = proc.wait()
@@ -546,12 +549,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    say(f"faceberry demo ({args.preset} preset): sample faces → train → convert → device daemon → MQTT events. "
+        f"Everything goes to {_short(str(args.workdir.resolve()))}/.")
     work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    # TensorFlow's C++ start-up chatter (oneDNN notices) hides the demo's own output; errors still show.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         stage("1. sample photos")
         t0 = time.monotonic()
