@@ -49,10 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"people": 3, "train_photos": 8, "test_photos": 3, "strangers": 3, "negatives": 15,
               "train_args": ["--epochs", "6", "--fine-tune-epochs", "0", "--input-size", "96"]},
 }
-FRAMES_PER_VISIT = 3
+FRAMES_PER_VISIT = 3  # the daemon decides a face's identity by a vote over this many frames
 # Start-up chatter of TensorFlow and LiteRT: kept in the stage's log file, not echoed to the terminal.
 NOISE = ("All log messages before absl::InitializeLog", "oneDNN custom operations", "XNNPACK delegate",
-         "Assets written to:", "fully_quantize:", "TF_ENABLE_ONEDNN_OPTS")  # the daemon decides a face's identity by a vote over this many frames
+         "Assets written to:", "fully_quantize:", "TF_ENABLE_ONEDNN_OPTS")
 
 
 class DemoError(RuntimeError):
