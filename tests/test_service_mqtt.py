@@ -153,6 +153,23 @@ def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscri
     assert len(frames) >= 6 and len(events) >= 2
 
 
+def test_two_people_in_one_frame_are_two_tracks(tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    (camera / "two_people.jpg").symlink_to(need_shared("photos", "scenes", "two_people.jpg"))
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera)},
+                          events={"unknown": True, "cooldown": 0})
+    rc, err = finish(start_daemon(config))
+    assert rc == 0, err[-3000:]
+    subscriber.wait_for(lambda m: any(p == OFFLINE.encode() for _, p, _ in m), 10)
+    events = events_of(subscriber)
+    # Neither person is in the bundle, so both may well be "unknown": the cooldown is per label, which
+    # is why it is 0 here. Two faces, two tracks, two events, two separate boxes.
+    assert sorted(e["track_id"] for e in events) == [1, 2]
+    left, right = sorted(e["bbox"] for e in events)
+    assert left[2] < right[0]
+
+
 def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
     config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")},
