@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for q in args.quantizations:
         bundle_dir = work / f"bundle-{run_dir.name}-{q}"
-        convert_s = convert_run(run_dir, bundle_dir, q)
+        conv = convert_run(run_dir, bundle_dir, q)
         ev = device_eval(bundle_dir, dirs["eval"], work / f"eval-{bundle_dir.name}.json")
         bundle = load_bundle(bundle_dir)
         rows[q] = {
-            "bundle": str(bundle_dir), "bundle_id": ev["bundle_id"], "convert_seconds": round(convert_s, 1),
+            "bundle": str(bundle_dir), "bundle_id": ev["bundle_id"], **conv,
             "accept_threshold": ev["classifier"]["accept_threshold"],
             "known_accuracy": ev["known_accuracy"], "stranger_false_accept_rate": ev["stranger_false_accept_rate"],
             "closed_set_accuracy": ev["closed_set_accuracy"], "operating_points": ev["operating_points"],
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(
         ["bundle", "classifier size", "known acc.", "stranger FAR", "known @ ≤2% FAR", "top-1 = float32",
          "decision = float32", *[f"invoke ms {t} thr (med / p95)" for t in args.threads], "classify in pipeline"],
-        [[q, f"{r['classifier_bytes'] / 1e6:.2f} MB", pct(r["known_accuracy"]), pct(r["stranger_false_accept_rate"]),
+        [[q + (" (refused by convert)" if r.get("refused_at_default_margin") else ""),
+          f"{r['classifier_bytes'] / 1e6:.2f} MB", pct(r["known_accuracy"]), pct(r["stranger_false_accept_rate"]),
           pct(at2[q]["known_accuracy"]) if at2[q] else "—",
           pct(r.get("agreement_with_float32", {}).get("top1")),
           pct(r.get("agreement_with_float32", {}).get("decision")),
