@@ -1,0 +1,211 @@
+"""`python -m train --photos DIR --out RUN_DIR --backbone BACKBONE_DIR`: few-shot people on a face backbone.
+
+Nothing is trained: each person's training crops are embedded by the backbone (train.backbone)
+and their normalised mean becomes that person's entry in a gallery. A face is that person when its
+cosine similarity to the person's centroid is the highest and at least the accept threshold, which
+is calibrated on strangers at --target-far:
+  - negative faces (PHOTOS/unknown/ or --negatives DIR), when given;
+  - otherwise leave-one-person-out: every face of each person is scored against the *other*
+    people's centroids, i.e. treated as a stranger to a gallery that lacks them.
+Adding a person later needs no training at all (`python -m device enroll` on the Pi).
+
+RUN_DIR (per CONTRACTS.md, kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt,
+config.json, crops.npz, report.json, history.json, skipped.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.preprocess import Preprocessing, normalize
+from train.backbone import BackboneError, load_embedder
+from train.calibrate import UNKNOWN, _threshold_for
+from train.crops import CropMaker, build_crop_set, default_cache_dir, split_per_person, summarize_skips
+from train.trainer import TrainError, check_out_dir, collect_inputs
+
+log = logging.getLogger(__name__)
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def centroids(emb: np.ndarray, labels: list[str], people: list[str]) -> np.ndarray:
+    """Normalised per-person mean of normalised embeddings, in `people` order."""
+    lab = np.array(labels)
+    return np.stack([l2n(l2n(emb[lab == p]).mean(axis=0)) for p in people])
+
+
+def best_match(emb: np.ndarray, gallery: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
+    """The device's rule (device.classifier.FaceClassifier.decide) before the threshold."""
+    if len(emb) == 0:
+        return [], np.zeros(0)
+    sims = l2n(emb) @ gallery.T
+    idx = np.argmax(sims, axis=1)
+    return [names[i] for i in idx], sims[np.arange(len(emb)), idx]
+
+
+def leave_one_out_impostors(emb: np.ndarray, labels: list[str], people: list[str], gallery: np.ndarray) -> np.ndarray:
+    """Best score of each face against the other people's centroids: a stranger to that gallery."""
+    sims = l2n(emb) @ gallery.T
+    own = np.array([people.index(lbl) for lbl in labels])
+    sims[np.arange(len(emb)), own] = -np.inf
+    return sims.max(axis=1) if len(people) > 1 else np.full(len(emb), -np.inf)
+
+
+def embed(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    if len(crops) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return l2n(model.predict(normalize(crops, prep), batch_size=64, verbose=0))
+
+
+def fewshot(args) -> dict[str, Any]:
+    started = time.monotonic()
+    photos, out = Path(args.photos), Path(args.out)
+    try:
+        model, bconfig = load_embedder(args.backbone)
+    except BackboneError as exc:
+        raise TrainError(str(exc)) from exc
+    size = int(bconfig["input_size"])
+    if args.input_size != size:
+        log.warning("using the backbone's input size %d (not --input-size %d)", size, args.input_size)
+    prep = Preprocessing.from_dict(bconfig["preprocessing"])
+    people_files, neg_groups, warnings = collect_inputs(photos, Path(args.negatives) if args.negatives else None)
+    check_out_dir(out, args.force)
+    for w in warnings:
+        log.warning("%s", w)
+
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size)
+    pset = build_crop_set(photos, size, maker=maker, files=people_files, progress=not args.quiet)
+    nset = build_crop_set(photos, size, maker=maker, files=neg_groups, progress=not args.quiet) if neg_groups else None
+    skipped = pset.skipped + (nset.skipped if nset else [])
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n", encoding="utf-8")
+    if skipped:
+        log.warning("skipped %d photo(s): %s — the list is in %s", len(skipped),
+                    ", ".join(f"{n} {r}" for r, n in summarize_skips(skipped).items()), out / "skipped.json")
+    counts = {p: pset.labels.count(p) for p in people_files}
+    too_few = {p: n for p, n in counts.items() if n < args.min_photos}
+    if too_few:
+        detail = ", ".join(f"{p}: {n} of {len(people_files[p])}" for p, n in sorted(too_few.items()))
+        raise TrainError(
+            f"too few usable photos (need at least {args.min_photos} per person with one clear face; {detail}); "
+            f"add photos or lower --min-photos (see {out / 'skipped.json'} for the ones skipped)"
+        )
+    people = sorted(people_files)
+    tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)
+    labels_arr = np.array(pset.labels)
+    emb = embed(model, pset.crops, prep)
+    gallery = centroids(emb[tr_idx], list(labels_arr[tr_idx]), people)
+    neg_emb = embed(model, nset.crops, prep) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
+
+    # Strangers for the threshold: real negatives if any, else leave-one-person-out.
+    if len(neg_emb):
+        _, impostors = best_match(neg_emb, gallery, people)
+        basis = "negative faces"
+    else:
+        impostors = leave_one_out_impostors(emb, pset.labels, people, gallery)
+        basis = "leave-one-person-out (each person's faces against the other people's centroids)"
+    accept = _threshold_for(impostors, args.target_far) if len(impostors) else 0.0
+
+    val_truth = list(labels_arr[va_idx])
+    val_best, val_scores = best_match(emb[va_idx], gallery, people)
+    right = np.array([b == t for b, t in zip(val_best, val_truth, strict=True)], dtype=bool)
+    accepted = val_scores >= accept
+    per_person = {}
+    for p in people:
+        m = np.array([t == p for t in val_truth], dtype=bool)
+        per_person[p] = {
+            "val_faces": int(m.sum()),
+            "accuracy": float(right[m].mean()) if m.any() else None,
+            "accepted_right": float((right & accepted)[m].mean()) if m.any() else None,
+            "usable_photos": counts[p],
+            "gallery_photos": int(np.sum(labels_arr[tr_idx] == p)),
+        }
+    finite = np.isfinite(impostors)
+    far = float(np.mean(impostors >= accept)) if len(impostors) else None
+    report: dict[str, Any] = {
+        "kind": "embedding",
+        "labels": people,
+        "val_accuracy": float(right.mean()) if len(right) else None,
+        "val_accepted_right": float((right & accepted).mean()) if len(right) else None,
+        "chance": 1.0 / len(people),
+        "per_person": per_person,
+        "threshold": {
+            "accept": float(accept), "target_far": float(args.target_far), "basis": basis,
+            "impostors": int(finite.sum()), "far": far,
+            "known_accept_rate": float((right & accepted).mean()) if len(right) else None,
+            "misidentification_rate": float((~right & accepted).mean()) if len(right) else None,
+        },
+        "stranger_faces": len(neg_emb),
+        "stranger_false_accepts": int(np.sum(impostors >= accept)) if len(neg_emb) else None,
+        "backbone": {"dir": str(args.backbone), "teacher": bconfig.get("teacher", {}).get("id")},
+        "skipped": {"count": len(skipped), "by_reason": summarize_skips(skipped), "file": "skipped.json"},
+        "warnings": warnings,
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+
+    split = np.array(["train"] * len(pset), dtype=object)
+    split[va_idx] = "val"
+    all_crops = [pset.crops]
+    crop_labels = list(pset.labels)
+    paths = list(pset.paths)
+    if nset is not None and len(nset):
+        all_crops.append(nset.crops)
+        crop_labels += [UNKNOWN] * len(nset)
+        split = np.concatenate([split, np.array(["negative"] * len(nset), dtype=object)])
+        paths += nset.paths
+    np.savez_compressed(out / "crops.npz", crops=np.concatenate(all_crops), labels=np.array(crop_labels, dtype=str),
+                        split=split.astype(str), paths=np.array(paths, dtype=str))
+    np.savez(out / "gallery.npz", embeddings=gallery.astype(np.float32), labels=np.array(people, dtype=str))
+    shutil.copyfile(Path(args.backbone) / bconfig.get("file", "embedder.keras"), out / "model.keras")
+    (out / "labels.txt").write_text("\n".join(people) + "\n", encoding="utf-8")
+    config = {
+        "kind": "embedding",
+        "preprocessing": prep.to_dict(),
+        "labels": people,
+        "embedding_dim": int(gallery.shape[1]),
+        "gallery": {"file": "gallery.npz", "method": "per-person normalised mean (centroid)"},
+        "backbone": {"dir": str(Path(args.backbone).resolve()), "teacher": bconfig.get("teacher"),
+                     "alpha": bconfig.get("alpha"), "weights_init": bconfig.get("weights_init")},
+        "detector": {"path": str(maker.detector_path), "min_face_size": args.min_face_size},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "history.json").write_text(json.dumps({"note": "few-shot gallery: no training epochs"}) + "\n",
+                                      encoding="utf-8")
+    return report
+
+
+def train_fewshot(args) -> int:
+    """Entry point from train.cli when --backbone is given."""
+    try:
+        report = fewshot(args)
+    except TrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    th = report["threshold"]
+    lines = [
+        f"gallery of {len(report['labels'])} people → {args.out} ({report['train_seconds']:.0f} s, no training)",
+        f"validation: right person {100 * (report['val_accuracy'] or 0):.1f}% (chance {100 * report['chance']:.1f}%)",
+        f"accept threshold (cosine) {th['accept']:.3f} for {100 * th['target_far']:.1f}% false accepts on "
+        f"{th['basis']}: {100 * (th['far'] or 0):.1f}% false accepts, "
+        f"{100 * (th['known_accept_rate'] or 0):.1f}% of validation faces accepted as the right person",
+    ]
+    for person, row in report["per_person"].items():
+        acc = row["accuracy"]
+        lines.append(f"  {person:<28} {'   n/a' if acc is None else f'{100 * acc:5.1f}%'}  "
+                     f"({row['val_faces']} validation faces, {row['gallery_photos']} in the gallery)")
+    lines.append(f"next: python -m convert --run {args.out} --out BUNDLE_DIR")
+    print("\n".join(lines))
+    return 0

