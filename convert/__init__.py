@@ -1,0 +1,1 @@
+"""Training run → quantised TFLite → verified, self-describing bundle for the device."""

@@ -1,0 +1,219 @@
+"""RUN_DIR → verified BUNDLE_DIR: convert, check against the float model, write files and manifest.
+
+Nothing is written to BUNDLE_DIR unless the converted model passes the check: the bundle is
+assembled in a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.bundle import write_manifest
+from device.preprocess import Preprocessing, normalize
+from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_FILE = "classifier.tflite"
+LABELS_FILE = "labels.txt"
+GALLERY_FILE = "gallery.npz"
+UNKNOWN = "unknown"
+
+
+class ConvertError(RuntimeError):
+    """A run or bundle problem; the message names it and the fix."""
+
+
+@dataclass
+class Run:
+    root: Path
+    kind: str
+    config: dict[str, Any]
+    report: dict[str, Any]
+    labels: list[str]
+    prep: Preprocessing
+    crops: np.ndarray
+    crop_labels: list[str]
+    split: np.ndarray
+    gallery: np.ndarray | None = None
+    gallery_labels: list[str] | None = None
+
+
+def load_run(root: Path) -> Run:
+    if not root.is_dir():
+        raise ConvertError(
+            f"run directory not found: {root}; train one with `python -m train --photos DIR --out {root}`"
+        )
+    needed = ["model.keras", "labels.txt", "config.json", "crops.npz", "report.json"]
+    missing = [n for n in needed if not (root / n).is_file()]
+    if missing:
+        raise ConvertError(f"{root} is not a complete training run (missing {', '.join(missing)}); train it again")
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        report = json.loads((root / "report.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConvertError(f"{root}: config.json or report.json is not valid JSON ({exc}); train again") from exc
+    kind = config.get("kind")
+    if kind not in ("softmax", "embedding"):
+        raise ConvertError(f"{root / 'config.json'}: kind {kind!r} is not softmax or embedding; train again")
+    try:
+        prep = Preprocessing.from_dict(config["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConvertError(f"{root / 'config.json'}: bad preprocessing ({exc}); train again") from exc
+    labels = [ln.strip() for ln in (root / "labels.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    with np.load(root / "crops.npz", allow_pickle=False) as data:
+        crops, crop_labels, split = data["crops"], [str(v) for v in data["labels"]], data["split"].astype(str)
+    if "threshold" not in report or "accept" not in report["threshold"]:
+        raise ConvertError(f"{root / 'report.json'} has no threshold.accept; train again")
+    run = Run(root, kind, config, report, labels, prep, crops, crop_labels, split)
+    if kind == "embedding":
+        gpath = root / GALLERY_FILE
+        if not gpath.is_file():
+            raise ConvertError(f"{gpath} is missing: an embedding run needs its gallery; train again")
+        with np.load(gpath, allow_pickle=False) as data:
+            run.gallery = data["embeddings"].astype(np.float32)
+            run.gallery_labels = [str(v) for v in data["labels"]]
+    return run
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConvertError(f"bundle directory {out} is not empty; choose another --out or pass --force to replace it")
+
+
+def _load_keras(path: Path):
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc) and "Lambda" not in str(exc):
+            raise
+        # A run we wrote ourselves (e.g. an embedder with an L2-normalising Lambda): trusted input.
+        return keras.models.load_model(path, compile=False, safe_mode=False)
+
+
+def convert_run(
+    run_dir: Path,
+    out: Path,
+    quantization: str = "int8",
+    max_drop: float = 2.0,
+    min_agreement: float | None = None,
+    calibration_samples: int = 200,
+    detector: Path | None = None,
+    force: bool = False,
+    recalibrate: bool = True,
+) -> dict[str, Any]:
+    """Build and verify the bundle; returns its manifest. Raises ConvertError when it does not pass."""
+    from convert.quantize import convert_model, representative_samples
+    from convert.verify import compare_embedding, compare_softmax, run_tflite
+
+    run = load_run(run_dir)
+    check_out_dir(out, force)
+    detector = detector or default_detector_path()
+    if not detector.is_file():
+        raise ConvertError(f"face detector not found: {detector}; run `python -m models fetch`")
+
+    is_train = run.split == "train"
+    check_mask = (run.split == "val") | (run.split == "negative")
+    if not check_mask.any():
+        raise ConvertError(
+            f"{run_dir / 'crops.npz'} has no validation faces to check the converted model on; train again"
+        )
+    train_x = normalize(run.crops[is_train], run.prep)
+    check_x = normalize(run.crops[check_mask], run.prep)
+    check_labels = np.array(run.crop_labels)[check_mask]
+    truth = [lbl if s == "val" else UNKNOWN for lbl, s in zip(check_labels, run.split[check_mask], strict=True)]
+    is_val = run.split[check_mask] == "val"
+
+    model = _load_keras(run_dir / "model.keras")
+    representative = representative_samples(train_x, calibration_samples) if quantization == "int8" else None
+    log.info("converting %s to %s TFLite …", run_dir / "model.keras", quantization)
+    flatbuffer = convert_model(model, quantization, representative)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / CLASSIFIER_FILE).write_bytes(flatbuffer)
+        float_out = np.asarray(model.predict(check_x, batch_size=64, verbose=0), dtype=np.float32)
+        q_out = run_tflite(staging / CLASSIFIER_FILE, check_x)
+        threshold = float(run.report["threshold"]["accept"])
+        target_far = float(run.report["threshold"].get("target_far", 0.05))
+        thresholds_note = "from the training run"
+        if run.kind == "softmax":
+            agreement = compare_softmax(float_out, q_out, truth, run.labels, threshold, is_val)
+            if recalibrate:
+                # The device runs the converted model, so the threshold is re-fitted on its outputs
+                # with the same procedure and target the training run used.
+                from train.calibrate import calibrate
+
+                val_truth = [t for t, v in zip(truth, is_val, strict=True) if v]
+                cal = calibrate(q_out[is_val], val_truth, q_out[~is_val], run.labels, target_far)
+                agreement["float_threshold"] = threshold
+                threshold, thresholds_note = cal["accept"], "recalibrated on the converted model's outputs"
+                agreement["calibration"] = cal
+        else:
+            agreement = compare_embedding(float_out, q_out, truth, run.gallery, run.gallery_labels, threshold, is_val)
+        agreement["quantization"] = quantization
+        _check_drop(agreement, quantization, max_drop, min_agreement)
+
+        shutil.copyfile(detector, staging / DETECTOR_FILENAME)
+        (staging / LABELS_FILE).write_text("\n".join(run.labels) + "\n", encoding="utf-8")
+        files = [CLASSIFIER_FILE, DETECTOR_FILENAME, LABELS_FILE]
+        manifest: dict[str, Any] = {
+            "classifier": {"file": CLASSIFIER_FILE, "kind": run.kind, "quantization": quantization},
+            "detector": {"file": DETECTOR_FILENAME, "expected_sha256": DETECTOR_SHA256},
+            "labels": {"file": LABELS_FILE, "count": len(run.labels)},
+            "preprocessing": run.prep.to_dict(),
+            "thresholds": {"accept": threshold, "target_far": target_far, "source": thresholds_note},
+            "metrics": {
+                "agreement": agreement,
+                "training": {k: run.report.get(k) for k in ("val_accuracy", "chance", "train_seconds", "split")
+                             if k in run.report},
+                "training_threshold": run.report.get("threshold"),
+            },
+            "source": {"run": str(run_dir.resolve()), "backbone": run.config.get("backbone")},
+        }
+        if run.kind == "embedding":
+            # The gallery computed by the float model is copied as is: the int8 embedder is checked
+            # against it above (decision agreement), which is what the device will do.
+            shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
+            manifest["gallery"] = {"file": GALLERY_FILE, "source": "float model (training run)"}
+            files.append(GALLERY_FILE)
+        manifest = write_manifest(staging, manifest, files)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _check_drop(agreement: dict[str, Any], quantization: str, max_drop: float, min_agreement: float | None) -> None:
+    f_acc, q_acc = agreement.get("float_accuracy"), agreement.get("converted_accuracy")
+    if f_acc is not None and q_acc is not None:
+        drop = 100.0 * (f_acc - q_acc)
+        agreement["accuracy_drop_points"] = round(drop, 2)
+        if drop > max_drop:
+            raise ConvertError(
+                f"{quantization} model is {drop:.1f} points less accurate than float on validation faces "
+                f"({100 * q_acc:.1f}% vs {100 * f_acc:.1f}%, allowed {max_drop:g}); no bundle written — "
+                "train with more photos, try --quantization float16, or raise --max-drop"
+            )
+    agree = agreement.get("top1_agreement")
+    if min_agreement is not None and agree is not None and 100.0 * agree < min_agreement:
+        raise ConvertError(
+            f"{quantization} model agrees with float on only {100 * agree:.1f}% of validation faces "
+            f"(required {min_agreement:g}%); no bundle written — try --quantization float16"
+        )

@@ -1,0 +1,83 @@
+"""Command line of `python -m convert`: a training run → a verified model bundle for the Pi."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+BUNDLE_DIR gets classifier.tflite, face_detection_short_range.tflite, labels.txt, manifest.json (schema,
+preprocessing, accept threshold, sha256 of every file, float-vs-converted agreement) and, for an embedding
+run, gallery.npz. Copy the whole directory to the Pi and point the device config at it.
+
+The converted model is run through the device's own TFLite wrapper on the run's validation and stranger
+faces and compared with the float Keras model; if it is more than --max-drop points less accurate, no
+bundle is written.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Quantise a training run's model to TFLite, check it against the float model and write a bundle.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, type=Path, help="training run directory from `python -m train`")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to create (must be empty or absent)")
+    p.add_argument("--quantization", choices=("int8", "float16", "float32"), default="int8",
+                   help="int8: full-integer, fastest on a Pi (default); float16: half the float size; "
+                   "float32: as trained")
+    p.add_argument("--max-drop", type=float, default=2.0,
+                   help="refuse the bundle if the converted model's validation accuracy is more than this many "
+                   "percentage points below the float model's (default 2.0)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="also refuse it if fewer than this percentage of validation faces get the same top-1 answer "
+                   "from both models (default: not checked)")
+    p.add_argument("--calibration-samples", type=int, default=200,
+                   help="training crops used as the int8 representative set (default 200)")
+    p.add_argument("--keep-threshold", action="store_true",
+                   help="keep the training run's accept threshold instead of re-fitting it on the converted model's "
+                   "outputs (softmax runs; embedding runs always keep it)")
+    p.add_argument("--detector", type=Path, default=None,
+                   help="BlazeFace .tflite to put in the bundle (default: $FACEBERRY_DETECTOR or "
+                   "models/face_detection_short_range.tflite)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from convert.build import ConvertError, convert_run
+    from device.runtime import ModelError
+
+    try:
+        manifest = convert_run(
+            args.run, args.out, quantization=args.quantization, max_drop=args.max_drop,
+            min_agreement=args.min_agreement, calibration_samples=args.calibration_samples,
+            detector=args.detector, force=args.force, recalibrate=not args.keep_threshold,
+        )
+    except (ConvertError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ag = manifest["metrics"]["agreement"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    size_kb = (args.out / manifest["classifier"]["file"]).stat().st_size / 1024
+    print(
+        f"bundle {manifest['bundle_id']} → {args.out}\n"
+        f"{args.quantization} classifier {size_kb:.0f} KiB; on {ag['faces']} validation faces: top-1 agreement "
+        f"{pct(ag['top1_agreement'])}, accuracy float {pct(ag['float_accuracy'])} / {args.quantization} "
+        f"{pct(ag['converted_accuracy'])}; decisions agree on {pct(ag['decision_agreement'])} of "
+        f"{ag['faces_with_strangers']} faces\n"
+        f"accept threshold {manifest['thresholds']['accept']:.3f} ({manifest['thresholds']['source']})"
+    )
+    return 0

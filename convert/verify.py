@@ -1,0 +1,99 @@
+"""Does the converted model decide like the float one? Run both on held-out crops and compare.
+
+The converted model runs through device.runtime.TFLiteModel, the wrapper the Pi itself uses, so
+quantisation parameters are read exactly as they will be on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.runtime import TFLiteModel
+
+UNKNOWN = "unknown"
+
+
+def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Outputs of the .tflite for each normalised input, one at a time (the device's batch of 1)."""
+    model = TFLiteModel(path, num_threads=None)
+    outs = [model.run(x[None])[0][0] for x in inputs]
+    return np.stack(outs).astype(np.float32) if outs else np.zeros((0,), np.float32)
+
+
+def softmax_decisions(probs: np.ndarray, labels: list[str], threshold: float) -> list[str]:
+    out = []
+    for p in probs:
+        i = int(np.argmax(p))
+        out.append(labels[i] if labels[i] != UNKNOWN and float(p[i]) >= threshold else UNKNOWN)
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def gallery_decisions(emb: np.ndarray, gallery: np.ndarray, gallery_labels: list[str],
+                      threshold: float) -> tuple[list[str], list[str]]:
+    """(decision, nearest) per embedding: nearest gallery entry by cosine, unknown below threshold."""
+    if len(emb) == 0 or len(gallery) == 0:
+        return [UNKNOWN] * len(emb), [UNKNOWN] * len(emb)
+    sims = _unit(emb) @ _unit(gallery).T
+    best = np.argmax(sims, axis=1)
+    nearest = [gallery_labels[i] for i in best]
+    scores = sims[np.arange(len(emb)), best]
+    decided = [n if n != UNKNOWN and s >= threshold else UNKNOWN for n, s in zip(nearest, scores, strict=True)]
+    return decided, nearest
+
+
+def _pick(values: list[str], mask: np.ndarray) -> list[str]:
+    return [v for v, m in zip(values, mask, strict=True) if m]
+
+
+def _acc(pred: list[str], truth: list[str]) -> float | None:
+    return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)])) if truth else None
+
+
+def compare_softmax(float_out: np.ndarray, q_out: np.ndarray, truth: list[str], labels: list[str],
+                    threshold: float, is_val: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement and accuracy on validation faces; decision agreement on validation + strangers."""
+    f_top = [labels[i] for i in np.argmax(float_out, axis=1)]
+    q_top = [labels[i] for i in np.argmax(q_out, axis=1)]
+    val_truth = [t for t, v in zip(truth, is_val, strict=True) if v]
+    f_val = [p for p, v in zip(f_top, is_val, strict=True) if v]
+    q_val = [p for p, v in zip(q_top, is_val, strict=True) if v]
+    f_dec = softmax_decisions(float_out, labels, threshold)
+    q_dec = softmax_decisions(q_out, labels, threshold)
+    return {
+        "faces": int(is_val.sum()),
+        "faces_with_strangers": len(truth),
+        "top1_agreement": _acc(q_val, f_val),
+        "float_accuracy": _acc(f_val, val_truth),
+        "converted_accuracy": _acc(q_val, val_truth),
+        "decision_agreement": _acc(q_dec, f_dec),
+        "max_abs_prob_diff": float(np.max(np.abs(float_out - q_out))) if len(truth) else None,
+    }
+
+
+def compare_embedding(float_out: np.ndarray, q_out: np.ndarray, truth: list[str], gallery: np.ndarray,
+                      gallery_labels: list[str], threshold: float, is_val: np.ndarray) -> dict[str, Any]:
+    """Same accept/reject and person through the gallery; plus the float↔converted cosine."""
+    f_dec, f_near = gallery_decisions(float_out, gallery, gallery_labels, threshold)
+    q_dec, q_near = gallery_decisions(q_out, gallery, gallery_labels, threshold)
+    val_truth = [t for t, v in zip(truth, is_val, strict=True) if v]
+    cos = np.sum(_unit(float_out) * _unit(q_out), axis=1) if len(truth) else np.zeros(0)
+    return {
+        "faces": int(is_val.sum()),
+        "faces_with_strangers": len(truth),
+        "top1_agreement": _acc(_pick(q_near, is_val), _pick(f_near, is_val)),
+        "decision_agreement": _acc(q_dec, f_dec),
+        # Accuracy of the decision (the right person accepted; strangers rejected), as the device decides.
+        "float_accuracy": _acc([p for p, v in zip(f_dec, is_val, strict=True) if v], val_truth),
+        "converted_accuracy": _acc([p for p, v in zip(q_dec, is_val, strict=True) if v], val_truth),
+        "float_decision_accuracy": _acc(f_dec, truth),
+        "converted_decision_accuracy": _acc(q_dec, truth),
+        "mean_cosine": float(np.mean(cos)) if len(cos) else None,
+        "min_cosine": float(np.min(cos)) if len(cos) else None,
+    }

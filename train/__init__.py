@@ -1,0 +1,1 @@
+"""Workstation training: photos/<person>/ → aligned face crops → fine-tuned MobileNetV2 run directory."""

@@ -1,0 +1,79 @@
+"""The `unknown` threshold: the lowest softmax score at which a face is accepted as a known person
+such that no more than a target fraction of strangers (false accepts) get through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+UNKNOWN = "unknown"
+
+
+def decisions(probs: np.ndarray, labels: list[str], threshold: float) -> list[str]:
+    """The device's rule (device.classifier.FaceClassifier.decide) on a batch of probabilities."""
+    out = []
+    for p in probs:
+        i = int(np.argmax(p))
+        best = labels[i]
+        out.append(best if best != UNKNOWN and float(p[i]) >= threshold else UNKNOWN)
+    return out
+
+
+def _accept_scores(probs: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Score at which each probe would be accepted; -inf when its best class is `unknown`."""
+    best = np.argmax(probs, axis=1)
+    scores = probs[np.arange(len(probs)), best].astype(np.float64)
+    if UNKNOWN in labels:
+        scores[best == labels.index(UNKNOWN)] = -np.inf
+    return scores
+
+
+def _threshold_for(impostor_scores: np.ndarray, target: float) -> float:
+    """Smallest threshold letting at most floor(target × n) impostor scores through."""
+    n = len(impostor_scores)
+    finite = np.sort(impostor_scores[np.isfinite(impostor_scores)])[::-1]
+    allowed = int(np.floor(target * n + 1e-9))
+    if allowed >= len(finite):
+        return 0.0
+    # Just above the (allowed+1)-th highest impostor score.
+    return float(np.nextafter(finite[allowed], np.inf))
+
+
+def calibrate(
+    val_probs: np.ndarray,
+    val_labels: list[str],
+    neg_probs: np.ndarray,
+    labels: list[str],
+    target_far: float,
+) -> dict[str, Any]:
+    """Pick the accept threshold and report what it does on validation and stranger faces.
+
+    Strangers are the held-out negative faces. Without any, the impostors are validation faces
+    the model would name as the wrong person (a misidentification is a false accept too).
+    """
+    val_probs = np.asarray(val_probs, dtype=np.float64).reshape(-1, len(labels))
+    neg_probs = np.asarray(neg_probs, dtype=np.float64).reshape(-1, len(labels))
+    val_scores = _accept_scores(val_probs, labels)
+    truth = np.array(val_labels)
+    predicted = np.array([labels[i] for i in np.argmax(val_probs, axis=1)]) if len(val_probs) else np.array([])
+    wrong = (predicted != truth) & (truth != UNKNOWN) if len(truth) else np.zeros(0, bool)
+    if len(neg_probs):
+        impostors, basis = _accept_scores(neg_probs, labels), "negative faces"
+    else:
+        impostors, basis = np.where(wrong, val_scores, -np.inf), "validation misidentifications"
+    threshold = _threshold_for(impostors, target_far) if len(impostors) else 0.0
+    known = truth != UNKNOWN
+    accepted_right = (val_scores >= threshold) & ~wrong & known
+    result: dict[str, Any] = {
+        "accept": threshold,
+        "target_far": target_far,
+        "basis": basis,
+        "impostors": len(impostors),
+        "far": float(np.mean(impostors >= threshold)) if len(impostors) else None,
+        "known_accept_rate": float(accepted_right.sum() / max(known.sum(), 1)) if len(truth) else None,
+        "misidentification_rate": float(np.mean((val_scores >= threshold) & wrong)) if len(truth) else None,
+    }
+    if len(neg_probs):
+        result["stranger_far"] = result["far"]
+    return result

@@ -1,0 +1,182 @@
+"""Command line of `python -m train`.
+
+    python -m train --photos DIR --out RUN_DIR [options]        train a classifier
+    python -m train --photos DIR --out RUN_DIR --backbone DIR   few-shot on a face-aware backbone
+    python -m train backbone ...                                 build a face-aware backbone
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from device.preprocess import DEFAULT_INPUT_SIZE
+
+EPILOG = """\
+Photos: DIR/<person>/*.jpg|jpeg|png, one folder per person. Each photo must show that person's face
+clearly; photos with no face, several faces of similar size, a face too small or an unreadable file are
+skipped and listed in RUN_DIR/skipped.json (a summary is printed). An empty person folder is ignored with a
+warning; a person with fewer than --min-photos usable photos is an error. A folder named `unknown`
+(or --negatives DIR) holds other people's faces: part of them trains an `unknown` class, the rest, never
+trained on, calibrate the accept threshold.
+
+RUN_DIR gets: model.keras, labels.txt, config.json, crops.npz, report.json (per-person validation
+accuracy, confusion matrix, threshold and false-accept rate), history.json, curves.png, confusion.png,
+skipped.json. Then: python -m convert --run RUN_DIR --out BUNDLE_DIR.
+
+Subcommand: `python -m train backbone --help` builds a face-aware backbone for --backbone.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a face classifier from photos/<person>/ folders, on face crops made by the "
+        "device's own detector and alignment.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--photos", required=True, type=Path, help="folder with one sub-folder of photos per person")
+    io.add_argument("--out", required=True, type=Path, help="run directory to create (must be empty or absent)")
+    io.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    io.add_argument("--negatives", type=Path, default=None,
+                    help="folder of other people's faces (loose photos or one sub-folder per person) used to "
+                    "teach `unknown` and to calibrate the threshold; adds to PHOTOS/unknown/ if both exist")
+    io.add_argument("--backbone", type=Path, default=None,
+                    help="a face-aware backbone directory from `python -m train backbone`: train a few-shot "
+                    "gallery model on it instead of fine-tuning ImageNet MobileNetV2")
+
+    crops = p.add_argument_group("face crops")
+    crops.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE,
+                       help=f"side of the aligned face crop and network input, pixels (default {DEFAULT_INPUT_SIZE})")
+    crops.add_argument("--min-face-size", type=int, default=40,
+                       help="faces narrower than this many pixels in the photo are too small to use (default 40)")
+    crops.add_argument("--min-photos", type=int, default=5,
+                       help="usable photos each person needs, at least 2 (default 5; 10 or more recommended)")
+    crops.add_argument("--detector", type=Path, default=None,
+                       help="BlazeFace .tflite (default: $FACEBERRY_DETECTOR or "
+                       "models/face_detection_short_range.tflite)")
+    crops.add_argument("--cache-dir", type=Path, default=None,
+                       help="where face crops are cached between runs (default $XDG_CACHE_HOME/faceberry/crops "
+                       "or ~/.cache/faceberry/crops)")
+    crops.add_argument("--no-cache", action="store_true", help="do not read or write the crop cache")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--weights", default="imagenet",
+                       help="backbone initialisation: imagenet (Keras download, default), none (random), or a "
+                       "path to a no-top MobileNetV2 .weights.h5 with the same --alpha")
+    model.add_argument("--alpha", type=float, default=1.0,
+                       help="MobileNetV2 width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4 (default 1.0)")
+    model.add_argument("--dropout", type=float, default=0.3, help="dropout before the softmax head (default 0.3)")
+
+    fit = p.add_argument_group("training")
+    fit.add_argument("--epochs", type=int, default=20,
+                     help="maximum epochs for the head on the frozen backbone (phase 1, default 20)")
+    fit.add_argument("--lr", type=float, default=1e-3, help="phase 1 learning rate (default 1e-3)")
+    fit.add_argument("--fine-tune-epochs", type=int, default=10,
+                     help="maximum epochs fine-tuning the top blocks (phase 2, default 10; 0 skips it)")
+    fit.add_argument("--fine-tune-from", type=int, default=13,
+                     help="unfreeze MobileNetV2 from block N (1–16) to the top in phase 2 (default 13)")
+    fit.add_argument("--fine-tune-lr", type=float, default=1e-4, help="phase 2 learning rate (default 1e-4)")
+    fit.add_argument("--min-epoch-samples", type=int, default=256,
+                     help="repeat a small training set (each copy augmented differently) so one epoch shows at "
+                     "least this many faces (default 256)")
+    fit.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    fit.add_argument("--patience", type=int, default=5,
+                     help="stop a phase after this many epochs without a better validation loss (default 5; 0 off)")
+    fit.add_argument("--val-fraction", type=float, default=0.2,
+                     help="share of each person's crops held out for validation (default 0.2)")
+    fit.add_argument("--negatives-train-fraction", type=float, default=0.5,
+                     help="share of negative faces used to train `unknown`; the rest calibrate the threshold "
+                     "(split by person when the negatives have sub-folders; default 0.5)")
+    fit.add_argument("--seed", type=int, default=0,
+                     help="random seed for the split, augmentation and weights (default 0)")
+    fit.add_argument("--target-far", type=float, default=0.05,
+                     help="false-accept rate the accept threshold is calibrated for, 0–1 (default 0.05)")
+
+    aug = p.add_argument_group("augmentation (ImageDataGenerator style)")
+    aug.add_argument("--rotation", type=float, default=40.0, help="maximum rotation, degrees (default 40)")
+    aug.add_argument("--shift", type=float, default=0.2, help="maximum width/height shift, fraction (default 0.2)")
+    aug.add_argument("--shear", type=float, default=0.2, help="maximum shear (default 0.2)")
+    aug.add_argument("--zoom", type=float, default=0.2, help="maximum zoom in or out, fraction (default 0.2)")
+    aug.add_argument("--brightness", type=float, default=0.2,
+                     help="maximum brightness change, fraction (default 0.2; 0 off)")
+    aug.add_argument("--contrast", type=float, default=0.2,
+                     help="maximum contrast change, fraction (default 0.2; 0 off)")
+
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.input_size < 32:
+        p.error("--input-size must be 32 or more")
+    if args.min_photos < 2:
+        p.error("--min-photos must be at least 2 (one to train on, one to validate)")
+    if not 0.0 < args.val_fraction < 1.0:
+        p.error("--val-fraction must be between 0 and 1")
+    if not 0.0 <= args.target_far <= 1.0:
+        p.error("--target-far must be between 0 and 1")
+    if not 0.0 <= args.negatives_train_fraction <= 1.0:
+        p.error("--negatives-train-fraction must be between 0 and 1")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights}: no such file; use imagenet, none or a .weights.h5 path")
+
+
+def _run_submodule(module: str, func: str, arg, what: str) -> int:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            print(f"error: {what} is not available in this faceberry ({module} is missing); "
+                  "update faceberry or train without it", file=sys.stderr)
+            return 2
+        raise
+    return int(getattr(mod, func)(arg) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "backbone":
+        return _run_submodule("train.backbone", "main", argv[1:], "the backbone stage")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.backbone is not None:
+        return _run_submodule("train.fewshot", "train_fewshot", args, "few-shot training on a backbone")
+
+    from train.errors import TrainError
+    from train.trainer import train
+
+    try:
+        report = train(args)
+    except (TrainError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(report, args.out)
+    return 0
+
+
+def print_summary(report: dict, out: Path) -> None:
+    th = report["threshold"]
+    lines = [
+        f"trained {len(report['labels'])} classes in {report['train_seconds']:.0f} s → {out}",
+        f"validation accuracy {100 * (report['val_accuracy'] or 0):.1f}% (chance {100 * report['chance']:.1f}%)",
+        f"accept threshold {th['accept']:.3f} for {100 * th['target_far']:.1f}% false accepts on {th['basis']}: "
+        f"{100 * (th['far'] or 0):.1f}% false accepts, {100 * (th['known_accept_rate'] or 0):.1f}% of known faces "
+        "accepted as the right person",
+    ]
+    for person, row in report["per_person"].items():
+        lines.append(f"  {person:<28} {100 * row['accuracy']:5.1f}%  ({row['val_faces']} validation faces)")
+    if report["skipped"]["count"]:
+        reasons = ", ".join(f"{n} {r}" for r, n in report["skipped"]["by_reason"].items())
+        lines.append(f"skipped {report['skipped']['count']} photo(s): {reasons} (see {out / 'skipped.json'})")
+    lines.append(f"next: python -m convert --run {out} --out BUNDLE_DIR")
+    print("\n".join(lines))
