@@ -119,7 +119,7 @@ run_tests() {
 run_demo() {
     setup_workstation requirements-train.txt
     setup_device
-    say "demo (python demo.py $*)"
+    say "demo (python demo.py${*:+ $*})"
     "$VENV/bin/python" demo.py --device-python "$DEVICE_VENV/bin/python" "$@"
 }
 
