@@ -199,3 +199,13 @@ def test_help_documents_every_flag():
             assert flag in proc.stdout
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 10, action.dest
+
+
+def test_backbone_subcommand_and_missing_stage_are_dispatched(capsys):
+    proc = _train_cli("backbone", "--help")
+    assert proc.returncode == 0 and "python -m train backbone" in proc.stdout
+    from train.cli import _run_submodule
+
+    assert _run_submodule("train.no_such_stage", "main", [], "the test stage") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the test stage is not available") and "train.no_such_stage" in err

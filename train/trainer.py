@@ -212,7 +212,7 @@ def train(args) -> dict[str, Any]:
     history: dict[str, list] = {"epoch": [], "phase": []}
     best: dict[str, Any] = {}
     pretrained = args.weights != "none"
-    set_backbone_trainable(backbone, None if pretrained else 0)
+    set_backbone_trainable(backbone, None if pretrained else 0, freeze_bn=pretrained)
     _fit_phase(model, train_model, x_train, y_train, val, class_weight, args.epochs, args.lr, args.batch_size,
                args.patience, best, "head" if pretrained else "full", history)
     if pretrained and args.fine_tune_epochs > 0:

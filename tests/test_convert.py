@@ -1,0 +1,222 @@
+"""python -m convert: bundle contents, float16 and embedding runs, refusals, and tflite_runtime 2.14.
+
+TensorFlow runs only in subprocesses (the CLIs), never in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.build import ConvertError, _check_drop
+from device.bundle import load_bundle, sha256_file
+from device.preprocess import normalize
+from device.runtime import TFLiteModel
+from models import DETECTOR_FILENAME
+from tests.conftest import ROOT
+
+TFLITE_PYTHON = ROOT / ".venv-tflite" / "bin" / "python"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def _val_inputs(run: Path, count: int = 8) -> np.ndarray:
+    with np.load(run / "crops.npz") as data:
+        crops = data["crops"][data["split"] == "val"][:count]
+    prep = json.loads((run / "config.json").read_text())["preprocessing"]
+    from device.preprocess import Preprocessing
+
+    return normalize(crops, Preprocessing.from_dict(prep))
+
+
+# --- the bundle the session fixture made ------------------------------------------------------------
+
+
+@pytest.mark.shared
+def test_bundle_has_every_file_with_checksums(tiny_bundle, tiny_run):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    names = {"classifier.tflite", DETECTOR_FILENAME, "labels.txt"}
+    assert set(manifest["files"]) == names
+    assert {p.name for p in tiny_bundle.iterdir()} == names | {"manifest.json"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(tiny_bundle / name) == digest
+    from models import default_detector_path
+
+    assert sha256_file(tiny_bundle / DETECTOR_FILENAME) == sha256_file(default_detector_path())
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert manifest["preprocessing"] == config["preprocessing"]
+    th = manifest["thresholds"]
+    assert 0.0 <= th["accept"] <= 1.0 and th["target_far"] == config["args"]["target_far"]
+    agreement = manifest["metrics"]["agreement"]
+    for key in ("top1_agreement", "float_accuracy", "converted_accuracy", "decision_agreement", "faces"):
+        assert agreement[key] is not None, key
+
+
+@pytest.mark.shared
+def test_converted_outputs_match_the_recorded_agreement(tiny_bundle, tiny_run):
+    """Recompute int8 accuracy with the device wrapper; it must be what the manifest says."""
+    with np.load(tiny_run / "crops.npz") as data:
+        val = data["split"] == "val"
+        crops, truth = data["crops"][val], [str(v) for v in data["labels"][val]]
+    bundle = load_bundle(tiny_bundle)
+    model = TFLiteModel(bundle.classifier_path)
+    x = normalize(crops, bundle.preprocessing)
+    top = [bundle.labels[int(np.argmax(model.run(xi[None])[0][0]))] for xi in x]
+    accuracy = float(np.mean([t == p for t, p in zip(top, truth, strict=True)]))
+    assert accuracy == pytest.approx(bundle.manifest["metrics"]["agreement"]["converted_accuracy"])
+
+
+@pytest.mark.shared
+def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tmp_path):
+    """The Pi's fallback runtime: tflite_runtime 2.14 (numpy<2) loads the int8 classifier through
+    device/runtime.py and gives the same outputs as LiteRT."""
+    if not TFLITE_PYTHON.is_file():
+        pytest.skip(f"{TFLITE_PYTHON} is absent: create it with `python3 -m venv .venv-tflite && "
+                    ".venv-tflite/bin/pip install tflite-runtime==2.14.0 'numpy<2'`")
+    x = _val_inputs(tiny_run)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, json, numpy as np\n"
+        "from device.runtime import TFLiteModel\n"
+        f"m = TFLiteModel({str(tiny_bundle / 'classifier.tflite')!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "out = np.stack([m.run(xi[None])[0][0] for xi in x])\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, out)\n"
+        "import numpy\n"
+        "print(json.dumps({'backend': m.backend, 'numpy': numpy.__version__, 'dtype': str(m.input_dtype)}))\n"
+    )
+    proc = subprocess.run([str(TFLITE_PYTHON), "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["backend"] == "tflite_runtime" and info["numpy"].startswith("1.") and info["dtype"] == "int8"
+    litert = TFLiteModel(tiny_bundle / "classifier.tflite")
+    assert litert.backend == "ai_edge_litert"
+    expected = np.stack([litert.run(xi[None])[0][0] for xi in x])
+    got = np.load(tmp_path / "y.npy")
+    scale = litert.output_details[0]["quantization"][0]
+    # Both run the same integer kernels; allow one quantisation step of difference.
+    assert np.abs(got - expected).max() <= scale + 1e-6
+    assert np.array_equal(got.argmax(1), expected.argmax(1))
+
+
+# --- refusals and errors (no TensorFlow needed) --------------------------------------------------------
+
+
+def test_drop_check_refuses_beyond_the_margin():
+    ok = {"float_accuracy": 0.80, "converted_accuracy": 0.79, "top1_agreement": 0.97}
+    _check_drop(ok, "int8", max_drop=2.0, min_agreement=None)
+    assert ok["accuracy_drop_points"] == pytest.approx(1.0)
+    with pytest.raises(ConvertError, match=r"3\.0 points less accurate .*allowed 2"):
+        _check_drop({"float_accuracy": 0.80, "converted_accuracy": 0.77}, "int8", 2.0, None)
+    with pytest.raises(ConvertError, match=r"agrees with float on only 90\.0%"):
+        _check_drop({"float_accuracy": 0.8, "converted_accuracy": 0.8, "top1_agreement": 0.9}, "int8", 2.0, 95.0)
+
+
+def test_missing_or_incomplete_run_is_a_one_line_error(tmp_path):
+    proc = _convert("--run", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: run directory not found")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "labels.txt").write_text("a\nb\n")
+    proc = _convert("--run", str(tmp_path / "run"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "missing model.keras" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.shared
+def test_non_empty_out_is_refused_without_force(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    proc = _convert("--run", str(tiny_run), "--out", str(out))
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "--force" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+# --- other conversions (TensorFlow in a subprocess; a few tens of seconds each) -------------------------
+
+
+@pytest.mark.shared
+@pytest.mark.training
+def test_float16_bundle(tiny_run, tmp_path):
+    out = tmp_path / "f16"
+    proc = _convert("--run", str(tiny_run), "--out", str(out), "--quantization", "float16", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = load_bundle(out)
+    assert bundle.manifest["classifier"]["quantization"] == "float16"
+    model = TFLiteModel(bundle.classifier_path)
+    assert model.input_dtype == np.float32
+    agreement = bundle.manifest["metrics"]["agreement"]
+    assert agreement["top1_agreement"] >= 0.97  # float16 weights barely move the outputs
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
+
+
+EMBEDDING_RUN = """
+import json, shutil, sys
+from pathlib import Path
+import numpy as np, keras
+from device.preprocess import Preprocessing, normalize
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True)
+model = keras.models.load_model(src / "model.keras", compile=False)
+emb = keras.Model(model.inputs, model.get_layer("pool").output, name="embedder")
+emb.save(dst / "model.keras")
+config = json.loads((src / "config.json").read_text())
+config["kind"] = "embedding"
+(dst / "config.json").write_text(json.dumps(config))
+shutil.copy(src / "crops.npz", dst / "crops.npz")
+labels = [l for l in (src / "labels.txt").read_text().split() if l != "unknown"]
+(dst / "labels.txt").write_text("\\n".join(labels) + "\\n")
+with np.load(src / "crops.npz") as d:
+    crops, lab, split = d["crops"], d["labels"], d["split"]
+prep = Preprocessing.from_dict(config["preprocessing"])
+e = emb.predict(normalize(crops[split == "train"], prep), verbose=0)
+e /= np.linalg.norm(e, axis=1, keepdims=True)
+tl = lab[split == "train"]
+gallery = np.stack([e[tl == p].mean(0) for p in labels]).astype(np.float32)
+np.savez(dst / "gallery.npz", embeddings=gallery, labels=np.array(labels))
+(dst / "report.json").write_text(json.dumps({"kind": "embedding", "threshold": {"accept": 0.5, "target_far": 0.05}}))
+"""
+
+
+@pytest.mark.shared
+@pytest.mark.training
+def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
+    """An embedding run (as train --backbone writes): int8 embedder + the float gallery, checked by
+    gallery decisions and float-vs-int8 cosine."""
+    run = tmp_path / "emb-run"
+    proc = subprocess.run([sys.executable, "-c", EMBEDDING_RUN, str(tiny_run), str(run)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "emb-bundle"
+    proc = _convert("--run", str(run), "--out", str(out), "--quiet", "--max-drop", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = load_bundle(out)
+    assert bundle.kind == "embedding" and bundle.manifest["classifier"]["quantization"] == "int8"
+    assert set(bundle.manifest["files"]) == {"classifier.tflite", DETECTOR_FILENAME, "labels.txt", "gallery.npz"}
+    with np.load(run / "gallery.npz") as g:
+        assert np.array_equal(bundle.gallery_embeddings, g["embeddings"])
+    assert bundle.accept_threshold == 0.5  # embedding runs keep the run's threshold
+    agreement = bundle.manifest["metrics"]["agreement"]
+    assert agreement["mean_cosine"] > 0.95 and agreement["min_cosine"] > 0.8
+    assert agreement["decision_agreement"] >= 0.8
+    # The device classifier uses it as a gallery model.
+    from device.classifier import FaceClassifier
+
+    clf = FaceClassifier(bundle)
+    crop = np.load(run / "crops.npz")["crops"][0]
+    pred = clf.classify(crop)
+    assert pred.best in bundle.labels and -1.0 <= pred.score <= 1.0
