@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "decision": float(np.mean([row["_predicted"].get(p) == ref["_predicted"][p] for p in paths])),
                 "top1": float(np.mean([row["_best"].get(p) == ref["_best"][p] for p in paths])),
             }
+    for row in rows.values():
         del row["_predicted"], row["_best"]
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
