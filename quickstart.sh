@@ -103,7 +103,7 @@ run_tests() {
     "$VENV/bin/python" -m ruff check .
     ruff_rc=$?
     say "pytest $*"
-    "$VENV/bin/python" -m pytest "$@"
+    "$VENV/bin/python" -m pytest --durations=15 "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then
