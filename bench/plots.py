@@ -33,8 +33,9 @@ def plot_accuracy(result: dict, out: Path) -> None:
     if ours and ours.get("far_curve"):
         x, y = zip(*ours["far_curve"], strict=True)
         c = ours["classifier"]
-        ax.plot([100 * v for v in x], [100 * v for v in y], label=f"faceberry ({c['kind']}, {c['quantization']})",
-                color="tab:red")
+        backbone = "face backbone" if "--backbone" in ours.get("train_command", "") else "ImageNet MobileNetV2"
+        ax.plot([100 * v for v in x], [100 * v for v in y], color="tab:red",
+                label=f"faceberry ({backbone}, {c['kind']}, {c['quantization']})")
         ax.scatter([100 * ours["stranger_false_accept_rate"]], [100 * ours["known_accuracy"]], color="tab:red",
                    zorder=3, label="faceberry at its calibrated threshold")
     peer = result.get("face_recognition")
