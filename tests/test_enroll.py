@@ -1,0 +1,108 @@
+"""`python -m device enroll`: add a person to an int8 embedding bundle with the device's own code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.test_backbone import run_cli, tiny_embedding  # noqa: F401 - the shared session fixture
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "bundle"
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+    from device.bundle import load_bundle
+    from device.classifier import FaceClassifier
+    from device.pipeline import FacePipeline
+    from device.preprocess import load_image
+
+    bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
+    before = load_bundle(bundle_dir)
+    name = tiny_embedding["newcomer"]
+    proc = run_cli(["-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", name,
+                    "--photos", str(tiny_embedding["newcomer_photos"])], "python -m device enroll")
+    assert f"enrolled {name}" in proc.stdout
+    after = load_bundle(bundle_dir)  # checksums verified
+    assert after.labels == [*before.labels, name]
+    assert after.gallery_labels == [*before.gallery_labels, name]
+    assert np.allclose(after.gallery_embeddings[:-1], before.gallery_embeddings)
+    assert after.bundle_id != before.bundle_id and after.manifest["parent_bundle_id"] == before.bundle_id
+    assert after.accept_threshold == before.accept_threshold
+    assert not list(tmp_path.glob(".bundle.enroll*")), "temporary directories left behind"
+
+    # The newcomer's photos that were not enrolled, through detect → align → int8 embedder → gallery.
+    pipe = FacePipeline(after)
+    best = []
+    for path in tiny_embedding["newcomer_probes"]:
+        result = pipe.process(load_image(path))
+        if result.recognitions:
+            best.append(max(result.recognitions, key=lambda r: r.face.width).prediction.best)
+    assert len(best) >= 4
+    rate = float(np.mean([b == name for b in best]))
+    chance = 1.0 / len(after.gallery_labels)
+    assert rate > chance, (rate, chance, best)
+    assert isinstance(FaceClassifier(after).classify(np.zeros((64, 64, 3), np.uint8)).label, str)
+
+
+def test_enroll_refuses_photos_without_a_usable_face(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+    bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
+    manifest = (bundle_dir / "manifest.json").read_bytes()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "wall.jpg"), np.full((240, 320, 3), 180, np.uint8))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    proc = run_cli(["-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", "Nobody", "--photos",
+                    str(photos)], "enroll", check=False)
+    assert proc.returncode != 0
+    assert "wall.jpg" in proc.stderr and "broken.jpg" in proc.stderr
+    assert "error:" in proc.stderr and "usable face" in proc.stderr
+    assert (bundle_dir / "manifest.json").read_bytes() == manifest  # untouched
+
+
+def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+    from device.bundle import MANIFEST, write_manifest
+    from device.enroll import EnrollError, enroll
+
+    bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
+    with pytest.raises(EnrollError, match="already in"):
+        enroll(bundle_dir, tiny_embedding["people"][0], tiny_embedding["newcomer_photos"])
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["classifier"]["kind"] = "softmax"
+    del manifest["gallery"]
+    write_manifest(bundle_dir, manifest, [f for f in manifest["files"] if f != "gallery.npz"])
+    with pytest.raises(EnrollError, match="softmax bundle"):
+        enroll(bundle_dir, "Someone", tiny_embedding["newcomer_photos"])
+
+
+def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path,  # noqa: F811
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import device.enroll as enroll_mod
+    from device.bundle import load_bundle
+
+    bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
+    before = (bundle_dir / "manifest.json").read_bytes()
+    real_rename = enroll_mod.os.rename
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(enroll_mod.os, "rename", crash_on_second)
+    with pytest.raises(OSError, match="power cut"):
+        enroll_mod.enroll(bundle_dir, "Newcomer", tiny_embedding["newcomer_photos"])
+    monkeypatch.setattr(enroll_mod.os, "rename", real_rename)
+    assert (bundle_dir / "manifest.json").read_bytes() == before
+    load_bundle(bundle_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
