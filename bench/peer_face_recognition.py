@@ -7,6 +7,9 @@ landmark model, one jitter.
 
     speed  --frames FRAMES.npz --out OUT.json   time HOG detect and encode on each frame
     encode --list PATHS.json   --out OUT.json   encoding of the largest face in each photo
+    serve                                       read .npy frame paths on stdin, answer one JSON line
+                                                of timings each (lets the caller interleave its own
+                                                timings with these, frame by frame, under equal load)
 
 It deliberately imports nothing from faceberry.
 """
@@ -28,23 +31,33 @@ def _largest(locations: list[tuple[int, int, int, int]]) -> tuple[int, int, int,
 
 
 def speed(frames_path: Path) -> dict:
-    import face_recognition
-
     results = []
     with np.load(frames_path, allow_pickle=False) as data:
         keys = sorted(k for k in data.files if k.startswith("f"))
-        warm = data[keys[0]]
-        face_recognition.face_encodings(warm, face_recognition.face_locations(warm))
+        _time_frame(np.ascontiguousarray(data[keys[0]]))  # warm-up
         for key in keys:
-            frame = np.ascontiguousarray(data[key])
-            t0 = time.perf_counter()
-            locations = face_recognition.face_locations(frame)  # HOG, upsample 1 (the defaults)
-            t1 = time.perf_counter()
-            face_recognition.face_encodings(frame, locations)
-            t2 = time.perf_counter()
-            results.append({"key": key, "faces": len(locations), "detect_ms": (t1 - t0) * 1e3,
-                            "encode_ms": (t2 - t1) * 1e3})
+            results.append({"key": key, **_time_frame(np.ascontiguousarray(data[key]))})
     return {"frames": results}
+
+
+def _time_frame(frame: np.ndarray) -> dict:
+    import face_recognition
+
+    t0 = time.perf_counter()
+    locations = face_recognition.face_locations(frame)  # HOG, upsample 1 (the defaults)
+    t1 = time.perf_counter()
+    face_recognition.face_encodings(frame, locations)
+    t2 = time.perf_counter()
+    return {"faces": len(locations), "detect_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3}
+
+
+def serve() -> None:
+    for line in sys.stdin:
+        path = line.strip()
+        if not path:
+            continue
+        frame = np.ascontiguousarray(np.load(path, allow_pickle=False))
+        print(json.dumps(_time_frame(frame)), flush=True)
 
 
 def encode(list_path: Path) -> dict:
@@ -71,11 +84,16 @@ def encode(list_path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("speed", "encode"))
+    parser.add_argument("mode", choices=("speed", "encode", "serve"))
     parser.add_argument("--frames", type=Path, help="speed: .npz of RGB uint8 frames, keys f00000…")
     parser.add_argument("--list", type=Path, help="encode: JSON list of photo paths")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
+    parser.add_argument("--out", type=Path, help="where to write the JSON result (speed, encode)")
     args = parser.parse_args(argv)
+    if args.mode == "serve":
+        serve()
+        return 0
+    if args.out is None:
+        parser.error("--out is required for speed and encode")
     from importlib.metadata import version
 
     result = speed(args.frames) if args.mode == "speed" else encode(args.list)

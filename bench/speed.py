@@ -16,7 +16,8 @@ run; the pipeline's overhead over its models is
     ratio = (detect + align + classify) / (detector invoke + faces × classifier invoke)
 per frame with at least one face (median over frames). The peer, face_recognition 1.3 (HOG detect +
 128-d encode, its defaults), runs on a subset of the same decoded frames in .venv-bench, and the fps
-ratio compares processing a decoded frame (ours: detect+align+classify, 1 thread).
+ratio compares processing a decoded frame (ours: detect+align+classify, 1 thread), both timed
+frame by frame in turn (ours, then the peer's) so that both see the same load.
 
 Writes bench/results/speed.json. Not a test: nothing here passes or fails on a timing.
 """
@@ -24,7 +25,9 @@ Writes bench/results/speed.json. Not a test: nothing here passes or fails on a t
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    PEER_WORKER,
     RESULTS,
     LocalBroker,
     describe,
@@ -45,7 +49,6 @@ from bench.common import (
     machine,
     need_shared,
     peer_python,
-    run_peer,
     stats,
     table,
     write_result,
@@ -248,34 +251,56 @@ def bench_threads(bundle, sets: list[FrameSet], threads: int, broker: LocalBroke
     return summary, kept
 
 
-def bench_peer(kept: dict[str, list], ours: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="faceberry-speed-") as tmp:
-        npz = Path(tmp) / "frames.npz"
-        index = []
-        arrays = {}
-        for name, items in kept.items():
-            for i, frame in items:
-                key = f"f{len(index):05d}"
-                arrays[key] = frame
-                index.append((key, name, i))
-        np.savez(npz, **arrays)
-        result = run_peer(["speed", "--frames", str(npz)])
-    by_key = {r["key"]: r for r in result["frames"]}
-    out: dict[str, Any] = {"face_recognition": result.get("face_recognition"), "dlib": result.get("dlib"), "sets": {}}
-    for name in kept:
-        keys = [(k, i) for k, n, i in index if n == name]
-        peer_rows = [by_key[k] for k, _ in keys]
-        our_rows = [ours["sets"][name]["per_frame"][i] for _, i in keys]
-        peer_ms = [r["detect_ms"] + r["encode_ms"] for r in peer_rows]
-        our_ms = [r["detect"] + r["align"] + r["classify"] for r in our_rows]
+def bench_peer(kept: dict[str, list], bundle) -> dict[str, Any]:
+    """face_recognition and faceberry (1 thread) on the same decoded frames, interleaved frame by frame
+    (ours, then the peer's), so both see the same load on a shared machine."""
+    from device.pipeline import FacePipeline
+
+    py = peer_python()
+    versions = subprocess.run(
+        [str(py), "-c", "from importlib.metadata import version as v; print(v('face_recognition'), v('dlib-bin'))"],
+        capture_output=True, text=True, check=False).stdout.split()
+    pipeline = FacePipeline(bundle, num_threads=1)
+    proc = subprocess.Popen([str(py), str(PEER_WORKER), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    rows: dict[str, list[tuple[int, float, dict]]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="faceberry-speed-") as tmp:
+            def peer(frame: np.ndarray) -> dict:
+                path = Path(tmp) / "frame.npy"
+                np.save(path, frame)
+                proc.stdin.write(f"{path}\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the face_recognition worker stopped (exit {proc.poll()})")
+                return json.loads(line)
+
+            first = next(iter(kept.values()))[0][1]
+            peer(first)
+            for _ in range(3):
+                pipeline.process(first)
+            for name, items in kept.items():
+                for _, frame in items:
+                    result = pipeline.process(frame)
+                    ours_ms = result.timings_ms["detect"] + result.timings_ms["align"] + result.timings_ms["classify"]
+                    rows.setdefault(name, []).append((len(result.recognitions), ours_ms, peer(frame)))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    out: dict[str, Any] = {"face_recognition": versions[0] if versions else None,
+                           "dlib": versions[1] if len(versions) > 1 else None, "interleaved": True, "sets": {}}
+    for name, items in rows.items():
+        peer_ms = [p["detect_ms"] + p["encode_ms"] for _, _, p in items]
+        our_ms = [ms for _, ms, _ in items]
         peer_fps = 1000.0 / float(np.median(peer_ms))
         our_fps = 1000.0 / float(np.median(our_ms))
         out["sets"][name] = {
-            "frames": len(keys),
-            "peer_faces": sum(r["faces"] for r in peer_rows),
-            "our_faces": sum(r["faces"] for r in our_rows),
-            "peer_detect": stats([r["detect_ms"] for r in peer_rows]),
-            "peer_encode": stats([r["encode_ms"] for r in peer_rows if r["faces"]]),
+            "frames": len(items),
+            "peer_faces": sum(p["faces"] for _, _, p in items),
+            "our_faces": sum(n for n, _, _ in items),
+            "peer_detect": stats([p["detect_ms"] for _, _, p in items]),
+            "peer_encode": stats([p["encode_ms"] for _, _, p in items if p["faces"]]),
             "peer_total": stats(peer_ms),
             "our_total": stats(our_ms),
             "peer_fps": round(peer_fps, 2),
@@ -339,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     peer = None
     if want_peer and kept:
         print("timing face_recognition on the same frames…", file=sys.stderr, flush=True)
-        peer = bench_peer(kept, runs[0])
+        peer = bench_peer(kept, bundle)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
     print(f"\nfaceberry pipeline speed — {describe(info)}")
