@@ -119,16 +119,24 @@ class FaceDetector:
         return reg, cls
 
     def letterbox(self, frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-        """Pad to a square (keeping aspect ratio) and resize to 128; returns input, scale, pad_x, pad_y."""
+        """Shrink to fit 128×128 keeping the aspect ratio, then pad; returns input, side, pad_x, pad_y.
+
+        `side` is the frame-pixel length of the 128-pixel square and pad_x/pad_y the frame-pixel
+        padding, so a point p in [0, 1] of the input maps back to p * side - pad. Shrinking before
+        padding keeps the work proportional to the small image, not to a padded 1280×1280 copy.
+        """
         h, w = frame.shape[:2]
-        side = max(h, w)
-        pad_x, pad_y = (side - w) / 2.0, (side - h) / 2.0
+        side = float(max(h, w))
+        new_w = max(1, round(w * INPUT_SIZE / side))
+        new_h = max(1, round(h * INPUT_SIZE / side))
+        small = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        left, top = (INPUT_SIZE - new_w) // 2, (INPUT_SIZE - new_h) // 2
         square = cv2.copyMakeBorder(
-            frame, int(pad_y), side - h - int(pad_y), int(pad_x), side - w - int(pad_x),
+            small, top, INPUT_SIZE - new_h - top, left, INPUT_SIZE - new_w - left,
             cv2.BORDER_CONSTANT, value=(0, 0, 0),
         )
-        small = cv2.resize(square, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
-        return small, float(side), float(int(pad_x)), float(int(pad_y))
+        scale = side / INPUT_SIZE
+        return square, side, left * scale, top * scale
 
     def detect(self, frame: np.ndarray) -> list[Face]:
         """Faces in an RGB uint8 frame, best first; faces narrower than min_face_size px are dropped."""
