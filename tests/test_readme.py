@@ -244,11 +244,12 @@ def test_install_command_runs_in_dry_run_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
-def test_mosquitto_sub_command_shows_faceberry_messages(mosquitto) -> None:
+def test_mosquitto_sub_command_shows_faceberry_messages(mosquitto_factory) -> None:
     import paho.mqtt.client as mqtt
 
     if shutil.which("mosquitto_sub") is None:
         pytest.skip("mosquitto_sub is not installed (apt install mosquitto-clients)")
+    mosquitto = mosquitto_factory()  # a private broker: the shared one holds other tests' retained messages
     argv = next(c for c in readme_commands() if c[0] == "mosquitto_sub")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="readme-pub")
     pub.connect(mosquitto.host, mosquitto.port)
