@@ -340,3 +340,8 @@ def test_mqtt_reference_doc_matches_the_daemon() -> None:
                   snapshot_topic("P", "D", "L")):
         pattern = topic.replace("P/", "<prefix>/").replace("/D/", "/<device>/").replace("/L", "/<label>")
         assert f"`{pattern}`" in doc, pattern
+
+
+def test_readme_timings_are_filled_in() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "**N minutes**" not in text and "**M minutes**" not in text, "measure the demo and the tests, then fill in"
