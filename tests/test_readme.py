@@ -345,3 +345,16 @@ def test_mqtt_reference_doc_matches_the_daemon() -> None:
 def test_readme_timings_are_filled_in() -> None:
     text = README.read_text(encoding="utf-8")
     assert "**N minutes**" not in text and "**M minutes**" not in text, "measure the demo and the tests, then fill in"
+
+
+def test_headline_figures_are_quoted_from_the_benchmarks() -> None:
+    """Each number in the README's headline block must appear in docs/BENCHMARKS.md (no stale or invented figures)."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("<!-- HEADLINE-FIGURES"):text.index("---", text.index("<!-- HEADLINE-FIGURES"))]
+    figures = re.findall(r"\*\*([^*]*\d[^*]*)\*\*", block)
+    assert len(figures) >= 5
+    bench = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    for figure in figures:
+        number = re.search(r"\d+(?:\.\d+)?", figure).group(0)  # type: ignore[union-attr]
+        found = re.search(r"(?<![\d.])" + re.escape(number) + r"(?![\d])", bench)
+        assert found, f"README headline {figure!r}: {number} is not in docs/BENCHMARKS.md"
