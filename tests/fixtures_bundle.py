@@ -54,7 +54,7 @@ TRAIN_ARGS = [
 # The cache key covers the files that define the bundle format and this file; train/ and convert/
 # are not in it on purpose (every edit there would make each developer's next test run retrain on
 # the shared cores): bump FIXTURE_VERSION when what they write changes. CI always builds afresh.
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 SOURCES = ["device/preprocess.py", "device/bundle.py", "tests/fixtures_bundle.py"]
 
 
@@ -139,8 +139,8 @@ def _add_awkward_inputs(photos: Path, selection: dict) -> dict[str, str]:
     return expected
 
 
-def _build(dest: Path, selection: dict) -> None:
-    work = dest.with_name(dest.name + f".tmp{os.getpid()}")
+def _build(work: Path, selection: dict) -> None:
+    # Built in place (run/crops.npz records absolute photo paths); `.complete` marks it finished.
     shutil.rmtree(work, ignore_errors=True)
     photos = work / "photos"
     _link_tree(photos, selection["train"])
@@ -156,14 +156,16 @@ def _build(dest: Path, selection: dict) -> None:
         "train_s": _run(["-m", "train", "--photos", str(photos), "--out", str(work / "run"), "--weights", str(WEIGHTS),
                          "--cache-dir", str(work / "crop-cache"), *TRAIN_ARGS], "python -m train"),
     }
-    # --max-drop is loose here so the suite always gets a bundle; test_train_tiny checks the real 2-point
-    # margin and the 95% agreement on this bundle and fails on its own if they are not met.
+    # --max-drop is loose on purpose: on ~48 validation faces one face is 2.1 points, and int8 ImageNet
+    # features flip a borderline face or two (measured: 91.7% float, 87.5% int8, 95.8% top-1
+    # agreement), which the default 2-point guard rightly refuses for a user. The suite needs a
+    # bundle; test_train_tiny asserts the 95% agreement the issue asks for.
     timings["convert_s"] = _run(["-m", "convert", "--run", str(work / "run"), "--out", str(work / "bundle"), "--quiet",
                                  "--max-drop", "10"],
                                 "python -m convert")
     (work / "timings.json").write_text(json.dumps(timings) + "\n")
     shutil.rmtree(work / "crop-cache", ignore_errors=True)
-    work.rename(dest)
+    (work / ".complete").write_text("")
 
 
 @pytest.fixture(scope="session")
@@ -184,11 +186,12 @@ def tiny_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest building the same bundle: wait for it
         if os.environ.get("FACEBERRY_TINY_REBUILD") == "1" and dest.exists():
             shutil.rmtree(dest)
-        if not (dest / "bundle" / "manifest.json").is_file():
-            shutil.rmtree(dest, ignore_errors=True)
+        if not (dest / ".complete").is_file():
             _build(dest, selection)
-            for old in base.iterdir():  # keep only the current build
-                if old.is_dir() and old != dest:
+            # Drop builds of other keys once nobody can still be using them (a test session running
+            # now may hold an older key's paths).
+            for old in base.iterdir():
+                if old.is_dir() and old != dest and time.time() - old.stat().st_mtime > 3 * 3600:
                     shutil.rmtree(old, ignore_errors=True)
     return dest
 

@@ -111,7 +111,10 @@ def _fit_phase(model, train_model, x, y, val, class_weight, epochs, lr, batch_si
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
-            key = (logs.get("val_accuracy", logs.get("accuracy", 0.0)), -logs.get("val_loss", logs.get("loss", 0.0)))
+            # Lowest validation loss, not highest accuracy: on a few dozen validation faces the
+            # accuracy jumps by whole faces from epoch to epoch, and picking its maximum flatters the
+            # float model (the int8 check against it then looks worse than it is).
+            key = (-logs.get("val_loss", logs.get("loss", 0.0)), logs.get("val_accuracy", logs.get("accuracy", 0.0)))
             if best.get("key") is None or key > best["key"]:
                 best.update(key=key, weights=model.get_weights(), epoch=len(history["epoch"]) + 1, phase=phase)
             history["epoch"].append(len(history["epoch"]) + 1)
