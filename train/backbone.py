@@ -8,7 +8,8 @@ cosine loss. The views are generated deterministically (seeded per face) so thei
 computed once and cached on disk.
 
 BACKBONE_DIR gets:
-    embedder.keras   the student: normalised float32 crop (device.preprocess.normalize) → 128-d embedding
+    embedder.keras   the student: normalised float32 crop (device.preprocess.normalize) → 128-d embedding,
+                     centred on its training faces (compare by cosine)
     config.json      preprocessing, input size, alpha, teacher id and licence, data and training settings
     history.json     per epoch: loss (1 − cosine), cosine, held-out cosine, seconds (cosines are
                      against the teacher's embedding with its dataset mean removed, see below)
@@ -253,6 +254,21 @@ def build_student(input_size: int, alpha: float, weights: str, dim: int = TEACHE
     return keras.Model(inputs, outputs, name="faceberry_embedder")
 
 
+def center_output(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Fold the mean embedding of `crops` into the last layer's bias, so outputs are centred.
+
+    The student's raw outputs share a common component (pooled ImageNet features are all
+    positive), which squeezes every cosine towards 1 for faces it did not train on: thresholds
+    land at 0.99+ and int8 cannot resolve them. Subtracting the mean over many faces spreads them.
+    Returns the mean that was removed.
+    """
+    layer = model.get_layer("embedding")
+    kernel, bias = layer.get_weights()
+    mean = model.predict(normalize(crops, prep), batch_size=64, verbose=0).mean(axis=0)
+    layer.set_weights([kernel, bias - mean])
+    return mean
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
@@ -416,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               callbacks=[Track()], verbose=0)
     if best.get("weights") is not None:
         model.set_weights(best["weights"])
+    center_output(model, crops[tr_idx], prep)
     model.save(out / EMBEDDER_FILE)
 
     student_val = embed(x_val)
