@@ -116,7 +116,7 @@ def convert_run(
 ) -> dict[str, Any]:
     """Build and verify the bundle; returns its manifest. Raises ConvertError when it does not pass."""
     from convert.quantize import convert_model, representative_samples
-    from convert.verify import compare_embedding, compare_softmax, run_tflite
+    from convert.verify import compare_embedding, compare_softmax, run_tflite, softmax_decisions
 
     run = load_run(run_dir)
     check_out_dir(out, force)
@@ -162,6 +162,12 @@ def convert_run(
                 agreement["float_threshold"] = threshold
                 threshold, thresholds_note = cal["accept"], "recalibrated on the converted model's outputs"
                 agreement["calibration"] = cal
+                # What the device will do (converted model, its threshold) against the float model
+                # at the training threshold.
+                f_dec = softmax_decisions(float_out, run.labels, agreement["float_threshold"])
+                q_dec = softmax_decisions(q_out, run.labels, threshold)
+                agreement["decision_agreement_same_threshold"] = agreement["decision_agreement"]
+                agreement["decision_agreement"] = float(np.mean([a == b for a, b in zip(f_dec, q_dec, strict=True)]))
         else:
             agreement = compare_embedding(float_out, q_out, truth, run.gallery, run.gallery_labels, threshold, is_val)
         agreement["quantization"] = quantization
