@@ -55,7 +55,7 @@ TRAIN_ARGS = [
 # are not in it on purpose (every edit there would make each developer's next test run retrain on
 # the shared cores): bump FIXTURE_VERSION when what they write changes. CI always builds afresh.
 FIXTURE_VERSION = 3
-SOURCES = ["device/preprocess.py", "device/bundle.py", "tests/fixtures_bundle.py"]
+SOURCES = ["device/preprocess.py", "device/detector.py", "device/bundle.py", "tests/fixtures_bundle.py"]
 
 
 def _photos_by_person() -> list[tuple[str, list[Path]]]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+import device.detector
+import device.preprocess
 from device.detector import FaceDetector
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.runtime import ModelError
@@ -121,7 +123,13 @@ class CropMaker:
         self.detector = FaceDetector(self.detector_path, score_threshold=score_threshold, min_face_size=0)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         detector_hash = hashlib.sha256(self.detector_path.read_bytes()).hexdigest()
+        # The device code that decodes boxes and warps crops is part of the key too: after an
+        # upgrade that changes either, cached crops would no longer match what the Pi computes.
+        code_hash = hashlib.sha256(
+            b"".join(Path(mod.__file__).read_bytes() for mod in (device.detector, device.preprocess))
+        ).hexdigest()
         settings = {
+            "code": code_hash,
             "v": CACHE_VERSION, "size": self.input_size, "min_face": self.min_face_size,
             "score": self.score_threshold, "align": ALIGN_TEMPLATE_NAME, "detector": detector_hash,
             "dominance": DOMINANCE,
