@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from device.config import Config, describe, load_config
+from device.config import Config, add_config_argument, describe, load_config
 
 HELP = "check the config, the bundle, the camera and the broker, each OK or a clear reason"
-DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=os.environ.get("FACEBERRY_CONFIG", DEFAULT_CONFIG),
-        help=f"YAML or TOML config file (default: $FACEBERRY_CONFIG or {DEFAULT_CONFIG})",
-    )
+    add_config_argument(parser)
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for the first camera frame and for the broker (default 5)")
     parser.add_argument("--skip", action="append", default=[], choices=("bundle", "camera", "broker"),

@@ -12,6 +12,7 @@ _TLS_CERT, _TLS_KEY, _TLS_INSECURE) and the device id by FACEBERRY_DEVICE_ID.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import os
@@ -389,4 +390,15 @@ def describe(cfg: Config) -> str:
     return (
         f"device {cfg.device_id}, camera {cfg.camera.source}:{cfg.camera.device}, bundle {cfg.bundle}, "
         f"broker {cfg.mqtt.host}:{cfg.mqtt.port}{tls} ({auth})"
+    )
+
+
+DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """The --config flag shared by `run` and `check`, so both read the same file by default."""
+    parser.add_argument(
+        "--config", default=os.environ.get("FACEBERRY_CONFIG", DEFAULT_CONFIG),
+        help=f"YAML or TOML config file (default: $FACEBERRY_CONFIG or {DEFAULT_CONFIG})",
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from device.bundle import load_bundle
 from device.camera import Capture, Frame, open_source
 from device.classifier import UNKNOWN
-from device.config import Config, describe, load_config
+from device.config import Config, add_config_argument, describe, load_config
 from device.events import (
     Cooldown,
     encode,
@@ -40,14 +39,10 @@ from device.tracker import Decision, Observation, Tracker
 log = logging.getLogger(__name__)
 
 HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
-DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=os.environ.get("FACEBERRY_CONFIG", DEFAULT_CONFIG),
-        help=f"YAML or TOML config file (default: $FACEBERRY_CONFIG or {DEFAULT_CONFIG})",
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--max-frames", type=int, default=0, metavar="N",
         help="stop after processing N frames (0 = run until the stream ends or a signal; for testing)",

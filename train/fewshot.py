@@ -29,8 +29,8 @@ import numpy as np
 from device.preprocess import Preprocessing, normalize
 from train.backbone import BackboneError, load_embedder
 from train.calibrate import UNKNOWN, _threshold_for
-from train.crops import CropMaker, build_crop_set, default_cache_dir, split_per_person, summarize_skips
-from train.trainer import TrainError, check_out_dir, collect_inputs
+from train.crops import split_per_person, summarize_skips
+from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +85,8 @@ def fewshot(args) -> dict[str, Any]:
     for w in warnings:
         log.warning("%s", w)
 
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size)
-    pset = build_crop_set(photos, size, maker=maker, files=people_files, progress=not args.quiet)
-    nset = build_crop_set(photos, size, maker=maker, files=neg_groups, progress=not args.quiet) if neg_groups else None
-    skipped = pset.skipped + (nset.skipped if nset else [])
-    (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n", encoding="utf-8")
-    if skipped:
-        log.warning("skipped %d photo(s): %s — the list is in %s", len(skipped),
-                    ", ".join(f"{n} {r}" for r, n in summarize_skips(skipped).items()), out / "skipped.json")
-    counts = {p: pset.labels.count(p) for p in people_files}
-    too_few = {p: n for p, n in counts.items() if n < args.min_photos}
-    if too_few:
-        detail = ", ".join(f"{p}: {n} of {len(people_files[p])}" for p, n in sorted(too_few.items()))
-        raise TrainError(
-            f"too few usable photos (need at least {args.min_photos} per person with one clear face; {detail}); "
-            f"add photos or lower --min-photos (see {out / 'skipped.json'} for the ones skipped)"
-        )
+    gathered = gather_crops(args, photos, out, size, people_files, neg_groups)
+    pset, nset, counts, skipped = gathered.people, gathered.negatives, gathered.counts, gathered.skipped
     people = sorted(people_files)
     tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)
     labels_arr = np.array(pset.labels)
@@ -191,7 +176,7 @@ def fewshot(args) -> dict[str, Any]:
         "gallery": {"file": "gallery.npz", "method": "per-person normalised mean (centroid) of all usable photos"},
         "backbone": {"dir": str(Path(args.backbone).resolve()), "teacher": bconfig.get("teacher"),
                      "alpha": bconfig.get("alpha"), "weights_init": bconfig.get("weights_init")},
-        "detector": {"path": str(maker.detector_path), "min_face_size": args.min_face_size},
+        "detector": {"path": str(gathered.detector_path), "min_face_size": args.min_face_size},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

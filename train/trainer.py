@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from device.preprocess import Preprocessing, normalize
 from train.calibrate import UNKNOWN, calibrate, decisions
 from train.crops import (
     CropMaker,
+    CropSet,
     build_crop_set,
     default_cache_dir,
     list_people,
@@ -100,6 +102,43 @@ def split_negatives(groups: list[str], fraction_train: float, seed: int) -> tupl
     return np.flatnonzero(is_train), np.flatnonzero(~is_train)
 
 
+@dataclass
+class Gathered:
+    people: CropSet
+    negatives: CropSet | None
+    counts: dict[str, int]  # usable photos per person
+    skipped: list[dict[str, str]]
+    detector_path: Path
+
+
+def gather_crops(
+    args, photos: Path, out: Path, size: int, people: Files, neg_groups: Files
+) -> Gathered:
+    """Crops for the people and the negatives, the skip report in out/skipped.json, and the
+    too-few-photos check: the first half of every training run (softmax or few-shot)."""
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size)
+    person_set = build_crop_set(photos, size, maker=maker, files=people, progress=not args.quiet)
+    neg_set = None
+    if neg_groups:
+        neg_set = build_crop_set(photos, size, maker=maker, files=neg_groups, progress=not args.quiet)
+    skipped = person_set.skipped + (neg_set.skipped if neg_set else [])
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n", encoding="utf-8")
+    if skipped:
+        log.warning("skipped %d photo(s): %s — the list is in %s", len(skipped),
+                    ", ".join(f"{n} {r}" for r, n in summarize_skips(skipped).items()), out / "skipped.json")
+
+    counts = {p: person_set.labels.count(p) for p in people}
+    too_few = {p: n for p, n in counts.items() if n < args.min_photos}
+    if too_few:
+        detail = ", ".join(f"{p}: {n} of {len(people[p])}" for p, n in sorted(too_few.items()))
+        raise TrainError(
+            f"too few usable photos (need at least {args.min_photos} per person with one clear face; {detail}); "
+            f"add photos or lower --min-photos (see {out / 'skipped.json'} for the ones skipped)"
+        )
+    return Gathered(person_set, neg_set, counts, skipped, maker.detector_path)
+
+
 def _fit_phase(model, train_model, x, y, val, class_weight, epochs, lr, batch_size, patience, best, phase, history):
     """One training phase; keeps the best weights seen (by val accuracy, then loss) in `best`."""
     import keras
@@ -140,26 +179,8 @@ def train(args) -> dict[str, Any]:
     for w in warnings:
         log.warning("%s", w)
 
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    maker = CropMaker(args.input_size, args.detector, cache_dir, min_face_size=args.min_face_size)
-    person_set = build_crop_set(photos, args.input_size, maker=maker, files=people, progress=not args.quiet)
-    neg_set = None
-    if neg_groups:
-        neg_set = build_crop_set(photos, args.input_size, maker=maker, files=neg_groups, progress=not args.quiet)
-    skipped = person_set.skipped + (neg_set.skipped if neg_set else [])
-    (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n", encoding="utf-8")
-    if skipped:
-        log.warning("skipped %d photo(s): %s — the list is in %s", len(skipped),
-                    ", ".join(f"{n} {r}" for r, n in summarize_skips(skipped).items()), out / "skipped.json")
-
-    counts = {p: person_set.labels.count(p) for p in people}
-    too_few = {p: n for p, n in counts.items() if n < args.min_photos}
-    if too_few:
-        detail = ", ".join(f"{p}: {n} of {len(people[p])}" for p, n in sorted(too_few.items()))
-        raise TrainError(
-            f"too few usable photos (need at least {args.min_photos} per person with one clear face; {detail}); "
-            f"add photos or lower --min-photos (see {out / 'skipped.json'} for the ones skipped)"
-        )
+    gathered = gather_crops(args, photos, out, args.input_size, people, neg_groups)
+    person_set, neg_set, counts, skipped = gathered.people, gathered.negatives, gathered.counts, gathered.skipped
 
     # Per-person split; negatives split by identity into the `unknown` class and held-out strangers.
     _, va_idx = split_per_person(person_set.labels, args.val_fraction, args.seed)
@@ -247,7 +268,7 @@ def train(args) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "labels": labels,
         "backbone": {"name": "MobileNetV2", "alpha": args.alpha, "weights": str(args.weights)},
-        "detector": {"path": str(maker.detector_path), "min_face_size": args.min_face_size},
+        "detector": {"path": str(gathered.detector_path), "min_face_size": args.min_face_size},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
