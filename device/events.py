@@ -85,11 +85,13 @@ def event_payload(
     timestamp: float,
     previous: str | None = None,
     event_id: str | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """The JSON object published on <prefix>/<device_id>/events.
 
     `bbox` is [x1, y1, x2, y2] in frame pixels; `frames` is how many frames voted for the decision;
-    `previous` is the track's former label when this event is a change of identity, else null.
+    `previous` is the track's former label when this event is a change of identity, else null;
+    `source` is the file the deciding frame came from (folder and video-file cameras), else null.
     """
     return {
         "schema": SCHEMA_VERSION,
@@ -104,6 +106,7 @@ def event_payload(
         "frames": int(frames),
         "model": model,
         "previous": previous,
+        "source": source,
     }
 
 

@@ -143,7 +143,7 @@ class Service:
         event = event_payload(
             device_id=self.cfg.device_id, camera=self.cfg.camera.name, label=label, score=decision.score,
             bbox=bbox, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
-            timestamp=frame.timestamp, previous=decision.previous,
+            timestamp=frame.timestamp, previous=decision.previous, source=frame.origin,
         )
         self.publisher.publish(events_topic(self.prefix, self.cfg.device_id), encode(event))
         self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, label),

@@ -58,6 +58,10 @@ def test_event_payload_has_every_documented_field() -> None:
     assert decoded["score"] == 0.9123
     assert decoded["bbox"] == [1.2, 2.0, 30.1, 40.0]
     assert (decoded["track_id"], decoded["frames"], decoded["label"], decoded["previous"]) == (7, 5, "alice", None)
+    assert decoded["source"] is None  # live cameras have no file to name
+    with_file = events.event_payload(device_id="d", camera="c", label="x", score=1, bbox=[0, 0, 1, 1], track_id=1,
+                                     frames=1, model="m", timestamp=0.0, source="/photos/a.jpg")
+    assert json.loads(events.encode(with_file))["source"] == "/photos/a.jpg"
 
 
 def test_event_ids_are_unique() -> None:

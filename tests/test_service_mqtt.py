@@ -135,6 +135,8 @@ def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscri
         assert event["label"] in [*tiny_bundle_people, "unknown"]
         x1, y1, x2, y2 = event["bbox"]
         assert 0 <= x1 < x2 and 0 <= y1 < y2
+        # A folder camera names the photo that decided, so an event can be traced back to its file.
+        assert Path(event["source"]).parent == tmp_path / "camera" and "broken" not in event["source"]
     # The daemon announced exactly what the pipeline recognises, in order: nothing lost, nothing invented.
     readable = [f for f in sorted((tmp_path / "camera").iterdir()) if "broken" not in f.name]
     assert [e["label"] for e in events] == expected_event_labels(tiny_bundle, readable)
