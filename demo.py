@@ -181,6 +181,7 @@ class Visit:
     photo: str
     person: str  # the true person, or the stranger's name
     known: bool  # whether the model was trained on this person
+    frames: list[str] = field(default_factory=list)  # the camera-folder file names showing it
 
 
 @dataclass
@@ -248,7 +249,8 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
     rng.shuffle(shows)
 
     # The camera only sees photos with exactly one face, so that each visit is one face and one event
-    # (events are matched to visits by order); the others are reported, not hidden.
+    # (events name the frame file that decided them, which maps back to its visit); the others are
+    # reported, not hidden.
     blank: np.ndarray | None = None
     frame_no = 0
     for img, person, known in shows:
@@ -260,7 +262,9 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
         (plan.test_dir / person).mkdir(exist_ok=True)
         shutil.copy2(img, plan.test_dir / person / img.name)
         for _ in range(FRAMES_PER_VISIT):
-            shutil.copy2(img, plan.camera_dir / f"{frame_no:05d}{img.suffix.lower()}")
+            name = f"{frame_no:05d}{img.suffix.lower()}"
+            shutil.copy2(img, plan.camera_dir / name)
+            visit.frames.append(name)
             frame_no += 1
         if blank is None:
             shape = cv2.imread(str(img)).shape
@@ -388,7 +392,7 @@ def run_daemon(device_python: str, config: Path, sub: Subscriber, visits: list[V
     """Run `device run` until the folder ends; print and collect what the subscriber receives."""
     cmd = [device_python, "-m", "device", "run", "--config", str(config)]
     say("$ " + " ".join(_short(c) for c in cmd) + f"   (log: {_short(str(log_path))})")
-    by_source = {v.photo: v for v in visits}
+    by_frame = {name: v for v in visits for name in v.frames}
     outcomes: list[Outcome] = []
     statuses: list[str] = []
     other: list[str] = []
@@ -421,14 +425,11 @@ def run_daemon(device_python: str, config: Path, sub: Subscriber, visits: list[V
                 event = json.loads(payload)
                 if first_event_s is None:
                     first_event_s = when - start
-                # Events carry no file name, so they are matched to visits by order: each visit has one
-                # face and ends its track, so it is decided exactly once (a "source" key would be used).
-                visit = by_source.get(str(event.get("source"))) if event.get("source") else None
-                if visit is None:
-                    visit = visits[len(outcomes)] if len(outcomes) < len(visits) else None
+                # The event names the camera frame that decided it, and each frame belongs to one visit.
+                visit = by_frame.get(Path(event["source"]).name) if event.get("source") else None
                 if visit is None:
                     unmatched += 1
-                    say(f"   event {event['label']} (no visit left to match it to)")
+                    say(f"   event {event['label']} from {event.get('source')}: not a frame of any visit")
                     continue
                 outcome = Outcome(visit, str(event["label"]), float(event["score"]))
                 outcomes.append(outcome)
@@ -630,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DemoError(f"the subscriber received no events; see {work / 'daemon.log'}")
         if len(result["outcomes"]) != len(plan.visits) or result["unmatched"]:
             say(f"warning: {len(plan.visits)} faces shown but {len(result['outcomes']) + result['unmatched']} "
-                "events received: matching by order may be off")
+                "events received (a track that changed its mind, or a face decided twice)")
         say(f"\nEverything is in {_short(str(work))}/: the bundle (bundle/), the training report (run/), "
             "logs, and device.yaml.")
         return 0

@@ -55,6 +55,10 @@ def test_plan_keeps_training_camera_and_strangers_apart(tmp_path: Path, detector
     first = plan.visits[0]
     assert frames[0].read_bytes() == Path(first.photo).read_bytes()
     assert frames[demo.FRAMES_PER_VISIT].suffix == ".png"
+    # Every camera frame of a visit is listed on it, so an event's `source` leads back to the visit.
+    for visit in plan.visits:
+        assert len(visit.frames) == demo.FRAMES_PER_VISIT
+        assert all((plan.camera_dir / f).read_bytes() == Path(visit.photo).read_bytes() for f in visit.frames)
     saved = json.loads((tmp_path / "visits.json").read_text())
     assert [v["photo"] for v in saved] == [v.photo for v in plan.visits]
     # The eval folder holds the same photos, one folder per person (strangers under their own names).
