@@ -27,7 +27,7 @@ import numpy as np
 from device.bundle import BundleError, load_bundle, write_manifest
 from device.classifier import UNKNOWN, FaceClassifier
 from device.detector import FaceDetector
-from device.preprocess import ImageError, align_face, load_image
+from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.runtime import ModelError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _recover(bundle: Path) -> None:
 
 
 def usable_crops(
-    photos: list[Path], detector: FaceDetector, size: int, min_face_size: int
+    photos: list[Path], detector: FaceDetector, size: int, min_face_size: int, alignment: str = ALIGN_TEMPLATE_NAME
 ) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
     """(aligned crops, [(photo, why it was refused)])."""
     crops, refused = [], []
@@ -89,7 +89,7 @@ def usable_crops(
         elif len(faces) > 1 and faces[0].width < DOMINANCE * faces[1].width:
             refused.append((path, f"{len(faces)} faces of similar size"))
         else:
-            crops.append(align_face(image, faces[0].keypoints, size))
+            crops.append(align_face(image, faces[0].keypoints, size, alignment))
     return crops, refused
 
 
@@ -120,7 +120,9 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
 
     detector = FaceDetector(bundle.detector_path, num_threads=num_threads)
     classifier = FaceClassifier(bundle, num_threads=num_threads)
-    crops, refused = usable_crops(photos, detector, bundle.preprocessing.input_size, min_face_size)
+    crops, refused = usable_crops(
+        photos, detector, bundle.preprocessing.input_size, min_face_size, bundle.preprocessing.alignment
+    )
     for path, why in refused:
         print(f"refused {path}: {why}", file=sys.stderr)
     if len(crops) < min_photos:

@@ -46,13 +46,14 @@ class FacePipeline:
         )
         self.classifier = FaceClassifier(bundle, num_threads=num_threads)
         self.size = bundle.preprocessing.input_size
+        self.alignment = bundle.preprocessing.alignment
 
     def process(self, frame: np.ndarray) -> FrameResult:
         """All faces in an RGB uint8 frame, recognised."""
         t0 = time.perf_counter()
         faces = self.detector.detect(frame)
         t1 = time.perf_counter()
-        crops = [align_face(frame, f.keypoints, self.size) for f in faces]
+        crops = [align_face(frame, f.keypoints, self.size, self.alignment) for f in faces]
         t2 = time.perf_counter()
         preds = [self.classifier.classify(c) for c in crops]
         t3 = time.perf_counter()

@@ -27,6 +27,21 @@ ALIGN_TEMPLATE = np.array(
     ],
     dtype=np.float64,
 )
+# The same four BlazeFace points where dlib's face chip (get_face_chip, 150 px, padding 0.25) puts
+# them: dlib's ResNet embedder (train.dlib_resnet) was trained on such chips and loses accuracy on any
+# other framing. Measured, not designed: the mean position of BlazeFace's keypoints inside dlib's own
+# chips of 642 LFW faces (bench/align_template.py re-derives it). A looser crop than faceberry-v1.
+DLIB_TEMPLATE_NAME = "dlib-chip-v1"
+DLIB_TEMPLATE = np.array(
+    [
+        [0.3108, 0.3120],  # right eye (image left)
+        [0.6873, 0.3152],  # left eye (image right)
+        [0.4949, 0.5340],  # nose tip
+        [0.4944, 0.7303],  # mouth centre
+    ],
+    dtype=np.float64,
+)
+TEMPLATES = {ALIGN_TEMPLATE_NAME: ALIGN_TEMPLATE, DLIB_TEMPLATE_NAME: DLIB_TEMPLATE}
 # BlazeFace keypoint indices used for alignment (ears are unreliable off-frontal).
 ALIGN_KEYPOINTS = (0, 1, 2, 3)
 
@@ -59,9 +74,10 @@ class Preprocessing:
         prep = cls(**data)
         if prep.color_order not in ("RGB", "BGR"):
             raise ValueError(f"color_order must be RGB or BGR, not {prep.color_order!r}")
-        if prep.alignment != ALIGN_TEMPLATE_NAME:
+        if prep.alignment not in TEMPLATES:
             raise ValueError(
-                f"alignment {prep.alignment!r} is not known to this version (expects {ALIGN_TEMPLATE_NAME!r})"
+                f"alignment {prep.alignment!r} is not known to this version (knows {sorted(TEMPLATES)}); "
+                "upgrade faceberry on this machine"
             )
         return prep
 
@@ -100,15 +116,24 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rot, t[:, None]])
 
 
-def alignment_matrix(keypoints: np.ndarray, size: int) -> np.ndarray:
+def template(alignment: str) -> np.ndarray:
+    try:
+        return TEMPLATES[alignment]
+    except KeyError:
+        raise ValueError(f"unknown alignment {alignment!r} (knows {sorted(TEMPLATES)})") from None
+
+
+def alignment_matrix(keypoints: np.ndarray, size: int, alignment: str = ALIGN_TEMPLATE_NAME) -> np.ndarray:
     """The 2×3 matrix taking frame pixels to the aligned crop of side `size`."""
     pts = np.asarray(keypoints, dtype=np.float64)[list(ALIGN_KEYPOINTS)]
-    return similarity_transform(pts, ALIGN_TEMPLATE * size)
+    return similarity_transform(pts, template(alignment) * size)
 
 
-def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = DEFAULT_INPUT_SIZE) -> np.ndarray:
+def align_face(
+    image: np.ndarray, keypoints: np.ndarray, size: int = DEFAULT_INPUT_SIZE, alignment: str = ALIGN_TEMPLATE_NAME
+) -> np.ndarray:
     """Warp the face whose BlazeFace keypoints (6×2, frame pixels) are given into a size×size crop."""
-    matrix = alignment_matrix(keypoints, size)
+    matrix = alignment_matrix(keypoints, size, alignment)
     return cv2.warpAffine(
         image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
     )

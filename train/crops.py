@@ -110,6 +110,7 @@ class CropMaker:
         cache_dir: str | Path | None = None,
         min_face_size: int = 40,
         score_threshold: float = 0.5,
+        alignment: str = ALIGN_TEMPLATE_NAME,
     ) -> None:
         from models import default_detector_path
 
@@ -117,6 +118,7 @@ class CropMaker:
         if not self.detector_path.is_file():
             raise ModelError(f"face detector not found: {self.detector_path}; run `python -m models fetch`")
         self.input_size = int(input_size)
+        self.alignment = alignment
         self.min_face_size = int(min_face_size)
         self.score_threshold = float(score_threshold)
         # min_face_size is applied here, not in the detector, so "too small" can be told from "no face".
@@ -131,7 +133,7 @@ class CropMaker:
         settings = {
             "code": code_hash,
             "v": CACHE_VERSION, "size": self.input_size, "min_face": self.min_face_size,
-            "score": self.score_threshold, "align": ALIGN_TEMPLATE_NAME, "detector": detector_hash,
+            "score": self.score_threshold, "align": alignment, "detector": detector_hash,
             "dominance": DOMINANCE,
         }
         self._settings_key = json.dumps(settings, sort_keys=True).encode()
@@ -149,7 +151,7 @@ class CropMaker:
             return None, TOO_SMALL
         if len(big) > 1 and big[0].width < DOMINANCE * big[1].width:
             return None, SEVERAL_FACES
-        return align_face(image, big[0].keypoints, self.input_size), None
+        return align_face(image, big[0].keypoints, self.input_size, self.alignment), None
 
     def crop_file(self, path: Path) -> tuple[np.ndarray | None, str | None]:
         try:

@@ -85,7 +85,7 @@ def fewshot(args) -> dict[str, Any]:
     for w in warnings:
         log.warning("%s", w)
 
-    gathered = gather_crops(args, photos, out, size, people_files, neg_groups)
+    gathered = gather_crops(args, photos, out, size, people_files, neg_groups, alignment=prep.alignment)
     pset, nset, counts, skipped = gathered.people, gathered.negatives, gathered.counts, gathered.skipped
     people = sorted(people_files)
     tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device.preprocess import Preprocessing, normalize
+from device.preprocess import ALIGN_TEMPLATE_NAME, Preprocessing, normalize
 from train.calibrate import UNKNOWN, calibrate, decisions
 from train.crops import (
     CropMaker,
@@ -112,12 +112,13 @@ class Gathered:
 
 
 def gather_crops(
-    args, photos: Path, out: Path, size: int, people: Files, neg_groups: Files
+    args, photos: Path, out: Path, size: int, people: Files, neg_groups: Files,
+    alignment: str = ALIGN_TEMPLATE_NAME,
 ) -> Gathered:
     """Crops for the people and the negatives, the skip report in out/skipped.json, and the
     too-few-photos check: the first half of every training run (softmax or few-shot)."""
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size)
+    maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size, alignment=alignment)
     person_set = build_crop_set(photos, size, maker=maker, files=people, progress=not args.quiet)
     neg_set = None
     if neg_groups:
