@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     from train.errors import TrainError
     from train.trainer import train
 
+    logging.getLogger(__name__).info(
+        "fine-tuning ImageNet MobileNetV2; for far better accuracy, build a face backbone once "
+        "(`python -m train backbone --arch dlib-resnet --out BACKBONE_DIR`) and pass --backbone BACKBONE_DIR"
+    )
+
     try:
         report = train(args)
     except (TrainError, FileNotFoundError) as exc:
