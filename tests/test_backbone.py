@@ -95,8 +95,11 @@ def build_tiny(base: Path) -> dict:
              "--cache-dir", str(cache / "crops"), "--val-fraction", "0.3", "--quiet"], "python -m train --backbone")
     timings["fewshot_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    run_cli(["-m", "convert", "--run", str(base / "run"), "--out", str(base / "bundle"), "--quiet"],
-            "python -m convert (embedding run)")
+    # A toy student (64 px, a few steps) on 12 validation faces: one face flipping between float and int8
+    # is 8 points, so the default 2-point guard would make this fixture depend on package versions (it did:
+    # dlib-bin 20.0.1's teacher labels). int8 fidelity of a real embedder is tested in test_dlib_resnet.py.
+    run_cli(["-m", "convert", "--run", str(base / "run"), "--out", str(base / "bundle"), "--max-drop", "20",
+             "--quiet"], "python -m convert (embedding run)")
     timings["convert_s"] = time.monotonic() - t0
     (name, files), = sel["newcomer"].items()
     enroll_dir = base / "newcomer" / name

@@ -126,6 +126,10 @@ def test_backbone_matches_dlib_and_records_its_source(dlib_bundle):
     manifest = json.loads((dlib_bundle["bundle"] / "manifest.json").read_text())
     assert manifest["preprocessing"]["alignment"] == "dlib-chip-v1"
     assert manifest["preprocessing"]["input_size"] == 150
+    # The bundle says where its embedder came from and under which licence.
+    assert manifest["source"]["backbone"]["arch"] == "dlib-resnet-v1"
+    assert manifest["source"]["backbone"]["source"]["sha256"] == config["source"]["sha256"]
+    assert "CC0" in manifest["source"]["backbone"]["source"]["licence"]
 
 
 def _chips(paths: list[Path], alignment: str, detector_path: Path) -> tuple[list[np.ndarray], list]:

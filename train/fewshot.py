@@ -94,13 +94,19 @@ def fewshot(args) -> dict[str, Any]:
     gallery = centroids(emb[tr_idx], list(labels_arr[tr_idx]), people)
     neg_emb = embed(model, nset.crops, prep) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
 
-    # Strangers for the threshold: real negatives if any, else leave-one-person-out.
-    if len(neg_emb):
-        _, impostors = best_match(neg_emb, gallery, people)
-        basis = "negative faces"
-    else:
-        impostors = leave_one_out_impostors(emb, pset.labels, people, gallery)
-        basis = "leave-one-person-out (each person's faces against the other people's centroids)"
+    # Strangers for the threshold: every impostor score there is. Each person's own faces against the
+    # other people's centroids are strangers to a gallery that lacks them, and adding them to the negative
+    # faces (when given) calibrates on more different people: the threshold sits in the tail of the
+    # impostor scores, which a few lookalikes among a few dozen negative people can move a lot.
+    def impostor_scores(gallery: np.ndarray) -> np.ndarray:
+        loo = leave_one_out_impostors(emb, pset.labels, people, gallery)
+        if not len(neg_emb):
+            return loo
+        return np.concatenate([best_match(neg_emb, gallery, people)[1], loo])
+
+    basis = ("negative faces + leave-one-person-out (each person's faces against the other people's centroids)"
+             if len(neg_emb) else "leave-one-person-out (each person's faces against the other people's centroids)")
+    impostors = impostor_scores(gallery)
     accept = _threshold_for(impostors, args.target_far) if len(impostors) else 0.0
 
     val_truth = list(labels_arr[va_idx])
@@ -122,10 +128,7 @@ def fewshot(args) -> dict[str, Any]:
     # the same way, against that gallery.
     val_threshold = float(accept)
     gallery = centroids(emb, pset.labels, people)
-    if len(neg_emb):
-        _, impostors = best_match(neg_emb, gallery, people)
-    else:
-        impostors = leave_one_out_impostors(emb, pset.labels, people, gallery)
+    impostors = impostor_scores(gallery)
     accept = _threshold_for(impostors, args.target_far) if len(impostors) else 0.0
     finite = np.isfinite(impostors)
     far = float(np.mean(impostors >= accept)) if len(impostors) else None
@@ -146,8 +149,10 @@ def fewshot(args) -> dict[str, Any]:
                     "training faces at validation_gallery_accept; accept and far: the shipped gallery (all faces)",
         },
         "stranger_faces": len(neg_emb),
-        "stranger_false_accepts": int(np.sum(impostors >= accept)) if len(neg_emb) else None,
-        "backbone": {"dir": str(args.backbone), "teacher": bconfig.get("teacher", {}).get("id")},
+        "stranger_false_accepts": int(np.sum(best_match(neg_emb, gallery, people)[1] >= accept))
+        if len(neg_emb) else None,
+        "backbone": {"dir": str(args.backbone), "arch": bconfig.get("arch", "mobilenetv2"),
+                     "teacher": (bconfig.get("teacher") or {}).get("id")},
         "skipped": {"count": len(skipped), "by_reason": summarize_skips(skipped), "file": "skipped.json"},
         "warnings": warnings,
         "train_seconds": round(time.monotonic() - started, 1),
@@ -174,7 +179,10 @@ def fewshot(args) -> dict[str, Any]:
         "labels": people,
         "embedding_dim": int(gallery.shape[1]),
         "gallery": {"file": "gallery.npz", "method": "per-person normalised mean (centroid) of all usable photos"},
-        "backbone": {"dir": str(Path(args.backbone).resolve()), "teacher": bconfig.get("teacher"),
+        "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.get("arch", "mobilenetv2"),
+                     # the teacher's id and licence, not its 128 mean values
+                     "teacher": {k: v for k, v in (bconfig.get("teacher") or {}).items() if k != "mean"} or None,
+                     "source": bconfig.get("source"),
                      "alpha": bconfig.get("alpha"), "weights_init": bconfig.get("weights_init")},
         "detector": {"path": str(gathered.detector_path), "min_face_size": args.min_face_size},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
