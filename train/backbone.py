@@ -597,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch == "dlib-resnet":
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if args.photos is not None:
+            log.warning("--photos is not used with --arch dlib-resnet (nothing is trained); ignoring %s", args.photos)
         try:
             report = run_dlib_port(args)
         except BackboneError as exc:
