@@ -233,3 +233,38 @@ def test_enroll_on_the_device_adds_people_without_training(dlib_bundle, tmp_path
     assert result["counts"]["known_probes"] == 24 and result["counts"]["stranger_probes"] == 24
     assert result["known_accuracy"] >= 0.85, result["per_person"]
     assert result["stranger_false_accept_rate"] <= 0.1, result["strangers"]
+
+
+def test_bundle_runs_in_tflite_runtime_214(dlib_bundle, detector_path, tmp_path):
+    """The Pi's fallback runtime (tflite_runtime 2.14, numpy<2) loads the rebuilt network's int8 model and
+    embeds real faces as LiteRT does."""
+    tflite_python = ROOT / ".venv-tflite" / "bin" / "python"
+    if not tflite_python.is_file():
+        pytest.skip(f"{tflite_python} is absent: create it with `python3 -m venv .venv-tflite && "
+                    ".venv-tflite/bin/pip install tflite-runtime==2.14.0 'numpy<2'`")
+    from device.bundle import load_bundle
+    from device.classifier import FaceClassifier
+    from device.preprocess import normalize
+
+    bundle = load_bundle(dlib_bundle["bundle"])
+    chips, _ = _chips(sorted((CELEBS / "val").glob("*/*.jpg"))[:8], "dlib-chip-v1", detector_path)
+    np.save(tmp_path / "x.npy", normalize(np.stack(chips), bundle.preprocessing))
+    script = (
+        "import json, numpy as np\n"
+        "from device.runtime import TFLiteModel\n"
+        f"m = TFLiteModel({str(bundle.classifier_path)!r}, num_threads=1)\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, np.stack([m.run(xi[None])[0][0] for xi in x]))\n"
+        "print(json.dumps({'backend': m.backend, 'numpy': np.__version__}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(tflite_python), "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["backend"] == "tflite_runtime" and info["numpy"].startswith("1.")
+    clf = FaceClassifier(bundle, num_threads=1)
+    expected = np.stack([clf.raw(c) for c in chips])
+    got = np.load(tmp_path / "y.npy")
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    assert np.min(np.sum(got * expected, axis=1)) > 0.99
