@@ -81,7 +81,8 @@ class BackboneError(RuntimeError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train backbone",
-        description="Distil dlib's face embedder into MobileNetV2 (a face-aware backbone for --backbone).",
+        description="Build a face-aware backbone for `python -m train --backbone`: dlib's face embedder rebuilt as "
+        "it is (--arch dlib-resnet, seconds) or distilled into MobileNetV2 from your photos (--arch mobilenetv2).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

