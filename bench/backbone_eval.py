@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     size = int(cfg["input_size"])
     prep = Preprocessing.from_dict(cfg["preprocessing"])
     seen = set(json.loads((args.backbone / "people.json").read_text()).get("train", []))
+    # A rebuilt dlib network (--arch dlib-resnet) is its own teacher: nothing was distilled.
+    distilled = "teacher" in cfg
     split = make_split(LFW_DEV, seed=args.seed)
     files, role_of = {}, {}
     for role in ("train", "test", "negatives", "strangers"):
@@ -102,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{role}/{person}"
             files[key] = [LFW_DEV / r for r in rels]
             role_of[key] = (role, person)
-    cs = build_crop_set(LFW_DEV, size, files=files, cache_dir=args.cache_dir, progress=False)
+    from train.crops import CropMaker, default_cache_dir
+
+    maker = CropMaker(size, cache_dir=args.cache_dir or default_cache_dir(), alignment=prep.alignment)
+    cs = build_crop_set(LFW_DEV, size, files=files, maker=maker, progress=False)
     roles = np.array([role_of[k][0] for k in cs.labels])
     persons = [role_of[k][1] for k in cs.labels]
-    teacher = label_crops(cs.crops, TeacherCache(args.teacher_cache))
     student = model.predict(normalize(cs.crops, prep), batch_size=64, verbose=0)
-    mean = np.array(cfg["teacher"]["mean"], dtype=np.float32)
+    teacher = label_crops(cs.crops, TeacherCache(args.teacher_cache)) if distilled else _unit(student)
+    mean = np.array(cfg["teacher"]["mean"] if distilled else np.zeros(student.shape[1]), dtype=np.float32)
     cos = np.sum(_unit(student) * _unit(teacher - mean), axis=1)
     was_seen = np.array([p in seen for p in persons])
 
@@ -129,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         "known_people_seen_by_backbone": sorted(set(split.train) & seen),
         "strangers_seen_by_backbone": sorted(set(split.strangers) & seen),
         "systems": {}}
-    for name, emb, head in (("teacher dlib on our crops (centroid)", _unit(teacher), "centroid"),
-                            ("student float (centroid)", student, "centroid"),
-                            ("student float + logistic-regression head", student, "logreg")):
+    who = "student" if distilled else f"{cfg.get('arch', 'backbone')}"
+    systems = [(f"{who} float (centroid)", student, "centroid"),
+               (f"{who} float + logistic-regression head", student, "logreg")]
+    if distilled:
+        systems.insert(0, ("teacher dlib on our crops (centroid)", _unit(teacher), "centroid"))
+    for name, emb, head in systems:
         tr_x, tr_y = pick(emb, "train")
         te_x, te_y = pick(emb, "test")
         ng_x, _ = pick(emb, "negatives")
