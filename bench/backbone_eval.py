@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = np.array([role_of[k][0] for k in cs.labels])
     persons = [role_of[k][1] for k in cs.labels]
     student = model.predict(normalize(cs.crops, prep), batch_size=64, verbose=0)
-    teacher = label_crops(cs.crops, TeacherCache(args.teacher_cache)) if distilled else _unit(student)
+    teacher = (label_crops(cs.crops, TeacherCache(args.teacher_cache), kind=cfg["teacher"].get("kind", "dlib"))
+               if distilled else _unit(student))
     mean = np.array(cfg["teacher"]["mean"] if distilled else np.zeros(student.shape[1]), dtype=np.float32)
     cos = np.sum(_unit(student) * _unit(teacher - mean), axis=1)
     was_seen = np.array([p in seen for p in persons])

@@ -268,3 +268,45 @@ def test_bundle_runs_in_tflite_runtime_214(dlib_bundle, detector_path, tmp_path)
     got = np.load(tmp_path / "y.npy")
     got /= np.linalg.norm(got, axis=1, keepdims=True)
     assert np.min(np.sum(got * expected, axis=1)) > 0.99
+
+
+REBUILT_TEACHER = """
+import json, sys
+import numpy as np
+from train.teacher import TeacherCache, label_crops
+cache = TeacherCache(sys.argv[2])
+np.save(sys.argv[3], label_crops(np.load(sys.argv[1]), cache, kind="rebuilt"))
+print(json.dumps({"cached": len(cache)}))
+"""
+
+
+def test_rebuilt_teacher_labels_dlib_chips_as_dlib_does(detector_path, tmp_path):
+    """The distillation's default teacher (the Keras rebuild, batched) gives dlib's own descriptors on
+    dlib-chip-v1 crops, and caches them apart from dlib-code labels."""
+    dlib, frm = _dlib_or_skip()
+    if not CELEBS.is_dir():
+        pytest.skip(f"{CELEBS} is absent: this test needs ../shared")
+    from train.teacher import TeacherCache, label_crops
+
+    chips, _ = _chips(sorted((CELEBS / "val").glob("*/*.jpg"))[:10], "dlib-chip-v1", detector_path)
+    x = np.stack(chips)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", REBUILT_TEACHER, str(tmp_path / "x.npy"), str(tmp_path / "t.npz"),
+                           str(tmp_path / "y.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    ref = np.stack([np.asarray(net.compute_face_descriptor(np.ascontiguousarray(c), 0)) for c in chips])
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.min(np.sum(got * ref, axis=1)) > 0.9999
+
+    class NoTeacher:
+        def embed(self, crop):
+            raise AssertionError("cache miss")
+
+    # Served from the cache (no TensorFlow here), under the rebuilt teacher's own keys only.
+    again = label_crops(x, TeacherCache(tmp_path / "t.npz"), teacher=NoTeacher(), kind="rebuilt")
+    assert np.allclose(again, got)
+    with pytest.raises(AssertionError, match="cache miss"):
+        label_crops(x[:1], TeacherCache(tmp_path / "t.npz"), teacher=NoTeacher(), kind="dlib")
