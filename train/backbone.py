@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.bundle import sha256_file
 from device.preprocess import (
     ALIGN_TEMPLATE_NAME,
     DEFAULT_INPUT_SIZE,
@@ -586,7 +587,7 @@ def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
         check["skipped"] = "dlib is not installed here, so the rebuilt network was not compared with dlib"
         log.warning("%s (pip install -r requirements-train.txt to check it)", check["skipped"])
     model.save(out / EMBEDDER_FILE)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     config = {
         "kind": "backbone",
         "arch": "dlib-resnet-v1",
@@ -613,9 +614,9 @@ def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.arch == "dlib-resnet":
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if args.photos is not None:
             log.warning("--photos is not used with --arch dlib-resnet (nothing is trained); ignoring %s", args.photos)
         try:
@@ -639,8 +640,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-people must be in [0, 1)")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file; use imagenet, none or a .weights.h5 path")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from train.model import WeightsError
 
     try:

@@ -79,10 +79,6 @@ class _Reader:
         value = int.from_bytes(self._take(size), "little") if size else 0
         return -value if ctrl & 0x80 else value
 
-    def string(self) -> str:
-        n = self.integer()
-        return self._take(n).decode("latin-1")
-
     def floating(self) -> float:
         # dlib writes float/double as (int64 mantissa, int16 exponent).
         mantissa = self.integer()
@@ -97,11 +93,6 @@ class _Reader:
         count = int(np.prod(shape))
         raw = self._take(4 * count)
         return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
-
-    def expect(self, tag: str) -> None:
-        got = self.string()
-        if got != tag:
-            raise DlibModelError(f"expected layer {tag!r}, found {got!r} at byte {self.pos}")
 
     def find(self, tag: str) -> None:
         """Advance to just after the next length-prefixed `tag`."""

@@ -101,12 +101,14 @@ class RebuiltTeacher:
     def embed_batch(self, crops: np.ndarray) -> np.ndarray:
         import cv2
 
+        from device.preprocess import normalize
         from train.dlib_resnet import INPUT_SIZE
 
         crops = np.asarray(crops, dtype=np.uint8)
         if crops.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
             crops = np.stack([cv2.resize(c, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR) for c in crops])
-        out = self._model.predict(crops.astype(np.float32) / 127.5 - 1.0, batch_size=self.batch_size, verbose=0)
+        # build_keras takes device.preprocess's default normalisation (x / 127.5 - 1).
+        out = self._model.predict(normalize(crops), batch_size=self.batch_size, verbose=0)
         return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def embed(self, crop: np.ndarray) -> np.ndarray:
