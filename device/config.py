@@ -1,232 +1,509 @@
-"""The daemon's configuration: one YAML or TOML file → typed dataclasses, validated at start.
+"""The daemon's configuration: one YAML or TOML file → typed pydantic models, validated at start.
 
 Unknown keys are refused with their full path (a typo must not silently fall back to a default).
-Every field is documented in the dataclasses below and in the commented example,
-systemd/faceberry.example.yaml. Relative paths are taken relative to the config file.
+Every field is documented by its `description` below and in the commented example,
+systemd/faceberry.example.yaml (a test holds the two in step). Relative paths are taken relative to
+the config file. Every problem becomes one line "<file>: <key path>: <what is wrong>, got <value>
+(<what the key is>)"; `ConfigError.problems` lists them, and no pydantic traceback or URL is shown.
 
 The broker password never comes from the config file: it is read from `mqtt.password_file`, or from
 $CREDENTIALS_DIRECTORY/mqtt_password (systemd LoadCredential=). Broker settings can be overridden by
-environment variables (FACEBERRY_MQTT_HOST, _PORT, _USERNAME, _PASSWORD_FILE, _CLIENT_ID, _TLS_CA,
+environment variables (FACEBERRY_MQTT_HOST, _PORT, _USERNAME, _PASSWORD_FILE, _CLIENT_ID, _TLS, _TLS_CA,
 _TLS_CERT, _TLS_KEY, _TLS_INSECURE) and the device id by FACEBERRY_DEVICE_ID.
+
+Values are checked strictly (strings are not turned into numbers, nor numbers into booleans; an integer
+is accepted where a number is expected) because a YAML typo such as `port: '1883'` or `snapshots: 'no'`
+would otherwise be guessed at.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import logging
 import os
 import socket
+import stat
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from device.errors import UsageError
 from device.events import valid_device_id
+
+log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "mqtt_password"
 CAMERA_SOURCES = ("picamera2", "opencv", "folder")
+DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
+EXAMPLE_DEVICE_ID = "front-door"
+# Hostnames images ship with: a device_id taken from (or set to) one of these is likely shared by other Pis.
+STOCK_HOSTNAMES = frozenset({"raspberrypi", "raspberry", "pi", "localhost", "ubuntu", "debian", "dietpi"})
+# MQTT encodes strings with a 16-bit length.
+_MQTT_MAX_BYTES = 65535
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, the key and the fix."""
+class ConfigError(UsageError, ValueError):
+    """A config that cannot be used; each line names the file, the key and the fix.
+
+    Also a ValueError because it was one before the common base class existed, and callers catch that.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
-@dataclass
-class CameraConfig:
-    # picamera2: the Pi camera (libcamera); opencv: /dev/videoN index, RTSP/HTTP URL or video file;
-    # folder: a directory of images (searched recursively, sorted), e.g. for testing.
-    source: str = "opencv"
-    # opencv: device index (0 = /dev/video0), a /dev/videoN path, a URL or a video file.
-    # folder: the directory. picamera2: ignored (camera index 0 unless given as an int).
-    device: int | str = 0
-    # Requested capture size for live cameras (ignored for files and folders).
-    width: int = 640
-    height: int = 480
-    # Live cameras: requested frame rate (0 = the camera's default). Files and folders: 0 reads
-    # them as fast as frames are processed (none dropped); > 0 plays them at that rate like a
-    # live camera, dropping the oldest frames when processing falls behind.
-    fps: float = 0.0
-    # Files and folders: start again at the end instead of ending the run.
-    loop: bool = False
-    # Frames buffered between capture and processing; when full the oldest is dropped (and counted).
-    queue_size: int = 2
-    # Name of this camera in events.
-    name: str = "camera"
+# --- field checks shared by several sections ---------------------------------------------------------------
+
+def _topic_prefix(value: str) -> str:
+    """Refuse what makes paho raise in its network thread or lands events on another topic."""
+    if not value.strip("/"):
+        raise ValueError("must not be empty")
+    if "#" in value or "+" in value:
+        raise ValueError("must not contain the MQTT wildcards + or # (subscribers' filters would break)")
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    if "" in value.split("/"):
+        raise ValueError("must not have an empty level (no leading, trailing or double '/')")
+    if len(value.encode("utf-8")) > 1024:
+        raise ValueError("must be at most 1024 bytes")
+    return value
 
 
-@dataclass
-class DetectionConfig:
-    # Faces narrower than this many pixels are ignored: too small to recognise reliably.
-    min_face_size: int = 40
-    # BlazeFace score needed to count as a face (0–1).
-    score_threshold: float = 0.5
+def _resolve(value: str | None, info: ValidationInfo) -> str | None:
+    """A relative path is relative to the config file (the base_dir in the validation context)."""
+    if value is None:
+        return None
+    path = Path(os.path.expanduser(value))
+    base = (info.context or {}).get("base_dir")
+    if path.is_absolute() or base is None:
+        return str(path)
+    return str(Path(base) / path)
 
 
-@dataclass
-class RecognitionConfig:
-    # Override the bundle's calibrated accept threshold (null = use the bundle's). Raising it makes
-    # strangers less likely to be taken for someone known, at the cost of more "unknown".
-    threshold: float | None = None
-    # Interpreter threads for the detector and the classifier (a Pi 4/5 has 4 cores).
-    num_threads: int = 2
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
-@dataclass
-class TrackingConfig:
-    # Minimum box overlap (IoU) for a face to continue a track from the previous frame.
-    iou: float = 0.3
-    # A track's identity is the majority vote over its first N frames (and it changes only when a
-    # different label wins a majority of the last N frames).
-    votes_needed: int = 5
-    # A track unseen for more than this many frames ends.
-    max_age: int = 10
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-@dataclass
-class EventsConfig:
-    # Seconds before the same label (person or "unknown") may produce another event.
-    cooldown: float = 60.0
-    # Publish the face crop as JPEG on <prefix>/<device_id>/snapshot/<label>. Off by default: privacy.
-    snapshots: bool = False
-    # Publish events for faces nobody is recognised as (label "unknown").
-    unknown: bool = True
-    # First topic level.
-    topic_prefix: str = "faceberry"
-    # Publish Home Assistant MQTT discovery configs (one "last seen" sensor per person).
-    homeassistant: bool = False
-    homeassistant_prefix: str = "homeassistant"
+# --- the sections ------------------------------------------------------------------------------------------
+
+class CameraConfig(_Section):
+    """Where frames come from."""
+
+    source: Literal["picamera2", "opencv", "folder"] = Field(
+        "opencv", description="picamera2: the Pi camera (libcamera); opencv: a /dev/videoN camera, an RTSP/HTTP "
+        "URL or a video file; folder: a directory of images (searched recursively, sorted), for testing")
+    device: int | str = Field(
+        0, description="opencv: a device index (0 = /dev/video0), a /dev/videoN path, a URL or a video file; "
+        "folder: the directory; picamera2: the camera number (0)")
+    width: int = Field(640, gt=0, description="capture width of live cameras in pixels (files keep theirs)")
+    height: int = Field(480, gt=0, description="capture height of live cameras in pixels")
+    fps: float = Field(
+        0.0, ge=0, description="live cameras: requested frame rate (0 = the camera's default); files and "
+        "folders: 0 = as fast as frames are processed, none dropped; > 0 = played at that rate, dropping "
+        "the oldest frames when processing lags")
+    loop: bool = Field(False, description="files and folders: start again at the end instead of ending the run")
+    queue_size: int = Field(
+        2, ge=1, description="frames buffered between capture and recognition; when full the oldest is "
+        "dropped (and counted)")
+    name: str = Field("camera", min_length=1, description="this camera's name in events")
+    reopen_max_s: float = Field(
+        30.0, gt=0, description="live cameras: the longest wait in seconds between two attempts to reopen "
+        "a camera that failed (the wait grows up to this)")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_type(cls, value: Any) -> Any:
+        # Checked before the int|str union so a wrong type is one problem, not one per union member.
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("must be a device number or a path/URL string")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_device(self, info: ValidationInfo) -> CameraConfig:
+        device = self.device
+        if self.source == "folder" or (
+            isinstance(device, str) and "://" not in device and not device.startswith("/dev/")
+            and not device.isdigit()
+        ):
+            self.device = _resolve(str(device), info) or device
+        return self
 
 
-@dataclass
-class TlsConfig:
-    enabled: bool = False
-    # CA certificate file (null = the system's CAs).
-    ca: str | None = None
-    # Client certificate and key, for brokers that authenticate clients by certificate.
-    cert: str | None = None
-    key: str | None = None
-    # Accept any server certificate: for testing only, it defeats the purpose of TLS.
-    insecure: bool = False
+class DetectionConfig(_Section):
+    """Face detection (BlazeFace)."""
+
+    min_face_size: int = Field(
+        40, ge=0, description="faces narrower than this many pixels are ignored: too small to recognise reliably")
+    score_threshold: float = Field(
+        0.5, gt=0, lt=1, description="BlazeFace confidence needed to count as a face (between 0 and 1)")
 
 
-@dataclass
-class MqttConfig:
-    host: str = "localhost"
-    port: int = 1883
-    keepalive: int = 60
-    # null = "faceberry-<device_id>"
-    client_id: str | None = None
-    username: str | None = None
-    # File holding the password (first line). null = $CREDENTIALS_DIRECTORY/mqtt_password if present.
-    password_file: str | None = None
-    qos: int = 1
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    # Messages kept while the broker is unreachable; beyond this the newest are dropped (and counted).
-    queue_size: int = 1000
-    # Reconnect backoff, seconds: starts at min, doubles up to max.
-    reconnect_min_delay: int = 1
-    reconnect_max_delay: int = 60
+class RecognitionConfig(_Section):
+    """Who a face is."""
+
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="override of the bundle's calibrated accept threshold (0-1; null = the "
+        "bundle's); higher = fewer strangers taken for someone known, more 'unknown'")
+    num_threads: int = Field(2, ge=1, description="interpreter threads for the detector and the classifier "
+                                                  "(a Pi 4/5 has 4 cores)")
 
 
-@dataclass
-class Config:
-    # The bundle directory written by `python -m convert`.
-    bundle: str
-    # This device's name in topics and events (A-Z a-z 0-9 _ . -). Default: the hostname.
-    device_id: str = ""
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
-    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    events: EventsConfig = field(default_factory=EventsConfig)
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
-    # Seconds between statistics lines in the log (frames, dropped, faces, events, stage timings).
-    stats_interval: float = 60.0
-    # Where the config was read from (not a key in the file).
-    source: str = field(default="", metadata={"internal": True})
-    # The broker password resolved from password_file or systemd credentials (not a key in the file).
-    mqtt_password: str | None = field(default=None, repr=False, metadata={"internal": True})
+class TrackingConfig(_Section):
+    """Following a face across frames, so one visit is one event."""
+
+    iou: float = Field(0.3, gt=0, le=1, description="minimum box overlap (IoU, in (0, 1]) for a face to "
+                                                     "continue a track of the previous frame")
+    votes_needed: int = Field(
+        5, ge=1, description="a track's identity is the majority vote over its first N frames; it changes only "
+        "when another label wins a majority of the last N frames")
+    max_age: int = Field(10, ge=0, description="a track unseen for more than this many frames ends")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+class EventsConfig(_Section):
+    """What is published, and on which topics."""
+
+    cooldown: float = Field(60.0, ge=0, description="seconds before the same label (a person or 'unknown') "
+                                                     "may produce another event")
+    snapshots: bool = Field(False, description="publish the face crop as JPEG on "
+                                               "<topic_prefix>/<device_id>/snapshot/<label>; off by default: privacy")
+    unknown: bool = Field(True, description="publish events for faces nobody is recognised as (label 'unknown')")
+    topic_prefix: TopicPrefix = Field(
+        "faceberry", description="first level(s) of every topic, without + # or empty levels: "
+        "<topic_prefix>/<device_id>/{status,events,person/<label>,snapshot/<label>}")
+    homeassistant: bool = Field(False, description="publish Home Assistant MQTT discovery configs (one 'last "
+                                                   "seen' sensor per person), retained")
+    homeassistant_prefix: TopicPrefix = Field(
+        "homeassistant", description="Home Assistant's discovery prefix, without + # or empty levels")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats, nothing else is converted."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        names = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{where}: expected {names}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - only the types above are used
-        raise ConfigError(f"{where}: unsupported type {tp}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+class TlsConfig(_Section):
+    """TLS to the broker."""
+
+    enabled: bool = Field(False, description="connect with TLS (usually port 8883)")
+    ca: str | None = Field(None, description="CA certificate file for the broker's certificate (null = the "
+                                             "system's CAs)")
+    cert: str | None = Field(None, description="client certificate file, for brokers that authenticate "
+                                               "clients by certificate (goes with key)")
+    key: str | None = Field(None, description="client private key file (goes with cert)")
+    insecure: bool = Field(False, description="accept any server certificate: for testing only, it defeats "
+                                              "the purpose of TLS")
+
+    @field_validator("ca", "cert", "key")
+    @classmethod
+    def _resolve_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a file name, or null")
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("mqtt.tls.cert and mqtt.tls.key go together: set both or neither")
+        if self.enabled:
+            for name in ("ca", "cert", "key"):
+                value = getattr(self, name)
+                if value and not Path(value).is_file():
+                    raise ValueError(f"mqtt.tls.{name}: {value} does not exist; fix the path or set it to null")
+        return self
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if where == "mqtt.password":
-            raise ConfigError(
+class OutboxConfig(_Section):
+    """The on-disk queue (in state_dir) every event and state goes through before the broker has it."""
+
+    max_messages: int = Field(
+        10000, ge=1, description="messages kept on disk while the broker is unreachable; beyond this the "
+        "oldest are dropped (counted, one summary log line per stats interval)")
+    max_bytes: int = Field(50_000_000, ge=1000, description="bytes of messages kept on disk (snapshots count "
+                                                            "too); beyond this the oldest are dropped")
+    sync: Literal["normal", "full"] = Field(
+        "normal", description="normal: survives a crash or SIGKILL of the daemon, a power cut may lose the "
+        "last second of messages; full: survives a power cut too, at the cost of a flash write (fsync) per "
+        "message, slower and harder on SD cards")
+
+
+class MqttConfig(_Section):
+    """The broker."""
+
+    host: str = Field("localhost", description="broker host name or IP address")
+    port: int = Field(1883, ge=1, le=65535, description="broker TCP port, 1-65535 (1883 plain, 8883 TLS)")
+    keepalive: int = Field(60, ge=1, le=65535, description="seconds between keep-alive pings, 1-65535 (MQTT's "
+                                                           "limit); the broker drops us after 1.5× this silent")
+    client_id: str | None = Field(None, description="MQTT client id; null = faceberry-<device_id>. Two clients "
+                                                    "with the same id knock each other off the broker")
+    username: str | None = Field(None, description="broker user name (null = anonymous)")
+    password_file: str | None = Field(
+        None, description="file holding the password (first line), readable only by the service (chmod 600); "
+        "null = $CREDENTIALS_DIRECTORY/mqtt_password if present. The password is never written in this file")
+    qos: int = Field(1, ge=0, le=2, description="MQTT QoS of events: 0, 1 or 2 (1 = at least once, recommended)")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
+    queue_size: int = Field(
+        1000, ge=1, description="messages handed to the MQTT client and not yet acknowledged; beyond this "
+        "the newest are dropped (and counted)")
+    reconnect_min_delay: int = Field(1, ge=1, description="reconnect backoff: first wait in seconds (doubles "
+                                                          "up to reconnect_max_delay)")
+    reconnect_max_delay: int = Field(60, ge=1, description="reconnect backoff: longest wait in seconds")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the durable on-disk queue")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            # Raised before field validation so the value is never echoed back in any message.
+            raise ValueError(
                 "mqtt.password: the broker password is never read from the config file; put it in a file "
                 "readable only by the service and set mqtt.password_file (or use systemd "
-                "LoadCredential=mqtt_password:FILE)"
-            )
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {where!r}; known keys here: {known}")
-        kwargs[key] = _coerce(value, hints[key], where)
-    missing = [n for n, f in fields.items()
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs]
-    if missing:
-        raise ConfigError(f"missing required key {(prefix + '.' if prefix else '') + missing[0]!r}")
-    return cls(**kwargs)
+                "LoadCredential=mqtt_password:FILE)")
+        return data
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host makes paho abort the whole process (SIGABRT) now and then.
+        if not value.strip() or any(c.isspace() for c in value) or "\x00" in value:
+            raise ValueError("must be a host name or IP address, without spaces")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value or "\x00" in value or len(value.encode("utf-8")) > _MQTT_MAX_BYTES:
+            raise ValueError("must be 1-65535 bytes without NUL, or null for faceberry-<device_id>")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _resolve_password_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a file name, or null")
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttConfig:
+        if self.reconnect_min_delay > self.reconnect_max_delay:
+            raise ValueError("mqtt.reconnect_min_delay must be <= mqtt.reconnect_max_delay")
+        return self
+
+
+class Config(_Section):
+    """The whole file."""
+
+    bundle: str = Field(min_length=1, description="the bundle directory written by `python -m convert` "
+                                                  "(manifest.json, *.tflite, labels.txt)")
+    device_id: str = Field("", description="this device's name in topics and events: 1-64 of A-Z a-z 0-9 _ . - "
+                                           "(default: the hostname); unique per Pi")
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="where frames come from")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="face detection")
+    recognition: RecognitionConfig = Field(default_factory=RecognitionConfig, description="who a face is")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="faces across frames")
+    events: EventsConfig = Field(default_factory=EventsConfig, description="what is published where")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the broker")
+    stats_interval: float = Field(60.0, gt=0, description="seconds between statistics lines in the log "
+                                                          "(frames, dropped, faces, events, stage timings)")
+    state_dir: Annotated[Path, Field(strict=False)] = Field(
+        Path("/var/lib/faceberry"), description="directory the daemon keeps its state in (the durable MQTT "
+        "outbox); the systemd unit's StateDirectory=")
+
+    # Not keys of the file: where it was read from, the resolved password, what deserves a warning.
+    _source: str = PrivateAttr("")
+    _mqtt_password: str | None = PrivateAttr(None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("bundle")
+    @classmethod
+    def _resolve_bundle(cls, value: str, info: ValidationInfo) -> str:
+        return _resolve(value, info) or value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _resolve_state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return Path(_resolve(str(value), info) or value)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        # Empty = the hostname, filled in after validation.
+        if value and not valid_device_id(value):
+            raise ValueError("use 1-64 characters of A-Z a-z 0-9 _ . -")
+        return value
+
+    @model_validator(mode="after")
+    def _default_device_id(self) -> Config:
+        if not self.device_id:
+            host = socket.gethostname().split(".")[0]
+            if not valid_device_id(host):
+                raise ValueError(f"device_id: the hostname {host!r} is not a valid device_id; set device_id "
+                                 "(1-64 characters of A-Z a-z 0-9 _ . -)")
+            self.device_id = host
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from ('' when built in code)."""
+        return self._source
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self._source = value
+
+    @property
+    def mqtt_password(self) -> str | None:
+        """The broker password from mqtt.password_file or systemd credentials (never repr'd)."""
+        return self._mqtt_password
+
+    @mqtt_password.setter
+    def mqtt_password(self, value: str | None) -> None:
+        self._mqtt_password = value
+
+    @property
+    def warnings(self) -> list[str]:
+        """Problems that do not stop the daemon but deserve a fix (one line each, with the fix)."""
+        return self._warnings
+
+
+# --- turning pydantic's errors into lines a user can act on ------------------------------------------------
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside `Model`, `Model | None` or `Annotated[Model, ...]`, else the annotation."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1:
+            return _unwrap(options[0])
+    return annotation
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel], FieldInfo | None]:
+    """The part of `loc` that names keys, the section holding the last of them, and its field."""
+    path: list[str] = []
+    holder: type[BaseModel] = Config
+    current: type[BaseModel] | None = Config
+    info: FieldInfo | None = None
+    for part in loc:
+        # What follows a leaf field names a union member or a list index, not a key.
+        if current is None or not (isinstance(part, str) and part in current.model_fields):
+            break
+        path.append(part)
+        holder = current
+        info = current.model_fields[part]
+        inner = _unwrap(info.annotation)
+        current = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return path, (current or holder), info
+
+
+def _is_section(info: FieldInfo | None) -> bool:
+    inner = _unwrap(info.annotation) if info else Config
+    return isinstance(inner, type) and issubclass(inner, BaseModel)
+
+
+_PLAIN = {
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a text string (quote it)",
+    "model_type": "must be a section (a mapping of keys)",
+    "dict_type": "must be a section (a mapping of keys)",
+    "path_type": "must be a path",
+    "string_too_short": "must not be empty",
+}
+
+
+_BOUNDS = {
+    "greater_than_equal": ("at least", "ge"),
+    "greater_than": ("more than", "gt"),
+    "less_than_equal": ("at most", "le"),
+    "less_than": ("less than", "lt"),
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problems(exc: ValidationError, source: str) -> list[str]:
+    """One line per problem: the file, the key path, what is wrong, the value, what the key is."""
+    # Each entry is a finished line, or (for a key's own problems) the key path, finished at the end so a
+    # union's failures merge into one line while the order of problems is kept.
+    entries: list[str | tuple[str]] = []
+    messages: dict[str, list[str]] = {}
+    tails: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            path, holder, _ = _walk(loc[:-1])
+            where = ".".join([*path, str(loc[-1])])
+            entries.append(f"{source}: unknown key {where!r}; known keys here: {', '.join(holder.model_fields)}")
+            continue
+        path, _, info = _walk(loc)
+        where = ".".join(path)
+        about = f" ({info.description})" if info and info.description else ""
+        if kind == "missing":
+            entries.append(f"{source}: missing required key {where!r}{about}")
+            continue
+        if kind == "value_error":
+            message = str(err.get("ctx", {}).get("error", err["msg"]))
+            if _is_section(info):
+                # A section's own check: its message names its keys and the fix (and must not echo the
+                # section's values, which may hold a password).
+                entries.append(f"{source}: {message}")
+                continue
+        elif kind in _BOUNDS and err.get("ctx"):
+            word, key = _BOUNDS[kind]
+            bound = err["ctx"][key]
+            message = f"must be {word} {bound:g}" if isinstance(bound, float) else f"must be {word} {bound}"
+        else:
+            message = _PLAIN.get(kind) or err["msg"].replace("Input should be", "must be")
+        if where not in messages:
+            messages[where] = []
+            tails[where] = (f", got {_short(err['input'])}" if "input" in err else "") + about
+            entries.append((where,))
+        if message not in messages[where]:
+            messages[where].append(message)
+    return [entry if isinstance(entry, str) else
+            f"{source}: {entry[0] or '(top level)'}: {' or '.join(messages[entry[0]])}{tails[entry[0]]}"
+            for entry in entries]
+
+
+# --- reading the file --------------------------------------------------------------------------------------
 
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; copy systemd/faceberry.example.yaml and edit it")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); fix its permissions or save it as UTF-8") from None
     if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError as exc:  # Python 3.10
-            raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from exc
+        import tomllib
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
     else:
         import yaml
 
@@ -234,7 +511,7 @@ def _read_file(path: Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             first = " ".join(str(exc).split())
-            raise ConfigError(f"{path} is not valid YAML: {first}") from exc
+            raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -252,8 +529,8 @@ def _env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
     def as_int(name: str, text: str) -> int:
         try:
             return int(text)
-        except ValueError as exc:
-            raise ConfigError(f"environment variable {name}={text!r} must be an integer") from exc
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={text!r} must be an integer") from None
 
     def as_bool(name: str, text: str) -> bool:
         low = text.strip().lower()
@@ -282,22 +559,23 @@ def _env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
             section[key] = conv(text) if conv is str else conv(name, text)
 
 
-def _resolve_path(base: Path, value: str | None) -> str | None:
-    if value is None:
-        return None
-    path = Path(os.path.expanduser(value))
-    return str(path if path.is_absolute() else (base / path))
-
-
 def _read_password(cfg: Config, env: dict[str, str]) -> str | None:
     if cfg.mqtt.password_file:
         path = Path(cfg.mqtt.password_file)
         try:
             text = path.read_text(encoding="utf-8")
-        except OSError as exc:
+            mode = path.stat().st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(
-                f"mqtt.password_file {path} cannot be read ({exc.strerror}); create it (mode 0600) or fix the path"
-            ) from exc
+                f"mqtt.password_file {path} cannot be read ({reason}); create it (mode 0600) or fix the path"
+            ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            # A warning, not a refusal: the password still works, and an upgrade must not stop a running
+            # install over it; the fix is one command.
+            cfg.warnings.append(
+                f"mqtt.password_file {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+                f"run: chmod 600 {path}")
     elif env.get("CREDENTIALS_DIRECTORY") and (Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).is_file():
         text = (Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).read_text(encoding="utf-8")
     else:
@@ -307,41 +585,16 @@ def _read_password(cfg: Config, env: dict[str, str]) -> str | None:
     return lines[0] if lines and lines[0] else None
 
 
-def validate(cfg: Config) -> None:
-    checks: list[tuple[bool, str]] = [
-        (valid_device_id(cfg.device_id), f"device_id {cfg.device_id!r}: use 1-64 characters of A-Z a-z 0-9 _ . -"),
-        (cfg.camera.source in CAMERA_SOURCES,
-         f"camera.source {cfg.camera.source!r}: use one of {', '.join(CAMERA_SOURCES)}"),
-        (cfg.camera.width > 0 and cfg.camera.height > 0, "camera.width and camera.height must be > 0"),
-        (cfg.camera.fps >= 0, "camera.fps must be >= 0 (0 = default / as fast as processed)"),
-        (cfg.camera.queue_size >= 1, "camera.queue_size must be >= 1"),
-        (cfg.detection.min_face_size >= 0, "detection.min_face_size must be >= 0 pixels"),
-        (0 < cfg.detection.score_threshold < 1, "detection.score_threshold must be between 0 and 1"),
-        (cfg.recognition.threshold is None or 0 <= cfg.recognition.threshold <= 1,
-         "recognition.threshold must be between 0 and 1, or null for the bundle's"),
-        (cfg.recognition.num_threads >= 1, "recognition.num_threads must be >= 1"),
-        (0 < cfg.tracking.iou <= 1, "tracking.iou must be in (0, 1]"),
-        (cfg.tracking.votes_needed >= 1, "tracking.votes_needed must be >= 1"),
-        (cfg.tracking.max_age >= 0, "tracking.max_age must be >= 0 frames"),
-        (cfg.events.cooldown >= 0, "events.cooldown must be >= 0 seconds"),
-        (bool(cfg.events.topic_prefix.strip("/")) and not any(c in cfg.events.topic_prefix for c in "+#"),
-         "events.topic_prefix must be non-empty without + or #"),
-        (1 <= cfg.mqtt.port <= 65535, f"mqtt.port {cfg.mqtt.port} must be 1-65535"),
-        (cfg.mqtt.keepalive >= 5, "mqtt.keepalive must be >= 5 seconds"),
-        (cfg.mqtt.qos in (0, 1, 2), "mqtt.qos must be 0, 1 or 2 (1 recommended)"),
-        (cfg.mqtt.queue_size >= 1, "mqtt.queue_size must be >= 1"),
-        (1 <= cfg.mqtt.reconnect_min_delay <= cfg.mqtt.reconnect_max_delay,
-         "mqtt.reconnect_min_delay must be >= 1 and <= mqtt.reconnect_max_delay"),
-        (cfg.stats_interval > 0, "stats_interval must be > 0 seconds"),
-        (bool(cfg.mqtt.tls.cert) == bool(cfg.mqtt.tls.key), "mqtt.tls.cert and mqtt.tls.key go together"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    for name in ("ca", "cert", "key"):
-        value = getattr(cfg.mqtt.tls, name)
-        if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
-            raise ConfigError(f"mqtt.tls.{name}: {value} does not exist")
+def _identity_warnings(cfg: Config) -> list[str]:
+    device_id = cfg.device_id
+    if device_id == EXAMPLE_DEVICE_ID:
+        why = "is the example's"
+    elif device_id.lower() in STOCK_HOSTNAMES:
+        why = "is a stock hostname"
+    else:
+        return []
+    return [f"device_id {device_id!r} {why}: two Pis with the same device_id knock each other off the broker "
+            "and share topics; set device_id (or FACEBERRY_DEVICE_ID) to a name unique to this Pi"]
 
 
 def config_from_dict(
@@ -350,35 +603,35 @@ def config_from_dict(
     """Build and validate a Config from parsed data (what load_config does after reading the file)."""
     env = dict(os.environ) if env is None else env
     data = copy.deepcopy(data)
-    _env_overrides(data, env)
     try:
-        cfg: Config = _build(Config, data, "")
+        _env_overrides(data, env)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    base = Path(base_dir)
-    cfg.source = source
-    cfg.device_id = cfg.device_id or socket.gethostname().split(".")[0]
-    cfg.bundle = _resolve_path(base, cfg.bundle) or cfg.bundle
-    if cfg.camera.source == "folder" or (
-        isinstance(cfg.camera.device, str) and "://" not in cfg.camera.device
-        and not cfg.camera.device.startswith("/dev/") and not cfg.camera.device.isdigit()
-    ):
-        cfg.camera.device = _resolve_path(base, str(cfg.camera.device)) or cfg.camera.device
-    cfg.mqtt.password_file = _resolve_path(base, cfg.mqtt.password_file)
-    for name in ("ca", "cert", "key"):
-        setattr(cfg.mqtt.tls, name, _resolve_path(base, getattr(cfg.mqtt.tls, name)))
     try:
-        validate(cfg)
+        cfg = Config.model_validate(data, context={"base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        problems = _problems(exc, source)
+        raise ConfigError("\n".join(problems), problems) from None
+    cfg.source = source
+    try:
         cfg.mqtt_password = _read_password(cfg, env)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    cfg.warnings.extend(_identity_warnings(cfg))
     return cfg
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
-    """Read, type-check and validate a YAML (.yaml/.yml) or TOML (.toml) config; raises ConfigError."""
+def load_config(path: str | Path, env: dict[str, str] | None = None, log_warnings: bool = True) -> Config:
+    """Read, type-check and validate a YAML (.yaml/.yml) or TOML (.toml) config; raises ConfigError.
+
+    Warnings (cfg.warnings) are logged unless `log_warnings` is false (`check` prints them itself).
+    """
     path = Path(path)
-    return config_from_dict(_read_file(path), base_dir=path.resolve().parent, env=env, source=str(path))
+    cfg = config_from_dict(_read_file(path), base_dir=path.resolve().parent, env=env, source=str(path))
+    if log_warnings:
+        for warning in cfg.warnings:
+            log.warning("%s: %s", path, warning)
+    return cfg
 
 
 def describe(cfg: Config) -> str:
@@ -389,11 +642,8 @@ def describe(cfg: Config) -> str:
     tls = " tls" if cfg.mqtt.tls.enabled else ""
     return (
         f"device {cfg.device_id}, camera {cfg.camera.source}:{cfg.camera.device}, bundle {cfg.bundle}, "
-        f"broker {cfg.mqtt.host}:{cfg.mqtt.port}{tls} ({auth})"
+        f"broker {cfg.mqtt.host}:{cfg.mqtt.port}{tls} ({auth}), state {cfg.state_dir}"
     )
-
-
-DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
