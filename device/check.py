@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from device.config import Config, add_config_argument, describe, load_config
+from device.config import Config, ConfigError, add_config_argument, describe, load_config
+from device.errors import EXIT_FAILURE, EXIT_OK
 
 HELP = "check the config, the bundle, the camera and the broker, each OK or a clear reason"
 
@@ -80,17 +81,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             out.write(f"{name:<7} OK    {detail}\n")
         out.flush()
 
-    cfg_holder: list[Config] = []
-
-    def config_step() -> str:
-        cfg_holder.append(load_config(args.config))
-        return describe(cfg_holder[0])
-
-    report("config", config_step)
-    if not cfg_holder:
+    try:
+        # Warnings are printed below with the report rather than logged, so they are read in context.
+        cfg = load_config(args.config, log_warnings=False)
+    except ConfigError as exc:
+        # Every problem of the file at once, one per line, so one edit can fix them all.
+        first, *rest = exc.problems
+        out.write(f"{'config':<7} FAIL  {first}\n")
+        for line in rest:
+            out.write(f"{'':<7} FAIL  {line}\n")
         out.write("bundle, camera and broker not checked: fix the config first\n")
-        return 1
-    cfg = cfg_holder[0]
+        return EXIT_FAILURE
+    except Exception as exc:  # not expected, but check must still say what it could not do
+        out.write(f"{'config':<7} FAIL  {type(exc).__name__}: {exc}\n")
+        out.write("bundle, camera and broker not checked: fix the config first\n")
+        return EXIT_FAILURE
+    out.write(f"{'config':<7} OK    {describe(cfg)}\n")
+    for warning in cfg.warnings:
+        out.write(f"{'':<7} WARN  {warning}\n")
+    out.flush()
     steps: list[tuple[str, Callable[[], str]]] = [
         ("bundle", lambda: check_bundle(cfg)),
         ("camera", lambda: check_camera(cfg, args.timeout)),
@@ -101,4 +110,4 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             out.write(f"{name:<7} SKIP\n")
         else:
             report(name, fn)
-    return 1 if failures else 0
+    return EXIT_FAILURE if failures else EXIT_OK
