@@ -48,7 +48,8 @@ from device.events import valid_device_id
 log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "mqtt_password"
-CAMERA_SOURCES = ("picamera2", "opencv", "folder")
+CameraSource = Literal["picamera2", "opencv", "folder"]
+CAMERA_SOURCES: tuple[str, ...] = typing.get_args(CameraSource)
 DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 EXAMPLE_DEVICE_ID = "front-door"
 # Hostnames images ship with: a device_id taken from (or set to) one of these is likely shared by other Pis.
@@ -108,7 +109,7 @@ class _Section(BaseModel):
 class CameraConfig(_Section):
     """Where frames come from."""
 
-    source: Literal["picamera2", "opencv", "folder"] = Field(
+    source: CameraSource = Field(
         "opencv", description="picamera2: the Pi camera (libcamera); opencv: a /dev/videoN camera, an RTSP/HTTP "
         "URL or a video file; folder: a directory of images (searched recursively, sorted), for testing")
     device: int | str = Field(
@@ -498,7 +499,10 @@ def _read_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc}); fix its permissions or save it as UTF-8") from None
     if path.suffix.lower() == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10, which a workstation may still run
+            raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from None
 
         try:
             data = tomllib.loads(text)
