@@ -5,6 +5,12 @@ and a folder of images. `Capture` reads a source in its own thread into a small 
 camera never waits for the recogniser, so when the queue is full the OLDEST frame is dropped (stale
 frames are worthless at a door) and counted. Files and folders are not real time: unless given an fps
 they wait for the consumer and drop nothing. The end of a file or folder ends the stream cleanly.
+
+A live source that fails or stops delivering (a cable, Wi-Fi, an RTSP camera rebooting) is supervised:
+`Capture` closes it and reopens it with backoff (1 s doubling to `reopen_max_s`), logging the outage once
+when it starts and once when it ends, with its duration; the consumer just sees no frames meanwhile. A
+file or folder that disappears or is cut short under us is an error instead (retrying cannot bring it back),
+raised once to the consumer.
 """
 
 from __future__ import annotations
@@ -139,13 +145,22 @@ class OpenCVSource(FrameSource):
         self.width, self.height, self.fps, self.loop = width, height, fps, loop
         self.cap: cv2.VideoCapture | None = None
         self._failures = 0
+        self._pass_frames = 0  # frames read since the file was (re)opened
+        self._file_id: tuple[int, int] | None = None  # (inode, size) of the file when opened
+
+    # Without these a stream that accepts the TCP connection and then says nothing blocks open() or
+    # read() for FFmpeg's default 30 s, and a stop request with it.
+    STREAM_TIMEOUTS_MS = (cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5_000)
 
     def open(self) -> None:
         if self.is_file and not Path(str(self.device)).is_file():
             raise CameraError(f"video file not found: {self.device}; fix camera.device")
         if isinstance(self.device, str) and self.device.startswith("/dev/") and not Path(self.device).exists():
             raise CameraError(f"camera {self.device} does not exist; check the cable and `v4l2-ctl --list-devices`")
-        self.cap = cv2.VideoCapture(self.device)
+        if isinstance(self.device, str) and "://" in self.device:
+            self.cap = cv2.VideoCapture(self.device, cv2.CAP_FFMPEG, list(self.STREAM_TIMEOUTS_MS))
+        else:
+            self.cap = cv2.VideoCapture(self.device)
         if not self.cap.isOpened():
             self.cap.release()
             self.cap = None
@@ -156,7 +171,12 @@ class OpenCVSource(FrameSource):
             else:
                 hint = "check camera.device and that the service user is in the 'video' group"
             raise CameraError(f"cannot open camera {self.device}: {hint}")
-        if not self.is_file:
+        self._pass_frames = 0
+        self._failures = 0
+        if self.is_file:
+            st = Path(str(self.device)).stat()
+            self._file_id = (st.st_ino, st.st_size)
+        else:
             self.cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
             self.cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
             if self.fps:
@@ -170,18 +190,38 @@ class OpenCVSource(FrameSource):
             ok, bgr = self.cap.read()
             if ok and bgr is not None:
                 self._failures = 0
+                self._pass_frames += 1
                 if bgr.ndim == 2:
                     return cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
                 return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             if self.is_file:
-                if self.loop and self.cap.get(cv2.CAP_PROP_POS_FRAMES) > 0:
-                    self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                    continue
-                return None
+                self._check_file_unchanged()
+                if not self.loop:
+                    return None
+                if self._pass_frames == 0:
+                    # Rewinding a file that yields nothing would spin forever (and FFmpeg would log each try).
+                    raise CameraError(f"video file {self.device} gave no frames (damaged or cut short?); replace "
+                                      "it or fix camera.device")
+                # Reopened by path, not rewound: a file replaced on disk is played anew, not its old inode.
+                self.close()
+                self.open()
+                continue
             self._failures += 1
             if self._failures >= self.MAX_FAILURES:
                 raise CameraError(f"camera {self.device} stopped delivering frames ({self._failures} failed reads)")
             time.sleep(0.1)
+
+    def _check_file_unchanged(self) -> None:
+        """At the end of a pass: a deleted or shortened file is an error, not the end of a good video."""
+        path = Path(str(self.device))
+        try:
+            st = path.stat()
+        except OSError:
+            raise CameraError(f"video file {self.device} was deleted while it was played; restore it or fix "
+                              "camera.device") from None
+        if self._file_id is not None and st.st_ino == self._file_id[0] and st.st_size < self._file_id[1]:
+            raise CameraError(f"video file {self.device} was cut short while it was played ({self._file_id[1]} → "
+                              f"{st.st_size} bytes); replace it or fix camera.device")
 
     def close(self) -> None:
         if self.cap is not None:
@@ -222,10 +262,13 @@ class FolderSource(FrameSource):
             self._pos += 1
             try:
                 image = load_image(path)
-            except ImageError as exc:
-                if str(path) not in self.skipped:
+            except (ImageError, OSError) as exc:
+                if not self.directory.is_dir():
+                    raise CameraError(f"image folder {self.directory} disappeared while it was read; restore it "
+                                      "or fix camera.device") from None
+                if str(path) not in self.skipped:  # once per file, however often a loop comes back to it
                     self.skipped.append(str(path))
-                log.warning("skipping unreadable image %s: %s", path, exc)
+                    log.warning("skipping unreadable image %s: %s", path, exc)
                 continue
             readable_seen = True
             self._current = str(path)
@@ -255,11 +298,26 @@ class Capture:
 
     `drop_oldest` defaults to the source being live (or paced by `fps`): then a full queue discards its
     oldest frame, counted in `dropped`; otherwise the reader waits for room.
+
+    `supervise` (default: the source is live) reopens a source that fails or ends, waiting `reopen_min_s`
+    doubling up to `reopen_max_s` between attempts, for as long as it takes: a camera outage is not a
+    reason for the daemon to exit (systemd's restart limits would leave it failed for good). Outages are
+    counted in `outages` and `outage_s`.
     """
 
     def __init__(self, source: FrameSource, queue_size: int = 2, fps: float = 0.0,
-                 drop_oldest: bool | None = None) -> None:
+                 drop_oldest: bool | None = None, supervise: bool | None = None,
+                 reopen_min_s: float = 1.0, reopen_max_s: float = 30.0) -> None:
         self.source = source
+        self.supervise = source.live if supervise is None else supervise
+        self.reopen_min_s = max(0.01, float(reopen_min_s))
+        self.reopen_max_s = max(self.reopen_min_s, float(reopen_max_s))
+        self.outages = 0
+        self.reopen_attempts = 0
+        self.last_outage_s: float | None = None
+        self._outage_total = 0.0  # seconds, of outages that ended
+        self._outage_since: float | None = None  # monotonic start of the current outage
+        self.outage_reason: str | None = None
         self.queue_size = max(1, int(queue_size))
         self.pace = 1.0 / fps if (fps and not source.live) else 0.0
         self.drop_oldest = (source.live or bool(self.pace)) if drop_oldest is None else drop_oldest
@@ -302,9 +360,18 @@ class Capture:
                     if delay > 0:
                         self._stop.wait(delay)
                     next_due = max(next_due + self.pace, time.monotonic() - self.pace)
-                image = self.source.read()
+                try:
+                    image = self.source.read()
+                except Exception as exc:
+                    if not self.supervise:
+                        raise
+                    self._recover(str(exc))
+                    continue
                 if image is None:
-                    break
+                    if not self.supervise:
+                        break
+                    self._recover("the stream ended")
+                    continue
                 self._put(Frame(image, time.time(), index, self.source.origin()))
                 index += 1
                 self.captured += 1
@@ -312,6 +379,52 @@ class Capture:
             self.error = exc
         finally:
             self._put(_END)
+
+    def _recover(self, reason: str) -> None:
+        """Close the failed source and reopen it with backoff until it works or we are stopped."""
+        started = time.monotonic()
+        self.outages += 1
+        self._outage_since = started
+        self.outage_reason = reason
+        log.warning("camera %s lost: %s; reopening it (every %g s, growing to %g s) until it is back",
+                    self.source.name, reason, self.reopen_min_s, self.reopen_max_s)
+        delay = self.reopen_min_s
+        attempts = 0
+        while True:
+            try:
+                self.source.close()
+            except Exception as exc:  # a broken device may fail to close too; the reopen decides
+                log.debug("closing %s failed: %s", self.source.name, exc)
+            if self._stop.wait(delay):
+                return  # stopping: the outage ends with the run, still counted in outage_s
+            attempts += 1
+            self.reopen_attempts += 1
+            try:
+                self.source.open()
+            except Exception as exc:
+                # Not logged per attempt (that would flood the journal during a long outage): the
+                # stats line shows the outage and its reason while it lasts.
+                self.outage_reason = str(exc)
+                log.debug("reopening %s failed (attempt %d): %s", self.source.name, attempts, exc)
+                delay = min(delay * 2, self.reopen_max_s)
+                continue
+            duration = time.monotonic() - started
+            self._outage_total += duration
+            self._outage_since = None
+            self.last_outage_s = duration
+            log.warning("camera %s is back after %.1f s out (%d reopen attempts)", self.source.name, duration,
+                        attempts)
+            return
+
+    @property
+    def outage_s(self) -> float:
+        """Seconds the source has been out in all, the current outage included."""
+        ongoing = time.monotonic() - self._outage_since if self._outage_since is not None else 0.0
+        return self._outage_total + ongoing
+
+    @property
+    def out_now(self) -> bool:
+        return self._outage_since is not None
 
     def get(self, timeout: float | None = None) -> Frame | None:
         """The next frame; None at the end of the stream (or after stop). Raises the reader's error.

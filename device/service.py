@@ -1,17 +1,25 @@
 """`python -m device run`: the daemon. camera → FacePipeline → tracker → events → MQTT.
 
-Runs until the camera stream ends (files and folders), a fatal camera error, or SIGTERM/SIGINT; in
-every case capture stops, `offline` is published and the MQTT queue is flushed before exiting.
+This module is the frame loop; the broker connection and its durable outbox are device/mqtt.py and
+device/outbox.py. Every message goes through `MqttPublisher.publish()`, which stores it on disk first.
+
+Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, or
+SIGTERM/SIGINT; in every case capture stops, what the broker can take is delivered, `offline` is
+published, and whatever is left stays in the outbox for the next start. A live camera that drops out is
+reopened by the capture thread (device/camera.py) for as long as it takes; the loop just waits.
+Exit codes: 0 at the end of a file or folder or on a signal; 1 (via the CLI) on a camera or MQTT error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -32,13 +40,54 @@ from device.events import (
     person_topic,
     snapshot_topic,
 )
-from device.mqtt import MqttPublisher
+from device.mqtt import MqttError, MqttPublisher
+from device.outbox import Outbox, OutboxError, default_state_dir
 from device.pipeline import FacePipeline
 from device.tracker import Decision, Observation, Tracker
 
 log = logging.getLogger(__name__)
 
 HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
+
+DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def state_dir(cfg: Config) -> Path:
+    """The directory for the outbox: `state_dir` from the config.
+
+    The default (/var/lib/faceberry, created by the systemd unit's StateDirectory=) is not writable for
+    a user trying the daemon from a shell; then $STATE_DIRECTORY or ~/.local/state/faceberry is used,
+    with a warning naming it. A state_dir set explicitly and not writable is an error: silently putting
+    the events somewhere else would hide them from whoever looks in the configured place.
+    """
+    configured = Path(getattr(cfg, "state_dir", DEFAULT_STATE_DIR))
+    if _writable_dir(configured):
+        return configured
+    if configured == DEFAULT_STATE_DIR:
+        fallback = default_state_dir()
+        if _writable_dir(fallback):
+            log.warning("state_dir %s is not writable (not started by the systemd unit?): the outbox is kept in "
+                        "%s instead; set state_dir to choose", configured, fallback)
+            return fallback
+    raise OutboxError(f"state_dir {configured} is not writable by this user; create it for the service user "
+                      "(the systemd unit's StateDirectory= does) or set state_dir to a writable directory")
+
+
+def open_outbox(cfg: Config) -> Outbox:
+    settings = getattr(cfg.mqtt, "outbox", None)
+    # One file per device_id: two configs sharing a state_dir must not replay each other's messages.
+    return Outbox(state_dir(cfg) / f"outbox-{cfg.device_id}.sqlite3",
+                  max_messages=getattr(settings, "max_messages", 10_000),
+                  max_bytes=getattr(settings, "max_bytes", 50_000_000),
+                  sync=getattr(settings, "sync", "normal"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +119,18 @@ class Service:
         # but no more often than the event cooldown.
         self.state_refresh = Cooldown(cfg.events.cooldown)
         self.prefix = cfg.events.topic_prefix
-        self.publisher = publisher or MqttPublisher(cfg.mqtt, cfg.device_id, self.prefix, cfg.mqtt_password)
+        self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps,
+                               reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)))
+        if publisher is None:
+            try:
+                outbox = open_outbox(cfg)
+            except OutboxError as exc:
+                raise MqttError(str(exc)) from exc
+            publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.prefix, cfg.mqtt_password, outbox=outbox,
+                                      summary_interval=cfg.stats_interval)
+        self.publisher = publisher
         if cfg.events.homeassistant:
             self.publisher.on_connect(self._publish_discovery)
-        self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps)
         self.frames = 0
         self.faces = 0
         self.events = 0
@@ -83,21 +140,33 @@ class Service:
     def _publish_discovery(self) -> None:
         for topic, config in ha_discovery(self.prefix, self.cfg.device_id, self.labels,
                                           self.cfg.events.homeassistant_prefix):
-            self.publisher.client.publish(topic, encode(config), qos=1, retain=True)
+            # Retained and coalesced in the outbox: republished on every connect, stored once.
+            self.publisher.publish(topic, encode(config), retain=True, qos=1)
 
     def request_stop(self, *_: Any) -> None:
         self.stop_event.set()
 
     def run(self, max_frames: int = 0) -> int:
         log.info("starting: %s, model %s", describe(self.cfg), self.bundle_id)
-        self.capture.start()  # an unreachable camera fails here, before we announce ourselves
+        try:
+            self.capture.start()  # an unreachable camera fails here, before we announce ourselves
+        except BaseException:
+            self.publisher.outbox.close()
+            raise
         self.publisher.start()
         last_stats = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                fatal = self.publisher.fatal
+                if fatal is not None:
+                    raise MqttError(f"{fatal}; restart the daemon (the outbox keeps the undelivered events)")
                 try:
                     frame = self.capture.get(timeout=0.5)
                 except TimeoutError:
+                    # No frame (a camera outage being recovered): statistics still come on time.
+                    if time.monotonic() - last_stats >= self.cfg.stats_interval:
+                        self.log_stats()
+                        last_stats = time.monotonic()
                     continue
                 if frame is None:
                     log.info("end of the camera stream")
@@ -176,22 +245,33 @@ class Service:
 
     def stats(self) -> dict[str, Any]:
         n = max(self.frames, 1)
+        camera: dict[str, Any] = {"state": "out" if self.capture.out_now else "ok",
+                                  "outages": self.capture.outages, "outage_s": round(self.capture.outage_s, 1)}
+        if self.capture.out_now:
+            camera["reason"] = self.capture.outage_reason
         return {
             "frames": self.frames, "captured": self.capture.captured, "dropped": self.capture.dropped,
             "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
             "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),
-            "mqtt": self.publisher.stats(),
+            "camera": camera, "mqtt": self.publisher.stats(),
             "ms_per_frame": {k: round(v / n, 2) for k, v in self.stage_ms.items()},
         }
 
     def log_stats(self) -> None:
         s = self.stats()
         stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())
+        camera = s["camera"]
+        camera_text = f"camera {camera['state']} outages={camera['outages']} outage_s={camera['outage_s']}"
+        if "reason" in camera:
+            camera_text += f" ({camera['reason']})"
+        mqtt = dict(s["mqtt"])
+        error = mqtt.pop("error", None)
+        mqtt_text = " ".join(f"{k}={v}" for k, v in mqtt.items()) + (f" ({error})" if error else "")
         log.info(
             "stats: %d frames (%d captured, %d dropped, %d unreadable skipped), %d faces, %d events "
-            "(%d in cooldown), mqtt %s; ms/frame: %s",
+            "(%d in cooldown), %s, mqtt %s; ms/frame: %s",
             s["frames"], s["captured"], s["dropped"], s["skipped_images"], s["faces"], s["events"],
-            s["suppressed"], " ".join(f"{k}={v}" for k, v in s["mqtt"].items()), stages or "-",
+            s["suppressed"], camera_text, mqtt_text, stages or "-",
         )
 
 

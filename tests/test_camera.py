@@ -109,7 +109,8 @@ class Counter(FrameSource):
 
 
 def test_live_source_drops_the_oldest_frames_and_counts_them() -> None:
-    capture = Capture(Counter(60), queue_size=3).start()
+    # Unsupervised, so the end of the synthetic stream ends the capture instead of being reopened.
+    capture = Capture(Counter(60), queue_size=3, supervise=False).start()
     wait_captured(capture, 60)  # a slow consumer: the source has run to its end meanwhile
     frames = drain(capture)
     capture.stop()
@@ -135,8 +136,8 @@ def test_paced_file_source_behaves_like_a_camera() -> None:
     assert capture.dropped == 8 and len(frames) == 2
 
 
-def test_a_source_failure_reaches_the_consumer() -> None:
-    capture = Capture(Counter(100, fail_at=3), queue_size=10).start()
+def test_an_unsupervised_source_failure_reaches_the_consumer() -> None:
+    capture = Capture(Counter(100, fail_at=3), queue_size=10, supervise=False).start()
     with pytest.raises(CameraError, match="cable unplugged"):
         drain(capture)
     capture.stop()
@@ -292,7 +293,7 @@ def test_picamera2_missing_module_says_how_to_install() -> None:
 
 
 def test_capture_thread_is_a_daemon_and_named() -> None:
-    capture = Capture(Counter(1)).start()
+    capture = Capture(Counter(1), supervise=False).start()
     assert capture._thread.daemon and capture._thread.name == "capture"
     drain(capture)
     capture.stop()
