@@ -49,7 +49,18 @@ DEFAULT_INPUT_SIZE = 128
 
 
 class ImageError(ValueError):
-    """A photo or frame that cannot be decoded."""
+    """A photo or frame that cannot be decoded, or that is refused before decoding.
+
+    `reason` is the message without the path, for reports that list the path beside it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _image_error(path: Path, reason: str) -> ImageError:
+    return ImageError(f"{path}: {reason}", reason)
 
 
 @dataclass(frozen=True)
@@ -82,17 +93,130 @@ class Preprocessing:
         return prep
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read a photo as RGB uint8 (H, W, 3): EXIF rotation applied, alpha dropped, grey expanded."""
+# The largest image any command decodes. A decoded photo costs 3 bytes a pixel (and its RGB copy is
+# made in place), so 40 MP is 120 MB: phone photos (12-50 MP, most under 40) pass, a lying header or
+# a decompression bomb is refused before a byte is decoded, which a Pi with 1 GB needs.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG, BMP, WebP or TIFF, or None if it has none.
+
+    Only the header is read: this is how a hostile file is refused before cv2 decodes it.
+    """
+    head = bytes(data[:64]) if not isinstance(data, bytes) else data[:64]
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    if head.startswith(b"BM") and len(head) >= 26:
+        if int.from_bytes(head[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
+        # BITMAPINFOHEADER and later: signed, a negative height means top-down rows.
+        return (abs(int.from_bytes(head[18:22], "little", signed=True)),
+                abs(int.from_bytes(head[22:26], "little", signed=True)))
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP" and len(head) >= 30:
+        kind = head[12:16]
+        if kind == b"VP8 ":
+            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+        if kind == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if kind == b"VP8X":
+            return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+        return None
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(data)
+    return None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """The frame size of the first SOF segment (segments before it, EXIF thumbnails included, skipped)."""
+    n, i = len(data), 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+            i += 2
+            continue
+        length = (int(data[i + 2]) << 8) | int(data[i + 3])
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = (int(data[i + 5]) << 8) | int(data[i + 6])
+            width = (int(data[i + 7]) << 8) | int(data[i + 8])
+            return width, height
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image or scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """Width and height tags of the first IFD (the page cv2 decodes)."""
+    order = "little" if bytes(data[:2]) == b"II" else "big"
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(bytes(data[at:at + size]), order)
+
+    if len(data) < 8:
+        return None
+    ifd = num(4, 4)
+    if ifd + 2 > len(data):
+        return None
+    found: dict[int, int] = {}
+    for k in range(min(num(ifd, 2), 512)):
+        at = ifd + 2 + 12 * k
+        if at + 12 > len(data):
+            break
+        tag, kind = num(at, 2), num(at + 2, 2)
+        if tag in (256, 257):
+            found[tag] = num(at + 8, 2) if kind == 3 else num(at + 8, 4)  # SHORT or LONG
+    if 256 in found and 257 in found:
+        return found[256], found[257]
+    return None
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read a photo as RGB uint8 (H, W, 3): EXIF rotation applied, alpha dropped, grey expanded.
+
+    The header is read first: a file that is not a PNG, JPEG, BMP, WebP or TIFF, or that claims more
+    than `max_pixels`, raises ImageError without being decoded.
+    """
     path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    except OSError as exc:
+        raise _image_error(path, f"cannot read it ({exc.strerror or exc})") from None
     if data is None or data.size == 0:
-        raise ImageError(f"cannot read {path}: file missing or empty")
+        raise _image_error(path, "file missing or empty")
+    size = image_size(data)
+    if size is None:
+        raise _image_error(path, "not a JPEG, PNG, BMP, WebP or TIFF image, or its header is cut short")
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise _image_error(path, f"its header claims {width}×{height} pixels")
+    if width * height > max_pixels:
+        raise _image_error(
+            path, f"its header claims {width}×{height} pixels ({width * height / 1e6:.0f} MP), over the "
+            f"{max_pixels / 1e6:.0f} MP limit (resize it)"
+        )
     # IMREAD_COLOR applies EXIF orientation (phone photos), drops alpha and expands greyscale.
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV's own limits, should a header be read differently from this parser
+        bgr = None
     if bgr is None:
-        raise ImageError(f"cannot decode {path}: not an image or corrupt")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise _image_error(path, "cannot decode it (not an image, or corrupt)")
+    # In place: a second full-size copy would double the peak memory of a large photo.
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -20,25 +21,20 @@ import numpy as np
 
 import device.detector
 import device.preprocess
+from device.contract import DOMINANCE, UNREADABLE, list_images, subject_face
+from device.contract import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from device.contract import NO_FACE as NO_FACE
+from device.contract import SEVERAL_FACES as SEVERAL_FACES
+from device.contract import TOO_SMALL as TOO_SMALL
+from device.contract import UNKNOWN as UNKNOWN
 from device.detector import FaceDetector
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.runtime import ModelError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-UNKNOWN = "unknown"
+log = logging.getLogger(__name__)
+
 # Bump when the crop-making logic changes so stale cache entries are ignored.
 CACHE_VERSION = 1
-
-# Skip reasons, as written to the skip report.
-NO_FACE = "no face"
-SEVERAL_FACES = "several faces"
-UNREADABLE = "unreadable"
-TOO_SMALL = "face too small"
-
-# When a photo holds several faces, the largest is used only if it is this many times wider than
-# the next: LFW-style photos often show a small bystander behind the subject, and a phone photo of
-# one person should not be thrown away for that, but two people of similar size are ambiguous.
-DOMINANCE = 1.8
 
 
 @dataclass
@@ -59,10 +55,7 @@ def default_cache_dir() -> Path:
 
 def list_photos(folder: Path) -> list[Path]:
     """Image files directly inside `folder` (sorted, hidden files ignored)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return list_images(folder)
 
 
 def list_people(photos_dir: Path) -> dict[str, list[Path]]:
@@ -143,33 +136,33 @@ class CropMaker:
 
     def crop_image(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(crop, None) or (None, skip reason) for an RGB image."""
-        faces = self.detector.detect(image)
-        if not faces:
-            return None, NO_FACE
-        big = sorted((f for f in faces if f.width >= self.min_face_size), key=lambda f: -f.width)
-        if not big:
-            return None, TOO_SMALL
-        if len(big) > 1 and big[0].width < DOMINANCE * big[1].width:
-            return None, SEVERAL_FACES
-        return align_face(image, big[0].keypoints, self.input_size, self.alignment), None
+        face, reason = subject_face(self.detector.detect(image), self.min_face_size)
+        if face is None:
+            return None, reason
+        return align_face(image, face.keypoints, self.input_size, self.alignment), None
 
     def crop_file(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        """(crop, None) or (None, skip reason); an unreadable or refused file is named in one log line."""
         try:
             data = path.read_bytes()
         except OSError as exc:
+            log.warning("skipping %s: cannot read it (%s)", path, exc.strerror or exc)
             return None, f"{UNREADABLE} ({exc.strerror or exc})"
         key = self._key(data)
         cached = self._cache_get(key)
-        if cached is not None:
-            return cached
-        try:
-            image = load_image(path)
-        except ImageError:
-            result: tuple[np.ndarray | None, str | None] = (None, UNREADABLE)
-        else:
-            result = self.crop_image(image)
-        self._cache_put(key, result)
-        return result
+        if cached is None:
+            try:
+                image = load_image(path)
+            except ImageError as exc:
+                cached = (None, f"{UNREADABLE} ({exc.reason})")
+            else:
+                cached = self.crop_image(image)
+            self._cache_put(key, cached)
+        reason = cached[1]
+        if reason and reason.startswith(UNREADABLE):
+            # Said on every run, cached or not: a hostile or broken photo is named and the batch goes on.
+            log.warning("skipping %s: %s", path, reason)
+        return cached
 
     def _cache_path(self, key: str) -> Path | None:
         return self.cache_dir / key[:2] / f"{key}.npz" if self.cache_dir else None
@@ -214,7 +207,7 @@ def build_crop_set(
     maker: CropMaker | None = None,
     files: dict[str, list[Path]] | None = None,
 ) -> CropSet:
-    """Aligned crops for every `photos_dir/<person>/*.{jpg,jpeg,png}`.
+    """Aligned crops for every image (device.contract.IMAGE_SUFFIXES) in `photos_dir/<person>/`.
 
     `files` overrides the folder scan ({label: photos}); skipped photos are listed with a reason.
     """
