@@ -1,3 +1,8 @@
-from convert.cli import main
+# Only the standard library before the guard: without faceberry's venv this must still print one line.
+import sys
 
-raise SystemExit(main())
+from device.startup import guard, run_main
+
+if not guard("python -m convert", ("numpy", "cv2", "tensorflow")):
+    sys.exit(2)
+sys.exit(run_main("python -m convert", "convert.cli"))

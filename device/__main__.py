@@ -1,5 +1,8 @@
+# Only the standard library before the guard: without faceberry's venv this must still print one line.
 import sys
 
-from device.cli import main
+from device.startup import guard, run_main
 
-sys.exit(main())
+if not guard("python -m device", ("numpy", "cv2")):
+    sys.exit(2)
+sys.exit(run_main("python -m device", "device.cli"))

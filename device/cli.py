@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        top = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+        if top and top not in ("device", "models"):  # e.g. paho for `run` in an environment built for eval only
+            from device.startup import missing_message
+
+            sys.stderr.write(missing_message("python -m device", top) + "\n")
+            return 2
         if type(exc).__module__.startswith("device."):  # our own errors (EnrollError …) carry their fix
             return _error(str(exc))
         log.debug("unexpected failure", exc_info=True)
