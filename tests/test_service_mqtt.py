@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -426,3 +427,59 @@ def test_publisher_status_online_retained_and_offline_on_stop(mosquitto, tmp_pat
         assert late.wait_for(lambda m: m[-1][1] == OFFLINE.encode(), 5)
     finally:
         late.close()
+
+
+# --- the durable outbox, end to end ------------------------------------------------------------------------
+
+def test_daemon_sigkilled_while_the_broker_is_down_delivers_every_event_after_a_restart(
+        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+    broker = mosquitto_factory(persistent=True)
+    sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/events", session="faceberry-test-sigkill")
+    broker.stop()
+    camera = tmp_path / "camera"
+    folder_of_photos(heldout_photos, camera, per_person=2, broken=False)
+    expected = expected_event_labels(tiny_bundle, sorted(camera.iterdir()))
+    assert len(expected) >= 3
+    # Looping, so the daemon is certainly still running (not stopping by itself) when it is killed.
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(camera), "loop": True})
+    proc = start_daemon(config)
+    logged: list[str] = []
+    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        # "event:" is logged after the event went to the outbox: once the first pass is logged, it is stored.
+        while sum("event:" in line for line in logged) < len(expected) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(logged)[-3000:]
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+    proc.wait(10)
+    killed_at = time.time()
+    reader.join(5)
+    assert proc.returncode == -signal.SIGKILL
+    stored = sum("event:" in line for line in logged)
+    assert stored >= len(expected), "".join(logged)[-3000:]
+    assert "cannot reach the broker" in "".join(logged)
+
+    broker.start()
+    rc, err = finish(start_daemon(config, "--max-frames", "1"))
+    assert rc == 0, err[-3000:]
+    assert "messages left by the last run are sent first" in err
+    try:
+        assert sub.wait_for(lambda m: len({json.loads(p)["event_id"] for _, p, _ in m
+                                           if stamp(p) < killed_at}) >= stored, 30)
+        events = [json.loads(p) for _, p, _ in sub.messages]
+        ids = [e["event_id"] for e in events]
+        unique = [events[ids.index(i)] for i in sorted(set(ids), key=ids.index)]
+        before = [e for e in unique if stamp(encode_event(e)) < killed_at]
+        # Every event of the killed run, in order, first; then the new run's.
+        assert [e["label"] for e in before[:len(expected)]] == expected
+        assert unique[:len(before)] == before
+        assert [e["timestamp"] for e in before] == sorted(e["timestamp"] for e in before)
+    finally:
+        sub.close()
+
+
+def encode_event(event: dict) -> bytes:
+    return json.dumps(event).encode()
