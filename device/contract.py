@@ -1,0 +1,155 @@
+"""The decisions shared by train, convert, device, demo and bench, each defined once.
+
+Everything that decides *what* a face is — which face of a photo is its subject, when a score is a
+known person or `unknown`, the threshold that lets a target fraction of strangers through, which
+files are images, how embeddings are normalised and how a gallery is made from them — lives here.
+The pixels (detection, alignment, normalisation of crops) are in device.detector and
+device.preprocess; this module is the rules applied to their output. tests/test_contract.py holds
+train's, convert's and device's decisions equal on the same photos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+UNKNOWN = "unknown"
+
+# Every image format OpenCV decodes that a phone, a camera or a photo library produces. The folder
+# camera, training, eval and enroll all read the same set, so a photo never counts in one and not another.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# When a photo holds several faces, the widest is its subject only if it is this many times wider than
+# the next: photos often show a small bystander behind the subject, and a phone photo of one person
+# should not be thrown away for that, but two people of similar size are ambiguous.
+DOMINANCE = 1.8
+
+# Why a photo gave no subject face (the words the skip reports use).
+NO_FACE = "no face"
+TOO_SMALL = "face too small"
+SEVERAL_FACES = "several faces of similar size"
+UNREADABLE = "unreadable"
+
+# A threshold resting on fewer impostor scores than this is a guess at the tail: say so.
+MIN_IMPOSTOR_SCORES = 1000
+
+
+class _Face(Protocol):
+    @property
+    def width(self) -> float: ...
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (sorted; hidden files ignored; sub-folders too when recursive)."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if is_image(p))
+
+
+def subject_face(faces: Sequence[Any], min_face_size: float) -> tuple[Any | None, str | None]:
+    """(the photo's subject face, None) or (None, why there is none).
+
+    The subject is the widest face at least `min_face_size` wide, if it is DOMINANCE times wider than
+    the next such face; faces narrower than `min_face_size` are background and never compete.
+    """
+    if not faces:
+        return None, NO_FACE
+    big = sorted((f for f in faces if f.width >= min_face_size), key=lambda f: -f.width)
+    if not big:
+        return None, TOO_SMALL
+    if len(big) > 1 and big[0].width < DOMINANCE * big[1].width:
+        return None, SEVERAL_FACES
+    return big[0], None
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def centroid(embeddings: np.ndarray) -> np.ndarray:
+    """A person's gallery entry: the normalised mean of their normalised embeddings.
+
+    One rule whether the person came from training or from `device enroll`, in float32: a mean of
+    unit vectors weights every photo equally and is steadier than any single photo.
+    """
+    return l2_normalize(l2_normalize(embeddings).mean(axis=0))
+
+
+def gallery_from(embeddings: np.ndarray, labels: Sequence[str], people: Sequence[str]) -> np.ndarray:
+    """(len(people), D) centroids, in `people` order."""
+    lab = np.asarray(labels)
+    return np.stack([centroid(embeddings[lab == p]) for p in people]).astype(np.float32)
+
+
+def best_match(embeddings: np.ndarray, gallery: np.ndarray, names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(best gallery name, its cosine) per embedding, before the accept threshold."""
+    emb = l2_normalize(np.atleast_2d(embeddings))
+    if len(emb) == 0 or len(gallery) == 0:
+        return [UNKNOWN] * len(emb), np.zeros(len(emb), np.float32)
+    sims = emb @ np.asarray(gallery, np.float32).T
+    idx = np.argmax(sims, axis=1)
+    return [str(names[i]) for i in idx], sims[np.arange(len(emb)), idx]
+
+
+def best_class(probs: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(most probable label, its probability) per softmax output row."""
+    probs = np.atleast_2d(np.asarray(probs, np.float64))
+    idx = np.argmax(probs, axis=1)
+    return [str(labels[i]) for i in idx], probs[np.arange(len(probs)), idx]
+
+
+def accept(best: str, score: float, threshold: float) -> str:
+    """The accept rule: the best candidate if it is a person and scores at least the threshold."""
+    return best if best != UNKNOWN and score >= threshold else UNKNOWN
+
+
+def accept_all(best: Sequence[str], scores: np.ndarray, threshold: float) -> list[str]:
+    return [accept(b, float(s), threshold) for b, s in zip(best, scores, strict=True)]
+
+
+def accept_scores(best: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    """The score at which each face would be accepted: -inf when its best candidate is `unknown`."""
+    out = np.asarray(scores, np.float64).copy()
+    out[np.array([b == UNKNOWN for b in best], dtype=bool)] = -np.inf
+    return out
+
+
+def threshold_for_far(impostor_scores: np.ndarray, target: float) -> float:
+    """Smallest threshold letting at most floor(target × n) impostor scores through (0.0 with none)."""
+    scores = np.asarray(impostor_scores, np.float64)
+    n = len(scores)
+    finite = np.sort(scores[np.isfinite(scores)])[::-1]
+    allowed = int(np.floor(target * n + 1e-9))
+    if allowed >= len(finite):
+        return 0.0
+    # Just above the (allowed+1)-th highest impostor score.
+    return float(np.nextafter(finite[allowed], np.inf))
+
+
+def visit_decision(votes: Sequence[tuple[str, float]]) -> tuple[str, float, int]:
+    """A visit's identity from its frames' decisions: (label, mean score of its votes, votes for it).
+
+    A person is named only when more than half of the frames named them (a stranger who resembles
+    someone in one frame of five stays `unknown`); among people, most votes win and ties go to the higher
+    mean score. Otherwise the visit is `unknown`, scored by its best candidate's mean.
+    """
+    if not votes:
+        return UNKNOWN, 0.0, 0
+    by_label: dict[str, list[float]] = {}
+    for label, score in votes:
+        by_label.setdefault(label, []).append(float(score))
+    people = [lab for lab in by_label if lab != UNKNOWN]
+    if people:
+        top = max(people, key=lambda lab: (len(by_label[lab]), float(np.mean(by_label[lab]))))
+        if 2 * len(by_label[top]) > len(votes):
+            return top, float(np.mean(by_label[top])), len(by_label[top])
+    unknown = by_label.get(UNKNOWN, [])
+    return UNKNOWN, float(np.mean(unknown)) if unknown else 0.0, len(unknown)
