@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from device import cohort as cohort_mod
 from device.bundle import write_manifest
+from device.cohort import COHORT_FILE
+from device.contract import UNKNOWN, gallery_from, l2_normalize
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
 
@@ -25,7 +28,6 @@ log = logging.getLogger(__name__)
 CLASSIFIER_FILE = "classifier.tflite"
 LABELS_FILE = "labels.txt"
 GALLERY_FILE = "gallery.npz"
-UNKNOWN = "unknown"
 
 
 class ConvertError(RuntimeError):
@@ -191,11 +193,17 @@ def convert_run(
             "source": {"run": str(run_dir.resolve()), "backbone": run.config.get("backbone")},
         }
         if run.kind == "embedding":
-            # The gallery computed by the float model is copied as is: the int8 embedder is checked
-            # against it above (decision agreement), which is what the device will do.
-            shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
-            manifest["gallery"] = {"file": GALLERY_FILE, "source": "float model (training run)"}
+            gallery_source = "float model (training run)"
+            if recalibrate:
+                gallery_source, manifest["thresholds"] = _device_gallery(run, run_dir, staging, target_far)
+                manifest["metrics"]["float_gallery_threshold"] = threshold
+            else:
+                shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
+            manifest["gallery"] = {"file": GALLERY_FILE, "source": gallery_source}
             files.append(GALLERY_FILE)
+            if (staging / COHORT_FILE).is_file():
+                manifest["cohort"] = {"file": COHORT_FILE}
+                files.append(COHORT_FILE)
         manifest = write_manifest(staging, manifest, files)
         if out.exists():
             shutil.rmtree(out)
@@ -204,6 +212,40 @@ def convert_run(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float) -> tuple[str, dict[str, Any]]:
+    """The gallery and threshold the device will use, made as `device enroll` makes them.
+
+    Every person's entry is device.contract.centroid of the *converted* embedder's outputs on the
+    run's crops — the same rule and the same network as a person enrolled on the Pi — and the threshold
+    is calibrated on it with device.cohort.calibrate (cohort, negatives, leave-one-person-out).
+    """
+    from convert.verify import run_tflite
+
+    people_mask = run.split != "negative"
+    own = l2_normalize(run_tflite(staging / CLASSIFIER_FILE, normalize(run.crops[people_mask], run.prep)))
+    own_labels = [lbl for lbl, m in zip(run.crop_labels, people_mask, strict=True) if m]
+    neg_mask = run.split == "negative"
+    negatives = (l2_normalize(run_tflite(staging / CLASSIFIER_FILE, normalize(run.crops[neg_mask], run.prep)))
+                 if neg_mask.any() else None)
+    names = list(run.gallery_labels or run.labels)
+    gallery = gallery_from(own, own_labels, names)
+    cohort = None
+    if (run_dir / COHORT_FILE).is_file():
+        try:
+            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1])
+        except cohort_mod.CohortError as exc:
+            raise ConvertError(str(exc)) from exc
+        shutil.copyfile(run_dir / COHORT_FILE, staging / COHORT_FILE)
+    cal = cohort_mod.calibrate(gallery, names, cohort, own, own_labels, negatives, target_far)
+    for warning in cal["warnings"]:
+        log.warning("%s", warning)
+    with open(staging / GALLERY_FILE, "wb") as fh:
+        np.savez(fh, embeddings=gallery, labels=np.array(names, dtype=str))
+    thresholds = {"source": "calibrated on the converted embedder's gallery (device.cohort.calibrate)",
+                  **{k: v for k, v in cal.items() if k != "warnings"}}
+    return "device.contract.centroid of the converted embedder on the run's crops", thresholds
 
 
 def _check_drop(agreement: dict[str, Any], quantization: str, max_drop: float, min_agreement: float | None) -> None:

@@ -11,9 +11,11 @@ manifest.json (schema 1):
     detector        {file}
     labels          {file, count}
     gallery         {file} (embedding kind only: .npz with `embeddings` (N, D) and `labels` (N,))
+    cohort          {file} (embedding kind, optional: device.cohort's stranger embeddings, for enrolment)
     preprocessing   device.preprocess.Preprocessing as a dict
-    thresholds      {accept: float, target_far: float}: a face is a known person only if its score
-                    (softmax probability, or cosine similarity to the gallery) is >= accept
+    thresholds      {accept: float in (0, 1], target_far: float, basis, impostor_scores …}: a face is a
+                    known person only if its score (softmax probability, or cosine similarity to the
+                    gallery) is >= accept (device.contract.accept)
     files           {name: sha256} for every file above
     metrics         free-form: float vs int8 agreement, validation accuracy, false-accept rate …
 """
@@ -61,6 +63,7 @@ class Bundle:
     accept_threshold: float
     gallery_embeddings: np.ndarray | None = None
     gallery_labels: list[str] = field(default_factory=list)
+    cohort_path: Path | None = None  # embedding kind: the stranger cohort enrolment recalibrates on
 
     @property
     def bundle_id(self) -> str:
@@ -127,6 +130,12 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: bad preprocessing ({exc}); rebuild the bundle") from exc
     labels = read_labels(root / manifest["labels"]["file"])
     thresholds = _require(manifest, "thresholds", manifest_path)
+    accept = thresholds.get("accept") if isinstance(thresholds, dict) else None
+    # A threshold of 0 or below names every stranger as someone, NaN names nobody: both pass a
+    # checksum (the manifest is not checksummed), so they are refused here by value.
+    if not isinstance(accept, (int, float)) or isinstance(accept, bool) or not 0.0 < float(accept) <= 1.0:
+        raise BundleError(f"{manifest_path}: thresholds.accept is {accept!r}, not a number in (0, 1]; rebuild the "
+                          "bundle with `python -m convert` (or set recognition.threshold in the config)")
     bundle = Bundle(
         root=root,
         manifest=manifest,
@@ -135,7 +144,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         classifier_path=root / classifier["file"],
         detector_path=root / manifest["detector"]["file"],
         kind=kind,
-        accept_threshold=float(thresholds["accept"]),
+        accept_threshold=float(accept),
     )
     if kind == "embedding":
         gallery = _require(manifest, "gallery", manifest_path)
@@ -149,6 +158,16 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         unknown = set(bundle.gallery_labels) - set(labels)
         if unknown:
             raise BundleError(f"{gpath}: gallery names people not in labels.txt: {sorted(unknown)[:3]}")
+        emb = bundle.gallery_embeddings
+        if emb.ndim != 2 or len(emb) != len(bundle.gallery_labels):
+            raise BundleError(f"{gpath}: gallery embeddings have shape {emb.shape} for {len(bundle.gallery_labels)} "
+                              "names; rebuild the bundle")
+        if len(emb) and (not np.all(np.isfinite(emb)) or np.any(np.linalg.norm(emb, axis=1) < 1e-6)):
+            raise BundleError(f"{gpath}: gallery holds NaN, infinite or all-zero entries; rebuild the bundle or "
+                              "enroll those people again")
+        cohort = manifest.get("cohort")
+        if isinstance(cohort, dict) and cohort.get("file") in files:
+            bundle.cohort_path = root / cohort["file"]
     return bundle
 
 

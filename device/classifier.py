@@ -1,4 +1,10 @@
-"""Who is this aligned face? The bundle's classifier (softmax head or embedder + gallery)."""
+"""Who is this aligned face? The bundle's classifier: one back-end per kind, chosen once from the manifest.
+
+  softmax    a network whose output is one probability per label (the card's MobileNetV2 fine-tune);
+  embedding  an embedder whose unit-length output is matched by cosine to the gallery's people.
+
+Both end in the same rule, device.contract.accept.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.bundle import Bundle
+from device.contract import UNKNOWN, accept, l2_normalize
 from device.preprocess import normalize
 from device.runtime import ModelError, TFLiteModel
 
-UNKNOWN = "unknown"
+__all__ = ["UNKNOWN", "FaceClassifier", "Prediction"]
 
 
 @dataclass
@@ -18,6 +25,44 @@ class Prediction:
     label: str  # a person from the bundle's labels, or "unknown"
     score: float  # softmax probability, or cosine similarity to the best gallery match
     best: str  # the best candidate even when rejected, for diagnostics and eval
+
+
+class _Softmax:
+    def __init__(self, bundle: Bundle, out_dim: int) -> None:
+        self.labels = list(bundle.labels)
+        if out_dim != len(self.labels):
+            raise ModelError(f"{bundle.classifier_path} outputs {out_dim} classes but labels.txt has "
+                             f"{len(self.labels)}; rebuild the bundle with `python -m convert`")
+
+    def output(self, raw: np.ndarray) -> np.ndarray:
+        return raw
+
+    def best(self, out: np.ndarray) -> tuple[str, float]:
+        i = int(np.argmax(out))
+        return self.labels[i], float(out[i])
+
+
+class _Gallery:
+    def __init__(self, bundle: Bundle, out_dim: int) -> None:
+        emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(len(bundle.gallery_labels), -1)
+        if len(emb) and emb.shape[1] != out_dim:
+            raise ModelError(f"{bundle.root}: the gallery holds {emb.shape[1]}-d embeddings but the embedder gives "
+                             f"{out_dim}-d; rebuild the bundle with `python -m convert` or enroll again")
+        self.gallery = l2_normalize(emb)
+        self.labels = np.array(bundle.gallery_labels)
+
+    def output(self, raw: np.ndarray) -> np.ndarray:
+        return l2_normalize(raw)
+
+    def best(self, out: np.ndarray) -> tuple[str, float]:
+        if len(self.gallery) == 0:
+            return UNKNOWN, 0.0
+        sims = self.gallery @ out
+        i = int(np.argmax(sims))
+        return str(self.labels[i]), float(sims[i])
+
+
+_BACKENDS = {"softmax": _Softmax, "embedding": _Gallery}
 
 
 class FaceClassifier:
@@ -34,30 +79,23 @@ class FaceClassifier:
                 f"{size}×{size}; rebuild the bundle with `python -m convert`"
             )
         self.threshold = bundle.accept_threshold
-        if bundle.kind == "embedding":
-            emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32)
-            self.gallery = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            self.gallery_labels = np.array(bundle.gallery_labels)
+        self.backend = _BACKENDS[bundle.kind](bundle, int(self.model.output_shape[-1]))
+
+    @property
+    def gallery(self) -> np.ndarray:
+        return self.backend.gallery
+
+    @property
+    def gallery_labels(self) -> np.ndarray:
+        return self.backend.labels
 
     def raw(self, crop: np.ndarray) -> np.ndarray:
         """The model's output vector for one crop: probabilities, or an L2-normalised embedding."""
-        out = self.model.run(normalize(crop[None], self.prep))[0][0]
-        if self.bundle.kind == "embedding":
-            out = out / max(float(np.linalg.norm(out)), 1e-12)
-        return out
+        return self.backend.output(self.model.run(normalize(crop[None], self.prep))[0][0])
 
     def decide(self, out: np.ndarray) -> Prediction:
-        if self.bundle.kind == "embedding":
-            if len(self.gallery) == 0:
-                return Prediction(UNKNOWN, 0.0, UNKNOWN)
-            sims = self.gallery @ out
-            i = int(np.argmax(sims))
-            best, score = str(self.gallery_labels[i]), float(sims[i])
-        else:
-            i = int(np.argmax(out))
-            best, score = self.bundle.labels[i], float(out[i])
-        label = best if (best != UNKNOWN and score >= self.threshold) else UNKNOWN
-        return Prediction(label, score, best)
+        best, score = self.backend.best(out)
+        return Prediction(accept(best, score, self.threshold), score, best)
 
     def classify(self, crop: np.ndarray) -> Prediction:
         return self.decide(self.raw(crop))

@@ -3,8 +3,9 @@
 The photos go through exactly what `device run` does to a camera frame: BlazeFace → alignment →
 the bundle's own (int8) embedder. The person's normalised mean embedding is added to the bundle's
 gallery and their name to labels.txt; the manifest gets new checksums and a new bundle_id (the
-content changed, and events name the bundle that produced them). The accept threshold is kept:
-it was calibrated on strangers for this embedder and does not depend on who is in the gallery.
+content changed, and events name the bundle that produced them). The accept threshold is
+recalibrated on the bundle's stranger cohort (device.cohort) for the new gallery, as `convert` made it;
+a bundle without a cohort keeps its threshold (and enroll says so).
 
 The new bundle is built in a sibling directory and swapped in by rename, so a crash leaves either
 the old bundle or the new one, never a half-written one (if it stops between the two renames, the
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device import cohort as cohort_mod
 from device.bundle import BundleError, load_bundle, write_manifest
-from device.classifier import UNKNOWN, FaceClassifier
+from device.classifier import FaceClassifier
+from device.contract import IMAGE_SUFFIXES, UNKNOWN, UNREADABLE, centroid, list_images, subject_face
 from device.detector import FaceDetector
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.runtime import ModelError
@@ -33,10 +36,7 @@ from device.runtime import ModelError
 log = logging.getLogger(__name__)
 
 HELP = "add a person to an embedding bundle's gallery from a folder of their photos (no retraining)"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# A photo with several faces is used only when the largest is this many times wider than the next
-# (a bystander behind the subject); otherwise it is ambiguous whose face it is.
-DOMINANCE = 1.8
+SUFFIXES = ", ".join(IMAGE_SUFFIXES)
 
 
 class EnrollError(RuntimeError):
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="the embedding bundle directory to update in place")
     parser.add_argument("--name", required=True, help="the person's name, as it will appear in events")
     parser.add_argument("--photos", required=True, type=Path,
-                        help="folder of photos (.jpg, .jpeg, .png) showing this person's face, one face per photo")
+                        help=f"folder of photos ({SUFFIXES}) showing this person's face "
+                        "(small background faces are fine)")
     parser.add_argument("--min-photos", type=int, default=3,
                         help="usable photos needed (default 3; 5–10 from different days and angles work best)")
     parser.add_argument("--min-face-size", type=int, default=40,
@@ -80,16 +81,14 @@ def usable_crops(
     for path in photos:
         try:
             image = load_image(path)
-        except ImageError:
-            refused.append((path, "unreadable"))
+        except ImageError as exc:
+            refused.append((path, f"{UNREADABLE} ({exc})"))
             continue
-        faces = sorted((f for f in detector.detect(image) if f.width >= min_face_size), key=lambda f: -f.width)
-        if not faces:
-            refused.append((path, "no face (or none wider than --min-face-size)"))
-        elif len(faces) > 1 and faces[0].width < DOMINANCE * faces[1].width:
-            refused.append((path, f"{len(faces)} faces of similar size"))
+        face, why = subject_face(detector.detect(image), min_face_size)
+        if face is None:
+            refused.append((path, why or "no face"))
         else:
-            crops.append(align_face(image, faces[0].keypoints, size, alignment))
+            crops.append(align_face(image, face.keypoints, size, alignment))
     return crops, refused
 
 
@@ -113,10 +112,9 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
         raise EnrollError(f"{name!r} is already in {bundle_dir}; pass --replace to re-enroll them from these photos")
     if not photos_dir.is_dir():
         raise EnrollError(f"photos folder not found: {photos_dir}; pass a folder of {name}'s photos")
-    photos = sorted(p for p in photos_dir.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = list_images(photos_dir)
     if not photos:
-        raise EnrollError(f"no photos (.jpg, .jpeg, .png) in {photos_dir}; add photos of {name}")
+        raise EnrollError(f"no photos ({SUFFIXES}) in {photos_dir}; add photos of {name}")
 
     detector = FaceDetector(bundle.detector_path, num_threads=num_threads)
     classifier = FaceClassifier(bundle, num_threads=num_threads)
@@ -131,11 +129,10 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
             "refused ones are listed above); add clear, front-facing photos of one person"
         )
     emb = np.stack([classifier.raw(c) for c in crops])
-    centroid = emb.mean(axis=0)
-    centroid = (centroid / max(float(np.linalg.norm(centroid)), 1e-12)).astype(np.float32)
+    entry = centroid(emb)
     # How this person's own photos score against the new entry, and how close they come to others:
     # a newcomer already matching someone else above the threshold is worth a warning.
-    own = emb @ centroid
+    own = emb @ entry
     rival = None
     if len(classifier.gallery):
         others = [i for i, lbl in enumerate(classifier.gallery_labels) if lbl != name]
@@ -146,9 +143,20 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
 
     keep = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
     old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(len(bundle.gallery_labels), -1)
-    new_emb = np.concatenate([old_emb[keep], centroid[None]])
+    new_emb = np.concatenate([old_emb[keep], entry[None]])
     new_gallery_labels = [bundle.gallery_labels[i] for i in keep] + [name]
     labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
+    # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
+    # to resemble), so it is recalibrated on the bundle's stranger cohort, the way `convert` made it.
+    threshold, recalibrated = bundle.accept_threshold, None
+    if bundle.cohort_path is not None:
+        try:
+            cohort = cohort_mod.load(bundle.cohort_path, new_emb.shape[1])
+        except cohort_mod.CohortError as exc:
+            raise EnrollError(str(exc)) from exc
+        target = float(bundle.manifest["thresholds"].get("target_far", cohort_mod.DEFAULT_TARGET_FAR))
+        recalibrated = cohort_mod.calibrate(new_emb, new_gallery_labels, cohort, target_far=target)
+        threshold = recalibrated["accept"]
 
     manifest = json.loads(json.dumps(bundle.manifest))
     files = list(manifest["files"])
@@ -156,6 +164,9 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
     manifest.pop("created", None)
     manifest["parent_bundle_id"] = parent_id
     manifest["labels"]["count"] = len(labels)
+    if recalibrated is not None:
+        manifest["thresholds"] = {"source": "recalibrated by `device enroll` on the bundle's stranger cohort",
+                                  **{k: v for k, v in recalibrated.items() if k != "warnings"}}
     manifest.setdefault("enrolled", []).append({
         "name": name, "photos": len(crops), "refused": len(refused),
         "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -186,7 +197,8 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
     return {
         "name": name, "photos": len(crops), "refused": [str(p) for p, _ in refused],
         "bundle_id": written["bundle_id"], "parent_bundle_id": parent_id, "people": len(labels),
-        "own_min_cosine": float(own.min()), "nearest_other": rival, "threshold": bundle.accept_threshold,
+        "own_min_cosine": float(own.min()), "nearest_other": rival, "threshold": threshold,
+        "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None,
     }
 
 
@@ -204,5 +216,13 @@ def run(args: argparse.Namespace) -> int:
     if rival and rival[1] >= result["threshold"]:
         print(f"warning: {result['name']}'s photos also score {rival[1]:.3f} against {rival[0]} (threshold "
               f"{result['threshold']:.3f}): they may be confused; enroll more varied photos", file=sys.stderr)
+    if result["recalibrated"]:
+        print(f"accept threshold {result['threshold']:.3f} (was {result['previous_threshold']:.3f}), "
+              "recalibrated on the bundle's stranger cohort for the new gallery")
+    else:
+        print(f"warning: {args.bundle} has no stranger cohort: the threshold {result['threshold']:.3f} was kept; "
+              "rebuild the bundle with a cohort (`python -m train cohort`, then train and convert) so strangers "
+              "stay unknown",
+              file=sys.stderr)
     print("restart `python -m device run` (or its systemd service) to load the new gallery")
     return 0

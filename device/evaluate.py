@@ -5,7 +5,8 @@ so the figures are the ones the Pi will live with, not those of a training-time 
 
 Folder layout: `<photos>/<person>/*.jpg|jpeg|png`. A folder whose name is one of the bundle's people
 holds probes of that person; any other folder holds strangers, who should come out as `unknown`.
-In a photo with several faces the largest one is the probe.
+In a photo with several faces the subject (device.contract.subject_face) is the probe; a photo with
+two faces of similar size is skipped, as training and enroll skip it.
 
 Definitions (both deliberately conservative):
 - known_accuracy: known probes recognised as the right person and accepted, over ALL known probes
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from device.bundle import BundleError, load_bundle
-from device.classifier import UNKNOWN
+from device.contract import SEVERAL_FACES, UNKNOWN, accept_scores, list_images, subject_face, threshold_for_far
 from device.pipeline import FacePipeline
 from device.preprocess import ImageError, load_image
 from device.runtime import ModelError
@@ -37,7 +38,6 @@ from device.runtime import ModelError
 log = logging.getLogger(__name__)
 
 HELP = "measure a bundle's accuracy and per-stage speed on a labelled folder of photos"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 STAGES = ("decode", "detect", "align", "classify", "total")
 NO_FACE = "(no face)"
 TARGET_FARS = (0.01, 0.02, 0.05)
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _photo_folders(photos: Path) -> dict[str, list[Path]]:
     folders: dict[str, list[Path]] = {}
     for sub in sorted(p for p in photos.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+        files = list_images(sub)
         if files:
             folders[sub.name] = files
     return folders
@@ -95,16 +95,15 @@ def operating_points(probes: list[dict[str, Any]], target_fars: tuple[float, ...
     threshold were set for this false-accept rate" without running the models again.
     """
     found = [p for p in probes if p["faces"] > 0]
-    stranger_scores = np.sort([p["score"] for p in found if not p["known"] and p["best"] != UNKNOWN])[::-1]
-    n_strangers = sum(1 for p in found if not p["known"])
+    strangers = [p for p in found if not p["known"]]
+    stranger_scores = accept_scores([p["best"] for p in strangers], np.array([p["score"] for p in strangers]))
+    n_strangers = len(strangers)
     known = [p for p in probes if p["known"]]
     if not n_strangers or not known:
         return []
     points = []
     for target in target_fars:
-        allowed = int(np.floor(target * n_strangers))
-        # The lowest threshold that accepts at most `allowed` strangers: just above the next score.
-        threshold = float(np.nextafter(stranger_scores[allowed], np.inf)) if allowed < len(stranger_scores) else 0.0
+        threshold = threshold_for_far(stranger_scores, target)
         fa = int(np.sum(stranger_scores >= threshold))
         right = sum(1 for p in known if p["faces"] and p["best"] == p["truth"] and p["score"] >= threshold)
         points.append({
@@ -140,6 +139,7 @@ def evaluate(
 
     probes: list[dict[str, Any]] = []
     unreadable: list[dict[str, str]] = []
+    ambiguous: list[dict[str, str]] = []
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for folder, files in folders.items():
         known = folder in people
@@ -166,8 +166,14 @@ def evaluate(
                 "truth": folder if known else UNKNOWN,
                 "faces": len(result.recognitions),
             }
-            if result.recognitions:
-                largest = max(result.recognitions, key=lambda r: r.face.width * r.face.height)
+            # The photo's subject, by the rule training and enroll use: a photo they would skip as two
+            # people of similar size is skipped here too (and listed), not scored on one of them.
+            subject, why = subject_face([r.face for r in result.recognitions], 0)
+            if why == SEVERAL_FACES:
+                ambiguous.append({"path": str(path), "reason": why})
+                continue
+            if subject is not None:
+                largest = next(r for r in result.recognitions if r.face is subject)
                 pred = largest.prediction
                 probe.update(predicted=pred.label, best=pred.best, score=round(float(pred.score), 6),
                              face_width=round(largest.face.width, 1))
@@ -177,8 +183,11 @@ def evaluate(
             probes.append(probe)
     if not probes:
         raise ValueError(f"no readable photo in {photos}; check the files (see the warnings above)")
-    return _summarise(bundle, photos, probes, unreadable, timings, known_folders, stranger_folders,
-                      threads, min_face_size)
+    result = _summarise(bundle, photos, probes, unreadable, timings, known_folders, stranger_folders,
+                        threads, min_face_size)
+    result["counts"]["several_faces"] = len(ambiguous)
+    result["several_faces"] = ambiguous
+    return result
 
 
 def _outcome(probe: dict[str, Any]) -> str:
@@ -289,6 +298,7 @@ def format_report(result: dict[str, Any], quiet: bool = False) -> str:
         f"{_pct(result['stranger_false_accept_rate'])} ({c['false_accepts']}/{strangers_found})"
         f"  no face {_pct(result['no_face_rate'])} ({c['no_face']}/{c['probes']})"
         + (f"  unreadable {c['unreadable']}" if c["unreadable"] else "")
+        + (f"  skipped (several faces of similar size) {c['several_faces']}" if c.get("several_faces") else "")
     )
     shown = set()
     for point in result["operating_points"]:

@@ -104,6 +104,11 @@ class TFLiteModel:
         return tuple(int(v) for v in self.input_detail["shape"])
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of the first output (the classifier's probabilities or embedding)."""
+        return tuple(int(v) for v in self.output_details[0]["shape"])
+
+    @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(self.input_detail["dtype"])
 

@@ -1,7 +1,8 @@
 """Per-face tracking across frames (IoU) and identity by vote.
 
 A single frame can misrecognise a face (motion blur, a turned head). A track therefore collects the
-labels of its first `votes_needed` frames and decides by majority; afterwards it changes identity only
+labels of its first `votes_needed` frames and decides by device.contract.visit_decision (a person is
+named only when more than half of those frames named them, else `unknown`); afterwards it changes identity only
 when another label wins a strict majority of its last `votes_needed` frames. Each decision (and each
 change) is reported once, which is what becomes an MQTT event.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from device.contract import visit_decision
 
 
 @dataclass
@@ -134,7 +137,7 @@ class Tracker:
             track.votes.append(vote)
             if len(track.votes) < self.votes_needed:
                 return None
-            track.label, track.score, _ = majority(track.votes)
+            track.label, track.score, _ = visit_decision(track.votes)
             return Decision(track.track_id, track.label, track.score, track.box.copy(), len(track.votes), None,
                             obs.extra)
         if len(track.recent) < self.votes_needed:

@@ -26,8 +26,12 @@ def test_fewshot_run_dir_follows_the_contract(tiny_embedding: dict) -> None:  # 
         assert set(c["split"].tolist()) == {"train", "val"}
         assert c["crops"].shape[1:] == (64, 64, 3) and len(c["labels"]) == len(c["split"])
     th = report["threshold"]
-    assert 0.0 < th["accept"] <= 1.0 and th["target_far"] == 0.05
-    assert th["basis"].startswith("leave-one-person-out") and th["far"] <= 0.05 + 1e-9
+    # No cohort beside this backbone: the strict default, calibrated on the people's own faces, and the
+    # report says so and how little it rests on.
+    assert 0.0 < th["accept"] <= 1.0 and th["target_far"] == 0.005
+    assert th["basis"].startswith("leave-one-person-out") and th["far"] <= 0.005 + 1e-9
+    assert th["cohort_people"] == 0 and th["impostor_scores"] < 1000
+    assert any("no stranger cohort" in w for w in th["warnings"])
     assert set(report["per_person"]) == set(people)
     assert (run / "model.keras").is_file()
 

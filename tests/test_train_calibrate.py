@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.calibrate import _threshold_for, calibrate, decisions
+from device.contract import threshold_for_far as _threshold_for
+from train.calibrate import calibrate, decisions
 from train.trainer import split_negatives
 
 LABELS = ["alice", "bob", "unknown"]

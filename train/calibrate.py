@@ -7,37 +7,18 @@ from typing import Any
 
 import numpy as np
 
-UNKNOWN = "unknown"
+from device.contract import UNKNOWN, accept_all, accept_scores, best_class, threshold_for_far
 
 
 def decisions(probs: np.ndarray, labels: list[str], threshold: float) -> list[str]:
-    """The device's rule (device.classifier.FaceClassifier.decide) on a batch of probabilities."""
-    out = []
-    for p in probs:
-        i = int(np.argmax(p))
-        best = labels[i]
-        out.append(best if best != UNKNOWN and float(p[i]) >= threshold else UNKNOWN)
-    return out
+    """The device's rule (device.contract.accept) on a batch of softmax probabilities."""
+    best, scores = best_class(probs, labels)
+    return accept_all(best, scores, threshold)
 
 
 def _accept_scores(probs: np.ndarray, labels: list[str]) -> np.ndarray:
     """Score at which each probe would be accepted; -inf when its best class is `unknown`."""
-    best = np.argmax(probs, axis=1)
-    scores = probs[np.arange(len(probs)), best].astype(np.float64)
-    if UNKNOWN in labels:
-        scores[best == labels.index(UNKNOWN)] = -np.inf
-    return scores
-
-
-def _threshold_for(impostor_scores: np.ndarray, target: float) -> float:
-    """Smallest threshold letting at most floor(target × n) impostor scores through."""
-    n = len(impostor_scores)
-    finite = np.sort(impostor_scores[np.isfinite(impostor_scores)])[::-1]
-    allowed = int(np.floor(target * n + 1e-9))
-    if allowed >= len(finite):
-        return 0.0
-    # Just above the (allowed+1)-th highest impostor score.
-    return float(np.nextafter(finite[allowed], np.inf))
+    return accept_scores(*best_class(probs, labels))
 
 
 def calibrate(
@@ -54,7 +35,7 @@ def calibrate(
     """
     val_probs = np.asarray(val_probs, dtype=np.float64).reshape(-1, len(labels))
     neg_probs = np.asarray(neg_probs, dtype=np.float64).reshape(-1, len(labels))
-    val_scores = _accept_scores(val_probs, labels)
+    val_scores = _accept_scores(val_probs, labels) if len(val_probs) else np.zeros(0)
     truth = np.array(val_labels)
     predicted = np.array([labels[i] for i in np.argmax(val_probs, axis=1)]) if len(val_probs) else np.array([])
     wrong = (predicted != truth) & (truth != UNKNOWN) if len(truth) else np.zeros(0, bool)
@@ -62,7 +43,7 @@ def calibrate(
         impostors, basis = _accept_scores(neg_probs, labels), "negative faces"
     else:
         impostors, basis = np.where(wrong, val_scores, -np.inf), "validation misidentifications"
-    threshold = _threshold_for(impostors, target_far) if len(impostors) else 0.0
+    threshold = threshold_for_far(impostors, target_far) if len(impostors) else 0.0
     known = truth != UNKNOWN
     accepted_right = (val_scores >= threshold) & ~wrong & known
     result: dict[str, Any] = {

@@ -3,12 +3,14 @@
     python -m train --photos DIR --out RUN_DIR [options]        train a classifier
     python -m train --photos DIR --out RUN_DIR --backbone DIR   few-shot on a face-aware backbone
     python -m train backbone ...                                 build a face-aware backbone
+    python -m train cohort ...                                   its stranger cohort (calibrates `unknown`)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -25,8 +27,12 @@ warning; a person with fewer than --min-photos usable photos is an error. A fold
 trained on, calibrate the accept threshold.
 
 RUN_DIR gets: model.keras, labels.txt, config.json, crops.npz, report.json (per-person validation
-accuracy, confusion matrix, threshold and false-accept rate), history.json, curves.png, confusion.png,
-skipped.json. Then: python -m convert --run RUN_DIR --out BUNDLE_DIR.
+accuracy, confusion matrix, threshold and false-accept rate), history.json and skipped.json; a fine-tune
+run (no --backbone) also draws curves.png and confusion.png. Then: python -m convert --run RUN_DIR --out BUNDLE_DIR.
+
+Two paths: with --backbone BACKBONE_DIR (recommended) nothing is trained, and the "model", "training" and
+"augmentation" options are ignored except --val-fraction, --seed and --target-far; without it MobileNetV2
+is fine-tuned and every option applies.
 
 Subcommand: `python -m train backbone --help` builds a face-aware backbone for --backbone.
 """
@@ -50,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--backbone", type=Path, default=None,
                     help="a face-aware backbone directory from `python -m train backbone`: train a few-shot "
                     "gallery model on it instead of fine-tuning ImageNet MobileNetV2")
+    io.add_argument("--cohort", type=Path, default=None,
+                    help="with --backbone: the stranger cohort (.npz from `python -m train cohort`) that calibrates "
+                    "`unknown` (default BACKBONE/cohort.npz)")
 
-    crops = p.add_argument_group("face crops")
-    crops.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE,
-                       help=f"side of the aligned face crop and network input, pixels (default {DEFAULT_INPUT_SIZE})")
+    crops = p.add_argument_group("face crops (both paths)")
+    # None, not 128: with --backbone the backbone's own size is used, and only a size the user chose
+    # and the backbone cannot take deserves a warning.
+    crops.add_argument("--input-size", type=int, default=None,
+                       help=f"side of the aligned face crop and network input, pixels (default {DEFAULT_INPUT_SIZE}; "
+                       "with --backbone, the backbone's size)")
     crops.add_argument("--min-face-size", type=int, default=40,
                        help="faces narrower than this many pixels in the photo are too small to use (default 40)")
     crops.add_argument("--min-photos", type=int, default=5,
@@ -66,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or ~/.cache/faceberry/crops)")
     crops.add_argument("--no-cache", action="store_true", help="do not read or write the crop cache")
 
-    model = p.add_argument_group("model")
+    model = p.add_argument_group("model (fine-tune path only; ignored with --backbone)")
     model.add_argument("--weights", default="imagenet",
                        help="backbone initialisation: imagenet (Keras download, default), none (random), or a "
                        "path to a no-top MobileNetV2 .weights.h5 with the same --alpha")
@@ -74,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MobileNetV2 width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4 (default 1.0)")
     model.add_argument("--dropout", type=float, default=0.3, help="dropout before the softmax head (default 0.3)")
 
-    fit = p.add_argument_group("training")
+    fit = p.add_argument_group("training (fine-tune path only, except --val-fraction, --seed and --target-far)")
     fit.add_argument("--epochs", type=int, default=20,
                      help="maximum epochs for the head on the frozen backbone (phase 1, default 20)")
     fit.add_argument("--lr", type=float, default=1e-3, help="phase 1 learning rate (default 1e-3)")
@@ -97,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(split by person when the negatives have sub-folders; default 0.5)")
     fit.add_argument("--seed", type=int, default=0,
                      help="random seed for the split, augmentation and weights (default 0)")
-    fit.add_argument("--target-far", type=float, default=0.05,
-                     help="false-accept rate the accept threshold is calibrated for, 0–1 (default 0.05)")
+    fit.add_argument("--target-far", type=float, default=None,
+                     help="share of strangers' faces the accept threshold may let through, 0–1 (default 0.005 "
+                     "with --backbone, calibrated on its stranger cohort; 0.05 for the fine-tune)")
 
-    aug = p.add_argument_group("augmentation (ImageDataGenerator style)")
+    aug = p.add_argument_group("augmentation, ImageDataGenerator style (fine-tune path only)")
     aug.add_argument("--rotation", type=float, default=40.0, help="maximum rotation, degrees (default 40)")
     aug.add_argument("--shift", type=float, default=0.2, help="maximum width/height shift, fraction (default 0.2)")
     aug.add_argument("--shear", type=float, default=0.2, help="maximum shear (default 0.2)")
@@ -111,22 +124,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="maximum contrast change, fraction (default 0.2; 0 off)")
 
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
+                   help="how much to log (default INFO, WARNING with -q); DEBUG also shows TensorFlow's own start-up "
+                   "lines")
     return p
 
 
+def _input_size(args: argparse.Namespace) -> int | None:
+    """--input-size as given, else the backbone's (read from its config.json), else the default."""
+    if args.input_size is not None or args.backbone is None:
+        return DEFAULT_INPUT_SIZE if args.input_size is None else args.input_size
+    try:
+        return int(json.loads((Path(args.backbone) / "config.json").read_text(encoding="utf-8"))["input_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a backbone directory: loading it says so, with the fix
+
+
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.input_size < 32:
+    args.input_size = _input_size(args)
+    if args.input_size is not None and args.input_size < 32:
         p.error("--input-size must be 32 or more")
     if args.min_photos < 2:
         p.error("--min-photos must be at least 2 (one to train on, one to validate)")
     if not 0.0 < args.val_fraction < 1.0:
         p.error("--val-fraction must be between 0 and 1")
-    if not 0.0 <= args.target_far <= 1.0:
+    if args.target_far is None and args.backbone is None:
+        args.target_far = 0.05
+    if args.target_far is not None and not 0.0 <= args.target_far <= 1.0:
         p.error("--target-far must be between 0 and 1")
     if not 0.0 <= args.negatives_train_fraction <= 1.0:
         p.error("--negatives-train-fraction must be between 0 and 1")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         p.error(f"--weights {args.weights}: no such file; use imagenet, none or a .weights.h5 path")
+
+
+# Options only the fine-tune path reads: with --backbone a value the user set is named, not silently dropped.
+FINE_TUNE_ONLY = ("weights", "alpha", "dropout", "epochs", "lr", "fine_tune_epochs", "fine_tune_from", "fine_tune_lr",
+                  "min_epoch_samples", "batch_size", "patience", "negatives_train_fraction", "rotation", "shift",
+                  "shear", "zoom", "brightness", "contrast")
+
+
+def _warn_ignored(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    changed = [f"--{d.replace('_', '-')}" for d in FINE_TUNE_ONLY if getattr(args, d) != p.get_default(d)]
+    if changed:
+        logging.getLogger(__name__).warning("ignoring %s: only the fine-tune path (no --backbone) uses them",
+                                            ", ".join(changed))
 
 
 def _run_submodule(module: str, func: str, arg, what: str) -> int:
@@ -145,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "backbone":
         return _run_submodule("train.backbone", "main", argv[1:], "the backbone stage")
+    if argv and argv[0] == "cohort":
+        return _run_submodule("train.cohort", "main", argv[1:], "the stranger cohort stage")
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    level = args.log_level or ("WARNING" if args.quiet else "INFO")
+    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
     if args.backbone is not None:
+        _warn_ignored(parser, args)
         return _run_submodule("train.fewshot", "train_fewshot", args, "few-shot training on a backbone")
 
     from train.errors import TrainError

@@ -4,14 +4,14 @@ Nothing is trained: each person's crops are embedded by the backbone (train.back
 normalised mean becomes that person's entry in a gallery (validation figures come from a gallery of
 the training split; the shipped gallery uses every usable photo). A face is that person when its
 cosine similarity to the person's centroid is the highest and at least the accept threshold, which
-is calibrated on strangers at --target-far:
-  - negative faces (PHOTOS/unknown/ or --negatives DIR), when given;
-  - otherwise leave-one-person-out: every face of each person is scored against the *other*
-    people's centroids, i.e. treated as a stranger to a gallery that lacks them.
+is calibrated on strangers (device.cohort.calibrate): the backbone's stranger cohort (BACKBONE/cohort.npz,
+from `python -m train cohort`), the negative faces (PHOTOS/unknown/ or --negatives DIR) when given, and
+every person's faces against the other people's centroids; at most --target-far (default 0.5%) of
+strangers' photos are to be accepted, asked of the cohort with a margin for strangers it never saw.
 Adding a person later needs no training at all (`python -m device enroll` on the Pi).
 
-RUN_DIR (per CONTRACTS.md, kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt,
-config.json, crops.npz, report.json, history.json, skipped.json.
+RUN_DIR (kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt, cohort.npz (when the backbone
+has one), config.json, crops.npz, report.json, history.json, skipped.json.
 """
 
 from __future__ import annotations
@@ -26,47 +26,20 @@ from typing import Any
 
 import numpy as np
 
+from device import cohort as cohort_mod
+from device.contract import UNKNOWN, best_match, gallery_from, l2_normalize
 from device.preprocess import Preprocessing, normalize
 from train.backbone import BackboneError, load_embedder
-from train.calibrate import UNKNOWN, _threshold_for
 from train.crops import split_per_person, summarize_skips
 from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
 
 log = logging.getLogger(__name__)
 
 
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def centroids(emb: np.ndarray, labels: list[str], people: list[str]) -> np.ndarray:
-    """Normalised per-person mean of normalised embeddings, in `people` order."""
-    lab = np.array(labels)
-    return np.stack([l2n(l2n(emb[lab == p]).mean(axis=0)) for p in people])
-
-
-def best_match(emb: np.ndarray, gallery: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
-    """The device's rule (device.classifier.FaceClassifier.decide) before the threshold."""
-    if len(emb) == 0:
-        return [], np.zeros(0)
-    sims = l2n(emb) @ gallery.T
-    idx = np.argmax(sims, axis=1)
-    return [names[i] for i in idx], sims[np.arange(len(emb)), idx]
-
-
-def leave_one_out_impostors(emb: np.ndarray, labels: list[str], people: list[str], gallery: np.ndarray) -> np.ndarray:
-    """Best score of each face against the other people's centroids: a stranger to that gallery."""
-    sims = l2n(emb) @ gallery.T
-    own = np.array([people.index(lbl) for lbl in labels])
-    sims[np.arange(len(emb)), own] = -np.inf
-    return sims.max(axis=1) if len(people) > 1 else np.full(len(emb), -np.inf)
-
-
 def embed(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
     if len(crops) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    return l2n(model.predict(normalize(crops, prep), batch_size=64, verbose=0))
+    return l2_normalize(model.predict(normalize(crops, prep), batch_size=64, verbose=0))
 
 
 def fewshot(args) -> dict[str, Any]:
@@ -91,24 +64,18 @@ def fewshot(args) -> dict[str, Any]:
     tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)
     labels_arr = np.array(pset.labels)
     emb = embed(model, pset.crops, prep)
-    gallery = centroids(emb[tr_idx], list(labels_arr[tr_idx]), people)
+    gallery = gallery_from(emb[tr_idx], list(labels_arr[tr_idx]), people)
     neg_emb = embed(model, nset.crops, prep) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
+    cohort = load_cohort(args, int(emb.shape[1]))
+    target_far = cohort_mod.DEFAULT_TARGET_FAR if args.target_far is None else float(args.target_far)
 
-    # Strangers for the threshold: every impostor score there is. Each person's own faces against the
-    # other people's centroids are strangers to a gallery that lacks them, and adding them to the negative
-    # faces (when given) calibrates on more different people: the threshold sits in the tail of the
-    # impostor scores, which a few lookalikes among a few dozen negative people can move a lot.
-    # The negatives' scores come first, so the report can count their false accepts without rescoring.
-    def impostor_scores(gallery: np.ndarray) -> np.ndarray:
-        loo = leave_one_out_impostors(emb, pset.labels, people, gallery)
-        if not len(neg_emb):
-            return loo
-        return np.concatenate([best_match(neg_emb, gallery, people)[1], loo])
+    # The threshold rests on every impostor score there is (device.cohort.calibrate): the stranger
+    # cohort, the negative faces when given, and each person's faces against the other people's entries.
+    def calibrate(gallery: np.ndarray, own_idx: np.ndarray) -> dict[str, Any]:
+        return cohort_mod.calibrate(gallery, people, cohort, emb[own_idx], list(labels_arr[own_idx]), neg_emb,
+                                    target_far)
 
-    basis = ("negative faces + leave-one-person-out (each person's faces against the other people's centroids)"
-             if len(neg_emb) else "leave-one-person-out (each person's faces against the other people's centroids)")
-    impostors = impostor_scores(gallery)
-    accept = _threshold_for(impostors, args.target_far) if len(impostors) else 0.0
+    accept = calibrate(gallery, tr_idx)["accept"]
 
     val_truth = list(labels_arr[va_idx])
     val_best, val_scores = best_match(emb[va_idx], gallery, people)
@@ -128,11 +95,10 @@ def fewshot(args) -> dict[str, Any]:
     # uses every usable photo (more photos, steadier centroids), so its threshold is fitted again,
     # the same way, against that gallery.
     val_threshold = float(accept)
-    gallery = centroids(emb, pset.labels, people)
-    impostors = impostor_scores(gallery)
-    accept = _threshold_for(impostors, args.target_far) if len(impostors) else 0.0
-    finite = np.isfinite(impostors)
-    far = float(np.mean(impostors >= accept)) if len(impostors) else None
+    gallery = gallery_from(emb, pset.labels, people)
+    threshold = calibrate(gallery, np.arange(len(emb)))
+    accept = threshold["accept"]
+    neg_false_accepts = int(np.sum(best_match(neg_emb, gallery, people)[1] >= accept)) if len(neg_emb) else None
     report: dict[str, Any] = {
         "kind": "embedding",
         "labels": people,
@@ -141,8 +107,7 @@ def fewshot(args) -> dict[str, Any]:
         "chance": 1.0 / len(people),
         "per_person": per_person,
         "threshold": {
-            "accept": float(accept), "target_far": float(args.target_far), "basis": basis,
-            "impostors": int(finite.sum()), "far": far,
+            **threshold,
             "known_accept_rate": float((right & accepted).mean()) if len(right) else None,
             "misidentification_rate": float((~right & accepted).mean()) if len(right) else None,
             "validation_gallery_accept": val_threshold,
@@ -150,7 +115,7 @@ def fewshot(args) -> dict[str, Any]:
                     "training faces at validation_gallery_accept; accept and far: the shipped gallery (all faces)",
         },
         "stranger_faces": len(neg_emb),
-        "stranger_false_accepts": int(np.sum(impostors[: len(neg_emb)] >= accept)) if len(neg_emb) else None,
+        "stranger_false_accepts": neg_false_accepts,
         "backbone": {"dir": str(args.backbone), "arch": bconfig.get("arch", "mobilenetv2"),
                      "teacher": (bconfig.get("teacher") or {}).get("id")},
         "skipped": {"count": len(skipped), "by_reason": summarize_skips(skipped), "file": "skipped.json"},
@@ -170,6 +135,8 @@ def fewshot(args) -> dict[str, Any]:
         paths += nset.paths
     np.savez_compressed(out / "crops.npz", crops=np.concatenate(all_crops), labels=np.array(crop_labels, dtype=str),
                         split=split.astype(str), paths=np.array(paths, dtype=str))
+    if cohort is not None:
+        cohort.save(out / cohort_mod.COHORT_FILE)
     np.savez(out / "gallery.npz", embeddings=gallery.astype(np.float32), labels=np.array(people, dtype=str))
     shutil.copyfile(Path(args.backbone) / bconfig.get("file", "embedder.keras"), out / "model.keras")
     (out / "labels.txt").write_text("\n".join(people) + "\n", encoding="utf-8")
@@ -178,7 +145,8 @@ def fewshot(args) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "labels": people,
         "embedding_dim": int(gallery.shape[1]),
-        "gallery": {"file": "gallery.npz", "method": "per-person normalised mean (centroid) of all usable photos"},
+        "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos"},
+        "cohort": {"file": cohort_mod.COHORT_FILE, "faces": len(cohort), "people": cohort.people} if cohort else None,
         "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.get("arch", "mobilenetv2"),
                      # the teacher's id and licence, not its 128 mean values
                      "teacher": {k: v for k, v in (bconfig.get("teacher") or {}).items() if k != "mean"} or None,
@@ -194,6 +162,19 @@ def fewshot(args) -> dict[str, Any]:
     return report
 
 
+def load_cohort(args, dim: int) -> cohort_mod.Cohort | None:
+    """--cohort, else BACKBONE/cohort.npz when there is one; None (and a warning in the report) otherwise."""
+    path = Path(args.cohort) if getattr(args, "cohort", None) else Path(args.backbone) / cohort_mod.COHORT_FILE
+    if not path.is_file():
+        if getattr(args, "cohort", None):
+            raise TrainError(f"--cohort {path}: no such file; build it with `python -m train cohort`")
+        return None
+    try:
+        return cohort_mod.load(path, dim)
+    except cohort_mod.CohortError as exc:
+        raise TrainError(str(exc)) from exc
+
+
 def train_fewshot(args) -> int:
     """Entry point from train.cli when --backbone is given."""
     try:
@@ -202,12 +183,15 @@ def train_fewshot(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     th = report["threshold"]
+    n = len(report["labels"])
     lines = [
-        f"gallery of {len(report['labels'])} people → {args.out} ({report['train_seconds']:.0f} s, no training)",
+        f"gallery of {n} {'person' if n == 1 else 'people'} → {args.out} "
+        f"({report['train_seconds']:.0f} s, no training)",
         f"validation: right person {100 * (report['val_accuracy'] or 0):.1f}% (chance {100 * report['chance']:.1f}%)",
-        f"accept threshold (cosine) {th['accept']:.3f} for {100 * th['target_far']:.1f}% false accepts on "
-        f"{th['basis']}: {100 * (th['far'] or 0):.1f}% false accepts, "
-        f"{100 * (th['known_accept_rate'] or 0):.1f}% of validation faces accepted as the right person",
+        f"accept threshold (cosine) {th['accept']:.3f}, for at most {100 * th['target_far']:.2f}% of strangers' photos "
+        f"named as one of your people: calibrated at {100 * th['calibrated_far']:.2f}% on {th['impostor_scores']} "
+        f"impostor scores ({th['basis']}; {th['cohort_people']} cohort people)",
+        f"  {100 * (th['known_accept_rate'] or 0):.1f}% of validation faces accepted as the right person",
     ]
     for person, row in report["per_person"].items():
         acc = row["accuracy"]
@@ -215,4 +199,6 @@ def train_fewshot(args) -> int:
                      f"({row['val_faces']} validation faces; gallery of all {row['gallery_photos']})")
     lines.append(f"next: python -m convert --run {args.out} --out BUNDLE_DIR")
     print("\n".join(lines))
+    for warning in th["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
