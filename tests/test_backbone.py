@@ -88,7 +88,8 @@ def build_tiny(base: Path) -> dict:
     cache = base / "cache"
     timings = {}
     t0 = time.monotonic()
-    run_cli(["-m", "train", "backbone", "--photos", str(photos), "--out", str(base / "backbone"), "--weights",
+    run_cli(["-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out",
+             str(base / "backbone"), "--weights",
              str(WEIGHTS), "--cache-dir", str(cache / "crops"), "--teacher-cache", str(cache / "teacher.npz"),
              *BACKBONE_ARGS], "python -m train backbone")
     timings["backbone_s"] = time.monotonic() - t0
@@ -153,7 +154,8 @@ def test_distillation_with_the_default_rebuilt_teacher(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     link_tree(photos, {n: f[:6] for n, f in selection()["gallery"].items()})
     out = tmp_path / "backbone"
-    run_cli(["-m", "train", "backbone", "--photos", str(photos), "--out", str(out), "--weights", str(WEIGHTS),
+    run_cli(["-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out", str(out),
+             "--weights", str(WEIGHTS),
              "--cache-dir", str(tmp_path / "crops"), "--teacher-cache", str(tmp_path / "teacher.npz"),
              "--input-size", str(INPUT_SIZE), "--views", "2", "--epochs", "6", "--batch-size", "8", "--lr", "2e-3",
              "--val-people", "0.25", "-q"], "python -m train backbone (rebuilt teacher)")
@@ -168,7 +170,7 @@ def test_distillation_with_the_default_rebuilt_teacher(tmp_path: Path) -> None:
 
 
 def test_augmented_views_are_deterministic_and_vary() -> None:
-    from train.backbone import make_views
+    from train.distill import make_views
 
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:48, 0:48]
@@ -218,14 +220,15 @@ def test_teacher_tells_people_apart_on_our_crops_and_caches(tmp_path: Path) -> N
 def test_backbone_cli_reports_bad_input(tmp_path: Path) -> None:
     from train.backbone import main
 
-    assert main(["--photos", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    distil = ["--arch", "mobilenetv2"]
+    assert main([*distil, "--photos", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     (tmp_path / "empty").mkdir()
-    assert main(["--photos", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert main([*distil, "--photos", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     out = tmp_path / "full"
     out.mkdir()
     (out / "x").write_text("keep me")
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"\xff\xd8 not really")
-    assert main(["--photos", str(photos), "--out", str(out)]) == 2
+    assert main([*distil, "--photos", str(photos), "--out", str(out)]) == 2
     assert (out / "x").read_text() == "keep me"  # nothing lost without --force

@@ -89,7 +89,7 @@ def test_a_damaged_or_foreign_file_is_refused_with_one_line(tmp_path):
 
 
 def test_mobilenetv2_backbone_still_needs_photos(tmp_path):
-    res = _run("train", "backbone", "--out", str(tmp_path / "bb"), timeout=120)
+    res = _run("train", "backbone", "--arch", "mobilenetv2", "--out", str(tmp_path / "bb"), timeout=120)
     assert res.returncode == 2 and "--photos is required" in res.stderr
 
 
