@@ -7,9 +7,14 @@
 #   ./quickstart.sh setup                  only create/update the environments and fetch the detector
 #
 # Environments (created next to this script, reused on later runs):
-#   .venv         workstation: requirements-train.txt (+ requirements-dev.txt for `test`); Python >= 3.10
-#   .venv-device  the Pi's environment, requirements-device.txt only (no TensorFlow): the demo's daemon runs here
+#   .venv         workstation: requirements-train.txt (+ requirements-dev.txt for `test`); Python >= 3.10;
+#                 about 2.2 GB on disk, TensorFlow alone is a 274 MB download
+#   .venv-device  the Pi's environment, requirements-device.txt only (no TensorFlow, about 350 MB): the
+#                 demo's daemon runs here
 #   .venv-tflite  tflite-runtime 2.14 (`test` only): proves bundles still load in the old runtime
+#
+# The first run downloads about 600 MB and needs about 3 GB of free disk; it takes 5-15 minutes on a
+# laptop, most of it pip (its progress bars are shown). Later runs reuse the environments: seconds.
 #
 # Environment variables:
 #   PYTHON                    interpreter to build the venvs with (default: python3.11, else python3)
@@ -50,13 +55,40 @@ make_venv() {  # make_venv DIR: create DIR with the chosen Python unless it alre
         || die "could not create $dir; install the venv module (e.g. sudo apt install python3-venv)"
 }
 
-pip_install() {  # pip_install VENV ARGS...
-    local dir=$1; shift
-    "$dir/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "$@"
+pip_install() {  # pip_install VENV ARGS...: pip's own progress (each package, its size, a bar on a terminal)
+    local dir=$1 start rc; shift
+    start=$(date +%s)
+    set +e
+    if [ -t 1 ]; then
+        "$dir/bin/python" -m pip install --disable-pip-version-check "$@"
+        rc=$?
+    else
+        # A log file or CI: bars would be one line per redraw, and a rerun lists every package it already has.
+        "$dir/bin/python" -m pip install --disable-pip-version-check --progress-bar off "$@" \
+            | grep --line-buffered -v '^Requirement already satisfied'
+        rc=${PIPESTATUS[0]}
+    fi
+    set -e
+    [ "$rc" -eq 0 ] || die "pip install into $dir failed (exit $rc, see above); check the network and the free disk"
+    printf '    done in %s s; %s now holds %s\n' "$(( $(date +%s) - start ))" "$dir" \
+        "$(du -sh "$dir" 2>/dev/null | cut -f1)"
+}
+
+check_disk() {  # check_disk MB: warn when the disk under this folder has less free space
+    local free_mb
+    free_mb=$(df -Pm . 2>/dev/null | awk 'NR==2 {print $4}')
+    if [ -n "$free_mb" ] && [ "$free_mb" -lt "$1" ]; then
+        echo "warning: only ${free_mb} MB free here; the environments need about ${1} MB" >&2
+    fi
 }
 
 setup_workstation() {  # setup_workstation REQUIREMENTS_FILE
-    say "workstation environment $VENV from $1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "workstation environment $VENV from $1: first time, about 2.2 GB (TensorFlow is a 274 MB download), 5-15 min"
+        check_disk 3000
+    else
+        say "workstation environment $VENV from $1 (already there: only what changed is installed)"
+    fi
     make_venv "$VENV"
     pip_install "$VENV" -r "$1"
     say "face detector (python -m models fetch)"
@@ -64,7 +96,7 @@ setup_workstation() {  # setup_workstation REQUIREMENTS_FILE
 }
 
 setup_device() {
-    say "device environment $DEVICE_VENV from requirements-device.txt (what the Pi installs; no TensorFlow)"
+    say "device environment $DEVICE_VENV from requirements-device.txt (what the Pi installs; no TensorFlow, ~350 MB)"
     make_venv "$DEVICE_VENV"
     pip_install "$DEVICE_VENV" -r requirements-device.txt
 }
