@@ -1,9 +1,9 @@
 """Few-shot accuracy side by side: faceberry's bundle vs face_recognition (dlib), same split.
 
-    nice python bench/accuracy.py                          # train, convert int8, eval, and the peer
-    nice python bench/accuracy.py --bundle-from BUNDLE_DIR # evaluate a bundle built elsewhere
-    nice python bench/accuracy.py --bundle-from RUN_DIR    # convert a run (e.g. --backbone) and evaluate
-    nice python bench/accuracy.py --backbone BACKBONE_DIR  # train few-shot on a face-aware backbone
+    nice python -m bench.accuracy                          # train, convert int8, eval, and the peer
+    nice python -m bench.accuracy --bundle-from BUNDLE_DIR # evaluate a bundle built elsewhere
+    nice python -m bench.accuracy --bundle-from RUN_DIR    # convert a run (e.g. --backbone) and evaluate
+    nice python -m bench.accuracy --backbone BACKBONE_DIR  # train few-shot on a face-aware backbone
 
 Protocol (bench/protocol.py): lfw-dev people with ≥ 20 photos, 10 photos each for training, the rest as
 probes; the other people are split by person into training negatives and held-out strangers.
@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     RESULTS,

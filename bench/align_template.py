@@ -1,7 +1,7 @@
 """Re-derive device.preprocess.DLIB_TEMPLATE ("dlib-chip-v1"), and check which alignment suits dlib's ResNet.
 
-    nice python bench/align_template.py                          # derive the template, compare with the constant
-    nice python bench/align_template.py --check BACKBONE_DIR     # ... and the protocol accuracy per alignment
+    nice python -m bench.align_template                          # derive the template, compare with the constant
+    nice python -m bench.align_template --check BACKBONE_DIR     # ... and the protocol accuracy per alignment
 
 Derivation: for every 3rd lfw-dev photo (sorted paths; 250×250 only) where BlazeFace
 (device.detector.FaceDetector, models/face_detection_short_range.tflite) finds exactly one face and dlib's
@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, table, write_result
 from bench.protocol import LFW_DEV, make_split

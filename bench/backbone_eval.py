@@ -1,6 +1,6 @@
 """A distilled backbone on the few-shot protocol, in float, next to its teacher on the same crops.
 
-    nice python bench/backbone_eval.py --backbone BACKBONE_DIR [--name NAME]
+    nice python -m bench.backbone_eval --backbone BACKBONE_DIR [--name NAME]
 
 Protocol (bench/protocol.py): lfw-dev people with ≥ 20 photos, 10 photos each → per-person centroid,
 the rest as probes; training negatives calibrate a cosine threshold at --target-far, held-out
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, machine, write_result
 from bench.protocol import LFW_DEV, make_split

@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first on the path, not the repo root
-    sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = Path(os.environ.get("FACEBERRY_SHARED", ROOT.parent / "shared")).resolve() / "data"
 RESULTS = ROOT / "bench" / "results"

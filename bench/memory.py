@@ -1,6 +1,6 @@
 """Size and memory: the bundle on disk, and the daemon's RSS and start-up time on a real video.
 
-    python bench/memory.py --bundle BUNDLE_DIR [--seconds 30] [--video PATH] [--threads 2]
+    python -m bench.memory --bundle BUNDLE_DIR [--seconds 30] [--video PATH] [--threads 2]
 
 Starts a throw-away mosquitto on a loopback port, writes a device config (camera = the video file,
 played at its own frame rate like a live camera, looping), runs the real daemon (`python -m device run
@@ -29,8 +29,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, ROOT, SHARED_DATA, LocalBroker, describe, machine, table, write_result
 

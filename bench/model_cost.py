@@ -1,6 +1,6 @@
 """Compute per face of each classifier faceberry can ship: multiply-accumulates, weights, int8 invoke time.
 
-    nice python bench/model_cost.py [--runs 200]
+    nice python -m bench.model_cost [--runs 200]
 
 A Raspberry Pi was not available to time the models on; this script gives what carries over to one: the
 multiply-accumulate count (counted from the layer shapes, so it is exact and machine-independent) and the
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, stats, table, write_result
 

@@ -1,6 +1,6 @@
 """Draw the docs' plots from the benchmark results (bench/results/*.json → docs/*.png).
 
-    python bench/plots.py            # after bench/accuracy.py and bench/speed.py
+    python -m bench.plots            # after python -m bench.accuracy and bench/speed.py
 
 - docs/bench-accuracy.png: known-person accuracy against the stranger false-accept rate as the
   threshold sweeps, faceberry vs face_recognition, with each system's shipped operating point.
@@ -14,8 +14,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, ROOT
 
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_speed(json.loads(args.speed.read_text()), args.out / "bench-speed.png")
         done += 1
     if not done:
-        print("error: no results to plot ; run bench/accuracy.py and bench/speed.py first", file=sys.stderr)
+        print("error: no results to plot ; run python -m bench.accuracy and bench/speed.py first", file=sys.stderr)
         return 2
     print(f"wrote {done} plot(s) under {args.out}")
     return 0

@@ -6,7 +6,7 @@ to learn `unknown` and calibrate the threshold) and `strangers` (never seen in t
 accepts are counted on them). Photos are shuffled per person with a fixed seed, so the split depends
 only on the file names and the seed.
 
-    python bench/protocol.py --dest /tmp/split      # materialise it (symlinks) and print a summary
+    python -m bench.protocol --dest /tmp/split      # materialise it (symlinks) and print a summary
 
 Layout under DEST (symlinks into ../shared, or copies with --copy):
     train/<person>/        10 photos of each known person      → python -m train --photos
@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SHARED_DATA
 

@@ -1,7 +1,7 @@
 """float32 vs float16 vs int8 bundles of one training run: accuracy, agreement, size and speed.
 
-    nice python bench/quantization.py                     # the run bench/accuracy.py trains (reused)
-    nice python bench/quantization.py --run RUN_DIR       # any training run
+    nice python -m bench.quantization                     # the run python -m bench.accuracy trains (reused)
+    nice python -m bench.quantization --run RUN_DIR       # any training run
 
 Each quantisation is built with `python -m convert --quantization Q` and measured with
 `python -m device eval` on the accuracy protocol's probes (bench/protocol.py), so accuracy and
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accuracy import LFW_DEV, SHARED_WEIGHTS, bundle_size, convert_run, device_eval, train_run
 from bench.common import RESULTS, describe, fmt_ms, machine, pct, stats, table, write_result

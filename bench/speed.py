@@ -1,7 +1,7 @@
 """Pipeline speed per stage on real frames, the bare model invokes, and the dlib peer — one run.
 
-    python bench/speed.py --bundle BUNDLE_DIR            # 1 and 2 threads, peer if installed
-    python bench/speed.py --bundle BUNDLE_DIR --no-peer --threads 1
+    python -m bench.speed --bundle BUNDLE_DIR            # 1 and 2 threads, peer if installed
+    python -m bench.speed --bundle BUNDLE_DIR --no-peer --threads 1
 
 Frame sets: ../shared/data/video/short_hamilton_clip.mp4 (640×360), the Intel clips (480×270),
 and 640×480 and 1280×720 versions of ../shared/data/photos/scenes (JPEG-encoded in memory, the way
@@ -38,8 +38,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     PEER_WORKER,
