@@ -47,13 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "models/face_detection_short_range.tflite)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
+                   help="how much to log (default INFO, WARNING with -q); DEBUG also shows TensorFlow's start-up lines")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    level = args.log_level or ("WARNING" if args.quiet else "INFO")
+    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
     from convert.build import ConvertError, convert_run
     from device.runtime import ModelError
 
