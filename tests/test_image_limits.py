@@ -257,3 +257,24 @@ def test_eval_skips_hostile_files_with_one_line_each(tiny_bundle, heldout_photos
     assert len(result["probes"]) == len(good)
     lines = [r.getMessage() for r in caplog.records if "MP limit" in r.getMessage()]
     assert len(lines) == 2 and all(len(line.splitlines()) == 1 for line in lines)
+
+
+def test_the_folder_camera_skips_hostile_files_once_and_keeps_going(tmp_path, bomb, caplog):
+    from device.camera import FolderSource
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(2):
+        assert cv2.imwrite(str(folder / f"good{i}.jpg"), np.full((48, 64, 3), 60 * (i + 1), np.uint8))
+    (folder / "good0b_liar.png").write_bytes(png_claiming(60000, 60000))
+    shutil.copyfile(bomb, folder / "good1b_bomb.png")
+    source = FolderSource(folder, loop=False)
+    source.open()
+    with caplog.at_level(logging.WARNING, logger="device.camera"):
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    assert [f.shape for f in frames] == [(48, 64, 3), (48, 64, 3)]
+    assert sorted(Path(p).name for p in source.skipped) == ["good0b_liar.png", "good1b_bomb.png"]
+    lines = [r.getMessage() for r in caplog.records if "MP limit" in r.getMessage()]
+    assert len(lines) == 2 and all(len(line.splitlines()) == 1 for line in lines)

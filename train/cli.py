@@ -19,10 +19,11 @@ from pathlib import Path
 from device.preprocess import DEFAULT_INPUT_SIZE
 
 EPILOG = """\
-Photos: DIR/<person>/*.jpg|jpeg|png, one folder per person. Each photo must show that person's face
-clearly; photos with no face, several faces of similar size, a face too small or an unreadable file are
-skipped and listed in RUN_DIR/skipped.json (a summary is printed). An empty person folder is ignored with a
-warning; a person with fewer than --min-photos usable photos is an error. A folder named `unknown`
+Photos: DIR/<person>/*.jpg (or .jpeg .png .bmp .webp .tif .tiff), one folder per person. Each photo must
+show that person's face clearly; photos with no face, several faces of similar size, a face too small, an
+unreadable file or one over 40 megapixels are skipped and listed in RUN_DIR/skipped.json (a summary is
+printed). An empty person folder is ignored with a warning; a person with fewer than --min-photos usable
+photos is an error. A folder named `unknown`
 (or --negatives DIR) holds other people's faces: part of them trains an `unknown` class, the rest, never
 trained on, calibrate the accept threshold.
 

@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
 from train.backbone import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
@@ -116,7 +117,7 @@ def collect_groups(photos: Path, exclude: set[str]) -> dict[str, list[Path]]:
         if files:
             groups[sub.name] = files
     if not groups:
-        raise BackboneError(f"no photos (.jpg, .jpeg, .png) in {photos} or its sub-folders; add face photos")
+        raise BackboneError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {photos} or its sub-folders; add face photos")
     return groups
 
 

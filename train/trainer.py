@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ALIGN_TEMPLATE_NAME, Preprocessing, normalize
 from train.calibrate import UNKNOWN, calibrate, decisions
 from train.crops import (
@@ -72,7 +73,7 @@ def collect_inputs(photos: Path, negatives: Path | None) -> tuple[Files, Files, 
             raise TrainError(f"--negatives folder not found: {negatives}; pass a folder of other people's face photos")
         neg_groups.update({f"negatives/{k}" if k else "negatives": v for k, v in _negative_files(negatives).items()})
     for name in [n for n, files in people.items() if not files]:
-        warnings.append(f"{photos / name} has no photos (.jpg, .jpeg, .png): ignored")
+        warnings.append(f"{photos / name} has no photos ({', '.join(IMAGE_SUFFIXES)}): ignored")
         people.pop(name)
     if not people:
         raise TrainError(f"no person folders with photos in {photos}; put photos in {photos}/<person>/*.jpg")
