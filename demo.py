@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device.contract import UNKNOWN, list_images
+
 ROOT = Path(__file__).resolve().parent
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEVICE_ID = "demo"
-UNKNOWN = "unknown"
 
 # Sizes of the two presets. "standard" is what the README's demo runs; "quick" is for CI and impatient people.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -72,7 +72,7 @@ def stage(title: str) -> None:
 
 
 def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return list_images(folder)
 
 
 def people_in(photos: Path) -> dict[str, list[Path]]:
@@ -193,6 +193,7 @@ class Plan:
     negatives_dir: Path
     test_dir: Path
     camera_dir: Path
+    cohort_dir: Path | None = None  # every other person who is not a stranger at the camera
     visits: list[Visit] = field(default_factory=list)
     screened_out: list[str] = field(default_factory=list)
 
@@ -230,9 +231,16 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
         raise DemoError(f"{photos} has too few other people to act as strangers")
 
     plan = Plan(people, work / "photos", work / "negatives", work / "test", work / "camera")
-    for d in (plan.train_dir, plan.negatives_dir, plan.test_dir, plan.camera_dir):
+    plan.cohort_dir = work / "cohort-faces"
+    for d in (plan.train_dir, plan.negatives_dir, plan.test_dir, plan.camera_dir, plan.cohort_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
+    # The stranger cohort that calibrates `unknown`: people who are neither the household nor the strangers
+    # the camera will see (a user builds theirs from LFW: `python -m train cohort --lfw`).
+    for name in others[preset["strangers"]:]:
+        (plan.cohort_dir / name).mkdir()
+        for img in everyone[name]:
+            (plan.cohort_dir / name / img.name).symlink_to(img.resolve())
     detector = FaceDetector(default_detector_path(), min_face_size=40)
     shows: list[tuple[Path, str, bool]] = []
     for person in people:
@@ -592,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             t_backbone = run_logged(
                 [sys.executable, "-m", "train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone),
                  "--force"], work / "backbone.log", "face backbone (dlib's ResNet, rebuilt)", env)
+            t_backbone += run_logged(
+                [sys.executable, "-m", "train", "cohort", "--backbone", str(backbone), "--photos",
+                 str(plan.cohort_dir), "--max-per-person", "20"], work / "cohort.log",
+                "stranger cohort (other people's faces, embeddings only)", env)
         elif args.backbone != "none":
             backbone = Path(args.backbone)
         timings["training"] = t_backbone + run_logged(

@@ -29,38 +29,29 @@ import numpy as np
 
 from bench.common import RESULTS, machine, write_result
 from bench.protocol import LFW_DEV, make_split
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _threshold(impostor: np.ndarray, target: float) -> float:
-    s = np.sort(impostor)[::-1]
-    allowed = int(np.floor(target * len(s) + 1e-9))
-    return float(np.nextafter(s[allowed], np.inf)) if allowed < len(s) else 0.0
+from device.contract import l2_normalize, threshold_for_far
 
 
 def score(train_x, train_y, test_x, test_y, neg_x, str_x, target: float, head: str = "centroid") -> dict[str, Any]:
     people = sorted(set(train_y))
     if head == "centroid":
-        gal = _unit(np.stack([_unit(train_x[np.array(train_y) == p]).mean(0) for p in people]))
+        gal = l2_normalize(np.stack([l2_normalize(train_x[np.array(train_y) == p]).mean(0) for p in people]))
 
         def best(x):
-            sims = _unit(x) @ gal.T
+            sims = l2_normalize(x) @ gal.T
             i = sims.argmax(1)
             return np.array(people)[i], sims[np.arange(len(x)), i]
     else:
         from sklearn.linear_model import LogisticRegression
 
-        clf = LogisticRegression(C=10.0, max_iter=2000).fit(_unit(train_x), train_y)
+        clf = LogisticRegression(C=10.0, max_iter=2000).fit(l2_normalize(train_x), train_y)
 
         def best(x):
-            p = clf.predict_proba(_unit(x))
+            p = clf.predict_proba(l2_normalize(x))
             i = p.argmax(1)
             return clf.classes_[i], p[np.arange(len(x)), i]
     _, neg_s = best(neg_x)
-    th = _threshold(neg_s, target)
+    th = threshold_for_far(neg_s, target)
     pred, s = best(test_x)
     _, str_s = best(str_x)
     right = pred == np.array(test_y)
@@ -110,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     persons = [role_of[k][1] for k in cs.labels]
     student = model.predict(normalize(cs.crops, prep), batch_size=64, verbose=0)
     teacher = (label_crops(cs.crops, TeacherCache(args.teacher_cache), kind=cfg["teacher"].get("kind", "dlib"))
-               if distilled else _unit(student))
+               if distilled else l2_normalize(student))
     mean = np.array(cfg["teacher"]["mean"] if distilled else np.zeros(student.shape[1]), dtype=np.float32)
-    cos = np.sum(_unit(student) * _unit(teacher - mean), axis=1)
+    cos = np.sum(l2_normalize(student) * l2_normalize(teacher - mean), axis=1)
     was_seen = np.array([p in seen for p in persons])
 
     def pick(x, role):
@@ -137,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = [(f"{who} float (centroid)", student, "centroid"),
                (f"{who} float + logistic-regression head", student, "logreg")]
     if distilled:
-        systems.insert(0, ("teacher dlib on our crops (centroid)", _unit(teacher), "centroid"))
+        systems.insert(0, ("teacher dlib on our crops (centroid)", l2_normalize(teacher), "centroid"))
     for name, emb, head in systems:
         tr_x, tr_y = pick(emb, "train")
         te_x, te_y = pick(emb, "test")

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import SHARED_DATA
+from device.contract import list_images
 
 LFW_DEV = SHARED_DATA / "faces" / "lfw-dev"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Split:
 
 
 def _photos(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return [p.name for p in list_images(folder)]
 
 
 def make_split(source: Path = LFW_DEV, seed: int = 0, min_photos: int = 20, train_per_person: int = 10,

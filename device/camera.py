@@ -27,11 +27,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class CameraError(RuntimeError):

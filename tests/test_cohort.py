@@ -147,3 +147,25 @@ def test_enroll_recalibrates_on_the_bundle_cohort(household, tmp_path):
     # One more person for every cohort face to resemble: the best-match scores can only rise.
     assert after["accept"] >= before["accept"]
     assert after["impostor_scores"] >= 1000 and after["basis"].startswith("stranger cohort")
+
+
+def test_convert_and_device_accept_the_same_faces(household):
+    """convert.verify's decisions (what the bundle was checked with) equal the device classifier's and the
+    contract's, on the run's real crops and on strangers, at several thresholds."""
+    from convert.verify import gallery_decisions
+    from device.bundle import load_bundle
+    from device.classifier import FaceClassifier
+    from device.contract import accept_all, best_match
+
+    bundle = load_bundle(household["bundle"])
+    clf = FaceClassifier(bundle)
+    with np.load(household["run"] / "crops.npz") as c:
+        emb = np.stack([clf.raw(x) for x in c["crops"]])
+    scores = [clf.decide(e).score for e in emb]
+    for threshold in (float(np.min(scores)), float(np.median(scores)), bundle.accept_threshold, 0.9999):
+        clf.threshold = threshold
+        device = [clf.decide(e).label for e in emb]
+        convert, _ = gallery_decisions(emb, bundle.gallery_embeddings, bundle.gallery_labels, threshold)
+        contract = accept_all(*best_match(emb, clf.gallery, list(clf.gallery_labels)), threshold)
+        assert device == convert == contract
+    assert len(set(device)) >= 1

@@ -1,0 +1,66 @@
+"""One contract: train's, convert's and device's decisions are the same on the same photos.
+
+The rules live once in device/contract.py; these tests run each stage's own code on real photos and
+hold the answers equal: which face of a photo is its subject (train's crops, `device enroll`,
+`device eval`). Accept-or-unknown (convert's verification = the device's classifier = the contract) is
+held equal in tests/test_cohort.py, on the int8 bundle built there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SHARED_DATA
+
+SCENES = SHARED_DATA / "photos" / "scenes"
+LFW = SHARED_DATA / "faces" / "lfw-dev"
+
+
+def _photos() -> list[Path]:
+    if not SCENES.is_dir() or not LFW.is_dir():
+        pytest.skip(f"{SCENES} or {LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+    lfw = [p for d in sorted(LFW.iterdir())[:12] for p in sorted(d.glob("*.jpg"))[:3]]
+    return sorted(SCENES.glob("*.jpg")) + sorted(SCENES.glob("*.png")) + lfw
+
+
+def test_each_rule_is_defined_once():
+    """git grep finds no second definition of a contract rule outside device/contract.py."""
+    patterns = [r"^UNKNOWN = ", r"^IMAGE_SUFFIXES = ", r"^DOMINANCE = ", r"def _threshold_for\b", r"def l2n\b",
+                r"def _unit\b"]
+    for pattern in patterns:
+        res = subprocess.run(["git", "grep", "-n", "-E", pattern, "--", "*.py"], cwd=ROOT, capture_output=True,
+                             text=True)
+        hits = [line for line in res.stdout.splitlines() if not line.startswith("device/contract.py:")]
+        assert not hits, f"{pattern} defined outside device/contract.py: {hits}"
+
+
+def test_train_enroll_and_eval_pick_the_same_subject_face(detector_path):
+    from device.contract import SEVERAL_FACES, subject_face
+    from device.detector import FaceDetector
+    from device.enroll import usable_crops
+    from device.preprocess import load_image
+    from train.crops import CropMaker
+
+    photos = _photos()
+    size, min_face = 150, 40
+    maker = CropMaker(size, detector_path, cache_dir=None, min_face_size=min_face, alignment="dlib-chip-v1")
+    detector = FaceDetector(detector_path, min_face_size=0)
+    outcomes = {"used": 0, "several": 0}
+    for path in photos:
+        train_crop, train_why = maker.crop_file(path)
+        enroll_crops, refused = usable_crops([path], detector, size, min_face, "dlib-chip-v1")
+        # device eval sees the daemon's faces (those at least min_face wide) and applies the same rule.
+        daemon_faces = [f for f in FaceDetector(detector_path, min_face_size=min_face).detect(load_image(path))]
+        _, eval_why = subject_face(daemon_faces, 0)
+        assert (train_crop is None) == (not enroll_crops), (path, train_why, refused)
+        if train_crop is not None:
+            assert np.array_equal(train_crop, enroll_crops[0]), path
+            outcomes["used"] += 1
+        if train_why == SEVERAL_FACES:
+            assert eval_why == SEVERAL_FACES and SEVERAL_FACES in refused[0][1], path
+            outcomes["several"] += 1
+    assert outcomes["used"] >= 30 and outcomes["several"] >= 1, outcomes  # two_people.jpg
