@@ -72,7 +72,9 @@ class _Progress:
         self.total, self.label, self.enabled = total, label, enabled and total > 0
         self.tty = sys.stderr.isatty()
         self.start = time.monotonic()
-        self.last = -1.0
+        # On a terminal the bar appears at once; in a log the first line waits for the first interval,
+        # so a fast run writes only its final line.
+        self.last = -1.0 if self.tty else self.start
 
     def update(self, done: int) -> None:
         if not self.enabled:
