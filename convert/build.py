@@ -34,6 +34,10 @@ class ConvertError(RuntimeError):
     """A run or bundle problem; the message names it and the fix."""
 
 
+class AccuracyDropError(ConvertError):
+    """The converted model loses too much accuracy against the float one (a lighter quantization may not)."""
+
+
 @dataclass
 class Run:
     root: Path
@@ -254,7 +258,7 @@ def _check_drop(agreement: dict[str, Any], quantization: str, max_drop: float, m
         drop = 100.0 * (f_acc - q_acc)
         agreement["accuracy_drop_points"] = round(drop, 2)
         if drop > max_drop:
-            raise ConvertError(
+            raise AccuracyDropError(
                 f"{quantization} model is {drop:.1f} points less accurate than float on validation faces "
                 f"({100 * q_acc:.1f}% vs {100 * f_acc:.1f}%, allowed {max_drop:g}); no bundle written — "
                 "train with more photos, try --quantization float16, or raise --max-drop"

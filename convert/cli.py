@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, type=Path, help="training run directory from `python -m train`")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create (must be empty or absent)")
-    p.add_argument("--quantization", choices=("int8", "float16", "float32"), default="int8",
-                   help="int8: full-integer, fastest on a Pi (default); float16: half the float size; "
-                   "float32: as trained")
+    p.add_argument("--quantization", choices=("int8", "float16", "float32"), default=None,
+                   help="int8: full-integer, fastest on a Pi (default; when it fails the accuracy check, float16 "
+                   "is built instead, and said so); float16: half the float size; float32: as trained")
     p.add_argument("--max-drop", type=float, default=2.0,
                    help="refuse the bundle if the converted model's validation accuracy is more than this many "
                    "percentage points below the float model's (default 2.0)")
@@ -57,18 +57,32 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level or ("WARNING" if args.quiet else "INFO")
     logging.basicConfig(level=getattr(logging, level), format="%(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
-    from convert.build import ConvertError, convert_run
+    from convert.build import AccuracyDropError, ConvertError, convert_run
     from device.runtime import ModelError
 
-    try:
-        manifest = convert_run(
-            args.run, args.out, quantization=args.quantization, max_drop=args.max_drop,
+    def convert(quantization: str) -> dict:
+        return convert_run(
+            args.run, args.out, quantization=quantization, max_drop=args.max_drop,
             min_agreement=args.min_agreement, calibration_samples=args.calibration_samples,
             detector=args.detector, force=args.force, recalibrate=not args.keep_threshold,
         )
+
+    chosen = args.quantization or "int8"
+    try:
+        try:
+            manifest = convert(chosen)
+        except AccuracyDropError as exc:
+            if args.quantization is not None:
+                raise
+            # A user who did not ask for int8 still gets a bundle: float16 keeps the float accuracy at
+            # twice the size and about the float speed on a Pi.
+            print(f"warning: {exc}; building float16 instead (pass --quantization int8 to refuse)", file=sys.stderr)
+            chosen = "float16"
+            manifest = convert(chosen)
     except (ConvertError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.quantization = chosen
     ag = manifest["metrics"]["agreement"]
 
     def pct(v):

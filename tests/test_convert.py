@@ -223,3 +223,28 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     crop = np.load(run / "crops.npz")["crops"][0]
     pred = clf.classify(crop)
     assert pred.best in bundle.labels and -1.0 <= pred.score <= 1.0
+
+
+def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tiny_run, tmp_path, capsys, monkeypatch):
+    """The card's MobileNetV2 path must not dead-end: an int8 model refused for its accuracy drop gives a
+    float16 bundle with a warning, unless int8 was asked for explicitly."""
+    import convert.build
+    from convert import cli
+
+    real = convert.build.convert_run
+
+    def int8_always_drops(*args, **kwargs):
+        if kwargs["quantization"] == "int8":
+            raise convert.build.AccuracyDropError("int8 model is 16.0 points less accurate than float")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert.build, "convert_run", int8_always_drops)
+    out = tmp_path / "bundle"
+    assert cli.main(["--run", str(tiny_run), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "building float16 instead" in err
+    from device.bundle import load_bundle
+
+    assert load_bundle(out).manifest["classifier"]["quantization"] == "float16"
+    assert cli.main(["--run", str(tiny_run), "--out", str(tmp_path / "b2"), "--quantization", "int8", "-q"]) == 2
+    assert not (tmp_path / "b2").exists()
