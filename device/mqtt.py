@@ -143,9 +143,13 @@ def explain_refusal(reason: Any, cfg: Any) -> tuple[str, str]:
         return "auth", (f"the broker {where} refused the login ({text}): check mqtt.username and the password "
                         "in mqtt.password_file")
     if "not authori" in lowered:
-        who = f"user {cfg.username!r}" if cfg.username else "anonymous clients"
-        return "not-authorized", (f"the broker {where} does not authorise {who} ({text}): set mqtt.username "
-                                  "and mqtt.password_file, or allow this client in the broker's configuration")
+        if cfg.username:
+            # mosquitto answers a wrong password with "Not authorized" too: name both suspects.
+            return "not-authorized", (f"the broker {where} refused the login of user {cfg.username!r} ({text}): "
+                                      "check mqtt.username and the password in mqtt.password_file, and the "
+                                      "broker's ACL for this user")
+        return "not-authorized", (f"the broker {where} does not authorise anonymous clients ({text}): set "
+                                  "mqtt.username and mqtt.password_file")
     if "identifier" in lowered:
         return "client-id", f"the broker {where} rejected the client id ({text}); set mqtt.client_id"
     if "protocol" in lowered:

@@ -196,3 +196,54 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+# --- TLS and passwords ---------------------------------------------------------------------------------------
+
+class TlsFiles:
+    """A test CA, a server certificate for `localhost` (only that name) signed by it, and an unrelated CA."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca = root / "ca.crt"
+        self.server_cert = root / "server.crt"
+        self.server_key = root / "server.key"
+        self.other_ca = root / "other-ca.crt"
+
+    def listener_config(self) -> str:
+        return f"cafile {self.ca}\ncertfile {self.server_cert}\nkeyfile {self.server_key}\n"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {proc.stderr[-500:]}")
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """Certificates made with the openssl command (skips when it is absent)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: the TLS tests make their own test CA with it")
+    files = TlsFiles(tmp_path_factory.mktemp("tls"))
+    root = files.root
+    for name in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=faceberry test {name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=root)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+             "-out", "server.csr", cwd=root)
+    (root / "san.ext").write_text("subjectAltName=DNS:localhost\n", encoding="utf-8")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", "san.ext", "-out", "server.crt", cwd=root)
+    return files
+
+
+def password_file(directory: Path, user: str, password: str) -> Path:
+    """A mosquitto password file (hashed by mosquitto_passwd) holding one user."""
+    path = directory / "passwd"
+    binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(binary).is_file():
+        pytest.skip("mosquitto_passwd is not installed (it comes with mosquitto)")
+    subprocess.run([binary, "-c", "-b", str(path), user, password], check=True, capture_output=True)
+    path.chmod(0o644)  # mosquitto may run as another user; these are test credentials
+    return path

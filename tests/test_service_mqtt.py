@@ -483,3 +483,111 @@ def test_daemon_sigkilled_while_the_broker_is_down_delivers_every_event_after_a_
 
 def encode_event(event: dict) -> bytes:
     return json.dumps(event).encode()
+
+
+# --- loud failures: each reason in the log once, with its fix, and in the stats ------------------------------
+
+def tls_cfg(broker, ca, host: str = "localhost", tls: bool = True, **extra):
+    from device.config import MqttConfig, TlsConfig
+
+    return MqttConfig(host=host, port=broker.port, keepalive=5, reconnect_min_delay=1, reconnect_max_delay=1,
+                      tls=TlsConfig(enabled=tls, ca=str(ca) if tls else None), **extra)
+
+
+def failing(cfg, tmp_path, caplog, attempts: int = 3, password: str | None = None) -> tuple[MqttPublisher, list]:
+    """Start a publisher that cannot connect; after `attempts` tries return it and its ERROR/WARNING lines."""
+    pub = MqttPublisher(cfg, "loud", password=password, outbox=tmp_path / "o.sqlite3")
+    with caplog.at_level(logging.WARNING, logger="device.mqtt"):
+        pub.start()
+        deadline = time.monotonic() + 30
+        while pub._failures.attempts < attempts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pub.stop(timeout=0.5)
+    lines = [r for r in caplog.records if r.name == "device.mqtt" and r.levelno >= logging.WARNING]
+    return pub, lines
+
+
+@pytest.fixture
+def tls_broker(mosquitto_factory, tls_files):
+    return mosquitto_factory(extra_config=tls_files.listener_config())
+
+
+def test_tls_with_the_right_ca_and_name_connects(tls_broker, tls_files, tmp_path) -> None:
+    pub = MqttPublisher(tls_cfg(tls_broker, tls_files.ca), "tlsok", outbox=tmp_path / "o.sqlite3")
+    pub.start()
+    try:
+        assert pub.wait_connected(15), pub.last_error
+        assert pub.publish("faceberry/tlsok/events", "x") and pub.flush(10)
+        assert pub.stats()["state"] == "connected"
+    finally:
+        pub.stop(timeout=2)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("wrong-ca", r"not trusted .*set mqtt\.tls\.ca"),
+    ("wrong-name", r"not valid for the name '127\.0\.0\.1'.*set mqtt\.host"),
+    ("plain-on-tls-port", r"closed the connection before answering.*set mqtt\.tls\.enabled: true"),
+])
+def test_tls_failures_name_the_reason_and_the_fix_once(case, expected, tls_broker, tls_files, tmp_path,
+                                                       caplog) -> None:
+    cfg = {"wrong-ca": tls_cfg(tls_broker, tls_files.other_ca),
+           "wrong-name": tls_cfg(tls_broker, tls_files.ca, host="127.0.0.1"),
+           "plain-on-tls-port": tls_cfg(tls_broker, None, host="127.0.0.1", tls=False)}[case]
+    pub, lines = failing(cfg, tmp_path, caplog)
+    assert pub._failures.attempts >= 3 or pub.connects == 0
+    matching = [r for r in lines if re.search(expected, r.getMessage())]
+    # Said at once, as an ERROR, and not again at every retry.
+    assert len(matching) == 1, [r.getMessage() for r in lines]
+    assert matching[0].levelno == logging.ERROR
+    assert pub.connects == 0 and re.search(expected, pub.stats()["error"])
+    assert pub.stats()["state"] == "error"
+
+
+def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_factory, tmp_path, caplog) -> None:
+    from tests.fixtures_broker import password_file
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    broker = mosquitto_factory(anonymous=False, extra_config=f"password_file {password_file(secrets, 'door', 'right')}")
+    pub, lines = failing(tls_cfg(broker, None, host="127.0.0.1", tls=False, username="door"), tmp_path, caplog,
+                         password="wrong")
+    refused = [r for r in lines if "refused the login" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert "mqtt.password_file" in refused[0].getMessage() and pub.connects == 0
+    assert "refused the login" in pub.stats()["error"]
+
+    caplog.clear()
+    anon_dir = tmp_path / "anon"
+    anon_dir.mkdir()
+    pub, lines = failing(tls_cfg(broker, None, host="127.0.0.1", tls=False), anon_dir, caplog)
+    assert [r.getMessage() for r in lines if "does not authorise anonymous clients" in r.getMessage()], \
+        [r.getMessage() for r in lines]
+
+    # The right password connects: the failures were about the password, not the broker.
+    ok = MqttPublisher(tls_cfg(broker, None, host="127.0.0.1", tls=False, username="door"), "auth", password="right",
+                       outbox=tmp_path / "ok.sqlite3")
+    ok.start()
+    try:
+        assert ok.wait_connected(10)
+    finally:
+        ok.stop(timeout=2)
+
+
+def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, tiny_bundle, heldout_photos) -> None:
+    from device.config import load_config
+    from device.mqtt import MqttError
+    from device.service import Service
+
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
+    cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                                   {"device": str(tmp_path / "camera"), "loop": True}))
+    pub = MqttPublisher(cfg.mqtt, DEVICE, outbox=tmp_path / "o.sqlite3")
+
+    def broken_hook() -> None:  # a bug in a callback, raised in paho's network thread
+        raise KeyError("boom")
+
+    pub.on_connect(broken_hook)
+    service = Service(cfg, publisher=pub)
+    with pytest.raises(MqttError, match="the MQTT client stopped: KeyError"):
+        service.run()
+    assert pub.fatal is not None
