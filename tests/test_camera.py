@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -298,3 +300,115 @@ def test_capture_thread_is_a_daemon_and_named() -> None:
     drain(capture)
     capture.stop()
     assert not any(t.name == "capture" for t in threading.enumerate())
+
+
+# --- supervision: a live camera that goes away comes back; files that go away are errors ----------------------
+
+class Unpluggable(FrameSource):
+    """A fake live camera (the hardware is what is faked): `plugged` decides whether it opens and delivers."""
+
+    def __init__(self) -> None:
+        self.plugged = threading.Event()
+        self.plugged.set()
+        self.opens = 0
+        self.k = 0
+
+    def open(self) -> None:
+        if not self.plugged.is_set():
+            raise CameraError("no such device")
+        self.opens += 1
+
+    def read(self) -> np.ndarray | None:
+        if not self.plugged.is_set():
+            raise CameraError("cable unplugged")
+        self.k += 1
+        time.sleep(0.005)
+        return np.full((4, 4, 3), self.k % 256, np.uint8)
+
+
+def test_a_live_camera_that_fails_is_reopened_and_the_outage_is_logged_once_each_way(caplog) -> None:
+    source = Unpluggable()
+    capture = Capture(source, queue_size=2, reopen_min_s=0.05, reopen_max_s=0.2)
+    with caplog.at_level(logging.INFO, logger="device.camera"):
+        capture.start()
+        assert capture.get(timeout=5) is not None
+        source.plugged.clear()
+        deadline = time.monotonic() + 10
+        while not capture.out_now and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert capture.out_now and capture.outages == 1
+        # Several failed reopen attempts while it is out, none of them an error for the consumer.
+        while capture.reopen_attempts < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert capture.reopen_attempts >= 4 and capture.outage_reason == "no such device"
+        source.plugged.set()
+        while capture.out_now and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = capture.captured
+        frames = [capture.get(timeout=5) for _ in range(5)]
+        capture.stop()
+    assert all(f is not None for f in frames) and capture.captured > before
+    assert capture.outages == 1 and source.opens == 2 and capture.last_outage_s > 0
+    lost = [r for r in caplog.records if "lost: cable unplugged" in r.getMessage()]
+    back = [r for r in caplog.records if re.search(r"is back after [\d.]+ s out", r.getMessage())]
+    assert len(lost) == 1 and len(back) == 1  # not one line per reopen attempt
+
+
+def test_a_deleted_folder_is_an_error_not_the_end_of_the_stream(tmp_path: Path) -> None:
+    folder = tmp_path / "camera"
+    for i in range(4):
+        write_png(folder / f"{i}.png", (i, i, i))
+    capture = Capture(FolderSource(folder, loop=True), queue_size=1).start()
+    assert capture.get(timeout=5) is not None
+    shutil.rmtree(folder)
+    with pytest.raises(CameraError, match=r"image folder .* disappeared"):
+        drain(capture)
+    capture.stop()
+
+
+def write_clip(path: Path, frames: int = 5) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("delete", "was deleted while it was played"),
+    ("truncate", "cut short while it was played"),
+])
+def test_a_looping_video_deleted_or_truncated_stops_with_one_clear_error(tmp_path: Path, damage: str,
+                                                                          message: str) -> None:
+    path = tmp_path / "clip.avi"
+    write_clip(path)
+    capture = Capture(OpenCVSource(str(path), loop=True), queue_size=1).start()
+    assert capture.get(timeout=5) is not None
+    if damage == "delete":
+        path.unlink()
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 3)
+    with pytest.raises(CameraError, match=message):
+        drain(capture, limit=1000)  # the error comes within a pass, never an endless loop
+    capture.stop()
+
+
+def test_a_looping_video_replaced_on_disk_is_played_anew(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    write_clip(path, frames=3)
+    source = OpenCVSource(str(path), loop=True)
+    source.open()
+    try:
+        first = [source.read() for _ in range(3)]
+        replacement = tmp_path / "new.avi"
+        frame = np.full((48, 64, 3), 200, np.uint8)
+        writer = cv2.VideoWriter(str(replacement), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+        for _ in range(3):
+            writer.write(frame)
+        writer.release()
+        replacement.replace(path)  # a new inode under the old name
+        after = source.read()
+    finally:
+        source.close()
+    assert int(first[0].mean()) < 30 and int(after.mean()) > 150
