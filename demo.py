@@ -613,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             work / "train.log", "training" if backbone is None else "few-shot gallery", env)
         report = run_dir / "report.json"
         if report.is_file():
-            say(f"training report: {_short(str(report))} (and curves.png, confusion.png beside it)")
+            plots = " (and curves.png, confusion.png beside it)" if backbone is None else ""
+            say(f"training report: {_short(str(report))}{plots}")
 
         stage("4. convert to an int8 bundle")
         shutil.rmtree(bundle, ignore_errors=True)

@@ -8,7 +8,7 @@ people, made once per backbone (`python -m train cohort`) and carried in every b
 
 cohort.npz: `embeddings` (N, D) float16, unit length; `identity` (N,) int32 (which cohort person each
 face is; the people themselves are not named); `name_hashes` (P,) sha256 hex of each identity's
-folder name, lower-cased, so a household member who is also in the public set can be left out;
+folder name (device.cohort.same_name), so a household member who is also in the public set can be left out;
 `same_person_cosine` (): centroid similarity above which two identities are taken to be one person,
 measured on the cohort itself when it was built.
 
@@ -46,8 +46,13 @@ class CohortError(ValueError):
     """A cohort file that is missing, corrupt or from another backbone; the message says the fix."""
 
 
+def same_name(name: str) -> str:
+    """A name as folders and datasets spell it alike: `Ada_Lovelace`, `ada lovelace` → `ada lovelace`."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
 def name_hash(name: str) -> str:
-    return hashlib.sha256(name.strip().lower().encode("utf-8")).hexdigest()
+    return hashlib.sha256(same_name(name).encode("utf-8")).hexdigest()
 
 
 @dataclass

@@ -230,7 +230,9 @@ def test_enroll_on_the_device_adds_people_without_training(dlib_bundle, tmp_path
     res = _run("device", "eval", "--bundle", str(bundle), "--photos", str(probes), "--json", str(out), "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["counts"]["known_probes"] == 24 and result["counts"]["stranger_probes"] == 24
+    # Photos with two faces of similar size are skipped, as training and enroll skip them (and listed).
+    c = result["counts"]
+    assert c["known_probes"] + c["stranger_probes"] + c["several_faces"] == 48 and c["known_probes"] >= 20
     assert result["known_accuracy"] >= 0.85, result["per_person"]
     assert result["stranger_false_accept_rate"] <= 0.1, result["strangers"]
 

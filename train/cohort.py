@@ -64,7 +64,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
     maker = CropMaker(prep.input_size, cache_dir=default_cache_dir(), min_face_size=min_face_size,
                       alignment=prep.alignment)
-    excluded = {n.strip().lower() for n in (exclude or set())}
+    excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
     rng = np.random.default_rng(seed)
     crops: list[np.ndarray] = []
     names: list[str] = []
@@ -77,7 +77,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
         rng.shuffle(order)
         items = ((name, path, None) for name in order for path in people[name][: 3 * max_per_person])
     for name, path, image in items:
-        if name.lower() in excluded or per.get(name, 0) >= max_per_person or len(crops) >= max_faces:
+        if cohort_mod.same_name(name) in excluded or per.get(name, 0) >= max_per_person or len(crops) >= max_faces:
             continue
         if path is not None:
             crop, _ = maker.crop_file(path)
