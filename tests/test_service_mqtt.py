@@ -94,6 +94,11 @@ def stamp(event_json: bytes) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
+def seen(state_json: bytes) -> float:
+    text = json.loads(state_json)["last_seen"]
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
 def events_of(sub: Subscriber) -> list[dict]:
     return [json.loads(p) for p in sub.on(f"faceberry/{DEVICE}/events")]
 
@@ -591,3 +596,53 @@ def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, 
     with pytest.raises(MqttError, match="the MQTT client stopped: KeyError"):
         service.run()
     assert pub.fatal is not None
+
+
+# --- a live camera that goes away and comes back ---------------------------------------------------------------
+
+def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_path, mosquitto, subscriber,
+                                                                             tiny_bundle, heldout_photos) -> None:
+    import cv2
+
+    from tests.mjpeg_server import MjpegCamera
+
+    person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
+    photo = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[0]
+    stream = MjpegCamera(cv2.imread(str(photo)), fps=5).start()
+    # One face standing still: one event, then its retained person state refreshed with every frame
+    # (cooldown 0); a refresh stamped after the stream's return shows the same process publishing again.
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"source": "opencv", "device": stream.url, "reopen_max_s": 2}, events={"cooldown": 0})
+    proc = start_daemon(config)
+    logged: list[str] = []
+    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), "".join(logged)[-3000:]
+        stream.stop()
+        # Out for longer than the old daemon lived without frames (it exited after about 5 s).
+        deadline = time.monotonic() + 30
+        while not any("lost:" in line for line in logged) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)
+        assert proc.poll() is None, "".join(logged)[-3000:]
+        stream.start()
+        back = time.time()
+        assert subscriber.wait_for(lambda m: any("/person/" in t and seen(p) > back for t, p, _ in m), 60), \
+            "".join(logged)[-3000:]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            stream.stop()
+    reader.join(5)
+    err = "".join(logged)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(re.findall(r"camera \S+ lost: ", err)) == 1, err[-3000:]
+    outage = re.findall(r"camera \S+ is back after ([\d.]+) s out", err)
+    assert len(outage) == 1 and float(outage[0]) > 0
+    # The stats line says it too: one outage, and for how long.
+    stats = re.findall(r"camera ok outages=(\d+) outage_s=([\d.]+)", err)
+    assert stats and int(stats[-1][0]) == 1 and float(stats[-1][1]) == pytest.approx(float(outage[0]), abs=0.2)
