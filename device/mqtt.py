@@ -105,7 +105,8 @@ def explain_connect_error(exc: BaseException, cfg: Any) -> tuple[str, str]:
     where = f"{cfg.host}:{cfg.port}"
     tls = bool(getattr(getattr(cfg, "tls", None), "enabled", False))
     if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or str(exc)
+        # The words OpenSSL users search for, then OpenSSL's own reason.
+        detail = f"certificate verify failed: {exc.verify_message}" if exc.verify_message else str(exc)
         if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
             return "tls-hostname", (f"TLS: the broker's certificate at {where} is not valid for the name "
                                     f"{cfg.host!r} ({detail}); set mqtt.host to a name the certificate lists")
