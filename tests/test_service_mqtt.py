@@ -646,3 +646,26 @@ def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_
     # The stats line says it too: one outage, and for how long.
     stats = re.findall(r"camera ok outages=(\d+) outage_s=([\d.]+)", err)
     assert stats and int(stats[-1][0]) == 1 and float(stats[-1][1]) == pytest.approx(float(outage[0]), abs=0.2)
+
+
+def test_a_folder_deleted_under_the_daemon_ends_with_one_error_and_a_non_zero_code(
+        tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+    import shutil
+
+    camera = tmp_path / "camera"
+    folder_of_photos(heldout_photos, camera, per_person=2, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera), "loop": True})
+    proc = start_daemon(config)
+    try:
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60)
+        shutil.rmtree(camera)
+    except BaseException:
+        proc.kill()
+        raise
+    rc, err = finish(proc, timeout=60)
+    assert rc != 0  # before: rc 0, so systemd never restarted it
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disappeared" in errors[0], err[-3000:]
+    assert "Traceback" not in err
+    # It still said goodbye properly.
+    assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode(), False) in m, 10)
