@@ -10,7 +10,7 @@
              `python -m train --backbone` (a gallery of the people; no training). With --backbone none:
              fine-tunes ImageNet MobileNetV2 ($FACEBERRY_WEIGHTS or --weights), slower and far less accurate.
 4. convert   `python -m convert`: the int8 bundle.
-5. broker    mosquitto if installed, otherwise device/minibroker.py (embedded, pure Python).
+5. broker    mosquitto if installed, otherwise amqtt (embedded: a pure-Python broker from PyPI).
 6. device    `python -m device check` then `python -m device run` with a folder camera: each held-out photo
              is a "visit" (the photo for a few frames, then an empty frame, as if the person walked off).
              A subscriber prints every event it receives; the summary is computed from those events.
@@ -295,46 +295,76 @@ def mosquitto_binary() -> str | None:
     return next((c for c in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(c).is_file()), None)
 
 
-def _wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def _wait_for_port(port: int, timeout: float, proc: subprocess.Popen, name: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise DemoError(f"mosquitto exited at once (exit {proc.returncode}); try --broker embedded")
+        if proc.poll() is not None:
+            other = "embedded" if name == "mosquitto" else "mosquitto"
+            raise DemoError(f"{name} exited at once (exit {proc.returncode}, see {log}); try --broker {other}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
-    raise DemoError(f"the broker did not accept connections on 127.0.0.1:{port} within {timeout:g}s")
+    raise DemoError(f"{name} did not accept connections on 127.0.0.1:{port} within {timeout:g}s (see {log})")
+
+
+@contextlib.contextmanager
+def _broker_process(cmd: list[str], name: str, port: int, log_path: Path) -> Iterator[None]:
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            _wait_for_port(port, 10, proc, name, log_path)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def amqtt_version() -> str | None:
+    """The installed amqtt (requirements-train.txt), found without importing it; None when absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("amqtt")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
 def local_broker(kind: str, work: Path) -> Iterator[tuple[str, int]]:
-    """Start a broker on a free loopback port: yields (description, port)."""
+    """Start a broker on a free loopback port: yields (description, port).
+
+    auto: mosquitto if installed, else the embedded one; embedded: amqtt (a maintained pure-Python broker
+    from PyPI, in requirements-train.txt) run by this Python in a child process. Neither is the Pi's broker.
+    """
     binary = mosquitto_binary() if kind in ("auto", "mosquitto") else None
     if kind == "mosquitto" and binary is None:
         raise DemoError("mosquitto is not installed (sudo apt install mosquitto); or use --broker embedded")
+    port = free_port()
     if binary:
-        port = free_port()
         conf = work / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
-        with open(work / "mosquitto.log", "w", encoding="utf-8") as log:
-            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-            try:
-                _wait_for_port(port, 10, proc)
-                yield f"mosquitto ({binary})", port
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    else:
-        from device.minibroker import MiniBroker
-
-        broker = MiniBroker("127.0.0.1", 0).start()
-        try:
-            yield "embedded minibroker (device/minibroker.py)", broker.port
-        finally:
-            broker.stop()
+        with _broker_process([binary, "-c", str(conf)], "mosquitto", port, work / "mosquitto.log"):
+            yield f"mosquitto ({binary})", port
+        return
+    version = amqtt_version()
+    if version is None:
+        raise DemoError(
+            f"no MQTT broker: mosquitto is not installed (sudo apt install mosquitto) and amqtt is not in "
+            f"{sys.executable}'s environment (pip install -r requirements-train.txt)"
+        )
+    conf = work / "amqtt.yaml"
+    conf.write_text(
+        f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n",
+        encoding="utf-8",
+    )
+    cmd = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+    with _broker_process(cmd, "amqtt", port, work / "amqtt.log"):
+        yield f"embedded amqtt {version} (pure-Python broker from PyPI)", port
 
 
 class Subscriber:
@@ -548,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo",
                         help="where everything is written (default demo/)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
-                        help="auto: mosquitto if installed, else the embedded Python broker")
+                        help="auto: mosquitto if installed, else embedded (amqtt, a pure-Python broker from PyPI)")
     parser.add_argument("--device-python", default=sys.executable,
                         help="Python of the device environment (requirements-device.txt) that runs the daemon "
                         "(default: this one)")

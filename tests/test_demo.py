@@ -1,7 +1,7 @@
 """The demo (`./quickstart.sh demo` → demo.py): its pieces, and one whole quick run against real faces.
 
 The whole run trains and converts a small model, runs the real daemon in a subprocess against the
-embedded broker (mosquitto is covered by the daemon's own tests), and checks that the summary is
+embedded broker (amqtt; mosquitto is covered by the daemon's own tests), and checks that the summary is
 computed from the events the subscriber received: each event's label must match what
 `device eval` answers for the same photo.
 """
@@ -145,7 +145,7 @@ def test_quick_demo_end_to_end_with_the_embedded_broker(tmp_path: Path, detector
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "embedded minibroker" in proc.stdout
+    assert "embedded amqtt" in proc.stdout
     summary = json.loads(summary_path.read_text())
     visits = json.loads((tmp_path / "work" / "visits.json").read_text())
     assert summary["faces_shown"] == len(visits) > 0
