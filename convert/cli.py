@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=200,
                    help="training crops used as the int8 representative set (default 200)")
     p.add_argument("--keep-threshold", action="store_true",
-                   help="keep the training run's accept threshold instead of re-fitting it on the converted model's "
-                   "outputs (softmax runs; embedding runs always keep it)")
+                   help="keep the training run's accept threshold (and, for a backbone run, its float gallery) "
+                   "instead of re-fitting them on the converted model")
     p.add_argument("--detector", type=Path, default=None,
                    help="BlazeFace .tflite to put in the bundle (default: $FACEBERRY_DETECTOR or "
                    "models/face_detection_short_range.tflite)")

@@ -210,9 +210,29 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     bundle = load_bundle(out)
     assert bundle.kind == "embedding" and bundle.manifest["classifier"]["quantization"] == "int8"
     assert set(bundle.manifest["files"]) == {"classifier.tflite", DETECTOR_FILENAME, "labels.txt", "gallery.npz"}
+    # The gallery is remade the way `device enroll` makes an entry: device.contract.centroid of the
+    # converted embedder's outputs on the run's crops, and the threshold is calibrated on it.
+    from device.classifier import FaceClassifier
+    from device.contract import gallery_from
+
+    clf = FaceClassifier(bundle)
+    with np.load(run / "crops.npz") as c:
+        keep = c["split"] != "negative"
+        emb = np.stack([clf.raw(x) for x in c["crops"][keep]])
+        expected = gallery_from(emb, [str(v) for v in c["labels"][keep]], bundle.gallery_labels)
+    assert np.allclose(bundle.gallery_embeddings, expected, atol=1e-5)
+    assert bundle.manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")
+    th = bundle.manifest["thresholds"]
+    assert 0 < th["accept"] <= 1 and th["basis"].startswith("leave-one-person-out") and th["cohort_people"] == 0
     with np.load(run / "gallery.npz") as g:
-        assert np.array_equal(bundle.gallery_embeddings, g["embeddings"])
-    assert bundle.accept_threshold == 0.5  # embedding runs keep the run's threshold
+        float_gallery = g["embeddings"]
+    assert np.min(np.sum(expected * float_gallery / np.linalg.norm(float_gallery, axis=1, keepdims=True), axis=1)) > 0.9
+    # --keep-threshold keeps the run's float gallery and threshold as they were.
+    kept = tmp_path / "kept"
+    proc = _convert("--run", str(run), "--out", str(kept), "--quiet", "--max-drop", "100", "--keep-threshold")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kb = load_bundle(kept)
+    assert np.array_equal(kb.gallery_embeddings, float_gallery) and kb.accept_threshold == 0.5
     agreement = bundle.manifest["metrics"]["agreement"]
     assert agreement["mean_cosine"] > 0.95 and agreement["min_cosine"] > 0.8
     assert agreement["decision_agreement"] >= 0.8

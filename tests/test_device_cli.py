@@ -46,11 +46,12 @@ def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
     root.mkdir()
     shutil.copy(detector_path, root / "face_detection_short_range.tflite")
     shutil.copy(detector_path, root / "classifier.tflite")
-    (root / "labels.txt").write_text("alice\nbob\n")
+    # BlazeFace's first output has 16 values per anchor: as many "people" as the softmax check wants.
+    (root / "labels.txt").write_text("".join(f"person{i}\n" for i in range(16)))
     write_manifest(root, {
         "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
         "detector": {"file": "face_detection_short_range.tflite"},
-        "labels": {"file": "labels.txt", "count": 2},
+        "labels": {"file": "labels.txt", "count": 16},
         "preprocessing": Preprocessing(input_size=128).to_dict(),
         "thresholds": {"accept": 0.9, "target_far": 0.01},
     }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
@@ -186,7 +187,7 @@ def test_check_all_ok(tmp_path: Path, loadable_bundle: Path, mosquitto) -> None:
     lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert set(lines) == {"config", "bundle", "camera", "broker"}
     assert all(v.startswith("OK") for v in lines.values()), proc.stdout
-    assert "2 people" in lines["bundle"] and "64×48" in lines["camera"]
+    assert "16 people" in lines["bundle"] and "64×48" in lines["camera"]
 
 
 def test_check_reports_every_failure(tmp_path: Path) -> None:
