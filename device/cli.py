@@ -41,10 +41,12 @@ def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    # The installed command (pyproject's [project.scripts]) is named as the user typed it.
+    prog = "faceberry" if os.path.basename(sys.argv[0]) == "faceberry" else "python -m device"
     parser = argparse.ArgumentParser(
-        prog="python -m device",
+        prog=prog,
         description="faceberry on the device: recognise faces from a camera and publish them over MQTT.",
-        epilog="Run `python -m device COMMAND --help` for a command's options.",
+        epilog=f"Run `{prog} COMMAND --help` for a command's options.",
     )
     _add_log_level(parser, os.environ.get("FACEBERRY_LOG_LEVEL", "INFO").upper())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
