@@ -34,6 +34,20 @@ log = logging.getLogger(__name__)
 
 
 
+def picamera2_import_failure(exc: BaseException) -> str:
+    """One line naming why apt's picamera2 would not import, and the fix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "dtype size changed" in text or "numpy" in text.lower():
+        import numpy
+
+        return (f"picamera2 cannot import with this venv's numpy {numpy.__version__} ({text}): apt's picamera2 is "
+                "built on Debian's numpy 1.x; reinstall the device requirements, which cap numpy below 2 on "
+                "Bookworm (`pip install -r requirements-device.txt`, or `pip install 'numpy<2' "
+                "'opencv-python-headless<4.12' 'ml_dtypes<0.6'`)")
+    return (f"picamera2 failed to import ({type(exc).__name__}: {text}); reinstall it with "
+            "`sudo apt install --reinstall python3-picamera2` (or use camera.source: opencv)")
+
+
 class CameraError(RuntimeError):
     """A camera that cannot be opened or stopped delivering; the message says what to check."""
 
@@ -94,6 +108,8 @@ class Picamera2Source(FrameSource):
                     "picamera2 is not installed: on Raspberry Pi OS run `sudo apt install python3-picamera2` and "
                     "create the venv with --system-site-packages (or use camera.source: opencv)"
                 ) from exc
+            except Exception as exc:
+                raise CameraError(picamera2_import_failure(exc)) from exc
         try:
             self.camera = module.Picamera2(self.camera_num)
             controls = {"FrameRate": float(self.fps)} if self.fps else {}

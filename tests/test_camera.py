@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -412,3 +413,19 @@ def test_a_looping_video_replaced_on_disk_is_played_anew(tmp_path: Path) -> None
     finally:
         source.close()
     assert int(first[0].mean()) < 30 and int(after.mean()) > 150
+
+
+def test_picamera2_built_on_another_numpy_gives_one_line_with_the_fix(tmp_path, monkeypatch) -> None:
+    """apt's picamera2 stack under a venv's numpy 2 fails at import with a ValueError, not ImportError
+    (issue 10); a real package that fails the same way stands in for it."""
+    pkg = tmp_path / "picamera2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "raise ValueError('numpy.dtype size changed, may indicate binary incompatibility. "
+        "Expected 96 from C header, got 88 from PyObject')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    with pytest.raises(CameraError) as info:
+        Picamera2Source().open()
+    message = str(info.value)
+    assert "\n" not in message and "dtype size changed" in message and "'numpy<2'" in message

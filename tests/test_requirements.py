@@ -69,7 +69,9 @@ def test_device_requirements_resolve_for_raspberry_pi_aarch64(tmp_path: Path) ->
            "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
     for platform in PI_PLATFORMS:
         cmd += ["--platform", platform]
-    cmd += ["-r", str(ROOT / "requirements-device.txt"), "-d", str(tmp_path)]
+    # pip judges platform_machine by this machine, not --platform, so the Pi-only caps are passed as plain
+    # requirements: the download then proves they resolve together with everything else on the Pi.
+    cmd += ["-r", str(ROOT / "requirements-device.txt"), *pi_only_caps(), "-d", str(tmp_path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -84,3 +86,41 @@ def test_device_requirements_resolve_for_raspberry_pi_aarch64(tmp_path: Path) ->
         tags = wheel[:-4].split("-")[-1]
         assert tags == "any" or "aarch64" in tags, f"{wheel} is not a wheel for aarch64"
     assert not [w for w in wheels if TENSORFLOW.match(w.split("-")[0])], f"TensorFlow pulled in: {wheels}"
+    numpy_wheel = next(w for w in wheels if w.startswith("numpy-"))
+    assert numpy_wheel.startswith("numpy-1."), f"apt's picamera2 needs numpy 1.x on Bookworm: {numpy_wheel}"
+
+
+def pi_only_caps() -> list[str]:
+    """The requirements in requirements-device.txt that apply only on the Pi, without their markers."""
+    from packaging.requirements import Requirement
+
+    caps = []
+    for raw in (ROOT / "requirements-device.txt").read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if ";" in line and "platform_machine" in line:
+            req = Requirement(line)
+            caps.append(f"{req.name}{req.specifier}")
+    return caps
+
+
+def test_numpy_is_capped_on_bookworm_only() -> None:
+    """apt's picamera2 on Bookworm (Python 3.11) is built on numpy 1.24; Trixie (3.13) ships numpy 2; the
+    workstation is free."""
+    from packaging.requirements import Requirement
+
+    def applies(env: dict[str, str]) -> set[str]:
+        out = set()
+        for raw in (ROOT / "requirements-device.txt").read_text(encoding="utf-8").splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if line and not line.startswith("-"):
+                req = Requirement(line)
+                if req.marker is None or req.marker.evaluate(env):
+                    out.add(f"{req.name}{req.specifier}")
+        return out
+
+    bookworm = applies({"platform_machine": "aarch64", "python_version": "3.11", "sys_platform": "linux"})
+    trixie = applies({"platform_machine": "aarch64", "python_version": "3.13", "sys_platform": "linux"})
+    x86 = applies({"platform_machine": "x86_64", "python_version": "3.11", "sys_platform": "linux"})
+    assert "numpy<2" in bookworm and "numpy<2" not in trixie and "numpy<2" not in x86
+    assert pi_only_caps() and all(c.split("<")[0] in {"numpy", "opencv-python-headless", "ml-dtypes", "ml_dtypes"}
+                                  for c in pi_only_caps())
