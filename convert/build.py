@@ -20,6 +20,7 @@ from device import cohort as cohort_mod
 from device.bundle import write_manifest
 from device.cohort import COHORT_FILE
 from device.contract import UNKNOWN, gallery_from, l2_normalize
+from device.errors import UsageError
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
 
@@ -30,7 +31,7 @@ LABELS_FILE = "labels.txt"
 GALLERY_FILE = "gallery.npz"
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UsageError):
     """A run or bundle problem; the message names it and the fix."""
 
 

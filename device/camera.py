@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from device.contract import IMAGE_SUFFIXES
+from device.errors import UnavailableError
 from device.preprocess import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def picamera2_import_failure(exc: BaseException) -> str:
             "`sudo apt install --reinstall python3-picamera2` (or use camera.source: opencv)")
 
 
-class CameraError(RuntimeError):
+class CameraError(UnavailableError):
     """A camera that cannot be opened or stopped delivering; the message says what to check."""
 
 

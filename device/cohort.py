@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from device.contract import MIN_IMPOSTOR_SCORES, best_match, centroid, l2_normalize, threshold_for_far
+from device.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ DEFAULT_TARGET_FAR = 0.005
 STRANGER_MARGIN = 5.0
 
 
-class CohortError(ValueError):
+class CohortError(UsageError, ValueError):
     """A cohort file that is missing, corrupt or from another backbone; the message says the fix."""
 
 

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from device.errors import FaceberryError
+
 log = logging.getLogger(__name__)
 
 SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 
-class OutboxError(RuntimeError):
+class OutboxError(FaceberryError):
     """The outbox file cannot be used (not writable, corrupt, locked by another daemon)."""
 
 

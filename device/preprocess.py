@@ -13,6 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.errors import UsageError
+
 # Canonical positions (fractions of the crop side) of the right eye, left eye, nose tip and
 # mouth centre as BlazeFace orders them (the subject's right eye is on the image's left).
 # They are the ArcFace 112×112 template shrunk by 0.9 about the centre: a little forehead and
@@ -48,7 +50,7 @@ ALIGN_KEYPOINTS = (0, 1, 2, 3)
 DEFAULT_INPUT_SIZE = 128
 
 
-class ImageError(ValueError):
+class ImageError(UsageError, ValueError):
     """A photo or frame that cannot be decoded, or that is refused before decoding.
 
     `reason` is the message without the path, for reports that list the path beside it.

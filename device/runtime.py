@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from device.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
-class ModelError(RuntimeError):
+class ModelError(UsageError):
     """A model file that cannot be loaded or run; the message names the file and the fix."""
 
 

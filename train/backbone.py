@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.errors import UsageError
 from device.preprocess import DEFAULT_INPUT_SIZE, TEMPLATES
 from train.teacher import TEACHERS, TeacherUnavailableError
 
@@ -58,7 +59,7 @@ laptop, a few thousand faces × 4 views and 10 epochs at --input-size 128 take t
 """
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UsageError):
     """A problem with the user's input; the message names it and the fix."""
 
 

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from device.errors import UsageError
+
 INPUT_SIZE = 150
 EMBEDDING_DIM = 128
 # (filters, blocks, first block downsamples) from input to output; dlib's alevel4 … alevel0.
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
 
 
-class DlibModelError(ValueError):
+class DlibModelError(UsageError, ValueError):
     """The weights file is not dlib's face recognition ResNet v1 (or is damaged)."""
 
 

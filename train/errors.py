@@ -1,7 +1,9 @@
 """Errors the training CLI reports as one line (`error: <what>; <fix>`), with no TensorFlow import."""
 
+from device.errors import UsageError
 
-class TrainError(RuntimeError):
+
+class TrainError(UsageError):
     """A problem with the user's input; the message names it and the fix."""
 
 

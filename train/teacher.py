@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from device.errors import UnavailableError
+
 log = logging.getLogger(__name__)
 
 TEACHER_ID = "dlib_face_recognition_resnet_model_v1+shape_predictor_5_face_landmarks (face-recognition-models 0.3.0)"
@@ -38,7 +40,7 @@ TEACHER_DIM = 128
 INSTALL_HINT = "install the teacher with `pip install -r requirements-train.txt` (dlib-bin, face-recognition-models)"
 
 
-class TeacherUnavailableError(RuntimeError):
+class TeacherUnavailableError(UnavailableError):
     """dlib or the model files are missing; the message says how to install them."""
 
 
