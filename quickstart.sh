@@ -91,6 +91,8 @@ setup_workstation() {  # setup_workstation REQUIREMENTS_FILE
     fi
     make_venv "$VENV"
     pip_install "$VENV" -r "$1"
+    say "faceberry itself into $VENV (pip install -e .: the faceberry, faceberry-train, faceberry-convert commands)"
+    pip_install "$VENV" --no-deps -e .
     say "face detector (python -m models fetch)"
     "$VENV/bin/python" -m models fetch
 }
@@ -99,6 +101,7 @@ setup_device() {
     say "device environment $DEVICE_VENV from requirements-device.txt (what the Pi installs; no TensorFlow, ~350 MB)"
     make_venv "$DEVICE_VENV"
     pip_install "$DEVICE_VENV" -r requirements-device.txt
+    pip_install "$DEVICE_VENV" --no-deps -e .
 }
 
 setup_tflite() {
