@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from device.bundle import BundleError
     from device.camera import CameraError
     from device.config import ConfigError
+    from device.errors import FaceberryError, exit_code_for
     from device.mqtt import MqttError
     from device.preprocess import ImageError
     from device.runtime import ModelError
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (ConfigError, BundleError, ModelError, CameraError, MqttError, ImageError) as exc:
-        return _error(str(exc))
+        return _error(str(exc), exit_code_for(exc))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stderr.write(missing_message("python -m device", top) + "\n")
             return 2
-        if type(exc).__module__.startswith("device."):  # our own errors (EnrollError …) carry their fix
-            return _error(str(exc))
+        if isinstance(exc, FaceberryError) or type(exc).__module__.startswith("device."):
+            return _error(str(exc), exit_code_for(exc))  # our own errors carry their fix and their exit code
         log.debug("unexpected failure", exc_info=True)
         return _error(f"{type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)")

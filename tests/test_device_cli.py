@@ -154,8 +154,18 @@ def test_bundle_file_missing(tmp_path: Path, loadable_bundle: Path) -> None:
 def test_unreachable_camera(tmp_path: Path, loadable_bundle: Path, camera: dict, message: str) -> None:
     if camera["source"] == "picamera2" and shutil.which("rpicam-hello"):
         pytest.skip("this machine has a Pi camera stack")
-    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, camera))))
-    assert message in line
+    proc = device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, camera)))
+    assert message in one_error_line(proc)
+    # A camera that is not there is "unavailable" (3: systemd may retry), not bad input (2).
+    assert proc.returncode == 3, proc.stderr
+
+
+def test_bad_input_exits_2(tmp_path: Path) -> None:
+    """A bundle that is not there is bad input: exit 2, which the unit's RestartPreventExitStatus=2 keeps
+    from a restart loop."""
+    (tmp_path / "p").mkdir()
+    proc = device_cli("eval", "--bundle", str(tmp_path / "nope"), "--photos", str(tmp_path / "p"))
+    assert proc.returncode == 2 and "bundle directory not found" in one_error_line(proc)
 
 
 def test_folder_with_unreadable_images_only_runs_and_ends(tmp_path: Path, loadable_bundle: Path, mosquitto) -> None:
