@@ -44,7 +44,9 @@ class _Softmax:
 
 class _Gallery:
     def __init__(self, bundle: Bundle, out_dim: int) -> None:
-        emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(len(bundle.gallery_labels), -1)
+        emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32)
+        # An empty gallery (nobody enrolled yet) has no row to infer its width from.
+        emb = emb.reshape(len(bundle.gallery_labels), -1) if emb.size else np.zeros((0, out_dim), np.float32)
         if len(emb) and emb.shape[1] != out_dim:
             raise ModelError(f"{bundle.root}: the gallery holds {emb.shape[1]}-d embeddings but the embedder gives "
                              f"{out_dim}-d; rebuild the bundle with `python -m convert` or enroll again")

@@ -22,6 +22,7 @@ import argparse
 import copy
 import logging
 import os
+import reprlib
 import socket
 import stat
 import types
@@ -439,8 +440,15 @@ _BOUNDS = {
 }
 
 
+# YAML aliases can make a few hundred bytes into a list of 9**9 items (shared, so parsing is cheap): a
+# plain repr of it in an error message would take minutes and gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = 200
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value) if isinstance(value, (list, dict, tuple, set, frozenset)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -508,6 +516,10 @@ def _read_file(path: Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
+        except RecursionError:  # brackets nested thousands deep: no config looks like that
+            raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the syntax there") from None
+        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the value there") from None
     else:
         import yaml
 
@@ -516,6 +528,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             first = " ".join(str(exc).split())
             raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
+        except RecursionError:  # brackets nested thousands deep: no config looks like that
+            raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the syntax there") from None
+        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+            raise ConfigError(f"{path}: not valid YAML ({exc}); fix the value there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

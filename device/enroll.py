@@ -142,7 +142,8 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
             rival = (str(classifier.gallery_labels[others[j]]), float(sims.mean(axis=0)[j]))
 
     keep = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
-    old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(len(bundle.gallery_labels), -1)
+    # The classifier has checked the gallery's width; an empty gallery has no row to infer it from.
+    old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(-1, len(entry))
     new_emb = np.concatenate([old_emb[keep], entry[None]])
     new_gallery_labels = [bundle.gallery_labels[i] for i in keep] + [name]
     labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
