@@ -40,16 +40,16 @@ import numpy as np
 
 from device.preprocess import Preprocessing
 
-SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CLASSIFIER_KINDS = ("softmax", "embedding")
+SCHEMA_VERSION = 1
 MANIFEST_SHA256 = "manifest.sha256"
 # Crops smaller than this hold too little of a face to recognise, larger ones than any Pi model takes;
 # outside it the manifest is damaged, not a model choice.
 INPUT_SIZE_RANGE = (16, 1024)
 QUANTIZATIONS = ("int8", "float16", "float32")
+CLASSIFIER_KINDS = ("softmax", "embedding")
 
 
 class BundleError(RuntimeError):
@@ -89,7 +89,6 @@ def _require(manifest: dict[str, Any], key: str, path: Path) -> Any:
     return manifest[key]
 
 
-def read_labels(path: Path) -> list[str]:
 def _section(manifest: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     value = _require(manifest, key, path)
     if not isinstance(value, dict):
@@ -139,6 +138,7 @@ def _check_preprocessing(data: dict[str, Any], path: Path) -> Preprocessing:
 
 
     try:
+def read_labels(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: cannot be read as UTF-8 text ({exc}); copy the bundle again") from None
@@ -183,12 +183,12 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: bundle_id {bundle_id!r} is not a one-line name; rebuild the bundle")
     files = _section(manifest, "files", manifest_path)
     for name, expected in files.items():
-        path = root / name
         # A plain file name: "../x" or "/etc/x" would make the bundle read (and enroll write) outside itself.
         if not name or Path(name).name != name or name in (".", "..") or not isinstance(expected, str):
             raise BundleError(f"{manifest_path}: files entry {name!r}: {expected!r} is not a file name in the bundle "
                               "with its sha256; rebuild the bundle with `python -m convert`")
         if not path.is_file():
+        path = root / name
             raise BundleError(f"{path} is missing from the bundle; copy the whole bundle directory again")
         if verify and sha256_file(path) != expected:
             raise BundleError(
@@ -220,13 +220,13 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     if not _number(accept) or not 0.0 < float(accept) <= 1.0:
         raise BundleError(f"{manifest_path}: thresholds.accept is {accept!r}, not a number in (0, 1]; rebuild the "
                           "bundle with `python -m convert` (or set recognition.threshold in the config)")
-    bundle = Bundle(
     target_far = thresholds.get("target_far", 0.05)
     # enroll recalibrates at this rate: 0 would ask for a threshold no stranger can reach, 1 lets all in.
     if not _number(target_far) or not 0.0 < float(target_far) < 1.0:
         raise BundleError(f"{manifest_path}: thresholds.target_far is {target_far!r}, not a number in (0, 1); "
                           "rebuild the bundle with `python -m convert`")
         root=root,
+    bundle = Bundle(
         manifest=manifest,
         labels=labels,
         preprocessing=prep,
@@ -240,7 +240,11 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         gpath = root / gallery["file"]
         try:
             with np.load(gpath, allow_pickle=False) as data:
-                bundle.gallery_embeddings = data["embeddings"].astype(np.float32)
+                raw = data["embeddings"]
+                # float32 of a complex or a boolean array is silently something else: refused, not cast.
+                if raw.dtype.kind not in "fiu":
+                    raise ValueError(f"embeddings of dtype {raw.dtype}, not real numbers")
+                bundle.gallery_embeddings = raw.astype(np.float32)
                 bundle.gallery_labels = [str(v) for v in data["labels"]]
         # EOFError: an empty file; BadZipFile: a damaged one; TypeError: 0-d labels or a .npy, not an .npz.
         except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:

@@ -369,7 +369,9 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
         ("inf", _npz(embeddings=with_inf, labels=names), True),
         ("zero row", _npz(embeddings=with_zero, labels=names), True),
         ("strings", _npz(embeddings=np.array([["a"] * d] * d), labels=names), True),
-        ("complex", _npz(embeddings=unit.astype(np.complex64), labels=names), None),
+        ("complex", _npz(embeddings=unit.astype(np.complex64), labels=names), True),
+        ("booleans", _npz(embeddings=unit.astype(bool), labels=names), True),
+        ("float16", _npz(embeddings=unit.astype(np.float16), labels=names), False),
         ("object (pickle)", _npz(embeddings=np.array([None] * d, dtype=object), labels=names), True),
         ("stranger label", _npz(embeddings=unit, labels=np.array([*people[:-1], "Nobody"])), True),
         ("wrong dimension", _npz(embeddings=np.eye(d, d + 2, dtype=np.float32), labels=names), False),
@@ -499,6 +501,7 @@ def _pipeline_or_error(bundle: Bundle) -> None:
     FacePipeline(bundle, num_threads=1)
 
 
+@pytest.mark.shared
 def test_damaged_bundles_raise_bundle_or_model_errors(bundle_cases: list[BundleCase], bases: dict[str, Path],
                                                       tmp_path: Path) -> None:
     assert len(bundle_cases) >= 300
@@ -529,6 +532,7 @@ def test_damaged_bundles_raise_bundle_or_model_errors(bundle_cases: list[BundleC
     assert False in built.values()  # the gallery of the wrong dimension, at least
 
 
+@pytest.mark.shared
 def test_a_gallery_of_the_wrong_dimension_is_refused_when_the_model_loads(
     bundle_cases: list[BundleCase], bases: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -593,6 +597,7 @@ def _photos(root: Path, person: str, heldout: Path, hostile: list[ImageCase], go
     return root
 
 
+@pytest.mark.shared
 def test_device_cli_turns_malformed_inputs_into_one_error_line(
     rng: random.Random, bundle_cases: list[BundleCase], bases: dict[str, Path], heldout_photos: Path,
     tiny_bundle_people: list[str], tmp_path: Path
@@ -664,6 +669,7 @@ def test_device_cli_turns_malformed_inputs_into_one_error_line(
     assert not problems, "\n\n".join(problems)
 
 
+@pytest.mark.shared
 def test_names_of_every_bundle_case_are_unique(bundle_cases: list[BundleCase]) -> None:
     # ALWAYS and the replay of a failure pick cases by name.
     names = [c.name for c in bundle_cases]
