@@ -42,14 +42,14 @@ from device.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
 MANIFEST_SHA256 = "manifest.sha256"
 # Crops smaller than this hold too little of a face to recognise, larger ones than any Pi model takes;
 # outside it the manifest is damaged, not a model choice.
 INPUT_SIZE_RANGE = (16, 1024)
-QUANTIZATIONS = ("int8", "float16", "float32")
 CLASSIFIER_KINDS = ("softmax", "embedding")
+QUANTIZATIONS = ("int8", "float16", "float32")
 
 
 class BundleError(RuntimeError):
@@ -137,8 +137,8 @@ def _check_preprocessing(data: dict[str, Any], path: Path) -> Preprocessing:
     return prep
 
 
-    try:
 def read_labels(path: Path) -> list[str]:
+    try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: cannot be read as UTF-8 text ({exc}); copy the bundle again") from None
@@ -187,8 +187,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         if not name or Path(name).name != name or name in (".", "..") or not isinstance(expected, str):
             raise BundleError(f"{manifest_path}: files entry {name!r}: {expected!r} is not a file name in the bundle "
                               "with its sha256; rebuild the bundle with `python -m convert`")
-        if not path.is_file():
         path = root / name
+        if not path.is_file():
             raise BundleError(f"{path} is missing from the bundle; copy the whole bundle directory again")
         if verify and sha256_file(path) != expected:
             raise BundleError(
@@ -225,8 +225,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     if not _number(target_far) or not 0.0 < float(target_far) < 1.0:
         raise BundleError(f"{manifest_path}: thresholds.target_far is {target_far!r}, not a number in (0, 1); "
                           "rebuild the bundle with `python -m convert`")
-        root=root,
     bundle = Bundle(
+        root=root,
         manifest=manifest,
         labels=labels,
         preprocessing=prep,
