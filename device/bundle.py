@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from device.errors import UsageError
 from device.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ CLASSIFIER_KINDS = ("softmax", "embedding")
 QUANTIZATIONS = ("int8", "float16", "float32")
 
 
-class BundleError(RuntimeError):
+class BundleError(UsageError):
     """A bundle that is missing, corrupt or from an incompatible version; the message says the fix."""
 
 

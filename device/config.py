@@ -258,8 +258,8 @@ class MqttConfig(_Section):
     qos: int = Field(1, ge=0, le=2, description="MQTT QoS of events: 0, 1 or 2 (1 = at least once, recommended)")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
     queue_size: int = Field(
-        1000, ge=1, description="messages handed to the MQTT client and not yet acknowledged; beyond this "
-        "the newest are dropped (and counted)")
+        1000, ge=1, description="messages handed to the MQTT client and not yet acknowledged; the rest wait "
+        "in the durable outbox (mqtt.outbox), nothing is dropped at this limit")
     reconnect_min_delay: int = Field(1, ge=1, description="reconnect backoff: first wait in seconds (doubles "
                                                           "up to reconnect_max_delay)")
     reconnect_max_delay: int = Field(60, ge=1, description="reconnect backoff: longest wait in seconds")

@@ -30,6 +30,7 @@ from device.bundle import BundleError, load_bundle, write_manifest
 from device.classifier import FaceClassifier
 from device.contract import IMAGE_SUFFIXES, UNKNOWN, UNREADABLE, centroid, list_images, subject_face
 from device.detector import FaceDetector
+from device.errors import UsageError
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.runtime import ModelError
 
@@ -39,7 +40,7 @@ HELP = "add a person to an embedding bundle's gallery from a folder of their pho
 SUFFIXES = ", ".join(IMAGE_SUFFIXES)
 
 
-class EnrollError(RuntimeError):
+class EnrollError(UsageError):
     """A problem with the input; the message names it and the fix."""
 
 
