@@ -50,7 +50,7 @@ def test_bundle_has_every_file_with_checksums(tiny_bundle, tiny_run):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     names = {"classifier.tflite", DETECTOR_FILENAME, "labels.txt"}
     assert set(manifest["files"]) == names
-    assert {p.name for p in tiny_bundle.iterdir()} == names | {"manifest.json"}
+    assert {p.name for p in tiny_bundle.iterdir()} == names | {"manifest.json", "manifest.sha256"}
     for name, digest in manifest["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
     from models import default_detector_path

@@ -122,6 +122,11 @@ def test_missing_bundle(tmp_path: Path) -> None:
 def test_corrupt_bundle_manifest(tmp_path: Path, loadable_bundle: Path) -> None:
     bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
     (bundle / "manifest.json").write_text('{"schema": 1, "files": {')
+    # Beside its checksum file the damage is caught before parsing; an older bundle without one gets the
+    # JSON error.
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, bundle))))
+    assert "manifest.json was edited or damaged" in line
+    (bundle / "manifest.sha256").unlink()
     line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, bundle))))
     assert "manifest.json is not valid JSON" in line
 
