@@ -98,6 +98,13 @@ def _resolve(value: str | None, info: ValidationInfo) -> str | None:
     return str(Path(base) / path)
 
 
+def _optional_file(value: str | None, info: ValidationInfo) -> str | None:
+    """An optional file setting: null, or a non-blank name resolved like every path (`_resolve`)."""
+    if value is not None and not value.strip():
+        raise ValueError("must be a file name, or null")
+    return _resolve(value, info)
+
+
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
@@ -212,9 +219,7 @@ class TlsConfig(_Section):
     @field_validator("ca", "cert", "key")
     @classmethod
     def _resolve_file(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must be a file name, or null")
-        return _resolve(value, info)
+        return _optional_file(value, info)
 
     @model_validator(mode="after")
     def _files(self) -> TlsConfig:
@@ -296,9 +301,7 @@ class MqttConfig(_Section):
     @field_validator("password_file")
     @classmethod
     def _resolve_password_file(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must be a file name, or null")
-        return _resolve(value, info)
+        return _optional_file(value, info)
 
     @model_validator(mode="after")
     def _backoff(self) -> MqttConfig:
