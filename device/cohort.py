@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import MIN_IMPOSTOR_SCORES, best_match, centroid, l2_normalize, threshold_for_far
+from device.contract import MIN_IMPOSTOR_SCORES, best_match, l2_normalize, threshold_for_far
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,24 @@ class Cohort:
         hashes = {name_hash(n) for n in names}
         drop = {i for i, h in enumerate(self.name_hashes) if h in hashes}
         if len(gallery):
-            for ident in np.unique(self.identity):
-                faces = self.embeddings[self.identity == ident]
-                if len(faces) >= 2 and float(np.max(np.asarray(gallery) @ centroid(faces))) >= self.same_person_cosine:
-                    drop.add(int(ident))
+            ids, cents = identity_centroids(self.embeddings, self.identity)
+            if len(ids):
+                close = np.max(cents @ np.asarray(gallery, np.float32).T, axis=1) >= self.same_person_cosine
+                drop.update(int(i) for i in ids[close])
         if not drop:
             return self, 0
         keep = ~np.isin(self.identity, list(drop))
         return Cohort(self.embeddings[keep], self.identity[keep], self.name_hashes, self.same_person_cosine), len(drop)
+
+
+def identity_centroids(embeddings: np.ndarray, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(identities with two or more faces, their device.contract.centroid rows), in one pass over the faces:
+    a per-identity loop costs identities × faces, which for a cohort of thousands runs at every calibration."""
+    ids, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(ids), embeddings.shape[1]), np.float64)
+    np.add.at(sums, inverse, l2_normalize(embeddings))
+    multi = counts >= 2
+    return ids[multi], l2_normalize(sums[multi] / counts[multi, None])
 
 
 def build(embeddings: np.ndarray, identities: list[str]) -> Cohort:
@@ -103,9 +113,8 @@ def build(embeddings: np.ndarray, identities: list[str]) -> Cohort:
     emb = l2_normalize(embeddings)
     # Two different cohort people's centroids are never this close; one person's are (measured on dlib's
     # embedder: different people ≤ 0.961, one person's two halves ≥ 0.992), so halfway to 1 is the line.
-    multi = [i for i in range(len(names)) if np.sum(ident == i) >= 2]
-    if len(multi) >= 2:
-        cents = np.stack([centroid(emb[ident == i]) for i in multi])
+    _, cents = identity_centroids(emb, ident)
+    if len(cents) >= 2:
         sims = cents @ cents.T
         np.fill_diagonal(sims, -1.0)
         same = (float(sims.max()) + 1.0) / 2.0
