@@ -4,7 +4,8 @@ The photos go through exactly what `device run` does to a camera frame: BlazeFac
 the bundle's own (int8) embedder. The person's normalised mean embedding is added to the bundle's
 gallery and their name to labels.txt; the manifest gets new checksums and a new bundle_id (the
 content changed, and events name the bundle that produced them). The accept threshold is
-recalibrated on the bundle's stranger cohort (device.cohort) for the new gallery, as `convert` made it;
+recalibrated on the bundle's stranger cohort (device.cohort) for the new gallery — the cohort part of what
+`convert` calibrated on (the Pi has no one's photos for leave-one-person-out or negatives);
 a bundle without a cohort keeps its threshold (and enroll says so).
 
 The new bundle is built in a sibling directory and swapped in by rename, so a crash leaves either
@@ -149,7 +150,8 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
     new_gallery_labels = [bundle.gallery_labels[i] for i in keep] + [name]
     labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
     # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
-    # to resemble), so it is recalibrated on the bundle's stranger cohort, the way `convert` made it.
+    # to resemble), so it is recalibrated on the bundle's stranger cohort (convert also had the people's own
+    # photos and any negatives; the Pi has only the cohort).
     threshold, recalibrated = bundle.accept_threshold, None
     if bundle.cohort_path is not None:
         try:
