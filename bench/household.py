@@ -18,7 +18,15 @@ Also on degraded variants of the probe photos a door camera produces (small face
 JPEG quality, dark and noisy, infrared-like greyscale, off-angle): the gallery and threshold stay the
 clean ones, as they would at the door.
 
-Prints a table and writes bench/results/household[-NAME].json.
+Side by side, same households, same photos, same visits: face_recognition 1.3 (dlib HOG + 128-d
+encodings, bench/peer_face_recognition.py in .venv-bench; encodings cached per photo by
+bench.accuracy.peer_encodings) on the clean photos, at its default (nearest enrolled encoding within
+0.6) and at a tolerance calibrated the way ours is: per-person mean encodings, and the distance that
+lets through target_far / margin of the split's cohort people's photos plus leave-one-person-out.
+
+Prints a table and writes bench/results/household[-NAME].json, and bench/work/household/households.json
+(every household's people, gallery, threshold and sampled visits with the bench's decision) for
+`python -m bench.household_visits`, which runs the real daemon over those visits.
 """
 
 from __future__ import annotations
@@ -36,12 +44,13 @@ import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
 from device import cohort as cohort_mod
-from device.contract import UNKNOWN, accept, best_match, gallery_from, visit_decision
+from device.contract import UNKNOWN, accept_all, best_match, gallery_from, visit_decision
 
 SIZES = (2, 4, 8)
 ENROLL = 10
 VISIT_FRAMES = 5
 COHORT_PEOPLE = 50
+DLIB_TOLERANCE = 0.6  # face_recognition's default
 
 
 def _run(args: list[str], log: Path) -> None:
@@ -81,6 +90,107 @@ def degrade(image: np.ndarray, variant: str, rng: np.random.Generator) -> np.nda
 VARIANTS = ("small", "motion_blur", "jpeg_q15", "dark_noisy", "ir_grey", "off_angle")
 
 
+def peer_embeddings(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """face_recognition's encoding of each photo's largest face: (N, 128), mask of photos with a face,
+    versions; None when the peer is not installed. Cached per photo (bench.accuracy.peer_encodings)."""
+    from bench.accuracy import peer_encodings
+    from bench.common import peer_python
+
+    if peer_python() is None:
+        return None
+    enc = peer_encodings(paths)
+    found = np.array([enc[str(p)]["encoding"] is not None for p in paths], bool)
+    out = np.zeros((len(paths), 128), np.float64)
+    out[found] = [enc[str(p)]["encoding"] for p, f in zip(paths, found, strict=True) if f]
+    return out, found, enc.get("_versions", {})
+
+
+def sample_visits(rng: np.random.Generator, labels: np.ndarray, probe_idx: list[int], stranger_idx: np.ndarray,
+                  stranger_visits: int, known_visits: int = 20) -> list[list[int]]:
+    """Visits as photo indices: `stranger_visits` of VISIT_FRAMES different photos of a random stranger, then
+    `known_visits` per household member with at least VISIT_FRAMES probe photos."""
+    def by_person(idx: Any) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i in idx:
+            out.setdefault(str(labels[i]), []).append(int(i))
+        return {p: v for p, v in out.items() if len(v) >= VISIT_FRAMES}
+
+    strangers, known = by_person(stranger_idx), by_person(probe_idx)
+    visits = [[int(i) for i in rng.choice(strangers[str(rng.choice(sorted(strangers)))], VISIT_FRAMES, replace=False)]
+              for _ in range(stranger_visits)] if strangers else []
+    for p in sorted(known):
+        visits += [[int(i) for i in rng.choice(known[p], VISIT_FRAMES, replace=False)] for _ in range(known_visits)]
+    return visits
+
+
+def ours_decisions(emb: np.ndarray, ok: np.ndarray, gallery: np.ndarray, names: list[str],
+                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo (all N): the accepted label (UNKNOWN also where no face was found) and the best score."""
+    pred = np.full(len(ok), UNKNOWN, dtype=object)
+    score = np.zeros(len(ok))
+    best, scores = best_match(emb, gallery, names)
+    pred[ok] = accept_all(best, scores, threshold)
+    score[ok] = scores
+    return pred, score
+
+
+def visit_rates(visits: list[list[int]], labels: np.ndarray, pred: np.ndarray, score: np.ndarray, ok: np.ndarray,
+                home: list[str], prefix: str = "") -> dict[str, float]:
+    """The tracker's rule (device.contract.visit_decision) over each visit's photos with a face."""
+    named, strangers, right, known = 0, 0, 0, 0
+    for v in visits:
+        label = visit_decision([(str(pred[i]), float(score[i])) for i in v if ok[i]])[0]
+        truth = str(labels[v[0]])
+        if truth in home:
+            known += 1
+            right += label == truth
+        else:
+            strangers += 1
+            named += label != UNKNOWN
+    return {f"{prefix}stranger_visits_named": named / strangers if strangers else np.nan,
+            f"{prefix}known_visits_right": right / known if known else np.nan}
+
+
+def peer_household(peer: tuple[np.ndarray, np.ndarray, dict[str, Any]], labels: np.ndarray, home: list[str],
+                   enrol_idx: list[int], probe_idx: list[int], stranger_idx: np.ndarray, cohort_idx: np.ndarray,
+                   visits: list[list[int]], probes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """face_recognition on the same household: the same enrolled photos, probes, strangers and visits.
+    `probes` (encodings, found) replaces the probe photos' (a degraded variant); enrolment and calibration
+    stay on `peer`'s clean photos."""
+    from bench.accuracy import calibrate_distance
+
+    enc, found, _ = peer
+    penc, pfound = probes if probes is not None else (enc, found)
+    enrol = [i for i in enrol_idx if found[i]]
+    members = [p for p in home if any(labels[i] == p for i in enrol)]
+    means = np.stack([enc[[i for i in enrol if labels[i] == p]].mean(axis=0) for p in members])
+    dist_means = np.linalg.norm(enc[:, None] - means[None], axis=2)  # (N, members)
+    # The same basis as device.cohort.calibrate: cohort faces against the gallery, and each member's own
+    # photos against the other members (leave-one-person-out).
+    own = dist_means[enrol].copy()
+    own[np.arange(len(enrol)), [members.index(str(labels[i])) for i in enrol]] = np.inf
+    impostors = np.concatenate([dist_means[cohort_idx].min(axis=1), own.min(axis=1) if len(members) > 1 else []])
+    tolerance = calibrate_distance(impostors, cohort_mod.DEFAULT_TARGET_FAR / cohort_mod.STRANGER_MARGIN)
+    if probes is not None:
+        dist_means = np.linalg.norm(penc[:, None] - means[None], axis=2)
+    dist_refs = np.linalg.norm(penc[:, None] - enc[enrol][None], axis=2)
+    methods = {"dlib_default_": (dist_refs, np.array([str(labels[i]) for i in enrol]), DLIB_TOLERANCE),
+               "dlib_calibrated_": (dist_means, np.array(members), tolerance)}
+    kp = [i for i in probe_idx if pfound[i]]
+    sp = [int(i) for i in stranger_idx if pfound[i]]
+    out: dict[str, float] = {"dlib_face_found": float(np.mean(pfound[probe_idx])), "dlib_tolerance": tolerance,
+                             "dlib_impostor_scores": float(len(impostors))}
+    for prefix, (dist, ref_labels, tol) in methods.items():
+        nearest = np.argmin(dist, axis=1)
+        d = dist[np.arange(len(dist)), nearest]
+        pred = np.where(pfound & (d <= tol), ref_labels[nearest], UNKNOWN).astype(object)
+        out[f"{prefix}known"] = float(np.mean(pred[kp] == labels[kp])) if kp else np.nan
+        out[f"{prefix}strangers"] = float(np.mean(pred[sp] != UNKNOWN)) if sp else np.nan
+        if visits:
+            out |= visit_rates(visits, labels, pred, -d, pfound, home, prefix)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.household", description=__doc__.split("\n\n")[0])
     ap.add_argument("--draws", type=int, default=8, help="households drawn per size and split (default 8)")
@@ -89,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "household")
     ap.add_argument("--name", default="")
     ap.add_argument("--no-variants", action="store_true", help="clean photos only")
+    ap.add_argument("--no-peer", action="store_true", help="skip face_recognition (dlib)")
+    ap.add_argument("--peer-variants", default=",".join(VARIANTS),
+                    help="degraded variants face_recognition is also run on, comma-separated (default all; each "
+                    "costs it one encoding of every photo the first time, cached after)")
     args = ap.parse_args(argv)
+    peer_variants = set() if args.no_peer else {v for v in args.peer_variants.split(",") if v}
+    if peer_variants - set(VARIANTS):
+        ap.error(f"--peer-variants: unknown {sorted(peer_variants - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     lfw = need_shared("faces", "lfw-dev")
     started = time.monotonic()
     work = args.work
@@ -121,15 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         _run(["convert", "--run", str(work / "tiny-run"), "--out", str(bundle_dir), "--force"], work / "convert.log")
     clf = FaceClassifier(load_bundle(bundle_dir), num_threads=1)
 
-    def embed_photos(paths: list[Path], variant: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings of the photos with a subject face, mask of which photos had one)."""
+    def embed_photos(paths: list[Path], variant: str | None, keep: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings of the photos with a subject face, mask of which photos had one); with `keep`, the
+        degraded photos are also written there (PNG, <person>/<name>.png) for face_recognition to read."""
         out, ok = [], []
         vr = np.random.default_rng(1)
         for path in paths:
             if variant is None:
                 crop, _ = maker.crop_file(path)
             else:
-                crop, _ = maker.crop_image(degrade(load_image(path), variant, vr))
+                image = degrade(load_image(path), variant, vr)
+                crop, _ = maker.crop_image(image)
+                target = None if keep is None else keep / path.parent.name / f"{path.stem}.png"
+                if target is not None and not target.is_file():  # the same pixels each run: keep the cache valid
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(target), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             ok.append(crop is not None)
             if crop is not None:
                 out.append(clf.raw(crop))
@@ -143,10 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_variants:
         for v in VARIANTS:
             print(f"  variant {v} …", file=sys.stderr)
-            variant_emb[v] = embed_photos(all_paths, v)
+            variant_emb[v] = embed_photos(all_paths, v, work / "degraded" / v if v in peer_variants else None)
+
+    peer = None if args.no_peer else peer_embeddings(all_paths)
+    if peer is None and not args.no_peer:
+        print("note: face_recognition is not installed (bash bench/setup_peer.sh); the dlib columns stay empty",
+              file=sys.stderr)
+    peer_variant = {}
+    if peer is not None:
+        for v in peer_variants & set(variant_emb):
+            print(f"face_recognition on variant {v} …", file=sys.stderr)
+            peer_variant[v] = peer_embeddings([work / "degraded" / v / p.parent.name / f"{p.stem}.png"
+                                               for p in all_paths])
 
     rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     shifts = []
+    saved: list[dict[str, Any]] = []
     for split in range(args.splits):
         srng = np.random.default_rng(100 + split)
         order = list(srng.permutation(names))
@@ -163,9 +298,14 @@ def main(argv: list[str] | None = None) -> int:
                  work / f"cohort-{split}.log")
             (backbone / cohort_mod.COHORT_FILE).replace(cfile)
         cohort = cohort_mod.load(cfile)
+        peer_cohort = None
+        if peer is not None:  # as `train cohort --max-per-person 30`: each cohort person's first 30 usable photos
+            peer_cohort = np.concatenate([np.flatnonzero((all_labels == p) & peer[1])[:30] for p in cohort_people])
         eligible = [p for p in eval_people if len(everyone[p]) >= ENROLL + 2]
+        # clean_emb is indexed over photos with a face; map photo index → row
+        clean_row = np.cumsum(clean_ok) - 1
         for size in SIZES:
-            for _ in range(args.draws):
+            for draw in range(args.draws):
                 home = [str(p) for p in srng.choice(eligible, size, replace=False)]
                 enrol_idx, probe_idx = [], []
                 for p in home:
@@ -174,54 +314,45 @@ def main(argv: list[str] | None = None) -> int:
                     enrol_idx += list(idx[:ENROLL])
                     probe_idx += list(idx[ENROLL:])
                 stranger_mask = np.isin(all_labels, eval_people) & ~np.isin(all_labels, home)
-                # clean_emb is indexed over photos with a face; map photo index → row
-                row = np.cumsum(clean_ok) - 1
-                own = clean_emb[row[enrol_idx]]
+                own = clean_emb[clean_row[enrol_idx]]
                 own_labels = list(all_labels[enrol_idx])
                 gallery = gallery_from(own, own_labels, home)
                 cal = cohort_mod.calibrate(gallery, home, cohort, own, own_labels)
                 household_only = cohort_mod.calibrate(gallery, home, None, own, own_labels)
+                visits = sample_visits(srng, all_labels, probe_idx, np.flatnonzero(stranger_mask & clean_ok),
+                                       args.visits)
                 conditions = {"clean": (clean_emb, clean_ok)} | variant_emb
                 for cond, (emb, ok) in conditions.items():
-                    r = np.cumsum(ok) - 1
                     kp = [i for i in probe_idx if ok[i]]
                     sp = [i for i in np.flatnonzero(stranger_mask) if ok[i]]
-                    kb, ks = best_match(emb[r[kp]], gallery, home)
-                    sb, ss = best_match(emb[r[sp]], gallery, home)
-                    known_right = np.mean([accept(b, s, cal["accept"]) == all_labels[i]
-                                           for b, s, i in zip(kb, ks, kp, strict=True)]) if kp else np.nan
-                    stranger_acc = float(np.mean(ss >= cal["accept"])) if sp else np.nan
-                    entry = {"known": float(known_right), "strangers": stranger_acc,
+                    pred, score = ours_decisions(emb, ok, gallery, home, cal["accept"])
+                    entry = {"known": float(np.mean(pred[kp] == all_labels[kp])) if kp else np.nan,
+                             "strangers": float(np.mean(pred[sp] != UNKNOWN)) if sp else np.nan,
                              "face_found": float(np.mean(ok[probe_idx])),
-                             "household_only_strangers": float(np.mean(ss >= household_only["accept"])),
+                             "household_only_strangers": float(np.mean(score[sp] >= household_only["accept"])),
                              "cohort_far": cal["far"], "impostor_scores": cal["impostor_scores"]}
                     if cond == "clean":
-                        shifts.append((cal["far"], stranger_acc))
-                        # per visit: sequences of VISIT_FRAMES different photos of one stranger
-                        by_person: dict[str, list[int]] = {}
-                        for j, i in enumerate(sp):
-                            by_person.setdefault(str(all_labels[i]), []).append(j)
-                        people_s = [p for p, js in by_person.items() if len(js) >= VISIT_FRAMES]
-                        named = 0
-                        for _v in range(args.visits):
-                            js = srng.choice(by_person[str(srng.choice(people_s))], VISIT_FRAMES, replace=False)
-                            votes = [(accept(sb[j], float(ss[j]), cal["accept"]), float(ss[j])) for j in js]
-                            named += visit_decision(votes)[0] != UNKNOWN
-                        entry["stranger_visits_named"] = named / args.visits
-                        kvisits = right_visits = 0
-                        kby: dict[str, list[int]] = {}
-                        for j, i in enumerate(kp):
-                            kby.setdefault(str(all_labels[i]), []).append(j)
-                        for p, js in kby.items():
-                            if len(js) < VISIT_FRAMES:
-                                continue
-                            for _v in range(20):
-                                pick = srng.choice(js, VISIT_FRAMES, replace=False)
-                                votes = [(accept(kb[j], float(ks[j]), cal["accept"]), float(ks[j])) for j in pick]
-                                kvisits += 1
-                                right_visits += visit_decision(votes)[0] == p
-                        entry["known_visits_right"] = right_visits / kvisits if kvisits else float("nan")
+                        shifts.append((cal["far"], entry["strangers"]))
+                        entry |= visit_rates(visits, all_labels, pred, score, ok, home)
+                        if peer is not None and peer_cohort is not None:
+                            entry |= peer_household(peer, all_labels, home, enrol_idx, probe_idx,
+                                                    np.flatnonzero(stranger_mask), peer_cohort, visits)
+                        saved.append({
+                            "split": split, "household": size, "draw": draw, "people": home,
+                            "enrolled": {p: [str(all_paths[i]) for i in enrol_idx if all_labels[i] == p] for p in home},
+                            "gallery": gallery.tolist(), "threshold": cal["accept"],
+                            "threshold_basis": cal["basis"],
+                            "visits": [{"truth": str(all_labels[v[0]]), "known": bool(all_labels[v[0]] in home),
+                                        "photos": [str(all_paths[i]) for i in v],
+                                        "bench": visit_decision([(str(pred[i]), float(score[i])) for i in v])[0]}
+                                       for v in visits]})
+                    if cond in peer_variant and peer is not None and peer_cohort is not None:
+                        # The door's photos against the clean enrolment and the clean calibration.
+                        entry |= peer_household(peer, all_labels, home, enrol_idx, probe_idx,
+                                                np.flatnonzero(stranger_mask), peer_cohort, [],
+                                                probes=peer_variant[cond][:2])
                     rows.setdefault((cond, size), []).append(entry)
+    (work / "households.json").write_text(json.dumps({"households": saved}) + "\n")
 
     summary = []
     for (cond, size), entries in sorted(rows.items(), key=lambda kv: (kv[0][0] != "clean", kv[0])):
@@ -238,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                         "household_only_strangers": mean("household_only_strangers"),
                         "stranger_visits_named": mean("stranger_visits_named"),
                         "known_visits_right": mean("known_visits_right"), "face_found": mean("face_found"),
-                        "impostor_scores": mean("impostor_scores")})
+                        "impostor_scores": mean("impostor_scores"),
+                        **{f"dlib_{m}_{k}": mean(f"dlib_{m}_{k}") for m in ("default", "calibrated")
+                           for k in ("known", "strangers", "stranger_visits_named", "known_visits_right")},
+                        "dlib_calibrated_strangers_worst": worst("dlib_calibrated_strangers"),
+                        "dlib_tolerance": mean("dlib_tolerance"), "dlib_face_found": mean("dlib_face_found")})
     ratio = [s / c for c, s in shifts if c and c > 0]
     result: dict[str, Any] = {
         "machine": machine(), "seconds": round(time.monotonic() - started, 1),
@@ -258,6 +393,29 @@ def main(argv: list[str] | None = None) -> int:
                            pct(r["strangers_worst"]), pct(r["household_only_strangers"]),
                            pct(r["known_visits_right"]), pct(r["stranger_visits_named"]), pct(r["face_found"])]
                           for r in summary]))
+    if peer is not None:
+        print(f"\nface_recognition {peer[2].get('face_recognition')} (dlib {peer[2].get('dlib')}), same households, "
+              f"photos and visits (clean): default = nearest enrolled encoding within {DLIB_TOLERANCE}; calibrated = "
+              "per-person mean within the distance set on the cohort as ours is")
+        dl = [r for r in summary if r["dlib_default_known"] is not None]
+        print(table(["condition", "people", "ours known", "ours strangers", f"dlib@{DLIB_TOLERANCE} known",
+                     f"dlib@{DLIB_TOLERANCE} strangers", "dlib calibrated known", "dlib calibrated strangers",
+                     "its worst draw", "tolerance", "dlib face found"],
+                    [[r["condition"], r["household"], pct(r["known"]), pct(r["strangers"]),
+                      pct(r["dlib_default_known"]), pct(r["dlib_default_strangers"]), pct(r["dlib_calibrated_known"]),
+                      pct(r["dlib_calibrated_strangers"]), pct(r["dlib_calibrated_strangers_worst"]),
+                      f"{r['dlib_tolerance'] or 0:.3f}", pct(r["dlib_face_found"])] for r in dl]))
+        print("\nper visit (clean), the tracker's rule over the same visits:")
+        print(table(["people", "strangers named: ours", f"dlib@{DLIB_TOLERANCE}", "dlib calibrated",
+                     "known right: ours", f"dlib@{DLIB_TOLERANCE}", "dlib calibrated"],
+                    [[r["household"], *(pct(r[k]) for k in (
+                        "stranger_visits_named", "dlib_default_stranger_visits_named",
+                        "dlib_calibrated_stranger_visits_named", "known_visits_right",
+                        "dlib_default_known_visits_right", "dlib_calibrated_known_visits_right"))]
+                     for r in dl if r["condition"] == "clean"]))
+        result["face_recognition"] = {"versions": peer[2], "default_tolerance": DLIB_TOLERANCE,
+                                      "photos_with_face": int(peer[1].sum()), "photos": len(peer[1]),
+                                      "variants": sorted(peer_variant)}
     path = write_result("household" + (f"-{args.name}" if args.name else ""), result)
     print(f"cohort → unseen strangers FAR ratio: median {result['cohort_to_unseen_strangers_far_ratio']['median']}"
           f"; {result['seconds']:.0f} s on {machine().get('cpu', '')}; wrote {path.relative_to(ROOT)}")

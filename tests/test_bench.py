@@ -110,3 +110,114 @@ def test_far_curve_is_monotonic_and_spans_its_range():
     lowest = min(p["score"] for p in probes if not p["known"])
     assert curve[-1][0] == 1.0
     assert curve[-1][1] == pytest.approx(sum(1 for p in probes[:50] if p["score"] >= lowest) / 51)
+
+
+# ---- the household protocol (bench/household.py, bench/household_visits.py) -----------------------------
+
+def _household_peer_case():
+    from bench import household
+
+    rng = np.random.default_rng(0)
+    a, b = np.zeros(4), np.array([1.0, 0, 0, 0])
+    at = [a + np.array([0, d, 0, 0]) for d in (0.3, 0.55, 0.65, 2.0, 2.1)]  # strangers this far from a
+    enrol = [a + rng.normal(0, 0.002, 4) for _ in range(10)] + [b + rng.normal(0, 0.002, 4) for _ in range(10)]
+    known = [a + np.array([0.05, 0, 0, 0]), b + np.array([0, 0, 0.7, 0]), a]  # the last one: a photo with no face found
+    cohort = [a + np.array([0, 0, 0, r]) for r in np.linspace(0.8, 2.0, 2000)]
+    enc = np.array(enrol + known + at + cohort)
+    found = np.ones(len(enc), bool)
+    found[22] = False
+    labels = np.array(["a"] * 10 + ["b"] * 10 + ["a", "b", "a"] + ["s"] * 5 + ["c"] * 2000)
+    stranger_idx = np.arange(23, 28)
+    visits = [[23, 24, 25, 26, 27]]
+    out = household.peer_household((enc, found, {}), labels, ["a", "b"], list(range(20)), [20, 21, 22],
+                                   stranger_idx, np.arange(28, 28 + 2000), visits)
+    return out
+
+
+def test_household_peer_default_and_calibrated_tolerance_count_what_they_claim():
+    out = _household_peer_case()
+    # Calibrated as ours is: at most 0.5% / 5 of the 2,020 impostor distances (cohort + leave-one-person-out)
+    # fall within the tolerance, i.e. 2 of the cohort at 0.8–0.8012.
+    assert out["dlib_impostor_scores"] == 2020
+    assert 0.8 < out["dlib_tolerance"] < 0.8013
+    assert out["dlib_face_found"] == pytest.approx(2 / 3)
+    # Known: of the two probes with a face, the one 0.7 from b is beyond the default 0.6 only.
+    assert out["dlib_default_known"] == pytest.approx(1 / 2)
+    assert out["dlib_calibrated_known"] == pytest.approx(1.0)
+    # Strangers at 0.3 and 0.55 from a pass 0.6; 0.65 passes the calibrated tolerance too.
+    assert out["dlib_default_strangers"] == pytest.approx(2 / 5)
+    assert out["dlib_calibrated_strangers"] == pytest.approx(3 / 5)
+    # Per visit (device.contract.visit_decision): 2 frames of 5 are no name, 3 of 5 are.
+    assert out["dlib_default_stranger_visits_named"] == 0.0
+    assert out["dlib_calibrated_stranger_visits_named"] == 1.0
+
+
+def test_household_visits_are_distinct_photos_of_one_person():
+    from bench import household
+
+    labels = np.array(["a"] * 7 + ["b"] * 3 + ["s"] * 6 + ["t"] * 4)
+    visits = household.sample_visits(np.random.default_rng(0), labels, list(range(10)), np.arange(10, 20), 30, 4)
+    assert len(visits) == 30 + 4  # b has too few spare photos for a visit; t too few to be a stranger's visit
+    for v in visits:
+        assert len(set(v)) == household.VISIT_FRAMES and len({labels[i] for i in v}) == 1
+    assert {labels[v[0]] for v in visits[:30]} == {"s"} and {labels[v[0]] for v in visits[30:]} == {"a"}
+
+
+def test_visit_folder_ends_each_track_before_the_next_visit(tmp_path):
+    # The folder camera reads the visits in order, and the daemon's tracker at its shipped defaults decides
+    # once per visit, by the bench's rule over exactly that visit's frames.
+    import cv2
+
+    from bench import household_visits
+    from device.camera import FolderSource
+    from device.config import TrackingConfig
+    from device.contract import visit_decision
+    from device.tracker import Observation, Tracker
+
+    photos = []
+    for i in range(10):
+        photos.append(tmp_path / f"p{i}.jpg")
+        cv2.imwrite(str(photos[-1]), np.full((20, 20, 3), i * 20, np.uint8))
+    visits = [{"photos": [str(p) for p in photos[:5]]}, {"photos": [str(p) for p in photos[5:]]},
+              {"photos": [str(p) for p in photos[2:7]]}]
+    folder = household_visits.visit_folder(tmp_path / "frames", visits)
+    source = FolderSource(folder)
+    source.open()
+    order = []
+    while source.read() is not None:
+        order.append(Path(source.origin()))
+    assert len(order) == 3 * (5 + household_visits.GAP_FRAMES)
+    assert [p.resolve() for p in order if p.name.startswith("f")] == [Path(p) for v in visits for p in v["photos"]]
+    cfg = TrackingConfig()
+    tracker = Tracker(cfg.iou, cfg.votes_needed, cfg.max_age)
+    assert cfg.max_age < household_visits.GAP_FRAMES and cfg.votes_needed == household_visits.VISIT_FRAMES
+    votes = {0: ["x", "x", UNKNOWN, "y", "x"], 1: ["y", UNKNOWN, UNKNOWN, "y", "x"], 2: ["x", "y", "y", "y", UNKNOWN]}
+    decided = []
+    for index, path in enumerate(order):
+        obs = []
+        if path.name.startswith("f"):
+            label = votes[int(path.parent.name[1:])][int(path.stem[1:])]
+            obs = [Observation(np.array([50, 50, 150, 160]), label, 0.9)]
+        decided += [(int(path.parent.name[1:]), d.label) for d in tracker.update(obs, index)]
+    assert decided == [(n, visit_decision([(lab, 0.9) for lab in votes[n]])[0]) for n in range(3)]
+    assert [lab for _, lab in decided] == ["x", UNKNOWN, "y"]
+
+
+def test_household_visits_scored_from_the_events_sources():
+    from bench import household_visits
+
+    visits = [{"truth": "s", "known": False, "bench": UNKNOWN}, {"truth": "s", "known": False, "bench": "a"},
+              {"truth": "a", "known": True, "bench": "a"}, {"truth": "b", "known": True, "bench": "b"},
+              {"truth": "a", "known": True, "bench": "a"}]
+    def ev(n: int, label: str, track: int, previous: str | None = None) -> dict:
+        return {"source": f"/x/frames/v{n:04d}/f4.jpg", "label": label, "track_id": track, "previous": previous}
+    events = [ev(0, UNKNOWN, 1), ev(1, "a", 2), ev(2, "a", 3), ev(3, "b", 4), ev(3, "a", 5),
+              {"source": None, "label": "a", "track_id": 9, "previous": None}]
+    counts, decided = household_visits.score_visits(visits, events)
+    assert decided == [UNKNOWN, "a", "a", "b", "(no event)"]
+    assert counts["stranger_visits"] == 2 and counts["stranger_visits_named"] == 1
+    assert counts["known_visits"] == 3 and counts["known_visits_right"] == 1  # visit 3 also named a
+    assert counts["known_visits_wrong_person"] == 1
+    assert counts["visits_without_event"] == 1 and counts["visits_with_several_tracks"] == 1
+    assert counts["agree_with_bench"] == 4
+    assert counts["bench_stranger_visits_named"] == 1 and counts["bench_known_visits_right"] == 3
