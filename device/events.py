@@ -5,6 +5,7 @@ Topics (prefix defaults to "faceberry"):
     <prefix>/<device_id>/events           one JSON event per decided (or changed) track identity
     <prefix>/<device_id>/person/<label>   retained JSON last-seen state, for presence automations
     <prefix>/<device_id>/snapshot/<label> JPEG face crop, only when snapshots are enabled (off by default)
+    <prefix>/<device_id>/bundle           retained JSON: the bundle serving now, and how the last load went
 
 Every JSON payload carries `schema` so subscribers can tell versions apart.
 """
@@ -66,6 +67,10 @@ def snapshot_topic(prefix: str, device_id: str, label: str) -> str:
     return f"{_base(prefix, device_id)}/snapshot/{sanitize_label(label)}"
 
 
+def bundle_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/bundle"
+
+
 def iso_utc(timestamp: float) -> str:
     """Unix time → ISO 8601 UTC with milliseconds, e.g. 2026-01-31T08:15:02.123Z."""
     moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
@@ -122,6 +127,20 @@ def person_state_payload(event: dict[str, Any]) -> dict[str, Any]:
         "event_id": event["event_id"],
         "model": event["model"],
     }
+
+
+def bundle_status_payload(*, bundle_id: str, state: str, at: float, error: str | None = None,
+                          path: str | None = None) -> dict[str, Any]:
+    """Retained JSON for <prefix>/<device_id>/bundle, published at start and after every reload.
+
+    `bundle_id` is the bundle serving now; `state` is "loaded" (the bundle at `path` took over) or
+    "refused" (the bundle at `path` failed its checks: `error` says why and the fix, `bundle_id` keeps
+    serving); `at` is when, as ISO 8601 UTC.
+    """
+    if state not in ("loaded", "refused"):
+        raise ValueError(f"bundle state must be 'loaded' or 'refused', not {state!r}")
+    return {"schema": SCHEMA_VERSION, "bundle_id": bundle_id, "state": state, "error": error,
+            "path": path, "at": iso_utc(at)}
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -3,6 +3,13 @@
 This module is the frame loop; the broker connection and its durable outbox are device/mqtt.py and
 device/outbox.py. Every message goes through `MqttPublisher.publish()`, which stores it on disk first.
 
+Reload without restart: SIGHUP (`systemctl reload faceberry`) or `Service.request_reload()` asks the
+frame loop to load the bundle `cfg.bundle` points to (on the Pi the `current` link of the versions
+store) between two frames; the MQTT session, the camera and the outbox stay. A bundle that fails its
+checks is refused and the old one keeps serving; either way the retained `<prefix>/<device_id>/bundle`
+topic and one log line say what happened. systemd's notify protocol (device/notify.py) is spoken
+throughout: READY=1, WATCHDOG=1 from the frame loop, STATUS=, RELOADING=1, STOPPING=1.
+
 Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, or
 SIGTERM/SIGINT; in every case capture stops, what the broker can take is delivered, `offline` is
 published, and whatever is left stays in the outbox for the next start. A live camera that drops out is
@@ -19,18 +26,21 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from device.bundle import load_bundle
+from device.bundle import Bundle, load_bundle
 from device.camera import Capture, Frame, open_source
 from device.classifier import UNKNOWN
 from device.config import Config, add_config_argument, describe, load_config
 from device.events import (
     Cooldown,
+    bundle_status_payload,
+    bundle_topic,
     encode,
     event_payload,
     events_topic,
@@ -41,6 +51,7 @@ from device.events import (
     snapshot_topic,
 )
 from device.mqtt import MqttError, MqttPublisher
+from device.notify import Notifier
 from device.outbox import Outbox, OutboxError, default_state_dir
 from device.pipeline import FacePipeline
 from device.tracker import Decision, Observation, Tracker
@@ -98,21 +109,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What one reload did: `ok` (the bundle at `path` serves now) or refused with `error`."""
+
+    ok: bool
+    bundle_id: str  # the bundle serving after the reload (the old one when refused)
+    path: str  # the bundle directory that was tried (cfg.bundle with its links resolved)
+    error: str | None = None
+    at: float = 0.0  # Unix time
+
+
 class Service:
-    def __init__(self, cfg: Config, publisher: MqttPublisher | None = None) -> None:
+    def __init__(self, cfg: Config, publisher: MqttPublisher | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.stop_event = threading.Event()
-        bundle = load_bundle(cfg.bundle)
+        self.notifier = notifier or Notifier()
+        self.bundle_path, bundle, self.pipeline = self._load_bundle()
         self.bundle_id = bundle.bundle_id
-        self.pipeline = FacePipeline(
-            bundle,
-            num_threads=cfg.recognition.num_threads,
-            min_face_size=cfg.detection.min_face_size,
-            score_threshold=cfg.detection.score_threshold,
-        )
-        if cfg.recognition.threshold is not None:
-            self.pipeline.classifier.threshold = cfg.recognition.threshold
         self.labels = [lab for lab in bundle.labels if lab != UNKNOWN]
+        # Reload requests: a counter (so a caller can wait for the reload that follows its request) and
+        # an Event the frame loop polls. RLock: the SIGHUP handler runs in the main thread, which may
+        # hold the lock at that moment.
+        self._reload_cond = threading.Condition(threading.RLock())
+        self._reload_wanted = threading.Event()
+        self._reload_requests = 0
+        self._reloads_done = 0
+        self.last_reload: ReloadResult | None = None
+        self.reloads = 0
+        self.reloads_refused = 0
         self.tracker = Tracker(cfg.tracking.iou, cfg.tracking.votes_needed, cfg.tracking.max_age)
         self.cooldown = Cooldown(cfg.events.cooldown)
         # Presence: while a decided person stays in view, their retained last-seen state is refreshed,
@@ -136,6 +162,122 @@ class Service:
         self.events = 0
         self.stage_ms: dict[str, float] = defaultdict(float)
         self._last_event: dict[str, dict[str, Any]] = {}  # per label, for presence refreshes
+        self._fps_frames = 0
+        self._fps_since = time.monotonic()
+        self._ready_sent = False
+
+    # --- the bundle, and reloading it (SIGHUP / request_reload) -------------------------------------------
+
+    def _load_bundle(self) -> tuple[str, Bundle, FacePipeline]:
+        """Resolve cfg.bundle (the `current` link of a versions store) and load it; raises on any problem.
+
+        The link is resolved once, here: the pipeline then reads the version it was built from even
+        if `current` is switched meanwhile.
+        """
+        path = os.path.realpath(self.cfg.bundle)
+        bundle = load_bundle(path)  # verifies the manifest, every checksum and every range
+        pipeline = FacePipeline(
+            bundle,
+            num_threads=self.cfg.recognition.num_threads,
+            min_face_size=self.cfg.detection.min_face_size,
+            score_threshold=self.cfg.detection.score_threshold,
+        )
+        if self.cfg.recognition.threshold is not None:
+            pipeline.classifier.threshold = self.cfg.recognition.threshold
+        return path, bundle, pipeline
+
+    def request_reload(self) -> int:
+        """Ask the frame loop to reload the bundle between two frames; safe from any thread or a signal.
+
+        Returns a ticket for `wait_reload`. Requests made before the loop gets to them are served by one
+        reload (it loads whatever `current` points to then).
+        """
+        with self._reload_cond:
+            self._reload_requests += 1
+            ticket = self._reload_requests
+        self._reload_wanted.set()
+        return ticket
+
+    def wait_reload(self, ticket: int, timeout: float | None = None) -> ReloadResult | None:
+        """The result of the reload that served `ticket` (or a later one); None if not done in time."""
+        with self._reload_cond:
+            if not self._reload_cond.wait_for(lambda: self._reloads_done >= ticket, timeout):
+                return None
+            return self.last_reload
+
+    def _reload_if_requested(self) -> ReloadResult | None:
+        if not self._reload_wanted.is_set():
+            return None
+        self._reload_wanted.clear()
+        with self._reload_cond:
+            serving = self._reload_requests
+        result = self.reload()
+        with self._reload_cond:
+            self._reloads_done = max(self._reloads_done, serving)
+            self._reload_cond.notify_all()
+        return result
+
+    def reload(self) -> ReloadResult:
+        """Load the bundle cfg.bundle points to now and swap it in; on any failure keep the old one.
+
+        Runs in the frame loop (between frames), so the pipeline is never swapped under a frame. The
+        MQTT session, camera and outbox are untouched. Returns what happened; the retained bundle topic,
+        the log, systemd's STATUS and the status file say it too.
+        """
+        self.notifier.reloading()
+        old = self.bundle_id
+        wanted = os.path.realpath(self.cfg.bundle)
+        try:
+            path, bundle, pipeline = self._load_bundle()
+        except Exception as exc:  # a reload must never take down a daemon that is serving
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, OSError) and type(exc).__module__.split(".")[0] != "device":
+                reason = f"{type(exc).__name__}: {reason}"
+            result = ReloadResult(False, old, wanted, reason, time.time())
+            self.reloads_refused += 1
+            log.error("reload refused: the bundle %s cannot be used (%s); still serving %s. Fix that bundle, or "
+                      "point %s back to a good version, then reload again", wanted, reason, old, self.cfg.bundle)
+        else:
+            self.pipeline = pipeline
+            self.bundle_path = path
+            self.bundle_id = bundle.bundle_id
+            self.labels = [lab for lab in bundle.labels if lab != UNKNOWN]
+            # Votes cast under the old model do not count for the new one (track ids keep counting up).
+            self.tracker.tracks.clear()
+            # Presence refreshes repeat the last event: keep people the new bundle still knows.
+            self._last_event = {label: {**event, "model": self.bundle_id} for label, event in self._last_event.items()
+                                if label in self.labels or label == UNKNOWN}
+            if self.cfg.events.homeassistant:
+                self._publish_discovery()  # the people may have changed
+            result = ReloadResult(True, self.bundle_id, path, None, time.time())
+            self.reloads += 1
+            log.info("reloaded: bundle %s (was %s) from %s, %d people", self.bundle_id, old, path, len(self.labels))
+        self.last_reload = result
+        self.publish_bundle_status(result)
+        if self._ready_sent:
+            self.notifier.ready(self.status_text())  # ends RELOADING=1
+        else:
+            self.notifier.status(self.status_text())  # READY=1 still waits for the first frame
+        return result
+
+    def publish_bundle_status(self, result: ReloadResult) -> None:
+        payload = bundle_status_payload(bundle_id=result.bundle_id, state="loaded" if result.ok else "refused",
+                                        error=result.error, path=result.path, at=result.at)
+        self.publisher.publish(bundle_topic(self.prefix, self.cfg.device_id), encode(payload), retain=True, qos=1)
+
+    # --- systemd: readiness, watchdog, status ----------------------------------------------------------------
+
+    def status_text(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status faceberry`)."""
+        camera = "out" if self.capture.out_now else "ok"
+        mqtt = self.publisher.state.split(":")[0]
+        return f"{self.fps:.1f} fps, bundle {self.bundle_id}, camera {camera}, mqtt {mqtt}"
+
+    @property
+    def fps(self) -> float:
+        """Frames processed per second over the last stats interval (since start before the first)."""
+        elapsed = time.monotonic() - self._fps_since
+        return (self.frames - self._fps_frames) / elapsed if elapsed > 0 else 0.0
 
     def _publish_discovery(self) -> None:
         for topic, config in ha_discovery(self.prefix, self.cfg.device_id, self.labels,
@@ -154,12 +296,16 @@ class Service:
             self.publisher.outbox.close()
             raise
         self.publisher.start()
+        self.publish_bundle_status(ReloadResult(True, self.bundle_id, self.bundle_path, None, time.time()))
         last_stats = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                # The loop itself pings: a pipeline call that hangs stops the pings, and systemd restarts us.
+                self.notifier.watchdog()
                 fatal = self.publisher.fatal
                 if fatal is not None:
                     raise MqttError(f"{fatal}; restart the daemon (the outbox keeps the undelivered events)")
+                self._reload_if_requested()
                 try:
                     frame = self.capture.get(timeout=0.5)
                 except TimeoutError:
@@ -172,15 +318,21 @@ class Service:
                     log.info("end of the camera stream")
                     break
                 self.handle_frame(frame)
+                if not self._ready_sent:
+                    # Models loaded and the camera delivers: only now is the service up for systemd.
+                    self._ready_sent = True
+                    self.notifier.ready(self.status_text())
                 if max_frames and self.frames >= max_frames:
                     break
                 if time.monotonic() - last_stats >= self.cfg.stats_interval:
                     self.log_stats()
                     last_stats = time.monotonic()
         finally:
+            self.notifier.stopping()
             self.capture.stop()
             self.publisher.stop(timeout=5.0)
             self.log_stats()
+            self.notifier.close()
         return 0
 
     def handle_frame(self, frame: Frame) -> None:
@@ -254,11 +406,14 @@ class Service:
             "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
             "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),
             "camera": camera, "mqtt": self.publisher.stats(),
+            "bundle": {"id": self.bundle_id, "reloads": self.reloads, "refused": self.reloads_refused},
             "ms_per_frame": {k: round(v / n, 2) for k, v in self.stage_ms.items()},
         }
 
     def log_stats(self) -> None:
         s = self.stats()
+        self.notifier.status(self.status_text())
+        self._fps_frames, self._fps_since = self.frames, time.monotonic()
         stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())
         camera = s["camera"]
         camera_text = f"camera {camera['state']} outages={camera['outages']} outage_s={camera['outage_s']}"
@@ -279,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     service = Service(cfg)
     previous = {sig: signal.signal(sig, service.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # systemctl reload faceberry (ExecReload=/bin/kill -HUP $MAINPID): load the bundle `current` points to.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     try:
         return service.run(max_frames=args.max_frames)
     finally:
