@@ -20,6 +20,7 @@ Exit codes: 0 at the end of a file or folder or on a signal; 1 (via the CLI) on 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -165,6 +166,9 @@ class Service:
         self._fps_frames = 0
         self._fps_since = time.monotonic()
         self._ready_sent = False
+        self._status_path: Path | bool | None = False  # False: not looked up yet
+        self._status_warned = False
+        self._stopped = False  # the last status file of a run says so
 
     # --- the bundle, and reloading it (SIGHUP / request_reload) -------------------------------------------
 
@@ -254,6 +258,7 @@ class Service:
             log.info("reloaded: bundle %s (was %s) from %s, %d people", self.bundle_id, old, path, len(self.labels))
         self.last_reload = result
         self.publish_bundle_status(result)
+        self.write_status()
         if self._ready_sent:
             self.notifier.ready(self.status_text())  # ends RELOADING=1
         else:
@@ -297,6 +302,7 @@ class Service:
             raise
         self.publisher.start()
         self.publish_bundle_status(ReloadResult(True, self.bundle_id, self.bundle_path, None, time.time()))
+        self.write_status()
         last_stats = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -331,6 +337,7 @@ class Service:
             self.notifier.stopping()
             self.capture.stop()
             self.publisher.stop(timeout=5.0)
+            self._stopped = True
             self.log_stats()
             self.notifier.close()
         return 0
@@ -410,9 +417,48 @@ class Service:
             "ms_per_frame": {k: round(v / n, 2) for k, v in self.stage_ms.items()},
         }
 
+    # --- the status file `faceberry status` reads ------------------------------------------------------------
+
+    def status_file(self) -> Path | None:
+        """<state_dir>/status-<device_id>.json, or None when no state directory is writable."""
+        if self._status_path is False:
+            try:
+                self._status_path = state_dir(self.cfg) / f"status-{self.cfg.device_id}.json"
+            except OutboxError as exc:
+                log.warning("no status file for `faceberry status`: %s", exc)
+                self._status_path = None
+        return self._status_path
+
+    def write_status(self) -> Path | None:
+        """Write the stats, bundle, pid and MQTT state atomically (tmp + rename): a reader never sees half."""
+        path = self.status_file()
+        if path is None:
+            return None
+        s = self.stats()
+        data = {**s, "bundle_id": self.bundle_id, "bundle_path": self.bundle_path, "pid": os.getpid(),
+                "device_id": self.cfg.device_id, "updated_at": iso_utc(time.time()),
+                "mqtt_state": s["mqtt"]["state"], "fps": round(self.fps, 2), "status": self.status_text(),
+                "running": not self._stopped}
+        if self.last_reload is not None:
+            r = self.last_reload
+            data["last_reload"] = {"ok": r.ok, "bundle_id": r.bundle_id, "path": r.path, "error": r.error,
+                                   "at": iso_utc(r.at)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            if not self._status_warned:
+                log.warning("cannot write the status file %s: %s; check the free space and state_dir", path, exc)
+                self._status_warned = True
+            tmp.unlink(missing_ok=True)
+            return None
+        return path
+
     def log_stats(self) -> None:
         s = self.stats()
         self.notifier.status(self.status_text())
+        self.write_status()
         self._fps_frames, self._fps_since = self.frames, time.monotonic()
         stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())
         camera = s["camera"]

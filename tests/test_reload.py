@@ -111,6 +111,12 @@ def test_sighup_switches_bundles_over_one_connection_and_refuses_a_corrupt_one(
         assert sub.wait_for(lambda m: len(events_after(mark)) >= 2, 60), "".join(logged)[-3000:]
         assert {e["model"] for e in events_after(mark)} == {"test-v2"}
         assert proc.poll() is None
+        # The status file `faceberry status` reads was rewritten after the reload.
+        status = json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())
+        assert (status["bundle_id"], status["pid"], status["running"]) == ("test-v2", proc.pid, True)
+        assert status["last_reload"]["ok"] is False and "sha256" in status["last_reload"]["error"]
+        assert status["mqtt_state"] == "connected" and status["frames"] > 0 and status["updated_at"].endswith("Z")
+        assert status["bundle"] == {"id": "test-v2", "reloads": 1, "refused": 1}
     finally:
         proc.send_signal(signal.SIGTERM)
     rc, _ = finish(proc, timeout=30)
@@ -119,6 +125,8 @@ def test_sighup_switches_bundles_over_one_connection_and_refuses_a_corrupt_one(
     sub.close()
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err
+    assert json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())["running"] is False
+    assert not list((tmp_path / "state").glob(".*.tmp"))
     # One log line per reload: what was loaded, and what was refused with why and the fix.
     assert len(re.findall(r"INFO device\.service: reloaded: bundle test-v2 \(was test-v1\)", err)) == 1, err[-3000:]
     refusals = [line for line in err.splitlines() if "reload refused" in line]
