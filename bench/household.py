@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     peer_variant = {}
     if peer is not None:
-        for v in peer_variants & set(variant_emb):
+        for v in sorted(peer_variants & set(variant_emb)):
             print(f"face_recognition on variant {v} …", file=sys.stderr)
             peer_variant[v] = peer_embeddings([work / "degraded" / v / p.parent.name / f"{p.stem}.png"
                                                for p in all_paths])
