@@ -120,6 +120,8 @@ class Assistant:
                 self.publish(topic, encode(config), retain=True)
 
     def reloaded(self) -> None:
+        if self.strangers is not None:  # enroll recalibrates the threshold; clusters follow it
+            self.strangers.threshold = float(self.service.pipeline.classifier.threshold)
         if self.discovery:
             self.publish_discovery()
             for label in list(self._present):
@@ -298,15 +300,20 @@ class Assistant:
         import shutil
         import tempfile
 
-        from device.enroll import enroll
+        from device.bundle import BundleError
+        from device.enroll import EnrollError, enroll
+        from device.runtime import ModelError
 
         with tempfile.TemporaryDirectory(prefix="enroll-", dir=self.state) as tmp:
             for i, face in enumerate(faces):
                 for j, crop in enumerate(face.crops):
                     shutil.copy(crop, Path(tmp) / f"{i:03d}_{j:02d}.jpg")
-            summary = enroll(Path(self.cfg.bundle), name, Path(tmp), min_photos=1,
-                             min_face_size=self.cfg.detection.min_face_size,
-                             num_threads=self.cfg.recognition.num_threads)
+            try:
+                summary = enroll(Path(self.cfg.bundle), name, Path(tmp), min_photos=1,
+                                 min_face_size=self.cfg.detection.min_face_size,
+                                 num_threads=self.cfg.recognition.num_threads)
+            except (EnrollError, BundleError, ModelError) as exc:
+                return False, f"not enrolled: {exc}", {}
         result = self.service.reload()
         if not result.ok:
             return False, f"enrolled {name} but the new bundle was refused: {result.error}", {}

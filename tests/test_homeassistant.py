@@ -299,7 +299,9 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
         # Untrusted input first: each refused with the reason, the daemon keeps running.
         for bad, why in ((b"{not json", "JSON"), (b"x" * 5000, "limit is 4096"),
                          (b'{"command": "name_last_unknown", "name": "A", "rm": "-rf"}', "Extra inputs"),
-                         (b'{"command": "reboot"}', "unknown command")):
+                         (b'{"command": "reboot"}', "unknown command"),
+                         # Valid, but refused by enroll's own rules: the daemon answers, logs, goes on.
+                         (b'{"command": "name_last_unknown", "name": "unknown"}', "not enrolled")):
             result = d.result_after(d.send(bad), 30)
             assert result["ok"] is False and why in result["message"], result
 
