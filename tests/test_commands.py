@@ -56,3 +56,51 @@ def test_result_payload() -> None:
     assert out == {"schema": 1, "command": "undo", "ok": False, "message": "no correction to undo",
                    "request_id": "r", "at": "1970-01-01T00:00:00.000Z"}
     json.dumps(out)
+
+
+@pytest.mark.broker
+def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_factory, tmp_path) -> None:
+    import threading
+    import time
+
+    import paho.mqtt.publish as mqtt_publish
+
+    from device.mqtt import MqttPublisher
+    from tests.test_service_mqtt import mqtt_cfg
+
+    broker = mosquitto_factory()  # not persistent: the restarted broker knows no subscriptions
+    got: list[tuple[str, bytes, str]] = []
+    arrived = threading.Event()
+
+    def handler(topic: str, payload: bytes) -> None:
+        got.append((topic, payload, threading.current_thread().name))
+        arrived.set()
+
+    pub = MqttPublisher(mqtt_cfg(broker), "cmd", outbox=tmp_path / "outbox.sqlite3")
+    pub.subscribe("faceberry/cmd/command", handler)
+    with pytest.raises(ValueError, match="exact topics"):
+        pub.subscribe("faceberry/+/command", handler)
+    pub.start()
+    try:
+        def send_until_received(payload: bytes) -> bool:
+            arrived.clear()
+            for _ in range(20):  # the subscription may be a moment behind the connection
+                mqtt_publish.single("faceberry/cmd/command", payload, qos=1, hostname=broker.host, port=broker.port)
+                if arrived.wait(0.5):
+                    return True
+            return False
+
+        assert pub.wait_connected(10)
+        assert send_until_received(b"first")
+        broker.stop()
+        broker.start()
+        deadline = time.monotonic() + 20
+        while pub.connects < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pub.connects == 2
+        assert send_until_received(b"second")
+    finally:
+        pub.stop()
+    assert got[0][1] == b"first" and got[-1][1] == b"second"
+    # Delivered in paho's network thread, not the caller's: the handler must only queue.
+    assert all(name != threading.main_thread().name for _, _, name in got)
