@@ -198,8 +198,9 @@ class EventsConfig(_Section):
     topic_prefix: TopicPrefix = Field(
         "faceberry", description="first level(s) of every topic, without + # or empty levels: "
         "<topic_prefix>/<device_id>/{status,events,person/<label>,snapshot/<label>}")
-    homeassistant: bool = Field(False, description="publish Home Assistant MQTT discovery configs (one 'last "
-                                                   "seen' sensor per person), retained")
+    homeassistant: bool = Field(False, description="publish Home Assistant MQTT discovery configs, retained (a "
+                                                   "Face event, per person presence and last seen, diagnostics; "
+                                                   "see the homeassistant section), and the presence topics")
     homeassistant_prefix: TopicPrefix = Field(
         "homeassistant", description="Home Assistant's discovery prefix, without + # or empty levels")
 
