@@ -30,6 +30,7 @@ from tests.test_service_mqtt import finish, start_daemon, write_config
 
 DEVICE = "hacam"
 DP = "homeassistant"
+MARGIN = 0.02  # photos chosen as test cases score at least this far from the threshold
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +146,7 @@ def gallery_photo(tiny: dict) -> tuple[str, Path]:
 
 
 def predictions(bundle: Path, photos: list[Path], threshold: float | None = None) -> list[tuple[str, str, np.ndarray]]:
-    """(label, best, embedding) of each photo's widest face, with the daemon's own pipeline."""
+    """(label or "borderline", best, embedding) of each photo's widest face, with the daemon's own pipeline."""
     from device.bundle import load_bundle
     from device.pipeline import FacePipeline
     from device.preprocess import load_image
@@ -156,7 +157,10 @@ def predictions(bundle: Path, photos: list[Path], threshold: float | None = None
     out = []
     for photo in photos:
         rec = max(pipe.process(load_image(photo)).recognitions, key=lambda r: r.face.width)
-        out.append((rec.prediction.label, rec.prediction.best, rec.vector))
+        # A score this near the threshold could fall on either side in the daemon (other thread counts):
+        # such a photo is no test case.
+        near = abs(rec.prediction.score - pipe.classifier.threshold) < MARGIN
+        out.append(("borderline" if near else rec.prediction.label, rec.prediction.best, rec.vector))
     return out
 
 

@@ -17,7 +17,7 @@ from device.corrections import Negatives
 from device.facestore import FaceStore, crop_with_margin
 from device.strangers import StrangerMemory
 from tests.test_backbone import tiny_embedding  # noqa: F401 - the shared session fixture
-from tests.test_homeassistant import DEVICE, Daemon, blank, ha_config, link, predictions, tiny  # noqa: F401
+from tests.test_homeassistant import DEVICE, MARGIN, Daemon, blank, ha_config, link, predictions, tiny  # noqa: F401
 
 
 class Clock:
@@ -118,7 +118,8 @@ def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tin
         same = float(seen[p1][1] @ seen[p2][1])
         for q in others:
             far = max(float(seen[q][1] @ seen[p1][1]), float(seen[q][1] @ seen[p2][1]))
-            if seen[q][0] == "unknown" and same >= threshold and far < threshold and same > far:
+            if (seen[q][0] == "unknown" and same >= threshold + MARGIN and far < threshold - MARGIN
+                    and same > far + MARGIN):
                 pick = (p1, p2, q)
                 break
         if pick:
