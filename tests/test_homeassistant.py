@@ -375,3 +375,58 @@ def test_wrong_turns_a_false_accept_into_unknown_and_undo_restores_it(
         assert {e["label"] for e in of("a_stranger.jpg", mark)} == {best}
     finally:
         d.stop()
+
+
+def without_person(source: Path, dest: Path, person: str) -> Path:
+    """A copy of an embedding bundle with `person` taken out of labels.txt and the gallery."""
+    from device.bundle import MANIFEST, load_bundle, write_manifest
+
+    shutil.copytree(source, dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    files = list(manifest.pop("files"))
+    labels = [lab for lab in (dest / manifest["labels"]["file"]).read_text().split() if lab != person]
+    (dest / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n")
+    manifest["labels"]["count"] = len(labels)
+    with np.load(dest / manifest["gallery"]["file"]) as data:
+        keep = data["labels"] != person
+        emb, names = data["embeddings"][keep], data["labels"][keep]
+    with open(dest / manifest["gallery"]["file"], "wb") as fh:
+        np.savez(fh, embeddings=emb, labels=names)
+    manifest["bundle_id"] = f"{manifest['bundle_id']}-without"
+    write_manifest(dest, manifest, files)
+    assert person not in load_bundle(dest).labels
+    return dest
+
+
+@pytest.mark.broker
+def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_factory, tiny) -> None:
+    from tests.test_reload import switch_current
+
+    broker = mosquitto_factory()
+    store = tmp_path / "store"
+    (store / "bundles").mkdir(parents=True)
+    shutil.copytree(tiny["bundle"], store / "bundles" / "v1")
+    gone = tiny["people"][-1]
+    without_person(Path(tiny["bundle"]), store / "bundles" / "v2", gone)
+    switch_current(store, "v1")
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    blank(camera / "empty.jpg")
+    config = ha_config(tmp_path, store / "bundles" / "current", broker, camera)
+    d = Daemon(config, broker)
+    uid = f"faceberry_{DEVICE}_{gone}"
+    their = {f"{DP}/binary_sensor/{uid}_present/config", f"{DP}/sensor/{uid}/config"}
+    try:
+        d.wait(lambda m: their <= {t for t, p, _ in m if p}, 60)
+        switch_current(store, "v2")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait(lambda m: their <= {t for t, p, _ in m if not p}, 60)
+        event_topic = f"{DP}/event/faceberry_{DEVICE}_face/config"
+        d.wait(lambda m: gone not in json.loads([p for t, p, _ in m if t == event_topic][-1])["event_types"], 30)
+    finally:
+        d.stop()
+    late = Subscriber(broker.host, broker.port, f"{DP}/#")
+    time.sleep(1.0)
+    retained = {t for t, p, r in late.messages if r and p}
+    late.close()
+    assert not their & retained and f"{DP}/event/faceberry_{DEVICE}_face/config" in retained
