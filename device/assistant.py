@@ -229,6 +229,15 @@ class Assistant:
             people=len(self.service.labels), cpu_temp=ha.cpu_temperature() if self._cpu_temp else None)
         self.publish(ha.diagnostics_topic(self.prefix, self.device_id), encode(payload), retain=True)
 
+    def stats(self) -> dict[str, Any] | None:
+        """What is remembered and how commands went, for the stats and the status file (None: nothing on)."""
+        if not (self.commands or self.faces or self.strangers or len(self.negatives)):
+            return None
+        return {"faces": len(self.faces) if self.faces is not None else 0,
+                "strangers": len(self.strangers) if self.strangers is not None else 0,
+                "corrections": len(self.negatives), "commands_accepted": self.commands_accepted,
+                "commands_refused": self.commands_refused}
+
     # --- commands ---------------------------------------------------------------------------------------------
 
     def _handle(self, topic: str, payload: bytes) -> None:

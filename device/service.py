@@ -420,7 +420,9 @@ class Service:
                                   "outages": self.capture.outages, "outage_s": round(self.capture.outage_s, 1)}
         if self.capture.out_now:
             camera["reason"] = self.capture.outage_reason
+        memory = self.assistant.stats()
         return {
+            **({"memory": memory} if memory is not None else {}),
             "frames": self.frames, "captured": self.capture.captured, "dropped": self.capture.dropped,
             "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
             "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),

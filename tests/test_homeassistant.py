@@ -325,6 +325,9 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
         err = d.stop()
     assert err.count("command (unreadable) refused") + err.count("command reboot refused") >= 1
     assert "command name_last_unknown accepted" in err
+    # `faceberry status` reads the counts: 5 refused, 1 accepted; the named face's crops are gone.
+    memory = json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())["memory"]
+    assert (memory["commands_refused"], memory["commands_accepted"]) == (5, 1), memory
     # Same process, same broker session.
     assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1
 
