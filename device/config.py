@@ -198,10 +198,41 @@ class EventsConfig(_Section):
     topic_prefix: TopicPrefix = Field(
         "faceberry", description="first level(s) of every topic, without + # or empty levels: "
         "<topic_prefix>/<device_id>/{status,events,person/<label>,snapshot/<label>}")
-    homeassistant: bool = Field(False, description="publish Home Assistant MQTT discovery configs (one 'last "
-                                                   "seen' sensor per person), retained")
+    homeassistant: bool = Field(False, description="publish Home Assistant MQTT discovery configs, retained (a "
+                                                   "Face event, per person presence and last seen, diagnostics; "
+                                                   "see the homeassistant section), and the presence topics")
     homeassistant_prefix: TopicPrefix = Field(
         "homeassistant", description="Home Assistant's discovery prefix, without + # or empty levels")
+
+
+class HomeAssistantConfig(_Section):
+    """Home Assistant's entities beyond discovery itself: presence, face images, commands (docs/MQTT.md)."""
+
+    presence_timeout: float = Field(
+        300.0, gt=0, description="seconds a person may go unseen before their presence binary_sensor turns off")
+    images: bool = Field(False, description="publish the last face crop and the last unknown face crop (JPEG, "
+                                            "retained) for Home Assistant's image entities; off by default: privacy")
+    commands: bool = Field(False, description="accept commands (name the last unknown face, 'wrong', undo, forget) "
+                                              "on <topic_prefix>/<device_id>/command; keeps recent faces in state_dir")
+    command_max_bytes: int = Field(4096, ge=64, le=65536,
+                                   description="longest command message accepted, in bytes; longer ones are refused")
+
+
+class MemoryConfig(_Section):
+    """What the daemon remembers of the faces it saw, in state_dir (only when commands or strangers are on)."""
+
+    max_faces: int = Field(50, ge=1, description="recent decided faces kept (crops and embeddings) for naming "
+                                                 "and corrections; the oldest go first")
+    max_age: float = Field(86400.0, gt=0, description="seconds a recent face's crops and embeddings are kept")
+    crops_per_face: int = Field(3, ge=1, le=20, description="frames (JPEG crops with margin) kept per face")
+    strangers: bool = Field(False, description="cluster unknown faces so events carry a stable stranger_id, "
+                                               "count and first_seen (embeddings only, kept in state_dir)")
+    max_strangers: int = Field(200, ge=1, description="stranger clusters kept; the least recently seen go first")
+    stranger_retention: float = Field(
+        30 * 86400.0, gt=0, description="seconds a stranger cluster unseen is kept before it is forgotten")
+    negative_margin: float = Field(
+        0.05, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
+        "stored negative's similarity to the face by this much")
 
 
 class TlsConfig(_Section):
@@ -323,6 +354,9 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="faces across frames")
     events: EventsConfig = Field(default_factory=EventsConfig, description="what is published where")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the broker")
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig,
+                                               description="Home Assistant presence, images and commands")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="recent faces and strangers remembered")
     stats_interval: float = Field(60.0, gt=0, description="seconds between statistics lines in the log "
                                                           "(frames, dropped, faces, events, stage timings)")
     state_dir: Annotated[Path, Field(strict=False)] = Field(

@@ -111,6 +111,22 @@ def accept(best: str, score: float, threshold: float) -> str:
     return best if best != UNKNOWN and score >= threshold else UNKNOWN
 
 
+def accept_with_negatives(best: str, score: float, threshold: float, probe: np.ndarray | None,
+                          negatives: np.ndarray | None, margin: float) -> str:
+    """The accept rule with corrections: `negatives` are embeddings a user said were *not* `best`.
+
+    `best` must first pass `accept`; then its score (cosine to `best`'s gallery entry) must beat the
+    nearest negative's cosine to the probe by `margin`. The face that was corrected (or one very like
+    it) is nearer its own stored negative than to `best`'s entry and becomes `unknown`; `best`'s own
+    photos are far from a stranger's negative and keep being accepted.
+    """
+    label = accept(best, score, threshold)
+    if label == UNKNOWN or probe is None or negatives is None or len(negatives) == 0:
+        return label
+    nearest = float(np.max(l2_normalize(np.atleast_2d(negatives)) @ l2_normalize(probe).reshape(-1)))
+    return label if score >= nearest + margin else UNKNOWN
+
+
 def accept_all(best: Sequence[str], scores: np.ndarray, threshold: float) -> list[str]:
     return [accept(b, float(s), threshold) for b, s in zip(best, scores, strict=True)]
 

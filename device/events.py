@@ -178,26 +178,7 @@ class Cooldown:
 def ha_discovery(
     prefix: str, device_id: str, labels: Sequence[str], discovery_prefix: str = "homeassistant"
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Home Assistant MQTT discovery: one sensor per known person (last seen) plus a last-event sensor.
+    """Home Assistant MQTT discovery configs, as (topic, config) pairs: see device.homeassistant.discovery."""
+    from device.homeassistant import discovery  # it builds on this module's topics
 
-    Returned as (topic, config) pairs; the daemon publishes them retained.
-    """
-    device = {"identifiers": [f"faceberry_{device_id}"], "name": f"faceberry {device_id}", "manufacturer": "faceberry"}
-    avail = {"availability_topic": status_topic(prefix, device_id), "payload_available": ONLINE,
-             "payload_not_available": OFFLINE}
-    out: list[tuple[str, dict[str, Any]]] = []
-    uid = f"faceberry_{device_id}_last_event"
-    out.append((f"{discovery_prefix}/sensor/{uid}/config", {
-        "name": "Last face", "unique_id": uid, "state_topic": events_topic(prefix, device_id),
-        "value_template": "{{ value_json.label }}", "json_attributes_topic": events_topic(prefix, device_id),
-        "device": device, **avail,
-    }))
-    for label in labels:
-        safe = sanitize_label(label)
-        uid = f"faceberry_{device_id}_{safe}"
-        out.append((f"{discovery_prefix}/sensor/{uid}/config", {
-            "name": f"{label} last seen", "unique_id": uid, "device_class": "timestamp",
-            "state_topic": person_topic(prefix, device_id, label), "value_template": "{{ value_json.last_seen }}",
-            "json_attributes_topic": person_topic(prefix, device_id, label), "device": device, **avail,
-        }))
-    return out
+    return discovery(prefix, device_id, labels, discovery_prefix=discovery_prefix)

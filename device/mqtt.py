@@ -226,6 +226,7 @@ class MqttPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_message = self._on_message
         # Unacknowledged messages handed to paho; the rest wait on disk.
         self.max_inflight = max(1, int(getattr(cfg, "queue_size", 1000)))
         self.summary_interval = float(summary_interval)
@@ -246,6 +247,7 @@ class MqttPublisher:
         self.state = "connecting"
         self.last_error: str | None = None
         self._on_connect_hooks: list[Any] = []
+        self._subscriptions: dict[str, tuple[int, Any]] = {}  # topic -> (qos, handler)
         self._status_info: paho.MQTTMessageInfo | None = None  # the latest `online`, outside the outbox
 
     # --- paho callbacks: they run in paho's network thread, and must not touch the database ---------
@@ -263,6 +265,9 @@ class MqttPublisher:
                  "" if self.connects == 1 else f" (reconnect {self.connects - 1})",
                  f" {recovered}" if recovered else "")
         self._status_info = client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        # clean_session: the broker forgot our subscriptions with the last connection.
+        for topic, (qos, _) in list(self._subscriptions.items()):
+            client.subscribe(topic, qos=qos)
         for hook in self._on_connect_hooks:
             hook()
         self._connected.set()
@@ -302,6 +307,16 @@ class MqttPublisher:
         self.last_error = line
         self.state = f"error: {line}"
         self._failures.report(key, line, level)
+
+    def _on_message(self, client: _Client, userdata: Any, msg: Any) -> None:
+        # paho's thread: hand the bytes over and return; the handler must only queue them.
+        entry = self._subscriptions.get(msg.topic)
+        if entry is None:
+            return
+        try:
+            entry[1](msg.topic, bytes(msg.payload))
+        except Exception:  # a handler's bug must not kill paho's network thread
+            log.exception("the handler of %s failed", msg.topic)
 
     def _on_publish(self, client: _Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         # Called under paho's message lock: hand the mid over and return.
@@ -382,6 +397,15 @@ class MqttPublisher:
     def on_connect(self, hook: Any) -> None:
         """Run `hook()` after every (re)connection, e.g. to republish discovery configs."""
         self._on_connect_hooks.append(hook)
+
+    def subscribe(self, topic: str, handler: Any, qos: int = 1) -> None:
+        """Call `handler(topic, payload)` in paho's thread for each message on `topic` (an exact topic, no
+        wildcards), from now on and after every reconnection. The handler must only queue the message."""
+        if "+" in topic or "#" in topic:
+            raise ValueError(f"subscribe to exact topics only, not {topic!r}")
+        self._subscriptions[topic] = (int(qos), handler)
+        if self.connected:
+            self.client.subscribe(topic, qos=int(qos))
 
     def start(self) -> None:
         """Connect in the background; the daemon runs (events wait on disk) even while the broker is down."""

@@ -20,6 +20,7 @@ class Recognition:
     face: Face
     crop: np.ndarray  # aligned uint8 RGB crop
     prediction: Prediction
+    vector: np.ndarray | None = None  # the classifier's output (an embedding, or softmax probabilities)
 
 
 @dataclass
@@ -55,9 +56,10 @@ class FacePipeline:
         t1 = time.perf_counter()
         crops = [align_face(frame, f.keypoints, self.size, self.alignment) for f in faces]
         t2 = time.perf_counter()
-        preds = [self.classifier.classify(c) for c in crops]
+        vectors = [self.classifier.raw(c) for c in crops]
+        preds = [self.classifier.decide(v) for v in vectors]
         t3 = time.perf_counter()
         return FrameResult(
-            [Recognition(f, c, p) for f, c, p in zip(faces, crops, preds, strict=True)],
+            [Recognition(f, c, p, v) for f, c, p, v in zip(faces, crops, preds, vectors, strict=True)],
             {"detect": (t1 - t0) * 1e3, "align": (t2 - t1) * 1e3, "classify": (t3 - t2) * 1e3},
         )

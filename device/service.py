@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.assistant import Assistant, FaceSample
 from device.bundle import Bundle, load_bundle
 from device.camera import Capture, Frame, open_source
 from device.classifier import UNKNOWN
@@ -45,7 +46,6 @@ from device.events import (
     encode,
     event_payload,
     events_topic,
-    ha_discovery,
     iso_utc,
     person_state_payload,
     person_topic,
@@ -156,6 +156,14 @@ class Service:
             publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.prefix, cfg.mqtt_password, outbox=outbox,
                                       summary_interval=cfg.stats_interval)
         self.publisher = publisher
+        try:
+            memory_dir: Path | None = state_dir(cfg)
+        except OutboxError as exc:
+            log.warning("nothing is remembered across restarts (faces, strangers, corrections): %s", exc)
+            memory_dir = None
+        # Home Assistant: discovery, presence, diagnostics, images, remembered faces, commands.
+        self.assistant = Assistant(self, memory_dir)
+        self.assistant.attach()
         if cfg.events.homeassistant:
             self.publisher.on_connect(self._publish_discovery)
         self.frames = 0
@@ -251,8 +259,7 @@ class Service:
             # Presence refreshes repeat the last event: keep people the new bundle still knows.
             self._last_event = {label: {**event, "model": self.bundle_id} for label, event in self._last_event.items()
                                 if label in self.labels or label == UNKNOWN}
-            if self.cfg.events.homeassistant:
-                self._publish_discovery()  # the people may have changed
+            self.assistant.reloaded()  # the people may have changed
             result = ReloadResult(True, self.bundle_id, path, None, time.time())
             self.reloads += 1
             log.info("reloaded: bundle %s (was %s) from %s, %d people", self.bundle_id, old, path, len(self.labels))
@@ -285,10 +292,8 @@ class Service:
         return (self.frames - self._fps_frames) / elapsed if elapsed > 0 else 0.0
 
     def _publish_discovery(self) -> None:
-        for topic, config in ha_discovery(self.prefix, self.cfg.device_id, self.labels,
-                                          self.cfg.events.homeassistant_prefix):
-            # Retained and coalesced in the outbox: republished on every connect, stored once.
-            self.publisher.publish(topic, encode(config), retain=True, qos=1)
+        # Runs in paho's thread at each connection: only writes to the outbox (retained, coalesced there).
+        self.assistant.publish_discovery()
 
     def request_stop(self, *_: Any) -> None:
         self.stop_event.set()
@@ -302,6 +307,7 @@ class Service:
             raise
         self.publisher.start()
         self.publish_bundle_status(ReloadResult(True, self.bundle_id, self.bundle_path, None, time.time()))
+        self.assistant.started()
         self.write_status()
         last_stats = time.monotonic()
         try:
@@ -312,6 +318,7 @@ class Service:
                 if fatal is not None:
                     raise MqttError(f"{fatal}; restart the daemon (the outbox keeps the undelivered events)")
                 self._reload_if_requested()
+                self.assistant.tick()
                 try:
                     frame = self.capture.get(timeout=0.5)
                 except TimeoutError:
@@ -349,11 +356,14 @@ class Service:
         self.faces += len(result.recognitions)
         for stage, ms in result.timings_ms.items():
             self.stage_ms[stage] += ms
-        observations = [
-            Observation(r.face.box, r.prediction.label, r.prediction.score, extra=r.crop)
-            for r in result.recognitions
-        ]
-        for decision in self.tracker.update(observations, frame.index):
+        observations = []
+        for r in result.recognitions:
+            prediction = self.assistant.correct(r)  # stored corrections ("wrong, not X") apply here
+            observations.append(Observation(r.face.box, prediction.label, prediction.score,
+                                            extra=self.assistant.sample(frame.image, r)))
+        decisions = self.tracker.update(observations, frame.index)
+        self.assistant.collect(self.tracker.active(), frame.index)
+        for decision in decisions:
             self.emit(decision, frame)
         self.refresh_presence(frame)
         self.stage_ms["track+publish"] += (time.perf_counter() - t0) * 1e3
@@ -373,6 +383,7 @@ class Service:
             bbox=bbox, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
             timestamp=frame.timestamp, previous=decision.previous, source=frame.origin,
         )
+        self.assistant.annotate(event, decision)
         self.publisher.publish(events_topic(self.prefix, self.cfg.device_id), encode(event))
         self.publisher.publish(person_topic(self.prefix, self.cfg.device_id, label),
                                encode(person_state_payload(event)), retain=True)
@@ -381,8 +392,9 @@ class Service:
         self.events += 1
         log.info("event: %s (score %.2f, track %d, %d frames%s)", label, decision.score, decision.track_id,
                  decision.frames, f", was {decision.previous}" if decision.previous else "")
-        if self.cfg.events.snapshots and decision.extra is not None:
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(decision.extra, cv2.COLOR_RGB2BGR))
+        self.assistant.emitted(event, decision)
+        if self.cfg.events.snapshots and isinstance(decision.extra, FaceSample):
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(decision.extra.crop, cv2.COLOR_RGB2BGR))
             if ok:
                 self.publisher.publish(snapshot_topic(self.prefix, self.cfg.device_id, label), jpeg.tobytes())
 
@@ -408,7 +420,9 @@ class Service:
                                   "outages": self.capture.outages, "outage_s": round(self.capture.outage_s, 1)}
         if self.capture.out_now:
             camera["reason"] = self.capture.outage_reason
+        memory = self.assistant.stats()
         return {
+            **({"memory": memory} if memory is not None else {}),
             "frames": self.frames, "captured": self.capture.captured, "dropped": self.capture.dropped,
             "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
             "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),
@@ -458,6 +472,7 @@ class Service:
     def log_stats(self) -> None:
         s = self.stats()
         self.notifier.status(self.status_text())
+        self.assistant.diagnostics(s)
         self.write_status()
         self._fps_frames, self._fps_since = self.frames, time.monotonic()
         stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())

@@ -1,0 +1,155 @@
+"""Recent faces, kept in state_dir so a face can be named or corrected after it was seen.
+
+One folder per decided track, `<state_dir>/faces-<device_id>/<event_id>/`: up to `memory.crops_per_face`
+JPEG crops of the frame around the face with a wide margin (so `device enroll`'s detector finds the face
+again), `embeddings.npy` (the classifier's output for those frames) and `face.json` (label, score, track,
+bundle, stranger_id, time), written last: a folder without it is an interrupted write and is removed.
+Bounded by count (`memory.max_faces`) and age (`memory.max_age`); `forget` removes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+META = "face.json"
+EMBEDDINGS = "embeddings.npy"
+# Margin around the face box, as a fraction of its size on each side: the detector needs context.
+MARGIN = 0.6
+
+
+def crop_with_margin(image: np.ndarray, box: Sequence[float], margin: float = MARGIN) -> np.ndarray:
+    """The part of an RGB frame around `box` [x1, y1, x2, y2], grown by `margin` × its size on each side."""
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    right, bottom = min(w, int(np.ceil(x2 + mx))), min(h, int(np.ceil(y2 + my)))
+    return np.ascontiguousarray(image[top:max(bottom, top + 1), left:max(right, left + 1)])
+
+
+@dataclass
+class StoredFace:
+    event_id: str
+    label: str
+    score: float
+    track_id: int
+    bundle_id: str
+    at: float  # Unix time
+    stranger_id: str | None
+    folder: Path
+
+    @property
+    def crops(self) -> list[Path]:
+        return sorted(self.folder.glob("crop_*.jpg"))
+
+    def embeddings(self) -> np.ndarray:
+        return np.load(self.folder / EMBEDDINGS)
+
+
+class FaceStore:
+    def __init__(self, root: Path, max_faces: int = 50, max_age: float = 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.max_faces = int(max_faces)
+        self.max_age = float(max_age)
+        self.clock = clock
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._faces: dict[str, StoredFace] = {}
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            face = self._read(folder)
+            if face is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self._faces[face.event_id] = face
+        self.prune()
+
+    @staticmethod
+    def _read(folder: Path) -> StoredFace | None:
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            return StoredFace(str(meta["event_id"]), str(meta["label"]), float(meta["score"]), int(meta["track_id"]),
+                              str(meta["bundle_id"]), float(meta["at"]), meta.get("stranger_id"), folder)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def add(self, *, event_id: str, label: str, score: float, track_id: int, bundle_id: str,
+            crops: Sequence[np.ndarray], embeddings: np.ndarray, stranger_id: str | None = None,
+            at: float | None = None) -> StoredFace | None:
+        """Store one decided face (RGB crops, their embeddings); None when nothing could be written."""
+        safe = "".join(c for c in event_id if c.isalnum() or c == "-")[:64]
+        if not safe or not len(crops):
+            return None
+        folder = self.root / safe
+        at = self.clock() if at is None else at
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, crop in enumerate(crops):
+                ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+                if ok:
+                    (folder / f"crop_{i:02d}.jpg").write_bytes(jpeg.tobytes())
+            np.save(folder / EMBEDDINGS, np.asarray(embeddings, np.float32))
+            meta = {"event_id": event_id, "label": label, "score": round(float(score), 4), "track_id": int(track_id),
+                    "bundle_id": bundle_id, "at": at, "stranger_id": stranger_id}
+            (folder / META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot store the face of event %s in %s: %s", event_id, folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        face = StoredFace(event_id, label, float(score), int(track_id), bundle_id, at, stranger_id, folder)
+        self._faces[event_id] = face
+        self.prune()
+        return face
+
+    def prune(self) -> int:
+        """Drop faces older than max_age, then the oldest beyond max_faces; returns how many went."""
+        now = self.clock()
+        ordered = sorted(self._faces.values(), key=lambda f: f.at)
+        expired = [f for f in ordered if now - f.at > self.max_age]
+        kept = [f for f in ordered if now - f.at <= self.max_age]
+        expired += kept[:max(0, len(kept) - self.max_faces)]
+        for face in expired:
+            self.remove(face.event_id)
+        return len(expired)
+
+    def remove(self, event_id: str) -> bool:
+        face = self._faces.pop(event_id, None)
+        if face is not None:
+            shutil.rmtree(face.folder, ignore_errors=True)
+        return face is not None
+
+    def forget(self, stranger_id: str | None = None) -> int:
+        """Remove every stored face (or a stranger's); returns how many."""
+        gone = [f.event_id for f in self._faces.values() if stranger_id is None or f.stranger_id == stranger_id]
+        for event_id in gone:
+            self.remove(event_id)
+        return len(gone)
+
+    def get(self, event_id: str) -> StoredFace | None:
+        return self._faces.get(event_id)
+
+    def last(self, label: str | None = None, exclude: str | None = None) -> StoredFace | None:
+        """The most recent face (with `label`, or whose label is not `exclude`)."""
+        faces = [f for f in self._faces.values()
+                 if (label is None or f.label == label) and (exclude is None or f.label != exclude)]
+        return max(faces, key=lambda f: f.at, default=None)
+
+    def of_stranger(self, stranger_id: str) -> list[StoredFace]:
+        return sorted((f for f in self._faces.values() if f.stranger_id == stranger_id), key=lambda f: f.at)
+
+    def __len__(self) -> int:
+        return len(self._faces)
+
+    def summary(self) -> dict[str, Any]:
+        return {"faces": len(self._faces), "root": str(self.root)}

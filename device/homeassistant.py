@@ -1,0 +1,224 @@
+"""Home Assistant MQTT discovery, as pure functions: which entities a device has, and their config payloads.
+
+Per-entity discovery (`<discovery_prefix>/<component>/<object_id>/config`, one retained JSON each) works
+on every Home Assistant release with MQTT discovery, unlike device-based discovery (2024.11+). Entities:
+
+  event          "<device> face": one event per recognition; event_types = the people + `unknown`;
+                 attributes score, track, bundle, event_id, stranger_id, stranger_count, stranger_first_seen
+  binary_sensor  "<person> present" (device_class presence) from the retained ON/OFF presence topic
+  sensor         "<person> last seen" (device_class timestamp) from the retained person state
+  image          "Last face" / "Last unknown face": only with homeassistant.images
+  sensor         diagnostics: fps, detect/align/classify ms, dropped frames, outbox depth, CPU temperature
+                 (when readable), bundle id, people enrolled
+  text + button  commands (only with homeassistant.commands): name the last unknown face, "wrong",
+                 undo, forget
+
+Every entity is unavailable while the daemon's status topic says `offline`. An entity that disappears
+(a person deleted, images turned off) gets an empty retained config, which removes it from Home Assistant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from device.classifier import UNKNOWN
+from device.events import _base, events_topic, person_topic, sanitize_label, status_topic
+
+log = logging.getLogger(__name__)
+
+ON = "ON"
+OFF = "OFF"
+THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
+
+# Diagnostics: (key in the diagnostics payload, entity name, unit, device_class, state_class).
+DIAGNOSTICS: tuple[tuple[str, str, str | None, str | None, str | None], ...] = (
+    ("fps", "Frames per second", "fps", None, "measurement"),
+    ("detect_ms", "Detect time", "ms", "duration", "measurement"),
+    ("align_ms", "Align time", "ms", "duration", "measurement"),
+    ("classify_ms", "Classify time", "ms", "duration", "measurement"),
+    ("dropped_frames", "Dropped frames", None, None, "total_increasing"),
+    ("outbox_pending", "Outbox depth", None, None, "measurement"),
+    ("cpu_temperature", "CPU temperature", "°C", "temperature", "measurement"),
+    ("bundle_id", "Bundle", None, None, None),
+    ("people", "People enrolled", None, None, "measurement"),
+)
+
+
+# --- topics the daemon publishes for Home Assistant ------------------------------------------------------
+
+def presence_topic(prefix: str, device_id: str, label: str) -> str:
+    """Retained `ON`/`OFF`: the person was seen within homeassistant.presence_timeout."""
+    return f"{_base(prefix, device_id)}/presence/{sanitize_label(label)}"
+
+
+def diagnostics_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/diagnostics"
+
+
+def image_topic(prefix: str, device_id: str, which: str) -> str:
+    """Retained JPEG: `last_face` (any decided face) or `last_unknown`."""
+    if which not in ("last_face", "last_unknown"):
+        raise ValueError(f"image must be last_face or last_unknown, not {which!r}")
+    return f"{_base(prefix, device_id)}/image/{which}"
+
+
+def command_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/command"
+
+
+def command_result_topic(prefix: str, device_id: str) -> str:
+    return f"{_base(prefix, device_id)}/command/result"
+
+
+def ha_status_topic(discovery_prefix: str) -> str:
+    """Home Assistant's birth/last-will topic: `online` means it (re)started and wants discovery again."""
+    return f"{discovery_prefix.strip('/')}/status"
+
+
+def cpu_temperature(path: Path = THERMAL_ZONE) -> float | None:
+    """The SoC temperature in °C, or None where the kernel does not expose it (containers, most PCs)."""
+    try:
+        return round(int(path.read_text().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+def diagnostics_payload(*, fps: float, ms_per_frame: dict[str, float], dropped_frames: int, outbox_pending: int,
+                        bundle_id: str, people: int, cpu_temp: float | None) -> dict[str, Any]:
+    """The JSON published on <prefix>/<device_id>/diagnostics at every stats interval."""
+    out: dict[str, Any] = {
+        "schema": 1, "fps": round(float(fps), 2), "dropped_frames": int(dropped_frames),
+        "outbox_pending": int(outbox_pending), "bundle_id": bundle_id, "people": int(people),
+        "cpu_temperature": cpu_temp,
+    }
+    for stage in ("detect", "align", "classify"):
+        value = ms_per_frame.get(stage)
+        out[f"{stage}_ms"] = None if value is None else round(float(value), 2)
+    return out
+
+
+# --- discovery ------------------------------------------------------------------------------------------------
+
+def _object_id(device_id: str, suffix: str) -> str:
+    # Discovery object ids allow [a-zA-Z0-9_-]: device ids may contain '.', labels anything sanitized.
+    raw = f"faceberry_{device_id}_{suffix}"
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)
+
+
+def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",
+              images: bool = False, commands: bool = False, cpu_temp: bool = False,
+              sw_version: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(config topic, config payload) for every entity of this device; the daemon publishes them retained."""
+    dp = discovery_prefix.strip("/")
+    device: dict[str, Any] = {"identifiers": [f"faceberry_{device_id}"], "name": f"faceberry {device_id}",
+                              "manufacturer": "faceberry", "model": "face recognition"}
+    if sw_version:
+        device["sw_version"] = sw_version
+    common = {"availability_topic": status_topic(prefix, device_id), "payload_available": "online",
+              "payload_not_available": "offline", "device": device}
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def add(component: str, suffix: str, config: dict[str, Any]) -> None:
+        uid = _object_id(device_id, suffix)
+        out.append((f"{dp}/{component}/{uid}/config", {"unique_id": uid, **config, **common}))
+
+    people = [lab for lab in labels if lab != UNKNOWN]
+    add("event", "face", {
+        "name": "Face", "state_topic": events_topic(prefix, device_id),
+        "event_types": [*people, UNKNOWN],
+        # HA's event entity wants `event_type` in the JSON; the other keys become the event's attributes.
+        "value_template": ('{{ {"event_type": value_json.label, "score": value_json.score, '
+                           '"track": value_json.track_id, "bundle": value_json.model, '
+                           '"event_id": value_json.event_id, "stranger_id": value_json.get("stranger_id"), '
+                           '"stranger_count": value_json.get("stranger_count"), '
+                           '"stranger_first_seen": value_json.get("stranger_first_seen")} | to_json }}'),
+    })
+    # The sensor older versions of faceberry published: kept, so dashboards built on it keep working.
+    add("sensor", "last_event", {
+        "name": "Last face", "state_topic": events_topic(prefix, device_id),
+        "value_template": "{{ value_json.label }}", "json_attributes_topic": events_topic(prefix, device_id),
+    })
+    for label in people:
+        safe = sanitize_label(label)
+        add("binary_sensor", f"{safe}_present", {
+            "name": f"{label} present", "device_class": "presence",
+            "state_topic": presence_topic(prefix, device_id, label), "payload_on": ON, "payload_off": OFF,
+        })
+        add("sensor", safe, {
+            "name": f"{label} last seen", "device_class": "timestamp",
+            "state_topic": person_topic(prefix, device_id, label), "value_template": "{{ value_json.last_seen }}",
+            "json_attributes_topic": person_topic(prefix, device_id, label),
+        })
+    if images:
+        add("image", "last_face_image", {"name": "Last face image", "content_type": "image/jpeg",
+                                         "image_topic": image_topic(prefix, device_id, "last_face")})
+        add("image", "last_unknown_image", {"name": "Last unknown face image", "content_type": "image/jpeg",
+                                            "image_topic": image_topic(prefix, device_id, "last_unknown")})
+    diag = diagnostics_topic(prefix, device_id)
+    for key, name, unit, device_class, state_class in DIAGNOSTICS:
+        if key == "cpu_temperature" and not cpu_temp:
+            continue
+        config: dict[str, Any] = {"name": name, "entity_category": "diagnostic", "state_topic": diag,
+                                  "value_template": f"{{{{ value_json.{key} }}}}"}
+        if unit:
+            config["unit_of_measurement"] = unit
+        if device_class:
+            config["device_class"] = device_class
+        if state_class:
+            config["state_class"] = state_class
+        add("sensor", key, config)
+    if commands:
+        cmd = command_topic(prefix, device_id)
+        add("text", "name_last_unknown", {
+            "name": "Name the last unknown face", "command_topic": cmd, "min": 1, "max": 64, "mode": "text",
+            "command_template": '{"command": "name_last_unknown", "name": {{ value | to_json }}}',
+        })
+        for suffix, name, payload in (
+            ("wrong", "Last recognition was wrong", {"command": "wrong"}),
+            ("undo", "Undo last correction", {"command": "undo"}),
+            ("forget", "Forget stored faces and strangers", {"command": "forget"}),
+        ):
+            add("button", suffix, {"name": name, "command_topic": cmd,
+                                   "payload_press": json.dumps(payload, separators=(",", ":"))})
+    return out
+
+
+def removed(previous: Iterable[str], current: Iterable[str]) -> list[str]:
+    """Config topics published before and not any more: each gets an empty retained payload."""
+    now = set(current)
+    return sorted(t for t in set(previous) if t not in now)
+
+
+class DiscoveryLedger:
+    """The config topics this device last published, kept in state_dir across restarts.
+
+    A person deleted from the bundle while the daemon was stopped still has a retained config on the
+    broker; only a record of what was published can tell which topics to clear.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.topics: set[str] = set()
+        if path is not None and path.is_file():
+            try:
+                self.topics = {str(t) for t in json.loads(path.read_text(encoding="utf-8"))["topics"]}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring the unreadable discovery record %s: %s", path, exc)
+
+    def replace(self, topics: Iterable[str]) -> list[str]:
+        """Record `topics` as published; returns the ones to clear."""
+        new = set(topics)
+        gone = removed(self.topics, new)
+        self.topics = new
+        if self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            try:
+                tmp.write_text(json.dumps({"topics": sorted(new)}) + "\n", encoding="utf-8")
+                tmp.replace(self.path)
+            except OSError as exc:
+                log.warning("cannot record the discovery topics in %s: %s", self.path, exc)
+        return gone

@@ -1,0 +1,435 @@
+"""Home Assistant: the discovery builders without a broker, then the daemon through a real mosquitto
+(discovery retained and re-sent on `homeassistant/status` online, removed entities, presence on/off,
+images, diagnostics), and the dashboard flows: naming the last unknown face enrols it and the next frames
+carry the name and the new bundle id in the same process and broker session; "wrong" turns a false
+accept into `unknown`; malformed and oversized commands are refused and answered, the daemon runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.publish as mqtt_publish
+import pytest
+import yaml
+
+from device import homeassistant as ha
+from device.events import status_topic
+from tests.fixtures_broker import Subscriber
+from tests.test_backbone import tiny_embedding  # noqa: F401 - the shared session fixture
+from tests.test_reload import client_connections
+from tests.test_service_mqtt import finish, start_daemon, write_config
+
+DEVICE = "hacam"
+DP = "homeassistant"
+MARGIN = 0.02  # photos chosen as test cases score at least this far from the threshold
+
+
+@pytest.fixture(scope="session")
+def tiny(request: pytest.FixtureRequest) -> dict:
+    """The session's `tiny_embedding` bundle; FACEBERRY_TINY_EMBEDDING=<its summary .json> reuses a build
+    (a developer re-running these tests saves the minute it takes)."""
+    cached = os.environ.get("FACEBERRY_TINY_EMBEDDING")
+    if cached:
+        return json.loads(Path(cached).read_text())
+    return request.getfixturevalue("tiny_embedding")
+
+
+# --- pure builders --------------------------------------------------------------------------------------------
+
+def by_component(configs: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for topic, config in configs:
+        out.setdefault(topic.split("/")[1], []).append(config)
+    return out
+
+
+def test_discovery_lists_every_promised_entity() -> None:
+    configs = ha.discovery("faceberry", "door", ["alice", "Bob Smith", "unknown"], images=True, commands=True,
+                           cpu_temp=True)
+    topics = [t for t, _ in configs]
+    assert len(topics) == len(set(topics))
+    assert all(t.startswith("homeassistant/") and t.endswith("/config") for t in topics)
+    assert len({c["unique_id"] for _, c in configs}) == len(configs)
+    for topic, config in configs:
+        assert topic.split("/")[2] == config["unique_id"]
+        assert config["availability_topic"] == "faceberry/door/status"
+        assert config["device"]["identifiers"] == ["faceberry_door"]
+    parts = by_component(configs)
+    (event,) = parts["event"]
+    assert event["event_types"] == ["alice", "Bob Smith", "unknown"]
+    assert event["state_topic"] == "faceberry/door/events"
+    presence = {c["name"]: c for c in parts["binary_sensor"]}
+    assert set(presence) == {"alice present", "Bob Smith present"}
+    assert presence["Bob Smith present"]["state_topic"] == "faceberry/door/presence/Bob_Smith"
+    assert presence["alice present"]["device_class"] == "presence"
+    sensors = {c["name"]: c for c in parts["sensor"]}
+    assert sensors["alice last seen"]["device_class"] == "timestamp"
+    assert sensors["alice last seen"]["state_topic"] == "faceberry/door/person/alice"
+    diagnostic = {c["value_template"].split(".")[1].split()[0] for c in parts["sensor"]
+                  if c.get("entity_category") == "diagnostic"}
+    assert diagnostic == {"fps", "detect_ms", "align_ms", "classify_ms", "dropped_frames", "outbox_pending",
+                          "cpu_temperature", "bundle_id", "people"}
+    assert {c["image_topic"] for c in parts["image"]} == {"faceberry/door/image/last_face",
+                                                          "faceberry/door/image/last_unknown"}
+    (text,) = parts["text"]
+    assert text["command_topic"] == "faceberry/door/command" and "name_last_unknown" in text["command_template"]
+    assert {json.loads(b["payload_press"])["command"] for b in parts["button"]} == {"wrong", "undo", "forget"}
+    # The sensor older releases published keeps its unique id: dashboards built on it keep working.
+    assert "homeassistant/sensor/faceberry_door_Bob_Smith/config" in topics
+
+
+def test_images_commands_and_temperature_only_when_asked() -> None:
+    parts = by_component(ha.discovery("faceberry", "door", ["alice"]))
+    assert not {"image", "text", "button"} & set(parts)
+    assert all("cpu_temperature" not in c["value_template"] for c in parts["sensor"])
+
+
+def test_event_template_renders_what_home_assistant_needs() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    (event,) = by_component(ha.discovery("faceberry", "door", ["alice"]))["event"]
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+    payload = {"label": "alice", "score": 0.9, "track_id": 3, "model": "b1", "event_id": "e"}
+    out = json.loads(env.from_string(event["value_template"]).render(value_json=payload))
+    assert out["event_type"] == "alice" and out["score"] == 0.9 and out["track"] == 3 and out["bundle"] == "b1"
+    assert out["stranger_id"] is None
+
+
+def test_ledger_clears_topics_no_longer_published(tmp_path: Path) -> None:
+    path = tmp_path / "discovery.json"
+    ledger = ha.DiscoveryLedger(path)
+    assert ledger.replace(["a", "b"]) == []
+    # A restart: the record is read back, and a topic that went away is returned for clearing.
+    assert ha.DiscoveryLedger(path).replace(["b", "c"]) == ["a"]
+    path.write_text("{broken")
+    assert ha.DiscoveryLedger(path).replace(["x"]) == []
+
+
+def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
+    out = ha.diagnostics_payload(fps=4.567, ms_per_frame={"detect": 12.345, "classify": 3.0}, dropped_frames=2,
+                                 outbox_pending=5, bundle_id="b", people=3, cpu_temp=None)
+    assert out["fps"] == 4.57 and out["detect_ms"] == 12.35 and out["align_ms"] is None and out["people"] == 3
+    zone = tmp_path / "temp"
+    zone.write_text("48312\n")
+    assert ha.cpu_temperature(zone) == 48.3
+    assert ha.cpu_temperature(tmp_path / "absent") is None
+
+
+# --- the daemon through a real mosquitto -------------------------------------------------------------------
+
+def blank(path: Path) -> None:
+    """A frame with no face (the person has left)."""
+    cv2.imwrite(str(path), np.full((240, 320, 3), 128, np.uint8))
+
+
+def link(src: Path, dest: Path) -> None:
+    dest.symlink_to(Path(src).resolve())
+
+
+def gallery_photo(tiny: dict) -> tuple[str, Path]:
+    """A training photo of an enrolled person that the tiny bundle recognises as them."""
+    for person in tiny["people"]:
+        photos = sorted((Path(tiny["base"]) / "photos" / person).iterdir())[:6]
+        for photo, (label, _, _) in zip(photos, predictions(Path(tiny["bundle"]), photos), strict=True):
+            if label == person:
+                return person, photo
+    raise AssertionError("the tiny bundle recognises none of its people's training photos")
+
+
+def predictions(bundle: Path, photos: list[Path], threshold: float | None = None) -> list[tuple[str, str, np.ndarray]]:
+    """(label or "borderline", best, embedding) of each photo's widest face, with the daemon's own pipeline."""
+    from device.bundle import load_bundle
+    from device.pipeline import FacePipeline
+    from device.preprocess import load_image
+
+    pipe = FacePipeline(load_bundle(bundle), num_threads=2)
+    if threshold is not None:
+        pipe.classifier.threshold = threshold
+    out = []
+    for photo in photos:
+        rec = max(pipe.process(load_image(photo)).recognitions, key=lambda r: r.face.width)
+        # A score this near the threshold could fall on either side in the daemon (other thread counts):
+        # such a photo is no test case.
+        near = abs(rec.prediction.score - pipe.classifier.threshold) < MARGIN
+        out.append(("borderline" if near else rec.prediction.label, rec.prediction.best, rec.vector))
+    return out
+
+
+class Daemon:
+    """`python -m device run` as a subprocess, its log collected, and a subscriber to everything."""
+
+    def __init__(self, config: Path, broker) -> None:
+        self.broker = broker
+        self.sub = Subscriber(broker.host, broker.port, "#")
+        self.proc = start_daemon(config)
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+
+    def text(self) -> str:
+        return "".join(self.log)[-4000:]
+
+    def wait(self, predicate, timeout: float = 60) -> None:
+        assert self.sub.wait_for(predicate, timeout), self.text()
+
+    def json_on(self, topic: str, start: int = 0) -> list[dict]:
+        return [json.loads(p) for t, p, _ in list(self.sub.messages)[start:] if t == topic and p]
+
+    def send(self, payload: bytes | str, topic: str | None = None) -> int:
+        mark = len(self.sub.messages)
+        mqtt_publish.single(topic or ha.command_topic("faceberry", DEVICE), payload, qos=1,
+                            hostname=self.broker.host, port=self.broker.port)
+        return mark
+
+    def result_after(self, mark: int, timeout: float = 120) -> dict:
+        topic = ha.command_result_topic("faceberry", DEVICE)
+        self.wait(lambda m: any(t == topic for t, _, _ in m[mark:]), timeout)
+        return self.json_on(topic, mark)[0]
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc, _ = finish(self.proc, timeout=60)
+        self._reader.join(5)
+        self.sub.close()
+        err = "".join(self.log)
+        assert rc == 0, err[-4000:]
+        assert "Traceback" not in err, err[-4000:]
+        return err
+
+
+def ha_config(tmp_path: Path, bundle: Path, broker, camera: Path, stats_interval: float = 1, **sections) -> Path:
+    config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8},
+                          events={"homeassistant": True}, **sections)
+    data = yaml.safe_load(config.read_text())
+    data.update(device_id=DEVICE, stats_interval=stats_interval)
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+@pytest.mark.broker
+def test_discovery_presence_images_and_diagnostics_through_mosquitto(
+        tmp_path, mosquitto_factory, tiny) -> None:
+    broker = mosquitto_factory()
+    person, photo = gallery_photo(tiny)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / "a_person.jpg")
+    for i in range(10):
+        blank(camera / f"b_empty_{i:02d}.jpg")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    # A person deleted while the daemon was stopped: their retained config is still on the broker.
+    gone = f"{DP}/binary_sensor/faceberry_{DEVICE}_Gone_present/config"
+    mqtt_publish.single(gone, json.dumps({"name": "Gone present"}), qos=1, retain=True, hostname=broker.host,
+                        port=broker.port)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / f"discovery-{DEVICE}.json").write_text(json.dumps({"topics": [gone]}))
+
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"presence_timeout": 0.4, "images": True},
+                       stats_interval=0.5)
+    d = Daemon(config, broker)
+    presence = ha.presence_topic("faceberry", DEVICE, person)
+    try:
+        # The person is seen (ON), then gone for longer than presence_timeout (OFF), and back (ON).
+        d.wait(lambda m: [p for t, p, _ in m if t == presence][-3:] == [b"ON", b"OFF", b"ON"], 90)
+        images = {t: p for t, p, _ in d.sub.messages if "/image/" in t}
+        d.wait(lambda m: any(t == ha.diagnostics_topic("faceberry", DEVICE) for t, _, _ in m), 30)
+        diag = d.json_on(ha.diagnostics_topic("faceberry", DEVICE))[-1]
+        events = d.json_on(f"faceberry/{DEVICE}/events")
+        assert events and {e["label"] for e in events} == {person}, events
+
+        # The removed person's config was cleared (empty retained payload).
+        assert any(t == gone and p == b"" for t, p, _ in d.sub.messages)
+
+        # A newcomer (Home Assistant restarted) gets every config retained.
+        late = Subscriber(broker.host, broker.port, f"{DP}/#")
+        time.sleep(1.0)
+        retained = {t: json.loads(p) for t, p, r in late.messages if r and p and t.endswith("/config")}
+        late.close()
+        expected = {t for t, _ in ha.discovery("faceberry", DEVICE, [*tiny["people"]], images=True,
+                                               cpu_temp=ha.cpu_temperature() is not None)}
+        assert set(retained) == expected, set(retained) ^ expected
+        (event_cfg,) = [c for t, c in retained.items() if t.split("/")[1] == "event"]
+        assert event_cfg["event_types"] == [*tiny["people"], "unknown"]
+
+        # Home Assistant says it is online again: every config is published once more.
+        mark = d.send("online", f"{DP}/status")
+        d.wait(lambda m: {t for t, _, _ in m[mark:] if t.endswith("/config")} >= expected, 30)
+    finally:
+        err = d.stop()
+    assert images[ha.image_topic("faceberry", DEVICE, "last_face")][:2] == b"\xff\xd8"  # a JPEG
+    assert set(diag) >= {"fps", "detect_ms", "align_ms", "classify_ms", "dropped_frames", "outbox_pending",
+                         "cpu_temperature", "bundle_id", "people"}
+    assert diag["people"] == len(tiny["people"]) and diag["fps"] > 0 and diag["detect_ms"] > 0
+    assert "home assistant is online: publishing discovery again" in err
+    assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1
+    # Nothing but the daemon's own status ended as offline.
+    assert d.sub.on(status_topic("faceberry", DEVICE))[-1] == b"offline"
+
+
+@pytest.mark.broker
+def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory, tiny) -> None:
+    broker = mosquitto_factory()
+    name = tiny["newcomer"]
+    probes = [Path(p) for p in tiny["newcomer_probes"]]
+    unknown = [p for p, (label, _, _) in zip(probes, predictions(tiny["bundle"], probes), strict=True)
+               if label == "unknown"]
+    assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(unknown[0], camera / "a_newcomer.jpg")
+    for i in range(3):
+        blank(camera / f"b_empty_{i:02d}.jpg")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"commands": True})
+    d = Daemon(config, broker)
+    events_topic = f"faceberry/{DEVICE}/events"
+    try:
+        d.wait(lambda m: any(t == events_topic for t, _, _ in m), 90)
+        first = d.json_on(events_topic)[0]
+        assert first["label"] == "unknown", first
+
+        # Untrusted input first: each refused with the reason, the daemon keeps running.
+        for bad, why in ((b"{not json", "JSON"), (b"x" * 5000, "limit is 4096"),
+                         (b'{"command": "name_last_unknown", "name": "A", "rm": "-rf"}', "Extra inputs"),
+                         (b'{"command": "reboot"}', "unknown command"),
+                         # Valid, but refused by enroll's own rules: the daemon answers, logs, goes on.
+                         (b'{"command": "name_last_unknown", "name": "unknown"}', "not enrolled")):
+            result = d.result_after(d.send(bad), 30)
+            assert result["ok"] is False and why in result["message"], result
+
+        mark = d.send(json.dumps({"command": "name_last_unknown", "name": name, "request_id": "n1"}))
+        result = d.result_after(mark)
+        assert result["ok"] is True and result["request_id"] == "n1", (result, d.text())
+        new_id = result["bundle_id"]
+        assert new_id != first["model"]
+        # The next frames of that person: their name, the new bundle.
+        d.wait(lambda m: any(t == events_topic and json.loads(p)["label"] == name for t, p, _ in m[mark:]), 60)
+        named = [e for e in d.json_on(events_topic, mark) if e["label"] == name]
+        assert {e["model"] for e in named} == {new_id}
+        # Discovery now lists the new person.
+        d.wait(lambda m: any(t.endswith(f"faceberry_{DEVICE}_{name}_present/config") for t, _, _ in m[mark:]), 30)
+        assert d.proc.poll() is None
+    finally:
+        err = d.stop()
+    assert err.count("command (unreadable) refused") + err.count("command reboot refused") >= 1
+    assert "command name_last_unknown accepted" in err
+    # `faceberry status` reads the counts: 5 refused, 1 accepted; the named face's crops are gone.
+    memory = json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())["memory"]
+    assert (memory["commands_refused"], memory["commands_accepted"]) == (5, 1), memory
+    # Same process, same broker session.
+    assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1
+
+
+@pytest.mark.broker
+def test_wrong_turns_a_false_accept_into_unknown_and_undo_restores_it(
+        tmp_path, mosquitto_factory, tiny) -> None:
+    broker = mosquitto_factory()
+    # With the accept threshold at 0 every face is taken for its nearest person: a false accept.
+    stranger = Path(tiny["newcomer_probes"][0])
+    (label, best, _), = predictions(tiny["bundle"], [stranger], threshold=0.0)
+    assert label == best != "unknown"
+    person, own_photo = gallery_photo(tiny)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(stranger, camera / "a_stranger.jpg")
+    blank(camera / "b_empty.jpg")
+    link(own_photo, camera / "c_person.jpg")
+    blank(camera / "d_empty.jpg")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"commands": True},
+                       recognition={"threshold": 0.0})
+    d = Daemon(config, broker)
+    events_topic = f"faceberry/{DEVICE}/events"
+
+    def of(source: str, start: int) -> list[dict]:
+        return [e for e in d.json_on(events_topic, start) if e["source"] and e["source"].endswith(source)]
+
+    try:
+        d.wait(lambda m: len(of("a_stranger.jpg", 0)) >= 1, 90)
+        wrong = of("a_stranger.jpg", 0)[0]
+        assert wrong["label"] == best
+        result = d.result_after(d.send(json.dumps({"command": "wrong", "event_id": wrong["event_id"]})))
+        assert result["ok"] is True and result["not"] == best, result
+        mark = len(d.sub.messages)
+        d.wait(lambda m: len(of("a_stranger.jpg", mark)) >= 2 and len(of("c_person.jpg", mark)) >= 1, 60)
+        assert {e["label"] for e in of("a_stranger.jpg", mark)} == {"unknown"}
+        # The person's own photo is not their stranger look-alike: still accepted.
+        if person == best:
+            assert {e["label"] for e in of("c_person.jpg", mark)} == {person}
+        # The correction is kept on disk, and undo takes it back.
+        assert json.loads((tmp_path / "state" / f"negatives-{DEVICE}.json").read_text())["corrections"]
+        result = d.result_after(d.send(b'{"command": "undo"}'))
+        assert result["ok"] is True, result
+        mark = len(d.sub.messages)
+        d.wait(lambda m: len(of("a_stranger.jpg", mark)) >= 1, 60)
+        assert {e["label"] for e in of("a_stranger.jpg", mark)} == {best}
+    finally:
+        d.stop()
+
+
+def without_person(source: Path, dest: Path, person: str) -> Path:
+    """A copy of an embedding bundle with `person` taken out of labels.txt and the gallery."""
+    from device.bundle import MANIFEST, load_bundle, write_manifest
+
+    shutil.copytree(source, dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    files = list(manifest.pop("files"))
+    labels = [lab for lab in (dest / manifest["labels"]["file"]).read_text().split() if lab != person]
+    (dest / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n")
+    manifest["labels"]["count"] = len(labels)
+    with np.load(dest / manifest["gallery"]["file"]) as data:
+        keep = data["labels"] != person
+        emb, names = data["embeddings"][keep], data["labels"][keep]
+    with open(dest / manifest["gallery"]["file"], "wb") as fh:
+        np.savez(fh, embeddings=emb, labels=names)
+    manifest["bundle_id"] = f"{manifest['bundle_id']}-without"
+    write_manifest(dest, manifest, files)
+    assert person not in load_bundle(dest).labels
+    return dest
+
+
+@pytest.mark.broker
+def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_factory, tiny) -> None:
+    from tests.test_reload import switch_current
+
+    broker = mosquitto_factory()
+    store = tmp_path / "store"
+    (store / "bundles").mkdir(parents=True)
+    shutil.copytree(tiny["bundle"], store / "bundles" / "v1")
+    gone = tiny["people"][-1]
+    without_person(Path(tiny["bundle"]), store / "bundles" / "v2", gone)
+    switch_current(store, "v1")
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    blank(camera / "empty.jpg")
+    config = ha_config(tmp_path, store / "bundles" / "current", broker, camera)
+    d = Daemon(config, broker)
+    uid = f"faceberry_{DEVICE}_{gone}"
+    their = {f"{DP}/binary_sensor/{uid}_present/config", f"{DP}/sensor/{uid}/config"}
+    try:
+        d.wait(lambda m: their <= {t for t, p, _ in m if p}, 60)
+        switch_current(store, "v2")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait(lambda m: their <= {t for t, p, _ in m if not p}, 60)
+        event_topic = f"{DP}/event/faceberry_{DEVICE}_face/config"
+        d.wait(lambda m: gone not in json.loads([p for t, p, _ in m if t == event_topic][-1])["event_types"], 30)
+    finally:
+        d.stop()
+    late = Subscriber(broker.host, broker.port, f"{DP}/#")
+    time.sleep(1.0)
+    retained = {t for t, p, r in late.messages if r and p}
+    late.close()
+    assert not their & retained and f"{DP}/event/faceberry_{DEVICE}_face/config" in retained
