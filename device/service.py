@@ -147,7 +147,8 @@ class Service:
         self.state_refresh = Cooldown(cfg.events.cooldown)
         self.prefix = cfg.events.topic_prefix
         self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps,
-                               reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)))
+                               reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)),
+                               max_outage_s=float(getattr(cfg.camera, "max_outage_s", 0.0)))
         if publisher is None:
             try:
                 outbox = open_outbox(cfg)
@@ -296,7 +297,9 @@ class Service:
     def run(self, max_frames: int = 0) -> int:
         log.info("starting: %s, model %s", describe(self.cfg), self.bundle_id)
         try:
-            self.capture.start()  # an unreachable camera fails here, before we announce ourselves
+            # A missing file or folder fails here, before we announce ourselves; a live camera that is
+            # not there yet is waited for in the background (an outage from the start).
+            self.capture.start()
         except BaseException:
             self.publisher.outbox.close()
             raise
@@ -308,9 +311,9 @@ class Service:
             while not self.stop_event.is_set():
                 # The loop itself pings: a pipeline call that hangs stops the pings, and systemd restarts us.
                 self.notifier.watchdog()
-                fatal = self.publisher.fatal
+                fatal = self.publisher.fatal_error()
                 if fatal is not None:
-                    raise MqttError(f"{fatal}; restart the daemon (the outbox keeps the undelivered events)")
+                    raise fatal
                 self._reload_if_requested()
                 try:
                     frame = self.capture.get(timeout=0.5)
