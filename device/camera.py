@@ -284,9 +284,9 @@ class FolderSource(FrameSource):
                 if not readable_seen and len(self.skipped) >= len(self.paths):
                     # Looping over nothing readable: the folder went away (rmtree deletes the files before
                     # the folder, so they look unreadable first) or every image in it is broken.
-                    if not self.directory.is_dir():
-                        raise CameraError(f"image folder {self.directory} disappeared while it was read; restore "
-                                          "it or fix camera.device")
+                    if not self.directory.is_dir() or not any(p.exists() for p in self.paths):
+                        raise CameraError(f"image folder {self.directory} disappeared while it was read (or all its "
+                                          "images did); restore it or fix camera.device")
                     raise CameraError(f"no readable image left in {self.directory} ({len(self.skipped)} skipped); "
                                       "put images there or fix camera.device")
                 self._pos = 0
