@@ -772,3 +772,16 @@ def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory
             raise
     reader.join(5)
     assert proc.returncode == 0, "".join(logged)[-3000:]
+
+
+def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, tiny_bundle) -> None:
+    from tests.fixtures_broker import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # never served
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"source": "opencv", "device": url, "reopen_max_s": 1, "max_outage_s": 2})
+    rc, err = finish(start_daemon(config), timeout=90)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    # 3: unavailable, so systemd restarts it (Restart=on-failure), and the new process waits again.
+    assert rc == 3 and len(errors) == 1 and "camera.max_outage_s 2" in errors[0], err[-3000:]
+    assert "Traceback" not in err
