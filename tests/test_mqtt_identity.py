@@ -175,3 +175,17 @@ def test_an_absent_broker_is_never_fatal(tmp_path: Path, mosquitto_factory) -> N
         assert pub.stats()["state"] == "error" and "connection refused" in pub.stats()["error"]
     finally:
         pub.stop(timeout=0.5)
+
+
+def test_a_rejected_client_id_suggests_one_a_strict_broker_takes() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from device.mqtt import explain_refusal
+
+    # What paho reports for an MQTT 3.1.1 CONNACK "identifier rejected" (return code 2).
+    reason = ReasonCode(PacketTypes.CONNACK, "Client identifier not valid")
+    cfg = MqttConfig(host="broker.lan")
+    key, line = explain_refusal(reason, cfg, short_client_id("front-door", "0a1b2c3d"))
+    assert key == "client-id" and "e.g. mqtt.client_id: fbfrontdoor0a1b2c3d" in line and "23" in line
+    assert "client-id" in mqtt.PERMANENT_FAILURES  # a setting: it ends the daemon after mqtt.fatal_after_s
