@@ -8,9 +8,12 @@ they wait for the consumer and drop nothing. The end of a file or folder ends th
 
 A live source that fails or stops delivering (a cable, Wi-Fi, an RTSP camera rebooting) is supervised:
 `Capture` closes it and reopens it with backoff (1 s doubling to `reopen_max_s`), logging the outage once
-when it starts and once when it ends, with its duration; the consumer just sees no frames meanwhile. A
-file or folder that disappears or is cut short under us is an error instead (retrying cannot bring it back),
-raised once to the consumer.
+when it starts and once when it ends, with its duration; the consumer just sees no frames meanwhile. A live
+source that is absent when the daemon starts (the camera boots slower than the Pi, the Wi-Fi is not up yet)
+is the same outage, begun at start. Only an outage longer than `max_outage_s` (0 = never) ends the stream
+with an error, so that systemd restarts the daemon afresh. A file or folder that does not exist, disappears
+or is cut short under us is an error at once (retrying cannot bring it back), raised once to the consumer;
+so is a camera library that is not installed (`CameraSetupError`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ def picamera2_import_failure(exc: BaseException) -> str:
 
 class CameraError(UnavailableError):
     """A camera that cannot be opened or stopped delivering; the message says what to check."""
+
+
+class CameraSetupError(CameraError):
+    """A camera this install cannot drive at all (its library missing or broken): reopening cannot help."""
 
 
 @dataclass
@@ -105,12 +112,12 @@ class Picamera2Source(FrameSource):
             try:
                 module = importlib.import_module("picamera2")
             except ImportError as exc:
-                raise CameraError(
+                raise CameraSetupError(
                     "picamera2 is not installed: on Raspberry Pi OS run `sudo apt install python3-picamera2` and "
                     "create the venv with --system-site-packages (or use camera.source: opencv)"
                 ) from exc
             except Exception as exc:
-                raise CameraError(picamera2_import_failure(exc)) from exc
+                raise CameraSetupError(picamera2_import_failure(exc)) from exc
         try:
             self.camera = module.Picamera2(self.camera_num)
             controls = {"FrameRate": float(self.fps)} if self.fps else {}
@@ -272,8 +279,16 @@ class FolderSource(FrameSource):
         readable_seen = False
         while True:
             if self._pos >= len(self.paths):
-                if not self.loop or (not readable_seen and len(self.skipped) >= len(self.paths)):
+                if not self.loop:
                     return None
+                if not readable_seen and len(self.skipped) >= len(self.paths):
+                    # Looping over nothing readable: the folder went away (rmtree deletes the files before
+                    # the folder, so they look unreadable first) or every image in it is broken.
+                    if not self.directory.is_dir() or not any(p.exists() for p in self.paths):
+                        raise CameraError(f"image folder {self.directory} disappeared while it was read (or all its "
+                                          "images did); restore it or fix camera.device")
+                    raise CameraError(f"no readable image left in {self.directory} ({len(self.skipped)} skipped); "
+                                      "put images there or fix camera.device")
                 self._pos = 0
             path = self.paths[self._pos]
             self._pos += 1
@@ -316,19 +331,21 @@ class Capture:
     `drop_oldest` defaults to the source being live (or paced by `fps`): then a full queue discards its
     oldest frame, counted in `dropped`; otherwise the reader waits for room.
 
-    `supervise` (default: the source is live) reopens a source that fails or ends, waiting `reopen_min_s`
-    doubling up to `reopen_max_s` between attempts, for as long as it takes: a camera outage is not a
-    reason for the daemon to exit (systemd's restart limits would leave it failed for good). Outages are
-    counted in `outages` and `outage_s`.
+    `supervise` (default: the source is live) reopens a source that fails, ends or cannot be opened at
+    start, waiting `reopen_min_s` doubling up to `reopen_max_s` between attempts, for up to `max_outage_s`
+    (0 = as long as it takes): a camera outage is not a reason for the daemon to exit (systemd's restart
+    limits would leave it failed for good). Outages are counted in `outages` and `outage_s`.
     """
 
     def __init__(self, source: FrameSource, queue_size: int = 2, fps: float = 0.0,
                  drop_oldest: bool | None = None, supervise: bool | None = None,
-                 reopen_min_s: float = 1.0, reopen_max_s: float = 30.0) -> None:
+                 reopen_min_s: float = 1.0, reopen_max_s: float = 30.0, max_outage_s: float = 0.0) -> None:
         self.source = source
         self.supervise = source.live if supervise is None else supervise
         self.reopen_min_s = max(0.01, float(reopen_min_s))
         self.reopen_max_s = max(self.reopen_min_s, float(reopen_max_s))
+        self.max_outage_s = max(0.0, float(max_outage_s))
+        self._absent_at_start: str | None = None  # why a supervised source did not open in start()
         self.outages = 0
         self.reopen_attempts = 0
         self.last_outage_s: float | None = None
@@ -347,8 +364,23 @@ class Capture:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Capture:
-        """Open the source (errors raise here, in the caller) and start reading."""
-        self.source.open()
+        """Open the source and start reading.
+
+        Errors raise here, in the caller, except for a supervised source: one that does not open is an
+        outage from the start, retried in the background (see `out_now`). A `CameraSetupError` always raises.
+        """
+        try:
+            self.source.open()
+        except CameraSetupError:
+            raise
+        except Exception as exc:
+            if not self.supervise:
+                raise
+            self._absent_at_start = str(exc)
+            # Counted from now, so the stats say "out" before the thread gets to it.
+            self.outages += 1
+            self._outage_since = time.monotonic()
+            self.outage_reason = str(exc)
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
         return self
@@ -371,6 +403,8 @@ class Capture:
         index = 0
         next_due = time.monotonic()
         try:
+            if self._absent_at_start is not None:
+                self._recover(self._absent_at_start, at_start=True)
             while not self._stop.is_set():
                 if self.pace:
                     delay = next_due - time.monotonic()
@@ -397,14 +431,23 @@ class Capture:
         finally:
             self._put(_END)
 
-    def _recover(self, reason: str) -> None:
-        """Close the failed source and reopen it with backoff until it works or we are stopped."""
-        started = time.monotonic()
-        self.outages += 1
+    def _recover(self, reason: str, at_start: bool = False) -> None:
+        """Close the failed source and reopen it with backoff until it works or we are stopped.
+
+        Raises CameraError once the outage has lasted `max_outage_s` (when set).
+        """
+        limit = f"up to camera.max_outage_s {self.max_outage_s:g} s" if self.max_outage_s else "until it is back"
+        if at_start:
+            started = self._outage_since if self._outage_since is not None else time.monotonic()
+            log.warning("camera %s is not available at start: %s; trying again (every %g s, growing to %g s) %s",
+                        self.source.name, reason, self.reopen_min_s, self.reopen_max_s, limit)
+        else:
+            started = time.monotonic()
+            self.outages += 1
+            log.warning("camera %s lost: %s; reopening it (every %g s, growing to %g s) %s",
+                        self.source.name, reason, self.reopen_min_s, self.reopen_max_s, limit)
         self._outage_since = started
         self.outage_reason = reason
-        log.warning("camera %s lost: %s; reopening it (every %g s, growing to %g s) until it is back",
-                    self.source.name, reason, self.reopen_min_s, self.reopen_max_s)
         delay = self.reopen_min_s
         attempts = 0
         while True:
@@ -412,7 +455,10 @@ class Capture:
                 self.source.close()
             except Exception as exc:  # a broken device may fail to close too; the reopen decides
                 log.debug("closing %s failed: %s", self.source.name, exc)
-            if self._stop.wait(delay):
+            wait = delay
+            if self.max_outage_s:  # the last attempt falls on the limit, not after it
+                wait = min(delay, max(0.0, started + self.max_outage_s - time.monotonic()))
+            if self._stop.wait(wait):
                 return  # stopping: the outage ends with the run, still counted in outage_s
             attempts += 1
             self.reopen_attempts += 1
@@ -423,6 +469,12 @@ class Capture:
                 # stats line shows the outage and its reason while it lasts.
                 self.outage_reason = str(exc)
                 log.debug("reopening %s failed (attempt %d): %s", self.source.name, attempts, exc)
+                out_for = time.monotonic() - started
+                if self.max_outage_s and out_for >= self.max_outage_s:
+                    raise CameraError(
+                        f"camera {self.source.name} out for {out_for:.0f} s ({attempts} reopen attempts, last: "
+                        f"{self.outage_reason}), longer than camera.max_outage_s {self.max_outage_s:g}; check the "
+                        "camera and its network (systemd restarts the service, which waits for it again)") from None
                 delay = min(delay * 2, self.reopen_max_s)
                 continue
             duration = time.monotonic() - started

@@ -35,7 +35,8 @@ def check_bundle(cfg: Config) -> str:
 def check_camera(cfg: Config, timeout: float) -> str:
     from device.camera import CameraError, Capture, open_source
 
-    capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True)
+    # One attempt, unsupervised: a check says why the camera cannot be opened now instead of waiting for it.
+    capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True, supervise=False)
     try:
         capture.start()
     except CameraError as exc:

@@ -137,6 +137,10 @@ class CameraConfig(_Section):
     reopen_max_s: float = Field(
         30.0, gt=0, description="live cameras: the longest wait in seconds between two attempts to reopen "
         "a camera that failed (the wait grows up to this)")
+    max_outage_s: float = Field(
+        900.0, ge=0, description="live cameras: seconds a camera may stay out (failing, or absent since the "
+        "start) before `run` exits with code 3 so systemd starts it afresh (which waits for the camera "
+        "again); 0 = wait forever. Files and folders that are missing fail at once")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -285,8 +289,9 @@ class MqttConfig(_Section):
     port: int = Field(1883, ge=1, le=65535, description="broker TCP port, 1-65535 (1883 plain, 8883 TLS)")
     keepalive: int = Field(60, ge=1, le=65535, description="seconds between keep-alive pings, 1-65535 (MQTT's "
                                                            "limit); the broker drops us after 1.5× this silent")
-    client_id: str | None = Field(None, description="MQTT client id; null = faceberry-<device_id>. Two clients "
-                                                    "with the same id knock each other off the broker")
+    client_id: str | None = Field(None, description="MQTT client id; null = faceberry-<device_id>-<8 hex from "
+                                                    "/etc/machine-id>, unique per install. Two clients with the same "
+                                                    "id knock each other off the broker")
     username: str | None = Field(None, description="broker user name (null = anonymous)")
     password_file: str | None = Field(
         None, description="file holding the password (first line), readable only by the service (chmod 600); "
@@ -300,6 +305,10 @@ class MqttConfig(_Section):
                                                           "up to reconnect_max_delay)")
     reconnect_max_delay: int = Field(60, ge=1, description="reconnect backoff: longest wait in seconds")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the durable on-disk queue")
+    fatal_after_s: float = Field(
+        300.0, ge=0, description="seconds the broker may keep refusing our credentials or certificates (a "
+        "setting to fix, not an outage) before `run` exits with code 2, so systemd shows the unit failed; "
+        "0 = never. A broker that is merely unreachable never ends the daemon")
 
     @model_validator(mode="before")
     @classmethod
@@ -326,7 +335,7 @@ class MqttConfig(_Section):
         if value is None:
             return None
         if not value or "\x00" in value or len(value.encode("utf-8")) > _MQTT_MAX_BYTES:
-            raise ValueError("must be 1-65535 bytes without NUL, or null for faceberry-<device_id>")
+            raise ValueError("must be 1-65535 bytes without NUL, or null for faceberry-<device_id>-<install id>")
         return value
 
     @field_validator("password_file")

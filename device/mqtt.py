@@ -15,12 +15,28 @@ Failures are loud and specific: every failed connection attempt is explained (TL
 credentials, a plain client on a TLS port, DNS, nothing listening) with the fix, logged once per distinct
 reason and repeated at most every `REPEAT_S` while it lasts; `state` carries it to the stats. If paho's
 network thread dies of an exception, `fatal` says why and the daemon stops with a non-zero code instead
-of running on with no MQTT.
+of running on with no MQTT. A failure that is a setting, not an absence (refused credentials, a
+certificate that does not verify), lasting `mqtt.fatal_after_s`, ends the daemon with exit code 2 so systemd
+shows it as failed (RestartPreventExitStatus=2) instead of a healthy-looking unit that publishes nothing; a
+broker that is merely away never ends it.
+
+Identity: the default client id is `faceberry-<device_id>-<install id>`, where the install id is 8 hex
+characters derived from /etc/machine-id (an HMAC of it, never the id itself: systemd's rule for machine-id)
+or, without one, a random id kept in the state directory. So two Pis given the same device_id (the
+example's, or the stock hostname) do not knock each other off the broker, and one install keeps its id
+across restarts. Two clients that do share a client id (an explicit `mqtt.client_id` copied to two Pis)
+take the session from each other in a loop; that is detected (`TAKEOVER_COUNT` disconnects, each within
+`TAKEOVER_SESSION_S` of connecting, in `TAKEOVER_WINDOW_S`), logged once with the fix and shown in the stats.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import re
+import secrets
 import socket
 import ssl
 import threading
@@ -32,7 +48,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from device.errors import FaceberryError
+from device.errors import EXIT_USAGE, FaceberryError
 from device.events import OFFLINE, ONLINE, status_topic
 from device.outbox import Outbox, default_state_dir
 
@@ -42,8 +58,89 @@ log = logging.getLogger(__name__)
 REPEAT_S = 60.0
 
 
+# Where systemd (and D-Bus, on older systems) keep the machine id.
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+INSTALL_ID_FILE = "install-id"  # in the state directory, when there is no machine id
+INSTALL_ID_RE = re.compile(r"^[0-9a-f]{8}$")
+# MQTT 3.1.1 only obliges a broker to accept client ids of 1-23 characters of 0-9 a-z A-Z; mosquitto, EMQX,
+# HiveMQ, VerneMQ and NanoMQ accept much longer ones, so the readable default is longer and a strict broker
+# gets a suggestion of this length (see explain_refusal).
+MQTT311_CLIENT_ID_MAX = 23
+
+# A session that the broker ends this soon after it began, TAKEOVER_COUNT times within TAKEOVER_WINDOW_S,
+# is another client connecting with our client id (on MQTT 3.1.1 paho sees a plain disconnect).
+TAKEOVER_SESSION_S = 10.0
+TAKEOVER_COUNT = 3
+TAKEOVER_WINDOW_S = 120.0
+
+# Failures that are settings, not absences: lasting mqtt.fatal_after_s they end the daemon (exit 2).
+PERMANENT_FAILURES = frozenset({"auth", "not-authorized", "client-id", "protocol", "tls-verify", "tls-hostname",
+                                "tls-expired", "tls-protocol"})
+
+
 class MqttError(FaceberryError):
     """The broker settings cannot work (bad TLS files …), the broker refused us, or the client died."""
+
+
+class MqttConfigError(MqttError):
+    """The broker keeps refusing this configuration (credentials, certificates): exit 2, do not restart."""
+
+    exit_code = EXIT_USAGE
+
+
+def install_id(state_dir: Path | None = None, machine_id_files: tuple[Path, ...] | None = None) -> str:
+    """8 hex characters naming this install: the same at every start, different on another Pi.
+
+    From the machine id when there is one (an HMAC keyed by it, so the id itself is never published, as
+    machine-id(5) asks), else a random id created once in `state_dir` (default: `default_state_dir()`).
+    """
+    for path in MACHINE_ID_FILES if machine_id_files is None else machine_id_files:
+        try:
+            raw = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if raw:
+            return hmac.new(raw.encode(), b"faceberry mqtt client id", hashlib.sha256).hexdigest()[:8]
+    path = Path(state_dir or default_state_dir()) / INSTALL_ID_FILE
+    for _ in range(2):
+        try:
+            text = path.read_text(encoding="ascii").strip()
+            if INSTALL_ID_RE.match(text):
+                return text
+            log.warning("%s does not hold an install id (%r): making a new one", path, text[:20])
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the install id %s (%s): making a new one", path, exc)
+        new = secrets.token_hex(4)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: of two daemons starting together, one writes and the other reads what it wrote.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            log.warning("cannot keep an install id in %s (%s): the MQTT client id will change at every start; "
+                        "make state_dir writable or set mqtt.client_id", path, exc)
+            return new
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(new + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return new
+    return secrets.token_hex(4)
+
+
+def default_client_id(device_id: str, install: str) -> str:
+    """The client id used when mqtt.client_id is not set: readable in the broker's log, unique per install."""
+    return f"faceberry-{device_id}-{install}"
+
+
+def short_client_id(device_id: str, install: str) -> str:
+    """A client id any MQTT 3.1.1 broker must accept (<= 23 of 0-9 a-z A-Z), for mqtt.client_id."""
+    alnum = "".join(c for c in device_id if c.isascii() and c.isalnum())
+    return ("fb" + alnum)[:MQTT311_CLIENT_ID_MAX - len(install)] + install
 
 
 class _Client(paho.Client):
@@ -135,8 +232,11 @@ def explain_connect_error(exc: BaseException, cfg: Any) -> tuple[str, str]:
     return "other", f"cannot connect to the broker {where}: {type(exc).__name__}: {exc}"
 
 
-def explain_refusal(reason: Any, cfg: Any) -> tuple[str, str]:
-    """(key, line) for a CONNACK that refused us, with the fix for each reason code."""
+def explain_refusal(reason: Any, cfg: Any, short_id: str | None = None) -> tuple[str, str]:
+    """(key, line) for a CONNACK that refused us, with the fix for each reason code.
+
+    `short_id`: a client id to suggest when the broker rejects ours (see `short_client_id`).
+    """
     text = str(reason)
     lowered = text.lower()
     where = f"{cfg.host}:{cfg.port}"
@@ -152,7 +252,11 @@ def explain_refusal(reason: Any, cfg: Any) -> tuple[str, str]:
         return "not-authorized", (f"the broker {where} does not authorise anonymous clients ({text}): set "
                                   "mqtt.username and mqtt.password_file")
     if "identifier" in lowered:
-        return "client-id", f"the broker {where} rejected the client id ({text}); set mqtt.client_id"
+        hint = ""
+        if short_id:
+            hint = (f" to at most {MQTT311_CLIENT_ID_MAX} letters and digits (this broker keeps to MQTT 3.1.1's "
+                    f"minimum), e.g. mqtt.client_id: {short_id}")
+        return "client-id", f"the broker {where} rejected the client id ({text}); set mqtt.client_id{hint}"
     if "protocol" in lowered:
         return "protocol", f"the broker {where} refused MQTT 3.1.1 ({text}); upgrade the broker"
     return f"refused-{text}", f"the broker {where} refused the connection ({text}); see the broker's log"
@@ -208,9 +312,15 @@ class MqttPublisher:
         self.cfg = cfg
         self.qos = int(cfg.qos)
         self.status_topic = status_topic(prefix, device_id)
-        client_id = cfg.client_id or f"faceberry-{device_id}"
         if outbox is None:
-            outbox = default_state_dir() / f"outbox-{_file_safe(client_id)}.sqlite3"
+            # Named by device_id, not by client id: the file must be found again by the next start even if
+            # the install id had to be made anew.
+            outbox = default_state_dir() / f"outbox-{_file_safe(device_id)}.sqlite3"
+        outbox_path = outbox.path if isinstance(outbox, Outbox) else Path(outbox)
+        install = install_id(outbox_path.parent)
+        self.client_id = cfg.client_id or default_client_id(device_id, install)
+        self._short_id = short_client_id(device_id, install)
+        client_id = self.client_id
         if not isinstance(outbox, Outbox):
             settings = getattr(cfg, "outbox", None)
             outbox = Outbox(outbox, max_messages=getattr(settings, "max_messages", 10_000),
@@ -246,6 +356,13 @@ class MqttPublisher:
         self.connects = 0
         self.state = "connecting"
         self.last_error: str | None = None
+        self.fatal_after_s = float(getattr(cfg, "fatal_after_s", 300.0))
+        self._permanent_since: float | None = None  # monotonic start of an unbroken run of permanent failures
+        self._permanent_line: str | None = None
+        self._connected_at = 0.0
+        self._short_sessions: deque[float] = deque()  # monotonic ends of sessions the broker cut short
+        self.takeover: str | None = None  # the warning while a client id conflict is going on
+        self.takeovers = 0  # conflicts detected (each logged once)
         self._on_connect_hooks: list[Any] = []
         self._subscriptions: dict[str, tuple[int, Any]] = {}  # topic -> (qos, handler)
         self._status_info: paho.MQTTMessageInfo | None = None  # the latest `online`, outside the outbox
@@ -255,15 +372,18 @@ class MqttPublisher:
     def _on_connect(self, client: _Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         client.got_connack = True
         if reason.is_failure:
-            key, line = explain_refusal(reason, self.cfg)
+            key, line = explain_refusal(reason, self.cfg, None if self.cfg.client_id else self._short_id)
             self._fail(key, line, logging.ERROR)
             return
         self.connects += 1
+        self._connected_at = time.monotonic()
+        self._permanent_since = self._permanent_line = None
         recovered = self._failures.recovered()
         self.state = "connected"
-        log.info("connected to broker %s:%s%s%s", self.cfg.host, self.cfg.port,
-                 "" if self.connects == 1 else f" (reconnect {self.connects - 1})",
-                 f" {recovered}" if recovered else "")
+        # Under a takeover loop every connect and disconnect would be a line: the one warning says it all.
+        log.log(logging.DEBUG if self._in_takeover() else logging.INFO, "connected to broker %s:%s%s%s",
+                self.cfg.host, self.cfg.port, "" if self.connects == 1 else f" (reconnect {self.connects - 1})",
+                f" {recovered}" if recovered else "")
         self._status_info = client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         # clean_session: the broker forgot our subscriptions with the last connection.
         for topic, (qos, _) in list(self._subscriptions.items()):
@@ -280,6 +400,9 @@ class MqttPublisher:
             return
         if was:
             self.state = f"disconnected: {reason}"
+            if self._note_short_session():
+                self.state = f"error: {self.takeover}"
+                return
             log.warning("lost the broker %s:%s (%s); reconnecting, events wait in the outbox (%d now)",
                         self.cfg.host, self.cfg.port, reason, len(self.outbox))
         elif not client.got_connack:
@@ -303,10 +426,48 @@ class MqttPublisher:
         level = logging.ERROR if key.startswith("tls") else logging.WARNING
         self._fail(key, f"{line}; retrying in the background, events wait in the outbox", level)
 
+    def _note_short_session(self) -> bool:
+        """Count a session the broker ended soon after it began; True while that looks like a takeover loop."""
+        now = time.monotonic()
+        if now - self._connected_at < TAKEOVER_SESSION_S:
+            self._short_sessions.append(now)
+        while self._short_sessions and now - self._short_sessions[0] > TAKEOVER_WINDOW_S:
+            self._short_sessions.popleft()
+        if len(self._short_sessions) < TAKEOVER_COUNT:
+            return False
+        if self.takeover is None:
+            self.takeovers += 1
+            self.takeover = (f"the broker {self.cfg.host}:{self.cfg.port} ended our session "
+                             f"{len(self._short_sessions)} times within {TAKEOVER_SESSION_S:g} s of connecting: "
+                             f"another client probably uses the client id {self.client_id!r}; give each device "
+                             "its own device_id (or mqtt.client_id), and never run two daemons with one config")
+            self.last_error = self.takeover
+            log.error("%s", self.takeover)
+        return True
+
+    def _in_takeover(self) -> bool:
+        """Whether a detected takeover loop still goes on (a recent session was cut short)."""
+        if self.takeover is None:
+            return False
+        if not self._short_sessions or time.monotonic() - self._short_sessions[-1] > TAKEOVER_WINDOW_S:
+            log.info("client id %r: no session cut short for %.0f s, the conflict seems over", self.client_id,
+                     TAKEOVER_WINDOW_S)
+            self.takeover = None
+            self._short_sessions.clear()
+            return False
+        return True
+
     def _fail(self, key: str, line: str, level: int) -> None:
         self.last_error = line
         self.state = f"error: {line}"
         self._failures.report(key, line, level)
+        if key in PERMANENT_FAILURES:
+            if self._permanent_since is None:
+                self._permanent_since = time.monotonic()
+            self._permanent_line = line
+        else:
+            # The broker away, or the network: never a reason to exit, and it says nothing about the settings.
+            self._permanent_since = self._permanent_line = None
 
     def _on_message(self, client: _Client, userdata: Any, msg: Any) -> None:
         # paho's thread: hand the bytes over and return; the handler must only queue them.
@@ -424,9 +585,24 @@ class MqttPublisher:
 
     @property
     def fatal(self) -> str | None:
-        """Why MQTT cannot go on in this process (paho's thread died), else None."""
+        """Why MQTT cannot go on in this process, else None: paho's thread died, or a permanent failure
+        (refused credentials, certificates) has lasted mqtt.fatal_after_s."""
+        error = self.fatal_error()
+        return None if error is None else str(error)
+
+    def fatal_error(self) -> MqttError | None:
+        """`fatal` as the exception the daemon ends with: MqttConfigError (exit 2) for a permanent failure."""
         crash = self.client.crash
-        return None if crash is None else f"the MQTT client stopped: {type(crash).__name__}: {crash}"
+        if crash is not None:
+            return MqttError(f"the MQTT client stopped: {type(crash).__name__}: {crash}; restart the daemon (the "
+                             "outbox keeps the undelivered events)")
+        since, line = self._permanent_since, self._permanent_line
+        if since is not None and line and self.fatal_after_s > 0:
+            lasted = time.monotonic() - since
+            if lasted >= self.fatal_after_s and not self.connected:
+                return MqttConfigError(f"{line} (for {lasted:.0f} s, mqtt.fatal_after_s {self.fatal_after_s:g}; "
+                                       "undelivered events stay in the outbox)")
+        return None
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -506,6 +682,8 @@ class MqttPublisher:
                                "connects": self.connects}
         if self.rejected:
             out["rejected"] = self.rejected
+        if self._in_takeover():
+            out["client_id_conflict"] = self.takeover
         if self.last_error and not self.connected:
             out["error"] = self.last_error
         return out

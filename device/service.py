@@ -10,11 +10,14 @@ checks is refused and the old one keeps serving; either way the retained `<prefi
 topic and one log line say what happened. systemd's notify protocol (device/notify.py) is spoken
 throughout: READY=1, WATCHDOG=1 from the frame loop, STATUS=, RELOADING=1, STOPPING=1.
 
-Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, or
-SIGTERM/SIGINT; in every case capture stops, what the broker can take is delivered, `offline` is
-published, and whatever is left stays in the outbox for the next start. A live camera that drops out is
-reopened by the capture thread (device/camera.py) for as long as it takes; the loop just waits.
-Exit codes: 0 at the end of a file or folder or on a signal; 1 (via the CLI) on a camera or MQTT error.
+Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, a broker
+that keeps refusing our credentials or certificates, or SIGTERM/SIGINT; in every case capture stops, what
+the broker can take is delivered, `offline` is published, and whatever is left stays in the outbox for the
+next start. A live camera that drops out, or is not there at start, is reopened by the capture thread
+(device/camera.py) for up to camera.max_outage_s; the loop just waits.
+Exit codes (via the CLI): 0 at the end of a file or folder or on a signal; 3 on a camera error (a missing
+file or folder, a live camera out longer than camera.max_outage_s); 2 when the broker refused us for
+mqtt.fatal_after_s; 1 when the MQTT client died.
 """
 
 from __future__ import annotations
@@ -147,7 +150,8 @@ class Service:
         self.state_refresh = Cooldown(cfg.events.cooldown)
         self.prefix = cfg.events.topic_prefix
         self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps,
-                               reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)))
+                               reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)),
+                               max_outage_s=float(getattr(cfg.camera, "max_outage_s", 0.0)))
         if publisher is None:
             try:
                 outbox = open_outbox(cfg)
@@ -301,7 +305,9 @@ class Service:
     def run(self, max_frames: int = 0) -> int:
         log.info("starting: %s, model %s", describe(self.cfg), self.bundle_id)
         try:
-            self.capture.start()  # an unreachable camera fails here, before we announce ourselves
+            # A missing file or folder fails here, before we announce ourselves; a live camera that is
+            # not there yet is waited for in the background (an outage from the start).
+            self.capture.start()
         except BaseException:
             self.publisher.outbox.close()
             raise
@@ -314,9 +320,9 @@ class Service:
             while not self.stop_event.is_set():
                 # The loop itself pings: a pipeline call that hangs stops the pings, and systemd restarts us.
                 self.notifier.watchdog()
-                fatal = self.publisher.fatal
+                fatal = self.publisher.fatal_error()
                 if fatal is not None:
-                    raise MqttError(f"{fatal}; restart the daemon (the outbox keeps the undelivered events)")
+                    raise fatal
                 self._reload_if_requested()
                 self.assistant.tick()
                 try:

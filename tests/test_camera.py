@@ -81,9 +81,13 @@ def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(CameraError, match="no images"):
         FolderSource(tmp_path).open()
     (tmp_path / "bad.jpg").write_bytes(b"x")
-    source = FolderSource(tmp_path, loop=True)  # only unreadable images: ends instead of spinning
+    source = FolderSource(tmp_path, loop=True)  # only unreadable images: an error instead of spinning
     source.open()
-    assert source.read() is None
+    with pytest.raises(CameraError, match=r"no readable image left in .*\(1 skipped\)"):
+        source.read()
+    once = FolderSource(tmp_path)  # not looping: the stream just ends
+    once.open()
+    assert once.read() is None
 
 
 # --- capture thread: bounded queue, drop oldest --------------------------------------------------------
@@ -429,3 +433,54 @@ def test_picamera2_built_on_another_numpy_gives_one_line_with_the_fix(tmp_path, 
         Picamera2Source().open()
     message = str(info.value)
     assert "\n" not in message and "dtype size changed" in message and "'numpy<2'" in message
+
+
+def test_a_live_camera_absent_at_start_is_an_outage_from_the_start_not_an_error(caplog) -> None:
+    source = Unpluggable()
+    source.plugged.clear()
+    capture = Capture(source, queue_size=2, reopen_min_s=0.05, reopen_max_s=0.2)
+    with caplog.at_level(logging.INFO, logger="device.camera"):
+        capture.start()  # does not raise
+        assert capture.out_now and capture.outages == 1 and capture.outage_reason == "no such device"
+        with pytest.raises(TimeoutError):
+            capture.get(timeout=0.3)
+        deadline = time.monotonic() + 10
+        while capture.reopen_attempts < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        source.plugged.set()
+        frame = capture.get(timeout=10)
+        capture.stop()
+    assert frame is not None and capture.outages == 1 and not capture.out_now and capture.last_outage_s > 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "is not available at start: no such device" in m]) == 1
+    assert len([m for m in messages if re.search(r"is back after [\d.]+ s out", m)]) == 1
+    assert not [m for m in messages if "lost:" in m]
+
+
+def test_an_outage_longer_than_max_outage_s_ends_the_stream_with_one_error() -> None:
+    source = Unpluggable()
+    source.plugged.clear()
+    capture = Capture(source, queue_size=2, reopen_min_s=0.05, reopen_max_s=0.1, max_outage_s=0.5)
+    capture.start()
+    with pytest.raises(CameraError, match=r"out for \d+ s .*last: no such device.*camera\.max_outage_s 0\.5"):
+        capture.get(timeout=10)
+    with pytest.raises(CameraError):  # every later get() says it too, the stream does not go on
+        capture.get(timeout=1)
+    capture.stop()
+    assert capture.reopen_attempts >= 2
+
+
+def test_files_folders_and_a_missing_camera_library_still_fail_at_start(tmp_path: Path) -> None:
+    from device.camera import CameraSetupError
+
+    with pytest.raises(CameraError, match="video file not found"):
+        Capture(OpenCVSource(str(tmp_path / "gone.mp4"))).start()
+    with pytest.raises(CameraError, match="image folder not found"):
+        Capture(FolderSource(tmp_path / "gone")).start()
+
+    class NotInstalled(Unpluggable):
+        def open(self) -> None:
+            raise CameraSetupError("picamera2 is not installed")
+
+    with pytest.raises(CameraSetupError):
+        Capture(NotInstalled()).start()

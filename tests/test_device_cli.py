@@ -159,7 +159,9 @@ def test_bundle_file_missing(tmp_path: Path, loadable_bundle: Path) -> None:
 def test_unreachable_camera(tmp_path: Path, loadable_bundle: Path, camera: dict, message: str) -> None:
     if camera["source"] == "picamera2" and shutil.which("rpicam-hello"):
         pytest.skip("this machine has a Pi camera stack")
-    proc = device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, camera)))
+    # A live camera absent at start is waited for (an outage) up to camera.max_outage_s, then the same
+    # one line; a missing folder or camera library fails at once.
+    proc = device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, {**camera, "max_outage_s": 1})))
     assert message in one_error_line(proc)
     # A camera that is not there is "unavailable" (3: systemd may retry), not bad input (2).
     assert proc.returncode == 3, proc.stderr

@@ -669,3 +669,119 @@ def test_a_folder_deleted_under_the_daemon_ends_with_one_error_and_a_non_zero_co
     assert "Traceback" not in err
     # It still said goodbye properly.
     assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode(), False) in m, 10)
+
+
+def test_a_live_stream_absent_at_start_is_waited_for_and_the_same_process_publishes(
+        tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+    import cv2
+
+    from tests.fixtures_broker import free_port
+    from tests.mjpeg_server import MjpegCamera
+
+    person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
+    photo = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[0]
+    stream = MjpegCamera(cv2.imread(str(photo)), fps=5, port=free_port())  # nothing listens there yet
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"source": "opencv", "device": stream.url, "reopen_max_s": 1}, events={"cooldown": 0})
+    proc = start_daemon(config)
+    logged: list[str] = []
+    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        # Up without a camera: online on the broker, the outage in the stats line, no exit.
+        assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", ONLINE.encode(), True) in m
+                                   or (f"faceberry/{DEVICE}/status", ONLINE.encode(), False) in m, 60), \
+            "".join(logged)[-3000:]
+        deadline = time.monotonic() + 30
+        while not any("camera out outages=1" in line for line in logged) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any("camera out outages=1" in line for line in logged), "".join(logged)[-3000:]
+        assert proc.poll() is None, "".join(logged)[-3000:]
+        stream.start()
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), "".join(logged)[-3000:]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            stream.stop()
+    reader.join(5)
+    err = "".join(logged)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(re.findall(r"camera \S+ is not available at start: ", err)) == 1, err[-3000:]
+    assert len(re.findall(r"camera \S+ is back after [\d.]+ s out", err)) == 1, err[-3000:]
+    assert "error:" not in err
+
+
+def test_a_missing_video_file_still_fails_at_once(tmp_path, mosquitto, tiny_bundle) -> None:
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"source": "opencv", "device": str(tmp_path / "gone.mp4")})
+    rc, err = finish(start_daemon(config), timeout=60)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 3 and len(errors) == 1 and "video file not found" in errors[0], err[-3000:]
+
+
+def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path, mosquitto_factory, tiny_bundle,
+                                                                          heldout_photos) -> None:
+    from tests.fixtures_broker import password_file
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    broker = mosquitto_factory(anonymous=False, extra_config=f"password_file {password_file(secrets, 'door', 'right')}")
+    wrong = tmp_path / "mqtt_password"
+    wrong.write_text("wrong\n")
+    wrong.chmod(0o600)
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(tmp_path / "camera"),
+                                                                          "loop": True},
+                          mqtt={"username": "door", "password_file": str(wrong), "fatal_after_s": 2})
+    rc, err = finish(start_daemon(config), timeout=90)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2, err[-3000:]  # RestartPreventExitStatus=2: systemd shows it failed instead of looping
+    assert len(errors) == 1 and "refused the login" in errors[0] and "mqtt.fatal_after_s" in errors[0], err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory, tiny_bundle,
+                                                     heldout_photos) -> None:
+    broker = mosquitto_factory()
+    broker.stop()
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(tmp_path / "camera"),
+                                                                          "loop": True},
+                          mqtt={"fatal_after_s": 1})
+    proc = start_daemon(config)
+    logged: list[str] = []
+    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        # Several stats lines (stats_interval 1) with the broker refusing, well past fatal_after_s.
+        deadline = time.monotonic() + 60
+        while sum("mqtt state=error" in line for line in logged) < 4 and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(logged)[-3000:]
+            time.sleep(0.1)
+        assert sum("mqtt state=error" in line for line in logged) >= 4, "".join(logged)[-3000:]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    reader.join(5)
+    assert proc.returncode == 0, "".join(logged)[-3000:]
+
+
+def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, tiny_bundle) -> None:
+    from tests.fixtures_broker import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # never served
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                          {"source": "opencv", "device": url, "reopen_max_s": 1, "max_outage_s": 2})
+    rc, err = finish(start_daemon(config), timeout=90)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    # 3: unavailable, so systemd restarts it (Restart=on-failure), and the new process waits again.
+    assert rc == 3 and len(errors) == 1 and "camera.max_outage_s 2" in errors[0], err[-3000:]
+    assert "Traceback" not in err
