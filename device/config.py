@@ -235,8 +235,8 @@ class MemoryConfig(_Section):
     stranger_retention: float = Field(
         30 * 86400.0, gt=0, description="seconds a stranger cluster unseen is kept before it is forgotten")
     negative_margin: float = Field(
-        0.05, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
-        "stored negative's similarity to the face by this much")
+        0.0, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
+        "stored negative's similarity to the face by this much (0: measured best, docs/BENCHMARKS.md)")
 
 
 class TlsConfig(_Section):
