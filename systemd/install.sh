@@ -197,6 +197,7 @@ restore() {
     if [ "$HAD_UNIT" = 1 ]; then run mv "$R$UNIT.prev" "$R$UNIT"; fi
     if [ -n "$OLD_CURRENT" ]; then
         run ln -sfn "$OLD_CURRENT" "$R$STORE/current.tmp"
+        run chown -h "$FB_UID:$FB_GID" "$R$STORE/current.tmp"
         run mv -T "$R$STORE/current.tmp" "$R$STORE/current"
     fi
     local v
@@ -254,6 +255,8 @@ fi
 run install -d -m 0750 -o "$FB_UID" -g "$FB_GID" "$R$STATE" "$R$STORE"
 if [ -n "$BUNDLE" ]; then
     run env PYTHONDONTWRITEBYTECODE=1 "$R$VENV/bin/faceberry" deploy --bundle "$BUNDLE" --store "$R$STORE" --no-reload
+    # Owned like the store (faceberry) whoever ran this, so the daemon can read it and enrolment add to it.
+    run chown -R "$FB_UID:$FB_GID" "$R$STORE"
 fi
 
 # --- 7. unit --------------------------------------------------------------------------------------------
