@@ -254,7 +254,13 @@ fi
 # `faceberry enroll` can add versions the daemon reads.
 run install -d -m 0750 -o "$FB_UID" -g "$FB_GID" "$R$STATE" "$R$STORE"
 if [ -n "$BUNDLE" ]; then
-    run env PYTHONDONTWRITEBYTECODE=1 "$R$VENV/bin/faceberry" deploy --bundle "$BUNDLE" --store "$R$STORE" --no-reload
+    # deploy verifies the bundle (checksums, models load) before it switches current to it.
+    if ! run env PYTHONDONTWRITEBYTECODE=1 "$R$VENV/bin/faceberry" deploy --bundle "$BUNDLE" --store "$R$STORE" \
+            --no-reload; then
+        echo "error: the bundle was refused (see above)" >&2
+        restore
+        exit 1
+    fi
     # Owned like the store (faceberry) whoever ran this, so the daemon can read it and enrolment add to it.
     run chown -R "$FB_UID:$FB_GID" "$R$STORE"
 fi

@@ -112,12 +112,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, detector_path: Path) -> dict
     config = base / "config.yaml"
     config.write_text(yaml.safe_dump({"bundle": "/var/lib/faceberry/bundles/current", "device_id": "install-test",
                                       "camera": {"source": "folder", "device": "/var/tmp/photos"}}))
-    args = ("--wheelhouse", str(wheels), "--config", str(config))
-    if (ROOT / "device" / "deploy.py").is_file():
-        args += ("--bundle", str(bundle))
+    args = ("--wheelhouse", str(wheels), "--config", str(config), "--bundle", str(bundle))
     proc = install(root, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"root": root, "args": args, "first": proc, "tree": tree(root), "base": base}
+    return {"root": root, "args": args, "first": proc, "tree": tree(root), "base": base, "bundle": bundle}
 
 
 def test_the_promised_files_modes_and_owners(setup: dict) -> None:
@@ -148,15 +146,13 @@ def test_the_promised_files_modes_and_owners(setup: dict) -> None:
     assert not list(root.rglob("*.prev"))
     out = setup["first"].stdout
     assert "NOT started" in out and "checking the config only" in out
-    if (ROOT / "device" / "deploy.py").is_file():
-        current = root / "var/lib/faceberry/bundles/current"
-        target = os.readlink(current)
-        assert not os.path.isabs(target) and (current / "manifest.json").is_file()
-        version = current.resolve()
-        assert version.parent == (root / "var/lib/faceberry/bundles").resolve()
-        for path in [version, *version.rglob("*")]:
-            assert path.lstat().st_uid == uid, f"{path} is not owned by faceberry"
-            assert path.stat().st_mode & stat.S_IRGRP, f"{path} is not readable by the group"
+    current = root / "var/lib/faceberry/bundles/current"
+    assert not os.path.isabs(os.readlink(current)) and (current / "manifest.json").is_file()
+    version = current.resolve()
+    assert version.parent == (root / "var/lib/faceberry/bundles").resolve()
+    for path in [version, *version.rglob("*")]:
+        assert path.lstat().st_uid == uid, f"{path} is not owned by faceberry"
+        assert path.stat().st_mode & stat.S_IRGRP, f"{path} is not readable by the group"
 
 
 def test_a_second_run_changes_nothing(setup: dict) -> None:
@@ -188,6 +184,19 @@ def test_a_failed_check_puts_the_previous_install_back(setup: dict) -> None:
     proc = install(setup["root"], *args)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "unknown key 'camera.sorce'" in proc.stdout and "putting back what was installed before" in proc.stderr
+    after = tree(setup["root"])
+    changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
+    assert not changed, changed[:20]
+
+
+def test_a_refused_bundle_puts_the_previous_install_back(setup: dict) -> None:
+    bad = shutil.copytree(setup["bundle"], setup["base"] / "bad-bundle")
+    (bad / "labels.txt").write_text("someone else\n")  # no longer matches its sha256 in the manifest
+    args = list(setup["args"])
+    args[args.index("--bundle") + 1] = str(bad)
+    proc = install(setup["root"], *args)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the bundle was refused" in proc.stderr and "putting back" in proc.stderr
     after = tree(setup["root"])
     changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
     assert not changed, changed[:20]
