@@ -47,7 +47,8 @@ The plan (each step is safe to repeat; a second run with the same input changes 
   4. snapshot   the current venv (hard links: instant), config, unit and bundles/current, for step 9
   5. package    /opt/faceberry/venv (--system-site-packages: apt's picamera2 and libcamera stay visible);
                 pip installs requirements-device.txt, then the faceberry package itself (this checkout, or
-                the wheel in --wheelhouse), so `faceberry` runs from any directory
+                the wheel in --wheelhouse); /usr/local/bin/faceberry links to it, so `faceberry` runs
+                from any directory
   6. files      /etc/faceberry (root:faceberry 0750), config.yaml (root:faceberry 0640), mqtt_password
                 (root:root 0600, empty = no password; the unit passes it with LoadCredential=),
                 /var/lib/faceberry and bundles/ (faceberry:faceberry 0750), the bundle via faceberry deploy
@@ -235,6 +236,9 @@ else
     fi
     run "${PIP[@]}" "${ISOLATION[@]}" --force-reinstall --no-deps "$REPO"
 fi
+# On everyone's PATH (sudo's too): `sudo faceberry status`, `sudo faceberry enroll …` from any directory.
+run install -d -m 0755 "$R/usr/local/bin"
+run ln -sfn "$VENV/bin/faceberry" "$R/usr/local/bin/faceberry"
 
 # --- 6. files -------------------------------------------------------------------------------------------
 step "6. config in $ETC, state in $STATE"

@@ -142,6 +142,7 @@ def test_the_promised_files_modes_and_owners(setup: dict) -> None:
     faceberry = root / "opt/faceberry/venv/bin/faceberry"
     proc = subprocess.run([str(faceberry), "check", "--help"], cwd="/", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--config" in proc.stdout, proc.stderr
+    assert os.readlink(root / "usr/local/bin/faceberry") == "/opt/faceberry/venv/bin/faceberry"
     # Nothing of the run's snapshot is left behind.
     assert not list(root.rglob("*.prev"))
     out = setup["first"].stdout
