@@ -11,7 +11,8 @@ From the laptop (--host USER@HOST): the bundle is checked here, rsynced over ssh
     rsync -rtL --delete --chmod=D0750,F0640 --rsync-path='sudo -n rsync' -e ssh DIR/ HOST:STORE/.incoming-…/
     ssh HOST sudo -n /opt/faceberry/venv/bin/faceberry deploy --bundle STORE/.incoming-… --store STORE
 
-The store belongs to the service user, so both steps run under sudo on the host (`-n`: a password
+Before `current` switches, the bundle's checksums are verified and its models loaded and run once, as
+the daemon will. The store belongs to the service user, so both steps run under sudo on the host (`-n`: a password
 prompt cannot be answered through rsync; allow them without a password for the deploying user, or
 log in as root and pass --remote-sudo ''). Old versions beyond --keep are pruned.
 """
@@ -21,12 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from device.bundle import BundleError, load_bundle
 from device.reloader import add_store_arguments, read_setup, reload_and_report, store_root
+from device.runtime import ModelError
 from device.store import DEFAULT_ROOT, INCOMING_PREFIX, KEEP, BundleStore, StoreError
 
 HELP = "install a bundle as a new version of the Pi's store, switch to it and reload the daemon (or --host)"
@@ -49,10 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefix for the host's rsync and faceberry (default: 'sudo -n'; '' when USER is root)")
 
 
+def check_models(bundle_dir: Path) -> None:
+    """Load the bundle's models and run them on one blank frame, as the daemon will; raises ModelError."""
+    import numpy as np
+
+    from device.pipeline import FacePipeline
+
+    FacePipeline(load_bundle(bundle_dir)).process(np.zeros((240, 320, 3), np.uint8))
+
+
 def deploy_local(args: argparse.Namespace) -> int:
     setup = read_setup(args.config)
     root = store_root(args.store, setup)
     store = BundleStore(root, create=True)
+    try:
+        check_models(args.bundle)  # before `current` could name a version the daemon cannot run
+    except (BundleError, ModelError) as exc:
+        if store.is_staged(args.bundle):
+            shutil.rmtree(args.bundle, ignore_errors=True)
+        raise StoreError(f"refused: {exc}") from None
     path = store.add(args.bundle)
     bundle_id = path.name
     old = store.switch(bundle_id)

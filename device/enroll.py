@@ -187,11 +187,11 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
             j = int(np.argmax(sims.mean(axis=0)))
             rival = (str(classifier.gallery_labels[others[j]]), float(sims.mean(axis=0)[j]))
 
-    keep = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
+    kept_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
     # The classifier has checked the gallery's width; an empty gallery has no row to infer it from.
     old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(-1, len(entry))
-    new_emb = np.concatenate([old_emb[keep], entry[None]])
-    new_gallery_labels = [bundle.gallery_labels[i] for i in keep] + [name]
+    new_emb = np.concatenate([old_emb[kept_rows], entry[None]])
+    new_gallery_labels = [bundle.gallery_labels[i] for i in kept_rows] + [name]
     labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
     # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
     # to resemble), so it is recalibrated on the bundle's stranger cohort (convert also had the people's own

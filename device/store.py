@@ -23,6 +23,7 @@ leaves at most an incoming directory that the next prune removes.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from device.bundle import MANIFEST, MANIFEST_SHA256, BundleError, load_bundle
+from device.bundle import MANIFEST, BundleError, load_bundle
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ class BundleStore:
             raise StoreError(f"cannot write to the bundle store {self.root} ({exc.strerror or exc}); run as root "
                              "(sudo) or as the user owning it") from None
         try:
+            if os.geteuid() == 0:
+                # Created by root, it must still open for the service user's own enroll later.
+                os.fchown(fd, *self._owner())
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -148,6 +152,10 @@ class BundleStore:
             raise StoreError(f"cannot write to the bundle store {self.root} ({exc.strerror or exc}); run as root "
                              "(sudo) or as the user owning it") from None
         return path
+
+    def is_staged(self, path: Path) -> bool:
+        """`path` is one of this store's incoming directories (moved into place by add, removed if refused)."""
+        return path.parent.resolve() == self.root.resolve() and path.name.startswith(INCOMING_PREFIX)
 
     def _owner(self) -> tuple[int, int]:
         st = self.root.stat()
@@ -191,7 +199,7 @@ class BundleStore:
         already in the store under the same id with the same manifest is reused.
         """
         src = Path(src)
-        staged = src.parent.resolve() == self.root.resolve() and src.name.startswith(INCOMING_PREFIX)
+        staged = self.is_staged(src)
         try:
             load_bundle(src)  # refuse before copying anything
         except BundleError as exc:
@@ -290,7 +298,16 @@ class BundleStore:
         return removed
 
 
+# Manifest keys that record a version's history, not what it decides: a re-enrolment that reproduces the
+# same files and thresholds on the same day gets the same bundle_id, and is the same version.
+_HISTORY_KEYS = ("created", "enrolled", "parent_bundle_id", "metrics")
+
+
 def _same_manifest(a: Path, b: Path) -> bool:
-    """The same version: manifest bytes (which checksum every file) equal, both verified by load_bundle."""
-    name = MANIFEST_SHA256 if (a / MANIFEST_SHA256).is_file() and (b / MANIFEST_SHA256).is_file() else MANIFEST
-    return (a / name).read_bytes() == (b / name).read_bytes()
+    """The same version: both manifests (verified by load_bundle, and checksumming every file) agree on
+    everything but their history."""
+    def decisive(root: Path) -> dict:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        return {k: v for k, v in manifest.items() if k not in _HISTORY_KEYS}
+
+    return decisive(a) == decisive(b)

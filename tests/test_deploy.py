@@ -3,7 +3,8 @@
 Without a daemon: versions switch, rollback restores the old one (twice: back again), a corrupt bundle is
 refused with current unchanged. With a real daemon (`python -m device run` over a looping folder camera and
 a real mosquitto, `bundle: <store>/current`): deploy and rollback change the status file's bundle_id in the
-same process over the same broker connection, and a version the daemon itself refuses is switched back.
+same process over the same broker connection, and a bundle whose model cannot load is refused before
+`current` switches.
 `--host` goes through a real sshd and rsync on localhost where one can be started.
 """
 
@@ -170,7 +171,7 @@ def test_deploy_and_rollback_reload_the_running_daemon_in_place(
     root = pi_root(tmp_path)
     v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "live-v1")
     v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "live-v2")
-    # Checksums right, model garbage: the store accepts it, the daemon cannot load it.
+    # Checksums right, model garbage: load_bundle accepts it, LiteRT cannot load it.
     garbage = variant(tiny_bundle, tmp_path / "src" / "garbage", "live-garbage")
     manifest = json.loads((garbage / MANIFEST).read_text())
     (garbage / manifest["classifier"]["file"]).write_bytes(b"not a tflite model" * 64)
@@ -205,15 +206,14 @@ def test_deploy_and_rollback_reload_the_running_daemon_in_place(
         assert "now serves live-v1" in out.stdout and f"pid {proc.pid}" in out.stdout, out.stdout
         assert json.loads(status_path.read_text())["bundle_id"] == "live-v1"
 
-        # The store accepts it (checksums match), the daemon refuses it: current goes back to what serves.
+        # Checksums right, model garbage: refused before `current` switches; the daemon is not asked.
         out = cli("deploy", "--bundle", str(garbage), "--config", str(config), "--timeout", "60", check=False)
-        assert out.returncode == 1, out.stdout + out.stderr
-        assert "refused live-garbage" in out.stdout and "still serves live-v1" in out.stdout
-        assert "current is live-v1 again" in out.stderr
-        assert os.readlink(root / "current") == "live-v1"
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.startswith("error: refused:") and "reload:" not in out.stdout
+        assert os.readlink(root / "current") == "live-v1" and "live-garbage" not in BundleStore(root).versions()
         status = json.loads(status_path.read_text())
         assert (status["bundle_id"], status["pid"]) == ("live-v1", proc.pid)
-        assert status["bundle"] == {"id": "live-v1", "reloads": 2, "refused": 1}
+        assert status["bundle"] == {"id": "live-v1", "reloads": 2, "refused": 0}
 
         shown = cli("status", "--config", str(config), "--json")
         view = json.loads(shown.stdout)

@@ -21,14 +21,14 @@ from device.store import DIR_MODE, FILE_MODE, STALE_INCOMING_S, BundleStore, Sto
 OTHER_ID = 65534  # nobody/nogroup: an owner the test process is not
 
 
-def variant(source: Path, dest: Path, bundle_id: str, note: str | None = None) -> Path:
+def variant(source: Path, dest: Path, bundle_id: str, accept: float | None = None) -> Path:
     """A copy of the bundle `source` at `dest` whose manifest (re-signed) names `bundle_id`."""
     shutil.copytree(source, dest)
     manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
     files = list(manifest.pop("files"))
     manifest["bundle_id"] = bundle_id
-    if note:
-        manifest.setdefault("metrics", {})["note"] = note
+    if accept is not None:
+        manifest["thresholds"]["accept"] = accept
     write_manifest(dest, manifest, files)
     assert load_bundle(dest).bundle_id == bundle_id
     return dest
@@ -88,6 +88,8 @@ def test_add_and_switch_make_a_readable_version_and_a_relative_current_link(tmp_
     assert os.readlink(root / "previous") == "v1"
     if os.geteuid() == 0:
         assert (root / "current").lstat().st_uid == OTHER_ID
+        # The lock root created opens for the service user's own enroll later.
+        assert (root / ".lock").stat().st_uid == OTHER_ID
 
 
 def test_rollback_goes_back_one_and_a_second_rollback_returns(tmp_path, sources) -> None:
@@ -128,7 +130,13 @@ def test_same_id_is_reused_and_a_different_bundle_under_it_refused(tmp_path, sou
     first = store.add(sources["v1"])
     manifest = (first / MANIFEST).read_bytes()
     assert store.add(sources["v1"]) == first and (first / MANIFEST).read_bytes() == manifest
-    impostor = variant(tiny_bundle, tmp_path / "src" / "impostor", "v1", note="different content, same id")
+    # History differs only (created, metrics): the same version. A different threshold: another bundle.
+    twin = variant(tiny_bundle, tmp_path / "src" / "twin", "v1")
+    manifest_twin = json.loads((twin / MANIFEST).read_text())
+    manifest_twin["created"], manifest_twin["metrics"] = "2001-01-01T00:00:00Z", {"note": "rebuilt"}
+    write_manifest(twin, manifest_twin, list(manifest_twin.pop("files")))
+    assert store.add(twin) == first and (first / MANIFEST).read_bytes() == manifest
+    impostor = variant(tiny_bundle, tmp_path / "src" / "impostor", "v1", accept=0.123)
     with pytest.raises(StoreError, match="different bundle with the id v1"):
         store.add(impostor)
     assert (first / MANIFEST).read_bytes() == manifest
