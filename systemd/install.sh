@@ -16,6 +16,7 @@ START=1
 DRY=0
 SYSTEMD=auto
 CHECK_SKIP=()
+TMPFILES=()
 
 usage() {
     cat <<'EOF'
@@ -192,6 +193,7 @@ if [ -L "$R$STORE/current" ]; then OLD_CURRENT=$(readlink "$R$STORE/current"); f
 OLD_VERSIONS=$(ls -1 "$R$STORE" 2>/dev/null | grep -v '^current$' || true)
 
 restore() {
+    SNAPSHOT=0
     echo "   putting back what was installed before" >&2
     if [ "$HAD_VENV" = 1 ]; then run rm -rf "$R$VENV"; run mv "$R$VENV.prev" "$R$VENV"; fi
     if [ "$HAD_CONFIG" = 1 ]; then run mv "$R$ETC/config.yaml.prev" "$R$ETC/config.yaml"; fi
@@ -211,8 +213,20 @@ restore() {
     fi
 }
 forget_snapshot() {
+    SNAPSHOT=0
     run rm -rf "$R$VENV.prev" "$R$ETC/config.yaml.prev" "$R$UNIT.prev"
 }
+# Whatever fails from here on (pip without network, a refused bundle, the check) puts the snapshot back.
+SNAPSHOT=1
+on_exit() {
+    local rc=$?
+    rm -f "${TMPFILES[@]}"
+    if [ "$rc" != 0 ] && [ "$SNAPSHOT" = 1 ]; then
+        restore
+        echo "error: fix what is said above, then rerun this script" >&2
+    fi
+}
+trap on_exit EXIT
 
 # --- 5. package -----------------------------------------------------------------------------------------
 step "5. package into $VENV"
@@ -262,7 +276,6 @@ if [ -n "$BUNDLE" ]; then
     if ! run env PYTHONDONTWRITEBYTECODE=1 "$R$VENV/bin/faceberry" deploy --bundle "$BUNDLE" --store "$R$STORE" \
             --no-reload; then
         echo "error: the bundle was refused (see above)" >&2
-        restore
         exit 1
     fi
     # Owned like the store (faceberry) whoever ran this, so the daemon can read it and enrolment add to it.
@@ -273,7 +286,7 @@ fi
 step "7. systemd unit"
 run install -d -m 0755 "$R/etc/systemd/system"
 UNIT_SRC=$(mktemp)
-trap 'rm -f "$UNIT_SRC"' EXIT
+TMPFILES+=("$UNIT_SRC")
 sed "s#/opt/faceberry#$PREFIX#g" "$HERE/faceberry.service" > "$UNIT_SRC"
 run install -m 0644 "$UNIT_SRC" "$R$UNIT"
 if [ "$SYSTEMD" = yes ]; then
@@ -314,8 +327,6 @@ else
 fi
 if [ "$CHECK_OK" = 0 ]; then
     echo "error: the check failed (see above)" >&2
-    restore
-    echo "error: fix what the check says, then rerun this script" >&2
     exit 1
 fi
 forget_snapshot
