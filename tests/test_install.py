@@ -201,3 +201,15 @@ def test_a_refused_bundle_puts_the_previous_install_back(setup: dict) -> None:
     after = tree(setup["root"])
     changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
     assert not changed, changed[:20]
+
+
+def test_a_failed_pip_install_puts_the_previous_install_back(setup: dict) -> None:
+    empty = setup["base"] / "no-wheels"
+    empty.mkdir()
+    args = list(setup["args"])
+    args[args.index("--wheelhouse") + 1] = str(empty)  # an offline Pi without the wheel: pip finds nothing
+    proc = install(setup["root"], *args)
+    assert proc.returncode != 0 and "putting back" in proc.stderr, proc.stdout + proc.stderr
+    after = tree(setup["root"])
+    changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
+    assert not changed, changed[:20]
