@@ -74,12 +74,15 @@ def deploy_local(args: argparse.Namespace) -> int:
     path = store.add(args.bundle)
     bundle_id = path.name
     old = store.switch(bundle_id)
-    print(f"deployed {bundle_id} to {root} (current was {old or 'empty'})")
+    if old == bundle_id:
+        print(f"deployed {bundle_id} to {root} (it was current already)")
+    else:
+        print(f"deployed {bundle_id} to {root} (current was {old or 'empty'})")
     removed = store.prune(args.keep)
     if removed:
         print(f"removed old versions: {', '.join(removed)}")
     reports = reload_and_report(args, setup, root, bundle_id)
-    if any(r.state == "refused" for r in reports) and old is not None:
+    if any(r.state == "refused" for r in reports) and old not in (None, bundle_id):
         store.switch(old)
         print(f"current is {old} again: the daemon refused {bundle_id} and keeps serving {old}; fix the bundle "
               "and deploy again", file=sys.stderr)

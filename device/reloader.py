@@ -207,15 +207,17 @@ def _wait(daemon: Daemon, timeout: float) -> dict[str, Any] | None:
 
 def _ask(daemon: Daemon, unit_pid: int | None, unit: str) -> str | None:
     """Send the request; returns an error text, or None when sent."""
+    failed = ""
     if unit_pid == daemon.pid:
         proc = subprocess.run(["systemctl", "reload", unit], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            return f"`systemctl reload {unit}` failed: {(proc.stderr or proc.stdout).strip()}; run it with sudo"
-        return None
+        if proc.returncode == 0:
+            return None
+        # The service user itself may not ask systemd, but may signal its own daemon: what ExecReload does.
+        failed = f"`systemctl reload {unit}` failed ({(proc.stderr or proc.stdout).strip()}) and "
     try:
         os.kill(daemon.pid, signal.SIGHUP)
     except PermissionError:
-        return f"not allowed to signal the daemon (pid {daemon.pid}); run this command with sudo"
+        return f"{failed}not allowed to signal the daemon (pid {daemon.pid}); run this command with sudo"
     except ProcessLookupError:
         return f"the daemon (pid {daemon.pid}) exited meanwhile; its next start loads current"
     return None

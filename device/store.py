@@ -249,7 +249,7 @@ class BundleStore:
         os.replace(tmp, self.root / name)
 
     def switch(self, bundle_id: str) -> str | None:
-        """Point `current` at `bundle_id` (and `previous` at what it pointed to); returns that previous id."""
+        """Point `current` at `bundle_id` (and `previous` at what it pointed to); returns what it pointed to."""
         dest = self.path(bundle_id)
         with self.locked():
             if not (dest / MANIFEST).is_file():
@@ -257,7 +257,7 @@ class BundleStore:
                                  "; deploy it first")
             old = self.current()
             if old == bundle_id:
-                return self.previous()
+                return old  # already current: `previous` keeps its meaning
             if old is not None:
                 self._set_link(PREVIOUS, old)
             self._set_link(CURRENT, bundle_id)

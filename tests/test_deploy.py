@@ -231,3 +231,10 @@ def test_deploy_and_rollback_reload_the_running_daemon_in_place(
     assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1  # one MQTT session throughout
     after = cli("status", "--config", str(config), check=False)
     assert after.returncode == 3 and "stopped" in after.stdout
+    # Killed without its last word (kill -9, a power cut): the file still says running, its pid is gone.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    status = json.loads(status_path.read_text())
+    status_path.write_text(json.dumps({**status, "running": True, "pid": gone.pid}))
+    stale = cli("status", "--config", str(config), check=False)
+    assert stale.returncode == 3 and f"not running (pid {gone.pid} is gone" in stale.stdout

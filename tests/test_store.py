@@ -86,6 +86,7 @@ def test_add_and_switch_make_a_readable_version_and_a_relative_current_link(tmp_
     assert store.switch("v2") == "v1"
     assert (store.current(), store.previous()) == ("v2", "v1")
     assert os.readlink(root / "previous") == "v1"
+    assert store.switch("v2") == "v2" and store.previous() == "v1"  # already current: history kept
     if os.geteuid() == 0:
         assert (root / "current").lstat().st_uid == OTHER_ID
         # The lock root created opens for the service user's own enroll later.
