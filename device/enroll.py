@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 from datetime import datetime, timezone
@@ -233,7 +234,8 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None,
     }
     if versions is not None:
-        tmp = versions.incoming()
+        # Not just the pid: the daemon may run two enrolments at once (its Home Assistant helper).
+        tmp = versions.incoming(f"{os.getpid()}-enroll-{secrets.token_hex(4)}")
         try:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
             fill(tmp)

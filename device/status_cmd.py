@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,7 +70,11 @@ def store_view(root: Path) -> dict[str, Any]:
 
 def _text(daemons: list[dict[str, Any]], store: dict[str, Any], where: list[Path]) -> str:
     lines = []
-    if not daemons:
+    hidden = [d for d in dict.fromkeys(where) if d.is_dir() and not os.access(d, os.R_OK | os.X_OK)]
+    if not daemons and hidden:
+        lines.append(f"cannot read {', '.join(map(str, hidden))} as this user: run `sudo faceberry status` (the "
+                     "state directory belongs to the service user)")
+    elif not daemons:
         lines.append(f"no status file in {', '.join(map(str, where))}: the daemon has not run here (or under "
                      "another state_dir: pass --config or --state-dir)")
     for d in daemons:
