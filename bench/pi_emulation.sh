@@ -84,12 +84,20 @@ mount_root() {
     mount --bind "$WORK/cpuinfo" "$ROOT/proc/cpuinfo"; MOUNTED+=("$ROOT/proc/cpuinfo")
     mount --rbind /sys "$ROOT/sys"; MOUNTED+=("$ROOT/sys")
     mount --rbind /dev "$ROOT/dev"; MOUNTED+=("$ROOT/dev")
-    mkdir -p "$ROOT/src" "$ROOT/shared"
-    mount --bind "$REPO" "$ROOT/src"; MOUNTED+=("$ROOT/src")
+    mkdir -p "$ROOT/shared"
     mount --bind -o ro "$SHARED" "$ROOT/shared"; MOUNTED+=("$ROOT/shared")
     cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    # Behind a TLS-inspecting proxy (its CA added to this machine's /usr/local/share/ca-certificates),
+    # the root must trust that CA too, or pip cannot reach PyPI; elsewhere this does nothing.
+    if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+        mkdir -p "$ROOT/usr/local/share/ca-certificates"
+        cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+        in_root update-ca-certificates > /dev/null 2>&1
+        ROOT_ENV+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
+    fi
 }
-in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+in_root() { chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
 
 # A Raspberry Pi 4 Model B (BCM2711, 4 × Cortex-A72), as its kernel prints it.
 cat > "$WORK/cpuinfo" <<'EOF'
@@ -184,6 +192,10 @@ fi
 # --- 3. install.sh inside the root (no booted systemd there: it enables the unit and does not start it) --
 if stage_wanted install && [ ! -f "$WORK/install.done" ]; then
     mount_root
+    # A copy of the checkout, as `rsync … USER@HOST:faceberry/` makes one on the Pi (and a script being
+    # edited here while bash reads it there would not be the script that started).
+    rsync -a --delete --exclude '.venv*' --exclude build --exclude '*.egg-info' --exclude __pycache__ \
+        --exclude bench/results "$REPO/" "$ROOT/src/"
     rm -rf "$ROOT/tmp/bundle" && cp -r "$B/bundle" "$ROOT/tmp/bundle"
     sed -e 's#^  source: picamera2#  source: folder#' -e 's#^  device: 0#  device: /tmp/photos#' \
         -e 's#^device_id: front-door#device_id: pi-emulation#' "$REPO/systemd/faceberry.example.yaml" > "$ROOT/tmp/config.yaml"
