@@ -1,4 +1,4 @@
-"""`python -m device <command>`: run, check, eval, enroll.
+"""`python -m device <command>`: run, check, eval, enroll, deploy, rollback, status.
 
 Each command lives in its own module exposing HELP, add_arguments(parser) and run(args) -> int; only the
 chosen command's module is imported (so `device run` never loads what `device eval` needs).
@@ -20,6 +20,9 @@ COMMANDS = {
     "check": "device.check",
     "eval": "device.evaluate",
     "enroll": "device.enroll",
+    "deploy": "device.deploy",
+    "rollback": "device.rollback",
+    "status": "device.status_cmd",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

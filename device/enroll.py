@@ -8,9 +8,17 @@ recalibrated on the bundle's stranger cohort (device.cohort) for the new gallery
 `convert` calibrated on (the Pi has no one's photos for leave-one-person-out or negatives);
 a bundle without a cohort keeps its threshold (and enroll says so).
 
-The new bundle is built in a sibling directory and swapped in by rename, so a crash leaves either
-the old bundle or the new one, never a half-written one (if it stops between the two renames, the
-old bundle sits in `.<name>.enroll-old` and the next enroll puts it back).
+On the Pi the bundle is a store's `current` link (device.store): enroll then writes a NEW version (a
+copy of current with the person added, owned and moded so the service user can read it, verified before
+it is renamed into place), switches `current` to it, prunes old versions and asks the running daemon to
+reload (device.reloader), reporting what the daemon says. `faceberry rollback` undoes it.
+
+A plain bundle directory is updated in place: the new bundle is built in a sibling directory and
+swapped in by rename, so a crash leaves either the old bundle or the new one, never a half-written one
+(if it stops between the two renames, the old bundle sits in `.<name>.enroll-old` and the next enroll
+puts it back).
+
+`enroll()` is the whole job without the reload, so the daemon itself can call it (then Service.reload()).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 from datetime import datetime, timezone
@@ -33,7 +42,9 @@ from device.contract import IMAGE_SUFFIXES, UNKNOWN, UNREADABLE, centroid, list_
 from device.detector import FaceDetector
 from device.errors import UsageError
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
+from device.reloader import add_store_arguments, read_setup, reload_and_report
 from device.runtime import ModelError
+from device.store import CURRENT, DEFAULT_ROOT, KEEP, BundleStore, StoreError, store_for_bundle
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +57,10 @@ class EnrollError(UsageError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", required=True, type=Path, help="the embedding bundle directory to update in place")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="the embedding bundle: a store's `current` link (a new version is written) or a plain "
+                        "directory (updated in place); default: the config's `bundle:`, else "
+                        f"{DEFAULT_ROOT / CURRENT}")
     parser.add_argument("--name", required=True, help="the person's name, as it will appear in events")
     parser.add_argument("--photos", required=True, type=Path,
                         help=f"folder of photos ({SUFFIXES}) showing this person's face "
@@ -58,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="the name is already enrolled: replace their gallery entry instead of refusing")
     parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: LiteRT's choice)")
+    parser.add_argument("--keep", type=int, default=KEEP,
+                        help=f"versions kept in the store besides current and previous (default {KEEP})")
+    add_store_arguments(parser)
 
 
 def _fail(msg: str) -> int:
@@ -94,16 +111,44 @@ def usable_crops(
     return crops, refused
 
 
-def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, min_face_size: int = 40,
-           replace: bool = False, num_threads: int | None = None) -> dict:
-    """Add `name` to the bundle; returns a summary. Raises EnrollError/BundleError/ModelError."""
+def _store_of(bundle_dir: Path | None, store: BundleStore | str | Path | None) -> BundleStore | None:
+    if isinstance(store, BundleStore):
+        return store
+    if store is not None:
+        return BundleStore(store)
+    if bundle_dir is None:
+        return None
+    root = store_for_bundle(bundle_dir)
+    return BundleStore(root) if root is not None and bundle_dir.is_symlink() else None
+
+
+def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int = 3, min_face_size: int = 40,
+           replace: bool = False, num_threads: int | None = None, store: BundleStore | str | Path | None = None,
+           keep: int = KEEP) -> dict:
+    """Add `name` to the bundle; returns a summary. Raises EnrollError/BundleError/ModelError/StoreError.
+
+    With a store (`store`, or `bundle_dir` being a store's `current` link) a new version is written and
+    `current` switched to it; the summary's `path` and `bundle_id` name it. Nothing is reloaded here.
+    """
     name = name.strip()
     if not name or "\n" in name or name.lower() == UNKNOWN:
         raise EnrollError(
             f"--name {name!r} is not usable (empty, multi-line or the reserved {UNKNOWN!r}); choose another name"
         )
-    _recover(bundle_dir)
-    bundle = load_bundle(bundle_dir)
+    versions = _store_of(Path(bundle_dir) if bundle_dir is not None else None, store)
+    if versions is not None:
+        bundle_dir = versions.root / CURRENT
+        if versions.current() is None:
+            raise EnrollError(f"{versions.root} has no current version to enroll into; deploy a bundle first "
+                              "(`faceberry deploy --bundle DIR`)")
+        source = Path(os.path.realpath(bundle_dir))  # the version current names now, even if it switches meanwhile
+    elif bundle_dir is None:
+        raise EnrollError("no bundle given; pass --bundle DIR (or --store ROOT)")
+    else:
+        bundle_dir = Path(bundle_dir)
+        _recover(bundle_dir)
+        source = bundle_dir
+    bundle = load_bundle(source)
     if bundle.kind != "embedding":
         raise EnrollError(
             f"{bundle_dir} is a {bundle.kind} bundle: its people are fixed in the network, so enroll cannot add one; "
@@ -143,11 +188,11 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
             j = int(np.argmax(sims.mean(axis=0)))
             rival = (str(classifier.gallery_labels[others[j]]), float(sims.mean(axis=0)[j]))
 
-    keep = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
+    kept_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
     # The classifier has checked the gallery's width; an empty gallery has no row to infer it from.
     old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(-1, len(entry))
-    new_emb = np.concatenate([old_emb[keep], entry[None]])
-    new_gallery_labels = [bundle.gallery_labels[i] for i in keep] + [name]
+    new_emb = np.concatenate([old_emb[kept_rows], entry[None]])
+    new_gallery_labels = [bundle.gallery_labels[i] for i in kept_rows] + [name]
     labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
     # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
     # to resemble), so it is recalibrated on the bundle's stranger cohort (convert also had the people's own
@@ -176,15 +221,39 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
         "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     })
 
+    def fill(tmp: Path) -> dict:
+        with open(tmp / manifest["gallery"]["file"], "wb") as fh:
+            np.savez(fh, embeddings=new_emb, labels=np.array(new_gallery_labels, dtype=str))
+        (tmp / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        return write_manifest(tmp, manifest, files)
+
+    summary = {
+        "name": name, "photos": len(crops), "refused": [str(p) for p, _ in refused],
+        "parent_bundle_id": parent_id, "people": len(labels),
+        "own_min_cosine": float(own.min()), "nearest_other": rival, "threshold": threshold,
+        "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None,
+    }
+    if versions is not None:
+        # Not just the pid: the daemon may run two enrolments at once (its Home Assistant helper).
+        tmp = versions.incoming(f"{os.getpid()}-enroll-{secrets.token_hex(4)}")
+        try:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            fill(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        path = versions.add(tmp)  # owned, moded, fsynced and verified before it is renamed into place
+        versions.switch(path.name)
+        removed = versions.prune(keep)
+        return {**summary, "bundle_id": path.name, "path": str(path), "store": str(versions.root),
+                "pruned": removed}
+
     tmp = bundle_dir.parent / f".{bundle_dir.name}.enroll-{os.getpid()}"
     old = bundle_dir.parent / f".{bundle_dir.name}.enroll-old"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(bundle_dir, tmp)
     try:
-        with open(tmp / manifest["gallery"]["file"], "wb") as fh:
-            np.savez(fh, embeddings=new_emb, labels=np.array(new_gallery_labels, dtype=str))
-        (tmp / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        written = write_manifest(tmp, manifest, files)
+        written = fill(tmp)
         load_bundle(tmp)  # never swap in something the device would refuse
         for path in (tmp, *tmp.iterdir()):
             if path.is_file():
@@ -198,21 +267,21 @@ def enroll(bundle_dir: Path, name: str, photos_dir: Path, min_photos: int = 3, m
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return {
-        "name": name, "photos": len(crops), "refused": [str(p) for p, _ in refused],
-        "bundle_id": written["bundle_id"], "parent_bundle_id": parent_id, "people": len(labels),
-        "own_min_cosine": float(own.min()), "nearest_other": rival, "threshold": threshold,
-        "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None,
-    }
+    return {**summary, "bundle_id": written["bundle_id"], "path": str(bundle_dir), "store": None, "pruned": []}
 
 
 def run(args: argparse.Namespace) -> int:
+    setup = read_setup(args.config)
+    bundle = args.bundle
+    if bundle is None and args.store is None:
+        bundle = Path(setup.bundle) if setup.bundle else DEFAULT_ROOT / CURRENT
     try:
-        result = enroll(Path(args.bundle), args.name, Path(args.photos), args.min_photos, args.min_face_size,
-                        args.replace, args.threads)
-    except (EnrollError, BundleError, ModelError, OSError) as exc:
+        result = enroll(bundle, args.name, Path(args.photos), args.min_photos, args.min_face_size,
+                        args.replace, args.threads, store=args.store, keep=args.keep)
+    except (EnrollError, BundleError, ModelError, StoreError, OSError) as exc:
         return _fail(str(exc) if not isinstance(exc, OSError) else f"{exc}; check the paths and permissions")
-    print(f"enrolled {result['name']} from {result['photos']} photo(s) into {args.bundle} "
+    where = f"a new version {result['path']}" if result["store"] else str(result["path"])
+    print(f"enrolled {result['name']} from {result['photos']} photo(s) into {where} "
           f"({result['people']} people; bundle_id {result['bundle_id']}, was {result['parent_bundle_id']})")
     if result["refused"]:
         print(f"refused {len(result['refused'])} photo(s) without one usable face (listed above)")
@@ -228,5 +297,9 @@ def run(args: argparse.Namespace) -> int:
               "rebuild the bundle with a cohort (`python -m train cohort`, then train and convert) so strangers "
               "stay unknown",
               file=sys.stderr)
-    print("restart `python -m device run` (or its systemd service) to load the new gallery")
-    return 0
+    if result["store"]:
+        print(f"current is {result['bundle_id']} (`faceberry rollback` returns to {result['parent_bundle_id']})")
+        if result["pruned"]:
+            print(f"removed old versions: {', '.join(result['pruned'])}")
+    reports = reload_and_report(args, setup, Path(result["store"] or result["path"]), result["bundle_id"])
+    return 0 if all(r.ok for r in reports) else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,20 +249,78 @@ def test_unit_and_installer_agree() -> None:
     service = unit["Service"]
     assert service["User"] == "faceberry" and service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict" and service["CapabilityBoundingSet"] == ""
-    assert service["ExecStart"] == "/opt/faceberry/venv/bin/python -m device run --config /etc/faceberry/config.yaml"
+    # The installed console script, from no particular directory.
+    assert service["ExecStart"] == "/opt/faceberry/venv/bin/faceberry run --config /etc/faceberry/config.yaml"
+    assert "WorkingDirectory" not in service
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The outbox and the status file are written to the state directory: it must not be read-only.
+    assert service["StateDirectory"] == "faceberry" and "/var/lib/faceberry" not in service.get("ReadOnlyPaths", "")
     assert service["LoadCredential"] == f"{CREDENTIAL_NAME}:/etc/faceberry/mqtt_password"
+    assert unit["Unit"]["StartLimitIntervalSec"] == "0" and service["RestartPreventExitStatus"] == "2"
     installer = (ROOT / "systemd" / "install.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "systemd" / "install.sh")]).returncode == 0
     # The installer's dry run walks every step without touching the system.
-    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--no-apt"],
+    example = str(ROOT / "systemd" / "faceberry.example.yaml")
+    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--no-apt", "--systemd", "yes",
+                           "--bundle", str(ROOT / "tests"), "--config", example],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "is not a bundle" in proc.stderr  # tests/ has no manifest.json
+    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--no-apt", "--systemd", "yes"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "venv --system-site-packages /opt/faceberry/venv" in out
-    assert "useradd --system" in out and "/etc/faceberry/mqtt_password" in out
-    assert "requirements-device.txt" in out and "systemctl enable faceberry.service" in out
-    assert "faceberry.example.yaml /etc/faceberry/config.yaml" in out
+    assert "venv --system-site-packages /opt/faceberry/venv" in out or "/opt/faceberry/venv/bin/python -m pip" in out
+    assert "/etc/faceberry/mqtt_password" in out and "systemctl enable --quiet faceberry.service" in out
+    assert "requirements-device.txt" in out and "faceberry.example.yaml /etc/faceberry/config.yaml" in out
     assert "mqtt_password" in installer
+
+
+def test_installer_check_runs_in_the_units_sandbox(tmp_path: Path) -> None:
+    """The check gets every [Service] property of the unit except how it starts, stops and restarts."""
+    config = tmp_path / "config.yaml"
+    config.write_text("bundle: /var/lib/faceberry/bundles/current\n")
+    proc = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run", "--no-apt", "--systemd", "yes",
+                           "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    check = next(line for line in proc.stdout.splitlines() if line.startswith("+ systemd-run"))
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "systemd" / "faceberry.service")
+    lifecycle = {"Type", "NotifyAccess", "WatchdogSec", "ExecStart", "ExecReload", "Restart", "RestartSec",
+                 "RestartPreventExitStatus", "TimeoutStartSec", "TimeoutStopSec", "KillSignal"}
+    for key in set(unit["Service"]) - lifecycle:
+        assert f"-p {key}=" in check, f"the check's sandbox lacks the unit's {key}="
+    for key in lifecycle:
+        assert f"-p {key}=" not in check
+    assert check.endswith("/opt/faceberry/venv/bin/faceberry check --config /etc/faceberry/config.yaml")
+    # Stop before installing, start after the check.
+    lines = proc.stdout.splitlines()
+    assert lines.index(check) > lines.index("== 5. package into /opt/faceberry/venv")
+    assert "+ systemctl start faceberry.service" in lines[lines.index(check):]
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify wants ExecStart's program to exist: the same unit, pointed at a stand-in executable.
+    program = tmp_path / "faceberry"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    unit = tmp_path / "faceberry.service"
+    text = (ROOT / "systemd" / "faceberry.service").read_text()
+    unit.write_text(text.replace("/opt/faceberry/venv/bin/faceberry", str(program)))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "faceberry.service" not in proc.stderr, proc.stderr
+    # A broken unit is caught by the same call (the test can fail).
+    bad = tmp_path / "bad.service"
+    bad.write_text(unit.read_text().replace("Type=notify", "Type=notifyy"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    assert "notifyy" in proc.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+    score = re.search(r"Overall exposure level for faceberry.service: ([\d.]+)", security.stdout)
+    assert score and float(score.group(1)) <= 2.5, security.stdout[-500:]
 
 
 def test_installer_refuses_a_non_bundle(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -106,3 +107,54 @@ def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path
     assert (bundle_dir / "manifest.json").read_bytes() == before
     load_bundle(bundle_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_enroll_into_a_pi_store_writes_a_new_version_the_service_can_read(
+        tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+    """The Pi's layout: /var/lib/faceberry/bundles/<id>/ and `current`; enroll as root, service user reads it."""
+    from device.bundle import load_bundle
+    from device.enroll import enroll
+    from device.store import BundleStore
+    from tests.test_store import OTHER_ID, assert_owned_like_root, pi_root
+
+    root = pi_root(tmp_path)  # as root: owned by 65534:65534, standing in for faceberry:faceberry
+    store = BundleStore(root)
+    first = store.add(tiny_embedding["bundle"]).name
+    store.switch(first)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"bundle: {root / 'current'}\ndevice_id: enrollcam\nstate_dir: {tmp_path / 'state'}\n")
+    name = tiny_embedding["newcomer"]
+
+    # --bundle defaults to the config's `bundle:` (the current link): a new version, not an in-place edit.
+    proc = run_cli(["-m", "device", "enroll", "--config", str(config), "--name", name,
+                    "--photos", str(tiny_embedding["newcomer_photos"])], "python -m device enroll (store)")
+    new = os.readlink(root / "current")
+    assert new != first and "/" not in new  # a relative link to a sibling version
+    assert os.readlink(root / "previous") == first
+    version = root / new
+    assert_owned_like_root(version, root)
+    if os.geteuid() == 0:
+        assert (root / "current").lstat().st_uid == OTHER_ID
+    after = load_bundle(root / "current")
+    assert after.bundle_id == new and after.labels[-1] == name
+    assert after.manifest["parent_bundle_id"] == first
+    assert name not in load_bundle(root / first).labels  # the old version is untouched: rollback has it
+    assert f"into a new version {version}" in proc.stdout
+    assert "reload: no faceberry daemon is running" in proc.stdout
+    assert not list(root.glob(".incoming-*"))
+
+    # The same photos again reproduce the same files on the same day: the same version, nothing switches.
+    again = enroll(root / "current", name, tiny_embedding["newcomer_photos"], replace=True)
+    assert again["bundle_id"] == new and store.current() == new and store.previous() == first
+
+    # The function the daemon's Home Assistant helper calls: it names the version it wrote and switches to it.
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for photo in sorted(tiny_embedding["newcomer_photos"].iterdir())[:-1]:
+        (fewer / photo.name).symlink_to(photo.resolve())
+    result = enroll(None, name, fewer, replace=True, store=store, keep=0)
+    assert result["bundle_id"] != new
+    assert result["path"] == str(root / result["bundle_id"]) and result["store"] == str(root)
+    assert store.current() == result["bundle_id"] and store.previous() == new
+    assert result["parent_bundle_id"] == new and result["pruned"] == [first]
+    assert_owned_like_root(Path(result["path"]), root)

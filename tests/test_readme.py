@@ -225,7 +225,7 @@ def test_the_example_config_the_readme_starts_from_is_valid(tmp_path: Path) -> N
     target = tmp_path / cp[2]
     shutil.copy(ROOT / cp[1], target)
     cfg = load_config(target, env={})
-    assert cfg.bundle == "/var/lib/faceberry/bundle"
+    assert cfg.bundle == "/var/lib/faceberry/bundles/current"
 
 
 def test_install_command_runs_in_dry_run_mode(tmp_path: Path) -> None:
@@ -238,11 +238,14 @@ def test_install_command_runs_in_dry_run_mode(tmp_path: Path) -> None:
     args = argv[1:]
     args[args.index("--bundle") + 1] = str(bundle)
     args[args.index("--config") + 1] = str(ROOT / "systemd" / "faceberry.example.yaml")
-    proc = subprocess.run(["bash", argv[0], "--dry-run", "--no-apt", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    # The plan as on the Pi (a booted systemd), whatever this machine runs.
+    proc = subprocess.run(["bash", argv[0], "--dry-run", "--no-apt", "--systemd", "yes", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "systemctl enable faceberry.service" in proc.stdout
-    assert "device check --config /etc/faceberry/config.yaml" in proc.stdout
+    assert "systemctl enable --quiet faceberry.service" in proc.stdout
+    assert f"faceberry deploy --bundle {bundle} --store /var/lib/faceberry/bundles --no-reload" in proc.stdout
+    assert "faceberry check --config /etc/faceberry/config.yaml" in proc.stdout
+    assert "+ systemctl start faceberry.service" in proc.stdout
 
 
 @pytest.mark.broker
