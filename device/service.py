@@ -328,6 +328,12 @@ class Service:
                 try:
                     frame = self.capture.get(timeout=0.5)
                 except TimeoutError:
+                    if not self._ready_sent and self.capture.out_now:
+                        # A camera absent at start is waited for here for camera.max_outage_s; holding
+                        # READY=1 back that long would make systemd kill us at TimeoutStartSec and loop.
+                        # Up and supervising is what "started" means; STATUS= says the camera is out.
+                        self._ready_sent = True
+                        self.notifier.ready(self.status_text())
                     # No frame (a camera outage being recovered): statistics still come on time.
                     if time.monotonic() - last_stats >= self.cfg.stats_interval:
                         self.log_stats()

@@ -139,3 +139,32 @@ def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path
         server.close()
     assert not runner.is_alive()
     assert "STOPPING=1" in server.lines()
+
+
+def test_ready_with_the_camera_out_at_start_so_systemd_does_not_time_the_start_out(
+        tmp_path, mosquitto, monkeypatch, tiny_bundle) -> None:
+    """A live camera absent at start is waited for inside the daemon (camera.max_outage_s); READY=1 must not
+    wait for it, or systemd would kill the daemon at TimeoutStartSec and start it again, in a loop."""
+    from device.config import load_config
+    from device.service import Service
+    from tests.fixtures_broker import free_port
+
+    server = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", server.address)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    stream = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # nothing listens there
+    cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+                                   {"source": "opencv", "device": stream, "max_outage_s": 600}))
+    service = Service(cfg)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        assert server.wait_for("READY=1", 60), server.lines()
+        assert service.frames == 0 and runner.is_alive()
+        status = next(line for line in server.lines() if line.startswith("STATUS="))
+        assert "camera out" in status, status
+    finally:
+        service.request_stop()
+        runner.join(30)
+        server.close()
+    assert not runner.is_alive()
