@@ -278,7 +278,10 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
 
 
 @pytest.mark.broker
-def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory, tiny) -> None:
+@pytest.mark.parametrize("layout", ["directory", "store"])
+def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory, tiny, layout) -> None:
+    """`directory`: the bundle is a plain folder, updated in place; `store`: the Pi's layout
+    (bundles/<bundle_id>/ and `current`), where the naming writes a new version and switches `current`."""
     broker = mosquitto_factory()
     name = tiny["newcomer"]
     probes = [Path(p) for p in tiny["newcomer_probes"]]
@@ -290,8 +293,15 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
     link(unknown[0], camera / "a_newcomer.jpg")
     for i in range(3):
         blank(camera / f"b_empty_{i:02d}.jpg")
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny["bundle"], bundle)
+    if layout == "store":
+        from device.store import BundleStore
+
+        store = BundleStore(tmp_path / "bundles", create=True)
+        store.switch(store.add(Path(tiny["bundle"])).name)
+        bundle = store.root / "current"
+    else:
+        bundle = tmp_path / "bundle"
+        shutil.copytree(tiny["bundle"], bundle)
     config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"commands": True})
     d = Daemon(config, broker)
     events_topic = f"faceberry/{DEVICE}/events"
@@ -318,6 +328,9 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
         d.wait(lambda m: any(t == events_topic and json.loads(p)["label"] == name for t, p, _ in m[mark:]), 60)
         named = [e for e in d.json_on(events_topic, mark) if e["label"] == name]
         assert {e["model"] for e in named} == {new_id}
+        if layout == "store":
+            # A new version beside the old one, `current` switched to it (a relative link).
+            assert os.readlink(bundle) == new_id and (bundle.parent / first["model"]).is_dir()
         # Discovery now lists the new person.
         d.wait(lambda m: any(t.endswith(f"faceberry_{DEVICE}_{name}_present/config") for t, _, _ in m[mark:]), 30)
         assert d.proc.poll() is None
