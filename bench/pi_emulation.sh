@@ -17,8 +17,8 @@
 # Why a fake /proc/cpuinfo: LiteRT 2.3 (its cpuinfo library) reads /proc/cpuinfo to pick its ARM kernels;
 # under qemu-user it sees the HOST's x86 cpuinfo, finds no ARM core it knows, and segfaults in
 # allocate_tensors. A Raspberry Pi 4's cpuinfo (4 × Cortex-A72) bind-mounted over /proc/cpuinfo in the
-# root fixes that; on a real Pi nothing of the sort is needed. The host's /sys stays out of the root for the
-# same reason (see mount_root).
+# root fixes that; on a real Pi nothing of the sort is needed. The CPU list in /sys and qemu's CPU model are
+# a Pi 4's too (see ROOT_ENV): a mixture gave wrong embeddings.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -83,8 +83,8 @@ mount_root() {
     [ ${#MOUNTED[@]} -eq 0 ] || return 0
     mount -t proc proc "$ROOT/proc"; MOUNTED+=("$ROOT/proc")
     mount --bind "$WORK/cpuinfo" "$ROOT/proc/cpuinfo"; MOUNTED+=("$ROOT/proc/cpuinfo")
-    # No /sys: with the host's x86 /sys/devices/system/cpu visible, LiteRT's int8 kernels under qemu return
-    # the same embedding for every face (measured: all 225 probes scored 0.906928). Nothing here needs it.
+    # A Pi's CPU list instead of the host's /sys (nothing here needs the rest of /sys); see QEMU_CPU below.
+    mount --bind "$WORK/sys" "$ROOT/sys"; MOUNTED+=("$ROOT/sys")
     mount --rbind /dev "$ROOT/dev"; MOUNTED+=("$ROOT/dev")
     mkdir -p "$ROOT/shared"
     mount --bind -o ro "$SHARED" "$ROOT/shared"; MOUNTED+=("$ROOT/shared")
@@ -98,7 +98,11 @@ mount_root() {
         ROOT_ENV+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
     fi
 }
-ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+# The emulated CPU is a Pi 4's everywhere LiteRT looks: /proc/cpuinfo and /sys/devices/system/cpu say
+# 4 × Cortex-A72, and QEMU_CPU makes qemu emulate that core (its hwcaps: no dotprod, i8mm or SVE). With
+# qemu's default "max" CPU under an A72 cpuinfo and CPU list, LiteRT's int8 embedder returned the same
+# embedding for every face (measured: every probe scored 0.906928); with the host's x86 /sys it did too.
+ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU=cortex-a72)
 in_root() { chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
 
 # A Raspberry Pi 4 Model B (BCM2711, 4 × Cortex-A72), as its kernel prints it.
@@ -144,6 +148,10 @@ Revision	: c03115
 Serial		: 10000000emulated
 Model		: Raspberry Pi 4 Model B Rev 1.5
 EOF
+
+mkdir -p "$WORK/sys/devices/system/cpu"
+for f in possible present online; do echo 0-3 > "$WORK/sys/devices/system/cpu/$f"; done
+for i in 0 1 2 3; do mkdir -p "$WORK/sys/devices/system/cpu/cpu$i"; done
 
 # --- 1. the arm64 root ---------------------------------------------------------------------------------
 if stage_wanted rootfs && [ ! -f "$ROOT/.faceberry-rootfs-done" ]; then
