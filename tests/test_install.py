@@ -213,3 +213,10 @@ def test_a_failed_pip_install_puts_the_previous_install_back(setup: dict) -> Non
     after = tree(setup["root"])
     changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
     assert not changed, changed[:20]
+
+
+def test_the_emulation_script_parses_and_explains_itself() -> None:
+    script = ROOT / "bench" / "pi_emulation.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "--photos N" in proc.stdout and "cpuinfo" in proc.stdout
