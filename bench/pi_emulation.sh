@@ -6,7 +6,7 @@
 #   sudo bench/pi_emulation.sh [--work DIR] [--photos N] [--stage rootfs|bundle|install|eval|all]
 #
 #   --work DIR   where the arm64 root, the bundle and the logs go (default /var/tmp/faceberry-pi-emu;
-#                about 1.5 GB). Each stage reuses what an earlier run left there.
+#                about 800 MB). Each stage reuses what an earlier run left there.
 #   --photos N   stranger photos of ../shared/data/faces/lfw-dev in the eval, besides the 25 validation
 #                photos of five-celebrities (default 200)
 #   --stage S    run the stages up to S (default all)
