@@ -6,7 +6,7 @@
 #   sudo bench/pi_emulation.sh [--work DIR] [--photos N] [--stage rootfs|bundle|install|eval|all]
 #
 #   --work DIR   where the arm64 root, the bundle and the logs go (default /var/tmp/faceberry-pi-emu;
-#                about 1.5 GB). Each stage reuses what an earlier run left there.
+#                about 800 MB). Each stage reuses what an earlier run left there.
 #   --photos N   stranger photos of ../shared/data/faces/lfw-dev in the eval, besides the 25 validation
 #                photos of five-celebrities (default 200)
 #   --stage S    run the stages up to S (default all)
@@ -17,7 +17,8 @@
 # Why a fake /proc/cpuinfo: LiteRT 2.3 (its cpuinfo library) reads /proc/cpuinfo to pick its ARM kernels;
 # under qemu-user it sees the HOST's x86 cpuinfo, finds no ARM core it knows, and segfaults in
 # allocate_tensors. A Raspberry Pi 4's cpuinfo (4 × Cortex-A72) bind-mounted over /proc/cpuinfo in the
-# root fixes that; on a real Pi nothing of the sort is needed.
+# root fixes that; on a real Pi nothing of the sort is needed. The CPU list in /sys and qemu's CPU model are
+# a Pi 4's too (see ROOT_ENV): a mixture gave wrong embeddings.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,7 +83,8 @@ mount_root() {
     [ ${#MOUNTED[@]} -eq 0 ] || return 0
     mount -t proc proc "$ROOT/proc"; MOUNTED+=("$ROOT/proc")
     mount --bind "$WORK/cpuinfo" "$ROOT/proc/cpuinfo"; MOUNTED+=("$ROOT/proc/cpuinfo")
-    mount --rbind /sys "$ROOT/sys"; MOUNTED+=("$ROOT/sys")
+    # A Pi's CPU list instead of the host's /sys (nothing here needs the rest of /sys); see QEMU_CPU below.
+    mount --bind "$WORK/sys" "$ROOT/sys"; MOUNTED+=("$ROOT/sys")
     mount --rbind /dev "$ROOT/dev"; MOUNTED+=("$ROOT/dev")
     mkdir -p "$ROOT/shared"
     mount --bind -o ro "$SHARED" "$ROOT/shared"; MOUNTED+=("$ROOT/shared")
@@ -96,7 +98,11 @@ mount_root() {
         ROOT_ENV+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
     fi
 }
-ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+# The emulated CPU is a Pi 4's everywhere LiteRT looks: /proc/cpuinfo and /sys/devices/system/cpu say
+# 4 × Cortex-A72, and QEMU_CPU makes qemu emulate that core (its hwcaps: no dotprod, i8mm or SVE). With
+# qemu's default "max" CPU under an A72 cpuinfo and CPU list, LiteRT's int8 embedder returned the same
+# embedding for every face (measured: every probe scored 0.906928); with the host's x86 /sys it did too.
+ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU=cortex-a72)
 in_root() { chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
 
 # A Raspberry Pi 4 Model B (BCM2711, 4 × Cortex-A72), as its kernel prints it.
@@ -142,6 +148,10 @@ Revision	: c03115
 Serial		: 10000000emulated
 Model		: Raspberry Pi 4 Model B Rev 1.5
 EOF
+
+mkdir -p "$WORK/sys/devices/system/cpu"
+for f in possible present online; do echo 0-3 > "$WORK/sys/devices/system/cpu/$f"; done
+for i in 0 1 2 3; do mkdir -p "$WORK/sys/devices/system/cpu/cpu$i"; done
 
 # --- 1. the arm64 root ---------------------------------------------------------------------------------
 if stage_wanted rootfs && [ ! -f "$ROOT/.faceberry-rootfs-done" ]; then

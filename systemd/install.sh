@@ -189,8 +189,10 @@ if [ -x "$R$VENV/bin/python" ]; then
 fi
 if [ -f "$R$ETC/config.yaml" ]; then HAD_CONFIG=1; run cp -p "$R$ETC/config.yaml" "$R$ETC/config.yaml.prev"; fi
 if [ -f "$R$UNIT" ]; then HAD_UNIT=1; run cp -p "$R$UNIT" "$R$UNIT.prev"; fi
+OLD_PREVIOUS=""
 if [ -L "$R$STORE/current" ]; then OLD_CURRENT=$(readlink "$R$STORE/current"); fi
-OLD_VERSIONS=$(ls -1 "$R$STORE" 2>/dev/null | grep -v '^current$' || true)
+if [ -L "$R$STORE/previous" ]; then OLD_PREVIOUS=$(readlink "$R$STORE/previous"); fi
+OLD_VERSIONS=$(ls -1 "$R$STORE" 2>/dev/null | grep -Ev '^(current|previous)$' || true)
 
 restore() {
     SNAPSHOT=0
@@ -198,13 +200,19 @@ restore() {
     if [ "$HAD_VENV" = 1 ]; then run rm -rf "$R$VENV"; run mv "$R$VENV.prev" "$R$VENV"; fi
     if [ "$HAD_CONFIG" = 1 ]; then run mv "$R$ETC/config.yaml.prev" "$R$ETC/config.yaml"; fi
     if [ "$HAD_UNIT" = 1 ]; then run mv "$R$UNIT.prev" "$R$UNIT"; fi
-    if [ -n "$OLD_CURRENT" ]; then
-        run ln -sfn "$OLD_CURRENT" "$R$STORE/current.tmp"
-        run chown -h "$FB_UID:$FB_GID" "$R$STORE/current.tmp"
-        run mv -T "$R$STORE/current.tmp" "$R$STORE/current"
-    fi
-    local v
-    for v in $(ls -1 "$R$STORE" 2>/dev/null | grep -v '^current$' || true); do
+    # The store's links as they were (deploy moved current, and previous with it), then its new versions out.
+    local link target v
+    for link in current previous; do
+        if [ "$link" = current ]; then target=$OLD_CURRENT; else target=$OLD_PREVIOUS; fi
+        if [ -n "$target" ]; then
+            run ln -sfn "$target" "$R$STORE/$link.tmp"
+            run chown -h "$FB_UID:$FB_GID" "$R$STORE/$link.tmp"
+            run mv -T "$R$STORE/$link.tmp" "$R$STORE/$link"
+        elif [ -L "$R$STORE/$link" ]; then
+            run rm -f "$R$STORE/$link"
+        fi
+    done
+    for v in $(ls -1 "$R$STORE" 2>/dev/null | grep -Ev '^(current|previous)$' || true); do
         printf '%s\n' "$OLD_VERSIONS" | grep -qx "$v" || run rm -rf "$R$STORE/$v"
     done
     if [ "$SYSTEMD" = yes ]; then

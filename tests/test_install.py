@@ -68,6 +68,22 @@ def mode_owner(path: Path) -> tuple[str, int, int]:
     return oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid
 
 
+def make_bundle(root: Path, detector: Path, name: str) -> Path:
+    """A bundle that loads through the real code path (BlazeFace standing in for the classifier)."""
+    root.mkdir()
+    shutil.copy(detector, root / "face_detection_short_range.tflite")
+    shutil.copy(detector, root / "classifier.tflite")
+    (root / "labels.txt").write_text("".join(f"{name}{i}\n" for i in range(16)))
+    write_manifest(root, {
+        "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
+        "detector": {"file": "face_detection_short_range.tflite"},
+        "labels": {"file": "labels.txt", "count": 16},
+        "preprocessing": Preprocessing(input_size=128).to_dict(),
+        "thresholds": {"accept": 0.9, "target_far": 0.01},
+    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
+    return root
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, detector_path: Path) -> dict:
     _need_tools()
@@ -96,26 +112,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory, detector_path: Path) -> dict
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(wheels), str(src)], check=True, timeout=300, capture_output=True)
 
-    bundle = base / "bundle"
-    bundle.mkdir()
-    shutil.copy(detector_path, bundle / "face_detection_short_range.tflite")
-    shutil.copy(detector_path, bundle / "classifier.tflite")
-    (bundle / "labels.txt").write_text("".join(f"person{i}\n" for i in range(16)))
-    write_manifest(bundle, {
-        "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
-        "detector": {"file": "face_detection_short_range.tflite"},
-        "labels": {"file": "labels.txt", "count": 16},
-        "preprocessing": Preprocessing(input_size=128).to_dict(),
-        "thresholds": {"accept": 0.9, "target_far": 0.01},
-    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
-
+    bundle = make_bundle(base / "bundle", detector_path, "person")
     config = base / "config.yaml"
     config.write_text(yaml.safe_dump({"bundle": "/var/lib/faceberry/bundles/current", "device_id": "install-test",
                                       "camera": {"source": "folder", "device": "/var/tmp/photos"}}))
     args = ("--wheelhouse", str(wheels), "--config", str(config), "--bundle", str(bundle))
     proc = install(root, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"root": root, "args": args, "first": proc, "tree": tree(root), "base": base, "bundle": bundle}
+    return {"root": root, "args": args, "first": proc, "tree": tree(root), "base": base, "bundle": bundle,
+            "detector": detector_path}
 
 
 def test_the_promised_files_modes_and_owners(setup: dict) -> None:
@@ -182,8 +187,11 @@ def test_a_failed_check_puts_the_previous_install_back(setup: dict) -> None:
     bad.write_text("bundle: /var/lib/faceberry/bundles/current\ncamera: {sorce: folder}\n")
     args = list(setup["args"])
     args[args.index("--config") + 1] = str(bad)
+    # With a new bundle too: deploy adds a version and moves current (and previous) before the check fails.
+    args[args.index("--bundle") + 1] = str(make_bundle(setup["base"] / "bundle-2", setup["detector"], "other"))
     proc = install(setup["root"], *args)
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "deployed" in proc.stdout + proc.stderr
     assert "unknown key 'camera.sorce'" in proc.stdout and "putting back what was installed before" in proc.stderr
     after = tree(setup["root"])
     changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
@@ -213,3 +221,10 @@ def test_a_failed_pip_install_puts_the_previous_install_back(setup: dict) -> Non
     after = tree(setup["root"])
     changed = sorted(k for k in set(after) | set(setup["tree"]) if after.get(k) != setup["tree"].get(k))
     assert not changed, changed[:20]
+
+
+def test_the_emulation_script_parses_and_explains_itself() -> None:
+    script = ROOT / "bench" / "pi_emulation.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "--photos N" in proc.stdout and "cpuinfo" in proc.stdout
