@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             "events": {"cooldown": 0},
             "mqtt": {"host": broker.host, "port": broker.port},
             "stats_interval": 10,
+            # Its own outbox: what another run with device_id `bench` left would be replayed into this one.
+            "state_dir": str(Path(tmp) / "state"),
         }))
         listener = Listener(broker.host, broker.port, "bench")
         log_path = Path(tmp) / "daemon.log"

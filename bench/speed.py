@@ -127,12 +127,16 @@ class Publisher:
         self.topic = events.events_topic("faceberry", "bench")
         self.model = model
         self.mqtt = None
+        self._sent = 0
+        # Its own outbox, removed afterwards: a leftover of an earlier run would be replayed into this one.
+        self._outbox_dir = tempfile.TemporaryDirectory(prefix="faceberry-speed-outbox-")
         if broker is not None:
             from device.config import MqttConfig
             from device.mqtt import MqttPublisher
 
             self.mqtt = MqttPublisher(MqttConfig(host=broker.host, port=broker.port, client_id="faceberry-bench",
-                                                 queue_size=100000), "bench")
+                                                 queue_size=100000), "bench",
+                                      outbox=Path(self._outbox_dir.name) / "outbox.sqlite3")
             self.mqtt.start()
             if not self.mqtt.wait_connected(10):
                 self.mqtt.stop(1)
@@ -154,10 +158,11 @@ class Publisher:
             if self.mqtt is not None:
                 self.mqtt.publish(self.topic, data)
                 self.mqtt.publish(ev.person_topic("faceberry", "bench", rec.prediction.label), state, retain=True)
+                self._sent += 2
 
     @property
     def sent(self) -> int:
-        return self.mqtt.queued if self.mqtt else 0
+        return self._sent
 
     @property
     def acked(self) -> int:
@@ -166,6 +171,7 @@ class Publisher:
     def close(self) -> None:
         if self.mqtt is not None:
             self.mqtt.stop(timeout=10)
+        self._outbox_dir.cleanup()
 
 
 def bare_invoke_ms(model, inputs: list[np.ndarray], repeat: int = 3) -> dict[str, Any]:
