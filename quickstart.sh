@@ -10,7 +10,7 @@
 #   .venv         workstation: requirements-train.txt (+ requirements-dev.txt for `test`); Python >= 3.10;
 #                 about 2.2 GB on disk, TensorFlow alone is a 274 MB download
 #   .venv-device  the Pi's environment, requirements-device.txt only (no TensorFlow, about 350 MB): the
-#                 demo's daemon runs here
+#                 demo's daemon runs here, and `test` installs into a temporary Pi root from it
 #   .venv-tflite  tflite-runtime 2.14 (`test` only): proves bundles still load in the old runtime
 #
 # The first run downloads about 600 MB and needs about 3 GB of free disk; it takes 5-15 minutes on a
@@ -131,6 +131,8 @@ run_tests() {
     local start rc ruff_rc
     start=$(date +%s)
     setup_workstation requirements-dev.txt
+    # The Pi's environment too: tests/test_install.py installs into a temporary root from it.
+    setup_device
     setup_tflite
     # ruff and pytest both run, so one report shows every problem; either failing fails the command.
     say "ruff check ."
