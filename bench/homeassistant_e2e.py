@@ -111,7 +111,6 @@ def add_mqtt(rest: Rest, port: int) -> dict:
 
 def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
     """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people)."""
-    sys.path.insert(0, str(ROOT))
     from device.bundle import load_bundle
     from device.pipeline import FacePipeline
     from device.preprocess import load_image
