@@ -62,6 +62,9 @@ from device.tracker import Decision, Observation, Tracker
 
 log = logging.getLogger(__name__)
 
+# Seconds between two refreshes of a person's retained last-seen state while they stay in view, at least.
+STATE_REFRESH_MIN_S = 1.0
+
 HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
 
 DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
@@ -146,8 +149,9 @@ class Service:
         self.tracker = Tracker(cfg.tracking.iou, cfg.tracking.votes_needed, cfg.tracking.max_age)
         self.cooldown = Cooldown(cfg.events.cooldown)
         # Presence: while a decided person stays in view, their retained last-seen state is refreshed,
-        # but no more often than the event cooldown.
-        self.state_refresh = Cooldown(cfg.events.cooldown)
+        # but no more often than the event cooldown, and never per frame (cooldown 0 made it 30 retained
+        # writes a second to the outbox on a Pi's SD card, measured on a video).
+        self.state_refresh = Cooldown(max(cfg.events.cooldown, STATE_REFRESH_MIN_S))
         self.prefix = cfg.events.topic_prefix
         self.capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps,
                                reopen_max_s=float(getattr(cfg.camera, "reopen_max_s", 30.0)),
