@@ -411,6 +411,8 @@ def write_config(path: Path, bundle: Path, camera: Path, port: int) -> None:
         "events": {"cooldown": 0},
         "mqtt": {"host": "127.0.0.1", "port": port},
         "stats_interval": 3600,
+        # The outbox and status file stay in demo/, not in the system's /var/lib/faceberry.
+        "state_dir": str(path.parent / "state"),
     }
     path.write_text("# written by demo.py; see systemd/faceberry.example.yaml for every key\n"
                     + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -638,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
             backbone = Path(args.backbone)
         timings["training"] = t_backbone + run_logged(
             [sys.executable, "-m", "train", "--photos", str(plan.train_dir), "--negatives", str(plan.negatives_dir),
-             "--out", str(run_dir), "--force", "--weights", str(args.weights), "--seed", str(args.seed),
-             *(["--backbone", str(backbone)] if backbone else preset["train_args"])],
+             "--out", str(run_dir), "--force", "--seed", str(args.seed),
+             # --weights initialises the fine-tune only; a backbone run would say it ignores them.
+             *(["--backbone", str(backbone)] if backbone else ["--weights", str(args.weights), *preset["train_args"]])],
             work / "train.log", "training" if backbone is None else "few-shot gallery", env)
         report = run_dir / "report.json"
         if report.is_file():
