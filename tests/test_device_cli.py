@@ -120,6 +120,13 @@ def test_missing_bundle(tmp_path: Path) -> None:
     assert "bundle directory not found" in line and "python -m convert" in line
 
 
+def test_missing_store_current_points_to_deploy(tmp_path: Path) -> None:
+    """A store's `current` link with no version yet (docs/PI.md) is filled by deploy, not by convert."""
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, tmp_path / "bundles" / "current"))))
+    assert "no version deployed yet" in line and f"--store {tmp_path / 'bundles'}" in line
+    assert "python -m convert" not in line
+
+
 def test_corrupt_bundle_manifest(tmp_path: Path, loadable_bundle: Path) -> None:
     bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
     (bundle / "manifest.json").write_text('{"schema": 1, "files": {')
