@@ -154,6 +154,9 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     root = Path(root)
     manifest_path = root / MANIFEST
     if not root.is_dir():
+        if root.name == "current":  # a versions store's link (docs/PI.md): bundles arrive by deploy, not convert
+            raise BundleError(f"bundle directory not found: {root} (no version deployed yet); add one with "
+                              f"`faceberry deploy --bundle DIR --store {root.parent}`")
         raise BundleError(
             f"bundle directory not found: {root}; build one with `python -m convert --run RUN --out {root}`"
         )

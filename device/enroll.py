@@ -293,9 +293,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"accept threshold {result['threshold']:.3f} (was {result['previous_threshold']:.3f}), "
               "recalibrated on the bundle's stranger cohort for the new gallery")
     else:
-        print(f"warning: {args.bundle} has no stranger cohort: the threshold {result['threshold']:.3f} was kept; "
-              "rebuild the bundle with a cohort (`python -m train cohort`, then train and convert) so strangers "
-              "stay unknown",
+        print(f"warning: {result['parent_bundle_id']} has no stranger cohort: the threshold "
+              f"{result['threshold']:.3f} was kept; rebuild the bundle with a cohort (`python -m train cohort`, "
+              "then train and convert) so strangers stay unknown",
               file=sys.stderr)
     if result["store"]:
         print(f"current is {result['bundle_id']} (`faceberry rollback` returns to {result['parent_bundle_id']})")

@@ -106,7 +106,8 @@ def diagnostics_payload(*, fps: float, ms_per_frame: dict[str, float], dropped_f
 def _object_id(device_id: str, suffix: str) -> str:
     # Discovery object ids allow [a-zA-Z0-9_-]: device ids may contain '.', labels anything sanitized.
     raw = f"faceberry_{device_id}_{suffix}"
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)
+    # isalnum() alone lets 'ë' or 'ß' through, and Home Assistant ignores a config whose object id has one.
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "_" for c in raw)
 
 
 def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",

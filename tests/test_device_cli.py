@@ -120,6 +120,13 @@ def test_missing_bundle(tmp_path: Path) -> None:
     assert "bundle directory not found" in line and "python -m convert" in line
 
 
+def test_missing_store_current_points_to_deploy(tmp_path: Path) -> None:
+    """A store's `current` link with no version yet (docs/PI.md) is filled by deploy, not by convert."""
+    line = one_error_line(device_cli("run", "--config", str(make_config(tmp_path, tmp_path / "bundles" / "current"))))
+    assert "no version deployed yet" in line and f"--store {tmp_path / 'bundles'}" in line
+    assert "python -m convert" not in line
+
+
 def test_corrupt_bundle_manifest(tmp_path: Path, loadable_bundle: Path) -> None:
     bundle = shutil.copytree(loadable_bundle, tmp_path / "bundle")
     (bundle / "manifest.json").write_text('{"schema": 1, "files": {')
@@ -379,3 +386,16 @@ def test_check_broker_with_password_and_tls(tmp_path: Path, mosquitto_factory) -
     assert insecure["broker"].startswith("OK"), insecure
     plain = check("correct horse", {"enabled": False})  # plain MQTT to a TLS port
     assert plain["broker"].startswith("FAIL")
+
+
+def test_a_pi_config_checked_on_the_laptop(tmp_path: Path) -> None:
+    """README §6: the Pi's config (the example: a store's bundle link, picamera2, a broker on the Pi's network),
+    checked on the laptop before copying it, with what only the Pi has left out."""
+    config = tmp_path / "my-config.yaml"
+    shutil.copy(ROOT / "systemd" / "faceberry.example.yaml", config)
+    proc = subprocess.run([sys.executable, "-m", "device", "check", "--config", str(config), "--skip", "bundle",
+                           "--skip", "camera", "--skip", "broker"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line and not line[0].isspace()}
+    assert lines == {"config": "OK", "bundle": "SKIP", "camera": "SKIP", "broker": "SKIP"}, proc.stdout

@@ -45,6 +45,17 @@ def tiny(request: pytest.FixtureRequest) -> dict:
 
 # --- pure builders --------------------------------------------------------------------------------------------
 
+def test_object_ids_are_ascii_for_any_label() -> None:
+    """Home Assistant reads discovery object ids of [a-zA-Z0-9_-] only; a label like 'Zoë' must not break one."""
+    import re
+
+    configs = ha.discovery("faceberry", "door.1", ["Zoë", "Ødegaard"], images=False, commands=False, cpu_temp=False)
+    for topic, config in configs:
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", topic.split("/")[2]), topic
+        assert config["unique_id"] == topic.split("/")[2]
+    assert {c["name"] for t, c in configs if t.split("/")[1] == "binary_sensor"} == {"Zoë present", "Ødegaard present"}
+
+
 def by_component(configs: list[tuple[str, dict]]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for topic, config in configs:
