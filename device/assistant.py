@@ -102,6 +102,13 @@ class Assistant:
         if self.discovery:
             for label in self.service.labels:
                 self._publish_presence(label, False)
+        if not self.images:
+            # Face crops retained by a run that had images on would stay on the broker for anyone to read.
+            self._clear_images("last_face", "last_unknown")
+
+    def _clear_images(self, *which: str) -> None:
+        for name in which:
+            self.publish(ha.image_topic(self.prefix, self.device_id, name), b"", retain=True)
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
         self.service.publisher.publish(topic, payload, retain=retain, qos=1)
@@ -301,6 +308,8 @@ class Assistant:
             faces = self.faces.forget(cmd.stranger_id) if self.faces is not None else 0
             strangers = self.strangers.forget(cmd.stranger_id) if self.strangers is not None else 0
             what = f"stranger {cmd.stranger_id}" if cmd.stranger_id else "all stored faces and strangers"
+            # The retained pictures are stored faces too: the last unknown may be this stranger.
+            self._clear_images(*(("last_unknown",) if cmd.stranger_id else ("last_face", "last_unknown")))
             return True, f"forgot {what}: {faces} faces, {strangers} clusters", {"faces": faces,
                                                                                    "strangers": strangers}
         return False, f"unhandled command {cmd.command}", {}

@@ -457,3 +457,53 @@ def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_f
     retained = {t for t, p, r in late.messages if r and p}
     late.close()
     assert not their & retained and f"{DP}/event/faceberry_{DEVICE}_face/config" in retained
+
+
+def _retained(broker, topic: str, wait: float = 1.5) -> bytes | None:
+    """The retained payload on `topic` a new subscriber gets now, or None."""
+    sub = Subscriber(broker.host, broker.port, topic)
+    try:
+        sub.wait_for(lambda m: bool(m), wait)
+        got = [p for t, p, retained in sub.messages if t == topic and retained]
+    finally:
+        sub.close()
+    return got[-1] if got and got[-1] else None
+
+
+@pytest.mark.broker
+def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp_path, mosquitto_factory,
+                                                                            tiny) -> None:
+    """Privacy: a JPEG of a face retained by a run with images on must not stay on the broker after images are
+    turned off, nor after `forget`."""
+    broker = mosquitto_factory()
+    person, photo = gallery_photo(tiny)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / "a_person.jpg")
+    for i in range(6):
+        blank(camera / f"b_empty_{i:02d}.jpg")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    face_topic = ha.image_topic("faceberry", DEVICE, "last_face")
+
+    # A run with images and commands on: the face picture is retained, then `forget` clears it.
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"images": True, "commands": True})
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: any(t == face_topic and p for t, p, _ in m), 90)
+        assert _retained(broker, face_topic)[:2] == b"\xff\xd8"  # a JPEG
+        d.result_after(d.send(json.dumps({"command": "forget"})))
+    finally:
+        d.stop()
+    assert _retained(broker, face_topic) is None
+
+    # A picture left by an older run (or by hand), then a run with images off: cleared at start.
+    mqtt_publish.single(face_topic, b"\xff\xd8old", qos=1, retain=True, hostname=broker.host, port=broker.port)
+    assert _retained(broker, face_topic) == b"\xff\xd8old"
+    config = ha_config(tmp_path, bundle, broker, camera)
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: any(t.endswith("/events") for t, _, _ in m), 90)
+    finally:
+        d.stop()
+    assert _retained(broker, face_topic) is None
