@@ -476,7 +476,7 @@ def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp
     """Privacy: a JPEG of a face retained by a run with images on must not stay on the broker after images are
     turned off, nor after `forget`."""
     broker = mosquitto_factory()
-    person, photo = gallery_photo(tiny)
+    _, photo = gallery_photo(tiny)
     camera = tmp_path / "camera"
     camera.mkdir()
     link(photo, camera / "a_person.jpg")
