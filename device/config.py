@@ -52,6 +52,8 @@ CREDENTIAL_NAME = "mqtt_password"
 CameraSource = Literal["picamera2", "opencv", "folder"]
 CAMERA_SOURCES: tuple[str, ...] = typing.get_args(CameraSource)
 DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
+# The systemd unit's StateDirectory=faceberry: the outbox, status file and bundle versions live there.
+DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
 EXAMPLE_DEVICE_ID = "front-door"
 # Hostnames images ship with: a device_id taken from (or set to) one of these is likely shared by other Pis.
 STOCK_HOSTNAMES = frozenset({"raspberrypi", "raspberry", "pi", "localhost", "ubuntu", "debian", "dietpi"})
@@ -369,7 +371,7 @@ class Config(_Section):
     stats_interval: float = Field(60.0, gt=0, description="seconds between statistics lines in the log "
                                                           "(frames, dropped, faces, events, stage timings)")
     state_dir: Annotated[Path, Field(strict=False)] = Field(
-        Path("/var/lib/faceberry"), description="directory the daemon keeps its state in (the durable MQTT "
+        DEFAULT_STATE_DIR, description="directory the daemon keeps its state in (the durable MQTT "
         "outbox); the systemd unit's StateDirectory=")
 
     # Not keys of the file: where it was read from, the resolved password, what deserves a warning.

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device.config import DEFAULT_CONFIG, ConfigError, load_config
+from device.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, ConfigError, load_config
 from device.outbox import default_state_dir
 from device.store import default_root
 
 log = logging.getLogger(__name__)
 
 UNIT = "faceberry"
-DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
 DEFAULT_TIMEOUT = 30.0
 
 

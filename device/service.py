@@ -41,7 +41,7 @@ from device.assistant import Assistant, FaceSample
 from device.bundle import Bundle, load_bundle
 from device.camera import Capture, Frame, open_source
 from device.classifier import UNKNOWN
-from device.config import Config, add_config_argument, describe, load_config
+from device.config import DEFAULT_STATE_DIR, Config, add_config_argument, describe, load_config
 from device.events import (
     Cooldown,
     bundle_status_payload,
@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 STATE_REFRESH_MIN_S = 1.0
 
 HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
-
-DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
 
 
 def _writable_dir(path: Path) -> bool:

@@ -34,11 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from device.bundle import MANIFEST, BundleError, load_bundle
+from device.config import DEFAULT_STATE_DIR
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path("/var/lib/faceberry/bundles")
+DEFAULT_ROOT = DEFAULT_STATE_DIR / "bundles"
 CURRENT = "current"
 PREVIOUS = "previous"
 INCOMING_PREFIX = ".incoming-"
