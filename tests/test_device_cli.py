@@ -36,19 +36,18 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
-    """A bundle that loads through the real code path, without a training run.
+def make_loadable_bundle(root: Path, detector: Path, name: str = "person") -> Path:
+    """A bundle at `root` that loads through the real code path, without a training run.
 
     Its "classifier" is the BlazeFace model itself (a real 128×128 LiteRT model), so it recognises
-    nobody: it exists for the paths that only need a bundle to load (errors, check, camera failures).
+    nobody: it exists for the paths that only need a bundle to load (errors, check, camera failures,
+    install.sh); `name` makes its labels (and so its bundle_id) differ from another one's.
     """
-    root = tmp_path_factory.mktemp("bundle") / "bundle"
     root.mkdir()
-    shutil.copy(detector_path, root / "face_detection_short_range.tflite")
-    shutil.copy(detector_path, root / "classifier.tflite")
+    shutil.copy(detector, root / "face_detection_short_range.tflite")
+    shutil.copy(detector, root / "classifier.tflite")
     # BlazeFace's first output has 16 values per anchor: as many "people" as the softmax check wants.
-    (root / "labels.txt").write_text("".join(f"person{i}\n" for i in range(16)))
+    (root / "labels.txt").write_text("".join(f"{name}{i}\n" for i in range(16)))
     write_manifest(root, {
         "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
         "detector": {"file": "face_detection_short_range.tflite"},
@@ -57,6 +56,11 @@ def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
         "thresholds": {"accept": 0.9, "target_far": 0.01},
     }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
     return root
+
+
+@pytest.fixture(scope="module")
+def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
+    return make_loadable_bundle(tmp_path_factory.mktemp("bundle") / "bundle", detector_path)
 
 
 def make_config(tmp_path: Path, bundle: Path | str, camera: dict | None = None, port: int = 1, **extra) -> Path:

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from device.bundle import write_manifest
-from device.preprocess import Preprocessing
 from tests.conftest import ROOT
+from tests.test_device_cli import make_loadable_bundle as make_bundle
 
 INSTALL = ROOT / "systemd" / "install.sh"
 DEVICE_VENV = ROOT / ".venv-device"
@@ -66,22 +65,6 @@ def install(root: Path, *args: str) -> subprocess.CompletedProcess:
 def mode_owner(path: Path) -> tuple[str, int, int]:
     st = path.lstat()
     return oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid
-
-
-def make_bundle(root: Path, detector: Path, name: str) -> Path:
-    """A bundle that loads through the real code path (BlazeFace standing in for the classifier)."""
-    root.mkdir()
-    shutil.copy(detector, root / "face_detection_short_range.tflite")
-    shutil.copy(detector, root / "classifier.tflite")
-    (root / "labels.txt").write_text("".join(f"{name}{i}\n" for i in range(16)))
-    write_manifest(root, {
-        "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
-        "detector": {"file": "face_detection_short_range.tflite"},
-        "labels": {"file": "labels.txt", "count": 16},
-        "preprocessing": Preprocessing(input_size=128).to_dict(),
-        "thresholds": {"accept": 0.9, "target_far": 0.01},
-    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
-    return root
 
 
 @pytest.fixture(scope="module")
