@@ -146,6 +146,16 @@ def link(src: Path, dest: Path) -> None:
     dest.symlink_to(Path(src).resolve())
 
 
+def face_then_blanks(tmp_path: Path, photo: Path, blanks: int, name: str = "a_person.jpg") -> Path:
+    """A camera folder: one face, then `blanks` empty frames (the person leaves, so the track ends)."""
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / name)
+    for i in range(blanks):
+        blank(camera / f"b_empty_{i:02d}.jpg")
+    return camera
+
+
 def gallery_photo(tiny: dict) -> tuple[str, Path]:
     """A training photo of an enrolled person that the tiny bundle recognises as them."""
     for person in tiny["people"]:
@@ -232,11 +242,7 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         tmp_path, mosquitto_factory, tiny) -> None:
     broker = mosquitto_factory()
     person, photo = gallery_photo(tiny)
-    camera = tmp_path / "camera"
-    camera.mkdir()
-    link(photo, camera / "a_person.jpg")
-    for i in range(10):
-        blank(camera / f"b_empty_{i:02d}.jpg")
+    camera = face_then_blanks(tmp_path, photo, 10)
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny["bundle"], bundle)
     # A person deleted while the daemon was stopped: their retained config is still on the broker.
@@ -299,11 +305,7 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
     unknown = [p for p, (label, _, _) in zip(probes, predictions(tiny["bundle"], probes), strict=True)
                if label == "unknown"]
     assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
-    camera = tmp_path / "camera"
-    camera.mkdir()
-    link(unknown[0], camera / "a_newcomer.jpg")
-    for i in range(3):
-        blank(camera / f"b_empty_{i:02d}.jpg")
+    camera = face_then_blanks(tmp_path, unknown[0], 3, "a_newcomer.jpg")
     if layout == "store":
         from device.store import BundleStore
 
@@ -477,11 +479,7 @@ def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp
     turned off, nor after `forget`."""
     broker = mosquitto_factory()
     _, photo = gallery_photo(tiny)
-    camera = tmp_path / "camera"
-    camera.mkdir()
-    link(photo, camera / "a_person.jpg")
-    for i in range(6):
-        blank(camera / f"b_empty_{i:02d}.jpg")
+    camera = face_then_blanks(tmp_path, photo, 6)
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny["bundle"], bundle)
     face_topic = ha.image_topic("faceberry", DEVICE, "last_face")
