@@ -105,49 +105,16 @@ mount_root() {
 ROOT_ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU=cortex-a72)
 in_root() { chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
 
-# A Raspberry Pi 4 Model B (BCM2711, 4 × Cortex-A72), as its kernel prints it.
-cat > "$WORK/cpuinfo" <<'EOF'
-processor	: 0
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm crc32 cpuid
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x0
-CPU part	: 0xd08
-CPU revision	: 3
-
-processor	: 1
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm crc32 cpuid
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x0
-CPU part	: 0xd08
-CPU revision	: 3
-
-processor	: 2
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm crc32 cpuid
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x0
-CPU part	: 0xd08
-CPU revision	: 3
-
-processor	: 3
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm crc32 cpuid
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x0
-CPU part	: 0xd08
-CPU revision	: 3
-
-Hardware	: BCM2835
-Revision	: c03115
-Serial		: 10000000emulated
-Model		: Raspberry Pi 4 Model B Rev 1.5
-EOF
+# A Raspberry Pi 4 Model B (BCM2711, 4 × Cortex-A72), as its kernel prints it: one block per core.
+{
+    for i in 0 1 2 3; do
+        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
+        printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\n'
+        printf 'CPU revision\t: 3\n\n'
+    done
+    printf 'Hardware\t: BCM2835\nRevision\t: c03115\nSerial\t\t: 10000000emulated\n'
+    printf 'Model\t\t: Raspberry Pi 4 Model B Rev 1.5\n'
+} > "$WORK/cpuinfo"
 
 mkdir -p "$WORK/sys/devices/system/cpu"
 for f in possible present online; do echo 0-3 > "$WORK/sys/devices/system/cpu/$f"; done
