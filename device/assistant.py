@@ -75,6 +75,8 @@ class Assistant:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX_SIZE)
         self.inbox_dropped = 0
         self._samples: dict[int, deque[FaceSample]] = {}
+        # Only the face store, the stranger memory and the images read a track's samples.
+        self._keep_samples = self.faces is not None or self.strangers is not None or self.images
         self._present: dict[str, float] = {}  # label -> monotonic time last seen, while ON
         self._cpu_temp = ha.cpu_temperature() is not None
         self.commands_accepted = 0
@@ -162,7 +164,9 @@ class Assistant:
         for track in tracks:
             if track.last_frame != frame_index or not isinstance(track.last_extra, FaceSample):
                 continue
-            self._samples.setdefault(track.track_id, deque(maxlen=self.mem.crops_per_face)).append(track.last_extra)
+            if self._keep_samples:
+                self._samples.setdefault(track.track_id, deque(maxlen=self.mem.crops_per_face)).append(
+                    track.last_extra)
             if self.discovery and track.label not in (None, UNKNOWN):
                 if track.label not in self._present:
                     self._publish_presence(track.label, True)
