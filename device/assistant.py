@@ -85,9 +85,12 @@ class Assistant:
     # --- MQTT wiring ---------------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Subscribe before the publisher starts (subscriptions are renewed on every connection)."""
+        """Subscribe before the publisher starts (subscriptions are renewed on every connection), and
+        republish discovery at every connection (in paho's thread: it only writes to the outbox, where
+        retained configs are coalesced)."""
         pub = self.service.publisher
         if self.discovery:
+            pub.on_connect(self.publish_discovery)
             pub.subscribe(ha.ha_status_topic(self.cfg.events.homeassistant_prefix), self._queue)
         if self.commands:
             pub.subscribe(ha.command_topic(self.prefix, self.device_id), self._queue)

@@ -170,8 +170,6 @@ class Service:
         # Home Assistant: discovery, presence, diagnostics, images, remembered faces, commands.
         self.assistant = Assistant(self, memory_dir)
         self.assistant.attach()
-        if cfg.events.homeassistant:
-            self.publisher.on_connect(self._publish_discovery)
         self.frames = 0
         self.faces = 0
         self.events = 0
@@ -296,10 +294,6 @@ class Service:
         """Frames processed per second over the last stats interval (since start before the first)."""
         elapsed = time.monotonic() - self._fps_since
         return (self.frames - self._fps_frames) / elapsed if elapsed > 0 else 0.0
-
-    def _publish_discovery(self) -> None:
-        # Runs in paho's thread at each connection: only writes to the outbox (retained, coalesced there).
-        self.assistant.publish_discovery()
 
     def request_stop(self, *_: Any) -> None:
         self.stop_event.set()
