@@ -163,6 +163,52 @@ def test_household_visits_are_distinct_photos_of_one_person():
     assert {labels[v[0]] for v in visits[:30]} == {"s"} and {labels[v[0]] for v in visits[30:]} == {"a"}
 
 
+def test_households_never_meet_their_cohort_and_strangers_are_everyone_else_unseen():
+    from bench import household
+
+    labels = np.array([f"p{i:02d}" for i in range(household.COHORT_PEOPLE + 20) for _ in range(14)])
+    ok = np.ones(len(labels), bool)
+    ok[::13] = False  # a few photos without a face
+    drawn = list(household.draw_households(labels, ok, 2, 3, 5))
+    assert [split for split, _, _ in drawn] == [0, 1]
+    for _, cohort_people, households in drawn:
+        assert len(households) == 3 * len(household.SIZES)
+        for hh in households:
+            assert len(hh.home) == hh.size and not set(hh.home) & set(cohort_people)
+            for p in hh.home:
+                enrolled = [i for i in hh.enrol if labels[i] == p]
+                assert len(enrolled) == household.ENROLL and all(ok[enrolled])
+            assert not set(hh.enrol) & set(hh.probes) and {labels[i] for i in hh.probes} <= set(hh.home)
+            stranger_people = set(labels[hh.strangers])
+            assert stranger_people == set(labels) - set(cohort_people) - set(hh.home)
+    # Seeded: the same draw twice.
+    again = list(household.draw_households(labels, ok, 2, 3, 5))
+    assert [h.enrol for _, _, hs in again for h in hs] == [h.enrol for _, _, hs in drawn for h in hs]
+
+
+def test_household_rules_score_a_member_above_a_stranger():
+    from bench.household_rules import rule_scorers
+    from device.contract import l2_normalize
+
+    rng = np.random.default_rng(0)
+    people = l2_normalize(rng.normal(size=(12, 16)))
+    labels = np.repeat(np.arange(12), 12)
+    plain = l2_normalize(people[labels] + 0.25 * rng.normal(size=(len(labels), 16)))
+    flipped = l2_normalize(plain + 0.05 * rng.normal(size=plain.shape))
+    names = np.array([f"p{i}" for i in labels])
+    enrol = [i for i in range(len(labels)) if labels[i] in (0, 1) and i % 12 < 10]
+    cohort_idx = np.flatnonzero(labels >= 4)
+    rules = rule_scorers(plain, flipped, enrol, names[enrol], ["p0", "p1"], cohort_idx, names[cohort_idx])
+    assert "centroid (shipped)" in rules and len(rules) == 9
+    member = [10, 11, 22, 23]  # p0's and p1's photos not enrolled
+    stranger = [24 + 10, 24 + 11, 36 + 10]  # p2, p3: neither enrolled nor in the cohort
+    for rule, (score, flip) in rules.items():
+        faces = l2_normalize(plain + flipped) if flip else plain
+        best, s = score(faces[member])
+        assert list(best) == [0, 0, 1, 1], rule
+        assert s.min() > score(faces[stranger])[1].max(), rule
+
+
 def test_visit_folder_ends_each_track_before_the_next_visit(tmp_path):
     # The folder camera reads the visits in order, and the daemon's tracker at its shipped defaults decides
     # once per visit, by the bench's rule over exactly that visit's frames.
