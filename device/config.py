@@ -188,8 +188,9 @@ class TrackingConfig(_Section):
     iou: float = Field(0.3, gt=0, le=1, description="minimum box overlap (IoU, in (0, 1]) for a face to "
                                                      "continue a track of the previous frame")
     votes_needed: int = Field(
-        5, ge=1, description="a track's identity is the majority vote over its first N frames; it changes only "
-        "when another label wins a majority of the last N frames")
+        5, ge=1, description="a track's identity is decided over its first N frames (a person needs 4 of 5 of "
+        "them, device.contract.VISIT_AGREEMENT); it changes only when another label wins that agreement (unknown: "
+        "a majority) of the last N frames")
     max_age: int = Field(10, ge=0, description="a track unseen for more than this many frames ends")
 
 

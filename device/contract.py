@@ -10,6 +10,7 @@ train's, convert's and device's decisions equal on the same photos.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,13 @@ UNREADABLE = "unreadable"
 
 # A threshold resting on fewer impostor scores than this is a guess at the tail: say so.
 MIN_IMPOSTOR_SCORES = 1000
+
+# The share of a visit's frames that must name a person for the visit to name them. A stranger who
+# resembles one of the family passes the per-photo threshold in some frames; measured over 4,800
+# stranger visits of 5 photos per household size (bench/household.py, docs/BENCHMARKS.md), a simple
+# majority (3 of 5) named 0.12–0.23% of them, 4 of 5 at most 0.08%, and the family's visits stayed
+# 99.9–100% named right (a family member missed at first is still named once 4 of their last 5 are).
+VISIT_AGREEMENT = 0.8
 
 
 class _Face(Protocol):
@@ -150,12 +158,17 @@ def threshold_for_far(impostor_scores: np.ndarray, target: float) -> float:
     return float(np.nextafter(finite[allowed], np.inf))
 
 
+def visit_agreed(votes_for: int, frames: int) -> bool:
+    """Whether `votes_for` of `frames` frames are enough to name a person for a visit (VISIT_AGREEMENT)."""
+    return frames > 0 and votes_for >= math.ceil(VISIT_AGREEMENT * frames - 1e-9)
+
+
 def visit_decision(votes: Sequence[tuple[str, float]]) -> tuple[str, float, int]:
     """A visit's identity from its frames' decisions: (label, mean score of its votes, votes for it).
 
-    A person is named only when more than half of the frames named them (a stranger who resembles
-    someone in one frame of five stays `unknown`); among people, most votes win and ties go to the higher
-    mean score. Otherwise the visit is `unknown`, scored by its best candidate's mean.
+    A person is named only when VISIT_AGREEMENT of the frames named them (4 of 5: a stranger who
+    resembles someone in two frames of five stays `unknown`); among people, most votes win and ties go to
+    the higher mean score. Otherwise the visit is `unknown`, scored by its best candidate's mean.
     """
     if not votes:
         return UNKNOWN, 0.0, 0
@@ -165,7 +178,7 @@ def visit_decision(votes: Sequence[tuple[str, float]]) -> tuple[str, float, int]
     people = [lab for lab in by_label if lab != UNKNOWN]
     if people:
         top = max(people, key=lambda lab: (len(by_label[lab]), float(np.mean(by_label[lab]))))
-        if 2 * len(by_label[top]) > len(votes):
+        if visit_agreed(len(by_label[top]), len(votes)):
             return top, float(np.mean(by_label[top])), len(by_label[top])
     unknown = by_label.get(UNKNOWN, [])
     return UNKNOWN, float(np.mean(unknown)) if unknown else 0.0, len(unknown)

@@ -2,8 +2,9 @@
 
 A single frame can misrecognise a face (motion blur, a turned head). A track therefore collects the
 labels of its first `votes_needed` frames and decides by device.contract.visit_decision (a person is
-named only when more than half of those frames named them, else `unknown`); afterwards it changes identity only
-when another label wins a strict majority of its last `votes_needed` frames. Each decision (and each
+named only when device.contract.VISIT_AGREEMENT of those frames, 4 of 5, named them, else `unknown`);
+afterwards it changes identity only when another person wins that agreement among its last `votes_needed`
+frames (or `unknown` a strict majority of them). Each decision (and each
 change) is reported once, which is what becomes an MQTT event.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import visit_decision
+from device.contract import UNKNOWN, visit_agreed, visit_decision
 
 
 @dataclass
@@ -143,7 +144,9 @@ class Tracker:
         if len(track.recent) < self.votes_needed:
             return None
         label, score, count = majority(list(track.recent))
-        if label != track.label and count * 2 > len(track.recent):
+        # A new person needs the same agreement as a first decision; falling back to `unknown` a majority.
+        agreed = visit_agreed(count, len(track.recent)) if label != UNKNOWN else count * 2 > len(track.recent)
+        if label != track.label and agreed:
             previous, track.label, track.score = track.label, label, score
             track.recent.clear()
             return Decision(track.track_id, label, score, track.box.copy(), count, previous, obs.extra)

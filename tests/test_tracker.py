@@ -26,7 +26,7 @@ def test_majority_breaks_ties_by_mean_score() -> None:
 
 def test_identity_is_decided_by_vote_after_n_frames() -> None:
     tracker = Tracker(iou_threshold=0.3, votes_needed=5, max_age=3)
-    labels = ["alice", "bob", "alice", "alice", "unknown"]  # one misread, one unsure frame
+    labels = ["alice", "bob", "alice", "alice", "alice"]  # one misread frame
     decisions = []
     for i, label in enumerate(labels):
         decisions += tracker.update([obs(10 + 2 * i, label, 0.8 if label == "alice" else 0.5)], i)
@@ -41,6 +41,26 @@ def test_identity_is_decided_by_vote_after_n_frames() -> None:
         assert tracker.update([obs(20, "alice")], i) == []
 
 
+def test_a_person_needs_four_of_five_frames_and_a_stranger_named_in_three_stays_unknown() -> None:
+    from device.contract import visit_decision
+
+    assert visit_decision([("bob", 0.7)] * 4 + [("unknown", 0.4)])[0] == "bob"
+    assert visit_decision([("bob", 0.7)] * 3 + [("unknown", 0.4)] * 2)[:2] == ("unknown", 0.4)
+    assert visit_decision([("bob", 0.7)] * 3 + [("ann", 0.8)] * 2)[0] == "unknown"
+    tracker = Tracker(votes_needed=5, max_age=3)
+    decisions = []
+    for i, label in enumerate(["bob", "unknown", "bob", "bob", "unknown"]):
+        decisions += tracker.update([obs(10, label, 0.7 if label == "bob" else 0.4)], i)
+    assert [d.label for d in decisions] == ["unknown"]
+    # Later, 3 of the last 5 frames naming bob do not rename the track; 4 of 5 do.
+    for i, label in enumerate(["bob", "unknown", "bob", "bob", "unknown"], start=5):
+        assert tracker.update([obs(10, label, 0.7 if label == "bob" else 0.4)], i) == []
+    changes = []
+    for i in range(10, 14):
+        changes += tracker.update([obs(10, "bob", 0.7)], i)
+    assert [(d.label, d.previous) for d in changes] == [("bob", "unknown")]
+
+
 def test_identity_changes_only_when_another_label_persists() -> None:
     tracker = Tracker(votes_needed=3, max_age=5)
     frame = 0
@@ -53,7 +73,7 @@ def test_identity_changes_only_when_another_label_persists() -> None:
     frame += 1
     assert tracker.update([obs(0, "unknown", 0.3)], frame) == []
     frame += 1
-    # … a majority of the last 3 frames is.
+    # … bob in all of the last 3 frames is (VISIT_AGREEMENT: 3 of 3).
     changes = []
     for _ in range(3):
         changes += tracker.update([obs(0, "bob", 0.95)], frame)
