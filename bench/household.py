@@ -8,11 +8,13 @@ never saw. From the evaluation part, households of 2, 4 and 8 people are drawn s
 photos each enrolled; their other photos are the known probes and every other evaluation person's
 photos are strangers.
 
-Everything runs through the device's own code: BlazeFace + alignment (train.crops, as training and
-the daemon make crops), the int8 embedder of a converted bundle (device.classifier), the gallery rule
-(device.contract.centroid), the threshold (device.cohort.calibrate with the real cohort file, as
-convert and enroll call it), the accept rule (device.contract.accept) and, per visit, the tracker's
-rule (device.contract.visit_decision) over sequences of 5 different photos of one person.
+Everything runs through the device's own code: BlazeFace + alignment (train.crops, as training and the
+daemon make crops), the int8 embedder of a converted bundle (device.classifier), the gallery rule
+(device.contract.centroid of face+mirror embeddings), the second look (a probe near the threshold is
+looked at again, mirrored: device.contract.needs_second_look), the threshold (device.cohort.calibrate
+with the real cohort file, as convert and enroll call it), the accept rule (device.contract.accept) and,
+per visit, the tracker's rule (device.contract.visit_decision) over sequences of 5 different photos of
+one person.
 
 Also on degraded variants of the probe photos a door camera produces (small faces, motion blur, low
 JPEG quality, dark and noisy, infrared-like greyscale, off-angle): the gallery and threshold stay the
@@ -46,7 +48,16 @@ import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
 from device import cohort as cohort_mod
-from device.contract import UNKNOWN, accept_all, best_match, gallery_from, visit_decision
+from device.contract import (
+    UNKNOWN,
+    accept_all,
+    best_match,
+    gallery_from,
+    mirror_mean,
+    mirrored,
+    needs_second_look,
+    visit_decision,
+)
 
 SIZES = (2, 4, 8)
 ENROLL = 10
@@ -184,15 +195,24 @@ def cohort_file(work: Path, backbone: Path, split: int, cohort_people: list[str]
     return cfile
 
 
-def ours_decisions(emb: np.ndarray, ok: np.ndarray, gallery: np.ndarray, names: list[str],
-                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per photo (all N): the accepted label (UNKNOWN also where no face was found) and the best score."""
+def ours_decisions(face: np.ndarray, both: np.ndarray, ok: np.ndarray, gallery: np.ndarray, names: list[str],
+                   threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per photo (all N), as device.classifier.FaceClassifier.look decides: the accepted label (UNKNOWN also
+    where no face was found), the best score, and whether it took the second look. `face` and `both` are
+    the photos' face-only and face+mirror embeddings (rows for the photos with a face)."""
     pred = np.full(len(ok), UNKNOWN, dtype=object)
     score = np.zeros(len(ok))
-    best, scores = best_match(emb, gallery, names)
+    looked = np.zeros(len(ok), bool)
+    best, scores = best_match(face, gallery, names)
+    again = np.array([needs_second_look(s, threshold) for s in scores], bool)
+    if again.any():
+        best2, scores2 = best_match(both[again], gallery, names)
+        for j, i in enumerate(np.flatnonzero(again)):
+            best[i], scores[i] = best2[j], scores2[j]
     pred[ok] = accept_all(best, scores, threshold)
     score[ok] = scores
-    return pred, score
+    looked[ok] = again
+    return pred, score, looked
 
 
 def visit_rates(visits: list[list[int]], labels: np.ndarray, pred: np.ndarray, score: np.ndarray, ok: np.ndarray,
@@ -299,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         _run(["convert", "--run", str(work / "tiny-run"), "--out", str(bundle_dir), "--force"], work / "convert.log")
     clf = FaceClassifier(load_bundle(bundle_dir), num_threads=1)
 
-    def embed_photos(paths: list[Path], variant: str | None, keep: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings of the photos with a subject face, mask of which photos had one); with `keep`, the
-        degraded photos are also written there (PNG, <person>/<name>.png) for face_recognition to read."""
-        out, ok = [], []
+    def embed_photos(paths: list[Path], variant: str | None,
+                     keep: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(face-only and face+mirror embeddings of the photos with a subject face, mask of which photos had
+        one); with `keep`, the degraded photos are also written there (PNG, <person>/<name>.png) for
+        face_recognition to read."""
+        out, both, ok = [], [], []
         vr = np.random.default_rng(1)
         for path in paths:
             if variant is None:
@@ -317,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
             ok.append(crop is not None)
             if crop is not None:
                 out.append(clf.raw(crop))
-        return (np.stack(out) if out else np.zeros((0, 128), np.float32)), np.array(ok, bool)
+                both.append(mirror_mean(out[-1], clf.raw(mirrored(crop))))
+        empty = np.zeros((0, 128), np.float32)
+        return (np.stack(out) if out else empty), (np.stack(both) if both else empty), np.array(ok, bool)
 
     all_paths = [f for p in names for f in everyone[p]]
     all_labels = np.array([p for p in names for _ in everyone[p]])
     print(f"embedding {len(all_paths)} photos (int8, device code) …", file=sys.stderr)
-    clean_emb, clean_ok = embed_photos(all_paths, None)
+    clean_emb, clean_both, clean_ok = embed_photos(all_paths, None)
     variant_emb = {}
     if not args.no_variants:
         for v in VARIANTS:
@@ -352,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_cohort = np.concatenate([np.flatnonzero((all_labels == p) & peer[1])[:30] for p in cohort_people])
         for hh in households:
             home, enrol_idx, probe_idx, visits, stranger_mask = hh.home, hh.enrol, hh.probes, hh.visits, hh.strangers
-            own = clean_emb[clean_row[enrol_idx]]
+            own = clean_both[clean_row[enrol_idx]]  # enrolled as device.contract.ENROLLED_VIEWS
             own_labels = list(all_labels[enrol_idx])
             gallery = gallery_from(own, own_labels, home)
             cal = cohort_mod.calibrate(gallery, home, cohort, own, own_labels)
@@ -361,19 +385,24 @@ def main(argv: list[str] | None = None) -> int:
             # ~900 scores resolve, without the margin, and what they let through of strangers it never saw.
             asked = {q: cohort_mod.calibrate(gallery, home, cohort, own, own_labels, target_far=q, margin=1.0)
                      for q in SHIFT_RATES}
-            conditions = {"clean": (clean_emb, clean_ok)} | variant_emb
-            for cond, (emb, ok) in conditions.items():
+            conditions = {"clean": (clean_emb, clean_both, clean_ok)} | variant_emb
+            for cond, (emb, both, ok) in conditions.items():
                 kp = [i for i in probe_idx if ok[i]]
                 sp = [i for i in np.flatnonzero(stranger_mask) if ok[i]]
-                pred, score = ours_decisions(emb, ok, gallery, home, cal["accept"])
+                pred, score, looked = ours_decisions(emb, both, ok, gallery, home, cal["accept"])
+                # Thresholds other than the shipped one are read on face+mirror scores, which is what the
+                # second look decides on wherever a score is near the threshold.
+                mirror_score = np.zeros(len(ok))
+                mirror_score[ok] = best_match(both, gallery, home)[1]
                 entry = {"known": float(np.mean(pred[kp] == all_labels[kp])) if kp else np.nan,
                          "strangers": float(np.mean(pred[sp] != UNKNOWN)) if sp else np.nan,
                          "face_found": float(np.mean(ok[probe_idx])),
-                         "household_only_strangers": float(np.mean(score[sp] >= household_only["accept"])),
+                         "household_only_strangers": float(np.mean(mirror_score[sp] >= household_only["accept"])),
+                         "second_look": float(np.mean(looked[ok])),
                          "cohort_far": cal["far"], "impostor_scores": cal["impostor_scores"]}
                 for q, th in asked.items():
                     shift.setdefault((cond, hh.size, q), []).append(
-                        (float(th["far"]), float(np.mean(score[sp] >= th["accept"]))))
+                        (float(th["far"]), float(np.mean(mirror_score[sp] >= th["accept"]))))
                 if cond == "clean":
                     entry |= visit_rates(visits, all_labels, pred, score, ok, home)
                     if peer is not None and peer_cohort is not None:
@@ -411,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         "household_only_strangers": mean("household_only_strangers"),
                         "stranger_visits_named": mean("stranger_visits_named"),
                         "known_visits_right": mean("known_visits_right"), "face_found": mean("face_found"),
+                        "second_look": mean("second_look"),
                         "impostor_scores": mean("impostor_scores"),
                         **{f"dlib_{m}_{k}": mean(f"dlib_{m}_{k}") for m in ("default", "calibrated")
                            for k in ("known", "strangers", "stranger_visits_named", "known_visits_right")},
@@ -439,10 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         return "—" if v is None else f"{100 * v:.2f}%"
 
     headers = ["condition", "people", "known/photo", "strangers/photo", "worst draw", "household-only",
-               "known/visit", "strangers/visit", "face found"]
+               "known/visit", "strangers/visit", "face found", "second look"]
     print(table(headers, [[r["condition"], r["household"], pct(r["known"]), pct(r["strangers"]),
                            pct(r["strangers_worst"]), pct(r["household_only_strangers"]),
-                           pct(r["known_visits_right"]), pct(r["stranger_visits_named"]), pct(r["face_found"])]
+                           pct(r["known_visits_right"]), pct(r["stranger_visits_named"]), pct(r["face_found"]),
+                           pct(r["second_look"])]
                           for r in summary]))
     print("\nthe set-to-set shift: thresholds asked for a rate of the cohort (no margin) against strangers it never "
           f"saw (mean over households; the shipped margin is {cohort_mod.STRANGER_MARGIN:g}x):")

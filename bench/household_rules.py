@@ -3,22 +3,23 @@
     python -m bench.household            # first: builds the backbone, the int8 bundle and the cohorts
     python -m bench.household_rules [--draws 8]
 
-The shipped rule is one centroid per person (device.contract.centroid of the enrolled photos) and one
-threshold on the best cosine over the gallery. Each alternative here is kept only if it names more of the
-family at the *same* share of strangers' photos accepted: for every rule the threshold is swept over
-thresholds, known and strangers are averaged over the same households
-bench.household draws (same people, same 10 enrolled photos, same probes), and the known rate is read
-off at 0.1%, 0.25% and 0.5% of strangers accepted (linear interpolation between swept points). The
-threshold is swept over one grid per rule and household size, common to its households (the rule's
-ROC, free of any one household's calibration noise).
+The shipped rule is one centroid per person (device.contract.centroid of the enrolled photos' face+mirror
+embeddings) and one threshold on the best cosine over the gallery. Each alternative here is kept only if
+it names more of the family at the *same* share of strangers' photos accepted: for every rule a
+threshold is swept, and known and strangers are averaged over the same households
+bench.household draws (same people, same 10 enrolled photos, same probes), and the known rate is read off
+at 0.1%, 0.25% and 0.5% of strangers accepted (linear interpolation between swept points). The threshold
+is swept over one grid per rule and household size, common to its households (the rule's ROC, free of any
+one household's calibration noise).
 
-Rules: the shipped centroid; flip-averaged embeddings (every face and its mirror image, averaged: the
-embedder runs twice per face on the device too); a gallery of the photos and their mirror images (the
-card's flip augmentation, free on the device); the nearest enrolled photo (face_recognition's rule); the
-mean of each person's 3 nearest photos; the centroid plus 2 k-means prototypes per person (glasses,
-beard); a trimmed centroid without the enrolled photo farthest from it (a quality gate on what the
-embedder sees); Z-norm (each person's scores standardised on the cohort's scores against them) and
-T-norm (each face's scores standardised on its scores against the cohort's people).
+Rules: the centroid of face-only embeddings (the rule before 2026-12-04); the centroid of face+mirror
+embeddings (every face and its mirror image, averaged; shipped: the device mirrors a camera face only
+when its score is near the threshold, which bench.household shows decides the same); a gallery of the
+photos and their mirror images (the card's flip augmentation, free on the device); the nearest enrolled
+photo (face_recognition's rule); the mean of each person's 3 nearest photos; the centroid plus 2 k-means
+prototypes per person (glasses, beard); a trimmed centroid without the enrolled photo farthest from it (a
+quality gate on what the embedder sees); Z-norm (each person's scores standardised on the cohort's scores
+against them) and T-norm (each face's scores standardised on its scores against the cohort's people).
 
 Clean photos, int8 embedder of bench.household's bundle, cohort = each cohort person's first 30 photos
 with a face (as `train cohort --max-per-person 30` takes them), in both views for the flip rules.
@@ -98,8 +99,8 @@ def rule_scorers(plain: np.ndarray, flipped: np.ndarray, enrol: list[int], glab:
         return best_of((x @ cent.T - t.mean(axis=1, keepdims=True)) / (t.std(axis=1, keepdims=True) + 1e-6))
 
     return {
-        "centroid (shipped)": (lambda x: best_of(x @ cent.T), False),
-        "flip-averaged faces (2x embedder)": (lambda x: best_of(x @ cent_avg.T), True),
+        "centroid, face only (before 2026-12-04)": (lambda x: best_of(x @ cent.T), False),
+        "centroid, face + mirror image (shipped)": (lambda x: best_of(x @ cent_avg.T), True),
         "gallery + mirror images": (lambda x: best_of(x @ cent_both.T), False),
         "nearest enrolled photo": (lambda x: best_of(per_person(x @ g.T, glab, home, lambda s: s.max(axis=1))), False),
         "mean of 3 nearest photos": (lambda x: best_of(per_person(

@@ -43,7 +43,7 @@ import numpy as np
 
 from bench.common import ROOT, LocalBroker, machine, table, write_result
 from bench.household import VISIT_FRAMES
-from device.contract import UNKNOWN
+from device.contract import ENROLLED_VIEWS, UNKNOWN
 
 GAP_FRAMES = 12  # > tracking.max_age (10): the visit's track is over before the next visit starts
 WORK = ROOT / "bench" / "work" / "household"
@@ -65,6 +65,7 @@ def household_bundle(template: Path, out: Path, household: dict[str, Any]) -> Pa
     (out / manifest["labels"]["file"]).write_text("\n".join(people) + "\n", encoding="utf-8")
     manifest["labels"]["count"] = len(people)
     manifest["gallery"]["source"] = "bench/household.py: device.contract.centroid of 10 enrolled photos each"
+    manifest["gallery"]["views"] = ENROLLED_VIEWS  # the bench enrols face+mirror, so the daemon takes second looks
     manifest["thresholds"] = {"accept": household["threshold"], "basis": household["threshold_basis"],
                               "source": "bench/household.py: device.cohort.calibrate on the split's cohort"}
     write_manifest(out, manifest, [f for f in manifest["files"] if (out / f).is_file()])

@@ -19,7 +19,7 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.bundle import write_manifest
 from device.cohort import COHORT_FILE
-from device.contract import UNKNOWN, gallery_from, l2_normalize
+from device.contract import ENROLLED_VIEWS, UNKNOWN, gallery_from, mirror_mean, mirrored
 from device.errors import UsageError
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
@@ -199,12 +199,14 @@ def convert_run(
         }
         if run.kind == "embedding":
             gallery_source = "float model (training run)"
+            views = str((run.config.get("gallery") or {}).get("views", "face"))
             if recalibrate:
+                views = ENROLLED_VIEWS
                 gallery_source, manifest["thresholds"] = _device_gallery(run, run_dir, staging, target_far)
                 manifest["metrics"]["float_gallery_threshold"] = threshold
             else:
                 shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
-            manifest["gallery"] = {"file": GALLERY_FILE, "source": gallery_source}
+            manifest["gallery"] = {"file": GALLERY_FILE, "source": gallery_source, "views": views}
             files.append(GALLERY_FILE)
             if (staging / COHORT_FILE).is_file():
                 manifest["cohort"] = {"file": COHORT_FILE}
@@ -228,18 +230,22 @@ def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float) -
     """
     from convert.verify import run_tflite
 
+    def enrolled(crops: np.ndarray) -> np.ndarray:  # device.contract.ENROLLED_VIEWS, as FaceClassifier.enrolled
+        model = staging / CLASSIFIER_FILE
+        return mirror_mean(run_tflite(model, normalize(crops, run.prep)),
+                           run_tflite(model, normalize(mirrored(crops), run.prep)))
+
     people_mask = run.split != "negative"
-    own = l2_normalize(run_tflite(staging / CLASSIFIER_FILE, normalize(run.crops[people_mask], run.prep)))
+    own = enrolled(run.crops[people_mask])
     own_labels = [lbl for lbl, m in zip(run.crop_labels, people_mask, strict=True) if m]
     neg_mask = run.split == "negative"
-    negatives = (l2_normalize(run_tflite(staging / CLASSIFIER_FILE, normalize(run.crops[neg_mask], run.prep)))
-                 if neg_mask.any() else None)
+    negatives = enrolled(run.crops[neg_mask]) if neg_mask.any() else None
     names = list(run.gallery_labels or run.labels)
     gallery = gallery_from(own, own_labels, names)
     cohort = None
     if (run_dir / COHORT_FILE).is_file():
         try:
-            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1])
+            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1], views=ENROLLED_VIEWS)
         except cohort_mod.CohortError as exc:
             raise ConvertError(str(exc)) from exc
         shutil.copyfile(run_dir / COHORT_FILE, staging / COHORT_FILE)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.bundle import Bundle
-from device.contract import UNKNOWN, accept, l2_normalize
+from device.contract import ENROLLED_VIEWS, UNKNOWN, accept, l2_normalize, mirror_mean, mirrored, needs_second_look
 from device.preprocess import normalize
 from device.runtime import ModelError, TFLiteModel
 
@@ -82,6 +82,8 @@ class FaceClassifier:
             )
         self.threshold = bundle.accept_threshold
         self.backend = _BACKENDS[bundle.kind](bundle, int(self.model.output_shape[-1]))
+        # A gallery of face+mirror embeddings is matched with the second look (device.contract.SECOND_LOOK).
+        self.second_look = bundle.kind == "embedding" and bundle.enrolled_views == ENROLLED_VIEWS
 
     @property
     def gallery(self) -> np.ndarray:
@@ -95,9 +97,23 @@ class FaceClassifier:
         """The model's output vector for one crop: probabilities, or an L2-normalised embedding."""
         return self.backend.output(self.model.run(normalize(crop[None], self.prep))[0][0])
 
+    def enrolled(self, crop: np.ndarray) -> np.ndarray:
+        """An enrolled photo's embedding, as the gallery and the cohort were made (device.contract.ENROLLED_VIEWS)."""
+        return mirror_mean(self.raw(crop), self.raw(mirrored(crop)))
+
     def decide(self, out: np.ndarray) -> Prediction:
         best, score = self.backend.best(out)
         return Prediction(accept(best, score, self.threshold), score, best)
 
+    def look(self, crop: np.ndarray) -> tuple[np.ndarray, Prediction]:
+        """(the vector decided on, the decision) for a camera face; mirrored too when its score is near the
+        threshold."""
+        vector = self.raw(crop)
+        pred = self.decide(vector)
+        if self.second_look and needs_second_look(pred.score, self.threshold):
+            vector = mirror_mean(vector, self.raw(mirrored(crop)))
+            pred = self.decide(vector)
+        return vector, pred
+
     def classify(self, crop: np.ndarray) -> Prediction:
-        return self.decide(self.raw(crop))
+        return self.look(crop)[1]

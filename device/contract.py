@@ -37,11 +37,21 @@ UNREADABLE = "unreadable"
 # A threshold resting on fewer impostor scores than this is a guess at the tail: say so.
 MIN_IMPOSTOR_SCORES = 1000
 
+# Enrolled faces (gallery entries, the stranger cohort, every impostor score a threshold is calibrated on)
+# are embedded as the mean of the face and its mirror image: less noise per photo, and at the same share
+# of strangers accepted it named 0.1–0.9 points more of a household's own photos
+# (bench/household_rules.py). A camera face is embedded once and looked at again, mirrored, only when its
+# best score is within SECOND_LOOK of the threshold: in bench/household.py that gave the same rates as
+# mirroring every face, at one more embedder run for 5–8% of clean faces (7–14% degraded).
+ENROLLED_VIEWS = "face+mirror"
+SECOND_LOOK = 0.02
+
 # The share of a visit's frames that must name a person for the visit to name them. A stranger who
-# resembles one of the family passes the per-photo threshold in some frames; measured over 4,800
-# stranger visits of 5 photos per household size (bench/household.py, docs/BENCHMARKS.md), a simple
-# majority (3 of 5) named 0.12–0.23% of them, 4 of 5 at most 0.08%, and the family's visits stayed
-# 99.9–100% named right (a family member missed at first is still named once 4 of their last 5 are).
+# resembles one of the family passes the per-photo threshold in some frames; measured over 4,800 stranger
+# visits of 5 photos per household size (bench/household.py, docs/BENCHMARKS.md; face-only embeddings at
+# the 2x cohort margin), a simple majority (3 of 5) named 0.12–0.23% of them, 4 of 5 at most 0.08%, and
+# the family's visits stayed 99.9–100% named right (a family member missed at first is still named once 4
+# of their last 5 are).
 VISIT_AGREEMENT = 0.8
 
 
@@ -89,6 +99,21 @@ def centroid(embeddings: np.ndarray) -> np.ndarray:
     unit vectors weights every photo equally and is steadier than any single photo.
     """
     return l2_normalize(l2_normalize(embeddings).mean(axis=0))
+
+
+def mirrored(crops: np.ndarray) -> np.ndarray:
+    """Crops ((N,) H, W, C) flipped left to right."""
+    return np.ascontiguousarray(np.asarray(crops)[..., ::-1, :])
+
+
+def mirror_mean(face: np.ndarray, mirror: np.ndarray) -> np.ndarray:
+    """A face's ENROLLED_VIEWS embedding from its own and its mirror image's (rows alike)."""
+    return l2_normalize(l2_normalize(face) + l2_normalize(mirror))
+
+
+def needs_second_look(score: float, threshold: float) -> bool:
+    """Whether a camera face's best score is close enough to the threshold to look again, mirrored."""
+    return abs(float(score) - float(threshold)) < SECOND_LOOK
 
 
 def gallery_from(embeddings: np.ndarray, labels: Sequence[str], people: Sequence[str]) -> np.ndarray:

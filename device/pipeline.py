@@ -56,8 +56,8 @@ class FacePipeline:
         t1 = time.perf_counter()
         crops = [align_face(frame, f.keypoints, self.size, self.alignment) for f in faces]
         t2 = time.perf_counter()
-        vectors = [self.classifier.raw(c) for c in crops]
-        preds = [self.classifier.decide(v) for v in vectors]
+        looks = [self.classifier.look(c) for c in crops]
+        vectors, preds = [v for v, _ in looks], [p for _, p in looks]
         t3 = time.perf_counter()
         return FrameResult(
             [Recognition(f, c, p, v) for f, c, p, v in zip(faces, crops, preds, vectors, strict=True)],

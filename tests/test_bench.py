@@ -203,7 +203,7 @@ def test_household_rules_score_a_member_above_a_stranger():
     enrol = [i for i in range(len(labels)) if labels[i] in (0, 1) and i % 12 < 10]
     cohort_idx = np.flatnonzero(labels >= 4)
     rules = rule_scorers(plain, flipped, enrol, names[enrol], ["p0", "p1"], cohort_idx, names[cohort_idx])
-    assert "centroid (shipped)" in rules and len(rules) == 9
+    assert "centroid, face + mirror image (shipped)" in rules and len(rules) == 9
     member = [10, 11, 22, 23]  # p0's and p1's photos not enrolled
     stranger = [24 + 10, 24 + 11, 36 + 10]  # p2, p3: neither enrolled nor in the cohort
     for rule, (score, flip) in rules.items():

@@ -74,7 +74,8 @@ def household(tmp_path_factory, detector_path) -> dict:
 def test_the_cohort_is_embeddings_of_many_people_and_no_names(household):
     path = household["backbone"] / "cohort.npz"
     with np.load(path, allow_pickle=False) as data:
-        assert set(data.files) == {"embeddings", "identity", "name_hashes", "same_person_cosine"}
+        assert set(data.files) == {"embeddings", "identity", "name_hashes", "same_person_cosine", "views"}
+        assert str(data["views"]) == "face+mirror"
         emb, ident = data["embeddings"], data["identity"]
         hashes = [str(h) for h in data["name_hashes"]]
     assert emb.shape[1] == 128 and emb.dtype == np.float16 and len(emb) == len(ident) >= 1000
@@ -104,7 +105,6 @@ def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(hous
     strangers in neither: the cohort's must accept far fewer."""
     from device import cohort as cohort_mod
     from device.bundle import load_bundle
-    from device.contract import l2_normalize
 
     bundle = load_bundle(household["bundle"])
     out = household["work"] / "eval.json"
@@ -117,7 +117,7 @@ def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(hous
 
     clf = FaceClassifier(bundle)
     with np.load(household["run"] / "crops.npz") as c:
-        own = l2_normalize(np.stack([clf.raw(x) for x in c["crops"]]))
+        own = np.stack([clf.enrolled(x) for x in c["crops"]])
     household_only = cohort_mod.calibrate(clf.gallery, list(clf.gallery_labels), None, own, own_labels)
     assert household_only["impostor_scores"] < 100 and household_only["warnings"]
     assert bundle.accept_threshold > household_only["accept"]
@@ -172,6 +172,50 @@ def test_convert_and_device_accept_the_same_faces(household):
         contract = accept_all(*best_match(emb, clf.gallery, list(clf.gallery_labels)), threshold)
         assert device == convert == contract
     assert len(set(device)) >= 1
+
+
+def test_enrolled_faces_are_face_and_mirror_and_a_camera_face_is_mirrored_only_near_the_threshold(household):
+    from device.bundle import load_bundle
+    from device.classifier import FaceClassifier
+    from device.contract import ENROLLED_VIEWS, SECOND_LOOK, centroid, mirror_mean, mirrored
+
+    bundle = load_bundle(household["bundle"])
+    assert bundle.enrolled_views == ENROLLED_VIEWS == bundle.manifest["gallery"]["views"]
+    clf = FaceClassifier(bundle)
+    assert clf.second_look
+    with np.load(household["run"] / "crops.npz") as c:
+        crops, labels = c["crops"], [str(v) for v in c["labels"]]
+    person = bundle.gallery_labels[0]
+    mine = [x for x, lbl in zip(crops, labels, strict=True) if lbl == person]
+    # The gallery entry is the centroid of the person's face+mirror embeddings from the converted embedder.
+    row = bundle.gallery_labels.index(person)
+    assert np.allclose(centroid(np.stack([clf.enrolled(x) for x in mine])), bundle.gallery_embeddings[row], atol=1e-5)
+    crop = mine[0]
+    face, both = clf.raw(crop), mirror_mean(clf.raw(crop), clf.raw(mirrored(crop)))
+    assert not np.allclose(face, both, atol=1e-4)  # a real face is not its own mirror image
+    score = clf.decide(face).score
+    clf.threshold = score - 2 * SECOND_LOOK  # far from the threshold: one look
+    vector, pred = clf.look(crop)
+    assert np.array_equal(vector, face) and pred.label == person
+    clf.threshold = score + SECOND_LOOK / 2  # near it: decided on face+mirror
+    vector, pred = clf.look(crop)
+    assert np.allclose(vector, both) and pred.score == pytest.approx(clf.decide(both).score)
+
+
+def test_a_cohort_of_single_views_is_refused_where_the_gallery_is_face_and_mirror(tmp_path):
+    from device import cohort as cohort_mod
+    from device.contract import ENROLLED_VIEWS
+
+    rng = np.random.default_rng(0)
+    cohort = cohort_mod.build(rng.normal(size=(60, 8)), [f"p{i % 30}" for i in range(60)])
+    path = tmp_path / "cohort.npz"
+    cohort.save(path)
+    assert cohort_mod.load(path, 8, views=ENROLLED_VIEWS).views == ENROLLED_VIEWS
+    with np.load(path) as data:  # as an earlier faceberry wrote it: no views
+        np.savez(tmp_path / "old.npz", **{k: data[k] for k in data.files if k != "views"})
+    assert cohort_mod.load(tmp_path / "old.npz", 8).views == "face"
+    with pytest.raises(cohort_mod.CohortError, match="rebuild it with `python -m train cohort"):
+        cohort_mod.load(tmp_path / "old.npz", 8, views=ENROLLED_VIEWS)
 
 
 def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):

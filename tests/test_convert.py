@@ -218,7 +218,7 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     clf = FaceClassifier(bundle)
     with np.load(run / "crops.npz") as c:
         keep = c["split"] != "negative"
-        emb = np.stack([clf.raw(x) for x in c["crops"][keep]])
+        emb = np.stack([clf.enrolled(x) for x in c["crops"][keep]])  # face+mirror, as enroll makes an entry
         expected = gallery_from(emb, [str(v) for v in c["labels"][keep]], bundle.gallery_labels)
     assert np.allclose(bundle.gallery_embeddings, expected, atol=1e-5)
     assert bundle.manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")

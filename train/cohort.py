@@ -21,7 +21,7 @@ import numpy as np
 
 from device import cohort as cohort_mod
 from device.contract import list_images
-from device.preprocess import Preprocessing, normalize
+from device.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     if len(set(names)) < 20:
         raise ValueError(f"only {len(set(names))} people with a usable face: a stranger cohort needs hundreds; "
                          "pass a bigger --photos folder or use --lfw")
-    emb = model.predict(normalize(np.stack(crops), prep), batch_size=64, verbose=0)
-    return cohort_mod.build(emb, names)
+    from train.fewshot import embed
+
+    return cohort_mod.build(embed(model, np.stack(crops), prep), names)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from device import cohort as cohort_mod
-from device.contract import UNKNOWN, best_match, gallery_from, l2_normalize
+from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, gallery_from, mirror_mean, mirrored
 from device.preprocess import Preprocessing, normalize
 from train.backbone import BackboneError, load_embedder
 from train.crops import split_per_person, summarize_skips
@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def embed(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Enrolled photos' embeddings: face and mirror image (device.contract.ENROLLED_VIEWS)."""
     if len(crops) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    return l2_normalize(model.predict(normalize(crops, prep), batch_size=64, verbose=0))
+    face = model.predict(normalize(crops, prep), batch_size=64, verbose=0)
+    return mirror_mean(face, model.predict(normalize(mirrored(crops), prep), batch_size=64, verbose=0))
 
 
 def fewshot(args) -> dict[str, Any]:
@@ -145,7 +147,8 @@ def fewshot(args) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "labels": people,
         "embedding_dim": int(gallery.shape[1]),
-        "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos"},
+        "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos",
+                    "views": ENROLLED_VIEWS},
         "cohort": {"file": cohort_mod.COHORT_FILE, "faces": len(cohort), "people": cohort.people} if cohort else None,
         "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.get("arch", "mobilenetv2"),
                      # the teacher's id and licence, not its 128 mean values
@@ -170,7 +173,7 @@ def load_cohort(args, dim: int) -> cohort_mod.Cohort | None:
             raise TrainError(f"--cohort {path}: no such file; build it with `python -m train cohort`")
         return None
     try:
-        return cohort_mod.load(path, dim)
+        return cohort_mod.load(path, dim, views=ENROLLED_VIEWS)
     except cohort_mod.CohortError as exc:
         raise TrainError(str(exc)) from exc
 
