@@ -232,3 +232,29 @@ def test_backbone_cli_reports_bad_input(tmp_path: Path) -> None:
     (photos / "a.jpg").write_bytes(b"\xff\xd8 not really")
     assert main([*distil, "--photos", str(photos), "--out", str(out)]) == 2
     assert (out / "x").read_text() == "keep me"  # nothing lost without --force
+
+
+def test_the_card_fine_tune_can_start_from_the_distilled_student(tiny_embedding: dict) -> None:
+    """`python -m train --weights BACKBONE_DIR`: the fine-tune's MobileNetV2 starts from the face-aware one
+    inside a distilled student (at another input size: a convolution's weights do not depend on it)."""
+    root = tiny_embedding["backbone"]
+    script = f"""
+import numpy as np
+from train.backbone import load_embedder
+from train.errors import WeightsError
+from train.model import build_backbone
+model, cfg = load_embedder({str(root)!r})
+inner = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
+start = build_backbone(96, cfg["alpha"], {str(root)!r})
+imagenet = build_backbone(96, cfg["alpha"], {str(WEIGHTS)!r})
+pairs = list(zip(start.get_weights(), inner.get_weights(), strict=True))
+print("same", all(np.array_equal(a, b) for a, b in pairs))
+print("differs", any(not np.array_equal(a, b) for a, b in zip(start.get_weights(), imagenet.get_weights())))
+try:
+    build_backbone(96, 0.5, {str(root)!r})
+except WeightsError as exc:
+    print("refused", str(exc))
+"""
+    out = run_cli(["-c", script], "build_backbone from a distilled student").stdout
+    assert "same True" in out and "differs True" in out, out
+    assert "refused --weights" in out and "pass --alpha" in out, out

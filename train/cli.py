@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model (fine-tune path only; ignored with --backbone)")
     model.add_argument("--weights", default="imagenet",
-                       help="backbone initialisation: imagenet (Keras download, default), none (random), or a "
-                       "path to a no-top MobileNetV2 .weights.h5 with the same --alpha")
+                       help="backbone initialisation: imagenet (Keras download, default), none (random), a "
+                       "path to a no-top MobileNetV2 .weights.h5 with the same --alpha, or a face-aware start: the "
+                       "directory of a backbone distilled by `python -m train backbone --arch mobilenetv2`")
     model.add_argument("--alpha", type=float, default=1.0,
                        help="MobileNetV2 width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4 (default 1.0)")
     model.add_argument("--dropout", type=float, default=0.3, help="dropout before the softmax head (default 0.3)")
@@ -155,8 +156,9 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--target-far must be between 0 and 1")
     if not 0.0 <= args.negatives_train_fraction <= 1.0:
         p.error("--negatives-train-fraction must be between 0 and 1")
-    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
-        p.error(f"--weights {args.weights}: no such file; use imagenet, none or a .weights.h5 path")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).exists():
+        p.error(f"--weights {args.weights}: no such file or directory; use imagenet, none, a .weights.h5 path or "
+                "a distilled backbone's directory")
 
 
 # Options only the fine-tune path reads: with --backbone a value the user set is named, not silently dropped.

@@ -38,7 +38,8 @@ def build_augmentation(seed: int = 0, rotation_deg: float = 40.0, shift: float =
 
 
 def build_backbone(input_size: int, alpha: float, weights: str) -> keras.Model:
-    """MobileNetV2 without its top. weights: "imagenet", "none" or a path to a .weights.h5 file."""
+    """MobileNetV2 without its top. weights: "imagenet", "none", a path to a .weights.h5 file, or a
+    distilled face backbone's directory (`python -m train backbone --arch mobilenetv2`): a face-aware start."""
     shape = (input_size, input_size, 3)
     if weights == "imagenet":
         try:
@@ -53,6 +54,8 @@ def build_backbone(input_size: int, alpha: float, weights: str) -> keras.Model:
     if weights == "none":
         return backbone
     path = Path(weights)
+    if path.is_dir():
+        return _face_aware(backbone, path, alpha)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}; pass --weights imagenet, none, or an existing file")
     try:
@@ -63,6 +66,32 @@ def build_backbone(input_size: int, alpha: float, weights: str) -> keras.Model:
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
             "the file must be a no-top MobileNetV2 .weights.h5 with the same --alpha"
         ) from exc
+    return backbone
+
+
+def _face_aware(backbone: keras.Model, root: Path, alpha: float) -> keras.Model:
+    """`backbone` with the weights of the MobileNetV2 inside a distilled student at `root`.
+
+    ImageNet features do not tell faces apart; a student distilled from dlib's embedder does, a little,
+    and its MobileNetV2 is the same network as the fine-tune's (the input size does not change a
+    convolution's weights), so the fine-tune can start from it."""
+    from train.backbone import BackboneError, load_embedder
+
+    try:
+        model, config = load_embedder(root)
+    except BackboneError as exc:
+        raise WeightsError(f"--weights {root}: {exc}") from exc
+    arch = config.get("arch", "mobilenetv2")
+    inner = next((layer for layer in model.layers
+                  if isinstance(layer, keras.Model) and layer.name.startswith("mobilenetv2")), None)
+    if arch != "mobilenetv2" or inner is None:
+        raise WeightsError(f"--weights {root}: a {arch} backbone holds no MobileNetV2 to start from; use it with "
+                           "--backbone instead, or pass --weights imagenet")
+    try:
+        backbone.set_weights(inner.get_weights())
+    except ValueError as exc:
+        raise WeightsError(f"--weights {root}: its MobileNetV2 (alpha {config.get('alpha')}) does not fit alpha "
+                           f"{alpha} ({str(exc).splitlines()[0]}); pass --alpha {config.get('alpha')}") from exc
     return backbone
 
 
