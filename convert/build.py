@@ -19,7 +19,7 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.bundle import write_manifest
 from device.cohort import COHORT_FILE
-from device.contract import ENROLLED_VIEWS, UNKNOWN, gallery_from, mirror_mean, mirrored
+from device.contract import ENROLLED_VIEWS, FACE_ONLY, UNKNOWN, gallery_from, l2_normalize, mirror_mean, mirrored
 from device.errors import UsageError
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
@@ -199,10 +199,11 @@ def convert_run(
         }
         if run.kind == "embedding":
             gallery_source = "float model (training run)"
-            views = str((run.config.get("gallery") or {}).get("views", "face"))
+            # How the run embedded its people (device.contract.enrolled_views of its backbone): the device
+            # gallery is remade the same way, and the bundle says so (FaceClassifier's second look).
+            views = str((run.config.get("gallery") or {}).get("views", FACE_ONLY))
             if recalibrate:
-                views = ENROLLED_VIEWS
-                gallery_source, manifest["thresholds"] = _device_gallery(run, run_dir, staging, target_far)
+                gallery_source, manifest["thresholds"] = _device_gallery(run, run_dir, staging, target_far, views)
                 manifest["metrics"]["float_gallery_threshold"] = threshold
             else:
                 shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
@@ -221,7 +222,8 @@ def convert_run(
     return manifest
 
 
-def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float) -> tuple[str, dict[str, Any]]:
+def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float,
+                    views: str) -> tuple[str, dict[str, Any]]:
     """The gallery and threshold the device will use, made as `device enroll` makes them.
 
     Every person's entry is device.contract.centroid of the *converted* embedder's outputs on the
@@ -230,10 +232,12 @@ def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float) -
     """
     from convert.verify import run_tflite
 
-    def enrolled(crops: np.ndarray) -> np.ndarray:  # device.contract.ENROLLED_VIEWS, as FaceClassifier.enrolled
+    def enrolled(crops: np.ndarray) -> np.ndarray:  # as the run's gallery was made, as device enroll does
         model = staging / CLASSIFIER_FILE
-        return mirror_mean(run_tflite(model, normalize(crops, run.prep)),
-                           run_tflite(model, normalize(mirrored(crops), run.prep)))
+        face = run_tflite(model, normalize(crops, run.prep))
+        if views != ENROLLED_VIEWS:
+            return l2_normalize(face)
+        return mirror_mean(face, run_tflite(model, normalize(mirrored(crops), run.prep)))
 
     people_mask = run.split != "negative"
     own = enrolled(run.crops[people_mask])
@@ -245,7 +249,7 @@ def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float) -
     cohort = None
     if (run_dir / COHORT_FILE).is_file():
         try:
-            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1], views=ENROLLED_VIEWS)
+            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1], views=views)
         except cohort_mod.CohortError as exc:
             raise ConvertError(str(exc)) from exc
         shutil.copyfile(run_dir / COHORT_FILE, staging / COHORT_FILE)

@@ -10,9 +10,10 @@ cohort.npz: `embeddings` (N, D) float16, unit length; `identity` (N,) int32 (whi
 face is; the people themselves are not named); `name_hashes` (P,) sha256 hex of each identity's
 folder name (device.cohort.same_name), so a household member who is also in the public set can be left out;
 `same_person_cosine` (): centroid similarity above which two identities are taken to be one person,
-measured on the cohort itself when it was built; `views` (): how each face was embedded,
-device.contract.ENROLLED_VIEWS (face and mirror image) — absent in cohorts of earlier releases, which
-embedded the face alone and are refused where the gallery is face+mirror.
+measured on the cohort itself when it was built; `views` (): how each face was embedded
+(device.contract.enrolled_views of the backbone: face and mirror image for dlib's ResNet) — absent in
+cohorts of earlier releases, which embedded the face alone and are refused where the gallery is
+face+mirror.
 
 The threshold rule (calibrate): every cohort face is scored against the gallery like a camera face —
 best cosine over the gallery's people — and so are the negatives given at training and every
@@ -112,8 +113,8 @@ def identity_centroids(embeddings: np.ndarray, identity: np.ndarray) -> tuple[np
     return ids[multi], l2_normalize(sums[multi] / counts[multi, None])
 
 
-def build(embeddings: np.ndarray, identities: list[str]) -> Cohort:
-    """A cohort from ENROLLED_VIEWS embeddings and the folder name of each face's person."""
+def build(embeddings: np.ndarray, identities: list[str], views: str = ENROLLED_VIEWS) -> Cohort:
+    """A cohort from embeddings made as `views` says and the folder name of each face's person."""
     names = sorted(set(identities))
     index = {n: i for i, n in enumerate(names)}
     ident = np.array([index[n] for n in identities], dtype=np.int32)
@@ -127,7 +128,7 @@ def build(embeddings: np.ndarray, identities: list[str]) -> Cohort:
         same = (float(sims.max()) + 1.0) / 2.0
     else:
         same = 0.98
-    return Cohort(emb, ident, [name_hash(n) for n in names], same, ENROLLED_VIEWS)
+    return Cohort(emb, ident, [name_hash(n) for n in names], same, views)
 
 
 def load(path: str | Path, dim: int | None = None, views: str | None = None) -> Cohort:

@@ -43,8 +43,18 @@ MIN_IMPOSTOR_SCORES = 1000
 # (bench/household_rules.py). A camera face is embedded once and looked at again, mirrored, only when its
 # best score is within SECOND_LOOK of the threshold: in bench/household.py that gave the same rates as
 # mirroring every face, at one more embedder run for 5–8% of clean faces (7–14% degraded).
+# Only for dlib's ResNet (`train backbone --arch dlib-resnet`), where it was measured: a distilled student is
+# not mirror-consistent enough (a weak one's face and mirror embeddings differ more than two photos do), so
+# its galleries stay one view per face and its bundles take no second look.
 ENROLLED_VIEWS = "face+mirror"
+FACE_ONLY = "face"
 SECOND_LOOK = 0.02
+MIRRORED_ARCHS = ("dlib-resnet-v1",)
+
+
+def enrolled_views(arch: str | None) -> str:
+    """How a backbone's enrolled faces are embedded: ENROLLED_VIEWS for dlib's ResNet, else FACE_ONLY."""
+    return ENROLLED_VIEWS if arch in MIRRORED_ARCHS else FACE_ONLY
 
 # The share of a visit's frames that must name a person for the visit to name them. A stranger who
 # resembles one of the family passes the per-photo threshold in some frames; measured over 4,800 stranger

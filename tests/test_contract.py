@@ -65,3 +65,15 @@ def test_train_enroll_and_eval_pick_the_same_subject_face(detector_path):
             assert eval_why == SEVERAL_FACES and SEVERAL_FACES in refused[0][1], path
             outcomes["several"] += 1
     assert outcomes["used"] >= 30 and outcomes["several"] >= 1, outcomes  # two_people.jpg
+
+
+def test_only_dlibs_resnet_enrols_face_and_mirror():
+    from device.contract import ENROLLED_VIEWS, FACE_ONLY, enrolled_views, mirror_mean, mirrored, needs_second_look
+
+    assert enrolled_views("dlib-resnet-v1") == ENROLLED_VIEWS
+    assert enrolled_views("mobilenetv2") == enrolled_views(None) == FACE_ONLY
+    crops = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    assert np.array_equal(mirrored(crops)[1, 2, 0], crops[1, 2, 3]) and mirrored(crops[0]).shape == (3, 4, 3)
+    both = mirror_mean(np.array([[3.0, 0.0]]), np.array([[0.0, 1.0]]))
+    assert np.allclose(both, [[2 ** -0.5, 2 ** -0.5]])
+    assert needs_second_look(0.93, 0.94) and not needs_second_look(0.90, 0.94)

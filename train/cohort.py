@@ -93,9 +93,11 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     if len(set(names)) < 20:
         raise ValueError(f"only {len(set(names))} people with a usable face: a stranger cohort needs hundreds; "
                          "pass a bigger --photos folder or use --lfw")
+    from device.contract import enrolled_views
     from train.fewshot import embed
 
-    return cohort_mod.build(embed(model, np.stack(crops), prep), names)
+    views = enrolled_views(bconfig.get("arch"))
+    return cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
 
 
 def main(argv: list[str] | None = None) -> int:

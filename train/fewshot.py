@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 
 from device import cohort as cohort_mod
-from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, gallery_from, mirror_mean, mirrored
+from device.contract import (
+    ENROLLED_VIEWS,
+    UNKNOWN,
+    best_match,
+    enrolled_views,
+    gallery_from,
+    l2_normalize,
+    mirror_mean,
+    mirrored,
+)
 from device.preprocess import Preprocessing, normalize
 from train.backbone import BackboneError, load_embedder
 from train.crops import split_per_person, summarize_skips
@@ -36,11 +45,13 @@ from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crop
 log = logging.getLogger(__name__)
 
 
-def embed(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Enrolled photos' embeddings: face and mirror image (device.contract.ENROLLED_VIEWS)."""
+def embed(model, crops: np.ndarray, prep: Preprocessing, views: str = ENROLLED_VIEWS) -> np.ndarray:
+    """Enrolled photos' embeddings, as device.contract.enrolled_views says for the backbone."""
     if len(crops) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
     face = model.predict(normalize(crops, prep), batch_size=64, verbose=0)
+    if views != ENROLLED_VIEWS:
+        return l2_normalize(face)
     return mirror_mean(face, model.predict(normalize(mirrored(crops), prep), batch_size=64, verbose=0))
 
 
@@ -65,10 +76,11 @@ def fewshot(args) -> dict[str, Any]:
     people = sorted(people_files)
     tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)
     labels_arr = np.array(pset.labels)
-    emb = embed(model, pset.crops, prep)
+    views = enrolled_views(bconfig.get("arch"))
+    emb = embed(model, pset.crops, prep, views)
     gallery = gallery_from(emb[tr_idx], list(labels_arr[tr_idx]), people)
-    neg_emb = embed(model, nset.crops, prep) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
-    cohort = load_cohort(args, int(emb.shape[1]))
+    neg_emb = embed(model, nset.crops, prep, views) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
+    cohort = load_cohort(args, int(emb.shape[1]), views)
     target_far = cohort_mod.DEFAULT_TARGET_FAR if args.target_far is None else float(args.target_far)
 
     # The threshold rests on every impostor score there is (device.cohort.calibrate): the stranger
@@ -148,7 +160,7 @@ def fewshot(args) -> dict[str, Any]:
         "labels": people,
         "embedding_dim": int(gallery.shape[1]),
         "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos",
-                    "views": ENROLLED_VIEWS},
+                    "views": views},
         "cohort": {"file": cohort_mod.COHORT_FILE, "faces": len(cohort), "people": cohort.people} if cohort else None,
         "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.get("arch", "mobilenetv2"),
                      # the teacher's id and licence, not its 128 mean values
@@ -165,7 +177,7 @@ def fewshot(args) -> dict[str, Any]:
     return report
 
 
-def load_cohort(args, dim: int) -> cohort_mod.Cohort | None:
+def load_cohort(args, dim: int, views: str) -> cohort_mod.Cohort | None:
     """--cohort, else BACKBONE/cohort.npz when there is one; None (and a warning in the report) otherwise."""
     path = Path(args.cohort) if getattr(args, "cohort", None) else Path(args.backbone) / cohort_mod.COHORT_FILE
     if not path.is_file():
@@ -173,7 +185,7 @@ def load_cohort(args, dim: int) -> cohort_mod.Cohort | None:
             raise TrainError(f"--cohort {path}: no such file; build it with `python -m train cohort`")
         return None
     try:
-        return cohort_mod.load(path, dim, views=ENROLLED_VIEWS)
+        return cohort_mod.load(path, dim, views=views)
     except cohort_mod.CohortError as exc:
         raise TrainError(str(exc)) from exc
 
