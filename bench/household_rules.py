@@ -40,7 +40,7 @@ import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
 from bench.household import SIZES, draw_households
-from device.contract import l2_normalize
+from device.contract import l2_normalize, mirrored
 
 RATES = (0.001, 0.0025, 0.005)  # strangers accepted, where known is read off
 GRID = 400  # thresholds swept per rule and household size
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if crop is not None:
             ok[i] = True
             plain[i] = clf.raw(crop)
-            flipped[i] = clf.raw(np.ascontiguousarray(crop[:, ::-1]))
+            flipped[i] = clf.raw(mirrored(crop))
     plain, flipped = l2_normalize(plain), l2_normalize(flipped)
     averaged = l2_normalize(plain + flipped)
 

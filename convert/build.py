@@ -19,7 +19,7 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.bundle import write_manifest
 from device.cohort import COHORT_FILE
-from device.contract import ENROLLED_VIEWS, FACE_ONLY, UNKNOWN, gallery_from, l2_normalize, mirror_mean, mirrored
+from device.contract import FACE_ONLY, UNKNOWN, embed_enrolled, gallery_from
 from device.errors import UsageError
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
@@ -233,11 +233,7 @@ def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float,
     from convert.verify import run_tflite
 
     def enrolled(crops: np.ndarray) -> np.ndarray:  # as the run's gallery was made, as device enroll does
-        model = staging / CLASSIFIER_FILE
-        face = run_tflite(model, normalize(crops, run.prep))
-        if views != ENROLLED_VIEWS:
-            return l2_normalize(face)
-        return mirror_mean(face, run_tflite(model, normalize(mirrored(crops), run.prep)))
+        return embed_enrolled(lambda x: run_tflite(staging / CLASSIFIER_FILE, normalize(x, run.prep)), crops, views)
 
     people_mask = run.split != "negative"
     own = enrolled(run.crops[people_mask])

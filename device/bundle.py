@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from device.contract import FACE_ONLY
 from device.errors import UsageError
 from device.preprocess import Preprocessing
 
@@ -78,9 +79,9 @@ class Bundle:
     gallery_embeddings: np.ndarray | None = None
     gallery_labels: list[str] = field(default_factory=list)
     cohort_path: Path | None = None  # embedding kind: the stranger cohort enrolment recalibrates on
-    # embedding kind: how the gallery's faces were embedded ("face", or device.contract.ENROLLED_VIEWS:
+    # embedding kind: how the gallery's faces were embedded (device.contract.FACE_ONLY, or ENROLLED_VIEWS:
     # face and mirror image, which turns on the classifier's second look)
-    enrolled_views: str = "face"
+    enrolled_views: str = FACE_ONLY
 
     @property
     def bundle_id(self) -> str:
@@ -269,7 +270,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         if len(emb) and (not np.all(np.isfinite(emb)) or not np.all(np.isfinite(norms)) or np.any(norms < 1e-6)):
             raise BundleError(f"{gpath}: gallery holds NaN, infinite, all-zero or overflowing entries; rebuild the "
                               "bundle or enroll those people again")
-        bundle.enrolled_views = str(gallery.get("views", "face"))
+        bundle.enrolled_views = str(gallery.get("views", FACE_ONLY))
         cohort = manifest.get("cohort")
         if isinstance(cohort, dict) and cohort.get("file") in files:
             bundle.cohort_path = root / cohort["file"]

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.bundle import Bundle
-from device.contract import ENROLLED_VIEWS, UNKNOWN, accept, l2_normalize, mirror_mean, mirrored, needs_second_look
+from device.contract import (
+    ENROLLED_VIEWS,
+    FACE_ONLY,
+    UNKNOWN,
+    accept,
+    embed_enrolled,
+    l2_normalize,
+    mirror_mean,
+    mirrored,
+    needs_second_look,
+)
 from device.preprocess import normalize
 from device.runtime import ModelError, TFLiteModel
 
@@ -82,8 +92,9 @@ class FaceClassifier:
             )
         self.threshold = bundle.accept_threshold
         self.backend = _BACKENDS[bundle.kind](bundle, int(self.model.output_shape[-1]))
+        self.views = bundle.enrolled_views if bundle.kind == "embedding" else FACE_ONLY
         # A gallery of face+mirror embeddings is matched with the second look (device.contract.SECOND_LOOK).
-        self.second_look = bundle.kind == "embedding" and bundle.enrolled_views == ENROLLED_VIEWS
+        self.second_look = self.views == ENROLLED_VIEWS
 
     @property
     def gallery(self) -> np.ndarray:
@@ -98,8 +109,8 @@ class FaceClassifier:
         return self.backend.output(self.model.run(normalize(crop[None], self.prep))[0][0])
 
     def enrolled(self, crop: np.ndarray) -> np.ndarray:
-        """An enrolled photo's embedding, as the gallery and the cohort were made (device.contract.ENROLLED_VIEWS)."""
-        return mirror_mean(self.raw(crop), self.raw(mirrored(crop)))
+        """An enrolled photo's embedding, made as the bundle's gallery and cohort were (its views)."""
+        return embed_enrolled(self.raw, crop, self.views)
 
     def decide(self, out: np.ndarray) -> Prediction:
         best, score = self.backend.best(out)

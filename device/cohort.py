@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import ENROLLED_VIEWS, MIN_IMPOSTOR_SCORES, best_match, l2_normalize, threshold_for_far
+from device.contract import ENROLLED_VIEWS, FACE_ONLY, MIN_IMPOSTOR_SCORES, best_match, l2_normalize, threshold_for_far
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def load(path: str | Path, dim: int | None = None, views: str | None = None) -> 
             emb = data["embeddings"].astype(np.float32)
             cohort = Cohort(l2_normalize(emb), data["identity"].astype(np.int64),
                             [str(h) for h in data["name_hashes"]], float(data["same_person_cosine"]),
-                            str(data["views"]) if "views" in data.files else "face")
+                            str(data["views"]) if "views" in data.files else FACE_ONLY)
     except (OSError, KeyError, ValueError) as exc:
         raise CohortError(f"{path}: unreadable stranger cohort ({exc}); "
                           "rebuild it with `python -m train cohort`") from exc

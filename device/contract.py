@@ -56,6 +56,7 @@ def enrolled_views(arch: str | None) -> str:
     """How a backbone's enrolled faces are embedded: ENROLLED_VIEWS for dlib's ResNet, else FACE_ONLY."""
     return ENROLLED_VIEWS if arch in MIRRORED_ARCHS else FACE_ONLY
 
+
 # The share of a visit's frames that must name a person for the visit to name them. A stranger who
 # resembles one of the family passes the per-photo threshold in some frames; measured over 4,800 stranger
 # visits of 5 photos per household size (bench/household.py, docs/BENCHMARKS.md; face-only embeddings at
@@ -119,6 +120,13 @@ def mirrored(crops: np.ndarray) -> np.ndarray:
 def mirror_mean(face: np.ndarray, mirror: np.ndarray) -> np.ndarray:
     """A face's ENROLLED_VIEWS embedding from its own and its mirror image's (rows alike)."""
     return l2_normalize(l2_normalize(face) + l2_normalize(mirror))
+
+
+def embed_enrolled(embed: Any, crops: np.ndarray, views: str) -> np.ndarray:
+    """Enrolled faces' unit embeddings as `views` says: `embed` (crops → embeddings, any runner: Keras,
+    LiteRT, one crop or a batch) on the faces, averaged with their mirror images for ENROLLED_VIEWS."""
+    face = embed(crops)
+    return mirror_mean(face, embed(mirrored(crops))) if views == ENROLLED_VIEWS else l2_normalize(face)
 
 
 def needs_second_look(score: float, threshold: float) -> bool:

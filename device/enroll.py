@@ -175,7 +175,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
             f"only {len(crops)} of {len(photos)} photos in {photos_dir} show one usable face (need {min_photos}; "
             "refused ones are listed above); add clear, front-facing photos of one person"
         )
-    emb = np.stack([classifier.enrolled(c) if classifier.second_look else classifier.raw(c) for c in crops])
+    emb = np.stack([classifier.enrolled(c) for c in crops])
     entry = centroid(emb)
     # How this person's own photos score against the new entry, and how close they come to others:
     # a newcomer already matching someone else above the threshold is worth a warning.

@@ -219,7 +219,7 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     with np.load(run / "crops.npz") as c:
         keep = c["split"] != "negative"
         # As enroll makes an entry: face+mirror where the backbone's views say so (dlib's ResNet), else the face.
-        emb = np.stack([clf.enrolled(x) if clf.second_look else clf.raw(x) for x in c["crops"][keep]])
+        emb = np.stack([clf.enrolled(x) for x in c["crops"][keep]])
         expected = gallery_from(emb, [str(v) for v in c["labels"][keep]], bundle.gallery_labels)
     assert np.allclose(bundle.gallery_embeddings, expected, atol=1e-5)
     assert bundle.manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")

@@ -27,16 +27,7 @@ from typing import Any
 import numpy as np
 
 from device import cohort as cohort_mod
-from device.contract import (
-    ENROLLED_VIEWS,
-    UNKNOWN,
-    best_match,
-    enrolled_views,
-    gallery_from,
-    l2_normalize,
-    mirror_mean,
-    mirrored,
-)
+from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, embed_enrolled, enrolled_views, gallery_from
 from device.preprocess import Preprocessing, normalize
 from train.backbone import BackboneError, load_embedder
 from train.crops import split_per_person, summarize_skips
@@ -49,10 +40,7 @@ def embed(model, crops: np.ndarray, prep: Preprocessing, views: str = ENROLLED_V
     """Enrolled photos' embeddings, as device.contract.enrolled_views says for the backbone."""
     if len(crops) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    face = model.predict(normalize(crops, prep), batch_size=64, verbose=0)
-    if views != ENROLLED_VIEWS:
-        return l2_normalize(face)
-    return mirror_mean(face, model.predict(normalize(mirrored(crops), prep), batch_size=64, verbose=0))
+    return embed_enrolled(lambda x: model.predict(normalize(x, prep), batch_size=64, verbose=0), crops, views)
 
 
 def fewshot(args) -> dict[str, Any]:
