@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, absent
 
 WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -173,7 +173,7 @@ def tiny_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """The directory holding photos/, heldout/, run/, bundle/ (built once, then cached)."""
     for path in (LFW, WEIGHTS):
         if not path.exists():
-            pytest.skip(f"{path} is absent: the tiny bundle needs ../shared (see ../shared/README.md)")
+            pytest.skip(absent(path, what="the tiny bundle"))
     from models import default_detector_path
 
     if not default_detector_path().is_file():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, absent
 
 WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -46,7 +46,7 @@ def _need_teacher() -> None:
 def _need_shared() -> None:
     for path in (LFW, WEIGHTS):
         if not path.exists():
-            pytest.skip(f"{path} is absent: this test needs ../shared (see ../shared/README.md)")
+            pytest.skip(absent(path))
     from models import default_detector_path
 
     if not default_detector_path().is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, absent
 
 LFW = SHARED_DATA / "faces" / "lfw-dev"
 HOUSEHOLD_PHOTOS = 10
@@ -39,7 +39,7 @@ def _link(dest: Path, person: str, photos: list[Path]) -> None:
 @pytest.fixture(scope="module")
 def household(tmp_path_factory, detector_path) -> dict:
     if not LFW.is_dir():
-        pytest.skip(f"{LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+        pytest.skip(absent(LFW))
     try:
         import face_recognition_models  # noqa: F401
     except ImportError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, absent
 
 SCENES = SHARED_DATA / "photos" / "scenes"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -22,7 +22,7 @@ LFW = SHARED_DATA / "faces" / "lfw-dev"
 
 def _photos() -> list[Path]:
     if not SCENES.is_dir() or not LFW.is_dir():
-        pytest.skip(f"{SCENES} or {LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+        pytest.skip(absent(SCENES, LFW))
     lfw = [p for d in sorted(LFW.iterdir())[:12] for p in sorted(d.glob("*.jpg"))[:3]]
     return sorted(SCENES.glob("*.jpg")) + sorted(SCENES.glob("*.png")) + lfw
 

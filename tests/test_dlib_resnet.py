@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, absent
 
 CELEBS = SHARED_DATA / "faces" / "five-celebrities"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -101,7 +101,7 @@ def dlib_bundle(tmp_path_factory, detector_path) -> dict[str, Path]:
     """backbone → few-shot gallery of five-celebrities/train → int8 bundle, with the user's commands."""
     _dlib_or_skip()
     if not CELEBS.is_dir() or not LFW.is_dir():
-        pytest.skip(f"{CELEBS} or {LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+        pytest.skip(absent(CELEBS, LFW))
     work = tmp_path_factory.mktemp("dlib")
     paths = {"backbone": work / "backbone", "run": work / "run", "bundle": work / "bundle", "work": work}
     steps = [
@@ -171,7 +171,7 @@ def test_dlib_chip_alignment_frames_faces_as_dlib_does(detector_path):
     landmarks), and much closer than with faceberry's tighter default framing at the same size."""
     dlib, frm = _dlib_or_skip()
     if not LFW.is_dir():
-        pytest.skip(f"{LFW} is absent: this test needs ../shared")
+        pytest.skip(absent(LFW))
     net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
     shape = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
     people = ("Andre_Agassi", "Halle_Berry", "Bill_Clinton")
@@ -287,7 +287,7 @@ def test_rebuilt_teacher_labels_dlib_chips_as_dlib_does(detector_path, tmp_path)
     dlib-chip-v1 crops, and caches them apart from dlib-code labels."""
     dlib, frm = _dlib_or_skip()
     if not CELEBS.is_dir():
-        pytest.skip(f"{CELEBS} is absent: this test needs ../shared")
+        pytest.skip(absent(CELEBS))
     from train.teacher import TeacherCache, label_crops
 
     chips, _ = _chips(sorted((CELEBS / "val").glob("*/*.jpg"))[:10], "dlib-chip-v1", detector_path)
