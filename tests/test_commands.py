@@ -72,7 +72,7 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
     got: list[tuple[str, bytes, str]] = []
     arrived = threading.Event()
 
-    def handler(topic: str, payload: bytes) -> None:
+    def handler(topic: str, payload: bytes, retain: bool) -> None:
         got.append((topic, payload, threading.current_thread().name))
         arrived.set()
 
