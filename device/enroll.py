@@ -192,15 +192,15 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         _recover(bundle_dir)
         source = bundle_dir
     bundle = load_bundle(source)
+    problem = name_problem(name, [*bundle.labels, *bundle.gallery_labels], replace)
+    if problem:
+        raise EnrollError(problem)
     if bundle.kind != "embedding":
         raise EnrollError(
             f"{bundle_dir} is a {bundle.kind} bundle: its people are fixed in the network, so enroll cannot add one; "
             "retrain with the new person's photos (`python -m train ...`), or build an embedding bundle with "
             "`python -m train --backbone BACKBONE_DIR ...` to enroll people on the device"
         )
-    problem = name_problem(name, [*bundle.labels, *bundle.gallery_labels], replace)
-    if problem:
-        raise EnrollError(problem)
     if name in bundle.labels and not replace:
         raise EnrollError(f"{name!r} is already in {bundle_dir}; pass --replace to re-enroll them from these photos")
     if not photos_dir.is_dir():

@@ -170,3 +170,47 @@ def test_the_wrong_button_corrects_the_recognition_it_showed() -> None:
     entities = _command_entities()
     assert {json.loads(entities[k]["payload_press"])["command"] for k in ("undo", "forget")} == {"undo", "forget"}
     assert "command_template" not in entities["undo"] and "command_template" not in entities["forget"]
+
+
+# --- names: what they become in topics and Home Assistant ids ----------------------------------------------
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("Ann Lee", "the same MQTT topic as 'Ann_Lee' (both become person/Ann_Lee)"),
+    ("Ann_Lee/", "the same MQTT topic as 'Ann_Lee'"),
+    ("ann_lee", "differ only in case"),
+    ("/", "becomes '_'"),
+    ("+#", "becomes '_'"),
+    ("..", "becomes '_'"),
+    ("_ _", "becomes '_'"),
+    ("Unknown", "reserved label 'unknown'"),
+    ("unknown/", "reserved label 'unknown'"),
+    ("李娜", "the same Home Assistant unique id as '张伟'"),
+])
+def test_a_name_that_collides_in_topics_or_ids_is_refused_with_the_reason(name: str, reason: str) -> None:
+    from device.enroll import name_problem
+
+    problem = name_problem(name, ["Ann_Lee", "Bob", "张伟"])
+    assert problem is not None and reason in problem, problem
+    assert "choose" in problem  # the fix
+
+
+def test_names_that_stay_apart_are_accepted() -> None:
+    from device.enroll import name_problem
+
+    for name in ("Carol", "Ann Leigh", "Zoë", "李娜娜", "Bob2"):
+        assert name_problem(name, ["Ann_Lee", "Bob", "张伟"]) is None, name
+    assert name_problem("Bob", ["Bob"]) is None  # the caller says "already enrolled, pass --replace"
+    assert name_problem("Bob", ["Bob"], replace=True) is None
+    assert "--replace" in name_problem("bob", ["Bob"], replace=True)
+
+
+def test_enroll_refuses_a_name_that_collides_with_someone_in_the_bundle(tiny_bundle, tmp_path) -> None:
+    from device.bundle import load_bundle
+    from device.enroll import EnrollError, enroll
+
+    person = next(lab for lab in load_bundle(tiny_bundle).labels if "_" in lab)  # LFW names: First_Last
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for twin in (person.replace("_", " "), person + "/", person.lower()):
+        with pytest.raises(EnrollError, match=f"as '{person}'"):
+            enroll(tiny_bundle, twin, photos, min_photos=1)
