@@ -226,7 +226,8 @@ def test_the_handler_answers_every_hostile_message_and_logs_one_safe_line(
     assistant = service.assistant
     caplog.set_level(logging.DEBUG, logger="device")
     sent = 0
-    unique = {payload: what for what, payload in reversed(cases)}  # a retained payload is answered once
+    # A retained payload is answered once per process (the daemon keeps the first LIMIT + 1 bytes of each).
+    unique = {payload[:LIMIT + 1]: what for what, payload in reversed(cases)}
     for payload, what in unique.items():
         for retain in (False, True):
             before = len(answers(service))
@@ -446,3 +447,18 @@ def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory,
     messages = {a["message"] for a in got}
     assert messages <= {"no correction to undo"} | {m for m in messages if m.startswith("busy: ")}, messages
     assert "refused" in err
+
+
+def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    assistant = service.assistant
+    caplog.set_level(logging.INFO, logger="device.assistant")
+    for i in range(200):
+        # Home Assistant's birth message is usually retained: that is normal, and it still counts.
+        assistant._queue("homeassistant/status", b"online", i % 2 == 0)
+    assistant._queue(COMMAND_TOPIC, _dump({"command": "undo", "request_id": "after-flood"}), False)
+    assistant.tick()
+    assert caplog.text.count("home assistant is online: publishing discovery again") == 1
+    # The flood took no command's place: the command behind it was run and answered.
+    assert answers(service)[-1]["request_id"] == "after-flood"
+    assistant.tick()
+    assert caplog.text.count("home assistant is online") == 1
