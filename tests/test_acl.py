@@ -284,7 +284,10 @@ def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, hel
         configs = {t for t, p in watcher.messages if t.startswith("homeassistant/") and t.endswith("/config") and p}
         expected = {t for t, _ in ha.discovery("faceberry", DEVICE, [], images=True, commands=True)}
         assert expected <= configs, expected - configs
-        assert any(t == ha.diagnostics_topic("faceberry", DEVICE) for t, _ in watcher.messages)
+        for topic in (ha.diagnostics_topic("faceberry", DEVICE), ha.image_topic("faceberry", DEVICE, "last_face")):
+            assert watcher.wait_for(lambda m, topic=topic: any(t == topic for t, _ in m), 30), topic
+        assert watcher.wait_for(lambda m: any(t.startswith(f"faceberry/{DEVICE}/presence/") and p == b"ON"
+                                              for t, p in m), 30)
     finally:
         err = d.stop()
         home.close()
