@@ -462,3 +462,32 @@ def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplo
     assert answers(service)[-1]["request_id"] == "after-flood"
     assistant.tick()
     assert caplog.text.count("home assistant is online") == 1
+
+
+def test_naming_acts_on_the_face_whose_event_id_came_with_the_command(service: Any, monkeypatch) -> None:
+    import numpy as np
+
+    assistant = service.assistant
+    crop = np.full((32, 32, 3), 100, np.uint8)
+    for n, (event_id, label) in enumerate((("e-unknown-1", "unknown"), ("e-alice", "alice"),
+                                           ("e-unknown-2", "unknown"))):
+        assert assistant.faces.add(event_id=event_id, label=label, score=0.5, track_id=n, bundle_id="b",
+                                   crops=[crop], embeddings=np.ones((1, 4), np.float32), at=time.time() - 10 + n)
+    named: list[tuple[str, list[str]]] = []
+    # The enrolment itself is device.enroll's (tested there); here: which face it is given.
+    monkeypatch.setattr(assistant, "_enroll", lambda name, faces, stranger_id=None: (
+        named.append((name, [f.event_id for f in faces])) or (True, "enrolled", {})))
+
+    def run(body: dict) -> dict:
+        assistant._queue(COMMAND_TOPIC, _dump(body), False)
+        assistant.tick()
+        return answers(service)[-1]
+
+    assert run({"command": "name_last_unknown", "name": "Carol", "event_id": "e-unknown-1"})["ok"] is True
+    assert run({"command": "name_last_unknown", "name": "Dave"})["ok"] is True  # no event id: the newest
+    assert named == [("Carol", ["e-unknown-1"]), ("Dave", ["e-unknown-2"])]
+    refused = run({"command": "name_last_unknown", "name": "Carol", "event_id": "e-alice"})
+    assert refused["ok"] is False and "recognised as alice, not unknown" in refused["message"]
+    refused = run({"command": "name_last_unknown", "name": "Carol", "event_id": "e-gone"})
+    assert refused["ok"] is False and "e-gone is not among the stored faces" in refused["message"]
+    assert len(named) == 2
