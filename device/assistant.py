@@ -7,6 +7,8 @@ What each part stores and publishes is in docs/MQTT.md and the README's Home Ass
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -21,7 +23,17 @@ import numpy as np
 
 from device import homeassistant as ha
 from device.classifier import UNKNOWN, Prediction
-from device.commands import CommandError, Forget, NameLastUnknown, NameStranger, Undo, Wrong, parse, result_payload
+from device.commands import (
+    CommandError,
+    Forget,
+    NameLastUnknown,
+    NameStranger,
+    Undo,
+    Wrong,
+    parse,
+    result_payload,
+    safe_text,
+)
 from device.contract import accept_with_negatives
 from device.corrections import Negatives
 from device.events import encode, iso_utc
@@ -35,7 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INBOX_SIZE = 32  # messages waiting for the frame loop; more are dropped (and logged): a flood is not a backlog
+# Messages waiting for the frame loop. A command that finds it full is refused at once with an answer
+# ("busy"), from paho's thread: a flood is not a backlog, and every command still gets its answer.
+INBOX_SIZE = 32
 
 
 @dataclass
@@ -72,8 +86,11 @@ class Assistant:
                                             self.mem.stranger_retention)
         self._discovery_lock = threading.Lock()  # paho's thread (on connect) and the frame loop both publish it
         self.ledger = ha.DiscoveryLedger(state / f"discovery-{self.device_id}.json" if state else None)
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX_SIZE)
-        self.inbox_dropped = 0
+        self.inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue(INBOX_SIZE)
+        self._busy_lock = threading.Lock()
+        self._busy = 0  # commands refused as busy in paho's thread since the last tick
+        self._ha_online = False  # Home Assistant said `online` during this tick: publish discovery once
+        self._retained_seen: set[bytes] = set()  # digests of retained commands answered by this process
         self._samples: dict[int, deque[FaceSample]] = {}
         # Only the face store, the stranger memory and the images read a track's samples.
         self._keep_samples = self.faces is not None or self.strangers is not None or self.images
@@ -95,12 +112,39 @@ class Assistant:
         if self.commands:
             pub.subscribe(ha.command_topic(self.prefix, self.device_id), self._queue)
 
-    def _queue(self, topic: str, payload: bytes) -> None:
-        # paho's thread: keep at most one byte more than the limit (enough to refuse it as oversized).
+    def _queue(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        # paho's thread: only queue (or answer "busy"), never run anything here.
+        if topic == ha.ha_status_topic(self.cfg.events.homeassistant_prefix):
+            # Retained or not (its birth message is usually retained); a flood of `online` is one
+            # publication at the next tick, and never takes a command's place in the inbox.
+            if payload.strip() == b"online":
+                self._ha_online = True
+            return
+        # At most one byte more than the limit: enough to refuse it as oversized.
+        payload = payload[: self.ha.command_max_bytes + 1]
         try:
-            self.inbox.put_nowait((topic, payload[: self.ha.command_max_bytes + 1]))
+            self.inbox.put_nowait((topic, payload, retain))
         except queue.Full:
-            self.inbox_dropped += 1
+            self._refuse_busy(payload, retain)
+
+    def _refuse_busy(self, payload: bytes, retain: bool) -> None:
+        """Answer a command that found the inbox full (paho's thread: parse is bounded and never raises
+        anything but CommandError; publish only writes to the thread-safe outbox)."""
+        if not payload:
+            return
+        try:
+            cmd = parse(payload, self.ha.command_max_bytes)
+            command, request_id = cmd.command, cmd.request_id
+        except CommandError as exc:
+            command, request_id = exc.command, exc.request_id
+        if retain:
+            message = "retained command ignored (it was published with the retain flag; it is not run)"
+        else:
+            message = f"busy: {self.inbox.qsize()} commands waiting, try again"
+        with self._busy_lock:
+            self._busy += 1
+        self.publish(ha.command_result_topic(self.prefix, self.device_id),
+                     encode(result_payload(command=command, ok=False, message=message, request_id=request_id)))
 
     def started(self) -> None:
         """At the daemon's start: nobody is present yet as far as this process knows."""
@@ -184,14 +228,20 @@ class Assistant:
                 self._publish_presence(label, False)
         while True:
             try:
-                topic, payload = self.inbox.get_nowait()
+                topic, payload, retain = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            self._handle(topic, payload)
-        if self.inbox_dropped:
-            log.warning("dropped %d incoming MQTT messages: more than %d arrived between two frames",
-                        self.inbox_dropped, INBOX_SIZE)
-            self.inbox_dropped = 0
+            self._handle(topic, payload, retain)
+        if self._ha_online:
+            self._ha_online = False
+            log.info("home assistant is online: publishing discovery again")
+            self.publish_discovery()
+        if self._busy:
+            with self._busy_lock:
+                busy, self._busy = self._busy, 0
+            self.commands_refused += busy
+            log.warning("refused %d commands as busy: more than %d arrived between two frames (each was answered)",
+                        busy, INBOX_SIZE)
 
     def _publish_presence(self, label: str, on: bool) -> None:
         self.publish(ha.presence_topic(self.prefix, self.device_id, label), ha.ON if on else ha.OFF, retain=True)
@@ -254,31 +304,62 @@ class Assistant:
 
     # --- commands ---------------------------------------------------------------------------------------------
 
-    def _handle(self, topic: str, payload: bytes) -> None:
-        if topic == ha.ha_status_topic(self.cfg.events.homeassistant_prefix):
-            if payload.strip() == b"online":
-                log.info("home assistant is online: publishing discovery again")
-                self.publish_discovery()
-            return
+    def _handle(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """One queued message. Nothing in it may end the daemon: whatever goes wrong is a refused answer."""
+        command: str | None = None
+        request_id: str | None = None
         try:
-            cmd = parse(payload, self.ha.command_max_bytes)
-        except CommandError as exc:
-            self._answer(exc.command, False, str(exc), exc.request_id)
-            return
-        try:
-            ok, message, extra = self._run(cmd)
-        except Exception as exc:  # a command must never take the daemon down
-            log.exception("command %s failed", cmd.command)
-            ok, message, extra = False, f"failed: {type(exc).__name__}: {exc}", {}
-        self._answer(cmd.command, ok, message, cmd.request_id, **extra)
+            if not payload:
+                # An empty message is how MQTT clears a retained one (ours included, below): not a command.
+                log.debug("ignored an empty message on %s", topic)
+                return
+            try:
+                cmd = parse(payload, self.ha.command_max_bytes)
+            except CommandError as exc:
+                command, request_id = exc.command, exc.request_id
+                if retain:
+                    self._ignore_retained(topic, payload, command, request_id)
+                else:
+                    self._answer(command, False, str(exc), request_id)
+                return
+            command, request_id = cmd.command, cmd.request_id
+            if retain:
+                self._ignore_retained(topic, payload, command, request_id)
+                return
+            try:
+                ok, message, extra = self._run(cmd)
+            except Exception as exc:  # a command must never take the daemon down
+                log.error("command %s failed: %s: %s", command, type(exc).__name__, safe_text(exc),
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                ok, message, extra = False, f"failed: {type(exc).__name__}: {safe_text(exc)}", {}
+            self._answer(command, ok, message, request_id, **extra)
+        except Exception as exc:  # the answer itself failed (encoding, the outbox): say so once, go on
+            log.error("a message on %s could not be handled: %s: %s", topic, type(exc).__name__, safe_text(exc),
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            with contextlib.suppress(Exception):  # nothing more can be said; the daemon goes on
+                self._answer(command, False, f"failed: {type(exc).__name__}", request_id)
+
+    def _ignore_retained(self, topic: str, payload: bytes, command: str | None, request_id: str | None) -> None:
+        """A retained command is an old message the broker replays at every start and reconnection: run,
+        it would act again each time (one more correction per restart, on whatever face is newest). It is
+        refused and answered once per process, and cleared from the broker with an empty retained message
+        (a broker whose ACL forbids this user the command topic drops that: the line says how to clear it)."""
+        digest = hashlib.sha256(payload).digest()
+        if digest in self._retained_seen:
+            return  # answered already by this process (a reconnection replays it)
+        self._retained_seen.add(digest)
+        self._answer(command, False, "retained command ignored (a retained message would run again at every "
+                     f"start); asked the broker to clear it (if it stays: mosquitto_pub -r -n -t {topic})",
+                     request_id)
+        self.publish(topic, b"", retain=True)
 
     def _answer(self, command: str | None, ok: bool, message: str, request_id: str | None, **extra: Any) -> None:
         if ok:
             self.commands_accepted += 1
-            log.info("command %s accepted: %s", command, message)
+            log.info("command %s accepted: %s", command, safe_text(message, 400))
         else:
             self.commands_refused += 1
-            log.warning("command %s refused: %s", command or "(unreadable)", message)
+            log.warning("command %s refused: %s", command or "(unreadable)", safe_text(message, 400))
         payload = result_payload(command=command, ok=ok, message=message, request_id=request_id, **extra)
         self.publish(ha.command_result_topic(self.prefix, self.device_id), encode(payload))
 
@@ -286,6 +367,15 @@ class Assistant:
         if self.faces is None and not isinstance(cmd, Undo | Forget):
             return False, "no faces are remembered (state_dir is not writable)", {}
         if isinstance(cmd, NameLastUnknown):
+            if cmd.event_id:  # the face the user saw (Home Assistant sends its event id), not the newest
+                face = self.faces.get(cmd.event_id)
+                if face is None:
+                    return False, (f"event {cmd.event_id} is not among the stored faces (already named, forgotten "
+                                   "or older than memory.max_age)"), {}
+                if face.label != UNKNOWN:
+                    return False, (f"event {cmd.event_id} was recognised as {face.label}, not unknown; if that was "
+                                   "wrong, send \"wrong\" with its event_id"), {}
+                return self._enroll(cmd.name, [face])
             face = self.faces.last(label=UNKNOWN)
             if face is None:
                 return False, "no unknown face is stored (none seen within memory.max_age)", {}

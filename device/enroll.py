@@ -30,6 +30,8 @@ import os
 import secrets
 import shutil
 import sys
+import unicodedata
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +43,8 @@ from device.classifier import FaceClassifier
 from device.contract import IMAGE_SUFFIXES, UNKNOWN, UNREADABLE, centroid, list_images, subject_face
 from device.detector import FaceDetector
 from device.errors import UsageError
+from device.events import sanitize_label
+from device.homeassistant import _object_id
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.reloader import add_store_arguments, read_setup, reload_and_report
 from device.runtime import ModelError
@@ -75,6 +79,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=KEEP,
                         help=f"versions kept in the store besides current and previous (default {KEEP})")
     add_store_arguments(parser)
+
+
+def _name_key(name: str) -> str:
+    # What a name becomes in MQTT topics (sanitize_label) and Home Assistant unique ids (_object_id), and
+    # case-blind as Home Assistant's entity ids are: two names with one key would share a topic or an entity.
+    return _object_id("", sanitize_label(name)).casefold()
+
+
+def name_problem(name: str, labels: Sequence[str], replace: bool = False) -> str | None:
+    """Why `name` cannot be enrolled beside `labels` (None: it can); one line naming the fix.
+
+    A name is refused when its topic level is nothing but `_` (`/`, `+#`, `..`), when it is the reserved
+    `unknown` under another spelling, or when it maps to the topic or unique id of someone already enrolled
+    (`Ann Lee` or `Ann_Lee/` beside `Ann_Lee`) unless it is that very name and `replace` is asked for.
+    """
+    topic = sanitize_label(name)
+    if topic == "_" or not topic.strip("_"):
+        return (f"the name {name!r} becomes {topic!r} in MQTT topics and Home Assistant ids (slashes, wildcards, "
+                "spaces and control characters are replaced by _): choose a name with letters or digits")
+    key = _name_key(name)
+    if key == _name_key(UNKNOWN):
+        return f"the name {name!r} stands for the reserved label {UNKNOWN!r}; choose another name"
+    for label in labels:
+        if label == name:
+            if replace:
+                continue
+            return None  # the caller's own "already enrolled, pass --replace" says it better
+        if _name_key(label) == key:
+            if sanitize_label(label) == topic:
+                same = f"the same MQTT topic as {label!r} (both become person/{topic})"
+            elif sanitize_label(label).casefold() == topic.casefold():
+                same = f"the same Home Assistant entity id as {label!r} (they differ only in case)"
+            else:
+                same = (f"the same Home Assistant unique id as {label!r} (letters outside A-Z, digits, _ and - "
+                        f"become _: both become {_object_id('', topic)[len('faceberry__'):]!r})")
+            return (f"the name {name!r} maps to {same}, who is already enrolled; choose a name that differs in "
+                    f"letters or digits, or re-enroll {label!r} under that exact name with --replace")
+    return None
 
 
 def _fail(msg: str) -> int:
@@ -130,7 +172,8 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
     With a store (`store`, or `bundle_dir` being a store's `current` link) a new version is written and
     `current` switched to it; the summary's `path` and `bundle_id` name it. Nothing is reloaded here.
     """
-    name = name.strip()
+    # NFC: "Zoë" typed with a combining accent is the same person (and topic) as the precomposed one.
+    name = unicodedata.normalize("NFC", name.strip())
     if not name or "\n" in name or name.lower() == UNKNOWN:
         raise EnrollError(
             f"--name {name!r} is not usable (empty, multi-line or the reserved {UNKNOWN!r}); choose another name"
@@ -149,6 +192,9 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         _recover(bundle_dir)
         source = bundle_dir
     bundle = load_bundle(source)
+    problem = name_problem(name, [*bundle.labels, *bundle.gallery_labels], replace)
+    if problem:
+        raise EnrollError(problem)
     if bundle.kind != "embedding":
         raise EnrollError(
             f"{bundle_dir} is a {bundle.kind} bundle: its people are fixed in the network, so enroll cannot add one; "

@@ -174,18 +174,46 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         add("sensor", key, config)
     if commands:
         cmd = command_topic(prefix, device_id)
+        events = events_topic(prefix, device_id)
+        # The text box and the "wrong" button carry, as attributes, the face they act on (the last unknown
+        # one, the last recognised one) and send its event id: a face decided between the look and the click
+        # is not the one named or corrected. Without an event id (Home Assistant restarted since the face
+        # was seen) the daemon takes the newest such face.
         add("text", "name_last_unknown", {
             "name": "Name the last unknown face", "command_topic": cmd, "min": 1, "max": 64, "mode": "text",
-            "command_template": '{"command": "name_last_unknown", "name": {{ value | to_json }}}',
+            "json_attributes_topic": events,
+            "json_attributes_template": _kept_face_template("value_json.label == 'unknown'"),
+            "command_template": ('{%- set e = this.attributes.get("event_id") if this and this.attributes else none -%}'
+                                 '{"command": "name_last_unknown", "name": {{ value | to_json }}'
+                                 '{% if e %}, "event_id": {{ e | to_json }}{% endif %}}'),
+        })
+        add("button", "wrong", {
+            "name": "Last recognition was wrong", "command_topic": cmd,
+            "payload_press": json.dumps({"command": "wrong"}, separators=(",", ":")),
+            "json_attributes_topic": events,
+            "json_attributes_template": _kept_face_template("value_json.label != 'unknown'"),
+            "command_template": ('{%- set e = this.attributes.get("event_id") if this and this.attributes else none -%}'
+                                 '{"command": "wrong"{% if e %}, "event_id": {{ e | to_json }}{% endif %}}'),
         })
         for suffix, name, payload in (
-            ("wrong", "Last recognition was wrong", {"command": "wrong"}),
             ("undo", "Undo last correction", {"command": "undo"}),
             ("forget", "Forget stored faces and strangers", {"command": "forget"}),
         ):
             add("button", suffix, {"name": name, "command_topic": cmd,
                                    "payload_press": json.dumps(payload, separators=(",", ":"))})
     return out
+
+
+def _kept_face_template(keep: str) -> str:
+    """A json_attributes_template over the events topic: an event for which `keep` is true becomes the
+    entity's attributes (event_id, label, timestamp, stranger_id); any other event leaves them as they were
+    (`this`, the entity's own state, is what Home Assistant's MQTT templates render with)."""
+    fields = ("event_id", "label", "timestamp", "stranger_id")
+    new = ", ".join(f'"{f}": value_json.get("{f}")' for f in fields)
+    old = ", ".join(f'"{f}": a.get("{f}")' for f in fields)
+    return ("{%- set a = this.attributes if this and this.attributes else {} -%}"
+            f"{{%- if {keep} -%}}{{{{ {{{new}}} | to_json }}}}"
+            f"{{%- else -%}}{{{{ {{{old}}} | to_json }}}}{{%- endif -%}}")
 
 
 def removed(previous: Iterable[str], current: Iterable[str]) -> list[str]:

@@ -475,7 +475,8 @@ class MqttPublisher:
         if entry is None:
             return
         try:
-            entry[1](msg.topic, bytes(msg.payload))
+            # retain: the broker sent it because we subscribed (an old message), not because it was just published.
+            entry[1](msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # a handler's bug must not kill paho's network thread
             log.exception("the handler of %s failed", msg.topic)
 
@@ -560,8 +561,10 @@ class MqttPublisher:
         self._on_connect_hooks.append(hook)
 
     def subscribe(self, topic: str, handler: Any, qos: int = 1) -> None:
-        """Call `handler(topic, payload)` in paho's thread for each message on `topic` (an exact topic, no
-        wildcards), from now on and after every reconnection. The handler must only queue the message."""
+        """Call `handler(topic, payload, retain)` in paho's thread for each message on `topic` (an exact topic,
+        no wildcards), from now on and after every reconnection; `retain` is true for a retained message the
+        broker hands over at subscription (at every start and reconnection). The handler must only queue the
+        message."""
         if "+" in topic or "#" in topic:
             raise ValueError(f"subscribe to exact topics only, not {topic!r}")
         self._subscriptions[topic] = (int(qos), handler)

@@ -72,7 +72,7 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
     got: list[tuple[str, bytes, str]] = []
     arrived = threading.Event()
 
-    def handler(topic: str, payload: bytes) -> None:
+    def handler(topic: str, payload: bytes, retain: bool) -> None:
         got.append((topic, payload, threading.current_thread().name))
         arrived.set()
 
@@ -104,3 +104,113 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
     assert got[0][1] == b"first" and got[-1][1] == b"second"
     # Delivered in paho's network thread, not the caller's: the handler must only queue.
     assert all(name != threading.main_thread().name for _, _, name in got)
+
+
+# --- what Home Assistant's text box and "wrong" button send --------------------------------------------------
+
+class _This:
+    """Home Assistant's `this` in an MQTT template: the entity's own state, with its attributes."""
+
+    def __init__(self, attributes: dict) -> None:
+        self.attributes = attributes
+
+
+def _render(template: str, **variables) -> str:
+    # The same way tests/test_homeassistant.py renders value templates: jinja2 with HA's to_json filter.
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+    return env.from_string(template).render(**variables)
+
+
+def _command_entities() -> dict[str, dict]:
+    from device import homeassistant as ha
+
+    configs = ha.discovery("faceberry", "door", ["alice"], commands=True)
+    return {topic.split("/")[2].removeprefix("faceberry_door_"): config for topic, config in configs
+            if topic.split("/")[1] in ("text", "button")}
+
+
+def _event(label: str, event_id: str, **extra) -> dict:
+    return {"schema": 1, "event_id": event_id, "label": label, "timestamp": "2026-01-31T08:15:02.123Z",
+            "score": 0.5, **extra}
+
+
+def test_the_text_box_names_the_unknown_face_it_showed_not_the_newest() -> None:
+    text = _command_entities()["name_last_unknown"]
+    assert text["json_attributes_topic"] == "faceberry/door/events"
+    attrs: dict = {}
+    # An unknown face, then Alice: the text box keeps the unknown face's event as its attributes.
+    for event in (_event("unknown", "e-unknown-1", stranger_id="s-0000abcd"), _event("alice", "e-alice-1")):
+        attrs = json.loads(_render(text["json_attributes_template"], value_json=event, this=_This(attrs)))
+    assert attrs["event_id"] == "e-unknown-1" and attrs["stranger_id"] == "s-0000abcd", attrs
+    cmd = parse(_render(text["command_template"], value="Carol", this=_This(attrs)).encode(), LIMIT)
+    assert (cmd.command, cmd.name, cmd.event_id) == ("name_last_unknown", "Carol", "e-unknown-1")
+    # A name with quotes and non-ASCII letters stays one JSON string.
+    cmd = parse(_render(text["command_template"], value='Zoë "Z"', this=_This(attrs)).encode(), LIMIT)
+    assert cmd.name == 'Zoë "Z"'
+    # Nothing seen since Home Assistant started: no event id, the daemon takes the newest unknown face.
+    for this in (_This({}), None):
+        cmd = parse(_render(text["command_template"], value="Carol", this=this).encode(), LIMIT)
+        assert cmd.event_id is None
+
+
+def test_the_wrong_button_corrects_the_recognition_it_showed() -> None:
+    button = _command_entities()["wrong"]
+    attrs: dict = {}
+    for event in (_event("alice", "e-alice-1"), _event("unknown", "e-unknown-2")):
+        attrs = json.loads(_render(button["json_attributes_template"], value_json=event, this=_This(attrs)))
+    assert (attrs["event_id"], attrs["label"]) == ("e-alice-1", "alice")
+    cmd = parse(_render(button["command_template"], value=button["payload_press"], this=_This(attrs)).encode(),
+                LIMIT)
+    assert (cmd.command, cmd.event_id, cmd.not_) == ("wrong", "e-alice-1", None)
+    cmd = parse(_render(button["command_template"], value=button["payload_press"], this=None).encode(), LIMIT)
+    assert (cmd.command, cmd.event_id) == ("wrong", None)
+    # undo and forget bind to no face: their payload is fixed.
+    entities = _command_entities()
+    assert {json.loads(entities[k]["payload_press"])["command"] for k in ("undo", "forget")} == {"undo", "forget"}
+    assert "command_template" not in entities["undo"] and "command_template" not in entities["forget"]
+
+
+# --- names: what they become in topics and Home Assistant ids ----------------------------------------------
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("Ann Lee", "the same MQTT topic as 'Ann_Lee' (both become person/Ann_Lee)"),
+    ("Ann_Lee/", "the same MQTT topic as 'Ann_Lee'"),
+    ("ann_lee", "differ only in case"),
+    ("/", "becomes '_'"),
+    ("+#", "becomes '_'"),
+    ("..", "becomes '_'"),
+    ("_ _", "becomes '_'"),
+    ("Unknown", "reserved label 'unknown'"),
+    ("unknown/", "reserved label 'unknown'"),
+    ("李娜", "the same Home Assistant unique id as '张伟'"),
+])
+def test_a_name_that_collides_in_topics_or_ids_is_refused_with_the_reason(name: str, reason: str) -> None:
+    from device.enroll import name_problem
+
+    problem = name_problem(name, ["Ann_Lee", "Bob", "张伟"])
+    assert problem is not None and reason in problem, problem
+    assert "choose" in problem  # the fix
+
+
+def test_names_that_stay_apart_are_accepted() -> None:
+    from device.enroll import name_problem
+
+    for name in ("Carol", "Ann Leigh", "Zoë", "李娜娜", "Bob2"):
+        assert name_problem(name, ["Ann_Lee", "Bob", "张伟"]) is None, name
+    assert name_problem("Bob", ["Bob"]) is None  # the caller says "already enrolled, pass --replace"
+    assert name_problem("Bob", ["Bob"], replace=True) is None
+    assert "--replace" in name_problem("bob", ["Bob"], replace=True)
+
+
+def test_enroll_refuses_a_name_that_collides_with_someone_in_the_bundle(tiny_bundle, tmp_path) -> None:
+    from device.bundle import load_bundle
+    from device.enroll import EnrollError, enroll
+
+    person = next(lab for lab in load_bundle(tiny_bundle).labels if "_" in lab)  # LFW names: First_Last
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for twin in (person.replace("_", " "), person + "/", person.lower()):
+        with pytest.raises(EnrollError, match=f"as '{person}'"):
+            enroll(tiny_bundle, twin, photos, min_photos=1)
