@@ -115,6 +115,52 @@ def test_event_template_renders_what_home_assistant_needs() -> None:
     assert out["stranger_id"] is None
 
 
+def _render(template: str, payload: dict) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+    return env.from_string(template).render(value_json=payload)
+
+
+def test_last_face_tells_a_stranger_from_no_data() -> None:
+    """HA shows a state `unknown` as its own "no data": a stranger must read differently."""
+    (last,) = [c for c in by_component(ha.discovery("faceberry", "door", ["alice"]))["sensor"]
+               if c["unique_id"].endswith("_last_event")]
+    assert _render(last["value_template"], {"label": "unknown"}) == ha.STRANGER
+    assert _render(last["value_template"], {"label": "alice"}) == "alice"
+    assert last["json_attributes_topic"] == "faceberry/door/events"  # the payload itself stays as documented
+
+
+def test_last_command_sensor_shows_every_result_within_the_state_limit() -> None:
+    assert not [c for c in by_component(ha.discovery("faceberry", "door", ["alice"]))["sensor"]
+                if c["unique_id"].endswith("_last_command")]
+    (last,) = [c for c in by_component(ha.discovery("faceberry", "door", ["alice"], commands=True))["sensor"]
+               if c["unique_id"].endswith("_last_command")]
+    assert last["state_topic"] == last["json_attributes_topic"] == ha.command_result_topic("faceberry", "door")
+    refused = _render(last["value_template"], {"ok": False, "message": "no unknown face is stored"})
+    assert refused == "refused: no unknown face is stored"
+    assert _render(last["value_template"], {"ok": True, "message": "x" * 1000}) == ("ok: " + "x" * 1000)[:255]
+
+
+def test_icons_and_sw_version() -> None:
+    configs = ha.discovery("faceberry", "door", ["alice"], images=True, commands=True, cpu_temp=True,
+                           sw_version="1.2.3")
+    for _, config in configs:
+        assert config["device"]["sw_version"] == "1.2.3"
+        # Presence and timestamps keep the icon Home Assistant gives their device_class (it follows the state).
+        if config.get("device_class") not in ("presence", "timestamp"):
+            assert config.get("icon", "").startswith("mdi:"), config["unique_id"]
+
+
+def test_the_placeholder_image_is_a_small_constant_jpeg() -> None:
+    jpeg = ha.placeholder_jpeg()
+    assert jpeg[:2] == b"\xff\xd8" and 0 < len(jpeg) < 4096
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.std() < 2  # plain: no face, nothing to see
+    ha.placeholder_jpeg.cache_clear()
+    assert ha.placeholder_jpeg() == jpeg
+
+
 def test_ledger_clears_topics_no_longer_published(tmp_path: Path) -> None:
     path = tmp_path / "discovery.json"
     ledger = ha.DiscoveryLedger(path)
@@ -129,6 +175,15 @@ def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
     out = ha.diagnostics_payload(fps=4.567, ms_per_frame={"detect": 12.345, "classify": 3.0}, dropped_frames=2,
                                  outbox_pending=5, bundle_id="b", people=3, cpu_temp=None)
     assert out["fps"] == 4.57 and out["detect_ms"] == 12.35 and out["align_ms"] is None and out["people"] == 3
+    # Align and classify per face; nothing measured yet (no frame, no face) is null, not 0.
+    out = ha.diagnostics_payload(fps=None, ms_per_frame={"detect": 10.0, "align": 0.1, "classify": 0.2},
+                                 ms_per_face={}, dropped_frames=0, outbox_pending=0, bundle_id="b", people=3,
+                                 cpu_temp=None)
+    assert out["fps"] is None and out["detect_ms"] == 10.0 and out["align_ms"] is None and out["classify_ms"] is None
+    out = ha.diagnostics_payload(fps=1.0, ms_per_frame={"detect": 10.0, "align": 0.1, "classify": 0.2},
+                                 ms_per_face={"align": 0.5, "classify": 2.0}, dropped_frames=0, outbox_pending=0,
+                                 bundle_id="b", people=3, cpu_temp=None)
+    assert (out["align_ms"], out["classify_ms"]) == (0.5, 2.0)
     zone = tmp_path / "temp"
     zone.write_text("48312\n")
     assert ha.cpu_temperature(zone) == 48.3
