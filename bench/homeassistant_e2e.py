@@ -10,6 +10,13 @@
    unknown face with Home Assistant's own `mqtt.publish` action, checks that the Face event entity reports
    the new name and the Bundle sensor the new bundle id; presses "Last recognition was wrong" (a
    `button.press`) and checks the face becomes `unknown`; "Undo" brings the name back.
+5. Command feedback: "Undo" pressed again is refused, and the *Last command* sensor shows the refusal.
+6. Images after *Forget* (its button): both image entities still serve a picture (`/api/image_proxy` 200,
+   a JPEG: the placeholder, never an empty payload).
+7. The false arrival (issue 21): an automation `to: "on"` on the person's presence counts arrivals in a
+   counter; the daemon is SIGKILLed while the person is present (the ON stays retained, the broker
+   publishes the last will), restarted over empty frames: the entity comes back `off`, and the counter
+   has not moved. Then a clean stop (SIGTERM) while present leaves the entity `off` before unavailable.
 
 Prints one line per check and a JSON summary (timings included); exit 0 when every check passed. Slow
 (Home Assistant installs integration requirements on its first start), so not part of CI.
@@ -88,6 +95,16 @@ class Rest:
 
     def states(self) -> list[dict]:
         return self.call("GET", "/api/states")
+
+    def raw(self, path: str) -> tuple[int, bytes]:
+        """GET `path` (a URL path Home Assistant gave, e.g. an image entity's entity_picture): status, body."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        req = urllib.request.Request(self.base + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
 
 
 def onboard(rest: Rest) -> None:
@@ -172,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                               "time_zone": "UTC"},
             "http": {"server_host": "127.0.0.1", "server_port": hport},
             "api": None, "onboarding": None, "config": None, "logger": {"default": "warning"},
-        }))
+            "counter": {"e2e_arrivals": {"initial": 0, "step": 1}},
+            # The state history is read back: every state committed at once.
+            "recorder": {"commit_interval": 0}, "history": None,
+        }) + "automation: !include automations.yaml\n")
+        (ha_dir / "automations.yaml").write_text("[]\n")
         t1 = time.monotonic()
         ha_log = open(work / "ha.log", "w")  # noqa: SIM115 - open while HA runs
         procs.append(subprocess.Popen([str(hass), "-c", str(ha_dir)], stdout=ha_log, stderr=subprocess.STDOUT))
@@ -213,9 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             "memory": {"strangers": True}, "mqtt": {"host": "127.0.0.1", "port": mport}, "stats_interval": 2,
         }))
         daemon_log = open(work / "daemon.log", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(config)], cwd=ROOT,
-                                      stdout=daemon_log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+        def start_daemon(cfg: Path) -> subprocess.Popen:
+            proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(cfg)], cwd=ROOT,
+                                    stdout=daemon_log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            procs.append(proc)
+            return proc
+
+        daemon = start_daemon(config)
 
         def entity(suffix: str, states: list[dict]) -> dict | None:
             """A state by its friendly name's end (HA names MQTT entities '<device name> <entity name>')."""
@@ -232,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         names = ["Face", "Last face", f"{person} present", f"{person} last seen", "Last face image",
                  "Last unknown face image", "Frames per second", "Detect time", "Align time", "Classify time",
                  "Dropped frames", "Outbox depth", "Bundle", "People enrolled", "Name the last unknown face",
-                 "Last recognition was wrong", "Undo last correction", "Forget stored faces and strangers"]
+                 "Last recognition was wrong", "Undo last correction", "Forget stored faces and strangers",
+                 "Last command"]
         t2 = time.monotonic()
         states = wait(lambda st: all(entity(n, st) for n in names) and entity("Frames per second", st)["state"]
                       not in ("unknown", "unavailable"))
@@ -256,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
               face["attributes"].get("event_type") == "unknown" and face["attributes"].get("stranger_id"), face)
         check("image entity has a picture", entity("Last unknown face image", states)["state"] not in
               ("unknown", "unavailable"), entity("Last unknown face image", states))
+        check("'Last face' shows a stranger as 'stranger', not HA's unknown",
+              entity("Last face", states)["state"] not in ("unknown", "unavailable"), entity("Last face", states))
         old_bundle = entity("Bundle", states)["state"]
 
         # Naming, from Home Assistant's own mqtt.publish.
@@ -284,6 +314,101 @@ def main(argv: list[str] | None = None) -> int:
         rest.call("POST", "/api/services/button/press", {"entity_id": undo})
         states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == newcomer, 60)
         check("after 'undo' the name is back", entity("Face", states)["attributes"].get("event_type") == newcomer)
+
+        # Command feedback: a second undo has nothing to undo; the dashboard shows why.
+        rest.call("POST", "/api/services/button/press", {"entity_id": undo})
+        states = wait(lambda st: entity("Last command", st)["state"].startswith("refused"), 30)
+        last = entity("Last command", states)
+        check("'Last command' shows a refused command's message",
+              last["state"].startswith("refused: no correction to undo")
+              and last["attributes"].get("command") == "undo" and last["attributes"].get("ok") is False, last)
+
+        # Forget: the face pictures are replaced, and both image entities still serve one.
+        images = {n: entity(n, states) for n in ("Last face image", "Last unknown face image")}
+        for n, st in images.items():
+            code, body = rest.raw(st["attributes"]["entity_picture"])
+            check(f"'{n}' serves a picture before forget", code == 200 and body[:2] == b"\xff\xd8", code)
+        t4 = time.monotonic()
+        forget = entity("Forget stored faces and strangers", states)["entity_id"]
+        rest.call("POST", "/api/services/button/press", {"entity_id": forget})
+        states = wait(lambda st: entity("Last command", st)["attributes"].get("command") == "forget"
+                      and entity("Last unknown face image", st)["state"] != images["Last unknown face image"]["state"],
+                      30)
+        timings["forget_s"] = round(time.monotonic() - t4, 1)
+        check("'Last command' shows forget accepted", entity("Last command", states)["state"].startswith("ok: forgot"),
+              entity("Last command", states))
+        for n in images:
+            st = entity(n, states)
+            code, body = rest.raw(st["attributes"]["entity_picture"])
+            check(f"'{n}' after forget: /api/image_proxy answers 200 with a JPEG",
+                  code == 200 and body[:2] == b"\xff\xd8", (code, body[:80], st))
+
+        # The false arrival: an automation `to: "on"` counts arrivals; SIGKILL while present, restart with
+        # nobody in view. The counter must not move.
+        present = entity(f"{person} present", states)["entity_id"]
+        rest.call("POST", "/api/config/automation/config/e2e_arrival", {
+            "id": "e2e_arrival", "alias": "e2e arrival", "mode": "queued",
+            "trigger": [{"platform": "state", "entity_id": present, "to": "on"}],
+            "action": [{"service": "counter.increment", "target": {"entity_id": "counter.e2e_arrivals"}}]})
+        states = wait(lambda st: any(s["entity_id"] == "automation.e2e_arrival" for s in st), 30)
+        check("an automation 'to: on' on the presence is loaded",
+              any(s["entity_id"] == "automation.e2e_arrival" and s["state"] == "on" for s in states))
+
+        def state_of(eid: str, st: list[dict]) -> str:
+            return next((s["state"] for s in st if s["entity_id"] == eid), "absent")
+
+        states = wait(lambda st: state_of(present, st) == "on" and state_of("counter.e2e_arrivals", st) != "0", 90)
+        check("a real arrival fires the automation", state_of("counter.e2e_arrivals", states) not in ("0", "absent"),
+              state_of("counter.e2e_arrivals", states))
+        states = wait(lambda st: state_of(present, st) == "on", 60)
+        daemon.kill()  # a power cut while the person is present: the ON stays retained, the will says offline
+        daemon.wait(30)
+        states = wait(lambda st: state_of(present, st) == "unavailable", 60)
+        check("SIGKILL while present: the presence becomes unavailable", state_of(present, states) == "unavailable",
+              state_of(present, states))
+        arrivals = state_of("counter.e2e_arrivals", states)
+        empty = work / "camera-empty"
+        empty.mkdir(exist_ok=True)
+        for i in range(4):
+            cv2.imwrite(str(empty / f"empty_{i}.jpg"), np.full((240, 320, 3), 128, np.uint8))
+        config_empty = work / "faceberry-empty.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["camera"]["device"] = str(empty)
+        config_empty.write_text(yaml.safe_dump(data))
+        t5 = time.monotonic()
+        daemon = start_daemon(config_empty)
+        states = wait(lambda st: state_of(present, st) not in ("unavailable", "absent"), 90)
+        timings["restart_available_s"] = round(time.monotonic() - t5, 1)
+        time.sleep(5)  # anything late would show now
+        states = rest.states()
+        check("after the restart the presence is 'off'", state_of(present, states) == "off", state_of(present, states))
+        check("no false arrival: the 'to: on' automation did not fire after the restart",
+              state_of("counter.e2e_arrivals", states) == arrivals,
+              (arrivals, state_of("counter.e2e_arrivals", states)))
+        since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 120))
+        history = rest.call("GET", f"/api/history/period/{urllib.parse.quote(since)}?filter_entity_id={present}"
+                            "&minimal_response&no_attributes")
+        seq = [h["state"] for h in (history[0] if history else [])]
+        after = seq[len(seq) - 1 - seq[::-1].index("unavailable"):] if "unavailable" in seq else []
+        check("state history after the SIGKILL: unavailable → off, never on", after[:1] == ["unavailable"]
+              and "on" not in after, seq)
+
+        # A clean stop while present: off before unavailable, so the next start has nothing stale either.
+        daemon.terminate()
+        daemon.wait(30)
+        daemon = start_daemon(config)
+        states = wait(lambda st: state_of(present, st) == "on", 90)
+        before = state_of("counter.e2e_arrivals", states)
+        daemon.terminate()
+        daemon.wait(30)
+        states = wait(lambda st: state_of(present, st) == "unavailable", 30)
+        daemon = start_daemon(config_empty)
+        states = wait(lambda st: state_of(present, st) not in ("unavailable", "absent"), 90)
+        time.sleep(5)
+        states = rest.states()
+        check("clean stop while present, restart: 'off' and no false arrival",
+              state_of(present, states) == "off" and state_of("counter.e2e_arrivals", states) == before,
+              (before, state_of("counter.e2e_arrivals", states), state_of(present, states)))
     finally:
         for proc in reversed(procs):
             proc.terminate()
