@@ -284,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
               face["attributes"].get("event_type") == "unknown" and face["attributes"].get("stranger_id"), face)
         check("image entity has a picture", entity("Last unknown face image", states)["state"] not in
               ("unknown", "unavailable"), entity("Last unknown face image", states))
-        check("'Last face' shows a stranger as 'stranger', not HA's unknown",
-              entity("Last face", states)["state"] not in ("unknown", "unavailable"), entity("Last face", states))
+        shown = entity("Face", states)["attributes"].get("event_type")
+        check("'Last face' shows a stranger as 'stranger', not Home Assistant's own unknown",
+              entity("Last face", states)["state"] == ("stranger" if shown == "unknown" else shown),
+              (shown, entity("Last face", states)))
         old_bundle = entity("Bundle", states)["state"]
 
         # Naming, from Home Assistant's own mqtt.publish.
