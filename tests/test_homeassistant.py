@@ -335,6 +335,8 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         assert set(retained) == expected, set(retained) ^ expected
         (event_cfg,) = [c for t, c in retained.items() if t.split("/")[1] == "event"]
         assert event_cfg["event_types"] == [*tiny["people"], "unknown"]
+        from device import __version__
+        assert {c["device"].get("sw_version") for c in retained.values()} == {__version__}
 
         # Home Assistant says it is online again: every config is published once more.
         mark = d.send("online", f"{DP}/status")
