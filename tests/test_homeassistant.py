@@ -647,3 +647,40 @@ def test_a_restart_never_shows_an_arrival_that_did_not_happen(tmp_path, mosquitt
     assert [o for o in order[:online] if o.startswith("presence")][-1] == "presence:OFF", order
     assert "presence:ON" not in order[online:], order
     assert order[-1] == "status:offline" and _retained(broker, presence) == b"OFF", order
+
+
+@pytest.mark.broker
+def test_a_reconnection_restores_the_presence_before_online(tmp_path, mosquitto_factory, tiny) -> None:
+    """A broker that restarts without its retained messages: at the reconnection the daemon puts the presence
+    it knows (ON for the person in view) back on the broker ahead of `online`, not after it."""
+    broker = mosquitto_factory()
+    person, photo = gallery_photo(tiny)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / "a_person.jpg")
+    presence = ha.presence_topic("faceberry", DEVICE, person)
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"presence_timeout": 3600})
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: b"ON" in [p for t, p, _ in m if t == presence], 90)
+        d.sub.close()
+        broker.stop()  # no persistence: every retained message is gone with it
+        broker.start()
+        # Subscribed before the daemon's reconnection (its retry delay is at least a second): what it gets
+        # is live, in publish order (not retained, whose order on subscribing says nothing).
+        late = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
+
+        def live(m: list) -> list:
+            return [x for x in m if not x[2]]
+
+        try:
+            assert late.wait_for(lambda m: "status:online" in _order(live(m), presence), 60), d.text()
+            order = _order(live(list(late.messages)), presence)
+        finally:
+            late.close()
+        d.sub = Subscriber(broker.host, broker.port, "#")
+    finally:
+        d.stop()
+    assert order.index("presence:ON") < order.index("status:online"), order
