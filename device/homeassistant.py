@@ -1,7 +1,7 @@
 """Home Assistant MQTT discovery, as pure functions: which entities a device has, and their config payloads.
 
 Per-entity discovery (`<discovery_prefix>/<component>/<object_id>/config`, one retained JSON each) works
-on every Home Assistant release with MQTT discovery, unlike device-based discovery (2024.11+). Entities:
+on every Home Assistant release we support, unlike device-based discovery (2024.11+). Entities:
 
   event          "<device> face": one event per recognition; event_types = the people + `unknown`;
                  attributes score, track, bundle, event_id, stranger_id, stranger_count, stranger_first_seen
