@@ -136,10 +136,12 @@ class Assistant:
                  (ha.ON if label in present else ha.OFF).encode()) for label in list(self.service.labels)]
 
     def _clear_images(self, *which: str) -> None:
-        # Replaced by the placeholder, never emptied: Home Assistant's image entity would take an empty
-        # retained message as a picture it cannot serve.
+        # With discovery on, replaced by the placeholder, never emptied: Home Assistant's image entity would
+        # take an empty retained message as a picture it cannot serve. Without it no image entity exists,
+        # and an empty retained message leaves nothing on the broker.
+        payload = ha.placeholder_jpeg() if self.discovery else b""
         for name in which:
-            self.publish(ha.image_topic(self.prefix, self.device_id, name), ha.placeholder_jpeg(), retain=True)
+            self.publish(ha.image_topic(self.prefix, self.device_id, name), payload, retain=True)
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
         self.service.publisher.publish(topic, payload, retain=retain, qos=1)

@@ -586,6 +586,17 @@ def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp
     assert _retained(broker, face_topic) == ha.placeholder_jpeg()
     assert not [t for t, p, _ in d.sub.messages if t in image_topics and not p]
 
+    # Without Home Assistant discovery no image entity exists: the old picture is simply cleared.
+    mqtt_publish.single(face_topic, b"\xff\xd8old", qos=1, retain=True, hostname=broker.host, port=broker.port)
+    config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8})
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "device_id": DEVICE}))
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: any(t.endswith("/events") for t, _, _ in m), 90)
+    finally:
+        d.stop()
+    assert _retained(broker, face_topic) is None
+
 
 def _order(messages: list[tuple[str, bytes, bool]], presence: str) -> list[str]:
     """The status and presence messages as 'status:online', 'presence:ON' …, in arrival order."""
