@@ -10,6 +10,13 @@
    unknown face with Home Assistant's own `mqtt.publish` action, checks that the Face event entity reports
    the new name and the Bundle sensor the new bundle id; presses "Last recognition was wrong" (a
    `button.press`) and checks the face becomes `unknown`; "Undo" brings the name back.
+5. Command feedback: "Undo" pressed again is refused, and the *Last command* sensor shows the refusal.
+6. Images after *Forget* (its button): both image entities still serve a picture (`/api/image_proxy` 200,
+   a JPEG: the placeholder, never an empty payload).
+7. The false arrival (issue 21): an automation `to: "on"` on the person's presence counts arrivals in a
+   counter; the daemon is SIGKILLed while the person is present (the ON stays retained, the broker
+   publishes the last will), restarted over empty frames: the entity comes back `off`, and the counter
+   has not moved. Then a clean stop (SIGTERM) while present leaves the entity `off` before unavailable.
 
 Prints one line per check and a JSON summary (timings included); exit 0 when every check passed. Slow
 (Home Assistant installs integration requirements on its first start), so not part of CI.
@@ -18,6 +25,7 @@ Prints one line per check and a JSON summary (timings included); exit 0 when eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +98,16 @@ class Rest:
     def states(self) -> list[dict]:
         return self.call("GET", "/api/states")
 
+    def raw(self, path: str) -> tuple[int, bytes]:
+        """GET `path` (a URL path Home Assistant gave, e.g. an image entity's entity_picture): status, body."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        req = urllib.request.Request(self.base + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
 
 def onboard(rest: Rest) -> None:
     client_id = rest.base + "/"
@@ -109,23 +128,52 @@ def add_mqtt(rest: Rest, port: int) -> dict:
     raise RuntimeError(f"the MQTT config flow did not finish: {flow}")
 
 
+def command(rest: Rest, payload: dict) -> None:
+    """Send a command with Home Assistant's own mqtt.publish action."""
+    rest.call("POST", "/api/services/mqtt/publish", {"topic": f"faceberry/{DEVICE}/command",
+                                                     "payload": json.dumps(payload)})
+
+
 def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
-    """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people)."""
+    """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people).
+
+    The unknown face is one the naming can teach from a single stored crop: its face found again in the
+    region the daemon stores (device.facestore.crop_with_margin) embeds within the accept threshold of the
+    live face. A small test student is sensitive to the few pixels re-detection moves the landmarks (the
+    first LFW stranger tried: cosine 0.74 against a 0.87 threshold), and then "named" stays `unknown`:
+    a property of that bundle, not of the Home Assistant path this bench checks.
+    """
     from device.bundle import load_bundle
+    from device.facestore import crop_with_margin
     from device.pipeline import FacePipeline
     from device.preprocess import load_image
 
     b = load_bundle(bundle)
     pipe = FacePipeline(b, num_threads=2)
 
+    def widest(image: np.ndarray) -> Any:
+        recs = pipe.process(image).recognitions
+        return max(recs, key=lambda r: r.face.width) if recs else None
+
     def label(photo: Path) -> str:
-        recs = pipe.process(load_image(photo)).recognitions
-        return max(recs, key=lambda r: r.face.width).prediction.label if recs else ""
+        rec = widest(load_image(photo))
+        return rec.prediction.label if rec else ""
+
+    def learnable_stranger(photo: Path) -> bool:
+        image = load_image(photo)
+        rec = widest(image)
+        if rec is None or rec.prediction.label != "unknown" or rec.vector is None:
+            return False
+        again = widest(crop_with_margin(image, rec.face.box))
+        if again is None or again.vector is None:
+            return False
+        a, c = rec.vector / np.linalg.norm(rec.vector), again.vector / np.linalg.norm(again.vector)
+        return float(a @ c) >= pipe.classifier.threshold + 0.02
 
     known = next(((p, ph) for p in b.labels if (lfw / p).is_dir() for ph in sorted((lfw / p).glob("*.jpg"))[:10]
                   if label(ph) == p), None)
     stranger = next((ph for d in sorted(lfw.iterdir())[::-1] if d.is_dir() and d.name not in b.labels
-                     for ph in sorted(d.glob("*.jpg"))[:1] if label(ph) == "unknown"), None)
+                     for ph in sorted(d.glob("*.jpg"))[:1] if learnable_stranger(ph)), None)
     if known is None or stranger is None:
         raise SystemExit(f"error: cannot find a recognised and an unknown photo in {lfw} for {bundle}")
     return known[0], known[1], stranger, len([p for p in b.labels if p != "unknown"])
@@ -149,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="faceberry-ha-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     person, known_photo, stranger_photo, people = pick_photos(args.bundle, args.lfw)
+    print(f"known: {known_photo}; unknown: {stranger_photo}", flush=True)
     newcomer = "Newcomer"
     checks: list[tuple[str, bool, str]] = []
 
@@ -156,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         checks.append((name, bool(ok), str(detail)[:300]))
         print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else f': {detail}'}", flush=True)
         return bool(ok)
+
+    @contextlib.contextmanager
+    def section(name: str) -> Iterator[None]:
+        """A part that fails (an entity missing, an exception) is one failed check; the next part still runs."""
+        try:
+            yield
+        except Exception as exc:
+            check(f"{name}: ran to its end", False, f"{type(exc).__name__}: {exc}")
 
     procs: list[subprocess.Popen] = []
     try:
@@ -172,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                               "time_zone": "UTC"},
             "http": {"server_host": "127.0.0.1", "server_port": hport},
             "api": None, "onboarding": None, "config": None, "logger": {"default": "warning"},
-        }))
+            "counter": {"e2e_arrivals": {"initial": 0, "step": 1}},
+            # The state history is read back: every state committed at once.
+            "recorder": {"commit_interval": 0}, "history": None,
+        }) + "automation: !include automations.yaml\n")
+        (ha_dir / "automations.yaml").write_text("[]\n")
         t1 = time.monotonic()
         ha_log = open(work / "ha.log", "w")  # noqa: SIM115 - open while HA runs
         procs.append(subprocess.Popen([str(hass), "-c", str(ha_dir)], stdout=ha_log, stderr=subprocess.STDOUT))
@@ -213,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
             "memory": {"strangers": True}, "mqtt": {"host": "127.0.0.1", "port": mport}, "stats_interval": 2,
         }))
         daemon_log = open(work / "daemon.log", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(config)], cwd=ROOT,
-                                      stdout=daemon_log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+        def start_daemon(cfg: Path) -> subprocess.Popen:
+            proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(cfg)], cwd=ROOT,
+                                    stdout=daemon_log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            procs.append(proc)
+            return proc
+
+        daemon = start_daemon(config)
 
         def entity(suffix: str, states: list[dict]) -> dict | None:
             """A state by its friendly name's end (HA names MQTT entities '<device name> <entity name>')."""
@@ -232,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         names = ["Face", "Last face", f"{person} present", f"{person} last seen", "Last face image",
                  "Last unknown face image", "Frames per second", "Detect time", "Align time", "Classify time",
                  "Dropped frames", "Outbox depth", "Bundle", "People enrolled", "Name the last unknown face",
-                 "Last recognition was wrong", "Undo last correction", "Forget stored faces and strangers"]
+                 "Last recognition was wrong", "Undo last correction", "Forget stored faces and strangers",
+                 "Last command"]
         t2 = time.monotonic()
         states = wait(lambda st: all(entity(n, st) for n in names) and entity("Frames per second", st)["state"]
                       not in ("unknown", "unavailable"))
@@ -256,34 +324,137 @@ def main(argv: list[str] | None = None) -> int:
               face["attributes"].get("event_type") == "unknown" and face["attributes"].get("stranger_id"), face)
         check("image entity has a picture", entity("Last unknown face image", states)["state"] not in
               ("unknown", "unavailable"), entity("Last unknown face image", states))
+        shown = entity("Face", states)["attributes"].get("event_type")
+        check("'Last face' shows a stranger as 'stranger', not Home Assistant's own unknown",
+              entity("Last face", states)["state"] == ("stranger" if shown == "unknown" else shown),
+              (shown, entity("Last face", states)))
         old_bundle = entity("Bundle", states)["state"]
 
         # Naming, from Home Assistant's own mqtt.publish.
-        t3 = time.monotonic()
-        rest.call("POST", "/api/services/mqtt/publish", {"topic": f"faceberry/{DEVICE}/command", "payload": json.dumps(
-            {"command": "name_last_unknown", "name": newcomer})})
-        states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == newcomer, 120)
-        timings["naming_s"] = round(time.monotonic() - t3, 1)
-        face = entity("Face", states)
-        check("after mqtt.publish name_last_unknown the face is named",
-              face["attributes"].get("event_type") == newcomer, face)
-        check("... by the new bundle", face["attributes"].get("bundle") not in (None, old_bundle), face)
-        states = wait(lambda st: entity("Bundle", st)["state"] != old_bundle, 30)
-        check("the Bundle sensor shows the new bundle id", entity("Bundle", states)["state"] != old_bundle)
-        states = wait(lambda st: entity(f"{newcomer} present", st) is not None, 30)
-        check("the new person's presence entity was discovered", entity(f"{newcomer} present", states))
+        with section("naming"):
+            t3 = time.monotonic()
+            command(rest, {"command": "name_last_unknown", "name": newcomer})
+            states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == newcomer, 120)
+            timings["naming_s"] = round(time.monotonic() - t3, 1)
+            face = entity("Face", states)
+            check("after mqtt.publish name_last_unknown the face is named",
+                  face["attributes"].get("event_type") == newcomer, face)
+            check("... by the new bundle", face["attributes"].get("bundle") not in (None, old_bundle), face)
+            states = wait(lambda st: entity("Bundle", st)["state"] != old_bundle, 30)
+            check("the Bundle sensor shows the new bundle id", entity("Bundle", states)["state"] != old_bundle)
+            states = wait(lambda st: entity(f"{newcomer} present", st) is not None, 30)
+            check("the new person's presence entity was discovered", entity(f"{newcomer} present", states))
 
         # Correction of that event, by mqtt.publish; undo by the dashboard's button.
-        event_id = face["attributes"].get("event_id")
-        rest.call("POST", "/api/services/mqtt/publish", {"topic": f"faceberry/{DEVICE}/command", "payload": json.dumps(
-            {"command": "wrong", "event_id": event_id, "not": newcomer})})
-        states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == "unknown", 60)
-        face = entity("Face", states)
-        check("after 'wrong' the same face is unknown", face["attributes"].get("event_type") == "unknown", face)
-        undo = entity("Undo last correction", states)["entity_id"]
-        rest.call("POST", "/api/services/button/press", {"entity_id": undo})
-        states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == newcomer, 60)
-        check("after 'undo' the name is back", entity("Face", states)["attributes"].get("event_type") == newcomer)
+        with section("correction and undo"):
+            event_id = face["attributes"].get("event_id")
+            command(rest, {"command": "wrong", "event_id": event_id, "not": newcomer})
+            states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == "unknown", 60)
+            face = entity("Face", states)
+            check("after 'wrong' the same face is unknown", face["attributes"].get("event_type") == "unknown", face)
+            undo = entity("Undo last correction", states)["entity_id"]
+            rest.call("POST", "/api/services/button/press", {"entity_id": undo})
+            states = wait(lambda st: entity("Face", st)["attributes"].get("event_type") == newcomer, 60)
+            check("after 'undo' the name is back", entity("Face", states)["attributes"].get("event_type") == newcomer)
+
+        # Command feedback: a second undo has nothing to undo; the dashboard shows why.
+        with section("command feedback"):
+            rest.call("POST", "/api/services/button/press", {"entity_id": undo})
+            states = wait(lambda st: entity("Last command", st)["state"].startswith("refused"), 30)
+            last = entity("Last command", states)
+            check("'Last command' shows a refused command's message",
+                  last["state"].startswith("refused: no correction to undo")
+                  and last["attributes"].get("command") == "undo" and last["attributes"].get("ok") is False, last)
+
+        # Forget: the face pictures are replaced, and both image entities still serve one.
+        with section("images after forget"):
+            images = {n: entity(n, states) for n in ("Last face image", "Last unknown face image")}
+            for n, st in images.items():
+                code, body = rest.raw(st["attributes"]["entity_picture"])
+                check(f"'{n}' serves a picture before forget", code == 200 and body[:2] == b"\xff\xd8", code)
+            t4 = time.monotonic()
+            forget = entity("Forget stored faces and strangers", states)["entity_id"]
+            rest.call("POST", "/api/services/button/press", {"entity_id": forget})
+            old_unknown = images["Last unknown face image"]["state"]
+            states = wait(lambda st: entity("Last command", st)["attributes"].get("command") == "forget"
+                          and entity("Last unknown face image", st)["state"] != old_unknown, 30)
+            timings["forget_s"] = round(time.monotonic() - t4, 1)
+            check("'Last command' shows forget accepted",
+                  entity("Last command", states)["state"].startswith("ok: forgot"), entity("Last command", states))
+            for n in images:
+                st = entity(n, states)
+                code, body = rest.raw(st["attributes"]["entity_picture"])
+                check(f"'{n}' after forget: /api/image_proxy answers 200 with a JPEG",
+                      code == 200 and body[:2] == b"\xff\xd8", (code, body[:80], st))
+
+        # The false arrival: an automation `to: "on"` counts arrivals; SIGKILL while present, restart with
+        with section("false arrival"):
+            # nobody in view. The counter must not move.
+            present = entity(f"{person} present", states)["entity_id"]
+            rest.call("POST", "/api/config/automation/config/e2e_arrival", {
+                "id": "e2e_arrival", "alias": "e2e arrival", "mode": "queued",
+                "trigger": [{"platform": "state", "entity_id": present, "to": "on"}],
+                "action": [{"service": "counter.increment", "target": {"entity_id": "counter.e2e_arrivals"}}]})
+            states = wait(lambda st: any(s["entity_id"] == "automation.e2e_arrival" for s in st), 30)
+            check("an automation 'to: on' on the presence is loaded",
+                  any(s["entity_id"] == "automation.e2e_arrival" and s["state"] == "on" for s in states))
+
+            def state_of(eid: str, st: list[dict]) -> str:
+                return next((s["state"] for s in st if s["entity_id"] == eid), "absent")
+
+            states = wait(lambda st: state_of(present, st) == "on" and state_of("counter.e2e_arrivals", st) != "0", 90)
+            fired = state_of("counter.e2e_arrivals", states)
+            check("a real arrival fires the automation", fired not in ("0", "absent"), fired)
+            states = wait(lambda st: state_of(present, st) == "on", 60)
+            daemon.kill()  # a power cut while the person is present: the ON stays retained, the will says offline
+            daemon.wait(30)
+            states = wait(lambda st: state_of(present, st) == "unavailable", 60)
+            check("SIGKILL while present: the presence becomes unavailable", state_of(present, states) == "unavailable",
+                  state_of(present, states))
+            arrivals = state_of("counter.e2e_arrivals", states)
+            empty = work / "camera-empty"
+            empty.mkdir(exist_ok=True)
+            for i in range(4):
+                cv2.imwrite(str(empty / f"empty_{i}.jpg"), np.full((240, 320, 3), 128, np.uint8))
+            config_empty = work / "faceberry-empty.yaml"
+            data = yaml.safe_load(config.read_text())
+            data["camera"]["device"] = str(empty)
+            config_empty.write_text(yaml.safe_dump(data))
+            t5 = time.monotonic()
+            daemon = start_daemon(config_empty)
+            states = wait(lambda st: state_of(present, st) not in ("unavailable", "absent"), 90)
+            timings["restart_available_s"] = round(time.monotonic() - t5, 1)
+            time.sleep(5)  # anything late would show now
+            states = rest.states()
+            check("after the restart the presence is 'off'", state_of(present, states) == "off",
+                  state_of(present, states))
+            check("no false arrival: the 'to: on' automation did not fire after the restart",
+                  state_of("counter.e2e_arrivals", states) == arrivals,
+                  (arrivals, state_of("counter.e2e_arrivals", states)))
+            since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 120))
+            history = rest.call("GET", f"/api/history/period/{urllib.parse.quote(since)}?filter_entity_id={present}"
+                                "&minimal_response&no_attributes")
+            seq = [h["state"] for h in (history[0] if history else [])]
+            after = seq[len(seq) - 1 - seq[::-1].index("unavailable"):] if "unavailable" in seq else []
+            check("state history after the SIGKILL: unavailable → off, never on", after[:1] == ["unavailable"]
+                  and "on" not in after, seq)
+
+            # A clean stop while present: off before unavailable, so the next start has nothing stale either.
+            daemon.terminate()
+            daemon.wait(30)
+            daemon = start_daemon(config)
+            states = wait(lambda st: state_of(present, st) == "on", 90)
+            before = state_of("counter.e2e_arrivals", states)
+            daemon.terminate()
+            daemon.wait(30)
+            states = wait(lambda st: state_of(present, st) == "unavailable", 30)
+            daemon = start_daemon(config_empty)
+            states = wait(lambda st: state_of(present, st) not in ("unavailable", "absent"), 90)
+            time.sleep(5)
+            states = rest.states()
+            check("clean stop while present, restart: 'off' and no false arrival",
+                  state_of(present, states) == "off" and state_of("counter.e2e_arrivals", states) == before,
+                  (before, state_of("counter.e2e_arrivals", states), state_of(present, states)))
     finally:
         for proc in reversed(procs):
             proc.terminate()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from device import __version__
 from device import homeassistant as ha
 from device.classifier import UNKNOWN, Prediction
 from device.commands import (
@@ -107,6 +108,7 @@ class Assistant:
         retained configs are coalesced)."""
         pub = self.service.publisher
         if self.discovery:
+            pub.before_status(self.presence_now)
             pub.on_connect(self.publish_discovery)
             pub.subscribe(ha.ha_status_topic(self.cfg.events.homeassistant_prefix), self._queue)
         if self.commands:
@@ -147,17 +149,43 @@ class Assistant:
                      encode(result_payload(command=command, ok=False, message=message, request_id=request_id)))
 
     def started(self) -> None:
-        """At the daemon's start: nobody is present yet as far as this process knows."""
+        """At the daemon's start, before the publisher connects: nobody is present yet as far as this
+        process knows. The OFFs written to the outbox replace (coalesce) any ON a previous run left
+        undelivered there, which would otherwise reach the broker after `online`: a false arrival.
+        `presence_now` puts the same OFFs on the broker ahead of `online` itself."""
         if self.discovery:
             for label in self.service.labels:
                 self._publish_presence(label, False)
+            self.publish_diagnostics()  # bundle and people right from the start, not a stats interval later
         if not self.images:
             # Face crops retained by a run that had images on would stay on the broker for anyone to read.
             self._clear_images("last_face", "last_unknown")
 
+    def stopping(self) -> None:
+        """At a clean stop, before the publisher's `offline`: nobody is reported present by a stopped
+        daemon, so its retained ONs must not wait on the broker for the next `online`."""
+        if self.discovery:
+            for label in list(self._present):
+                del self._present[label]
+                self._publish_presence(label, False)
+
+    def presence_now(self) -> list[tuple[str, bytes]]:
+        """Every person's presence as this process knows it now (ON for those seen, OFF for the rest),
+        published by the MQTT layer straight ahead of `online` (and of a clean stop's `offline`): Home
+        Assistant sees the device available only once the retained presence is right, so a restart or a
+        reconnection never shows an arrival (`unavailable → on → off`) that did not happen. Runs in paho's
+        thread: reads a copy of what the frame loop keeps."""
+        present = dict(self._present)
+        return [(ha.presence_topic(self.prefix, self.device_id, label),
+                 (ha.ON if label in present else ha.OFF).encode()) for label in list(self.service.labels)]
+
     def _clear_images(self, *which: str) -> None:
+        # With discovery on, replaced by the placeholder, never emptied: Home Assistant's image entity would
+        # take an empty retained message as a picture it cannot serve. Without it no image entity exists,
+        # and an empty retained message leaves nothing on the broker.
+        payload = ha.placeholder_jpeg() if self.discovery else b""
         for name in which:
-            self.publish(ha.image_topic(self.prefix, self.device_id, name), b"", retain=True)
+            self.publish(ha.image_topic(self.prefix, self.device_id, name), payload, retain=True)
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
         self.service.publisher.publish(topic, payload, retain=retain, qos=1)
@@ -167,7 +195,7 @@ class Assistant:
     def publish_discovery(self) -> None:
         configs = ha.discovery(self.prefix, self.device_id, self.service.labels,
                                discovery_prefix=self.cfg.events.homeassistant_prefix, images=self.images,
-                               commands=self.commands, cpu_temp=self._cpu_temp)
+                               commands=self.commands, cpu_temp=self._cpu_temp, sw_version=__version__)
         with self._discovery_lock:
             for topic in self.ledger.replace(t for t, _ in configs):
                 self.publish(topic, b"", retain=True)  # an empty retained config removes the entity
@@ -186,6 +214,7 @@ class Assistant:
             for label in self.service.labels:
                 if label not in self._present:
                     self._publish_presence(label, False)
+            self.publish_diagnostics()  # Bundle and People enrolled now, not at the next stats interval
 
     # --- the frame loop's hooks -----------------------------------------------------------------------------
 
@@ -288,10 +317,16 @@ class Assistant:
         if not self.discovery or self.service._stopped:  # the last stats line comes after the outbox closed
             return
         payload = ha.diagnostics_payload(
-            fps=self.service.fps, ms_per_frame=stats["ms_per_frame"], dropped_frames=stats["dropped"],
+            fps=self.service.fps if stats["frames"] else None, ms_per_frame=stats["ms_per_frame"],
+            ms_per_face=stats.get("ms_per_face", {}), dropped_frames=stats["dropped"],
             outbox_pending=stats["mqtt"]["pending"], bundle_id=self.service.bundle_id,
             people=len(self.service.labels), cpu_temp=ha.cpu_temperature() if self._cpu_temp else None)
         self.publish(ha.diagnostics_topic(self.prefix, self.device_id), encode(payload), retain=True)
+
+    def publish_diagnostics(self) -> None:
+        """The diagnostics now, outside the stats interval (at start, after a reload)."""
+        if self.discovery:
+            self.diagnostics(self.service.stats())
 
     def stats(self) -> dict[str, Any] | None:
         """What is remembered and how commands went, for the stats and the status file (None: nothing on)."""

@@ -1,10 +1,12 @@
 """Home Assistant MQTT discovery, as pure functions: which entities a device has, and their config payloads.
 
 Per-entity discovery (`<discovery_prefix>/<component>/<object_id>/config`, one retained JSON each) works
-on every Home Assistant release with MQTT discovery, unlike device-based discovery (2024.11+). Entities:
+on every Home Assistant release we support, unlike device-based discovery (2024.11+). Entities:
 
   event          "<device> face": one event per recognition; event_types = the people + `unknown`;
                  attributes score, track, bundle, event_id, stranger_id, stranger_count, stranger_first_seen
+  sensor         "Last face": the last label, `stranger` for an unknown face (HA's own `unknown` state
+                 means "no data")
   binary_sensor  "<person> present" (device_class presence) from the retained ON/OFF presence topic
   sensor         "<person> last seen" (device_class timestamp) from the retained person state
   image          "Last face" / "Last unknown face": only with homeassistant.images
@@ -12,6 +14,10 @@ on every Home Assistant release with MQTT discovery, unlike device-based discove
                  (when readable), bundle id, people enrolled
   text + button  commands (only with homeassistant.commands): name the last unknown face, "wrong",
                  undo, forget
+  sensor         "Last command" (only with homeassistant.commands): every command's result message, the
+                 result JSON as attributes
+
+The minimum Home Assistant is 2023.8 (the MQTT event entity); 2024.1 is the oldest tested.
 
 Every entity is unavailable while the daemon's status topic says `offline`. An entity that disappears
 (a person deleted, images turned off) gets an empty retained config, which removes it from Home Assistant.
@@ -19,11 +25,15 @@ Every entity is unavailable while the daemon's status topic says `offline`. An e
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import cv2
+import numpy as np
 
 from device.classifier import UNKNOWN
 from device.events import _base, events_topic, person_topic, sanitize_label, status_topic
@@ -32,20 +42,32 @@ log = logging.getLogger(__name__)
 
 ON = "ON"
 OFF = "OFF"
+# "Last face" for an unknown face: HA renders a state `unknown` as its own "no data" state.
+STRANGER = "stranger"
+HA_STATE_MAX = 255  # Home Assistant refuses a longer state string
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
 
-# Diagnostics: (key in the diagnostics payload, entity name, unit, device_class, state_class).
-DIAGNOSTICS: tuple[tuple[str, str, str | None, str | None, str | None], ...] = (
-    ("fps", "Frames per second", "fps", None, "measurement"),
-    ("detect_ms", "Detect time", "ms", "duration", "measurement"),
-    ("align_ms", "Align time", "ms", "duration", "measurement"),
-    ("classify_ms", "Classify time", "ms", "duration", "measurement"),
-    ("dropped_frames", "Dropped frames", None, None, "total_increasing"),
-    ("outbox_pending", "Outbox depth", None, None, "measurement"),
-    ("cpu_temperature", "CPU temperature", "°C", "temperature", "measurement"),
-    ("bundle_id", "Bundle", None, None, None),
-    ("people", "People enrolled", None, None, "measurement"),
+# Diagnostics: (key in the diagnostics payload, entity name, unit, device_class, state_class, icon).
+DIAGNOSTICS: tuple[tuple[str, str, str | None, str | None, str | None, str], ...] = (
+    ("fps", "Frames per second", "fps", None, "measurement", "mdi:speedometer"),
+    ("detect_ms", "Detect time", "ms", "duration", "measurement", "mdi:timer-outline"),
+    ("align_ms", "Align time", "ms", "duration", "measurement", "mdi:timer-outline"),
+    ("classify_ms", "Classify time", "ms", "duration", "measurement", "mdi:timer-outline"),
+    ("dropped_frames", "Dropped frames", None, None, "total_increasing", "mdi:image-off-outline"),
+    ("outbox_pending", "Outbox depth", None, None, "measurement", "mdi:tray-full"),
+    ("cpu_temperature", "CPU temperature", "°C", "temperature", "measurement", "mdi:thermometer"),
+    ("bundle_id", "Bundle", None, None, None, "mdi:package-variant-closed"),
+    ("people", "People enrolled", None, None, "measurement", "mdi:account-group"),
 )
+
+# Icons by unique id suffix, for the entities whose device_class does not already give one (presence
+# and timestamps keep Home Assistant's own, which follow the state).
+ICONS: dict[str, str] = {
+    "face": "mdi:face-recognition", "last_event": "mdi:face-recognition",
+    "last_face_image": "mdi:face-man-profile", "last_unknown_image": "mdi:account-question",
+    "last_command": "mdi:console-line", "name_last_unknown": "mdi:account-plus",
+    "wrong": "mdi:account-cancel", "undo": "mdi:undo", "forget": "mdi:delete-forever",
+}
 
 
 # --- topics the daemon publishes for Home Assistant ------------------------------------------------------
@@ -87,18 +109,35 @@ def cpu_temperature(path: Path = THERMAL_ZONE) -> float | None:
         return None
 
 
-def diagnostics_payload(*, fps: float, ms_per_frame: dict[str, float], dropped_frames: int, outbox_pending: int,
-                        bundle_id: str, people: int, cpu_temp: float | None) -> dict[str, Any]:
-    """The JSON published on <prefix>/<device_id>/diagnostics at every stats interval."""
+def diagnostics_payload(*, fps: float | None, ms_per_frame: dict[str, float], dropped_frames: int,
+                        outbox_pending: int, bundle_id: str, people: int, cpu_temp: float | None,
+                        ms_per_face: dict[str, float] | None = None) -> dict[str, Any]:
+    """The JSON published on <prefix>/<device_id>/diagnostics at start, after a reload and at every stats
+    interval. `detect_ms` is per frame (every frame is searched); `align_ms` and `classify_ms` are per face
+    (`ms_per_face`: they run once per face found, so a mean over empty frames would say nothing). A value
+    not measured yet (no frame, no face) is null, which the entity shows as unknown."""
     out: dict[str, Any] = {
-        "schema": 1, "fps": round(float(fps), 2), "dropped_frames": int(dropped_frames),
+        "schema": 1, "fps": None if fps is None else round(float(fps), 2), "dropped_frames": int(dropped_frames),
         "outbox_pending": int(outbox_pending), "bundle_id": bundle_id, "people": int(people),
         "cpu_temperature": cpu_temp,
     }
-    for stage in ("detect", "align", "classify"):
-        value = ms_per_frame.get(stage)
+    per_face = ms_per_face if ms_per_face is not None else ms_per_frame
+    for stage, source in (("detect", ms_per_frame), ("align", per_face), ("classify", per_face)):
+        value = source.get(stage)
         out[f"{stage}_ms"] = None if value is None else round(float(value), 2)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def placeholder_jpeg() -> bytes:
+    """A plain grey JPEG, the same bytes every time: what the image topics carry when there is no face to
+    show (after `forget`, at a start with images off). An empty retained payload would clear the topic,
+    but Home Assistant's image entity takes it as a new picture it cannot serve (HTTP 500 from
+    /api/image_proxy, a broken picture card); this one replaces the face just as well."""
+    ok, jpeg = cv2.imencode(".jpg", np.full((96, 96, 3), 160, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
+    if not ok:  # OpenCV without a JPEG encoder cannot run the daemon's images either
+        raise RuntimeError("OpenCV cannot encode a JPEG")
+    return jpeg.tobytes()
 
 
 # --- discovery ------------------------------------------------------------------------------------------------
@@ -113,7 +152,11 @@ def _object_id(device_id: str, suffix: str) -> str:
 def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",
               images: bool = False, commands: bool = False, cpu_temp: bool = False,
               sw_version: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(config topic, config payload) for every entity of this device; the daemon publishes them retained."""
+    """(config topic, config payload) for every entity of this device; the daemon publishes them retained.
+
+    Per-entity discovery, not the device-based form (one config for all, 2024.11+): Home Assistant keeps
+    both, with no deprecation of this one, and this one works on every version we support (docs/MQTT.md).
+    """
     dp = discovery_prefix.strip("/")
     device: dict[str, Any] = {"identifiers": [f"faceberry_{device_id}"], "name": f"faceberry {device_id}",
                               "manufacturer": "faceberry", "model": "face recognition"}
@@ -125,7 +168,8 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
 
     def add(component: str, suffix: str, config: dict[str, Any]) -> None:
         uid = _object_id(device_id, suffix)
-        out.append((f"{dp}/{component}/{uid}/config", {"unique_id": uid, **config, **common}))
+        icon = {"icon": ICONS[suffix]} if suffix in ICONS and "icon" not in config else {}
+        out.append((f"{dp}/{component}/{uid}/config", {"unique_id": uid, **config, **icon, **common}))
 
     people = [lab for lab in labels if lab != UNKNOWN]
     add("event", "face", {
@@ -139,9 +183,12 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
                            '"stranger_first_seen": value_json.get("stranger_first_seen")} | to_json }}'),
     })
     # The sensor older versions of faceberry published: kept, so dashboards built on it keep working.
+    # A stranger shows as `stranger`: a state `unknown` is Home Assistant's "no data" (as after its own
+    # restart, the events topic not being retained), and a card could not tell the two apart.
     add("sensor", "last_event", {
         "name": "Last face", "state_topic": events_topic(prefix, device_id),
-        "value_template": "{{ value_json.label }}", "json_attributes_topic": events_topic(prefix, device_id),
+        "value_template": (f"{{{{ '{STRANGER}' if value_json.label == '{UNKNOWN}' else value_json.label }}}}"),
+        "json_attributes_topic": events_topic(prefix, device_id),
     })
     for label in people:
         safe = sanitize_label(label)
@@ -160,11 +207,12 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         add("image", "last_unknown_image", {"name": "Last unknown face image", "content_type": "image/jpeg",
                                             "image_topic": image_topic(prefix, device_id, "last_unknown")})
     diag = diagnostics_topic(prefix, device_id)
-    for key, name, unit, device_class, state_class in DIAGNOSTICS:
+    for key, name, unit, device_class, state_class, icon in DIAGNOSTICS:
         if key == "cpu_temperature" and not cpu_temp:
             continue
+        # null (not measured yet) renders as "None", which Home Assistant's MQTT sensor takes as no value.
         config: dict[str, Any] = {"name": name, "entity_category": "diagnostic", "state_topic": diag,
-                                  "value_template": f"{{{{ value_json.{key} }}}}"}
+                                  "value_template": f"{{{{ value_json.{key} }}}}", "icon": icon}
         if unit:
             config["unit_of_measurement"] = unit
         if device_class:
@@ -201,6 +249,13 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         ):
             add("button", suffix, {"name": name, "command_topic": cmd,
                                    "payload_press": json.dumps(payload, separators=(",", ":"))})
+        # Every command's answer where the user pressed the button: the message as the state (cut to what
+        # HA accepts), the whole result as attributes. A sensor, not an event entity: the message is what a
+        # dashboard card must show, and an event entity's state is only a timestamp.
+        result = command_result_topic(prefix, device_id)
+        state = f"(('ok: ' if value_json.ok else 'refused: ') ~ value_json.message)[:{HA_STATE_MAX}]"
+        add("sensor", "last_command", {"name": "Last command", "state_topic": result,
+                                       "json_attributes_topic": result, "value_template": f"{{{{ {state} }}}}"})
     return out
 
 

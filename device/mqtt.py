@@ -364,6 +364,7 @@ class MqttPublisher:
         self.takeover: str | None = None  # the warning while a client id conflict is going on
         self.takeovers = 0  # conflicts detected (each logged once)
         self._on_connect_hooks: list[Any] = []
+        self._before_status_hooks: list[Any] = []
         self._subscriptions: dict[str, tuple[int, Any]] = {}  # topic -> (qos, handler)
         self._status_info: paho.MQTTMessageInfo | None = None  # the latest `online`, outside the outbox
 
@@ -384,6 +385,7 @@ class MqttPublisher:
         log.log(logging.DEBUG if self._in_takeover() else logging.INFO, "connected to broker %s:%s%s%s",
                 self.cfg.host, self.cfg.port, "" if self.connects == 1 else f" (reconnect {self.connects - 1})",
                 f" {recovered}" if recovered else "")
+        self._publish_before_status(client)
         self._status_info = client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         # clean_session: the broker forgot our subscriptions with the last connection.
         for topic, (qos, _) in list(self._subscriptions.items()):
@@ -485,6 +487,17 @@ class MqttPublisher:
         self._acked.append(mid)
         self._wake.set()
 
+    def _publish_before_status(self, client: _Client) -> None:
+        # Straight to the broker, ahead of `online`/`offline` on the same connection (which keeps their
+        # order): the outbox is only handed over after `online`, too late for a state that must be right
+        # when Home Assistant sees the device available again.
+        for hook in self._before_status_hooks:
+            try:
+                for topic, payload in hook():
+                    client.publish(topic, payload, qos=1, retain=True)
+            except Exception:  # a hook's bug must not stop `online` (nor kill paho's thread)
+                log.exception("publishing the states that precede the status failed")
+
     # --- the sender thread: outbox → paho, PUBACK → delete ----------------------------------------------
 
     def _send_loop(self) -> None:
@@ -559,6 +572,13 @@ class MqttPublisher:
     def on_connect(self, hook: Any) -> None:
         """Run `hook()` after every (re)connection, e.g. to republish discovery configs."""
         self._on_connect_hooks.append(hook)
+
+    def before_status(self, hook: Any) -> None:
+        """Publish the retained `(topic, payload)` pairs `hook()` returns straight to the broker, before
+        every `online` and before the `offline` of a clean stop: states of this process (who is present)
+        that a subscriber must have before it sees the device available. Not stored: a stale one replayed
+        would be a lie, like a stale `online`. `hook` runs in paho's thread, or the stopping one."""
+        self._before_status_hooks.append(hook)
 
     def subscribe(self, topic: str, handler: Any, qos: int = 1) -> None:
         """Call `handler(topic, payload, retain)` in paho's thread for each message on `topic` (an exact topic,
@@ -660,6 +680,7 @@ class MqttPublisher:
             if not self.flush(max(0.0, deadline - time.monotonic())):
                 log.warning("stopping with %d messages not acknowledged by the broker: kept in the outbox %s "
                             "for the next start", self.pending, self.outbox.path)
+            self._publish_before_status(self.client)
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))

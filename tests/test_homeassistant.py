@@ -115,6 +115,52 @@ def test_event_template_renders_what_home_assistant_needs() -> None:
     assert out["stranger_id"] is None
 
 
+def _render(template: str, payload: dict) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+    return env.from_string(template).render(value_json=payload)
+
+
+def test_last_face_tells_a_stranger_from_no_data() -> None:
+    """HA shows a state `unknown` as its own "no data": a stranger must read differently."""
+    (last,) = [c for c in by_component(ha.discovery("faceberry", "door", ["alice"]))["sensor"]
+               if c["unique_id"].endswith("_last_event")]
+    assert _render(last["value_template"], {"label": "unknown"}) == ha.STRANGER
+    assert _render(last["value_template"], {"label": "alice"}) == "alice"
+    assert last["json_attributes_topic"] == "faceberry/door/events"  # the payload itself stays as documented
+
+
+def test_last_command_sensor_shows_every_result_within_the_state_limit() -> None:
+    assert not [c for c in by_component(ha.discovery("faceberry", "door", ["alice"]))["sensor"]
+                if c["unique_id"].endswith("_last_command")]
+    (last,) = [c for c in by_component(ha.discovery("faceberry", "door", ["alice"], commands=True))["sensor"]
+               if c["unique_id"].endswith("_last_command")]
+    assert last["state_topic"] == last["json_attributes_topic"] == ha.command_result_topic("faceberry", "door")
+    refused = _render(last["value_template"], {"ok": False, "message": "no unknown face is stored"})
+    assert refused == "refused: no unknown face is stored"
+    assert _render(last["value_template"], {"ok": True, "message": "x" * 1000}) == ("ok: " + "x" * 1000)[:255]
+
+
+def test_icons_and_sw_version() -> None:
+    configs = ha.discovery("faceberry", "door", ["alice"], images=True, commands=True, cpu_temp=True,
+                           sw_version="1.2.3")
+    for _, config in configs:
+        assert config["device"]["sw_version"] == "1.2.3"
+        # Presence and timestamps keep the icon Home Assistant gives their device_class (it follows the state).
+        if config.get("device_class") not in ("presence", "timestamp"):
+            assert config.get("icon", "").startswith("mdi:"), config["unique_id"]
+
+
+def test_the_placeholder_image_is_a_small_constant_jpeg() -> None:
+    jpeg = ha.placeholder_jpeg()
+    assert jpeg[:2] == b"\xff\xd8" and 0 < len(jpeg) < 4096
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.std() < 2  # plain: no face, nothing to see
+    ha.placeholder_jpeg.cache_clear()
+    assert ha.placeholder_jpeg() == jpeg
+
+
 def test_ledger_clears_topics_no_longer_published(tmp_path: Path) -> None:
     path = tmp_path / "discovery.json"
     ledger = ha.DiscoveryLedger(path)
@@ -129,6 +175,15 @@ def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
     out = ha.diagnostics_payload(fps=4.567, ms_per_frame={"detect": 12.345, "classify": 3.0}, dropped_frames=2,
                                  outbox_pending=5, bundle_id="b", people=3, cpu_temp=None)
     assert out["fps"] == 4.57 and out["detect_ms"] == 12.35 and out["align_ms"] is None and out["people"] == 3
+    # Align and classify per face; nothing measured yet (no frame, no face) is null, not 0.
+    out = ha.diagnostics_payload(fps=None, ms_per_frame={"detect": 10.0, "align": 0.1, "classify": 0.2},
+                                 ms_per_face={}, dropped_frames=0, outbox_pending=0, bundle_id="b", people=3,
+                                 cpu_temp=None)
+    assert out["fps"] is None and out["detect_ms"] == 10.0 and out["align_ms"] is None and out["classify_ms"] is None
+    out = ha.diagnostics_payload(fps=1.0, ms_per_frame={"detect": 10.0, "align": 0.1, "classify": 0.2},
+                                 ms_per_face={"align": 0.5, "classify": 2.0}, dropped_frames=0, outbox_pending=0,
+                                 bundle_id="b", people=3, cpu_temp=None)
+    assert (out["align_ms"], out["classify_ms"]) == (0.5, 2.0)
     zone = tmp_path / "temp"
     zone.write_text("48312\n")
     assert ha.cpu_temperature(zone) == 48.3
@@ -260,8 +315,10 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         # The person is seen (ON), then gone for longer than presence_timeout (OFF), and back (ON).
         d.wait(lambda m: [p for t, p, _ in m if t == presence][-3:] == [b"ON", b"OFF", b"ON"], 90)
         images = {t: p for t, p, _ in d.sub.messages if "/image/" in t}
-        d.wait(lambda m: any(t == ha.diagnostics_topic("faceberry", DEVICE) for t, _, _ in m), 30)
-        diag = d.json_on(ha.diagnostics_topic("faceberry", DEVICE))[-1]
+        # The one published at start has no fps yet (null); the stats interval's have.
+        d.wait(lambda m: any(t == ha.diagnostics_topic("faceberry", DEVICE) and json.loads(p)["fps"]
+                             for t, p, _ in m), 30)
+        diag = [x for x in d.json_on(ha.diagnostics_topic("faceberry", DEVICE)) if x["fps"]][-1]
         events = d.json_on(f"faceberry/{DEVICE}/events")
         assert events and {e["label"] for e in events} == {person}, events
 
@@ -278,6 +335,8 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         assert set(retained) == expected, set(retained) ^ expected
         (event_cfg,) = [c for t, c in retained.items() if t.split("/")[1] == "event"]
         assert event_cfg["event_types"] == [*tiny["people"], "unknown"]
+        from device import __version__
+        assert {c["device"].get("sw_version") for c in retained.values()} == {__version__}
 
         # Home Assistant says it is online again: every config is published once more.
         mark = d.send("online", f"{DP}/status")
@@ -288,6 +347,7 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
     assert set(diag) >= {"fps", "detect_ms", "align_ms", "classify_ms", "dropped_frames", "outbox_pending",
                          "cpu_temperature", "bundle_id", "people"}
     assert diag["people"] == len(tiny["people"]) and diag["fps"] > 0 and diag["detect_ms"] > 0
+    assert diag["align_ms"] > 0 and diag["classify_ms"] > 0  # per face: a face was seen
     assert "home assistant is online: publishing discovery again" in err
     assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1
     # Nothing but the daemon's own status ended as offline.
@@ -441,19 +501,31 @@ def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_f
     camera = tmp_path / "camera"
     camera.mkdir()
     blank(camera / "empty.jpg")
-    config = ha_config(tmp_path, store / "bundles" / "current", broker, camera)
+    # No stats line within the test: the diagnostics seen come from the start and the reload themselves.
+    config = ha_config(tmp_path, store / "bundles" / "current", broker, camera, stats_interval=3600)
     d = Daemon(config, broker)
     uid = f"faceberry_{DEVICE}_{gone}"
     their = {f"{DP}/binary_sensor/{uid}_present/config", f"{DP}/sensor/{uid}/config"}
+    diagnostics = ha.diagnostics_topic("faceberry", DEVICE)
     try:
         d.wait(lambda m: their <= {t for t, p, _ in m if p}, 60)
+        d.wait(lambda m: any(t == diagnostics for t, _, _ in m), 30)
+        at_start = d.json_on(diagnostics)[-1]
+        mark = len(d.sub.messages)
         switch_current(store, "v2")
         d.proc.send_signal(signal.SIGHUP)
         d.wait(lambda m: their <= {t for t, p, _ in m if not p}, 60)
         event_topic = f"{DP}/event/faceberry_{DEVICE}_face/config"
         d.wait(lambda m: gone not in json.loads([p for t, p, _ in m if t == event_topic][-1])["event_types"], 30)
+        # Bundle and People enrolled follow the reload at once, not a stats interval later.
+        d.wait(lambda m: any(t == diagnostics for t, _, _ in m[mark:]), 30)
+        after = d.json_on(diagnostics, mark)[-1]
     finally:
         d.stop()
+    assert at_start["people"] == len(tiny["people"]), at_start
+    assert after["people"] == len(tiny["people"]) - 1 and after["bundle_id"] != at_start["bundle_id"], after
+    # Nobody in view: no per-face time was measured, and it says so (null) instead of 0.0 ms.
+    assert after["align_ms"] is None and after["classify_ms"] is None and after["detect_ms"] > 0, after
     late = Subscriber(broker.host, broker.port, f"{DP}/#")
     time.sleep(1.0)
     retained = {t for t, p, r in late.messages if r and p}
@@ -476,26 +548,33 @@ def _retained(broker, topic: str, wait: float = 1.5) -> bytes | None:
 def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp_path, mosquitto_factory,
                                                                             tiny) -> None:
     """Privacy: a JPEG of a face retained by a run with images on must not stay on the broker after images are
-    turned off, nor after `forget`."""
+    turned off, nor after `forget`. It is replaced by the plain placeholder, never by an empty payload (Home
+    Assistant's image entity takes that as a picture it cannot serve)."""
     broker = mosquitto_factory()
     _, photo = gallery_photo(tiny)
     camera = face_then_blanks(tmp_path, photo, 6)
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny["bundle"], bundle)
     face_topic = ha.image_topic("faceberry", DEVICE, "last_face")
+    image_topics = {face_topic, ha.image_topic("faceberry", DEVICE, "last_unknown")}
 
-    # A run with images and commands on: the face picture is retained, then `forget` clears it.
+    # A run with images and commands on: the face picture is retained, then `forget` replaces it.
     config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"images": True, "commands": True})
     d = Daemon(config, broker)
     try:
         d.wait(lambda m: any(t == face_topic and p for t, p, _ in m), 90)
-        assert _retained(broker, face_topic)[:2] == b"\xff\xd8"  # a JPEG
-        d.result_after(d.send(json.dumps({"command": "forget"})))
+        face = _retained(broker, face_topic)
+        assert face[:2] == b"\xff\xd8" and face != ha.placeholder_jpeg()  # a JPEG of the face
+        result = d.result_after(d.send(json.dumps({"command": "forget"})))
+        assert result["ok"] is True, result
     finally:
         d.stop()
-    assert _retained(broker, face_topic) is None
+    # The camera keeps looping: the face may be seen again after `forget`. What matters: forget put the
+    # placeholder on both topics, and no empty image payload was ever published.
+    assert {t for t, p, _ in d.sub.messages if t in image_topics and p == ha.placeholder_jpeg()} == image_topics
+    assert not [t for t, p, _ in d.sub.messages if t in image_topics and not p]
 
-    # A picture left by an older run (or by hand), then a run with images off: cleared at start.
+    # A picture left by an older run (or by hand), then a run with images off: replaced at start.
     mqtt_publish.single(face_topic, b"\xff\xd8old", qos=1, retain=True, hostname=broker.host, port=broker.port)
     assert _retained(broker, face_topic) == b"\xff\xd8old"
     config = ha_config(tmp_path, bundle, broker, camera)
@@ -504,4 +583,115 @@ def test_retained_face_pictures_are_cleared_when_images_go_off_and_by_forget(tmp
         d.wait(lambda m: any(t.endswith("/events") for t, _, _ in m), 90)
     finally:
         d.stop()
+    assert _retained(broker, face_topic) == ha.placeholder_jpeg()
+    assert not [t for t, p, _ in d.sub.messages if t in image_topics and not p]
+
+    # Without Home Assistant discovery no image entity exists: the old picture is simply cleared.
+    mqtt_publish.single(face_topic, b"\xff\xd8old", qos=1, retain=True, hostname=broker.host, port=broker.port)
+    config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8})
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "device_id": DEVICE}))
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: any(t.endswith("/events") for t, _, _ in m), 90)
+    finally:
+        d.stop()
     assert _retained(broker, face_topic) is None
+
+
+def _order(messages: list[tuple[str, bytes, bool]], presence: str) -> list[str]:
+    """The status and presence messages as 'status:online', 'presence:ON' …, in arrival order."""
+    status = status_topic("faceberry", DEVICE)
+    return [f"{'status' if t == status else 'presence'}:{p.decode()}" for t, p, _ in messages
+            if t in (status, presence)]
+
+
+@pytest.mark.broker
+def test_a_restart_never_shows_an_arrival_that_did_not_happen(tmp_path, mosquitto_factory, tiny) -> None:
+    """The false "arrived": the ON retained before a stop, still on the broker (a power cut, a SIGKILL) or still
+    in the outbox, must never reach a subscriber after the new `online`. Home Assistant shows an entity's
+    retained state as soon as its availability says online, so presence must be right before that."""
+    from device.outbox import Outbox
+
+    broker = mosquitto_factory()
+    person, photo = gallery_photo(tiny)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    presence = ha.presence_topic("faceberry", DEVICE, person)
+    status = status_topic("faceberry", DEVICE)
+
+    # 1. A clean stop while the person is in view: OFF reaches the broker before `offline`.
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / "a_person.jpg")
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"presence_timeout": 3600})
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: b"ON" in [p for t, p, _ in m if t == presence], 90)
+    finally:
+        d.stop()
+    order = _order(d.sub.messages, presence)
+    assert order[-2:] == ["presence:OFF", "status:offline"], order
+    assert _retained(broker, presence) == b"OFF"
+
+    # 2. What a power cut leaves: the ON retained on the broker with the last will's `offline`, and an ON the
+    # broker never acknowledged still in the outbox. The next start sees nobody.
+    for topic, payload in ((presence, b"ON"), (status, b"offline")):
+        mqtt_publish.single(topic, payload, qos=1, retain=True, hostname=broker.host, port=broker.port)
+    outbox = Outbox(tmp_path / "state" / f"outbox-{DEVICE}.sqlite3")
+    outbox.put(presence, b"ON", qos=1, retain=True)
+    outbox.close()
+    shutil.rmtree(camera)
+    camera.mkdir()
+    for i in range(4):
+        blank(camera / f"empty_{i}.jpg")
+    d = Daemon(config, broker)  # its subscriber first gets the retained ON and offline, as Home Assistant would
+    try:
+        d.wait(lambda m: "status:online" in _order(m, presence), 60)
+        d.wait(lambda m: len([t for t, _, _ in m if t.endswith("/diagnostics")]) >= 3, 60)
+    finally:
+        d.stop()
+    order = _order(d.sub.messages, presence)
+    online = order.index("status:online")
+    assert sorted(order[:2]) == ["presence:ON", "status:offline"], order  # retained from before the start
+    # What a subscriber holds when it sees the device available again is OFF (Home Assistant shows the
+    # retained state at `online`: an ON here was the false arrival), and no ON comes after.
+    assert [o for o in order[:online] if o.startswith("presence")][-1] == "presence:OFF", order
+    assert "presence:ON" not in order[online:], order
+    assert order[-1] == "status:offline" and _retained(broker, presence) == b"OFF", order
+
+
+@pytest.mark.broker
+def test_a_reconnection_restores_the_presence_before_online(tmp_path, mosquitto_factory, tiny) -> None:
+    """A broker that restarts without its retained messages: at the reconnection the daemon puts the presence
+    it knows (ON for the person in view) back on the broker ahead of `online`, not after it."""
+    broker = mosquitto_factory()
+    person, photo = gallery_photo(tiny)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    link(photo, camera / "a_person.jpg")
+    presence = ha.presence_topic("faceberry", DEVICE, person)
+    config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"presence_timeout": 3600})
+    d = Daemon(config, broker)
+    try:
+        d.wait(lambda m: b"ON" in [p for t, p, _ in m if t == presence], 90)
+        d.sub.close()
+        broker.stop()  # no persistence: every retained message is gone with it
+        broker.start()
+        # Subscribed before the daemon's reconnection (its retry delay is at least a second): what it gets
+        # is live, in publish order (not retained, whose order on subscribing says nothing).
+        late = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
+
+        def live(m: list) -> list:
+            return [x for x in m if not x[2]]
+
+        try:
+            assert late.wait_for(lambda m: "status:online" in _order(live(m), presence), 60), d.text()
+            order = _order(live(list(late.messages)), presence)
+        finally:
+            late.close()
+        d.sub = Subscriber(broker.host, broker.port, "#")
+    finally:
+        d.stop()
+    assert order.index("presence:ON") < order.index("status:online"), order
