@@ -315,6 +315,15 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     assert pred.best in bundle.labels and -1.0 <= pred.score <= 1.0
 
 
+def _refused(quantization: str, tried=()) -> AccuracyDropError:
+    """The error convert_run raises for a real drop (9 of 43 faces lost, 1 gained)."""
+    try:
+        _check_drop(_paired(43, 25, lost=9, gained=1), quantization, 2.0, None, tried)
+    except AccuracyDropError as exc:
+        return exc
+    raise AssertionError("not refused")
+
+
 def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tiny_run, tmp_path, capsys, monkeypatch):
     """The card's MobileNetV2 path must not dead-end: an int8 model refused for its accuracy drop gives a
     float16 bundle with a warning, unless int8 was asked for explicitly."""
@@ -322,19 +331,40 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
     from convert import cli
 
     real = convert.build.convert_run
+    calls = []
 
     def int8_always_drops(*args, **kwargs):
+        calls.append((kwargs["quantization"], kwargs["tried"]))
         if kwargs["quantization"] == "int8":
-            raise convert.build.AccuracyDropError("int8 model is 16.0 points less accurate than float")
+            raise _refused("int8", kwargs["tried"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(convert.build, "convert_run", int8_always_drops)
     out = tmp_path / "bundle"
     assert cli.main(["--run", str(tiny_run), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "building float16 instead" in err
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))
+    assert "18.6 points less accurate" in warning and "building float16 instead" in warning
+    assert "try --quantization float16" not in warning  # it is what convert does next, not advice
+    assert calls == [("int8", ()), ("float16", ("int8",))]
     from device.bundle import load_bundle
 
     assert load_bundle(out).manifest["classifier"]["quantization"] == "float16"
     assert cli.main(["--run", str(tiny_run), "--out", str(tmp_path / "b2"), "--quantization", "int8", "-q"]) == 2
     assert not (tmp_path / "b2").exists()
+
+
+def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tmp_path, capsys, monkeypatch):
+    import convert.build
+    from convert import cli
+
+    def always_drops(*args, **kwargs):
+        raise _refused(kwargs["quantization"], kwargs["tried"])
+
+    monkeypatch.setattr(convert.build, "convert_run", always_drops)
+    out = tmp_path / "bundle"
+    assert cli.main(["--run", str(tmp_path), "--out", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: float16 model is 18.6 points less accurate") and "int8 refused before it" in error
+    assert "--quantization float16" not in error and "--quantization int8" not in error
+    assert not out.exists()
