@@ -36,13 +36,11 @@ from convert.quantize import HEAD_OPS
 # Recipes measured on the same run: (name, quantization, convert_run options).
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
     ("float16", "float16", {}),
-    ("int8: 200 plain crops, all int8 (before)", "int8", {"calibration": "plain", "calibration_samples": 200,
-                                                         "float_ops": ()}),
-    ("int8: 1000 augmented crops, all int8", "int8", {"calibration": "augmented", "calibration_samples": 1000,
-                                                      "float_ops": ()}),
-    ("int8: 200 plain crops, head in float", "int8", {"calibration": "plain", "calibration_samples": 200,
-                                                      "float_ops": HEAD_OPS}),
-    ("int8: convert's default for this run", "int8", {}),
+    ("int8: 200 plain crops, all int8 (convert's default)", "int8", {}),
+    ("int8: 1000 augmented crops, all int8", "int8", {"calibration": "augmented", "calibration_samples": 1000}),
+    ("int8: 200 plain crops, head in float", "int8", {"float_ops": HEAD_OPS}),
+    ("int8: 1000 augmented crops, head in float", "int8", {"calibration": "augmented", "calibration_samples": 1000,
+                                                           "float_ops": HEAD_OPS}),
 ]
 
 
@@ -143,21 +141,6 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
     if refused is None:
         manifest = json.loads((bundle / "manifest.json").read_text())
         ev = device_eval(bundle, Path(data["eval_dir"]), work / "eval.json")
-        # The same probes through the float16 bundle: does the device name the same person on photos
-        # the run never saw (more faces than the validation split)?
-        ref = None
-        if rows[0]["written"]:
-            ref = device_eval(work / "bundle-0", Path(data["eval_dir"]), work / "eval-float16.json")
-            ref_best = {p["path"]: p["best"] for p in ref["probes"] if p["faces"]}
-            ref_dec = {p["path"]: p["predicted"] for p in ref["probes"]}
-            found = [p for p in ev["probes"] if p["path"] in ref_best]
-            final["probes_vs_float16"] = {
-                "faces": len(found),
-                "top1_agreement": float(np.mean([p["best"] == ref_best[p["path"]] for p in found])) if found else None,
-                "decision_agreement": float(np.mean([p["predicted"] == ref_dec[p["path"]] for p in ev["probes"]])),
-                "float16_known_accuracy": ref["known_accuracy"],
-                "float16_stranger_false_accept_rate": ref["stranger_false_accept_rate"],
-            }
         final.update(
             quantization=manifest["classifier"]["quantization"], bundle_id=manifest["bundle_id"],
             agreement=manifest["metrics"]["agreement"], accept_threshold=manifest["thresholds"]["accept"],
@@ -165,6 +148,20 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
             known_accuracy=ev["known_accuracy"], stranger_false_accept_rate=ev["stranger_false_accept_rate"],
             closed_set_accuracy=ev["closed_set_accuracy"],
         )
+        # The int8 bundle convert refused, built with the guard off: what the device would do with it on
+        # photos the run never saw, beside the bundle convert wrote.
+        forced = work / "bundle-int8-unguarded"
+        convert_run(run, forced, quantization="int8", max_drop=100.0, min_agreement=0.0, force=True)
+        ev8 = device_eval(forced, Path(data["eval_dir"]), work / "eval-int8.json")
+        best = {p["path"]: p["best"] for p in ev["probes"] if p["faces"]}
+        found = [p for p in ev8["probes"] if p["path"] in best and p["faces"]]
+        final["unguarded_int8"] = {
+            "known_accuracy": ev8["known_accuracy"], "stranger_false_accept_rate": ev8["stranger_false_accept_rate"],
+            "closed_set_accuracy": ev8["closed_set_accuracy"], "probe_faces": len(found),
+            "top1_agreement_on_probes": (float(np.mean([p["best"] == best[p["path"]] for p in found]))
+                                         if found else None),
+        }
+    diagnostics = diagnose(run)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
     print(f"\nthe card's path, {len(data['people'])} people × {data['train_photos'] // len(data['people'])} photos "
@@ -183,18 +180,89 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
               f"{data['probe_photos']} probes of the known people and {data['stranger_photos']} of "
               f"{data['stranger_people']} strangers: known {pct(final['known_accuracy'])}, strangers accepted "
               f"{pct(final['stranger_false_accept_rate'])}, closed-set {pct(final['closed_set_accuracy'])}")
-        vs = final.get("probes_vs_float16")
-        if vs:
-            print(f"same probes, float16 bundle: known {pct(vs['float16_known_accuracy'])}, strangers accepted "
-                  f"{pct(vs['float16_stranger_false_accept_rate'])}; the two bundles' top-1 agree on "
-                  f"{pct(vs['top1_agreement'])} of {vs['faces']} faces, decisions on {pct(vs['decision_agreement'])}")
+        u = final["unguarded_int8"]
+        print(f"the refused int8 (guard off), same probes: known {pct(u['known_accuracy'])}, strangers accepted "
+              f"{pct(u['stranger_false_accept_rate'])}, closed-set {pct(u['closed_set_accuracy'])}; its top-1 "
+              f"agrees with the written bundle's on {pct(u['top1_agreement_on_probes'])} of {u['probe_faces']} faces")
     else:
         print(f"\n`python -m convert` (defaults) refused: {refused}")
+    print("\nwhere int8 moves the answers (top-1 agreement with the float Keras model on the validation faces):")
+    print(table(["variant", "top-1 = float"], [[k, pct(v)] for k, v in diagnostics.items()]))
     path = write_result("card_path", {"machine": info, "data": data, "train": meta, "report": {
         k: report.get(k) for k in ("val_accuracy", "val_accepted_right", "chance", "split", "threshold",
-                                   "train_seconds", "best_epoch")}, "recipes": rows, "convert_cli": final})
+                                   "train_seconds", "best_epoch")}, "recipes": rows, "convert_cli": final,
+        "diagnostics": diagnostics})
     print(f"\nwrote {path}")
     return 0
+
+
+def diagnose(run_dir: Path) -> dict[str, float]:
+    """Which part of int8 moves the answers: weights alone (in Keras, and TFLite's dynamic range), 16-bit
+    activations with int8 weights, and the network from block 6 on kept in float."""
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tflite_convert
+
+    from convert.build import _load_keras, load_run
+    from convert.quantize import representative_samples
+    from convert.verify import run_tflite
+    from device.preprocess import normalize
+
+    run = load_run(run_dir)
+    model = _load_keras(run_dir / "model.keras")
+    x_train = normalize(run.crops[run.split == "train"], run.prep)
+    x_val = normalize(run.crops[run.split == "val"], run.prep)
+    top = model.predict(x_val, verbose=0).argmax(1)
+    rep = representative_samples(x_train, 200)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="card-diag-") as tmp:
+        saved = Path(tmp) / "saved"
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+
+        def agree(flatbuffer: bytes) -> float:
+            path = Path(tmp) / "m.tflite"
+            path.write_bytes(flatbuffer)
+            return float(np.mean(run_tflite(path, x_val).argmax(1) == top))
+
+        def converter(calibrated: bool):
+            c = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            if calibrated:
+                c.representative_dataset = lambda: ([x[None]] for x in rep)
+            return c
+
+        out["int8 weights only (TFLite dynamic range, activations float)"] = agree(converter(False).convert())
+        c = converter(True)
+        c.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        out["int8 weights, int16 activations (16x8)"] = agree(c.convert())
+        c = converter(True)
+        c._experimental_calibrate_only = True
+        calibrated = c.convert()
+        interpreter = tf.lite.Interpreter(model_content=calibrated)
+        names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
+        late = [f"block_{b}_" for b in range(6, 17)] + ["Conv_1", "out_relu"]
+        nodes = [names[i] for op in interpreter._get_ops_details() for i in op["outputs"]
+                 if any(k in names[i] for k in late)]
+        out["int8 up to block 5, float from block 6 on"] = agree(tflite_convert.mlir_quantize(
+            calibrated, fully_quantize=True, input_data_type=tf.int8, output_data_type=tf.float32,
+            denylisted_nodes=nodes, denylisted_ops=list(HEAD_OPS)))
+
+    def snap(w: np.ndarray, axis: int) -> np.ndarray:  # symmetric int8 per channel, as TFLite quantises
+        moved = np.moveaxis(w, axis, -1)
+        scale = np.abs(moved).reshape(-1, moved.shape[-1]).max(0) / 127
+        scale = np.where(scale > 0, scale, 1)
+        return np.moveaxis(np.round(moved / scale) * scale, -1, axis).astype(w.dtype)
+
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            weights = layer.get_weights()
+            axis = 2 if isinstance(layer, keras.layers.DepthwiseConv2D) else weights[0].ndim - 1
+            layer.set_weights([snap(weights[0], axis), *weights[1:]])
+    out["float model with int8-rounded weights (Keras, per channel)"] = float(
+        np.mean(model.predict(x_val, verbose=0).argmax(1) == top))
+    return out
 
 
 def _recipe(agreement: dict[str, Any]) -> str:

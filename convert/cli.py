@@ -35,13 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse the bundle if the converted model's validation accuracy is more than this many "
                    "percentage points below the float model's (default 2.0) and the faces only one model gets "
                    "right show the drop is not chance (exact McNemar test, 5%%)")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--min-agreement", type=float, default=95.0,
                    help="also refuse it if the share of validation faces given the same top-1 answer by both "
                    "models is below this percentage beyond chance (its 95%% Wilson interval wholly below; "
-                   "default: not checked)")
-    p.add_argument("--calibration-samples", type=int, default=None,
-                   help="faces the int8 activation ranges are measured on: for a fine-tuned run the training crops, "
-                   "then augmented copies of them (default 1000); for a backbone run training crops (default 200)")
+                   "default 95; 0 turns it off)")
+    p.add_argument("--calibration-samples", type=int, default=200,
+                   help="training crops the int8 activation ranges are measured on (default 200)")
     p.add_argument("--keep-threshold", action="store_true",
                    help="keep the training run's accept threshold (and, for a backbone run, its float gallery) "
                    "instead of re-fitting them on the converted model")
