@@ -116,6 +116,32 @@ def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tm
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.9
 
 
+@pytest.mark.shared
+def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
+    """Per-channel weights are the converter's default; convert records it rather than assuming it."""
+    from convert.quantize import weight_scales
+
+    scales = weight_scales((tiny_bundle / "classifier.tflite").read_bytes())
+    assert scales["per_channel"] > 50 and scales["per_tensor"] == 0 and scales["float"] == 0
+    agreement = json.loads((tiny_bundle / "manifest.json").read_text())["metrics"]["agreement"]
+    assert agreement["weight_scales"] == scales
+    assert agreement["calibration"]["source"] == "plain" and agreement["float_ops"] == []
+    test = agreement["paired_test"]
+    assert test["faces"] == agreement["faces"] and 0 <= test["p_value"] <= 1
+
+
+def test_calibration_faces_are_every_training_crop_then_augmented_copies():
+    from convert.quantize import representative_samples
+
+    crops = np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3)
+    plain = representative_samples(crops, 4)
+    assert len(plain) == 4 and all(any(np.array_equal(p, c) for c in crops) for p in plain)
+    assert representative_samples(crops, 50) is crops  # no augmentation: never more than the crops
+    augmented = representative_samples(crops, 25, augment=lambda x: -x)
+    assert augmented.shape == (25, 2, 2, 3) and np.array_equal(augmented[:10], crops)
+    assert all(any(np.array_equal(a, -c) for c in crops) for a in augmented[10:])
+
+
 # --- refusals and errors (no TensorFlow needed) --------------------------------------------------------
 
 
