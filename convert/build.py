@@ -35,8 +35,8 @@ GALLERY_FILE = "gallery.npz"
 # The share (%) of validation faces the converted model must answer as the float model does (top-1 person);
 # refused only when the faces show it is below this beyond chance (95% Wilson interval wholly below).
 MIN_AGREEMENT = 95.0
-# Faces the int8 activation ranges are measured on: training crops then augmented copies of them, or
-# training crops alone (an embedding run's recipe, as its figures were measured).
+# Faces the int8 activation ranges are measured on, by calibration source: training crops alone (the
+# default), or training crops then augmented copies of them.
 CALIBRATION_SAMPLES = {"augmented": 1000, "plain": 200}
 
 
@@ -174,7 +174,7 @@ def convert_run(
     recipe: dict[str, Any] = {}
     representative = None
     if quantization == "int8":
-        calibration, float_ops = _int8_recipe(run, calibration, float_ops)
+        calibration, float_ops = _int8_recipe(calibration, float_ops)
         if calibration_samples is None:
             calibration_samples = CALIBRATION_SAMPLES[calibration]
         augment = _augmentation(run) if calibration == "augmented" else None
@@ -264,13 +264,13 @@ def convert_run(
     return manifest
 
 
-def _int8_recipe(run: Run, calibration: str | None, float_ops: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+def _int8_recipe(calibration: str | None, float_ops: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
     """The int8 recipe: the caller's choice, else training crops as they are and every op in int8.
 
     Augmented calibration faces and a float head (convert.quantize.HEAD_OPS) were measured on the card's
     fine-tune (22 people × 10 photos, bench/card_path.py, docs/BENCHMARKS.md) and changed nothing: its
-    int8 answers differ from float on the same 12 of 44 faces with every recipe, because the int8 *weights*
-    alone (per-channel, float activations) already move them. They stay options, not the default."""
+    int8 answers differ from float on 12 of 44 faces with every recipe, because the int8 *weights* alone
+    (per channel, float activations) already move them. They stay options, not the default."""
     if calibration is None:
         calibration = "plain"
     if calibration not in ("augmented", "plain"):
@@ -360,7 +360,7 @@ def _check_drop(agreement: dict[str, Any], quantization: str, max_drop: float, m
     from convert.verify import mcnemar_p, wilson_interval
 
     f_acc, q_acc = agreement.get("float_accuracy"), agreement.get("converted_accuracy")
-    paired = agreement.get("paired")
+    paired = agreement.pop("paired", None)  # kept as paired_test below
     if f_acc is not None and q_acc is not None:
         drop = 100.0 * (f_acc - q_acc)
         agreement["accuracy_drop_points"] = round(drop, 2)
