@@ -104,8 +104,8 @@ def convert_run(run_dir: Path, bundle_dir: Path, quantization: str, max_drop: fl
     out: dict[str, Any] = {"convert_seconds": round(seconds, 1), "max_drop": max_drop}
     if refused:
         print(f"note: convert refused the {quantization} bundle ({refused}); measuring it anyway with "
-              "--max-drop 100", file=sys.stderr)
-        seconds, _ = sh([*cmd, "--max-drop", "100"], f"conversion to {quantization}")
+              "--max-drop 100 --min-agreement 0", file=sys.stderr)
+        seconds, _ = sh([*cmd, "--max-drop", "100", "--min-agreement", "0"], f"conversion to {quantization}")
         out.update(convert_seconds=round(seconds, 1), refused_at_default_margin=refused, max_drop=100.0)
     return out
 

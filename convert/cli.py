@@ -14,8 +14,8 @@ preprocessing, accept threshold, sha256 of every file, float-vs-converted agreem
 run, gallery.npz. Copy the whole directory to the Pi and point the device config at it.
 
 The converted model is run through the device's own TFLite wrapper on the run's validation and stranger
-faces and compared with the float Keras model; if it is more than --max-drop points less accurate, no
-bundle is written.
+faces and compared with the float Keras model, face by face; if it is more than --max-drop points less
+accurate and the faces it loses are too many to be chance, no bundle is written.
 """
 
 
@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "is built instead, and said so); float16: half the float size; float32: as trained")
     p.add_argument("--max-drop", type=float, default=2.0,
                    help="refuse the bundle if the converted model's validation accuracy is more than this many "
-                   "percentage points below the float model's (default 2.0)")
-    p.add_argument("--min-agreement", type=float, default=None,
-                   help="also refuse it if fewer than this percentage of validation faces get the same top-1 answer "
-                   "from both models (default: not checked)")
+                   "percentage points below the float model's (default 2.0) and the faces only one model gets "
+                   "right show the drop is not chance (exact McNemar test, 5%%)")
+    p.add_argument("--min-agreement", type=float, default=95.0,
+                   help="also refuse it if the share of validation faces given the same top-1 answer by both "
+                   "models is below this percentage beyond chance (its 95%% Wilson interval wholly below; "
+                   "default 95; 0 turns it off)")
     p.add_argument("--calibration-samples", type=int, default=200,
-                   help="training crops used as the int8 representative set (default 200)")
+                   help="training crops the int8 activation ranges are measured on (default 200)")
     p.add_argument("--keep-threshold", action="store_true",
                    help="keep the training run's accept threshold (and, for a backbone run, its float gallery) "
                    "instead of re-fitting them on the converted model")
@@ -60,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from convert.build import AccuracyDropError, ConvertError, convert_run
     from device.runtime import ModelError
 
-    def convert(quantization: str) -> dict:
+    def convert(quantization: str, tried: tuple[str, ...] = ()) -> dict:
         return convert_run(
             args.run, args.out, quantization=quantization, max_drop=args.max_drop,
             min_agreement=args.min_agreement, calibration_samples=args.calibration_samples,
-            detector=args.detector, force=args.force, recalibrate=not args.keep_threshold,
+            detector=args.detector, force=args.force, recalibrate=not args.keep_threshold, tried=tried,
         )
 
     chosen = args.quantization or "int8"
@@ -76,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             # A user who did not ask for int8 still gets a bundle: float16 keeps the float accuracy at
             # twice the size and about the float speed on a Pi.
-            print(f"warning: {exc}; building float16 instead (pass --quantization int8 to refuse)", file=sys.stderr)
+            print(f"warning: {exc.reason}; building float16 instead (pass --quantization int8 to refuse)",
+                  file=sys.stderr)
             chosen = "float16"
-            manifest = convert(chosen)
+            manifest = convert(chosen, tried=("int8",))
     except (ConvertError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ quantisation parameters are read exactly as they will be on the device.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,40 @@ def _acc(pred: list[str], truth: list[str]) -> float | None:
     return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)])) if truth else None
 
 
+def paired_counts(float_pred: list[str], converted_pred: list[str], truth: list[str]) -> dict[str, int]:
+    """Face by face: how many only the float model gets right, and how many only the converted one.
+
+    The faces both get right or both get wrong say nothing about a difference between the two models
+    (McNemar); the accuracy drop is (float_only_right - converted_only_right) / faces."""
+    f_right = [p == t for p, t in zip(float_pred, truth, strict=True)]
+    q_right = [p == t for p, t in zip(converted_pred, truth, strict=True)]
+    return {"faces": len(truth),
+            "float_only_right": sum(f and not q for f, q in zip(f_right, q_right, strict=True)),
+            "converted_only_right": sum(q and not f for f, q in zip(f_right, q_right, strict=True))}
+
+
+def mcnemar_p(float_only_right: int, converted_only_right: int) -> float:
+    """One-sided exact McNemar test: the chance of at least `float_only_right` of the discordant faces going
+    the float model's way if neither model were better (each discordant face a fair coin).
+
+    One face of 43 lost and none gained gives 0.5: no evidence of a drop. Eight lost and none gained,
+    0.004: a drop."""
+    n = float_only_right + converted_only_right
+    if n == 0 or float_only_right == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(float_only_right, n + 1)) / 2.0 ** n)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion seen as successes / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def compare_softmax(float_out: np.ndarray, q_out: np.ndarray, truth: list[str], labels: list[str],
                     threshold: float, is_val: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement and accuracy on validation faces; decision agreement on validation + strangers."""
@@ -56,6 +91,7 @@ def compare_softmax(float_out: np.ndarray, q_out: np.ndarray, truth: list[str], 
     return {
         "faces": int(is_val.sum()),
         "faces_with_strangers": len(truth),
+        "paired": paired_counts(f_val, q_val, val_truth),
         "top1_agreement": _acc(q_val, f_val),
         "float_accuracy": _acc(f_val, val_truth),
         "converted_accuracy": _acc(q_val, val_truth),
@@ -74,6 +110,7 @@ def compare_embedding(float_out: np.ndarray, q_out: np.ndarray, truth: list[str]
     return {
         "faces": int(is_val.sum()),
         "faces_with_strangers": len(truth),
+        "paired": paired_counts(_pick(f_near, is_val), _pick(q_near, is_val), val_truth),
         "top1_agreement": _acc(_pick(q_near, is_val), _pick(f_near, is_val)),
         "decision_agreement": _acc(q_dec, f_dec),
         # The gate is the nearest person: the device's threshold is re-fitted on the converted embedder

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.build import ConvertError, _check_drop
+from convert.build import AccuracyDropError, ConvertError, _check_drop
 from device.bundle import load_bundle, sha256_file
 from device.preprocess import normalize
 from device.runtime import TFLiteModel
@@ -116,17 +116,112 @@ def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tm
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.9
 
 
+@pytest.mark.shared
+def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
+    """Per-channel weights are the converter's default; convert records it rather than assuming it."""
+    from convert.quantize import weight_scales
+
+    scales = weight_scales((tiny_bundle / "classifier.tflite").read_bytes())
+    assert scales["per_channel"] > 50 and scales["per_tensor"] == 0 and scales["float"] == 0
+    agreement = json.loads((tiny_bundle / "manifest.json").read_text())["metrics"]["agreement"]
+    assert agreement["weight_scales"] == scales
+    assert agreement["calibration"]["source"] == "plain" and agreement["float_ops"] == []
+    test = agreement["paired_test"]
+    assert test["faces"] == agreement["faces"] and 0 <= test["p_value"] <= 1
+
+
+def test_calibration_faces_are_every_training_crop_then_augmented_copies():
+    from convert.quantize import representative_samples
+
+    crops = np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3)
+    plain = representative_samples(crops, 4)
+    assert len(plain) == 4 and all(any(np.array_equal(p, c) for c in crops) for p in plain)
+    assert representative_samples(crops, 50) is crops  # no augmentation: never more than the crops
+    augmented = representative_samples(crops, 25, augment=lambda x: -x)
+    assert augmented.shape == (25, 2, 2, 3) and np.array_equal(augmented[:10], crops)
+    assert all(any(np.array_equal(a, -c) for c in crops) for a in augmented[10:])
+
+
 # --- refusals and errors (no TensorFlow needed) --------------------------------------------------------
+
+
+def _paired(faces: int, float_right: int, lost: int, gained: int) -> dict:
+    """An agreement record as convert.verify makes it: `lost` faces only float gets right, `gained` only int8."""
+    converted_right = float_right - lost + gained
+    return {"faces": faces, "float_accuracy": float_right / faces, "converted_accuracy": converted_right / faces,
+            "top1_agreement": (faces - lost - gained) / faces,
+            "paired": {"faces": faces, "float_only_right": lost, "converted_only_right": gained}}
 
 
 def test_drop_check_refuses_beyond_the_margin():
     ok = {"float_accuracy": 0.80, "converted_accuracy": 0.79, "top1_agreement": 0.97}
     _check_drop(ok, "int8", max_drop=2.0, min_agreement=None)
     assert ok["accuracy_drop_points"] == pytest.approx(1.0)
+    # Without per-face counts (an older caller) only the size can be judged.
     with pytest.raises(ConvertError, match=r"3\.0 points less accurate .*allowed 2"):
         _check_drop({"float_accuracy": 0.80, "converted_accuracy": 0.77}, "int8", 2.0, None)
     with pytest.raises(ConvertError, match=r"agrees with float on only 90\.0%"):
         _check_drop({"float_accuracy": 0.8, "converted_accuracy": 0.8, "top1_agreement": 0.9}, "int8", 2.0, 95.0)
+
+
+def test_one_face_of_43_is_not_a_drop():
+    """The issue's float16 refusal: 2.3 points = one face of 43 lost, none gained. p = 0.5: kept."""
+    agreement = _paired(43, 25, lost=1, gained=0)
+    _check_drop(agreement, "float16", max_drop=2.0, min_agreement=None, tried=("int8",))
+    assert agreement["accuracy_drop_points"] == pytest.approx(2.33, abs=0.01)
+    test = agreement["paired_test"]
+    assert test["p_value"] == pytest.approx(0.5) and not test["significant"]
+    # Three lost, one gained of 43 (4.7 points): still chance (p = 0.31).
+    _check_drop(_paired(43, 25, lost=3, gained=1), "int8", 2.0, None)
+
+
+def test_a_real_drop_is_refused_and_the_message_never_suggests_what_was_tried():
+    # The issue's int8: 58.1% -> 39.5% on 43 faces is 8 faces net; say 9 lost and 1 gained (p = 0.011).
+    with pytest.raises(AccuracyDropError) as refused:
+        _check_drop(_paired(43, 25, lost=9, gained=1), "int8", 2.0, None)
+    message = str(refused.value)
+    assert "18.6 points less accurate" in message and "9 of 43 faces lost and 1 gained" in message
+    assert "--quantization float16" in message and "--quantization int8" not in message
+    assert refused.value.reason.endswith(")") and "no bundle written" not in refused.value.reason
+    assert refused.value.agreement["paired_test"]["significant"]
+    # float16 refused after int8: neither is suggested again; float32 is what is left.
+    with pytest.raises(AccuracyDropError) as refused:
+        _check_drop(_paired(43, 25, lost=9, gained=0), "float16", 2.0, None, tried=("int8",))
+    message = str(refused.value)
+    assert "int8 refused before it" in message and "--quantization float32" in message
+    assert "--quantization float16" not in message and "--quantization int8" not in message
+    # float32 has nothing lighter to offer.
+    with pytest.raises(AccuracyDropError) as refused:
+        _check_drop(_paired(43, 25, lost=9, gained=0), "float32", 2.0, None)
+    assert "--quantization" not in str(refused.value)
+    # A significant drop within the allowed size is kept: both conditions are needed.
+    _check_drop(_paired(400, 300, lost=8, gained=0), "int8", 2.5, None)
+
+
+def test_min_agreement_is_refused_only_beyond_chance():
+    # 41 of 43 agree (95.3%; 95% interval 84–99%): not evidence of agreement below 97%.
+    agreement = _paired(43, 25, lost=1, gained=1)
+    _check_drop(agreement, "int8", 2.0, 97.0)
+    lo, hi = agreement["top1_agreement_95ci"]
+    assert lo < 0.953 < hi and hi > 0.97
+    # 30 of 43 agree (70%; interval up to 82%): refused, float16 suggested, int8 not.
+    with pytest.raises(AccuracyDropError, match=r"agrees with float on only 69\.8% of 43") as refused:
+        _check_drop(_paired(43, 25, lost=7, gained=6), "int8", 2.0, 95.0)
+    assert "--quantization float16" in str(refused.value) and "--quantization int8" not in str(refused.value)
+
+
+def test_mcnemar_and_wilson_match_their_textbook_values():
+    from convert.verify import mcnemar_p, wilson_interval
+
+    assert mcnemar_p(1, 0) == pytest.approx(0.5)
+    assert mcnemar_p(0, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(8, 0) == pytest.approx(1 / 256)
+    assert mcnemar_p(9, 1) == pytest.approx(11 / 1024)  # P(X >= 9), X ~ Bin(10, 1/2)
+    assert mcnemar_p(3, 1) == pytest.approx(5 / 16)  # (C(4,3) + C(4,4)) / 2^4
+    assert mcnemar_p(6, 2) == pytest.approx(37 / 256)  # (28 + 8 + 1) / 2^8
+    lo, hi = wilson_interval(42, 43)
+    assert lo == pytest.approx(0.8794, abs=1e-3) and hi == pytest.approx(0.9959, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_missing_or_incomplete_run_is_a_one_line_error(tmp_path):
@@ -246,6 +341,15 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     assert pred.best in bundle.labels and -1.0 <= pred.score <= 1.0
 
 
+def _refused(quantization: str, tried=()) -> AccuracyDropError:
+    """The error convert_run raises for a real drop (9 of 43 faces lost, 1 gained)."""
+    try:
+        _check_drop(_paired(43, 25, lost=9, gained=1), quantization, 2.0, None, tried)
+    except AccuracyDropError as exc:
+        return exc
+    raise AssertionError("not refused")
+
+
 def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tiny_run, tmp_path, capsys, monkeypatch):
     """The card's MobileNetV2 path must not dead-end: an int8 model refused for its accuracy drop gives a
     float16 bundle with a warning, unless int8 was asked for explicitly."""
@@ -253,19 +357,40 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
     from convert import cli
 
     real = convert.build.convert_run
+    calls = []
 
     def int8_always_drops(*args, **kwargs):
+        calls.append((kwargs["quantization"], kwargs["tried"]))
         if kwargs["quantization"] == "int8":
-            raise convert.build.AccuracyDropError("int8 model is 16.0 points less accurate than float")
+            raise _refused("int8", kwargs["tried"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(convert.build, "convert_run", int8_always_drops)
     out = tmp_path / "bundle"
     assert cli.main(["--run", str(tiny_run), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "building float16 instead" in err
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))
+    assert "18.6 points less accurate" in warning and "building float16 instead" in warning
+    assert "try --quantization float16" not in warning  # it is what convert does next, not advice
+    assert calls == [("int8", ()), ("float16", ("int8",))]
     from device.bundle import load_bundle
 
     assert load_bundle(out).manifest["classifier"]["quantization"] == "float16"
     assert cli.main(["--run", str(tiny_run), "--out", str(tmp_path / "b2"), "--quantization", "int8", "-q"]) == 2
     assert not (tmp_path / "b2").exists()
+
+
+def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tmp_path, capsys, monkeypatch):
+    import convert.build
+    from convert import cli
+
+    def always_drops(*args, **kwargs):
+        raise _refused(kwargs["quantization"], kwargs["tried"])
+
+    monkeypatch.setattr(convert.build, "convert_run", always_drops)
+    out = tmp_path / "bundle"
+    assert cli.main(["--run", str(tmp_path), "--out", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: float16 model is 18.6 points less accurate") and "int8 refused before it" in error
+    assert "--quantization float16" not in error and "--quantization int8" not in error
+    assert not out.exists()
