@@ -57,12 +57,14 @@ def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *,
 
 
 def aside_name(path: Path, now: float | None = None) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    # To the millisecond, so names sort in the order the copies were made (the pruning relies on it).
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     candidate = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}")
     n = 1
     while candidate.exists() or candidate.is_symlink():
         n += 1
-        candidate = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}-{n}")
+        candidate = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}-{n:03d}")
     return candidate
 
 
