@@ -25,6 +25,8 @@ from device.statefile import DamagedFileError, RateLimitedLog, describe_error, s
 
 log = logging.getLogger(__name__)
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 
 def _valid_record(rec: Any, dim: int | None) -> bool:
     if not isinstance(rec, dict) or not isinstance(rec.get("label"), str) or not rec["label"]:
@@ -34,7 +36,9 @@ def _valid_record(rec: Any, dim: int | None) -> bool:
     for row in rec["embeddings"]:
         if not isinstance(row, list) or not row or (dim is not None and len(row) != dim):
             return False
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+        # Finite as float32, the type they are used in (1e308 is finite only as a float64).
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= F32_MAX
+                   for v in row):
             return False
     return True
 

@@ -87,10 +87,15 @@ def read_face(folder: Path) -> StoredFace:
     if face.stranger_id is not None and not isinstance(face.stranger_id, str):
         raise DamagedFileError(f"{META} has a stranger_id that is not text")
     try:
-        vectors = np.load(folder / EMBEDDINGS, allow_pickle=False)
+        with open(folder / EMBEDDINGS, "rb") as fh:  # np.load given a path leaves it open on a refusal
+            vectors = np.load(fh, allow_pickle=False)
     except FileNotFoundError as exc:
         raise DamagedFileError(f"no {EMBEDDINGS}") from exc
-    except (ValueError, EOFError, IsADirectoryError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:
+        # numpy's reader meets a damaged header with whatever its parser raises (ValueError, EOFError, a
+        # pickle refused, tokenize's TokenError, SyntaxError, MemoryError for an absurd shape).
         raise DamagedFileError(f"{EMBEDDINGS} is unreadable ({describe_error(exc)})") from exc
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or not vectors.size or vectors.dtype.kind != "f":
         raise DamagedFileError(f"{EMBEDDINGS} is not a 2-D float array")

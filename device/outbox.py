@@ -149,6 +149,7 @@ class Outbox:
         self.failures = RateLimitedLog(log)
         self._undeleted: set[int] = set()  # acknowledged, but the DELETE failed: never sent again, retried
         self._retry_at = 0.0
+        self._relieve_at = 0.0
         self._unreadable_ids: set[int] = set()  # rows that failed to read while the daemon ran
         self._failing: dict[str, str] = {}  # operation -> the kind of failure last logged for it
         self._lock = threading.Lock()
@@ -300,8 +301,22 @@ class Outbox:
             # The snapshot taken before the failed transaction stays: it was what the file held.
             self._report("read", exc)
 
+    def _relieve(self) -> None:
+        # A full disk: the WAL may hold megabytes that a checkpoint folds into pages the file already has
+        # (delivered rows free them), and TRUNCATE gives back. Tried at most every RETRY_DELETE_S.
+        now = time.monotonic()
+        if self._db is None or now < self._relieve_at:
+            return
+        self._relieve_at = now + RETRY_DELETE_S
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.debug("outbox checkpoint on a full disk failed: %s", exc)
+
     def _report(self, op: str, exc: BaseException) -> str:
         kind, hint = failure_kind(exc)
+        if kind == "full":
+            self._relieve()
         what = {"write": "cannot write a message to the outbox", "delete": "cannot delete delivered messages from "
                 "the outbox", "read": "cannot read the outbox"}[op]
         consequence = {"write": "the message is lost (counted in the stats as lost); the daemon goes on",

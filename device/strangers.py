@@ -46,17 +46,23 @@ KEYS = ("ids", "totals", "counts", "first", "last")
 def read_strangers(path: Path) -> dict[str, Stranger]:
     """The clusters in a stranger memory file; DamagedFileError naming what is wrong, OSError if unreadable."""
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise DamagedFileError("a single array, not the stranger memory's .npz")
-        with data:
-            missing = [k for k in KEYS if k not in data.files]
-            if missing:
-                raise DamagedFileError(f"no {', '.join(missing)} in it")
-            ids, totals, counts, first, last = (data[k] for k in KEYS)
+        # Our own file object: np.load given a path leaves it open when the content is refused.
+        with open(path, "rb") as fh:
+            data = np.load(fh, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise DamagedFileError("a single array, not the stranger memory's .npz")
+            with data:
+                missing = [k for k in KEYS if k not in data.files]
+                if missing:
+                    raise DamagedFileError(f"no {', '.join(missing)} in it")
+                ids, totals, counts, first, last = (data[k] for k in KEYS)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise DamagedFileError(f"not a whole .npz file ({describe_error(exc)})") from exc
-    except (ValueError, KeyError, TypeError) as exc:  # a pickle, a bad header, a cut array
+    except (OSError, DamagedFileError):
+        raise
+    except Exception as exc:
+        # numpy's reader meets a damaged header with whatever its parser raises (ValueError, a pickle
+        # refused, tokenize's TokenError, SyntaxError, MemoryError for an absurd shape): all mean damaged.
         raise DamagedFileError(f"unreadable arrays ({describe_error(exc)})") from exc
     n = len(ids) if ids.ndim == 1 else -1
     if n < 0 or ids.dtype.kind not in "US" or totals.ndim != 2 or len(totals) != n or any(

@@ -1,0 +1,184 @@
+"""A full disk and damaged files against the whole daemon (issue 21): a real mosquitto, a folder camera,
+a state_dir on a 2 MB tmpfs (mounted by the test: it needs root; elsewhere it is skipped and
+tests/test_outbox.py's SQLITE_FULL tests, which need nothing, cover the outbox).
+
+What must hold while state_dir is full and the broker away: the daemon never exits; the loss is counted;
+the stop line, the stats and what the next start finds are one number; and once the disk has room again,
+every event that was written is delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_broker import Subscriber
+from tests.test_service_mqtt import DEVICE, folder_of_photos, start_daemon, write_config
+
+pytestmark = pytest.mark.broker
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A size-limited file system at `where` (a tmpfs), unmounted afterwards; skips where mounting is refused."""
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a {size} tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root "
+                    "and CAP_SYS_ADMIN; tests/test_outbox.py covers a full outbox without it")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill the file system at `fs` up to `leave` free bytes with one file; returns it (delete it to free)."""
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+class Daemon:
+    """`device run` in a subprocess, its stderr collected line by line as it comes."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = start_daemon(config)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    found = re.search(pattern, line)
+                    if found:
+                        return found
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return None
+                self._cond.wait(min(left, 0.5))
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail("the daemon did not stop:\n" + self.text[-3000:])
+        self._reader.join(10)
+        return rc
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def last_stats(self) -> dict[str, int]:
+        line = [x for x in self.lines if "stats:" in x][-1]
+        return {k: int(v) for k, v in re.findall(r"\b(pending|lost|published|dropped)=(\d+)", line)}
+
+
+def outbox_rows(path: Path) -> list[str]:
+    """The event ids a restart would find in the outbox (its own connection, as the next start reads)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [json.loads(p)["event_id"] for t, p in rows if t.endswith("/events")]
+
+
+def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept(
+        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+    broker = mosquitto_factory(persistent=True)
+    sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/events", session="faceberry-test-full")
+    broker.stop()  # away for the whole time the disk is full
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=3, broken=False)
+    with tmpfs(tmp_path / "state", "2m") as state:
+        config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+                              {"device": str(tmp_path / "camera"), "loop": True},
+                              events={"unknown": True, "snapshots": True, "cooldown": 0},
+                              memory={"strangers": True})
+        outbox = state / f"outbox-{DEVICE}.sqlite3"
+        # Room for a few dozen events with their snapshots, then nothing.
+        filler = fill(state, leave=400_000)
+        daemon = Daemon(config)
+        try:
+            assert daemon.wait_for(r"cannot write a message to the outbox .*file system is full", 120), \
+                daemon.text[-3000:]
+            time.sleep(4)  # full for a while: many more events lost, still one line per kind of failure
+            assert daemon.proc.poll() is None, daemon.text[-3000:]
+        finally:
+            rc = daemon.stop()
+        text = daemon.text
+        assert rc == 0 and "Traceback" not in text, text[-3000:]
+        assert len(re.findall(r"cannot write a message to the outbox", text)) == 1
+        assert len(re.findall(r"cannot save the stranger memory", text)) <= 1
+        kept = int(re.search(r"broker is unreachable: (\d+) messages kept in the outbox", text).group(1))
+        stats = daemon.last_stats()
+        on_disk = outbox_rows(outbox)
+        db = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+        rows = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        db.close()
+        # The stop line, the stats and the file agree; the loss is counted, not hidden.
+        assert kept == stats["pending"] == rows and on_disk, text[-2000:]
+        assert stats["lost"] > 0
+
+        # A start while the disk is still full and the broker back: it delivers, and never dies of it.
+        broker.start()
+        daemon = Daemon(config)
+        try:
+            found = daemon.wait_for(r"outbox \S+: (\d+) messages left by the last run", 60)
+            assert found and int(found.group(1)) == rows, daemon.text[-3000:]
+            assert sub.wait_for(lambda m: {json.loads(p)["event_id"] for _, p, _ in m} >= set(on_disk), 60), \
+                daemon.text[-3000:]
+            time.sleep(2)
+            assert daemon.proc.poll() is None, daemon.text[-3000:]
+        finally:
+            rc = daemon.stop()
+        assert rc == 0 and "Traceback" not in daemon.text, daemon.text[-3000:]
+        assert "the MQTT client stopped" not in daemon.text
+
+        # Room again: what is written is delivered, and the status file shows the loss of this run.
+        filler.unlink()
+        before = len(sub.messages)
+        daemon = Daemon(config)
+        try:
+            assert sub.wait_for(lambda m: len(m) >= before + 3, 60), daemon.text[-3000:]
+            status = state / f"status-{DEVICE}.json"
+            assert daemon.wait_for(r"stats:", 30)
+            assert json.loads(status.read_text())["mqtt"]["lost"] == 0  # nothing lost with room on disk
+        finally:
+            rc = daemon.stop()
+        assert rc == 0, daemon.text[-3000:]
+        delivered = [json.loads(p)["event_id"] for _, p, _ in sub.messages]
+        assert set(on_disk) <= set(delivered)
+        left = outbox_rows(outbox)
+        assert not set(left) & set(on_disk)  # the backlog was delivered and deleted, not kept for a replay
+    sub.close()
