@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from device.outbox import Outbox, salvage
 from tests.fixtures_broker import Subscriber
+from tests.test_outbox import damage
 from tests.test_service_mqtt import DEVICE, folder_of_photos, start_daemon, write_config
 
 pytestmark = pytest.mark.broker
@@ -127,7 +130,7 @@ def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept
                               memory={"strangers": True})
         outbox = state / f"outbox-{DEVICE}.sqlite3"
         # Room for a few dozen events with their snapshots, then nothing.
-        filler = fill(state, leave=400_000)
+        filler = fill(state, leave=1_000_000)
         daemon = Daemon(config)
         try:
             assert daemon.wait_for(r"cannot write a message to the outbox .*file system is full", 120), \
@@ -182,3 +185,54 @@ def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept
         left = outbox_rows(outbox)
         assert not set(left) & set(on_disk)  # the backlog was delivered and deleted, not kept for a replay
     sub.close()
+
+
+def test_the_daemon_starts_over_damaged_state_files_and_delivers_what_was_readable(
+        tmp_path, mosquitto, tiny_bundle, heldout_photos) -> None:
+    # A power cut on an SD card, everywhere at once: the outbox damaged mid-file, NaN corrections, a
+    # stranger memory cut short, a discovery record that is not JSON, a recent face whose face.json is junk.
+    state = tmp_path / "state"
+    state.mkdir()
+    outbox = state / f"outbox-{DEVICE}.sqlite3"
+    box = Outbox(outbox)
+    for i in range(150):
+        box.put(f"faceberry/{DEVICE}/events", json.dumps({"event_id": f"old-{i}", "pad": "x" * 300}))
+    box.close()
+    damage(outbox, "middle")
+    copy = tmp_path / "copy.sqlite3"
+    copy.write_bytes(outbox.read_bytes())
+    readable = [json.loads(p)["event_id"] for _, p, *_ in salvage(copy)[0]]
+    assert 0 < len(readable) < 150
+    negatives = state / f"negatives-{DEVICE}.json"
+    negatives.write_text(json.dumps({"corrections": [{"id": "c", "label": "x", "event_id": "e", "at": 1.0,
+                                                      "embeddings": [[math.nan] * 4]}]}))
+    strangers = state / f"strangers-{DEVICE}.npz"
+    strangers.write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    ledger = state / f"discovery-{DEVICE}.json"
+    ledger.write_text('{"topics": ["homeassistant/sensor/a/config", ')
+    face = state / f"faces-{DEVICE}" / "e1"
+    face.mkdir(parents=True)
+    (face / "face.json").write_text("[1, 2")
+
+    folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
+    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")},
+                          events={"homeassistant": True}, memory={"strangers": True},
+                          homeassistant={"commands": True})
+    sub = Subscriber(mosquitto.host, mosquitto.port, f"faceberry/{DEVICE}/events")
+    try:
+        daemon = Daemon(config)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.proc.wait(120)  # a folder camera without loop: it ends by itself
+        rc = daemon.stop()
+        text = daemon.text
+        assert rc == 0 and "Traceback" not in text, text[-3000:]
+        for path in (outbox, negatives, strangers, ledger):
+            line, = [x for x in text.splitlines() if f"{path} is damaged" in x]
+            assert "moved aside to" in line and "goes on" in line
+            assert list(state.glob(f"{path.name}.corrupt-*")), path
+        assert f"{len(readable)} messages were readable and are sent first" in text
+        assert re.search(rf"faces-{DEVICE}: 1 stored faces were damaged", text)
+        # Everything readable is delivered.
+        assert sub.wait_for(lambda m: {json.loads(p)["event_id"] for _, p, _ in m} >= set(readable), 30)
+    finally:
+        sub.close()
