@@ -661,6 +661,7 @@ class MqttPublisher:
             # unreachable gets a moment only; nothing is lost by not waiting, it is all on disk.
             self.wait_connected(timeout if not self._failures.attempts else min(timeout, 1.0))
         self._stopping = True
+        self.outbox.refresh()  # the line below says what the next start will find
         if self.connected:
             if not self.flush(max(0.0, deadline - time.monotonic())) or self.pending:
                 log.warning("stopping with %d messages not acknowledged by the broker: kept in the outbox %s "

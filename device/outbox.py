@@ -51,6 +51,8 @@ COLUMNS = ("id", "topic", "payload", "qos", "retain", "created")
 SALVAGE_MAX_IDS = 1_000_000
 # While deletes fail (a full disk), they are retried at most this often.
 RETRY_DELETE_S = 5.0
+# After a failed write the counters are read back from the file at most this often (a table scan).
+RECOUNT_S = 1.0
 
 
 class OutboxError(FaceberryError):
@@ -150,6 +152,8 @@ class Outbox:
         self._undeleted: set[int] = set()  # acknowledged, but the DELETE failed: never sent again, retried
         self._retry_at = 0.0
         self._relieve_at = 0.0
+        self._recount_at = 0.0
+        self._stale = False  # a failure's read-back was skipped (rate limit): refresh() does it
         self._unreadable_ids: set[int] = set()  # rows that failed to read while the daemon ran
         self._failing: dict[str, str] = {}  # operation -> the kind of failure last logged for it
         self._lock = threading.Lock()
@@ -292,14 +296,31 @@ class Outbox:
             except sqlite3.Error as exc:
                 log.debug("outbox rollback failed: %s", exc)
 
-    def _recount(self) -> None:
-        """Read count and bytes back from the file: after a failure they must be what a restart finds."""
+    def _recount(self, force: bool = False) -> None:
+        """Read count and bytes back from the file: after a failure they must be what a restart finds.
+
+        The counters were already put back to their value before the failed transaction; the read-back
+        covers a COMMIT that failed after its data reached the disk. It scans the table, so while a full
+        disk fails every event it runs at most every RECOUNT_S (`refresh()` forces it, e.g. at stop).
+        """
+        now = time.monotonic()
+        if not force and now < self._recount_at:
+            self._stale = True
+            return
+        self._recount_at = now + RECOUNT_S
+        self._stale = False
         try:
             self.count, self.bytes = self._db.execute(  # type: ignore[union-attr]
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
         except sqlite3.Error as exc:
             # The snapshot taken before the failed transaction stays: it was what the file held.
             self._report("read", exc)
+
+    def refresh(self) -> None:
+        """Read the counters back from the file now if a failure since the last read-back left them unread."""
+        with self._lock:
+            if self._stale and self._db is not None:
+                self._recount(force=True)
 
     def _relieve(self) -> None:
         # A full disk: the WAL may hold megabytes that a checkpoint folds into pages the file already has
