@@ -32,6 +32,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -205,7 +206,8 @@ class Outbox:
             if self.check:
                 # Reads every page once (cost in docs/MQTT.md): damage found now is salvaged now, not
                 # met by the sender thread halfway through a replay.
-                problems = [str(r[0]) for r in db.execute("PRAGMA quick_check(20)").fetchall()]
+                problems = [str(r[0]).replace("*** in database main ***", "").strip()
+                            for r in db.execute("PRAGMA quick_check(20)").fetchall()]
                 if problems != ["ok"]:
                     raise _DamagedError(f"quick_check: {problems[0]}" +
                                    (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
@@ -555,9 +557,6 @@ class Outbox:
 
 # --- salvage ------------------------------------------------------------------------------------------------
 
-_SELECT = "SELECT topic, payload, qos, retain, created FROM outbox"
-
-
 def salvage(path: Path) -> tuple[list[tuple[Any, ...]], int]:
     """The readable rows of a damaged outbox file, oldest first, and how many rows could not be read
     (-1: unknown, the table itself could not be found).
@@ -591,9 +590,13 @@ def _salvage(path: Path) -> tuple[list[tuple[Any, ...]], int] | None:
     """(rows, unreadable) of one file, or None when its outbox table cannot be found."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
+        # A row whose page the check names may read without an error and still be wrong (an overflow page
+        # overwritten: the bytes come back, not the message): those are not delivered.
+        suspects = _suspect_rows(db, path)
         try:
             rows = db.execute(f"{_SELECT} ORDER BY id").fetchall()
-            return [_clean(r) for r in rows if _valid(r)], sum(1 for r in rows if not _valid(r))
+            good = [_clean(r) for r in rows if _valid(r) and r[0] not in suspects]
+            return good, len(rows) - len(good)
         except sqlite3.Error as exc:
             if not is_damage(exc):
                 return None  # no such table (another program's database), a wrong column: nothing of ours
@@ -619,7 +622,7 @@ def _salvage(path: Path) -> tuple[list[tuple[Any, ...]], int] | None:
                 continue
             if row is None:
                 continue  # an id acknowledged and deleted before the damage
-            if _valid(row):
+            if _valid(row) and row_id not in suspects:
                 rows.append(_clean(row))
             else:
                 unreadable += 1
@@ -628,14 +631,57 @@ def _salvage(path: Path) -> tuple[list[tuple[Any, ...]], int] | None:
         db.close()
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's variable-length integer at `at`: (value, offset after it)."""
+    value = 0
+    for i in range(9):
+        byte = data[at + i]
+        if i == 8:
+            return (value << 8) | byte, at + 9
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + i + 1
+    return value, at + 9
+
+
+def _suspect_rows(db: sqlite3.Connection, path: Path) -> set[int]:
+    """Row ids on the table leaf cells that `PRAGMA quick_check` reports as damaged ("On tree page P cell C")."""
+    try:
+        problems = "\n".join(str(r[0]) for r in db.execute("PRAGMA quick_check(1000)").fetchall())
+        page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+    except sqlite3.Error:
+        return set()
+    cells = {(int(p), int(c)) for p, c in re.findall(r"On tree page (\d+) cell (\d+)", problems)}
+    out: set[int] = set()
+    try:
+        with open(path, "rb") as fh:
+            for page_no, cell in cells:
+                fh.seek((page_no - 1) * page_size)
+                page = fh.read(page_size)
+                base = 100 if page_no == 1 else 0
+                if len(page) < base + 8 or page[base] != 0x0D:  # only a table leaf's cells are rows
+                    continue
+                if cell >= int.from_bytes(page[base + 3:base + 5], "big"):
+                    continue
+                pointer = int.from_bytes(page[base + 8 + 2 * cell:base + 10 + 2 * cell], "big")
+                _, at = _varint(page, pointer)  # the payload's size, then the row id
+                out.add(_varint(page, at)[0])
+    except (OSError, IndexError):
+        pass
+    return out
+
+
+_SELECT = "SELECT id, topic, payload, qos, retain, created FROM outbox"
+
+
 def _valid(row: tuple[Any, ...]) -> bool:
-    topic, payload, qos, retain, created = row
+    _, topic, payload, qos, retain, created = row
     return (isinstance(topic, str) and bool(topic) and isinstance(payload, (bytes, str)) and qos in (0, 1, 2)
             and retain in (0, 1) and isinstance(created, (int, float)))
 
 
 def _clean(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    topic, payload, qos, retain, created = row
+    _, topic, payload, qos, retain, created = row
     return topic, payload.encode("utf-8") if isinstance(payload, str) else bytes(payload), qos, retain, created
 
 
