@@ -28,6 +28,7 @@ how many messages were kept and how many could not be read. The cost of the chec
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -155,6 +156,8 @@ class Outbox:
         self._relieve_at = 0.0
         self._recount_at = 0.0
         self._stale = False  # a failure's read-back was skipped (rate limit): refresh() does it
+        self._top_id = 0  # the highest id this process has handed out or read
+        self._live_recovery_at = 0.0
         self._unreadable_ids: set[int] = set()  # rows that failed to read while the daemon ran
         self._failing: dict[str, str] = {}  # operation -> the kind of failure last logged for it
         self._lock = threading.Lock()
@@ -233,7 +236,16 @@ class Outbox:
         return db
 
     def _replace_damaged(self, reason: str) -> None:
-        """Move the damaged file aside, copy its readable rows into a fresh outbox, say so in one line."""
+        """Move the damaged file aside, copy its readable rows into a fresh outbox, say so in one line.
+
+        Rows keep their ids and the fresh file's ids go on above the highest this process has seen, so
+        the MQTT layer's place in the queue and its messages in flight stay right when this happens while
+        the daemon runs (`_recover_live`).
+        """
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
         for suffix in ("-shm", "-journal"):  # rebuilt by SQLite; a stale one must not meet the fresh file
             self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
         try:
@@ -244,10 +256,13 @@ class Outbox:
                               f"{exc}; stop the daemon and move the file away") from exc
         self.set_aside = aside
         rows, unreadable = salvage(aside)
+        rows = [r for r in rows if r[0] not in self._undeleted]  # delivered already
+        self._undeleted.clear()
+        self._unreadable_ids.clear()
         self.count = self.bytes = 0
         self._db = self._open()
         kept = 0
-        if rows:
+        if rows or self._top_id:
             try:
                 kept = self._insert_salvaged(rows)
             except sqlite3.Error as exc:
@@ -274,12 +289,16 @@ class Outbox:
         cur = self._db.cursor()  # type: ignore[union-attr]
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)", rows)
+            cur.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
+                            rows)
             self.count = len(rows)
-            self.bytes = sum(len(r[1]) for r in rows)
-            last = int(cur.execute("SELECT MAX(id) FROM outbox").fetchone()[0])
-            if self.count > self.max_messages or self.bytes > self.max_bytes:
-                self._enforce_bounds(cur, keep=last)
+            self.bytes = sum(len(r[2]) for r in rows)
+            # New ids go on above every id handed out before (AUTOINCREMENT reads its floor from here).
+            floor = max([self._top_id, *(int(r[0]) for r in rows)])
+            cur.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+            cur.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (floor,))
+            if rows and (self.count > self.max_messages or self.bytes > self.max_bytes):
+                self._enforce_bounds(cur, keep=max(int(r[0]) for r in rows))
             cur.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -358,7 +377,7 @@ class Outbox:
                                    "delete": f"the outbox {self.path} deletes delivered messages again",
                                    "read": f"the outbox {self.path} reads again"}[op])
 
-    def put(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
+    def put(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, _retry: bool = False) -> int:
         """Append a message (durably, per the sync policy); returns its id. May drop the oldest rows.
 
         Raises OutboxWriteError when the disk refuses it: the message is lost and counted in `lost`; the
@@ -384,6 +403,7 @@ class Outbox:
                 cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
                             (topic, data, int(qos), int(bool(retain)), time.time()))
                 row_id = int(cur.lastrowid or 0)
+                self._top_id = max(self._top_id, row_id)
                 self.count += 1
                 self.bytes += len(data)
                 if self.count > self.max_messages or self.bytes > self.max_bytes:
@@ -392,6 +412,12 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._rollback()
                 self.count, self.bytes, self.coalesced, self.dropped, self.dropped_bytes = before
+                if is_damage(exc) and not _retry and self._recover_live(str(exc)):
+                    self._lock.release()
+                    try:
+                        return self.put(topic, data, qos, retain, _retry=True)
+                    finally:
+                        self._lock.acquire()
                 self._recount()
                 self.lost += 1
                 self.lost_bytes += len(data)
@@ -433,18 +459,41 @@ class Outbox:
         with self._lock:
             if self._db is None:
                 return []
+            query = "SELECT id, topic, payload, qos, retain, created FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
             try:
-                rows = self._db.execute(
-                    "SELECT id, topic, payload, qos, retain, created FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                    (int(last_id), int(limit) + len(self._undeleted))).fetchall()
+                rows = self._db.execute(query, (int(last_id), int(limit) + len(self._undeleted))).fetchall()
             except sqlite3.Error as exc:
                 self._report("read", exc)
                 if not is_damage(exc):
                     return []
-                rows = self._probe_after(int(last_id), int(limit))
+                rows = None
+                if self._recover_live(str(exc)):
+                    with contextlib.suppress(sqlite3.Error):
+                        rows = self._db.execute(query, (int(last_id), int(limit) + len(self._undeleted))).fetchall()
+                if rows is None:
+                    rows = self._probe_after(int(last_id), int(limit))
+            if rows:
+                self._top_id = max(self._top_id, int(rows[-1][0]))
         out = [Message(r[0], r[1], bytes(r[2]), int(r[3]), bool(r[4]), float(r[5])) for r in rows
                if r[0] not in self._undeleted]
         return out[:int(limit)]
+
+    def _recover_live(self, reason: str) -> bool:
+        """The file was found damaged while the daemon runs: set it aside and go on with its readable rows
+        in a fresh file, as at a start (at most once a minute). Returns whether it was done."""
+        now = time.monotonic()
+        if now < self._live_recovery_at or self._db is None:
+            return False
+        self._live_recovery_at = now + 60.0
+        try:
+            self._replace_damaged(f"found while running: {reason}")
+        except (OutboxError, sqlite3.Error, OSError) as exc:
+            log.error("cannot replace the damaged outbox %s: %s; restart the daemon", self.path, exc)
+            if self._db is None:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    self._db = self._open()
+            return False
+        return True
 
     def _probe_after(self, last_id: int, limit: int) -> list[tuple[Any, ...]]:
         # One lookup per id: a damaged page costs the rows on it, not every row after it.
@@ -681,8 +730,9 @@ def _valid(row: tuple[Any, ...]) -> bool:
 
 
 def _clean(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    _, topic, payload, qos, retain, created = row
-    return topic, payload.encode("utf-8") if isinstance(payload, str) else bytes(payload), qos, retain, created
+    row_id, topic, payload, qos, retain, created = row
+    return (int(row_id), topic, payload.encode("utf-8") if isinstance(payload, str) else bytes(payload), qos, retain,
+            created)
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -201,7 +201,7 @@ def test_the_daemon_starts_over_damaged_state_files_and_delivers_what_was_readab
     damage(outbox, "middle")
     copy = tmp_path / "copy.sqlite3"
     copy.write_bytes(outbox.read_bytes())
-    readable = [json.loads(p)["event_id"] for _, p, *_ in salvage(copy)[0]]
+    readable = [json.loads(row[2])["event_id"] for row in salvage(copy)[0]]  # (id, topic, payload, …)
     assert 0 < len(readable) < 150
     negatives = state / f"negatives-{DEVICE}.json"
     negatives.write_text(json.dumps({"corrections": [{"id": "c", "label": "x", "event_id": "e", "at": 1.0,
