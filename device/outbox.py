@@ -209,11 +209,12 @@ class Outbox:
             if self.check:
                 # Reads every page once (cost in docs/MQTT.md): damage found now is salvaged now, not
                 # met by the sender thread halfway through a replay.
-                problems = [str(r[0]).replace("*** in database main ***", "").strip()
-                            for r in db.execute("PRAGMA quick_check(20)").fetchall()]
-                if problems != ["ok"]:
-                    raise _DamagedError(f"quick_check: {problems[0]}" +
-                                   (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+                rows = [str(r[0]) for r in db.execute("PRAGMA quick_check(20)").fetchall()]
+                if rows != ["ok"]:
+                    problems = [line.strip() for line in "\n".join(rows).splitlines()
+                                if line.strip() and "*** in database" not in line]
+                    more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+                    raise _DamagedError(f"quick_check: {problems[0] if problems else 'failed'}{more}")
             try:
                 db.executescript(_SCHEMA)
                 columns = tuple(r[1] for r in db.execute("PRAGMA table_info(outbox)").fetchall())
@@ -249,13 +250,14 @@ class Outbox:
         for suffix in ("-shm", "-journal"):  # rebuilt by SQLite; a stale one must not meet the fresh file
             self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
         try:
-            aside = move_aside(self.path, companions=("-wal",))
+            aside = move_aside(self.path, companions=("-wal", "-shm"))
         except OSError as exc:
             report_aside(self.path, None, reason, "its undelivered messages cannot be sent", exc)
             raise OutboxError(f"the outbox {self.path} is damaged ({reason}) and cannot be moved aside: "
                               f"{exc}; stop the daemon and move the file away") from exc
         self.set_aside = aside
         rows, unreadable = salvage(aside)
+        Path(f"{aside}-shm").unlink(missing_ok=True)  # left by the salvage's read-only connection
         rows = [r for r in rows if r[0] not in self._undeleted]  # delivered already
         self._undeleted.clear()
         self._unreadable_ids.clear()
