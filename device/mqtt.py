@@ -622,6 +622,11 @@ class MqttPublisher:
             # A full or failing disk: the outbox counted it as lost and logged the kind of failure (once,
             # then at most every few minutes); the daemon goes on and sends what was written.
             return False
+        except Exception as exc:  # anything else the outbox meets must not stop the frame loop either
+            self.outbox.lost += 1
+            self.outbox.failures.fail(f"publish-{type(exc).__name__}", f"cannot store a message for {topic!r}: "
+                                      f"{type(exc).__name__}: {exc}; it is lost (counted in the stats)", logging.ERROR)
+            return False
         self._wake.set()
         return True
 
@@ -664,8 +669,8 @@ class MqttPublisher:
         self.outbox.refresh()  # the line below says what the next start will find
         if self.connected:
             if not self.flush(max(0.0, deadline - time.monotonic())) or self.pending:
-                log.warning("stopping with %d messages not acknowledged by the broker: kept in the outbox %s "
-                            "for the next start%s", self.pending, self.outbox.path, self._undeleted_note())
+                log.warning("stopping with %d messages in the outbox %s for the next start%s", self.pending,
+                            self.outbox.path, self._undeleted_note() or " (not acknowledged by the broker)")
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
@@ -688,8 +693,8 @@ class MqttPublisher:
         n = self.outbox.undeleted
         if not n:
             return ""
-        return (f" ({n} of them were delivered, but the disk refused to delete them: the next start sends them "
-                "once more)")
+        return (f" ({n} of them delivered, but the disk refused to delete them: the next start sends them once "
+                "more)")
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state.split(":")[0] if self.state.startswith("error") else self.state,

@@ -119,6 +119,8 @@ def failure_kind(exc: BaseException) -> tuple[str, str]:
         return "io", "the disk under state_dir fails (I/O error): check the SD card and the kernel log"
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return "busy", "another program holds the outbox locked (a sqlite3 shell?): close it"
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return "access", "make state_dir and the files in it writable by the service user"
     return "other", "see the error"
 
 
@@ -181,7 +183,7 @@ class Outbox:
                 self._db = self._open()
             except _DamagedError as damage:
                 self._replace_damaged(str(damage))
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, _DamagedError) as exc:
             self.close()
             hint = failure_kind(exc)[1]
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}; {hint}") from exc
