@@ -89,9 +89,12 @@ class Negatives:
             return
         self.records = records
         if damaged:
-            set_aside(path, f"{damaged} of {damaged + len(records)} corrections damaged (wrong types, embeddings "
-                      "of another size, NaN or infinite values)",
-                      f"those {damaged} are dropped, the other {len(records)} are kept and written back")
+            reason = (f"{damaged} of {damaged + len(records)} corrections damaged (wrong types, embeddings of another "
+                      "size, NaN or infinite values)")
+            if not records:
+                set_aside(path, reason, lost)
+                return
+            set_aside(path, reason, f"those {damaged} are dropped, the other {len(records)} are kept and written back")
             self._save()
 
     def _index(self) -> None:
