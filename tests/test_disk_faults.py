@@ -1,6 +1,7 @@
 """A full disk and damaged files against the whole daemon (issue 21): a real mosquitto, a folder camera,
-a state_dir on a 2 MB tmpfs (mounted by the test: it needs root; elsewhere it is skipped and
-tests/test_outbox.py's SQLITE_FULL tests, which need nothing, cover the outbox).
+and a state_dir that fills up, two ways: a 2 MB tmpfs mounted by the test (needs root and CAP_SYS_ADMIN;
+skipped elsewhere), and everywhere SQLite's own limit `PRAGMA max_page_count` set on the daemon's outbox
+by a launcher (SQLite then answers "database or disk is full", SQLITE_FULL, as on a full card).
 
 What must hold while state_dir is full and the broker away: the daemon never exits; the loss is counted;
 the stop line, the stats and what the next start finds are one number; and once the disk has room again,
@@ -17,9 +18,10 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ import pytest
 from device.outbox import Outbox, salvage
 from tests.fixtures_broker import Subscriber
 from tests.test_outbox import damage
-from tests.test_service_mqtt import DEVICE, folder_of_photos, start_daemon, write_config
+from tests.test_service_mqtt import DEVICE, ROOT, folder_of_photos, start_daemon, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -56,11 +58,33 @@ def fill(fs: Path, leave: int) -> Path:
     return filler
 
 
+# `python -m device` with the outbox's database limited to FACEBERRY_TEST_OUTBOX_PAGES pages, when set.
+LIMITED = """
+import os, runpy, sys
+pages = os.environ.get("FACEBERRY_TEST_OUTBOX_PAGES")
+if pages:
+    import device.outbox as outbox
+    connect = outbox.Outbox._connect
+    def limited(self, path):
+        db = connect(self, path)
+        db.execute(f"PRAGMA max_page_count = {int(pages)}")
+        return db
+    outbox.Outbox._connect = limited
+sys.argv = ["device", *sys.argv[1:]]
+runpy.run_module("device", run_name="__main__", alter_sys=True)
+"""
+
+
 class Daemon:
     """`device run` in a subprocess, its stderr collected line by line as it comes."""
 
-    def __init__(self, config: Path) -> None:
-        self.proc = start_daemon(config)
+    def __init__(self, config: Path, pages: int | None = None) -> None:
+        if pages is None:
+            self.proc = start_daemon(config)
+        else:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "FACEBERRY_TEST_OUTBOX_PAGES": str(pages)}
+            self.proc = subprocess.Popen([sys.executable, "-c", LIMITED, "run", "--config", str(config)], cwd=ROOT,
+                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -117,23 +141,41 @@ def outbox_rows(path: Path) -> list[str]:
     return [json.loads(p)["event_id"] for t, p in rows if t.endswith("/events")]
 
 
+@contextlib.contextmanager
+def full_state_dir(tmp_path: Path, how: str) -> Iterator[tuple[Path, int | None, Callable[[], None]]]:
+    """(state_dir, outbox page limit for the launcher or None, a function that frees the space)."""
+    if how == "tmpfs":
+        with tmpfs(tmp_path / "state", "2m") as state:
+            # Room for a few dozen events with their snapshots, then nothing.
+            filler = fill(state, leave=1_000_000)
+            yield state, None, filler.unlink
+    else:
+        state = tmp_path / "state"
+        state.mkdir()
+        limit: list[int | None] = [60]  # 60 pages of 4 KiB: the same few dozen events
+        yield state, limit, lambda: limit.__setitem__(0, None)
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "max_page_count"])
 def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos, how) -> None:
     broker = mosquitto_factory(persistent=True)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/events", session="faceberry-test-full")
     broker.stop()  # away for the whole time the disk is full
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=3, broken=False)
-    with tmpfs(tmp_path / "state", "2m") as state:
+    with full_state_dir(tmp_path, how) as (state, limit, free):
         config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
                               {"device": str(tmp_path / "camera"), "loop": True},
                               events={"unknown": True, "snapshots": True, "cooldown": 0},
                               memory={"strangers": True})
         outbox = state / f"outbox-{DEVICE}.sqlite3"
-        # Room for a few dozen events with their snapshots, then nothing.
-        filler = fill(state, leave=1_000_000)
-        daemon = Daemon(config)
+
+        def start() -> Daemon:
+            return Daemon(config, pages=limit[0] if limit else None)
+
+        daemon = start()
         try:
-            assert daemon.wait_for(r"cannot write a message to the outbox .*file system is full", 120), \
+            assert daemon.wait_for(r"cannot write a message to the outbox .*(disk is full|No space)", 120), \
                 daemon.text[-3000:]
             time.sleep(4)  # full for a while: many more events lost, still one line per kind of failure
             assert daemon.proc.poll() is None, daemon.text[-3000:]
@@ -155,7 +197,7 @@ def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept
 
         # A start while the disk is still full and the broker back: it delivers, and never dies of it.
         broker.start()
-        daemon = Daemon(config)
+        daemon = start()
         try:
             found = daemon.wait_for(r"outbox \S+: (\d+) messages left by the last run", 60)
             assert found and int(found.group(1)) == rows, daemon.text[-3000:]
@@ -169,9 +211,9 @@ def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept
         assert "the MQTT client stopped" not in daemon.text
 
         # Room again: what is written is delivered, and the status file shows the loss of this run.
-        filler.unlink()
+        free()
         before = len(sub.messages)
-        daemon = Daemon(config)
+        daemon = start()
         try:
             assert sub.wait_for(lambda m: len(m) >= before + 3, 60), daemon.text[-3000:]
             status = state / f"status-{DEVICE}.json"
