@@ -53,6 +53,8 @@ COLUMNS = ("id", "topic", "payload", "qos", "retain", "created")
 SALVAGE_MAX_IDS = 1_000_000
 # While deletes fail (a full disk), they are retried at most this often.
 RETRY_DELETE_S = 5.0
+# Pages the write-ahead log grows to before it is checkpointed (and the size its file is cut back to).
+WAL_PAGES = 256
 # After a failed write the counters are read back from the file at most this often (a table scan).
 RECOUNT_S = 1.0
 
@@ -208,6 +210,10 @@ class Outbox:
             # survives the process dying; only a power cut can lose commits since the last checkpoint.
             # FULL fsyncs the WAL on every commit. The cost is measured in docs/MQTT.md.
             db.execute(f"PRAGMA synchronous={SYNC_MODES[self.sync]}")
+            # The WAL is folded back every WAL_PAGES pages and its file cut back to that size after: SQLite's
+            # default (1,000 pages, a 4 MB file that never shrinks) is space a nearly full card needs.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             if self.check:
                 # Reads every page once (cost in docs/MQTT.md): damage found now is salvaged now, not
                 # met by the sender thread halfway through a replay.

@@ -467,7 +467,8 @@ class Service:
             data["last_reload"] = {"ok": r.ok, "bundle_id": r.bundle_id, "path": r.path, "error": r.error,
                                    "at": iso_utc(r.at)}
         try:
-            write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            # On a full disk it is overwritten in place: the loss it counts must show while the disk is full.
+            write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", overwrite_if_full=True)
         except OSError as exc:
             if not self._status_warned:
                 log.warning("cannot write the status file %s: %s; check the free space and state_dir", path, exc)

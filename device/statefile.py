@@ -14,6 +14,7 @@ discovery ledger and the status file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -33,10 +34,14 @@ class DamagedFileError(ValueError):
     """A state file's content is not what its reader expects (raised by the readers, caught at load)."""
 
 
-def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *, fsync: bool = False) -> None:
+def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *, fsync: bool = False,
+                 overwrite_if_full: bool = False) -> None:
     """Replace `path` with `data` (bytes, text as UTF-8, or a function writing to a binary file) atomically.
 
     Raises OSError (ENOSPC, EROFS …) with `path` unchanged and no temporary file left behind.
+    `overwrite_if_full`: on a full disk, text no longer than the file already there is written over it in
+    place, padded with spaces (its blocks are already allocated): a reader may then meet a torn file, which
+    for a status file is better than one that stops changing just when the disk is full.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -50,10 +55,26 @@ def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *,
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if (overwrite_if_full and isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                and not callable(data) and _overwrite(path, data.encode("utf-8") if isinstance(data, str) else data)):
+            return
         raise
+
+
+def _overwrite(path: Path, raw: bytes) -> bool:
+    try:
+        st = path.stat()
+        # Within the blocks the file already has (its last block is allocated whole): no new space needed.
+        if len(raw) > max(st.st_size, st.st_blocks * 512):
+            return False
+        with open(path, "r+b") as fh:
+            fh.write(raw.ljust(st.st_size, b" "))
+        return True
+    except OSError:
+        return False
 
 
 def aside_name(path: Path, now: float | None = None) -> Path:

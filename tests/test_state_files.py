@@ -49,6 +49,24 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no tmp left
 
 
+def test_a_status_file_on_a_full_disk_is_overwritten_in_place(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "status.json"
+    write_atomic(path, json.dumps({"lost": 0}))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("device.statefile.os.replace", full)
+    with pytest.raises(OSError):
+        write_atomic(path, json.dumps({"lost": 1}))  # not asked for: the old file stays
+    assert json.loads(path.read_text()) == {"lost": 0}
+    write_atomic(path, json.dumps({"lost": 12}), overwrite_if_full=True)
+    assert json.loads(path.read_text()) == {"lost": 12}
+    write_atomic(path, json.dumps({"lost": 3}), overwrite_if_full=True)  # shorter: padded, still JSON
+    assert json.loads(path.read_text()) == {"lost": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
 def test_set_aside_names_the_file_and_keeps_three_copies(tmp_path: Path, caplog) -> None:
     path = tmp_path / "x.json"
     for i in range(5):
