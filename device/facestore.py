@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,49 @@ class StoredFace:
         return np.load(self.folder / EMBEDDINGS)
 
 
+def read_face(folder: Path) -> StoredFace:
+    """One stored face; DamagedFileError naming what is wrong (its face.json or embeddings.npy)."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DamagedFileError(f"{META} is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise DamagedFileError(f"{META} is not JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise DamagedFileError(f"{META} is nested too deeply") from exc
+    except IsADirectoryError as exc:
+        raise DamagedFileError(f"{META} is a directory") from exc
+    if not isinstance(meta, dict):
+        raise DamagedFileError(f"{META} is not an object")
+    try:
+        face = StoredFace(str(meta["event_id"]), str(meta["label"]), float(meta["score"]), int(meta["track_id"]),
+                          str(meta["bundle_id"]), float(meta["at"]), meta.get("stranger_id"), folder)
+    except KeyError as exc:
+        raise DamagedFileError(f"{META} has no {exc.args[0]!r}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DamagedFileError(f"{META} has a value of the wrong type ({exc})") from exc
+    if not (math.isfinite(face.score) and math.isfinite(face.at)):
+        raise DamagedFileError(f"{META} has a score or time that is not finite")
+    if face.stranger_id is not None and not isinstance(face.stranger_id, str):
+        raise DamagedFileError(f"{META} has a stranger_id that is not text")
+    try:
+        with open(folder / EMBEDDINGS, "rb") as fh:  # np.load given a path leaves it open on a refusal
+            vectors = np.load(fh, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise DamagedFileError(f"no {EMBEDDINGS}") from exc
+    except OSError:
+        raise
+    except Exception as exc:
+        # numpy's reader meets a damaged header with whatever its parser raises (ValueError, EOFError, a
+        # pickle refused, tokenize's TokenError, SyntaxError, MemoryError for an absurd shape).
+        raise DamagedFileError(f"{EMBEDDINGS} is unreadable ({describe_error(exc)})") from exc
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or not vectors.size or vectors.dtype.kind != "f":
+        raise DamagedFileError(f"{EMBEDDINGS} is not a 2-D float array")
+    if not np.all(np.isfinite(vectors)):
+        raise DamagedFileError(f"{EMBEDDINGS} holds NaN or infinite values")
+    return face
+
+
 class FaceStore:
     def __init__(self, root: Path, max_faces: int = 50, max_age: float = 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -65,31 +111,45 @@ class FaceStore:
         self.max_faces = int(max_faces)
         self.max_age = float(max_age)
         self.clock = clock
+        self._failures = RateLimitedLog(log)
+        if (root.exists() or root.is_symlink()) and not root.is_dir():
+            set_aside(root, "a file where the folder of recent faces should be",
+                      "the recent faces it held cannot be named or corrected")
         self.root.mkdir(parents=True, exist_ok=True)
         self._faces: dict[str, StoredFace] = {}
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            face = self._read(folder)
-            if face is None:
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                self._faces[face.event_id] = face
+        damaged: list[str] = []
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            if not (entry / META).exists():  # an interrupted write: never finished, nothing lost
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            try:
+                face = read_face(entry)
+            except (OSError, DamagedFileError) as exc:
+                # Removed, not set aside: these are face photos, kept at most memory.max_age by design;
+                # a copy set aside would outlive that promise.
+                damaged.append(f"{entry.name} ({describe_error(exc)})")
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            self._faces[face.event_id] = face
+        if damaged:
+            log.warning("%s: %d stored faces were damaged and are removed (they can no longer be named or "
+                        "corrected): %s; the daemon goes on", self.root, len(damaged),
+                        "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""))
         self.prune()
-
-    @staticmethod
-    def _read(folder: Path) -> StoredFace | None:
-        try:
-            meta = json.loads((folder / META).read_text(encoding="utf-8"))
-            return StoredFace(str(meta["event_id"]), str(meta["label"]), float(meta["score"]), int(meta["track_id"]),
-                              str(meta["bundle_id"]), float(meta["at"]), meta.get("stranger_id"), folder)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
     def add(self, *, event_id: str, label: str, score: float, track_id: int, bundle_id: str,
             crops: Sequence[np.ndarray], embeddings: np.ndarray, stranger_id: str | None = None,
             at: float | None = None) -> StoredFace | None:
         """Store one decided face (RGB crops, their embeddings); None when nothing could be written."""
         safe = "".join(c for c in event_id if c.isalnum() or c == "-")[:64]
+        vectors = np.atleast_2d(np.asarray(embeddings, np.float32))
         if not safe or not len(crops):
+            return None
+        if not vectors.size or not np.all(np.isfinite(vectors)):
+            self._failures.fail("nan", f"the face of event {event_id} has embeddings that are not finite (NaN or "
+                                "infinite): not stored; if this repeats, check the bundle")
             return None
         folder = self.root / safe
         at = self.clock() if at is None else at
@@ -99,14 +159,18 @@ class FaceStore:
                 ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
                 if ok:
                     (folder / f"crop_{i:02d}.jpg").write_bytes(jpeg.tobytes())
-            np.save(folder / EMBEDDINGS, np.asarray(embeddings, np.float32))
+            np.save(folder / EMBEDDINGS, vectors)
             meta = {"event_id": event_id, "label": label, "score": round(float(score), 4), "track_id": int(track_id),
                     "bundle_id": bundle_id, "at": at, "stranger_id": stranger_id}
-            (folder / META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            write_atomic(folder / META, json.dumps(meta) + "\n")  # last, and whole: it marks the folder done
         except OSError as exc:
-            log.warning("cannot store the face of event %s in %s: %s", event_id, folder, exc)
+            # At every event while the disk is full: one line per kind, not one per face.
+            self._failures.fail("write", f"cannot store the face of event {event_id} in {folder}: "
+                                f"{describe_error(exc)}; it cannot be named or corrected; check the free space "
+                                "in state_dir")
             shutil.rmtree(folder, ignore_errors=True)
             return None
+        self._failures.ok("write", f"recent faces are stored again in {self.root}")
         face = StoredFace(event_id, label, float(score), int(track_id), bundle_id, at, stranger_id, folder)
         self._faces[event_id] = face
         self.prune()

@@ -37,6 +37,7 @@ import numpy as np
 
 from device.classifier import UNKNOWN
 from device.events import _base, events_topic, person_topic, sanitize_label, status_topic
+from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,17 @@ class DiscoveryLedger:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.topics: set[str] = set()
-        if path is not None and path.is_file():
+        self._failures = RateLimitedLog(log)
+        if path is not None and (path.exists() or path.is_symlink()):
             try:
-                self.topics = {str(t) for t in json.loads(path.read_text(encoding="utf-8"))["topics"]}
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring the unreadable discovery record %s: %s", path, exc)
+                self.topics = read_ledger(path)
+            except (DamagedFileError, IsADirectoryError) as exc:
+                set_aside(path, describe_error(exc) if isinstance(exc, DamagedFileError) else "a directory, not a "
+                          "file", "entities of people removed while the daemon was stopped may stay in Home "
+                          "Assistant (delete them there)")
+            except OSError as exc:
+                log.warning("cannot read the discovery record %s (%s); the daemon goes on without it", path,
+                            describe_error(exc))
 
     def replace(self, topics: Iterable[str]) -> list[str]:
         """Record `topics` as published; returns the ones to clear."""
@@ -299,10 +306,27 @@ class DiscoveryLedger:
         gone = removed(self.topics, new)
         self.topics = new
         if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
             try:
-                tmp.write_text(json.dumps({"topics": sorted(new)}) + "\n", encoding="utf-8")
-                tmp.replace(self.path)
+                write_atomic(self.path, json.dumps({"topics": sorted(new)}) + "\n")
             except OSError as exc:
-                log.warning("cannot record the discovery topics in %s: %s", self.path, exc)
+                self._failures.fail("save", f"cannot record the discovery topics in {self.path}: "
+                                    f"{describe_error(exc)}; check the free space in state_dir")
+            else:
+                self._failures.ok("save", f"the discovery topics are recorded again in {self.path}")
         return gone
+
+
+def read_ledger(path: Path) -> set[str]:
+    """The topics in a discovery record; DamagedFileError naming what is wrong, OSError if unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DamagedFileError("not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise DamagedFileError(f"not JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise DamagedFileError("JSON nested too deeply") from exc
+    topics = data.get("topics") if isinstance(data, dict) else None
+    if not isinstance(topics, list) or not all(isinstance(t, str) and t for t in topics):
+        raise DamagedFileError('not a discovery record: no "topics" list of topic names')
+    return set(topics)

@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -50,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from device.errors import EXIT_USAGE, FaceberryError
 from device.events import OFFLINE, ONLINE, status_topic
-from device.outbox import Outbox, default_state_dir
+from device.outbox import Outbox, OutboxError, OutboxWriteError, default_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +513,13 @@ class MqttPublisher:
                 if self.connected:
                     self._hand_over()
                 self._resolve_acks()
+                self.outbox.retry_deletes()
                 self._log_drops()
+            except (sqlite3.Error, OutboxError) as exc:
+                # The disk, not a bug: the outbox has said what failed; delivery goes on when it can.
+                self.outbox.failures.fail("sender", f"the MQTT sender met an outbox failure: {exc}; it goes on",
+                                          logging.ERROR)
+                self._closing.wait(1.0)
             except Exception:  # a bug here must not silently stop delivery: make it fatal
                 log.exception("the MQTT sender thread failed")
                 self.client.crash = self.client.crash or RuntimeError("the MQTT sender thread failed")
@@ -634,9 +641,14 @@ class MqttPublisher:
         """Store a message for delivery; False only if it could not be written to the outbox."""
         try:
             self.outbox.put(topic, payload, qos=self.qos if qos is None else qos, retain=retain)
-        except Exception as exc:  # sqlite3.Error, OSError: a full or failing disk
-            self._failures.report("outbox-write", f"cannot write to the outbox {self.outbox.path}: {exc}; "
-                                  "the message is lost; check the free space in state_dir", logging.ERROR)
+        except OutboxWriteError:
+            # A full or failing disk: the outbox counted it as lost and logged the kind of failure (once,
+            # then at most every few minutes); the daemon goes on and sends what was written.
+            return False
+        except Exception as exc:  # anything else the outbox meets must not stop the frame loop either
+            self.outbox.lost += 1
+            self.outbox.failures.fail(f"publish-{type(exc).__name__}", f"cannot store a message for {topic!r}: "
+                                      f"{type(exc).__name__}: {exc}; it is lost (counted in the stats)", logging.ERROR)
             return False
         self._wake.set()
         return True
@@ -656,7 +668,8 @@ class MqttPublisher:
 
         def done() -> bool:
             status = self._status_info
-            return not self.pending and (status is None or status.is_published())
+            # Rows delivered whose delete the disk refused are done as far as the broker goes.
+            return self.pending <= self.outbox.undeleted and (status is None or status.is_published())
 
         while not done() and time.monotonic() < deadline and self.fatal is None:
             self._wake.set()
@@ -676,10 +689,11 @@ class MqttPublisher:
             # unreachable gets a moment only; nothing is lost by not waiting, it is all on disk.
             self.wait_connected(timeout if not self._failures.attempts else min(timeout, 1.0))
         self._stopping = True
+        self.outbox.refresh()  # the line below says what the next start will find
         if self.connected:
-            if not self.flush(max(0.0, deadline - time.monotonic())):
-                log.warning("stopping with %d messages not acknowledged by the broker: kept in the outbox %s "
-                            "for the next start", self.pending, self.outbox.path)
+            if not self.flush(max(0.0, deadline - time.monotonic())) or self.pending:
+                log.warning("stopping with %d messages in the outbox %s for the next start%s", self.pending,
+                            self.outbox.path, self._undeleted_note() or " (not acknowledged by the broker)")
             self._publish_before_status(self.client)
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
@@ -688,7 +702,7 @@ class MqttPublisher:
                 log.warning("could not publish offline: %s", exc)
         elif self.pending:
             log.warning("stopping while the broker is unreachable: %d messages kept in the outbox %s for the "
-                        "next start", self.pending, self.outbox.path)
+                        "next start%s", self.pending, self.outbox.path, self._undeleted_note())
         self._closing.set()
         self._wake.set()
         if self._sender is not None:
@@ -699,13 +713,25 @@ class MqttPublisher:
         self._log_drops(force=True)
         self.outbox.close()
 
+    def _undeleted_note(self) -> str:
+        n = self.outbox.undeleted
+        if not n:
+            return ""
+        return (f" ({n} of them delivered, but the disk refused to delete them: the next start sends them once "
+                "more)")
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state.split(":")[0] if self.state.startswith("error") else self.state,
                                "published": self.published, "pending": self.pending,
                                "inflight": len(self._inflight), "dropped": self.outbox.dropped,
-                               "connects": self.connects}
+                               "lost": self.outbox.lost, "connects": self.connects}
         if self.rejected:
             out["rejected"] = self.rejected
+        # Only when something happened: a damaged outbox at start, deletes the disk refuses.
+        for key, value in (("undeleted", self.outbox.undeleted), ("salvaged", self.outbox.salvaged),
+                           ("unreadable", self.outbox.unreadable)):
+            if value:
+                out[key] = value
         if self._in_takeover():
             out["client_id_conflict"] = self.takeover
         if self.last_error and not self.connected:

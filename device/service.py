@@ -58,6 +58,7 @@ from device.mqtt import MqttError, MqttPublisher
 from device.notify import Notifier
 from device.outbox import Outbox, OutboxError, default_state_dir
 from device.pipeline import FacePipeline
+from device.statefile import write_atomic
 from device.tracker import Decision, Observation, Tracker
 
 log = logging.getLogger(__name__)
@@ -477,15 +478,13 @@ class Service:
             r = self.last_reload
             data["last_reload"] = {"ok": r.ok, "bundle_id": r.bundle_id, "path": r.path, "error": r.error,
                                    "at": iso_utc(r.at)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            # On a full disk it is overwritten in place: the loss it counts must show while the disk is full.
+            write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", overwrite_if_full=True)
         except OSError as exc:
             if not self._status_warned:
                 log.warning("cannot write the status file %s: %s; check the free space and state_dir", path, exc)
                 self._status_warned = True
-            tmp.unlink(missing_ok=True)
             return None
         return path
 

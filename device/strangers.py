@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from device.contract import l2_normalize
+from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,46 @@ class Stranger:
         return l2_normalize(self.total)
 
 
+KEYS = ("ids", "totals", "counts", "first", "last")
+
+
+def read_strangers(path: Path) -> dict[str, Stranger]:
+    """The clusters in a stranger memory file; DamagedFileError naming what is wrong, OSError if unreadable."""
+    try:
+        # Our own file object: np.load given a path leaves it open when the content is refused.
+        with open(path, "rb") as fh:
+            data = np.load(fh, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise DamagedFileError("a single array, not the stranger memory's .npz")
+            with data:
+                missing = [k for k in KEYS if k not in data.files]
+                if missing:
+                    raise DamagedFileError(f"no {', '.join(missing)} in it")
+                ids, totals, counts, first, last = (data[k] for k in KEYS)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise DamagedFileError(f"not a whole .npz file ({describe_error(exc)})") from exc
+    except (OSError, DamagedFileError):
+        raise
+    except Exception as exc:
+        # numpy's reader meets a damaged header with whatever its parser raises (ValueError, a pickle
+        # refused, tokenize's TokenError, SyntaxError, MemoryError for an absurd shape): all mean damaged.
+        raise DamagedFileError(f"unreadable arrays ({describe_error(exc)})") from exc
+    n = len(ids) if ids.ndim == 1 else -1
+    if n < 0 or ids.dtype.kind not in "US" or totals.ndim != 2 or len(totals) != n or any(
+            a.shape != (n,) for a in (counts, first, last)):
+        raise DamagedFileError(f"arrays of the wrong shapes (ids {ids.shape}, totals {totals.shape}, counts "
+                               f"{counts.shape}, first {first.shape}, last {last.shape})")
+    if totals.dtype.kind != "f" or counts.dtype.kind not in "iu" or first.dtype.kind not in "fiu" or \
+            last.dtype.kind not in "fiu":
+        raise DamagedFileError("arrays of the wrong types")
+    if n and (not np.all(np.isfinite(totals)) or not np.all(np.isfinite(first)) or not np.all(np.isfinite(last))):
+        raise DamagedFileError("NaN or infinite values")
+    if n and (np.any(counts < 1) or len(set(ids.tolist())) != n or not totals.shape[1]):
+        raise DamagedFileError("counts below 1, repeated ids or empty embeddings")
+    return {str(sid): Stranger(str(sid), np.asarray(total, np.float32), int(count), float(f), float(la))
+            for sid, total, count, f, la in zip(ids, totals, counts, first, last, strict=True)}
+
+
 class StrangerMemory:
     def __init__(self, path: Path | None, threshold: float, max_clusters: int = 200, retention: float = 30 * 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -46,19 +89,25 @@ class StrangerMemory:
         self.retention = float(retention)
         self.clock = clock
         self.clusters: dict[str, Stranger] = {}
-        if path is not None and path.is_file():
+        self._failures = RateLimitedLog(log)
+        if path is not None and (path.exists() or path.is_symlink()):
             self._load(path)
         self._prune()
 
     def _load(self, path: Path) -> None:
+        lost = "the strangers it remembered are forgotten (their next visits get new stranger ids)"
         try:
-            with np.load(path) as data:
-                for sid, total, count, first, last in zip(data["ids"], data["totals"], data["counts"], data["first"],
-                                                          data["last"], strict=True):
-                    self.clusters[str(sid)] = Stranger(str(sid), np.asarray(total, np.float32), int(count),
-                                                       float(first), float(last))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring the unreadable stranger memory %s: %s", path, exc)
+            self.clusters = read_strangers(path)
+        except OSError as exc:
+            if isinstance(exc, IsADirectoryError):
+                set_aside(path, "a directory, not a file", lost)
+            else:
+                # Unreadable (rights, an I/O error) is not damage: leave the file for a person to fix.
+                log.warning("cannot read the stranger memory %s (%s); the daemon goes on without it", path,
+                            describe_error(exc))
+            self.clusters = {}
+        except DamagedFileError as exc:
+            set_aside(path, describe_error(exc), lost)
             self.clusters = {}
 
     def save(self) -> None:
@@ -66,16 +115,22 @@ class StrangerMemory:
             return
         items = list(self.clusters.values())
         dim = len(items[0].total) if items else 0
-        tmp = self.path.with_name(f".{self.path.name}.tmp.npz")
-        try:
-            np.savez(tmp, ids=np.array([s.stranger_id for s in items], dtype=str),
+
+        def write(fh: IO[bytes]) -> None:
+            np.savez(fh, ids=np.array([s.stranger_id for s in items], dtype=str),
                      totals=np.array([s.total for s in items], np.float32).reshape(len(items), dim),
                      counts=np.array([s.count for s in items], np.int64),
                      first=np.array([s.first_seen for s in items], np.float64),
                      last=np.array([s.last_seen for s in items], np.float64))
-            tmp.replace(self.path)
+
+        try:
+            write_atomic(self.path, write)
         except OSError as exc:
-            log.warning("cannot save the stranger memory %s: %s", self.path, exc)
+            # At every unknown face while the disk is full: one line per kind, not one per face.
+            self._failures.fail("save", f"cannot save the stranger memory {self.path}: {describe_error(exc)}; it "
+                                "holds in memory until the daemon stops; check the free space in state_dir")
+        else:
+            self._failures.ok("save", f"the stranger memory {self.path} is saved again")
 
     def _prune(self) -> None:
         now = self.clock()
@@ -101,6 +156,11 @@ class StrangerMemory:
         """Add one unknown face; returns (its cluster, whether the cluster is new)."""
         at = self.clock() if at is None else at
         probe = l2_normalize(np.asarray(embedding, np.float32).reshape(-1))
+        if not np.all(np.isfinite(probe)):
+            # A NaN would join no cluster and poison the one it starts: this face is a stranger for now only.
+            self._failures.fail("nan", "a face's embedding is not finite (NaN or infinite): it is not remembered "
+                                "among the strangers; if this repeats, check the bundle")
+            return Stranger(f"s-{uuid.uuid4().hex[:8]}", probe, 1, at, at), True
         best, sim = self.nearest(probe)
         if best is not None and sim >= self.threshold:
             best.total = best.total + probe
