@@ -319,7 +319,8 @@ class Assistant:
         payload = ha.diagnostics_payload(
             fps=self.service.fps if stats["frames"] else None, ms_per_frame=stats["ms_per_frame"],
             ms_per_face=stats.get("ms_per_face", {}), dropped_frames=stats["dropped"],
-            outbox_pending=stats["mqtt"]["pending"], bundle_id=self.service.bundle_id,
+            outbox_pending=stats["mqtt"]["pending"], outbox_lost=stats["mqtt"].get("lost", 0),
+            bundle_id=self.service.bundle_id,
             people=len(self.service.labels), cpu_temp=ha.cpu_temperature() if self._cpu_temp else None)
         self.publish(ha.diagnostics_topic(self.prefix, self.device_id), encode(payload), retain=True)
 

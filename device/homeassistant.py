@@ -56,6 +56,8 @@ DIAGNOSTICS: tuple[tuple[str, str, str | None, str | None, str | None, str], ...
     ("classify_ms", "Classify time", "ms", "duration", "measurement", "mdi:timer-outline"),
     ("dropped_frames", "Dropped frames", None, None, "total_increasing", "mdi:image-off-outline"),
     ("outbox_pending", "Outbox depth", None, None, "measurement", "mdi:tray-full"),
+    # Messages the disk refused (full, read-only, failing): never delivered, so a user must see them.
+    ("outbox_lost", "Messages lost", None, None, "total_increasing", "mdi:email-remove-outline"),
     ("cpu_temperature", "CPU temperature", "°C", "temperature", "measurement", "mdi:thermometer"),
     ("bundle_id", "Bundle", None, None, None, "mdi:package-variant-closed"),
     ("people", "People enrolled", None, None, "measurement", "mdi:account-group"),
@@ -112,14 +114,15 @@ def cpu_temperature(path: Path = THERMAL_ZONE) -> float | None:
 
 def diagnostics_payload(*, fps: float | None, ms_per_frame: dict[str, float], dropped_frames: int,
                         outbox_pending: int, bundle_id: str, people: int, cpu_temp: float | None,
-                        ms_per_face: dict[str, float] | None = None) -> dict[str, Any]:
+                        ms_per_face: dict[str, float] | None = None, outbox_lost: int = 0) -> dict[str, Any]:
     """The JSON published on <prefix>/<device_id>/diagnostics at start, after a reload and at every stats
     interval. `detect_ms` is per frame (every frame is searched); `align_ms` and `classify_ms` are per face
     (`ms_per_face`: they run once per face found, so a mean over empty frames would say nothing). A value
     not measured yet (no frame, no face) is null, which the entity shows as unknown."""
     out: dict[str, Any] = {
         "schema": 1, "fps": None if fps is None else round(float(fps), 2), "dropped_frames": int(dropped_frames),
-        "outbox_pending": int(outbox_pending), "bundle_id": bundle_id, "people": int(people),
+        "outbox_pending": int(outbox_pending), "outbox_lost": int(outbox_lost),
+        "bundle_id": bundle_id, "people": int(people),
         "cpu_temperature": cpu_temp,
     }
     per_face = ms_per_face if ms_per_face is not None else ms_per_frame

@@ -88,7 +88,7 @@ def test_discovery_lists_every_promised_entity() -> None:
     diagnostic = {c["value_template"].split(".")[1].split()[0] for c in parts["sensor"]
                   if c.get("entity_category") == "diagnostic"}
     assert diagnostic == {"fps", "detect_ms", "align_ms", "classify_ms", "dropped_frames", "outbox_pending",
-                          "cpu_temperature", "bundle_id", "people"}
+                          "outbox_lost", "cpu_temperature", "bundle_id", "people"}
     assert {c["image_topic"] for c in parts["image"]} == {"faceberry/door/image/last_face",
                                                           "faceberry/door/image/last_unknown"}
     (text,) = parts["text"]
@@ -175,6 +175,9 @@ def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
     out = ha.diagnostics_payload(fps=4.567, ms_per_frame={"detect": 12.345, "classify": 3.0}, dropped_frames=2,
                                  outbox_pending=5, bundle_id="b", people=3, cpu_temp=None)
     assert out["fps"] == 4.57 and out["detect_ms"] == 12.35 and out["align_ms"] is None and out["people"] == 3
+    assert out["outbox_lost"] == 0
+    assert ha.diagnostics_payload(fps=1.0, ms_per_frame={}, dropped_frames=0, outbox_pending=0, outbox_lost=7,
+                                  bundle_id="b", people=3, cpu_temp=None)["outbox_lost"] == 7
     # Align and classify per face; nothing measured yet (no frame, no face) is null, not 0.
     out = ha.diagnostics_payload(fps=None, ms_per_frame={"detect": 10.0, "align": 0.1, "classify": 0.2},
                                  ms_per_face={}, dropped_frames=0, outbox_pending=0, bundle_id="b", people=3,
