@@ -112,6 +112,7 @@ def add_mqtt(rest: Rest, port: int) -> dict:
 def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
     """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people)."""
     from device.bundle import load_bundle
+    from device.contract import list_images
     from device.pipeline import FacePipeline
     from device.preprocess import load_image
 
@@ -122,10 +123,10 @@ def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
         recs = pipe.process(load_image(photo)).recognitions
         return max(recs, key=lambda r: r.face.width).prediction.label if recs else ""
 
-    known = next(((p, ph) for p in b.labels if (lfw / p).is_dir() for ph in sorted((lfw / p).glob("*.jpg"))[:10]
+    known = next(((p, ph) for p in b.labels if (lfw / p).is_dir() for ph in list_images(lfw / p)[:10]
                   if label(ph) == p), None)
     stranger = next((ph for d in sorted(lfw.iterdir())[::-1] if d.is_dir() and d.name not in b.labels
-                     for ph in sorted(d.glob("*.jpg"))[:1] if label(ph) == "unknown"), None)
+                     for ph in list_images(d)[:1] if label(ph) == "unknown"), None)
     if known is None or stranger is None:
         raise SystemExit(f"error: cannot find a recognised and an unknown photo in {lfw} for {bundle}")
     return known[0], known[1], stranger, len([p for p in b.labels if p != "unknown"])

@@ -73,7 +73,7 @@ def _encode_phone(img: np.ndarray, suffix: str) -> bytes:
         Image.fromarray(img).save(out, format="AVIF" if suffix == ".avif" else "HEIF")
         return out.getvalue()
     except (ImportError, KeyError, OSError):
-        ok, buf = cv2.imencode(".jpg", img)
+        _ok, buf = cv2.imencode(".jpg", img)
         return buf.tobytes()
 
 
