@@ -88,6 +88,28 @@ def lfw_folder() -> Path:
     return folder
 
 
+def select_photos(people: dict[str, list[Path]], exclude: set[str] | None, per_person: int | None,
+                  seed: int = 0) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """({person: photos to use}, {"per_person": photos over the cap, "excluded": photos of excluded people,
+    "excluded_people": n, "no_face": 0, "max_faces": 0}): every photo unless `per_person` caps it (the first
+    ones by name), people in a seeded order so a --max-faces cut takes whole people at random."""
+    excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
+    order = sorted(p for p, files in people.items() if files)
+    np.random.default_rng(seed).shuffle(order)
+    dropped = {"per_person": 0, "excluded": 0, "excluded_people": 0, "no_face": 0, "max_faces": 0}
+    chosen: dict[str, list[Path]] = {}
+    for name in order:
+        files = people[name]
+        if cohort_mod.same_name(name) in excluded:
+            dropped["excluded_people"] += 1
+            dropped["excluded"] += len(files)
+            continue
+        keep = files if per_person is None else files[:per_person]
+        dropped["per_person"] += len(files) - len(keep)
+        chosen[name] = keep
+    return chosen, dropped
+
+
 def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, exclude: set[str] | None = None,
                  per_person: int | None = None, max_faces: int = 20000, min_face_size: int = 40,
                  seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
@@ -103,24 +125,12 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
     maker = CropMaker(prep.input_size, cache_dir=default_cache_dir(), min_face_size=min_face_size,
                       alignment=prep.alignment)
-    excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
-    rng = np.random.default_rng(seed)
-    people = {k: v for k, v in list_people(photos).items() if v}
-    order = sorted(people)
-    rng.shuffle(order)
+    chosen, dropped = select_photos(list_people(photos), exclude, per_person, seed)
     crops: list[np.ndarray] = []
     names: list[str] = []
     per: dict[str, int] = {}
-    dropped = {"per_person": 0, "excluded_people": 0, "no_face": 0, "max_faces": 0}
-    total = sum(len(v) for v in people.values())
-    for name in order:
-        if cohort_mod.same_name(name) in excluded:
-            dropped["excluded_people"] += 1
-            continue
-        for path in people[name]:
-            if per_person is not None and per.get(name, 0) >= per_person:
-                dropped["per_person"] += 1
-                continue
+    for name, paths in chosen.items():
+        for path in paths:
             if len(crops) >= max_faces:
                 dropped["max_faces"] += 1
                 continue
@@ -143,7 +153,8 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     views = enrolled_views(bconfig.get("arch"))
     log.info("cohort: embedding %d faces of %d people", len(crops), len(per))
     cohort = cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
-    return cohort, {"photos": total, "kept": len(crops), **dropped}
+    return cohort, {"photos": sum(len(v) for v in chosen.values()) + dropped["per_person"] + dropped["excluded"],
+                    "kept": len(crops), **dropped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     cohort.save(out)
     print(f"stranger cohort → {out}: {len(cohort)} faces of {cohort.people} people, from {kept['photos']} photos "
           f"({time.monotonic() - started:.0f} s); `python -m train --backbone {args.backbone}` calibrates on it")
-    why = {"per_person": f"over --per-person {args.per_person or LFW_PER_PERSON}",
-           "excluded_people": "people of --exclude (whole folders)", "no_face": "no usable face",
-           "max_faces": f"over --max-faces {args.max_faces}"}
+    why = {"per_person": f"photos over --per-person {args.per_person or LFW_PER_PERSON}",
+           "excluded": "photos of people in --exclude", "no_face": "photos without one usable face",
+           "max_faces": f"photos over --max-faces {args.max_faces}"}
     left = [f"{n} {why[k]}" for k, n in kept.items() if k in why and n]
     if left:
         print(f"not used: {'; '.join(left)}")
