@@ -40,6 +40,12 @@ def _link(dest: Path, person: str, photos: list[Path]) -> None:
         (dest / person / p.name).symlink_to(p)
 
 
+def _pair(dest: Path, left: Path, right: Path) -> None:
+    import cv2
+
+    cv2.imwrite(str(dest), np.hstack([cv2.imread(str(left)), cv2.imread(str(right))]))
+
+
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, detector_path) -> dict:
     if not LFW.is_dir():
@@ -70,8 +76,14 @@ def one(tmp_path_factory, detector_path) -> dict:
     _link(work / "probes", person, photos[person][TRAIN_PHOTOS:TRAIN_PHOTOS + PROBES])
     for p in strangers:
         _link(work / "probes", p, photos[p][:2])
-    newcomer = next(p for p in strangers if len(photos[p]) >= 8)
+    newcomer = next(p for p in strangers if len(photos[p]) >= 9)
     _link(work / "newcomer", newcomer, photos[newcomer][2:8])
+    # Group photos: the person beside someone else, both faces of one size (LFW frames side by side). Training,
+    # eval and enroll must take the person's face, whichever side it is on.
+    other = cohort_people[0]
+    _pair(work / "photos" / person / "zz_pair.jpg", mine[1], photos[other][0])
+    _pair(work / "probes" / person / "zz_pair.jpg", photos[strangers[5]][0], photos[person][TRAIN_PHOTOS + PROBES])
+    _pair(work / "newcomer" / newcomer / "zz_pair.jpg", photos[other][1], photos[newcomer][8])
     backbone = work / "backbone"
     _run("train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone), "-q")
     _run("train", "cohort", "--backbone", str(backbone), "--photos", str(work / "cohort-faces"), "--per-person", "6")
@@ -91,6 +103,8 @@ def test_one_person_trains_a_gallery_of_one_calibrated_on_the_cohort(one):
     with np.load(one["run"] / "crops.npz") as c:
         paths = [Path(str(p)).name for p in c["paths"]]
     assert one["heic"].name in paths  # the phone photo's face was trained
+    assert report["several_faces"] == {"chosen": 1, "refused": 0} and "zz_pair.jpg" in paths
+    assert "the person's face chosen by their other photos in 1" in one["train_stdout"]
     manifest = json.loads((one["bundle"] / "manifest.json").read_text())
     assert manifest["labels"]["count"] == 1 and manifest["thresholds"]["basis"].startswith("stranger cohort")
 
@@ -101,7 +115,9 @@ def test_device_eval_names_the_person_and_no_stranger(one):
          str(out), "--quiet")
     result = json.loads(out.read_text())
     row = result["per_person"][one["person"]]
-    assert row["right"] >= PROBES - 1 and row["wrong"] == 0, row
+    assert row["right"] >= PROBES and row["wrong"] == 0, row  # PROBES + the group photo, at most one missed
+    pair = next(p for p in result["probes"] if p["path"].endswith("zz_pair.jpg") and p["folder"] == one["person"])
+    assert pair["subject"].startswith("identity") and pair["outcome"] == "right", pair
     assert result["counts"]["stranger_probes"] >= 25
     assert result["counts"]["false_accepts"] <= 1, result["strangers"]
 
@@ -113,6 +129,7 @@ def test_enroll_adds_a_second_person_to_the_bundle_of_one(one, tmp_path):
     res = _run("device", "enroll", "--bundle", str(bundle), "--name", newcomer, "--photos",
                str(one["work"] / "newcomer" / newcomer))
     assert "(2 people;" in res.stdout and "recalibrated on the bundle's stranger cohort" in res.stdout
+    assert f"enrolled {newcomer} from 7 photo(s)" in res.stdout  # the six and the group photo
     labels = (bundle / "labels.txt").read_text().split()
     assert labels == [one["person"], newcomer]
 
