@@ -10,6 +10,10 @@ every person's faces against the other people's centroids; at most --target-far 
 strangers' photos are to be accepted, asked of the cohort with a margin for strangers it never saw.
 Adding a person later needs no training at all (`python -m device enroll` on the Pi).
 
+One person is enough ("is it me?"): the gallery has one entry and every impostor score comes from the cohort
+(and the negatives, if any); without either it is refused with the fix. A photo with several faces of similar
+size gives the face that agrees with the person's other photos (train.crops.resolve_subjects).
+
 RUN_DIR (kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt, cohort.npz (when the backbone
 has one), config.json, crops.npz, report.json, history.json, skipped.json.
 """
