@@ -171,3 +171,20 @@ def test_one_list_of_photo_suffixes_for_the_whole_project(capsys: pytest.Capture
                           "--", "*.py"], cwd=ROOT, capture_output=True, text=True)
     hits = [line for line in res.stdout.splitlines() if not line.startswith("tests/")]
     assert not hits, f"photo suffixes filtered outside device.contract: {hits}"
+
+
+def test_the_demo_gives_the_daemon_a_png_for_a_phone_photo(tmp_path: Path) -> None:
+    """The demo's daemon and `device eval` run in the Pi's environment (no pillow-heif): a HEIC sample photo
+    reaches their folders as a PNG of the same pixels, a JPEG as itself."""
+    import cv2
+
+    import demo
+
+    rgb = load_image(source_photos()[KNOWN])
+    heic = save_phone_photo(rgb, tmp_path / "grace.heic")
+    name = demo.copy_for_device(heic, tmp_path / "00001")
+    assert name == "00001.png"
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(tmp_path / name)), cv2.COLOR_BGR2RGB), load_image(heic))
+    jpeg = source_photos()[KNOWN]
+    assert demo.copy_for_device(jpeg, tmp_path / "00002") == "00002.jpg"
+    assert (tmp_path / "00002.jpg").read_bytes() == jpeg.read_bytes()
