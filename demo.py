@@ -270,20 +270,37 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
         visit = Visit(len(plan.visits), str(img), person, known)
         plan.visits.append(visit)
         (plan.test_dir / person).mkdir(exist_ok=True)
-        shutil.copy2(img, plan.test_dir / person / img.name)
+        copy_for_device(img, plan.test_dir / person / img.stem)
         for _ in range(FRAMES_PER_VISIT):
-            name = f"{frame_no:05d}{img.suffix.lower()}"
-            shutil.copy2(img, plan.camera_dir / name)
+            name = copy_for_device(img, plan.camera_dir / f"{frame_no:05d}")
             visit.frames.append(name)
             frame_no += 1
         if blank is None:
-            shape = cv2.imread(str(img)).shape
-            blank = np.zeros(shape, dtype=np.uint8)
+            from device.preprocess import load_image
+
+            blank = np.zeros(load_image(img).shape, dtype=np.uint8)
         # An empty frame: the person has walked off, the track ends before the next visit.
         cv2.imwrite(str(plan.camera_dir / f"{frame_no:05d}.png"), blank)
         frame_no += 1
     (work / "visits.json").write_text(json.dumps([asdict(v) for v in plan.visits], indent=1) + "\n")
     return plan
+
+
+def copy_for_device(img: Path, dest_stem: Path) -> str:
+    """`img` copied to dest_stem + its suffix; a phone photo (HEIC/AVIF) written as PNG instead, because the
+    daemon and `device eval` run in the Pi's environment, which reads no phone formats. Returns the file name."""
+    import cv2
+
+    from device.contract import PHONE_SUFFIXES
+    from device.preprocess import load_image
+
+    if img.suffix.lower() in PHONE_SUFFIXES:
+        dest = dest_stem.with_name(dest_stem.name + ".png")
+        cv2.imwrite(str(dest), cv2.cvtColor(load_image(img), cv2.COLOR_RGB2BGR))
+    else:
+        dest = dest_stem.with_name(dest_stem.name + img.suffix.lower())
+        shutil.copy2(img, dest)
+    return dest.name
 
 
 # ---- 5. broker ---------------------------------------------------------------------------------------

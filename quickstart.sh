@@ -19,7 +19,8 @@
 # Environment variables:
 #   PYTHON                    interpreter to build the venvs with (default: python3.11, else python3)
 #   FACEBERRY_SAMPLE_PHOTOS   a local folder of <person>/*.jpg for the demo instead of downloading LFW
-#   FACEBERRY_WEIGHTS         MobileNetV2 weights file for the demo instead of Keras' "imagenet" download
+#                             (without it the demo checks that LFW can be downloaded before any setup)
+#   FACEBERRY_WEIGHTS         MobileNetV2 weights file for `demo --backbone none` (the fine-tune) only
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -153,7 +154,37 @@ run_tests() {
     say "all tests passed in $(( $(date +%s) - start )) s"
 }
 
+check_demo_photos() {  # check_demo_photos DEMO_ARGS...: the sample photos are at hand before minutes of setup
+    local arg py lfw_home
+    for arg in "$@"; do
+        case "$arg" in --photos|--photos=*) return 0 ;; esac
+    done
+    if [ -n "${FACEBERRY_SAMPLE_PHOTOS:-}" ]; then
+        [ -d "$FACEBERRY_SAMPLE_PHOTOS" ] \
+            || die "FACEBERRY_SAMPLE_PHOTOS=$FACEBERRY_SAMPLE_PHOTOS is not a folder; point it at a folder of <person>/*.jpg"
+        return 0
+    fi
+    lfw_home="${SCIKIT_LEARN_DATA:-$HOME/scikit_learn_data}/lfw_home/lfw_funneled"
+    [ -d "$lfw_home" ] && return 0  # downloaded by an earlier run
+    py=$(pick_python)
+    # The host scikit-learn downloads LFW from; any HTTP answer will do, and a proxy in the environment is used.
+    "$py" - <<'PY' || die "the demo's sample photos (LFW) cannot be downloaded: no network? Set FACEBERRY_SAMPLE_PHOTOS to a local folder of <person>/*.jpg (5 or more people with 16+ photos and a few dozen others), or run again online"
+import sys
+import urllib.error
+import urllib.request
+
+try:
+    urllib.request.urlopen("https://ndownloader.figshare.com/", timeout=10).close()
+except urllib.error.HTTPError:
+    pass  # the host answered
+except (urllib.error.URLError, OSError) as exc:
+    print(f"cannot reach ndownloader.figshare.com: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
 run_demo() {
+    check_demo_photos "$@"
     setup_workstation requirements-train.txt
     setup_device
     say "demo (python demo.py${*:+ $*})"

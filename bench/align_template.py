@@ -69,10 +69,11 @@ def image_to_chip(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def derive(detector, dlib, predictor, step: int, upsample: int) -> dict[str, Any]:
+    from device.contract import list_images
     from device.preprocess import load_image
 
     hog = dlib.get_frontal_face_detector()
-    paths = sorted(p for p in LFW_DEV.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[::step]
+    paths = list_images(LFW_DEV, recursive=True)[::step]
     kept, counts = [], {"photos": len(paths), "not_250": 0, "blazeface_not_one": 0, "hog_not_one": 0}
     for path in paths:
         img = load_image(path)

@@ -144,6 +144,7 @@ def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
     a property of that bundle, not of the Home Assistant path this bench checks.
     """
     from device.bundle import load_bundle
+    from device.contract import list_images
     from device.facestore import crop_with_margin
     from device.pipeline import FacePipeline
     from device.preprocess import load_image
@@ -170,10 +171,10 @@ def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
         a, c = rec.vector / np.linalg.norm(rec.vector), again.vector / np.linalg.norm(again.vector)
         return float(a @ c) >= pipe.classifier.threshold + 0.02
 
-    known = next(((p, ph) for p in b.labels if (lfw / p).is_dir() for ph in sorted((lfw / p).glob("*.jpg"))[:10]
+    known = next(((p, ph) for p in b.labels if (lfw / p).is_dir() for ph in list_images(lfw / p)[:10]
                   if label(ph) == p), None)
     stranger = next((ph for d in sorted(lfw.iterdir())[::-1] if d.is_dir() and d.name not in b.labels
-                     for ph in sorted(d.glob("*.jpg"))[:1] if learnable_stranger(ph)), None)
+                     for ph in list_images(d)[:1] if learnable_stranger(ph)), None)
     if known is None or stranger is None:
         raise SystemExit(f"error: cannot find a recognised and an unknown photo in {lfw} for {bundle}")
     return known[0], known[1], stranger, len([p for p in b.labels if p != "unknown"])

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.common import SHARED_DATA, table, write_result
 from device.bundle import load_bundle
-from device.contract import UNKNOWN, accept, accept_with_negatives, best_match
+from device.contract import UNKNOWN, accept, accept_with_negatives, best_match, list_images
 from device.pipeline import FacePipeline
 from device.preprocess import load_image
 from device.strangers import StrangerMemory
@@ -42,7 +42,7 @@ def embed_all(pipe: FacePipeline, lfw: Path) -> tuple[list[str], list[str], np.n
     """(person, photo name, embedding) of the widest face of every photo that has one."""
     people, names, vecs = [], [], []
     for person in sorted(d for d in lfw.iterdir() if d.is_dir()):
-        for photo in sorted(person.glob("*.jpg")):
+        for photo in list_images(person):
             recs = pipe.process(load_image(photo)).recognitions
             if recs:
                 rec = max(recs, key=lambda r: r.face.width)

@@ -123,8 +123,10 @@ class Counter:
 
 def make_frames(dest: Path, people: int, per_person: int, size: tuple[int, int]) -> int:
     """Face photos (people interleaved) each followed by an empty frame; returns the number of frames."""
+    from device.contract import list_images
+
     lfw = SHARED_DATA / "faces" / "lfw-dev"
-    folders = [p for p in sorted(lfw.iterdir()) if p.is_dir() and len(list(p.glob("*.jpg"))) >= per_person][:people]
+    folders = [p for p in sorted(lfw.iterdir()) if p.is_dir() and len(list_images(p)) >= per_person][:people]
     if not folders:
         raise SystemExit(f"error: no photos in {lfw} ; put the shared data beside the repo as ../shared")
     dest.mkdir(parents=True)
@@ -133,7 +135,7 @@ def make_frames(dest: Path, people: int, per_person: int, size: tuple[int, int])
     n = 0
     for i in range(per_person):
         for folder in folders:
-            photo = sorted(folder.glob("*.jpg"))[i]
+            photo = list_images(folder)[i]
             image = cv2.imread(str(photo))
             scale = min(w / image.shape[1], h / image.shape[0])
             small = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)),

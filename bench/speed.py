@@ -96,7 +96,9 @@ class FrameSet:
 
 def frame_sets(video_frames: int, repeat: int) -> list[FrameSet]:
     video = need_shared("video")
-    scenes = sorted(p for p in need_shared("photos", "scenes").iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    from device.contract import list_images
+
+    scenes = list_images(need_shared("photos", "scenes"))
     sets = []
     hamilton = video / "short_hamilton_clip.mp4"
     if hamilton.is_file():

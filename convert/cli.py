@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 EPILOG = """\
 BUNDLE_DIR gets classifier.tflite, face_detection_short_range.tflite, labels.txt, manifest.json (schema,
@@ -54,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def heartbeat(what: str, every_s: float = 10.0):
+    """A line every `every_s` seconds while a long, silent step runs (the TFLite converter and the float-vs-
+    converted check take 20-45 s and say nothing), so a user knows it has not hung. Logged at INFO: -q hides it."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info("%s … %.0f s", what, time.monotonic() - started)
+
+    thread = threading.Thread(target=beat, name="convert-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("WARNING" if args.quiet else "INFO")
@@ -63,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     from device.runtime import ModelError
 
     def convert(quantization: str, tried: tuple[str, ...] = ()) -> dict:
-        return convert_run(
-            args.run, args.out, quantization=quantization, max_drop=args.max_drop,
-            min_agreement=args.min_agreement, calibration_samples=args.calibration_samples,
-            detector=args.detector, force=args.force, recalibrate=not args.keep_threshold, tried=tried,
-        )
+        log.info("loading TensorFlow and %s, then converting to %s and checking it against the float model "
+                 "(20-45 s for a face backbone)", args.run, quantization)
+        with heartbeat(f"still converting to {quantization} and checking"):
+            return convert_run(
+                args.run, args.out, quantization=quantization, max_drop=args.max_drop,
+                min_agreement=args.min_agreement, calibration_samples=args.calibration_samples,
+                detector=args.detector, force=args.force, recalibrate=not args.keep_threshold, tried=tried,
+            )
 
     chosen = args.quantization or "int8"
     try:

@@ -19,9 +19,15 @@ import numpy as np
 
 UNKNOWN = "unknown"
 
-# Every image format OpenCV decodes that a phone, a camera or a photo library produces. The folder
-# camera, training, eval and enroll all read the same set, so a photo never counts in one and not another.
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The image formats OpenCV decodes everywhere, the Pi included.
+OPENCV_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Phone formats (an iPhone saves HEIC, many Android phones HEIF or AVIF), read through Pillow: HEIC/HEIF with
+# pillow-heif, AVIF with Pillow 11.3 or later; both are in requirements-train.txt. Where the library is absent
+# (the Pi needs neither) such a photo is refused with the fix (device.preprocess.load_image), never ignored.
+PHONE_SUFFIXES: tuple[str, ...] = (".heic", ".heif", ".avif")
+# Every file name a photo may have. The folder camera, training, the cohort, convert, eval, enroll, the demo
+# and bench all list photos by this one set, so a photo never counts in one and not another.
+IMAGE_SUFFIXES: tuple[str, ...] = OPENCV_SUFFIXES + PHONE_SUFFIXES
 
 # When a photo holds several faces, the widest is its subject only if it is this many times wider than
 # the next: photos often show a small bystander behind the subject, and a phone photo of one person
@@ -33,6 +39,18 @@ NO_FACE = "no face"
 TOO_SMALL = "face too small"
 SEVERAL_FACES = "several faces of similar size"
 UNREADABLE = "unreadable"
+# A photo of several faces of similar size whose subject the person's other photos could not single out
+# (choose_subject): the reason, then why, in brackets.
+STILL_AMBIGUOUS = "several faces of similar size, none singled out by the person's other photos"
+
+# choose_subject: a candidate agrees with a person's other photos when its cosine to their centroid is no
+# more than AGREEMENT_SIGMAS standard deviations below the mean of their own photos' leave-one-out cosines
+# (nor above their lowest): the person's own spread sets the bar, in the backbone's own scale, so no absolute
+# cosine is assumed. A quantile of so few photos was too strict: a probe of Jacques Chirac at 0.965 beside a
+# stranger at 0.915 was refused under a floor of 0.970 set by six photos agreeing at 0.966-0.978.
+# Fewer than MIN_REFERENCE_PHOTOS unambiguous photos are no reference.
+AGREEMENT_SIGMAS = 3.0
+MIN_REFERENCE_PHOTOS = 3
 
 # A threshold resting on fewer impostor scores than this is a guess at the tail: say so.
 MIN_IMPOSTOR_SCORES = 1000
@@ -95,6 +113,59 @@ def subject_face(faces: Sequence[Any], min_face_size: float) -> tuple[Any | None
     if len(big) > 1 and big[0].width < DOMINANCE * big[1].width:
         return None, SEVERAL_FACES
     return big[0], None
+
+
+def subject_candidates(faces: Sequence[Any], min_face_size: float) -> tuple[list[Any], str | None]:
+    """The faces that may be the photo's subject, widest first, and why the photo has no single one.
+
+    ([subject], None) where subject_face finds one; ([two or more], SEVERAL_FACES) for faces of similar size,
+    for choose_subject to tell apart by the person's other photos; ([], NO_FACE | TOO_SMALL) otherwise.
+    """
+    face, why = subject_face(faces, min_face_size)
+    if face is not None:
+        return [face], None
+    if why != SEVERAL_FACES:
+        return [], why
+    big = sorted((f for f in faces if f.width >= min_face_size), key=lambda f: -f.width)
+    return [f for f in big if DOMINANCE * f.width > big[0].width], SEVERAL_FACES
+
+
+def agreement_floor(own: np.ndarray) -> float | None:
+    """The cosine to a person's centroid at which a face agrees with their photos (AGREEMENT_SIGMAS below the
+    mean of their own leave-one-out cosines, or their lowest); None with fewer than MIN_REFERENCE_PHOTOS photos."""
+    own = l2_normalize(np.asarray(own, np.float64))
+    if len(own) < MIN_REFERENCE_PHOTOS:
+        return None
+    total = own.sum(axis=0)
+    loo = np.einsum("ij,ij->i", own, l2_normalize(total[None, :] - own))
+    return float(min(loo.min(), loo.mean() - AGREEMENT_SIGMAS * loo.std(ddof=1)))
+
+
+def choose_subject(candidates: np.ndarray, own: np.ndarray, widths: Sequence[float],
+                   offsets: Sequence[float]) -> tuple[int | None, str]:
+    """Which of a photo's candidate faces (embeddings, widest first) is the person, by identity consistency.
+
+    `own`: embeddings of the person's unambiguous photos; `widths` and `offsets` (each candidate's distance
+    from the photo's centre, as a share of the photo's diagonal) break ties. Returns (index, how) or
+    (None, why not). A candidate agrees when its cosine to the person's centroid reaches agreement_floor:
+    the only one that agrees is chosen; of several, the best-agreeing if it is also the widest or the most
+    central of them; none, several without that, or no reference: refused.
+    """
+    floor = agreement_floor(own)
+    if floor is None:
+        return None, f"{STILL_AMBIGUOUS} (fewer than {MIN_REFERENCE_PHOTOS} of the person's photos show one clear face)"
+    sims = l2_normalize(np.asarray(candidates, np.float64)) @ centroid(own).astype(np.float64)
+    agree = [i for i in range(len(sims)) if sims[i] >= floor]
+    if len(agree) == 1:
+        return agree[0], "identity"
+    if not agree:
+        return None, f"{STILL_AMBIGUOUS} (none of its faces looks like the person's other photos)"
+    best = max(agree, key=lambda i: sims[i])
+    widest = max(agree, key=lambda i: widths[i])
+    central = min(agree, key=lambda i: offsets[i])
+    if best in (widest, central):
+        return best, "identity, then size and position"
+    return None, f"{STILL_AMBIGUOUS} (several of its faces look like the person's other photos)"
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

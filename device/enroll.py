@@ -31,7 +31,7 @@ import secrets
 import shutil
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,7 +40,16 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.bundle import BundleError, load_bundle, write_manifest
 from device.classifier import FaceClassifier
-from device.contract import IMAGE_SUFFIXES, UNKNOWN, UNREADABLE, centroid, list_images, subject_face
+from device.contract import (
+    IMAGE_SUFFIXES,
+    SEVERAL_FACES,
+    UNKNOWN,
+    UNREADABLE,
+    centroid,
+    choose_subject,
+    list_images,
+    subject_candidates,
+)
 from device.detector import FaceDetector
 from device.errors import UsageError
 from device.events import sanitize_label
@@ -68,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="the person's name, as it will appear in events")
     parser.add_argument("--photos", required=True, type=Path,
                         help=f"folder of photos ({SUFFIXES}) showing this person's face "
-                        "(small background faces are fine)")
+                        "(small background faces are fine; in a group photo, the face that agrees with the "
+                        "other photos is used)")
     parser.add_argument("--min-photos", type=int, default=3,
                         help="usable photos needed (default 3; 5–10 from different days and angles work best)")
     parser.add_argument("--min-face-size", type=int, default=40,
@@ -135,21 +145,46 @@ def _recover(bundle: Path) -> None:
 
 
 def usable_crops(
-    photos: list[Path], detector: FaceDetector, size: int, min_face_size: int, alignment: str = ALIGN_TEMPLATE_NAME
+    photos: list[Path], detector: FaceDetector, size: int, min_face_size: int, alignment: str = ALIGN_TEMPLATE_NAME,
+    embed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
-    """(aligned crops, [(photo, why it was refused)])."""
+    """(aligned crops, [(photo, why it was refused)]).
+
+    A photo with several faces of similar size gives the face that agrees with the other photos
+    (device.contract.choose_subject, the rule training uses) when `embed` (one crop → its enrolled
+    embedding) is given; otherwise, or when it stays ambiguous, it is refused with the reason.
+    """
     crops, refused = [], []
+    pending: list[tuple[Path, list[np.ndarray], list[float], list[float]]] = []
     for path in photos:
         try:
             image = load_image(path)
         except ImageError as exc:
             refused.append((path, f"{UNREADABLE} ({exc})"))
             continue
-        face, why = subject_face(detector.detect(image), min_face_size)
-        if face is None:
+        faces, why = subject_candidates(detector.detect(image), min_face_size)
+        if not faces:
             refused.append((path, why or "no face"))
+        elif why is None:
+            crops.append(align_face(image, faces[0].keypoints, size, alignment))
+        elif embed is None:
+            refused.append((path, why))
         else:
-            crops.append(align_face(image, face.keypoints, size, alignment))
+            h, w = image.shape[:2]
+            centre = np.array([w / 2.0, h / 2.0])
+            pending.append((path, [align_face(image, f.keypoints, size, alignment) for f in faces],
+                            [f.width for f in faces],
+                            [float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2.0 - centre) / np.hypot(w, h))
+                             for f in faces]))
+    if pending:
+        own = np.stack([embed(c) for c in crops]) if crops else np.zeros((0, 1), np.float32)
+        for path, candidates, widths, offsets in pending:
+            index, how = (choose_subject(np.stack([embed(c) for c in candidates]), own, widths, offsets)
+                          if len(crops) else (None, f"{SEVERAL_FACES} (no other photo shows one clear face)"))
+            if index is None:
+                refused.append((path, how))
+            else:
+                crops.append(candidates[index])
     return crops, refused
 
 
@@ -212,7 +247,8 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
     detector = FaceDetector(bundle.detector_path, num_threads=num_threads)
     classifier = FaceClassifier(bundle, num_threads=num_threads)
     crops, refused = usable_crops(
-        photos, detector, bundle.preprocessing.input_size, min_face_size, bundle.preprocessing.alignment
+        photos, detector, bundle.preprocessing.input_size, min_face_size, bundle.preprocessing.alignment,
+        embed=classifier.enrolled,
     )
     for path, why in refused:
         print(f"refused {path}: {why}", file=sys.stderr)

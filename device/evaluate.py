@@ -3,10 +3,12 @@
 The photos go through the device's own detect → align → classify path (device.pipeline.FacePipeline),
 so the figures are the ones the Pi will live with, not those of a training-time shortcut.
 
-Folder layout: `<photos>/<person>/*.jpg|jpeg|png`. A folder whose name is one of the bundle's people
-holds probes of that person; any other folder holds strangers, who should come out as `unknown`.
-In a photo with several faces the subject (device.contract.subject_face) is the probe; a photo with
-two faces of similar size is skipped, as training and enroll skip it.
+Folder layout: `<photos>/<person>/<photo>` (any device.contract.IMAGE_SUFFIXES). A folder whose name is one of the
+bundle's people holds probes of that person; any other folder holds strangers (one person per folder), who should
+come out as `unknown`. In a photo with several faces the subject (device.contract.subject_face) is the probe; of
+two or more faces of similar size, the one that agrees with the folder's other photos (device.contract.choose_subject,
+the rule training and enroll use; embedding bundles only) — the folder's photos, never the gallery, pick it. A photo
+that stays ambiguous is skipped and listed.
 
 Definitions (both deliberately conservative):
 - known_accuracy: known probes recognised as the right person and accepted, over ALL known probes
@@ -30,7 +32,16 @@ from typing import Any
 import numpy as np
 
 from device.bundle import BundleError, load_bundle
-from device.contract import SEVERAL_FACES, UNKNOWN, accept_scores, list_images, subject_face, threshold_for_far
+from device.contract import (
+    IMAGE_SUFFIXES,
+    SEVERAL_FACES,
+    UNKNOWN,
+    accept_scores,
+    choose_subject,
+    list_images,
+    subject_candidates,
+    threshold_for_far,
+)
 from device.pipeline import FacePipeline
 from device.preprocess import ImageError, load_image
 from device.runtime import ModelError
@@ -46,7 +57,7 @@ EVAL_SCHEMA = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Run the device's detect → align → classify path over PHOTOS/<person>/*.jpg|jpeg|png and report "
+        "Run the device's detect → align → classify path over PHOTOS/<person>/ photos and report "
         "per-person accuracy, the stranger false-accept rate, faces not found and per-stage latency "
         "(median, p95). Folders not named after one of the bundle's people are strangers."
     )
@@ -124,7 +135,8 @@ def evaluate(
         raise ValueError(f"photo folder not found: {photos}; pass --photos DIR with one sub-folder per person")
     folders = _photo_folders(photos)
     if not folders:
-        raise ValueError(f"{photos} has no <person>/*.jpg|jpeg|png photos; put each person's photos in a sub-folder")
+        raise ValueError(f"{photos} has no <person>/ photos ({', '.join(IMAGE_SUFFIXES)}); put each person's photos in "
+                         "a sub-folder")
     people = {label for label in bundle.labels if label != UNKNOWN}
     known_folders = [name for name in folders if name in people]
     stranger_folders = [name for name in folders if name not in people]
@@ -140,6 +152,10 @@ def evaluate(
     probes: list[dict[str, Any]] = []
     unreadable: list[dict[str, str]] = []
     ambiguous: list[dict[str, str]] = []
+    # Photos of several faces of similar size, until every photo of their folder has been seen, and the
+    # embeddings of each folder's unambiguous subjects that choose among their faces.
+    pending: list[tuple[dict[str, Any], Path, list[Any], tuple[int, int]]] = []
+    references: dict[str, list[np.ndarray]] = defaultdict(list)
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for folder, files in folders.items():
         known = folder in people
@@ -166,28 +182,54 @@ def evaluate(
                 "truth": folder if known else UNKNOWN,
                 "faces": len(result.recognitions),
             }
-            # The photo's subject, by the rule training and enroll use: a photo they would skip as two
-            # people of similar size is skipped here too (and listed), not scored on one of them.
-            subject, why = subject_face([r.face for r in result.recognitions], 0)
+            # The photo's subject, by the rule training and enroll use: of several faces of similar size, the
+            # one that agrees with the folder's other photos (below); one that stays ambiguous is skipped and
+            # listed, not scored on one of them.
+            candidates, why = subject_candidates([r.face for r in result.recognitions], 0)
             if why == SEVERAL_FACES:
-                ambiguous.append({"path": str(path), "reason": why})
+                h, w = frame.shape[:2]
+                pending.append((probe, path, [next(r for r in result.recognitions if r.face is f)
+                                              for f in candidates], (w, h)))
                 continue
-            if subject is not None:
-                largest = next(r for r in result.recognitions if r.face is subject)
-                pred = largest.prediction
-                probe.update(predicted=pred.label, best=pred.best, score=round(float(pred.score), 6),
-                             face_width=round(largest.face.width, 1))
+            if candidates:
+                subject = next(r for r in result.recognitions if r.face is candidates[0])
+                _fill(probe, subject)
+                if subject.vector is not None:
+                    references[folder].append(subject.vector)
             else:
                 probe.update(predicted=NO_FACE, best=NO_FACE, score=0.0, face_width=0.0)
             probe["outcome"] = _outcome(probe)
             probes.append(probe)
+    for probe, path, recs, (w, h) in pending:
+        index, how = None, f"{SEVERAL_FACES} (the bundle is not an embedding bundle: no face is singled out)"
+        if bundle.kind == "embedding":
+            centre = np.array([w / 2.0, h / 2.0])
+            offsets = [float(np.linalg.norm((r.face.box[:2] + r.face.box[2:]) / 2.0 - centre) / np.hypot(w, h))
+                       for r in recs]
+            own = np.array(references[probe["folder"]]).reshape(-1, len(recs[0].vector))
+            index, how = choose_subject(np.stack([r.vector for r in recs]), own, [r.face.width for r in recs],
+                                        offsets)
+        if index is None:
+            ambiguous.append({"path": str(path), "reason": how})
+            continue
+        _fill(probe, recs[index])
+        probe["outcome"] = _outcome(probe)
+        probe["subject"] = how
+        probes.append(probe)
     if not probes:
         raise ValueError(f"no readable photo in {photos}; check the files (see the warnings above)")
     result = _summarise(bundle, photos, probes, unreadable, timings, known_folders, stranger_folders,
                         threads, min_face_size)
     result["counts"]["several_faces"] = len(ambiguous)
+    result["counts"]["several_faces_chosen"] = sum(1 for p in probes if "subject" in p)
     result["several_faces"] = ambiguous
     return result
+
+
+def _fill(probe: dict[str, Any], subject: Any) -> None:
+    pred = subject.prediction
+    probe.update(predicted=pred.label, best=pred.best, score=round(float(pred.score), 6),
+                 face_width=round(subject.face.width, 1))
 
 
 def _outcome(probe: dict[str, Any]) -> str:
@@ -298,7 +340,9 @@ def format_report(result: dict[str, Any], quiet: bool = False) -> str:
         f"{_pct(result['stranger_false_accept_rate'])} ({c['false_accepts']}/{strangers_found})"
         f"  no face {_pct(result['no_face_rate'])} ({c['no_face']}/{c['probes']})"
         + (f"  unreadable {c['unreadable']}" if c["unreadable"] else "")
-        + (f"  skipped (several faces of similar size) {c['several_faces']}" if c.get("several_faces") else "")
+        + (f"  several faces: chosen by the folder's other photos {c['several_faces_chosen']}"
+           if c.get("several_faces_chosen") else "")
+        + (f"  skipped (several faces, none singled out) {c['several_faces']}" if c.get("several_faces") else "")
     )
     shown = set()
     for point in result["operating_points"]:

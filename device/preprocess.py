@@ -186,11 +186,82 @@ def _tiff_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     return None
 
 
+# ISO base media file brands (the `ftyp` box that starts every HEIF and AVIF file): AVIF's, and HEIC/HEIF's.
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def phone_format(data: bytes | np.ndarray) -> str | None:
+    """"AVIF" or "HEIC" when the bytes start like such a file (its `ftyp` box names the brand), else None."""
+    head = bytes(data[:64]) if not isinstance(data, bytes) else data[:64]
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return None
+    box = min(max(int.from_bytes(head[:4], "big"), 16), len(head))
+    # The major brand, then the compatible brands (a HEIF file may say only `mif1` first and `heic` later).
+    brands = {head[8:12]} | {head[i:i + 4] for i in range(16, box - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIC"
+    return None
+
+
+def phone_reader(kind: str) -> str | None:
+    """None when this machine can decode `kind` ("HEIC" or "AVIF"); else the skip reason, with the fix."""
+    try:
+        from PIL import features
+    except ImportError:
+        features = None
+    if kind == "HEIC":
+        try:
+            import pillow_heif
+        except ImportError:
+            return "HEIC photo: install pillow-heif, or convert to JPEG"
+        if features is None:
+            return "HEIC photo: install Pillow and pillow-heif, or convert to JPEG"
+        pillow_heif.register_heif_opener()  # idempotent: Pillow then opens HEIC/HEIF itself
+        return None
+    if features is None or not features.check("avif"):
+        return "AVIF photo: install Pillow 11.3 or later (pip install 'pillow>=11.3'), or convert to JPEG"
+    return None
+
+
+def _load_phone_photo(path: Path, data: np.ndarray, kind: str, max_pixels: int) -> np.ndarray:
+    """A HEIC/HEIF or AVIF photo through Pillow, refused (ImageError with the fix) where it cannot be read."""
+    missing = phone_reader(kind)
+    if missing is not None:
+        raise _image_error(path, missing)
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            width, height = im.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise _image_error(
+                    path, f"its header claims {width}×{height} pixels ({width * height / 1e6:.0f} MP), over the "
+                    f"{max_pixels / 1e6:.0f} MP limit (resize it)"
+                )
+            # EXIF rotation as for a JPEG (pillow-heif has applied the file's own rotation and cleared the tag).
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise _image_error(path, f"its header claims more than the {max_pixels / 1e6:.0f} MP limit (resize it)") \
+            from None
+    except Exception as exc:  # a decoder's own errors on a broken file are of many kinds
+        raise _image_error(path, f"cannot decode this {kind} photo (corrupt, or cut short: {type(exc).__name__})") \
+            from None
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read a photo as RGB uint8 (H, W, 3): EXIF rotation applied, alpha dropped, grey expanded.
 
-    The header is read first: a file that is not a PNG, JPEG, BMP, WebP or TIFF, or that claims more
-    than `max_pixels`, raises ImageError without being decoded.
+    The header is read first: a file that is not a PNG, JPEG, BMP, WebP, TIFF, HEIC/HEIF or AVIF image,
+    or that claims more than `max_pixels`, raises ImageError without being decoded. HEIC/HEIF and AVIF go
+    through Pillow (device.contract.PHONE_SUFFIXES); without the library the ImageError says what to install.
     """
     path = Path(path)
     try:
@@ -201,7 +272,10 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         raise _image_error(path, "file missing or empty")
     size = image_size(data)
     if size is None:
-        raise _image_error(path, "not a JPEG, PNG, BMP, WebP or TIFF image, or its header is cut short")
+        kind = phone_format(data)
+        if kind is not None:
+            return _load_phone_photo(path, data, kind, max_pixels)
+        raise _image_error(path, "not a JPEG, PNG, BMP, WebP, TIFF, HEIC or AVIF image, or its header is cut short")
     width, height = size
     if width <= 0 or height <= 0:
         raise _image_error(path, f"its header claims {width}×{height} pixels")

@@ -31,7 +31,7 @@ import yaml
 
 from device.bundle import MANIFEST, MANIFEST_SHA256, Bundle, BundleError, load_bundle
 from device.config import ConfigError, load_config
-from device.contract import IMAGE_SUFFIXES, UNREADABLE
+from device.contract import IMAGE_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
 from device.preprocess import MAX_IMAGE_PIXELS, ImageError, load_image
 from device.runtime import ModelError
 from tests.conftest import ROOT
@@ -53,9 +53,28 @@ def _encoder(suffix: str) -> str:
 def _encode(suffix: str, rng: random.Random) -> bytes:
     h, w = rng.randint(8, 48), rng.randint(8, 48)
     img = np.random.default_rng(rng.getrandbits(32)).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if suffix in PHONE_SUFFIXES:
+        return _encode_phone(img, suffix)
     ok, buf = cv2.imencode(_encoder(suffix), img)
     assert ok, suffix
     return buf.tobytes()
+
+
+def _encode_phone(img: np.ndarray, suffix: str) -> bytes:
+    """HEIC/AVIF bytes through Pillow (and pillow-heif); a JPEG under that name where they are absent."""
+    import io
+
+    try:
+        import pillow_heif
+        from PIL import Image
+
+        pillow_heif.register_heif_opener()
+        out = io.BytesIO()
+        Image.fromarray(img).save(out, format="AVIF" if suffix == ".avif" else "HEIF")
+        return out.getvalue()
+    except (ImportError, KeyError, OSError):
+        _ok, buf = cv2.imencode(".jpg", img)
+        return buf.tobytes()
 
 
 def _flip(data: bytes, rng: random.Random, n: int) -> bytes:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from device.contract import IMAGE_SUFFIXES
+from device.contract import OPENCV_SUFFIXES
 from device.preprocess import MAX_IMAGE_PIXELS, ImageError, image_size, load_image
 from tests.conftest import ROOT, need_shared
 
@@ -132,7 +132,7 @@ def test_every_accepted_format_is_refused_when_its_header_claims_too_much(fmt, t
         load_image(path)
 
 
-@pytest.mark.parametrize("ext", IMAGE_SUFFIXES)
+@pytest.mark.parametrize("ext", OPENCV_SUFFIXES)  # phone formats: tests/test_phone_formats.py
 def test_every_accepted_suffix_is_read_with_its_true_size(ext, tmp_path):
     img = np.dstack([np.full((37, 53), v, np.uint8) for v in (10, 120, 240)])  # BGR, distinct channels
     path = tmp_path / f"photo{ext}"

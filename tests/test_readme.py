@@ -173,7 +173,8 @@ def test_flags_mentioned_alone_exist_somewhere() -> None:
     mentioned = set(re.findall(r"`(--[a-z][a-z0-9-]*)", text))
     helps = [help_text(sys.executable, "-m", m) for m in ("train", "convert")]
     helps += [help_text(sys.executable, "-m", "device", c) for c in ("run", "check", "eval", "enroll")]
-    helps += [help_text(sys.executable, "-m", "train", "backbone"), help_text(sys.executable, "demo.py"),
+    helps += [help_text(sys.executable, "-m", "train", "backbone"), help_text(sys.executable, "-m", "train", "cohort"),
+              help_text(sys.executable, "demo.py"),
               help_text("bash", "systemd/install.sh"), help_text(sys.executable, "-m", "venv")]
     everything = "\n".join(helps)
     missing = sorted(f for f in mentioned if not re.search(re.escape(f) + r"\b", everything))

@@ -16,14 +16,18 @@ import os
 import sys
 from pathlib import Path
 
+from device.contract import IMAGE_SUFFIXES
 from device.preprocess import DEFAULT_INPUT_SIZE
 
-EPILOG = """\
-Photos: DIR/<person>/*.jpg (or .jpeg .png .bmp .webp .tif .tiff), one folder per person. Each photo must
-show that person's face clearly; photos with no face, several faces of similar size, a face too small, an
-unreadable file or one over 40 megapixels are skipped and listed in RUN_DIR/skipped.json (a summary is
+EPILOG = f"""\
+Photos: DIR/<person>/*.jpg (or {' '.join(IMAGE_SUFFIXES[1:])}), one folder per person; HEIC/HEIF
+need pillow-heif and AVIF Pillow 11.3+ (both in requirements-train.txt). Each photo must show that person's
+face clearly. In a photo with several faces of similar size, the face that agrees with the person's other
+photos is used (--backbone only); photos with no face, a face too small, no face singled out, an unreadable
+file or one over 40 megapixels are skipped and listed in RUN_DIR/skipped.json with the reason (a summary is
 printed). An empty person folder is ignored with a warning; a person with fewer than --min-photos usable
-photos is an error. A folder named `unknown`
+photos (a folder of files faceberry cannot read included) is an error. With --backbone and its stranger
+cohort one person is enough ("is it me?"). A folder named `unknown`
 (or --negatives DIR) holds other people's faces: part of them trains an `unknown` class, the rest, never
 trained on, calibrate the accept threshold.
 

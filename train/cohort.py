@@ -26,78 +26,135 @@ from device.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 
+# A cohort of fewer people cannot say how strangers score; the threshold wants 1000+ impostor scores.
+MIN_PEOPLE = 20
+WANT_FACES = 1000
+# LFW holds a few people with hundreds of photos (530 of one man): many people matter more than many photos.
+LFW_PER_PERSON = 5
+
+
+class CohortBuildError(ValueError):
+    """The cohort cannot be built from what was given; the message says the fix."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train cohort", description=__doc__.split("\n\n")[0],
+                                epilog=f"A cohort needs at least {MIN_PEOPLE} people; the threshold wants "
+                                f"{WANT_FACES}+ faces of hundreds of people (README: the stranger cohort).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, type=Path,
                    help="the backbone directory (from `python -m train backbone`)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--photos", type=Path, help="folder of other people's faces, one sub-folder per person")
+    src.add_argument("--photos", type=Path,
+                     help="folder of other people's faces (not your household), one sub-folder per person")
     src.add_argument("--lfw", action="store_true",
-                     help="Labeled Faces in the Wild through scikit-learn's fetcher (about 200 MB, downloaded once)")
+                     help="Labeled Faces in the Wild, ~5,700 people, downloaded once through scikit-learn's fetcher "
+                     "(about 200 MB, into ~/scikit_learn_data or $SCIKIT_LEARN_DATA)")
     p.add_argument("--exclude", type=Path, default=None,
                    help="your photos folder: people with these folder names are left out of the cohort")
-    p.add_argument("--max-per-person", type=int, default=5,
-                   help="faces kept per cohort person (default 5: many people matter more than many photos)")
+    p.add_argument("--per-person", "--max-per-person", dest="per_person", type=int, default=None,
+                   help="faces kept per cohort person (default: every photo given with --photos; "
+                   f"{LFW_PER_PERSON} with --lfw, whose few people with hundreds of photos would crowd out the rest)")
     p.add_argument("--max-faces", type=int, default=20000, help="faces kept in all (default 20000)")
     p.add_argument("--min-face-size", type=int, default=40, help="faces narrower than this are not used (default 40)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _lfw_images():
-    from sklearn.datasets import fetch_lfw_people
+def lfw_folder() -> Path:
+    """LFW's <person>/*.jpg folder, downloaded through scikit-learn's fetcher when it is not there yet.
 
-    lfw = fetch_lfw_people(min_faces_per_person=0, color=True, resize=1.0, slice_=None, download_if_missing=True)
-    for image, target in zip(lfw.images, lfw.target, strict=True):
-        img = image if image.max() > 1.5 else image * 255.0
-        yield str(lfw.target_names[target]), np.clip(img, 0, 255).astype(np.uint8)
+    Only the download is asked of the fetcher (a limit no one meets stops it before it loads a photo): its
+    loader would decode all 13,233 photos into one float array, about 10 GB. The files are then read like
+    any --photos folder, one at a time.
+    """
+    from sklearn.datasets import fetch_lfw_people, get_data_home
+
+    try:
+        fetch_lfw_people(min_faces_per_person=10**9, download_if_missing=True)
+    except ValueError:
+        pass  # "too restrictive": downloaded, nothing loaded
+    except OSError as exc:  # URLError, HTTPError, a timeout, a full disk
+        reason = getattr(exc, "reason", None) or exc
+        raise CohortBuildError(
+            f"cannot download LFW ({reason}; no network?): use --photos DIR with photos of people not in your "
+            f"household, one sub-folder per person, at least {MIN_PEOPLE} people ({WANT_FACES}+ faces of hundreds "
+            "of people are better), or run --lfw once on a machine with network and copy its scikit_learn_data/"
+            "lfw_home here (to ~/scikit_learn_data or $SCIKIT_LEARN_DATA)") from None
+    folder = Path(get_data_home()) / "lfw_home" / "lfw_funneled"
+    if not folder.is_dir():
+        raise CohortBuildError(f"LFW's photos are not in {folder} after the download; delete {folder.parent} and "
+                               "run again")
+    return folder
+
+
+def select_photos(people: dict[str, list[Path]], exclude: set[str] | None, per_person: int | None,
+                  seed: int = 0) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """({person: photos to use}, {"per_person": photos over the cap, "excluded": photos of excluded people,
+    "excluded_people": n, "no_face": 0, "max_faces": 0}): every photo unless `per_person` caps it (the first
+    ones by name), people in a seeded order so a --max-faces cut takes whole people at random."""
+    excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
+    order = sorted(p for p, files in people.items() if files)
+    np.random.default_rng(seed).shuffle(order)
+    dropped = {"per_person": 0, "excluded": 0, "excluded_people": 0, "no_face": 0, "max_faces": 0}
+    chosen: dict[str, list[Path]] = {}
+    for name in order:
+        files = people[name]
+        if cohort_mod.same_name(name) in excluded:
+            dropped["excluded_people"] += 1
+            dropped["excluded"] += len(files)
+            continue
+        keep = files if per_person is None else files[:per_person]
+        dropped["per_person"] += len(files) - len(keep)
+        chosen[name] = keep
+    return chosen, dropped
 
 
 def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, exclude: set[str] | None = None,
-                 max_per_person: int = 5, max_faces: int = 20000, min_face_size: int = 40,
-                 seed: int = 0) -> cohort_mod.Cohort:
+                 per_person: int | None = None, max_faces: int = 20000, min_face_size: int = 40,
+                 seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
+    """(the cohort, what was kept and dropped: {"photos", "kept", "per_person", "excluded_people", "no_face",
+    "max_faces"})."""
     from train.backbone import load_embedder
     from train.crops import CropMaker, default_cache_dir, list_people
 
+    if lfw:
+        photos = lfw_folder()
+        per_person = LFW_PER_PERSON if per_person is None else per_person
     model, bconfig = load_embedder(backbone)
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
     maker = CropMaker(prep.input_size, cache_dir=default_cache_dir(), min_face_size=min_face_size,
                       alignment=prep.alignment)
-    excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
-    rng = np.random.default_rng(seed)
+    chosen, dropped = select_photos(list_people(photos), exclude, per_person, seed)
     crops: list[np.ndarray] = []
     names: list[str] = []
     per: dict[str, int] = {}
-    if lfw:
-        items = ((name, None, image) for name, image in _lfw_images())
-    else:
-        people = {k: v for k, v in list_people(photos).items() if v}
-        order = sorted(people)
-        rng.shuffle(order)
-        items = ((name, path, None) for name in order for path in people[name][: 3 * max_per_person])
-    for name, path, image in items:
-        if cohort_mod.same_name(name) in excluded or per.get(name, 0) >= max_per_person or len(crops) >= max_faces:
-            continue
-        if path is not None:
+    for name, paths in chosen.items():
+        for path in paths:
+            if len(crops) >= max_faces:
+                dropped["max_faces"] += 1
+                continue
             crop, _ = maker.crop_file(path)
-        else:
-            crop, _ = maker.crop_image(image)
-        if crop is None:
-            continue
-        crops.append(crop)
-        names.append(name)
-        per[name] = per.get(name, 0) + 1
-        if len(crops) % 500 == 0:
-            log.info("cohort: %d faces of %d people", len(crops), len(per))
-    if len(set(names)) < 20:
-        raise ValueError(f"only {len(set(names))} people with a usable face: a stranger cohort needs hundreds; "
-                         "pass a bigger --photos folder or use --lfw")
+            if crop is None:
+                dropped["no_face"] += 1
+                continue
+            crops.append(crop)
+            names.append(name)
+            per[name] = per.get(name, 0) + 1
+            if len(crops) % 500 == 0:
+                log.info("cohort: %d faces of %d people so far", len(crops), len(per))
+    if len(set(names)) < MIN_PEOPLE:
+        raise CohortBuildError(
+            f"only {len(set(names))} people with a usable face: a stranger cohort needs at least {MIN_PEOPLE} "
+            f"({WANT_FACES}+ faces of hundreds of people are better); pass a bigger --photos folder or use --lfw")
     from device.contract import enrolled_views
     from train.fewshot import embed
 
     views = enrolled_views(bconfig.get("arch"))
-    return cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
+    log.info("cohort: embedding %d faces of %d people", len(crops), len(per))
+    cohort = cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
+    return cohort, {"photos": sum(len(v) for v in chosen.values()) + dropped["per_person"] + dropped["excluded"],
+                    "kept": len(crops), **dropped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,22 +164,39 @@ def main(argv: list[str] | None = None) -> int:
     exclude = set()
     if args.exclude and args.exclude.is_dir():
         exclude = {d.name for d in args.exclude.iterdir() if d.is_dir()}
+    if args.per_person is not None and args.per_person < 1:
+        print("error: --per-person must be 1 or more (leave it out to keep every photo)", file=sys.stderr)
+        return 2
     if args.photos is not None and not args.photos.is_dir():
         print(f"error: --photos {args.photos} is not a folder; pass a folder of <person>/*.jpg", file=sys.stderr)
         return 2
     if args.photos is not None and not any(list_images(d) for d in args.photos.iterdir() if d.is_dir()):
-        print(f"error: no <person>/ photo folders in {args.photos}", file=sys.stderr)
+        print(f"error: no <person>/ photo folders in {args.photos}; put each person's photos in a sub-folder",
+              file=sys.stderr)
         return 2
     from train.backbone import BackboneError
 
     try:
-        cohort = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.max_per_person, args.max_faces,
-                              args.min_face_size, args.seed)
-    except (BackboneError, ValueError, OSError) as exc:
+        cohort, kept = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.per_person, args.max_faces,
+                                    args.min_face_size, args.seed)
+    except (BackboneError, CohortBuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}; check the paths and permissions", file=sys.stderr)
         return 2
     out = args.backbone / cohort_mod.COHORT_FILE
     cohort.save(out)
-    print(f"stranger cohort → {out}: {len(cohort)} faces of {cohort.people} people "
+    print(f"stranger cohort → {out}: {len(cohort)} faces of {cohort.people} people, from {kept['photos']} photos "
           f"({time.monotonic() - started:.0f} s); `python -m train --backbone {args.backbone}` calibrates on it")
+    why = {"per_person": f"photos over --per-person {args.per_person or LFW_PER_PERSON}",
+           "excluded": "photos of people in --exclude", "no_face": "photos without one usable face",
+           "max_faces": f"photos over --max-faces {args.max_faces}"}
+    left = [f"{n} {why[k]}" for k, n in kept.items() if k in why and n]
+    if left:
+        print(f"not used: {'; '.join(left)}")
+    if len(cohort) < WANT_FACES:
+        print(f"warning: {len(cohort)} faces is a small cohort: the threshold wants {WANT_FACES}+ faces of hundreds "
+              "of people to say how strangers score; add people to --photos (every photo is kept unless you pass "
+              "--per-person), or use --lfw (~5,700 people, one 200 MB download)", file=sys.stderr)
     return 0

@@ -10,6 +10,10 @@ every person's faces against the other people's centroids; at most --target-far 
 strangers' photos are to be accepted, asked of the cohort with a margin for strangers it never saw.
 Adding a person later needs no training at all (`python -m device enroll` on the Pi).
 
+One person is enough ("is it me?"): the gallery has one entry and every impostor score comes from the cohort
+(and the negatives, if any); without either it is refused with the fix. A photo with several faces of similar
+size gives the face that agrees with the person's other photos (train.crops.resolve_subjects).
+
 RUN_DIR (kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt, cohort.npz (when the backbone
 has one), config.json, crops.npz, report.json, history.json, skipped.json.
 """
@@ -54,21 +58,31 @@ def fewshot(args) -> dict[str, Any]:
     if args.input_size != size:
         log.warning("using the backbone's input size %d (not --input-size %d)", size, args.input_size)
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
-    people_files, neg_groups, warnings = collect_inputs(photos, Path(args.negatives) if args.negatives else None)
+    people_files, neg_groups, warnings = collect_inputs(photos, Path(args.negatives) if args.negatives else None,
+                                                        allow_one=True)
+    views = enrolled_views(bconfig.get("arch"))
+    cohort = load_cohort(args, int(model.output_shape[-1]), views)
+    if len(people_files) == 1 and cohort is None and not neg_groups:
+        # One person has no one to be told apart from: every impostor score must come from strangers.
+        raise TrainError(
+            f"only one person ({next(iter(people_files))}) in {photos} and no stranger cohort beside the backbone: "
+            "recognising one person needs other people's faces to calibrate `unknown`; build the cohort with "
+            f"`python -m train cohort --backbone {args.backbone} --photos FACES_DIR` (or --lfw), or pass --cohort "
+            "FILE or --negatives DIR"
+        )
     check_out_dir(out, args.force)
     for w in warnings:
         log.warning("%s", w)
 
-    gathered = gather_crops(args, photos, out, size, people_files, neg_groups, alignment=prep.alignment)
+    gathered = gather_crops(args, photos, out, size, people_files, neg_groups, alignment=prep.alignment,
+                            embed=lambda crops: embed(model, crops, prep, views))
     pset, nset, counts, skipped = gathered.people, gathered.negatives, gathered.counts, gathered.skipped
     people = sorted(people_files)
     tr_idx, va_idx = split_per_person(pset.labels, args.val_fraction, args.seed)
     labels_arr = np.array(pset.labels)
-    views = enrolled_views(bconfig.get("arch"))
     emb = embed(model, pset.crops, prep, views)
     gallery = gallery_from(emb[tr_idx], list(labels_arr[tr_idx]), people)
     neg_emb = embed(model, nset.crops, prep, views) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
-    cohort = load_cohort(args, int(emb.shape[1]), views)
     target_far = cohort_mod.DEFAULT_TARGET_FAR if args.target_far is None else float(args.target_far)
 
     # The threshold rests on every impostor score there is (device.cohort.calibrate): the stranger
@@ -121,6 +135,9 @@ def fewshot(args) -> dict[str, Any]:
         "backbone": {"dir": str(args.backbone), "arch": bconfig.get("arch", "mobilenetv2"),
                      "teacher": (bconfig.get("teacher") or {}).get("id")},
         "skipped": {"count": len(skipped), "by_reason": summarize_skips(skipped), "file": "skipped.json"},
+        # Photos of several faces of similar size: the face that agrees with the person's other photos used
+        # (chosen), or skipped with the reason (refused; in skipped.json).
+        "several_faces": gathered.subjects,
         "warnings": warnings,
         "train_seconds": round(time.monotonic() - started, 1),
     }
@@ -200,6 +217,14 @@ def train_fewshot(args) -> int:
         acc = row["accuracy"]
         lines.append(f"  {person:<28} {'   n/a' if acc is None else f'{100 * acc:5.1f}%'}  "
                      f"({row['val_faces']} validation faces; gallery of all {row['gallery_photos']})")
+    several = report["several_faces"]
+    if several["chosen"] or several["refused"]:
+        lines.append(f"photos with several faces of similar size: the person's face chosen by their other photos in "
+                     f"{several['chosen']}, {several['refused']} still ambiguous and skipped")
+    if report["skipped"]["count"]:
+        reasons = ", ".join(f"{n} {r}" for r, n in report["skipped"]["by_reason"].items())
+        lines.append(f"skipped {report['skipped']['count']} photo(s): {reasons} "
+                     f"(see {Path(args.out) / 'skipped.json'})")
     lines.append(f"next: python -m convert --run {args.out} --out BUNDLE_DIR")
     print("\n".join(lines))
     for warning in th["warnings"]:

@@ -1,0 +1,84 @@
+"""The subject of a photo with several faces of similar size (issue 24): chosen by the person's other photos
+(device.contract.choose_subject), size and position breaking ties, refused with the reason only when ambiguous.
+Synthetic embeddings: the rule, not a network, is under test here (tests/test_household_of_one.py runs it on
+real group photos through train, eval and enroll)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from device.contract import (
+    MIN_REFERENCE_PHOTOS,
+    SEVERAL_FACES,
+    STILL_AMBIGUOUS,
+    agreement_floor,
+    choose_subject,
+    l2_normalize,
+    subject_candidates,
+)
+
+
+@dataclass
+class _Face:
+    width: float
+
+
+def _person(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float = 0.15) -> np.ndarray:
+    return l2_normalize(centre + spread * rng.normal(size=(n, len(centre))))
+
+
+def test_the_face_like_the_persons_other_photos_is_chosen_wherever_it_is():
+    rng = np.random.default_rng(0)
+    me, other = rng.normal(size=32), rng.normal(size=32)
+    own = _person(rng, me, 8)
+    mine, theirs = _person(rng, me, 1)[0], _person(rng, other, 1)[0]
+    # The person's face is the narrower and the less central one: identity decides, not geometry.
+    index, how = choose_subject(np.stack([theirs, mine]), own, widths=[120, 100], offsets=[0.05, 0.3])
+    assert index == 1 and how == "identity"
+    index, _ = choose_subject(np.stack([mine, theirs]), own, widths=[100, 120], offsets=[0.3, 0.05])
+    assert index == 0
+
+
+def test_no_face_of_the_person_and_two_of_them_are_refused_with_the_reason():
+    rng = np.random.default_rng(1)
+    me = rng.normal(size=32)
+    own = _person(rng, me, 8)
+    strangers = np.stack([_person(rng, rng.normal(size=32), 1)[0] for _ in range(2)])
+    index, why = choose_subject(strangers, own, [100, 100], [0.1, 0.1])
+    assert index is None and why.startswith(STILL_AMBIGUOUS) and "none of its faces" in why
+    # Two faces both like the person (a twin, a photo of a photo): the best-agreeing wins only if it is also the
+    # widest or the most central of them.
+    centre = l2_normalize(own.mean(axis=0))
+    twins = l2_normalize(np.stack([centre + 0.001 * rng.normal(size=32) for _ in range(2)]))
+    best = int(np.argmax(twins @ centre))
+    index, how = choose_subject(twins, own, [100 + 20 * (k == best) for k in range(2)], [0.1, 0.1])
+    assert index == best and how == "identity, then size and position"
+    index, why = choose_subject(twins, own, [100 + 20 * (k != best) for k in range(2)],
+                                [0.1 + 0.2 * (k == best) for k in range(2)])
+    assert index is None and "several of its faces" in why
+
+
+def test_too_few_reference_photos_are_no_reference():
+    rng = np.random.default_rng(2)
+    me = rng.normal(size=32)
+    assert agreement_floor(_person(rng, me, MIN_REFERENCE_PHOTOS - 1)) is None
+    index, why = choose_subject(_person(rng, me, 2), _person(rng, me, MIN_REFERENCE_PHOTOS - 1), [1, 1], [0, 0])
+    assert index is None and f"fewer than {MIN_REFERENCE_PHOTOS}" in why
+
+
+def test_the_floor_follows_the_persons_own_spread():
+    rng = np.random.default_rng(3)
+    me = rng.normal(size=32)
+    tight, loose = agreement_floor(_person(rng, me, 10, 0.05)), agreement_floor(_person(rng, me, 10, 0.4))
+    assert 0.0 < loose < tight < 1.0
+
+
+def test_candidates_are_the_faces_of_similar_size_widest_first():
+    faces = [_Face(60), _Face(100), _Face(20), _Face(80)]
+    got, why = subject_candidates(faces, min_face_size=40)
+    assert why == SEVERAL_FACES and [f.width for f in got] == [100, 80, 60]
+    got, why = subject_candidates([_Face(200), _Face(60)], min_face_size=40)
+    assert why is None and [f.width for f in got] == [200]
+    assert subject_candidates([_Face(10)], min_face_size=40)[0] == []
