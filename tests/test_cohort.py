@@ -248,3 +248,70 @@ def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):
     assert 20 <= cohort.people <= 29 and len(cohort) >= 100
     assert cohort_mod.name_hash(people[0]) not in cohort.name_hashes
     assert cohort_mod.name_hash(people[1]) in cohort.name_hashes
+
+
+# ---- the threshold rule and its uncertainty (device.cohort.calibrate; bench/calibration.py) -------------------
+
+def _people(rng: np.random.Generator, people: int, faces: int, dim: int = 32, spread: float = 0.3,
+            prefix: str = "c") -> tuple[np.ndarray, list[str]]:
+    """Unit embeddings of `people` synthetic people, `faces` each: a centre per person and noise per face."""
+    centres = rng.normal(size=(people, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    emb = np.repeat(centres, faces, axis=0) + spread * rng.normal(size=(people * faces, dim)) / np.sqrt(dim)
+    names = [f"{prefix}{i}" for i in range(people) for _ in range(faces)]
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True), names
+
+
+def test_a_one_person_gallery_is_calibrated_on_the_cohort_alone():
+    from device import cohort as cohort_mod
+    from device.contract import best_match, gallery_from, threshold_for_far
+
+    rng = np.random.default_rng(1)
+    cohort = cohort_mod.build(*_people(rng, 120, 10))
+    own, labels = _people(rng, 1, 10, prefix="me")
+    gallery = gallery_from(own, labels, ["me0"])
+    cal = cohort_mod.calibrate(gallery, ["me0"], cohort, own, labels)
+    assert cal["basis"] == "stranger cohort (1200 scores)" and cal["impostor_scores"] == 1200
+    assert cal["accept"] == threshold_for_far(best_match(cohort.embeddings, gallery, ["me0"])[1], 0.0025)
+    assert 0.0 < cal["accept"] < 1.0 and cal["far"] <= 0.0025
+    # Its own photos are no impostors: the person is named at the threshold the cohort gave.
+    assert np.mean(best_match(own, gallery, ["me0"])[1] >= cal["accept"]) == 1.0
+
+
+def test_more_people_enrolled_raise_the_threshold_on_the_same_cohort():
+    """A stranger has one more person to resemble: every cohort face's best score can only rise."""
+    from device import cohort as cohort_mod
+    from device.contract import gallery_from
+
+    rng = np.random.default_rng(2)
+    cohort = cohort_mod.build(*_people(rng, 150, 8))
+    own, labels = _people(rng, 12, 10, prefix="h")
+    people = sorted(set(labels))
+    gallery = gallery_from(own, labels, people)
+    accepts = [cohort_mod.calibrate(gallery[:n], people[:n], cohort)["accept"] for n in (1, 3, 6, 12)]
+    assert accepts == sorted(accepts) and accepts[-1] > accepts[0]
+
+
+def test_the_thresholds_uncertainty_is_reported_and_narrows_with_more_cohort_people():
+    from device import cohort as cohort_mod
+    from device.contract import gallery_from
+
+    rng = np.random.default_rng(3)
+    own, labels = _people(rng, 3, 10, prefix="h")
+    people = sorted(set(labels))
+    gallery = gallery_from(own, labels, people)
+    widths = []
+    for n in (30, 300):
+        cal = cohort_mod.calibrate(gallery, people, cohort_mod.build(*_people(rng, n, 10)), own, labels)
+        lo, hi = cal["accept_interval"]
+        assert lo <= hi and cal["accept_sd"] >= 0.0
+        assert lo - 3 * cal["accept_sd"] <= cal["accept"] <= hi + 3 * cal["accept_sd"]
+        widths.append(hi - lo)
+        # The same gallery and cohort give the same interval (convert, enroll and a rerun agree).
+        same = [cohort_mod.calibrate(gallery, people, cohort_mod.build(*_people(np.random.default_rng(9), 30, 10)),
+                                     own, labels)["accept_interval"] for _ in range(2)]
+        assert same[0] == same[1]
+    assert widths[1] < widths[0], widths
+    # Without a cohort there is no one to resample: no interval, and the warning says why.
+    alone = cohort_mod.calibrate(gallery, people, None, own, labels)
+    assert alone["accept_interval"] is None and alone["warnings"]
