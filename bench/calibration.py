@@ -66,6 +66,155 @@ parts_order = ("dev", "test", "full")
 EXPLORED = False  # the first round of candidates on DEV (all lost; see docs/BENCHMARKS.md), re-run when True
 
 
+# ---- the candidates' tail estimators (study only; the shipped rule is device.cohort.threshold_rule) ----------
+
+TAIL_FRACTION = 0.05  # the top share of each column's scores a tail is fitted to
+TAIL_MIN = 10  # ... but never fewer scores than this
+
+
+@dataclass
+class ColumnTails:
+    """The survival function (share of impostor scores ≥ t) of each column of an impostor matrix: the empirical
+    share down to each column's tail start u, a fitted tail above it ("exp": exponential — the generalized Pareto
+    with shape 0, fitted by its mean excess; "gauss": a normal fitted to the upper part's quantiles; "gpd":
+    scipy's generalized Pareto)."""
+
+    sorted_desc: np.ndarray  # (n_max, C), -inf padded
+    n: np.ndarray  # (C,) finite scores per column
+    k: np.ndarray  # (C,) tail sizes
+    u: np.ndarray  # (C,) tail starts (the (k+1)-th highest score)
+    method: str
+    params: np.ndarray  # (C, 2): exp (scale, -), gauss (mu, sigma), gpd (shape, scale)
+
+    @classmethod
+    def fit(cls, matrix: np.ndarray, method: str = "exp", fraction: float = TAIL_FRACTION,
+            minimum: int = TAIL_MIN) -> ColumnTails:
+        x = -np.sort(-np.where(np.isfinite(matrix), matrix, -np.inf), axis=0)
+        n = np.isfinite(x).sum(axis=0)
+        k = np.clip(np.round(fraction * n).astype(int), minimum, np.maximum(n - 1, 1))
+        k = np.minimum(k, np.maximum(n - 1, 0))
+        cols = np.arange(x.shape[1])
+        u = np.where(n > 0, x[np.minimum(k, len(x) - 1), cols], np.inf)
+        params = np.zeros((x.shape[1], 2))
+        for j in cols:
+            top = x[: k[j], j]
+            if k[j] < 2:
+                params[j] = (1e-3, 0.0)
+                continue
+            if method == "exp":
+                params[j] = (max(float(np.mean(top - u[j])), 1e-4), 0.0)
+            elif method == "gauss":
+                from scipy.stats import norm
+
+                z = norm.isf((np.arange(k[j]) + 0.5) / n[j])
+                sigma, mu = np.polyfit(z, top, 1)
+                params[j] = (mu, max(sigma, 1e-4))
+            elif method == "gpd":
+                from scipy.stats import genpareto
+
+                shape, _, scale = genpareto.fit(top - u[j], floc=0.0)
+                params[j] = (shape, max(scale, 1e-5))
+            else:
+                raise ValueError(method)
+        return cls(x, n, k, u, method, params)
+
+    def sf(self, t: float) -> np.ndarray:
+        """(C,) share of each column's impostor scores at or above t."""
+        n = np.maximum(self.n, 1)
+        empirical = np.sum(self.sorted_desc >= t, axis=0) / n
+        above = t >= self.u
+        if not above.any():
+            return empirical
+        if self.method == "exp":
+            tail = self.k / n * np.exp(-(t - self.u) / self.params[:, 0])
+        elif self.method == "gauss":
+            from scipy.stats import norm
+
+            tail = norm.sf((t - self.params[:, 0]) / self.params[:, 1])
+        else:
+            from scipy.stats import genpareto
+
+            tail = self.k / n * genpareto.sf(t - self.u, self.params[:, 0], 0.0, self.params[:, 1])
+        return np.where(above & (self.n > 0), tail, empirical)
+
+    def solve(self, share: float, per_column: bool = False) -> float | np.ndarray:
+        """The lowest t whose summed survival (per_column: each column's own) is at most `share`."""
+        def bisect(f: Any) -> float:
+            lo, hi = -1.0, 2.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if f(mid) > share:
+                    lo = mid
+                else:
+                    hi = mid
+            return hi
+
+        if per_column:
+            return np.array([bisect(lambda t, j=j: float(self.sf(t)[j])) for j in range(len(self.n))])
+        return bisect(lambda t: float(np.sum(self.sf(t))))
+
+
+@dataclass
+class PeopleTails:
+    """The chance that a stranger's face scores at least t against each gallery entry, estimated per *person*.
+
+    The cohort's faces come in people, and a stranger who resembles a member does so in most of their photos:
+    the tail of the scores is set by which people are close to a member, not by how many faces there are. So
+    each impostor person's scores against an entry are modelled as a normal around their mean (their mean
+    score, the spread of one person's photos pooled over people), widened by a bandwidth for the people the
+    cohort lacks (a kernel estimate over the people's means: Silverman's rule, wider the fewer people), and
+    the chance for a new stranger is the mean over people. Summed over the gallery's entries it is the chance
+    that a stranger passes for any of them: more people enrolled, a higher threshold."""
+
+    mu: np.ndarray  # (P, C) each person's mean score against each entry, nan where absent
+    tau: np.ndarray  # (C,) the spread around a person's mean: within-person and bandwidth together
+    weight: np.ndarray  # (P, C) 1 / people present in the column, 0 where absent
+
+    @classmethod
+    def fit(cls, matrix: np.ndarray, groups: np.ndarray, bandwidth: float = 1.0) -> PeopleTails:
+        finite = np.isfinite(matrix)
+        x = np.where(finite, matrix, 0.0)
+        ids, inverse = np.unique(groups, return_inverse=True)
+        count = np.zeros((len(ids), matrix.shape[1]))
+        total = np.zeros_like(count)
+        np.add.at(count, inverse, finite.astype(float))
+        np.add.at(total, inverse, x)
+        present = count > 0
+        mu = np.where(present, total / np.maximum(count, 1), np.nan)
+        resid = np.where(finite, x - np.nan_to_num(mu)[inverse], 0.0)
+        multi = finite & (count[inverse] >= 2)
+        dof = np.maximum(multi.sum(axis=0) - (present & (count >= 2)).sum(axis=0), 1)
+        within = np.sqrt((resid ** 2 * multi).sum(axis=0) / dof)
+        people = np.maximum(present.sum(axis=0), 1)
+        between = np.nan_to_num(np.nanstd(np.where(present, mu, np.nan), axis=0, ddof=1)) if len(ids) > 1 \
+            else np.zeros(matrix.shape[1])
+        h = bandwidth * between * (4.0 / (3.0 * people)) ** 0.2
+        tau = np.maximum(np.sqrt(within ** 2 + h ** 2), 1e-3)
+        return cls(mu, tau, present / people)
+
+    def sf(self, t: float) -> np.ndarray:
+        from scipy.special import ndtr
+
+        z = (t - np.nan_to_num(self.mu, nan=-np.inf)) / self.tau
+        return np.sum(self.weight * ndtr(-z), axis=0)
+
+    def solve(self, share: float, per_column: bool = False) -> float | np.ndarray:
+        """The lowest t whose summed survival (per_column: each column's own) is at most `share`."""
+        cols = self.mu.shape[1]
+        lo, hi = np.full(cols if per_column else 1, -1.0), np.full(cols if per_column else 1, 2.0)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if per_column:
+                from scipy.special import ndtr
+
+                f = np.sum(self.weight * ndtr(-(mid - np.nan_to_num(self.mu, nan=-np.inf)) / self.tau), axis=0)
+            else:
+                f = np.array([np.sum(self.sf(float(mid[0])))])
+            over = f > share
+            lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
+        return hi if per_column else float(hi[0])
+
+
 @dataclass
 class Case:
     """One household against one cohort, everything a rule may read (as calibrate gets it)."""
@@ -91,7 +240,7 @@ def rule_people(margin: float, bandwidth: float = 1.0, per_person: bool = False,
         m, g = _matrix(c, groups=True)
         if best_of:  # the best-of-N score of each impostor face, one column
             m = m.max(axis=1, keepdims=True)
-        tails = cohort_mod.PeopleTails.fit(m, g, bandwidth=bandwidth)
+        tails = PeopleTails.fit(m, g, bandwidth=bandwidth)
         if per_person:
             return tails.solve(TARGET / margin / len(c.home), per_column=True)
         return tails.solve(TARGET / margin)
@@ -102,12 +251,12 @@ def rule_old(margin: float) -> Rule:
     return lambda c: threshold_for_far(_matrix(c).max(axis=1), TARGET / margin)
 
 
-def rule_tail(kind: str, method: str, margin: float, fraction: float = cohort_mod.TAIL_FRACTION) -> Rule:
+def rule_tail(kind: str, method: str, margin: float, fraction: float = TAIL_FRACTION) -> Rule:
     def rule(c: Case) -> float | np.ndarray:
         m = _matrix(c)
         if kind == "max":
-            return float(cohort_mod.ColumnTails.fit(m.max(axis=1)[:, None], method, fraction).solve(TARGET / margin))
-        tails = cohort_mod.ColumnTails.fit(m, method, fraction)
+            return float(ColumnTails.fit(m.max(axis=1)[:, None], method, fraction).solve(TARGET / margin))
+        tails = ColumnTails.fit(m, method, fraction)
         if kind == "perperson":
             return tails.solve(TARGET / margin / len(c.home), per_column=True)
         return float(tails.solve(TARGET / margin))

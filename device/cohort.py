@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import ENROLLED_VIEWS, FACE_ONLY, MIN_IMPOSTOR_SCORES, l2_normalize, threshold_for_far
+from device.contract import ENROLLED_VIEWS, FACE_ONLY, MIN_IMPOSTOR_SCORES, l2_normalize
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ COHORT_FILE = "cohort.npz"
 # is asked to be stricter than that: the largest cohort → unseen-strangers ratio measured at that rate
 # (see the module docstring and docs/BENCHMARKS.md).
 DEFAULT_TARGET_FAR = 0.005
-STRANGER_MARGIN = 2.0
+STRANGER_MARGIN = 1.0
 
 
 class CohortError(UsageError, ValueError):
@@ -156,37 +156,65 @@ def load(path: str | Path, dim: int | None = None, views: str | None = None) -> 
 
 
 NEGATIVE_GROUP = -1_000_000  # impostor_matrix's group of the first negative face (the next ones count down)
+BANDWIDTH = 1.0  # × Silverman's rule: the widening for the people a cohort lacks
 BOOTSTRAP_RESAMPLES = 200  # resamples of the cohort's people for the threshold's uncertainty
 BOOTSTRAP_SEED = 0  # fixed: the same gallery and cohort give the same interval everywhere
 
 
-def threshold_rule(best: np.ndarray, rate: float) -> float:
-    """THE threshold rule, on the best-of-gallery score of every impostor face: the lowest threshold that lets
-    at most `rate` of them through (device.contract.threshold_for_far).
-
-    issue 24 measured candidates against it (bench/calibration.py, docs/BENCHMARKS.md "Calibration"): tails
-    fitted to the top scores (exponential, normal, generalized Pareto), per-person tails summed over the
-    gallery, per-person thresholds, and a kernel estimate over the cohort's people. None met the goals that it
-    misses (nor did the threshold that knew the unseen strangers), and each that let fewer strangers through
-    cost the family more than it saved, so this rule stays."""
-    return threshold_for_far(best, rate) if len(best) else 0.0
+def people_stats(best: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(P, 3) per impostor person: faces, mean best score, sum of squared deviations from that mean."""
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=best) / counts
+    ss = np.bincount(inverse, weights=(best - means[inverse]) ** 2)
+    return np.stack([counts, means, ss], axis=1)
 
 
-def threshold_interval(best: np.ndarray, groups: np.ndarray, rate: float,
+def threshold_rule(stats: np.ndarray, rate: float, bandwidth: float = BANDWIDTH) -> float:
+    """THE threshold rule: the lowest threshold at which at most `rate` of strangers' faces would pass for someone
+    in the gallery, from the best-of-gallery scores of the impostor people (people_stats).
+
+    Strangers come as people, and one who resembles a member does so in most of their photos, so the far tail
+    is set by *which people* are close, not by how many faces there are: with a few hundred cohort faces the
+    empirical quantile (the rule until issue 24) rested on the one or two highest scores. Here each impostor
+    person's scores are a normal around their mean (the spread of one person's photos pooled over people),
+    widened by a kernel bandwidth for the people the cohort lacks (Silverman's rule on the people's means:
+    wider the fewer people), and a new stranger's chance is the mean over people. The scores are each face's
+    best over the gallery, so more people enrolled raise the threshold. No margin is needed on top
+    (bench/calibration.py, docs/BENCHMARKS.md "Calibration")."""
+    return float(_solve(stats[None], rate, bandwidth)[0]) if len(stats) else 0.0
+
+
+def _solve(stats: np.ndarray, rate: float, bandwidth: float) -> np.ndarray:
+    """threshold_rule for a batch of people sets ((B, P, 3), as people_stats) at once: (B,) thresholds."""
+    from scipy.special import ndtr
+
+    counts, means, ss = stats[..., 0], stats[..., 1], stats[..., 2]
+    multi = counts >= 2
+    dof = np.sum(np.where(multi, counts - 1, 0.0), axis=1)
+    within = np.sqrt(np.sum(np.where(multi, ss, 0.0), axis=1) / np.maximum(dof, 1.0)) * (dof > 0)
+    people = means.shape[1]
+    between = np.std(means, axis=1, ddof=1) if people > 1 else np.zeros(len(means))
+    h = bandwidth * between * (4.0 / (3.0 * people)) ** 0.2
+    tau = np.maximum(np.hypot(within, h), 1e-3)[:, None]
+    lo, hi = means.min(axis=1) - 10 * tau[:, 0], means.max(axis=1) + 10 * tau[:, 0]
+    for _ in range(60):  # the mean survival falls as t rises: bisect to float precision
+        mid = (lo + hi) / 2
+        over = np.mean(ndtr((means - mid[:, None]) / tau), axis=1) > rate
+        lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
+    return hi
+
+
+def threshold_interval(stats: np.ndarray, cohort_rows: np.ndarray, rate: float,
                        resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float] | None:
     """(5th percentile, 95th percentile, standard deviation) of the threshold over bootstrap resamples of the
     cohort's people (whole people drawn with replacement: one person's photos stand or fall together); the
-    household's own and the negative faces stay as they are. None without two or more cohort people."""
-    cohort_rows = groups >= 0
-    ids, inverse = np.unique(groups[cohort_rows], return_inverse=True)
-    if len(ids) < 2:
+    household's own people and the negative faces stay as they are. None without two or more cohort people."""
+    cohort, rest = stats[cohort_rows], stats[~cohort_rows]
+    if len(cohort) < 2:
         return None
-    rest = best[~cohort_rows]
-    by_person = [best[cohort_rows][inverse == i] for i in range(len(ids))]
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    draws = np.array([threshold_rule(np.concatenate([rest, *(by_person[i] for i in rng.integers(0, len(ids),
-                                                                                                 len(ids)))]), rate)
-                      for _ in range(resamples)])
+    pick = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(cohort), (resamples, len(cohort)))
+    batch = np.concatenate([np.broadcast_to(rest, (resamples, *rest.shape)), cohort[pick]], axis=1)
+    draws = _solve(batch, rate, BANDWIDTH)
     lo, hi = np.percentile(draws, [5, 95])
     return float(lo), float(hi), float(np.std(draws))
 
@@ -213,8 +241,10 @@ def calibrate(
                                                           ("leave-one-person-out", (groups < 0) & ~negative))
              if np.any(sel)]
     calibrated_at = target_far / margin if cohort is not None and len(cohort) else target_far
-    accept = threshold_rule(best, calibrated_at)
-    interval = threshold_interval(best, groups, calibrated_at)
+    ids = np.unique(groups)
+    stats = people_stats(best, groups)
+    accept = threshold_rule(stats, calibrated_at)
+    interval = threshold_interval(stats, ids >= 0, calibrated_at)
     result: dict[str, Any] = {
         "accept": float(accept),
         "target_far": float(target_far),
@@ -222,6 +252,8 @@ def calibrate(
         "margin": float(margin) if calibrated_at != target_far else 1.0,
         "basis": " + ".join(f"{what} ({n} scores)" for what, n in parts) or "none",
         "impostor_scores": len(best),
+        "impostor_people": len(ids),
+        "rule": "people-kernel tail of the best-of-gallery scores (device.cohort.threshold_rule)",
         "cohort_people": int(usable.people) if usable is not None else 0,
         "cohort_people_left_out": int(left_out),
         "far": float(np.mean(best >= accept)) if len(best) else None,
@@ -272,150 +304,3 @@ def impostor_matrix(gallery: np.ndarray, names: list[str], cohort: Cohort | None
     if not blocks:
         return np.zeros((0, len(names))), np.zeros(0, np.int64)
     return np.concatenate(blocks).astype(np.float64), np.concatenate(groups)
-
-
-TAIL_FRACTION = 0.05  # the top share of each column's scores a tail is fitted to
-TAIL_MIN = 10  # ... but never fewer scores than this
-
-
-@dataclass
-class ColumnTails:
-    """The survival function (share of impostor scores ≥ t) of each column of an impostor matrix: the empirical
-    share down to each column's tail start u, a fitted tail above it ("exp": exponential — the generalized Pareto
-    with shape 0, fitted by its mean excess; "gauss": a normal fitted to the upper part's quantiles; "gpd":
-    scipy's generalized Pareto)."""
-
-    sorted_desc: np.ndarray  # (n_max, C), -inf padded
-    n: np.ndarray  # (C,) finite scores per column
-    k: np.ndarray  # (C,) tail sizes
-    u: np.ndarray  # (C,) tail starts (the (k+1)-th highest score)
-    method: str
-    params: np.ndarray  # (C, 2): exp (scale, -), gauss (mu, sigma), gpd (shape, scale)
-
-    @classmethod
-    def fit(cls, matrix: np.ndarray, method: str = "exp", fraction: float = TAIL_FRACTION,
-            minimum: int = TAIL_MIN) -> ColumnTails:
-        x = -np.sort(-np.where(np.isfinite(matrix), matrix, -np.inf), axis=0)
-        n = np.isfinite(x).sum(axis=0)
-        k = np.clip(np.round(fraction * n).astype(int), minimum, np.maximum(n - 1, 1))
-        k = np.minimum(k, np.maximum(n - 1, 0))
-        cols = np.arange(x.shape[1])
-        u = np.where(n > 0, x[np.minimum(k, len(x) - 1), cols], np.inf)
-        params = np.zeros((x.shape[1], 2))
-        for j in cols:
-            top = x[: k[j], j]
-            if k[j] < 2:
-                params[j] = (1e-3, 0.0)
-                continue
-            if method == "exp":
-                params[j] = (max(float(np.mean(top - u[j])), 1e-4), 0.0)
-            elif method == "gauss":
-                from scipy.stats import norm
-
-                z = norm.isf((np.arange(k[j]) + 0.5) / n[j])
-                sigma, mu = np.polyfit(z, top, 1)
-                params[j] = (mu, max(sigma, 1e-4))
-            elif method == "gpd":
-                from scipy.stats import genpareto
-
-                shape, _, scale = genpareto.fit(top - u[j], floc=0.0)
-                params[j] = (shape, max(scale, 1e-5))
-            else:
-                raise ValueError(method)
-        return cls(x, n, k, u, method, params)
-
-    def sf(self, t: float) -> np.ndarray:
-        """(C,) share of each column's impostor scores at or above t."""
-        n = np.maximum(self.n, 1)
-        empirical = np.sum(self.sorted_desc >= t, axis=0) / n
-        above = t >= self.u
-        if not above.any():
-            return empirical
-        if self.method == "exp":
-            tail = self.k / n * np.exp(-(t - self.u) / self.params[:, 0])
-        elif self.method == "gauss":
-            from scipy.stats import norm
-
-            tail = norm.sf((t - self.params[:, 0]) / self.params[:, 1])
-        else:
-            from scipy.stats import genpareto
-
-            tail = self.k / n * genpareto.sf(t - self.u, self.params[:, 0], 0.0, self.params[:, 1])
-        return np.where(above & (self.n > 0), tail, empirical)
-
-    def solve(self, share: float, per_column: bool = False) -> float | np.ndarray:
-        """The lowest t whose summed survival (per_column: each column's own) is at most `share`."""
-        def bisect(f: Any) -> float:
-            lo, hi = -1.0, 2.0
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                if f(mid) > share:
-                    lo = mid
-                else:
-                    hi = mid
-            return hi
-
-        if per_column:
-            return np.array([bisect(lambda t, j=j: float(self.sf(t)[j])) for j in range(len(self.n))])
-        return bisect(lambda t: float(np.sum(self.sf(t))))
-
-
-@dataclass
-class PeopleTails:
-    """The chance that a stranger's face scores at least t against each gallery entry, estimated per *person*.
-
-    The cohort's faces come in people, and a stranger who resembles a member does so in most of their photos:
-    the tail of the scores is set by which people are close to a member, not by how many faces there are. So
-    each impostor person's scores against an entry are modelled as a normal around their mean (their mean
-    score, the spread of one person's photos pooled over people), widened by a bandwidth for the people the
-    cohort lacks (a kernel estimate over the people's means: Silverman's rule, wider the fewer people), and
-    the chance for a new stranger is the mean over people. Summed over the gallery's entries it is the chance
-    that a stranger passes for any of them: more people enrolled, a higher threshold."""
-
-    mu: np.ndarray  # (P, C) each person's mean score against each entry, nan where absent
-    tau: np.ndarray  # (C,) the spread around a person's mean: within-person and bandwidth together
-    weight: np.ndarray  # (P, C) 1 / people present in the column, 0 where absent
-
-    @classmethod
-    def fit(cls, matrix: np.ndarray, groups: np.ndarray, bandwidth: float = 1.0) -> PeopleTails:
-        finite = np.isfinite(matrix)
-        x = np.where(finite, matrix, 0.0)
-        ids, inverse = np.unique(groups, return_inverse=True)
-        count = np.zeros((len(ids), matrix.shape[1]))
-        total = np.zeros_like(count)
-        np.add.at(count, inverse, finite.astype(float))
-        np.add.at(total, inverse, x)
-        present = count > 0
-        mu = np.where(present, total / np.maximum(count, 1), np.nan)
-        resid = np.where(finite, x - np.nan_to_num(mu)[inverse], 0.0)
-        multi = finite & (count[inverse] >= 2)
-        dof = np.maximum(multi.sum(axis=0) - (present & (count >= 2)).sum(axis=0), 1)
-        within = np.sqrt((resid ** 2 * multi).sum(axis=0) / dof)
-        people = np.maximum(present.sum(axis=0), 1)
-        between = np.nan_to_num(np.nanstd(np.where(present, mu, np.nan), axis=0, ddof=1)) if len(ids) > 1 \
-            else np.zeros(matrix.shape[1])
-        h = bandwidth * between * (4.0 / (3.0 * people)) ** 0.2
-        tau = np.maximum(np.sqrt(within ** 2 + h ** 2), 1e-3)
-        return cls(mu, tau, present / people)
-
-    def sf(self, t: float) -> np.ndarray:
-        from scipy.special import ndtr
-
-        z = (t - np.nan_to_num(self.mu, nan=-np.inf)) / self.tau
-        return np.sum(self.weight * ndtr(-z), axis=0)
-
-    def solve(self, share: float, per_column: bool = False) -> float | np.ndarray:
-        """The lowest t whose summed survival (per_column: each column's own) is at most `share`."""
-        cols = self.mu.shape[1]
-        lo, hi = np.full(cols if per_column else 1, -1.0), np.full(cols if per_column else 1, 2.0)
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            if per_column:
-                from scipy.special import ndtr
-
-                f = np.sum(self.weight * ndtr(-(mid - np.nan_to_num(self.mu, nan=-np.inf)) / self.tau), axis=0)
-            else:
-                f = np.array([np.sum(self.sf(float(mid[0])))])
-            over = f > share
-            lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
-        return hi if per_column else float(hi[0])

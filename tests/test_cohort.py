@@ -272,8 +272,14 @@ def test_a_one_person_gallery_is_calibrated_on_the_cohort_alone():
     gallery = gallery_from(own, labels, ["me0"])
     cal = cohort_mod.calibrate(gallery, ["me0"], cohort, own, labels)
     assert cal["basis"] == "stranger cohort (1200 scores)" and cal["impostor_scores"] == 1200
-    assert cal["accept"] == threshold_for_far(best_match(cohort.embeddings, gallery, ["me0"])[1], 0.0025)
-    assert 0.0 < cal["accept"] < 1.0 and cal["far"] <= 0.0025
+    assert cal["impostor_people"] == 120 and cal["cohort_people"] == 120
+    scores = best_match(cohort.embeddings, gallery, ["me0"])[1]
+    assert cal["accept"] == pytest.approx(cohort_mod.threshold_rule(cohort_mod.people_stats(scores, cohort.identity),
+                                                                    0.005), abs=1e-6)
+    # The fitted tail is stricter than the cohort's own quantile at the promised rate (it allows for the
+    # people the cohort lacks), yet not above the highest cohort score by more than a person's spread.
+    assert threshold_for_far(scores, 0.005) <= cal["accept"] <= scores.max() + 0.1
+    assert 0.0 < cal["accept"] < 1.0 and cal["far"] <= 0.005
     # Its own photos are no impostors: the person is named at the threshold the cohort gave.
     assert np.mean(best_match(own, gallery, ["me0"])[1] >= cal["accept"]) == 1.0
 
@@ -315,3 +321,20 @@ def test_the_thresholds_uncertainty_is_reported_and_narrows_with_more_cohort_peo
     # Without a cohort there is no one to resample: no interval, and the warning says why.
     alone = cohort_mod.calibrate(gallery, people, None, own, labels)
     assert alone["accept_interval"] is None and alone["warnings"]
+
+
+def test_the_uncertainty_says_where_a_cohort_of_other_people_puts_the_threshold():
+    """The interval is a bootstrap over one small cohort's people; cohorts of *other* people from the same
+    population must mostly land inside it (it is no promise for a lookalike the population rarely holds)."""
+    from device import cohort as cohort_mod
+    from device.contract import gallery_from
+
+    rng = np.random.default_rng(4)
+    own, labels = _people(rng, 2, 10, prefix="h")
+    people = sorted(set(labels))
+    gallery = gallery_from(own, labels, people)
+    lo, hi = cohort_mod.calibrate(gallery, people, cohort_mod.build(*_people(rng, 30, 10)))["accept_interval"]
+    others = [cohort_mod.calibrate(gallery, people, cohort_mod.build(*_people(rng, 30, 10)))["accept"]
+              for _ in range(20)]
+    inside = np.mean([lo <= t <= hi for t in others])
+    assert inside >= 0.6, (lo, hi, others)
