@@ -17,13 +17,15 @@ face+mirror.
 
 The threshold rule (calibrate): every cohort face is scored against the gallery like a camera face —
 best cosine over the gallery's people — and so are the negatives given at training and every
-person's own photos against the *other* people (leave-one-person-out). The accept threshold lets
-through at most target_far / STRANGER_MARGIN of those impostor scores: strangers the cohort never
-saw score higher than the cohort does, the more so the stricter the rate (bench/household.py's shift
-table: asked for 0.25% of the cohort, unseen strangers' photos were accepted up to 1.8× as often),
-so the cohort is asked for a stricter rate than the one promised. The margin is not larger because
-every bit of it costs the family: asked for 0.1% instead of 0.25%, a household of eight had ~2 points
-fewer of its own photos named (docs/BENCHMARKS.md, households; face-only embeddings then).
+person's own photos against the *other* people (leave-one-person-out). Those impostor scores come in
+people, and the tail is fitted over the people (threshold_rule): each person's best scores a normal
+around their mean, widened by a kernel bandwidth for the people the cohort lacks, and the threshold is
+where a new stranger's chance of passing for someone is target_far. Until issue 24 the threshold was
+the empirical quantile at target_far / 2 of the faces' scores: with a few hundred cohort faces that
+rested on the one or two highest scores and was too strict for big households and too loose for small
+ones; on people the study never chose on it let 1.1% of strangers' photos through where this rule lets
+0.4% (bench/calibration.py, docs/BENCHMARKS.md "Calibration"). The result also says how sure the
+threshold is: a bootstrap over the cohort's people (accept_interval).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from device.errors import UsageError
 log = logging.getLogger(__name__)
 
 COHORT_FILE = "cohort.npz"
-# The share of strangers' photos a default threshold may accept, and the factor by which the cohort
-# is asked to be stricter than that: the largest cohort → unseen-strangers ratio measured at that rate
-# (see the module docstring and docs/BENCHMARKS.md).
+# The share of strangers' photos a default threshold may accept, and the factor by which the cohort is asked
+# to be stricter than that: 1 since issue 24, as the fitted tail already allows for the people the cohort
+# lacks (the empirical quantile needed 2; see the module docstring and docs/BENCHMARKS.md "Calibration").
 DEFAULT_TARGET_FAR = 0.005
 STRANGER_MARGIN = 1.0
 
