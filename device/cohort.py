@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import ENROLLED_VIEWS, FACE_ONLY, MIN_IMPOSTOR_SCORES, l2_normalize
+from device.contract import ENROLLED_VIEWS, FACE_ONLY, MIN_IMPOSTOR_SCORES, l2_normalize, threshold_for_far
 from device.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,9 @@ def load(path: str | Path, dim: int | None = None, views: str | None = None) -> 
     return cohort
 
 
+# Below this many cohort people the tail widens enough to cost the family photos (a cohort of 12 people left the
+# study's households with 81–90% named, of 30 people 97–100%: docs/BENCHMARKS.md "Calibration").
+MIN_COHORT_PEOPLE = 30
 NEGATIVE_GROUP = -1_000_000  # impostor_matrix's group of the first negative face (the next ones count down)
 BANDWIDTH = 1.0  # × Silverman's rule: the widening for the people a cohort lacks
 BOOTSTRAP_RESAMPLES = 200  # resamples of the cohort's people for the threshold's uncertainty
@@ -242,11 +245,18 @@ def calibrate(
     parts = [(what, int(np.sum(sel))) for what, sel in (("stranger cohort", groups >= 0), ("negative faces", negative),
                                                           ("leave-one-person-out", (groups < 0) & ~negative))
              if np.any(sel)]
-    calibrated_at = target_far / margin if cohort is not None and len(cohort) else target_far
+    has_cohort = usable is not None and len(usable) > 0
+    calibrated_at = target_far / margin if has_cohort else target_far
     ids = np.unique(groups)
     stats = people_stats(best, groups)
-    accept = threshold_rule(stats, calibrated_at)
-    interval = threshold_interval(stats, ids >= 0, calibrated_at)
+    if has_cohort:
+        accept = threshold_rule(stats, calibrated_at)
+        interval = threshold_interval(stats, ids >= 0, calibrated_at)
+    else:
+        # The household's own people only (2–8 of them): too few for a tail over people — on lfw-dev it left
+        # households of three with 80% of their photos named — so the empirical quantile stays, with the
+        # warning below that it names strangers.
+        accept, interval = (threshold_for_far(best, calibrated_at) if len(best) else 0.0), None
     result: dict[str, Any] = {
         "accept": float(accept),
         "target_far": float(target_far),
@@ -255,7 +265,8 @@ def calibrate(
         "basis": " + ".join(f"{what} ({n} scores)" for what, n in parts) or "none",
         "impostor_scores": len(best),
         "impostor_people": len(ids),
-        "rule": "people-kernel tail of the best-of-gallery scores (device.cohort.threshold_rule)",
+        "rule": ("people-kernel tail of the best-of-gallery scores (device.cohort.threshold_rule)" if has_cohort
+                 else "empirical quantile of the household's own scores (no cohort)"),
         "cohort_people": int(usable.people) if usable is not None else 0,
         "cohort_people_left_out": int(left_out),
         "far": float(np.mean(best >= accept)) if len(best) else None,
@@ -269,6 +280,10 @@ def calibrate(
         result["warnings"].append(
             "no stranger cohort: the threshold rests on your own photos only and will name strangers as family; "
             "build one with `python -m train cohort --backbone BACKBONE_DIR --photos FACES_DIR` (or --lfw)")
+    elif usable.people < MIN_COHORT_PEOPLE:
+        result["warnings"].append(
+            f"the stranger cohort has only {usable.people} people (want {MIN_COHORT_PEOPLE}+): the threshold allows "
+            "for the many people it lacks and will miss more of your own photos; build it from more people")
     if len(best) < MIN_IMPOSTOR_SCORES:
         result["warnings"].append(
             f"the accept threshold rests on only {len(best)} impostor scores (want {MIN_IMPOSTOR_SCORES}+): "

@@ -65,10 +65,12 @@ def household(tmp_path_factory, detector_path) -> dict:
     _run("train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone), "-q")
     cohort_out = _run("train", "cohort", "--backbone", str(backbone), "--photos", str(work / "cohort-faces"),
                       "--max-per-person", "30")
-    _run("train", "--photos", str(work / "photos"), "--out", str(work / "run"), "--backbone", str(backbone), "-q")
+    train_out = _run("train", "--photos", str(work / "photos"), "--out", str(work / "run"), "--backbone",
+                     str(backbone), "-q")
     _run("convert", "--run", str(work / "run"), "--out", str(work / "bundle"))
     return {"work": work, "backbone": backbone, "run": work / "run", "bundle": work / "bundle", "home": home,
-            "newcomer": newcomer, "cohort_people": cohort_people, "cohort_stdout": cohort_out.stdout}
+            "newcomer": newcomer, "cohort_people": cohort_people, "cohort_stdout": cohort_out.stdout,
+            "train_stdout": train_out.stdout}
 
 
 def test_the_cohort_is_embeddings_of_many_people_and_no_names(household):
@@ -89,14 +91,21 @@ def test_the_cohort_is_embeddings_of_many_people_and_no_names(household):
 def test_training_and_convert_calibrate_on_the_cohort_at_the_strict_default(household):
     th = json.loads((household["run"] / "report.json").read_text())["threshold"]
     assert th["basis"].startswith("stranger cohort") and "leave-one-person-out" in th["basis"]
-    assert th["target_far"] == 0.005 and th["calibrated_far"] == pytest.approx(0.0025)
+    assert th["target_far"] == 0.005 and th["calibrated_far"] == pytest.approx(0.005)
     assert th["impostor_scores"] >= 1000 and th["cohort_people"] >= 55
+    assert th["impostor_people"] >= th["cohort_people"] and "people-kernel" in th["rule"]
+    # The threshold's uncertainty over resamples of the cohort's people, in report.json and training's printout.
+    lo, hi = th["accept_interval"]
+    assert lo <= hi and th["accept_sd"] >= 0.0 and abs(th["accept"] - (lo + hi) / 2) < 0.05
+    assert "threshold uncertainty" in household["train_stdout"]
     assert th["warnings"] == []
     manifest = json.loads((household["bundle"] / "manifest.json").read_text())
     assert "cohort.npz" in manifest["files"] and manifest["cohort"]["file"] == "cohort.npz"
     bt = manifest["thresholds"]
     assert bt["basis"].startswith("stranger cohort") and bt["impostor_scores"] >= 1000
-    assert bt["far"] <= bt["calibrated_far"] + 1e-9
+    # The tail fitted over the cohort's people allows for people it lacks: the cohort's own faces pass at most
+    # the promised rate.
+    assert bt["far"] <= bt["calibrated_far"] + 1e-9 and bt["accept_interval"] is not None
     assert manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")
 
 
@@ -338,3 +347,21 @@ def test_the_uncertainty_says_where_a_cohort_of_other_people_puts_the_threshold(
               for _ in range(20)]
     inside = np.mean([lo <= t <= hi for t in others])
     assert inside >= 0.6, (lo, hi, others)
+
+
+def test_without_a_cohort_the_households_own_quantile_stays_and_a_small_cohort_is_warned_about():
+    """Two or three people are too few for a tail over people: with no cohort the empirical quantile of the
+    household's own scores is kept (with its warning); a cohort of few people is used, and said to be small."""
+    from device import cohort as cohort_mod
+    from device.contract import gallery_from, threshold_for_far
+
+    rng = np.random.default_rng(5)
+    own, labels = _people(rng, 3, 10, prefix="h")
+    people = sorted(set(labels))
+    gallery = gallery_from(own, labels, people)
+    alone = cohort_mod.calibrate(gallery, people, None, own, labels)
+    matrix, _ = cohort_mod.impostor_matrix(gallery, people, None, own, labels)
+    assert alone["accept"] == threshold_for_far(matrix.max(axis=1), 0.005) and "no cohort" in alone["rule"]
+    small = cohort_mod.calibrate(gallery, people, cohort_mod.build(*_people(rng, 12, 10)), own, labels)
+    assert small["cohort_people"] == 12 and "people-kernel" in small["rule"]
+    assert any("only 12 people (want 30+)" in w for w in small["warnings"])
