@@ -23,8 +23,8 @@ clean ones, as they would at the door.
 Side by side, same households, same photos, same visits: face_recognition 1.3 (dlib HOG + 128-d
 encodings, bench/peer_face_recognition.py in .venv-bench; encodings cached per photo by
 bench.accuracy.peer_encodings) on the clean photos, at its default (nearest enrolled encoding within
-0.6) and at a tolerance calibrated the way ours is: per-person mean encodings, and the distance that
-lets through target_far / margin of the split's cohort people's photos plus leave-one-person-out.
+0.6) and at a tolerance calibrated the way ours was until issue 24: per-person mean encodings, and the
+distance that lets through PEER_RATE (0.25%) of the split's cohort people's photos plus leave-one-person-out.
 
 Prints a table and writes bench/results/household[-NAME].json, and bench/work/household/households.json
 (every household's people, gallery, threshold and sampled visits with the bench's decision) for
