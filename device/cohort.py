@@ -249,8 +249,8 @@ def calibrate(
     calibrated_at = target_far / margin if has_cohort else target_far
     ids = np.unique(groups)
     stats = people_stats(best, groups)
-    if has_cohort:
-        accept = threshold_rule(stats, calibrated_at)
+    if has_cohort:  # a cosine: a fitted tail past 1.0 (a cohort face identical to a member) means "only 1.0"
+        accept = min(threshold_rule(stats, calibrated_at), 1.0)
         interval = threshold_interval(stats, ids >= 0, calibrated_at)
     else:
         # The household's own people only (2–8 of them): too few for a tail over people — on lfw-dev it left
