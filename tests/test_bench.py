@@ -136,12 +136,12 @@ def _household_peer_case():
 
 def test_household_peer_default_and_calibrated_tolerance_count_what_they_claim():
     out = _household_peer_case()
-    # Calibrated as ours is: at most target / margin of the 2,020 impostor distances (cohort + leave-one-person-out)
-    # fall within the tolerance: the nearest of the cohort, 0.0006 apart from 0.8.
-    from device import cohort as cohort_mod
+    # Calibrated as ours was until issue 24: at most PEER_RATE of the 2,020 impostor distances (cohort +
+    # leave-one-person-out) fall within the tolerance: the nearest of the cohort, 0.0006 apart from 0.8.
+    from bench import household
 
     assert out["dlib_impostor_scores"] == 2020
-    allowed = int(np.floor(cohort_mod.DEFAULT_TARGET_FAR / cohort_mod.STRANGER_MARGIN * 2020 + 1e-9))
+    allowed = int(np.floor(household.PEER_RATE * 2020 + 1e-9))
     cohort = np.linspace(0.8, 2.0, 2000)
     assert cohort[allowed - 1] < out["dlib_tolerance"] < cohort[allowed] + 1e-6
     assert out["dlib_face_found"] == pytest.approx(2 / 3)
@@ -271,3 +271,28 @@ def test_household_visits_scored_from_the_events_sources():
     assert counts["visits_without_event"] == 1 and counts["visits_with_several_tracks"] == 1
     assert counts["agree_with_bench"] == 4
     assert counts["bench_stranger_visits_named"] == 1 and counts["bench_known_visits_right"] == 3
+
+
+# ---- the calibration study (bench/calibration.py) --------------------------------------------------------------
+
+def test_calibration_decides_as_the_household_bench_and_keeps_its_parts_apart():
+    from bench import calibration, household
+    from device.contract import UNKNOWN, l2_normalize
+
+    rng = np.random.default_rng(0)
+    face = l2_normalize(rng.normal(size=(300, 16)))
+    both = l2_normalize(face + 0.05 * rng.normal(size=face.shape))
+    gallery = l2_normalize(face[:3] + 0.02 * rng.normal(size=(3, 16)))
+    home = ["a", "b", "c"]
+    fs, bs = face @ gallery.T, both @ gallery.T
+    fb, bb = fs.argmax(1), bs.argmax(1)
+    fsc, bsc = fs.max(1), bs.max(1)
+    for threshold in (0.3, float(np.median(fsc)), 0.9):
+        pred, score, _ = household.ours_decisions(face, both, np.ones(300, bool), gallery, home, threshold)
+        who, score2 = calibration.decide(fb, fsc, bb, bsc, threshold)
+        assert [home[w] if w >= 0 else UNKNOWN for w in who] == list(pred)
+        assert np.allclose(score2, score)
+    names = [f"p{i:03d}" for i in range(105)]
+    parts = calibration.parts(names)
+    assert len(parts["dev"]) == calibration.DEV_PEOPLE and not set(parts["dev"]) & set(parts["test"])
+    assert sorted(parts["dev"] + parts["test"]) == sorted(parts["full"]) == names

@@ -213,6 +213,10 @@ def train_fewshot(args) -> int:
         f"impostor scores ({th['basis']}; {th['cohort_people']} cohort people)",
         f"  {100 * (th['known_accept_rate'] or 0):.1f}% of validation faces accepted as the right person",
     ]
+    if th.get("accept_interval"):
+        lo, hi = th["accept_interval"]
+        lines.append(f"  threshold uncertainty: {lo:.3f}–{hi:.3f} (90% of resamples of the cohort's people; a cohort "
+                     "of more people narrows it)")
     for person, row in report["per_person"].items():
         acc = row["accuracy"]
         lines.append(f"  {person:<28} {'   n/a' if acc is None else f'{100 * acc:5.1f}%'}  "
