@@ -179,7 +179,8 @@ class DetectionConfig(_Section):
     """Face detection (BlazeFace)."""
 
     min_face_size: int = Field(
-        40, ge=0, le=2048, description="faces narrower than this many pixels are ignored: too small to recognise reliably")
+        40, ge=0, le=2048,
+        description="faces narrower than this many pixels are ignored: too small to recognise reliably")
     score_threshold: float = Field(
         0.5, gt=0, lt=1, description="BlazeFace confidence needed to count as a face (between 0 and 1)")
 
@@ -228,7 +229,8 @@ class HomeAssistantConfig(_Section):
     """Home Assistant's entities beyond discovery itself: presence, face images, commands (docs/MQTT.md)."""
 
     presence_timeout: float = Field(
-        300.0, gt=0, le=86400, description="seconds a person may go unseen before their presence binary_sensor turns off")
+        300.0, gt=0, le=86400,
+        description="seconds a person may go unseen before their presence binary_sensor turns off")
     images: bool = Field(False, description="publish the last face crop and the last unknown face crop (JPEG, "
                                             "retained) for Home Assistant's image entities; off by default: privacy")
     commands: bool = Field(False, description="accept commands (name the last unknown face, 'wrong', undo, forget) "
@@ -242,13 +244,16 @@ class MemoryConfig(_Section):
 
     max_faces: int = Field(50, ge=1, le=1000, description="recent decided faces kept (crops and embeddings) for naming "
                                                  "and corrections; the oldest go first")
-    max_age: float = Field(86400.0, gt=0, le=31_536_000, description="seconds a recent face's crops and embeddings are kept")
+    max_age: float = Field(86400.0, gt=0, le=31_536_000,
+        description="seconds a recent face's crops and embeddings are kept")
     crops_per_face: int = Field(3, ge=1, le=20, description="frames (JPEG crops with margin) kept per face")
     strangers: bool = Field(False, description="cluster unknown faces so events carry a stable stranger_id, "
                                                "count and first_seen (embeddings only, kept in state_dir)")
-    max_strangers: int = Field(200, ge=1, le=10_000, description="stranger clusters kept; the least recently seen go first")
+    max_strangers: int = Field(200, ge=1, le=10_000,
+        description="stranger clusters kept; the least recently seen go first")
     stranger_retention: float = Field(
-        30 * 86400.0, gt=0, le=31_536_000, description="seconds a stranger cluster unseen is kept before it is forgotten")
+        30 * 86400.0, gt=0, le=31_536_000,
+        description="seconds a stranger cluster unseen is kept before it is forgotten")
     negative_margin: float = Field(
         0.0, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
         "stored negative's similarity to the face by this much (0: measured best, docs/BENCHMARKS.md)")
@@ -287,9 +292,11 @@ class OutboxConfig(_Section):
     """The on-disk queue (in state_dir) every event and state goes through before the broker has it."""
 
     max_messages: int = Field(
-        10000, ge=1, le=10_000_000, description="messages kept on disk while the broker is unreachable; beyond this the "
+        10000, ge=1, le=10_000_000,
+        description="messages kept on disk while the broker is unreachable; beyond this the "
         "oldest are dropped (counted, one summary log line per stats interval)")
-    max_bytes: int = Field(50_000_000, ge=1000, le=10_000_000_000, description="bytes of messages kept on disk (snapshots count "
+    max_bytes: int = Field(50_000_000, ge=1000, le=10_000_000_000,
+        description="bytes of messages kept on disk (snapshots count "
                                                             "too); beyond this the oldest are dropped")
     sync: Literal["normal", "full"] = Field(
         "normal", description="normal: survives a crash or SIGKILL of the daemon, a power cut may lose the "
@@ -314,7 +321,8 @@ class MqttConfig(_Section):
     qos: int = Field(1, ge=0, le=2, description="MQTT QoS of events: 0, 1 or 2 (1 = at least once, recommended)")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
     queue_size: int = Field(
-        1000, ge=1, le=100_000, description="messages handed to the MQTT client and not yet acknowledged; the rest wait "
+        1000, ge=1, le=100_000,
+        description="messages handed to the MQTT client and not yet acknowledged; the rest wait "
         "in the durable outbox (mqtt.outbox), nothing is dropped at this limit")
     reconnect_min_delay: int = Field(1, ge=1, le=3600, description="reconnect backoff: first wait in seconds (doubles "
                                                           "up to reconnect_max_delay)")
