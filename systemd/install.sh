@@ -194,8 +194,8 @@ HAD_WANTS=0; HAD_LINK=0; HAD_PASSWORD=0; HAD_DOC=0
 [ -f "$R$PREFIX/docs/PI.md" ] && HAD_DOC=1
 # Directories this run may create: on a failed first install they go again (only those it created).
 NEW_DIRS=()
-for d in "$PREFIX" "$PREFIX/docs" "$ETC" "$STATE" "$STORE" /usr/local/bin /etc/systemd/system \
-         /etc/systemd/system/multi-user.target.wants; do
+for d in "$(dirname "$PREFIX")" "$PREFIX" "$PREFIX/docs" "$ETC" /var /var/lib "$STATE" "$STORE" /usr /usr/local \
+         /usr/local/bin /etc/systemd /etc/systemd/system /etc/systemd/system/multi-user.target.wants; do
     [ -e "$R$d" ] || NEW_DIRS+=("$d")
 done
 if [ -x "$R$VENV/bin/python" ]; then
