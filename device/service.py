@@ -15,9 +15,11 @@ that keeps refusing our credentials or certificates, or SIGTERM/SIGINT; in every
 the broker can take is delivered, `offline` is published, and whatever is left stays in the outbox for the
 next start. A live camera that drops out, or is not there at start, is reopened by the capture thread
 (device/camera.py) for up to camera.max_outage_s; the loop just waits.
-Exit codes (via the CLI): 0 at the end of a file or folder or on a signal; 3 on a camera error (a missing
-file or folder, a live camera out longer than camera.max_outage_s); 2 when the broker refused us for
-mqtt.fatal_after_s; 1 when the MQTT client died.
+Exit codes (via the CLI; device/errors.py): 0 at the end of a file or folder or on a signal; 3 on a camera
+error (a missing file or folder, a live camera out longer than camera.max_outage_s); 2 for what restarting
+cannot fix, so the unit does not loop on it: the config, a bundle absent, damaged or with nobody enrolled,
+a camera library not installed (camera.CameraSetupError), the broker refusing us for mqtt.fatal_after_s;
+1 when the MQTT client died.
 """
 
 from __future__ import annotations
