@@ -727,6 +727,19 @@ def _identity_warnings(cfg: Config) -> list[str]:
             "and share topics; set device_id (or FACEBERRY_DEVICE_ID) to a name unique to this Pi"]
 
 
+def _size_warnings(cfg: Config) -> list[str]:
+    """A min_face_size no face in a live camera's frames can reach: every frame would come out empty."""
+    camera = cfg.camera
+    device = camera.device
+    live = camera.source == "picamera2" or (
+        camera.source == "opencv" and (isinstance(device, int) or str(device).startswith("/dev/")))
+    smallest = min(camera.width, camera.height)
+    if not live or cfg.detection.min_face_size < smallest:
+        return []
+    return [f"detection.min_face_size {cfg.detection.min_face_size} is not below the camera's {camera.width}×"
+            f"{camera.height} frames: no face can ever be found; set it below {smallest} (40 suits a door camera)"]
+
+
 def config_from_dict(
     data: dict[str, Any], base_dir: str | Path = ".", env: dict[str, str] | None = None, source: str = "<dict>"
 ) -> Config:
@@ -748,6 +761,7 @@ def config_from_dict(
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     cfg.warnings.extend(_identity_warnings(cfg))
+    cfg.warnings.extend(_size_warnings(cfg))
     return cfg
 
 

@@ -356,3 +356,13 @@ def test_state_dirs_and_password_files_that_can_never_work_are_refused(tmp_path:
     (creds / "mqtt_password").write_bytes(b"x" * 5000)
     with pytest.raises(ConfigError, match=r"systemd credential .* is 5000 bytes"):
         config_from_dict({"bundle": "/b"}, env={"CREDENTIALS_DIRECTORY": str(creds)})
+
+
+def test_a_min_face_size_no_camera_frame_can_hold_gets_a_warning() -> None:
+    cfg = config_from_dict({"bundle": "/b", "device_id": "hall-3", "detection": {"min_face_size": 2000},
+                            "camera": {"source": "picamera2", "width": 640, "height": 480}}, env={})
+    assert any("min_face_size 2000 is not below the camera's 640×480" in w for w in cfg.warnings), cfg.warnings
+    # A folder keeps its images' own sizes: nothing to compare with.
+    cfg = config_from_dict({"bundle": "/b", "device_id": "hall-3", "detection": {"min_face_size": 2000},
+                            "camera": {"source": "folder", "device": "/tmp"}}, env={})
+    assert not cfg.warnings
