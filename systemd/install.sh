@@ -191,7 +191,7 @@ HAD_WANTS=0; HAD_LINK=0; HAD_PASSWORD=0; HAD_DOC=0
 [ -L "$R$WANTS" ] && HAD_WANTS=1
 [ -L "$R/usr/local/bin/faceberry" ] || [ -e "$R/usr/local/bin/faceberry" ] && HAD_LINK=1
 [ -f "$R$ETC/mqtt_password" ] && HAD_PASSWORD=1
-[ -f "$R$PREFIX/docs/PI.md" ] && HAD_DOC=1
+if [ -f "$R$PREFIX/docs/PI.md" ]; then HAD_DOC=1; run cp -p "$R$PREFIX/docs/PI.md" "$R$PREFIX/docs/PI.md.prev"; fi
 # Directories this run may create: on a failed first install they go again (only those it created).
 NEW_DIRS=()
 for d in "$(dirname "$PREFIX")" "$PREFIX" "$PREFIX/docs" "$ETC" /var /var/lib "$STATE" "$STORE" /usr /usr/local \
@@ -224,7 +224,7 @@ restore() {
     [ "$HAD_WANTS" = 1 ] || run rm -f "$R$WANTS"
     [ "$HAD_LINK" = 1 ] || run rm -f "$R/usr/local/bin/faceberry"
     [ "$HAD_PASSWORD" = 1 ] || run rm -f "$R$ETC/mqtt_password"
-    [ "$HAD_DOC" = 1 ] || run rm -f "$R$PREFIX/docs/PI.md"
+    if [ "$HAD_DOC" = 1 ]; then run mv "$R$PREFIX/docs/PI.md.prev" "$R$PREFIX/docs/PI.md"; else run rm -f "$R$PREFIX/docs/PI.md"; fi
     # The store's links as they were (deploy moved current, and previous with it), then its new versions out.
     local link target v
     for link in current previous; do
@@ -255,7 +255,7 @@ restore() {
 }
 forget_snapshot() {
     SNAPSHOT=0
-    run rm -rf "$R$VENV.prev" "$R$ETC/config.yaml.prev" "$R$UNIT.prev"
+    run rm -rf "$R$VENV.prev" "$R$ETC/config.yaml.prev" "$R$UNIT.prev" "$R$PREFIX/docs/PI.md.prev"
 }
 # Whatever fails from here on (pip without network, a refused bundle, the check) puts the snapshot back.
 SNAPSHOT=1
