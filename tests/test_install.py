@@ -254,3 +254,25 @@ def test_a_failed_first_install_leaves_nothing_that_would_start_at_boot(setup: d
     after = {k: v for k, v in tree(root).items() if not k.startswith(accounts)}
     changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
     assert not changed, changed[:20]
+
+
+def test_the_unit_does_not_restart_what_restarting_cannot_fix() -> None:
+    """Issue 21: `source: picamera2` without picamera2 exited 3, and the unit reloaded the models every 10 s
+    for ever. A missing camera library, a bundle absent or with nobody enrolled, a bad config, a file the
+    service may not read: permanent, the exit code RestartPreventExitStatus= names. A camera that is out: not."""
+    import configparser
+
+    from device.bundle import BundleError
+    from device.camera import CameraError, CameraSetupError
+    from device.config import ConfigError
+    from device.errors import EXIT_UNAVAILABLE, EXIT_USAGE
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "systemd" / "faceberry.service")
+    prevented = {int(code) for code in unit["Service"]["RestartPreventExitStatus"].split()}
+    assert unit["Service"]["Restart"] == "on-failure"
+    for permanent in (CameraSetupError("x"), BundleError("x"), ConfigError("x")):
+        assert permanent.exit_code in prevented, type(permanent).__name__
+    assert EXIT_USAGE in prevented and EXIT_UNAVAILABLE not in prevented
+    assert CameraError("x").exit_code == EXIT_UNAVAILABLE
