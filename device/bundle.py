@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import FACE_ONLY
+from device.contract import FACE_ONLY, UNKNOWN
 from device.errors import UsageError
 from device.preprocess import Preprocessing
 
@@ -275,6 +275,31 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         if isinstance(cohort, dict) and cohort.get("file") in files:
             bundle.cohort_path = root / cohort["file"]
     return bundle
+
+
+def people_of(bundle: Bundle) -> list[str]:
+    """Who the bundle can recognise: the gallery's people (embedding), else the labels, without 'unknown'."""
+    names = dict.fromkeys(bundle.gallery_labels) if bundle.kind == "embedding" else dict.fromkeys(bundle.labels)
+    return [name for name in names if name != UNKNOWN]
+
+
+def require_people(bundle: Bundle) -> None:
+    """Refuse a bundle that can recognise nobody: every face would be 'unknown' (BundleError with the fix).
+
+    Not part of `load_bundle`: `faceberry enroll` must open such a bundle to add the first person, which is
+    the fix. Everything that serves a bundle (run, reload, deploy, check) goes through FacePipeline, which
+    calls this.
+    """
+    if people_of(bundle):
+        return
+    named = [label for label in bundle.labels if label != UNKNOWN]
+    if bundle.kind == "embedding":
+        what = f"its gallery is empty (0 faces enrolled for the {len(named)} names in labels.txt)"
+    else:
+        what = "labels.txt names nobody"
+    raise BundleError(f"{bundle.root}: {what}, so every face would be 'unknown'; enroll someone (`faceberry "
+                      "enroll --name NAME --photos DIR`) or rebuild the bundle from a training run with photos "
+                      "(`python -m convert`)")
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:

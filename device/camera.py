@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from device.contract import IMAGE_SUFFIXES
-from device.errors import UnavailableError
+from device.errors import EXIT_USAGE, UnavailableError
 from device.preprocess import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class CameraError(UnavailableError):
 
 class CameraSetupError(CameraError):
     """A camera this install cannot drive at all (its library missing or broken): reopening cannot help."""
+
+    # Permanent: the unit's RestartPreventExitStatus=2 keeps systemd from reloading the models every 10 s
+    # for a library that will not appear by itself (device/errors.py).
+    exit_code = EXIT_USAGE
 
 
 @dataclass

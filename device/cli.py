@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from device.bundle import BundleError
     from device.camera import CameraError
     from device.config import ConfigError
-    from device.errors import FaceberryError, exit_code_for
+    from device.errors import EXIT_USAGE, FaceberryError, exit_code_for, permission_message
     from device.mqtt import MqttError
     from device.preprocess import ImageError
     from device.runtime import ModelError
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(exc), exit_code_for(exc))
     except KeyboardInterrupt:
         return 130
+    except PermissionError as exc:
+        # The installed files belong to root and the service user: the fix is the same for every command.
+        return _error(permission_message(exc), EXIT_USAGE)
     except Exception as exc:
         top = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
         if top and top not in ("device", "models"):  # e.g. paho for `run` in an environment built for eval only

@@ -59,6 +59,15 @@ EXAMPLE_DEVICE_ID = "front-door"
 STOCK_HOSTNAMES = frozenset({"raspberrypi", "raspberry", "pi", "localhost", "ubuntu", "debian", "dietpi"})
 # MQTT encodes strings with a 16-bit length.
 _MQTT_MAX_BYTES = 65535
+# /dev/video0 … /dev/video255: the most V4L2 numbers.
+CAMERA_INDEX_MAX = 255
+# A password file holds one line; anything bigger is the wrong file (or /dev/zero, which never ends).
+SECRET_MAX_BYTES = 4096
+# The example config is about 10 KiB; a file 100 times that is not a config.
+CONFIG_MAX_BYTES = 1 << 20
+# Kernel file systems: a path there is never storage (a state_dir of /dev/null or /proc/x passed `check`
+# and then stopped `run`).
+_SPECIAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 class ConfigError(UsageError, ValueError):
@@ -125,22 +134,22 @@ class CameraConfig(_Section):
     device: int | str = Field(
         0, description="opencv: a device index (0 = /dev/video0), a /dev/videoN path, a URL or a video file; "
         "folder: the directory; picamera2: the camera number (0)")
-    width: int = Field(640, gt=0, description="capture width of live cameras in pixels (files keep theirs)")
-    height: int = Field(480, gt=0, description="capture height of live cameras in pixels")
+    width: int = Field(640, ge=16, le=8192, description="capture width of live cameras in pixels (files keep theirs)")
+    height: int = Field(480, ge=16, le=8192, description="capture height of live cameras in pixels")
     fps: float = Field(
-        0.0, ge=0, description="live cameras: requested frame rate (0 = the camera's default); files and "
+        0.0, ge=0, le=240, description="live cameras: requested frame rate (0 = the camera's default); files and "
         "folders: 0 = as fast as frames are processed, none dropped; > 0 = played at that rate, dropping "
         "the oldest frames when processing lags")
     loop: bool = Field(False, description="files and folders: start again at the end instead of ending the run")
     queue_size: int = Field(
-        2, ge=1, description="frames buffered between capture and recognition; when full the oldest is "
+        2, ge=1, le=100, description="frames buffered between capture and recognition; when full the oldest is "
         "dropped (and counted)")
     name: str = Field("camera", min_length=1, description="this camera's name in events")
     reopen_max_s: float = Field(
-        30.0, gt=0, description="live cameras: the longest wait in seconds between two attempts to reopen "
+        30.0, gt=0, le=3600, description="live cameras: the longest wait in seconds between two attempts to reopen "
         "a camera that failed (the wait grows up to this)")
     max_outage_s: float = Field(
-        900.0, ge=0, description="live cameras: seconds a camera may stay out (failing, or absent since the "
+        900.0, ge=0, le=604800, description="live cameras: seconds a camera may stay out (failing, or absent since the "
         "start) before `run` exits with code 3 so systemd starts it afresh (which waits for the camera "
         "again); 0 = wait forever. Files and folders that are missing fail at once")
 
@@ -150,6 +159,9 @@ class CameraConfig(_Section):
         # Checked before the int|str union so a wrong type is one problem, not one per union member.
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError("must be a device number or a path/URL string")
+        if isinstance(value, int) and not 0 <= value <= CAMERA_INDEX_MAX:
+            # V4L2 numbers its nodes /dev/video0-255; OpenCV's "-1 = any camera" picks one at random.
+            raise ValueError(f"must be a device number 0-{CAMERA_INDEX_MAX} or a path/URL string")
         return value
 
     @model_validator(mode="after")
@@ -167,7 +179,8 @@ class DetectionConfig(_Section):
     """Face detection (BlazeFace)."""
 
     min_face_size: int = Field(
-        40, ge=0, description="faces narrower than this many pixels are ignored: too small to recognise reliably")
+        40, ge=0, le=2048,
+        description="faces narrower than this many pixels are ignored: too small to recognise reliably")
     score_threshold: float = Field(
         0.5, gt=0, lt=1, description="BlazeFace confidence needed to count as a face (between 0 and 1)")
 
@@ -178,7 +191,7 @@ class RecognitionConfig(_Section):
     threshold: float | None = Field(
         None, ge=0, le=1, description="override of the bundle's calibrated accept threshold (0-1; null = the "
         "bundle's); higher = fewer strangers taken for someone known, more 'unknown'")
-    num_threads: int = Field(2, ge=1, description="interpreter threads for the detector and the classifier "
+    num_threads: int = Field(2, ge=1, le=64, description="interpreter threads for the detector and the classifier "
                                                   "(a Pi 4/5 has 4 cores)")
 
 
@@ -188,16 +201,16 @@ class TrackingConfig(_Section):
     iou: float = Field(0.3, gt=0, le=1, description="minimum box overlap (IoU, in (0, 1]) for a face to "
                                                      "continue a track of the previous frame")
     votes_needed: int = Field(
-        5, ge=1, description="a track's identity is decided over its first N frames (a person needs 4 of 5 of "
+        5, ge=1, le=100, description="a track's identity is decided over its first N frames (a person needs 4 of 5 of "
         "them, device.contract.VISIT_AGREEMENT); it changes only when another label wins that agreement (unknown: "
         "a majority) of the last N frames")
-    max_age: int = Field(10, ge=0, description="a track unseen for more than this many frames ends")
+    max_age: int = Field(10, ge=0, le=1000, description="a track unseen for more than this many frames ends")
 
 
 class EventsConfig(_Section):
     """What is published, and on which topics."""
 
-    cooldown: float = Field(60.0, ge=0, description="seconds before the same label (a person or 'unknown') "
+    cooldown: float = Field(60.0, ge=0, le=86400, description="seconds before the same label (a person or 'unknown') "
                                                      "may produce another event")
     snapshots: bool = Field(False, description="publish the face crop as JPEG on "
                                                "<topic_prefix>/<device_id>/snapshot/<label>; off by default: privacy")
@@ -216,7 +229,8 @@ class HomeAssistantConfig(_Section):
     """Home Assistant's entities beyond discovery itself: presence, face images, commands (docs/MQTT.md)."""
 
     presence_timeout: float = Field(
-        300.0, gt=0, description="seconds a person may go unseen before their presence binary_sensor turns off")
+        300.0, gt=0, le=86400,
+        description="seconds a person may go unseen before their presence binary_sensor turns off")
     images: bool = Field(False, description="publish the last face crop and the last unknown face crop (JPEG, "
                                             "retained) for Home Assistant's image entities; off by default: privacy")
     commands: bool = Field(False, description="accept commands (name the last unknown face, 'wrong', undo, forget) "
@@ -228,15 +242,18 @@ class HomeAssistantConfig(_Section):
 class MemoryConfig(_Section):
     """What the daemon remembers of the faces it saw, in state_dir (only when commands or strangers are on)."""
 
-    max_faces: int = Field(50, ge=1, description="recent decided faces kept (crops and embeddings) for naming "
+    max_faces: int = Field(50, ge=1, le=1000, description="recent decided faces kept (crops and embeddings) for naming "
                                                  "and corrections; the oldest go first")
-    max_age: float = Field(86400.0, gt=0, description="seconds a recent face's crops and embeddings are kept")
+    max_age: float = Field(86400.0, gt=0, le=31_536_000,
+        description="seconds a recent face's crops and embeddings are kept")
     crops_per_face: int = Field(3, ge=1, le=20, description="frames (JPEG crops with margin) kept per face")
     strangers: bool = Field(False, description="cluster unknown faces so events carry a stable stranger_id, "
                                                "count and first_seen (embeddings only, kept in state_dir)")
-    max_strangers: int = Field(200, ge=1, description="stranger clusters kept; the least recently seen go first")
+    max_strangers: int = Field(200, ge=1, le=10_000,
+        description="stranger clusters kept; the least recently seen go first")
     stranger_retention: float = Field(
-        30 * 86400.0, gt=0, description="seconds a stranger cluster unseen is kept before it is forgotten")
+        30 * 86400.0, gt=0, le=31_536_000,
+        description="seconds a stranger cluster unseen is kept before it is forgotten")
     negative_margin: float = Field(
         0.0, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
         "stored negative's similarity to the face by this much (0: measured best, docs/BENCHMARKS.md)")
@@ -275,9 +292,11 @@ class OutboxConfig(_Section):
     """The on-disk queue (in state_dir) every event and state goes through before the broker has it."""
 
     max_messages: int = Field(
-        10000, ge=1, description="messages kept on disk while the broker is unreachable; beyond this the "
+        10000, ge=1, le=10_000_000,
+        description="messages kept on disk while the broker is unreachable; beyond this the "
         "oldest are dropped (counted, one summary log line per stats interval)")
-    max_bytes: int = Field(50_000_000, ge=1000, description="bytes of messages kept on disk (snapshots count "
+    max_bytes: int = Field(50_000_000, ge=1000, le=10_000_000_000,
+        description="bytes of messages kept on disk (snapshots count "
                                                             "too); beyond this the oldest are dropped")
     sync: Literal["normal", "full"] = Field(
         "normal", description="normal: survives a crash or SIGKILL of the daemon, a power cut may lose the "
@@ -302,14 +321,15 @@ class MqttConfig(_Section):
     qos: int = Field(1, ge=0, le=2, description="MQTT QoS of events: 0, 1 or 2 (1 = at least once, recommended)")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
     queue_size: int = Field(
-        1000, ge=1, description="messages handed to the MQTT client and not yet acknowledged; the rest wait "
+        1000, ge=1, le=100_000,
+        description="messages handed to the MQTT client and not yet acknowledged; the rest wait "
         "in the durable outbox (mqtt.outbox), nothing is dropped at this limit")
-    reconnect_min_delay: int = Field(1, ge=1, description="reconnect backoff: first wait in seconds (doubles "
+    reconnect_min_delay: int = Field(1, ge=1, le=3600, description="reconnect backoff: first wait in seconds (doubles "
                                                           "up to reconnect_max_delay)")
-    reconnect_max_delay: int = Field(60, ge=1, description="reconnect backoff: longest wait in seconds")
+    reconnect_max_delay: int = Field(60, ge=1, le=3600, description="reconnect backoff: longest wait in seconds")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the durable on-disk queue")
     fatal_after_s: float = Field(
-        300.0, ge=0, description="seconds the broker may keep refusing our credentials or certificates (a "
+        300.0, ge=0, le=604800, description="seconds the broker may keep refusing our credentials or certificates (a "
         "setting to fix, not an outage) before `run` exits with code 2, so systemd shows the unit failed; "
         "0 = never. A broker that is merely unreachable never ends the daemon")
 
@@ -369,7 +389,7 @@ class Config(_Section):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig,
                                                description="Home Assistant presence, images and commands")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="recent faces and strangers remembered")
-    stats_interval: float = Field(60.0, gt=0, description="seconds between statistics lines in the log "
+    stats_interval: float = Field(60.0, gt=0, le=86400, description="seconds between statistics lines in the log "
                                                           "(frames, dropped, faces, events, stage timings)")
     state_dir: Annotated[Path, Field(strict=False)] = Field(
         DEFAULT_STATE_DIR, description="directory the daemon keeps its state in (the durable MQTT "
@@ -388,7 +408,11 @@ class Config(_Section):
     @field_validator("state_dir")
     @classmethod
     def _resolve_state_dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return Path(_resolve(str(value), info) or value)
+        path = Path(_resolve(str(value), info) or value)
+        problem = special_state_dir(path)
+        if problem:
+            raise ValueError(problem)
+        return path
 
     @field_validator("device_id")
     @classmethod
@@ -549,10 +573,22 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
 # --- reading the file --------------------------------------------------------------------------------------
 
 def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; copy systemd/faceberry.example.yaml and edit it")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; copy systemd/faceberry.example.yaml and edit it") from None
+    except NotADirectoryError:
+        raise ConfigError(f"config file not found: {path} (a part of the path is a file); fix the path") from None
+    # A PermissionError goes on as it is: every command turns it into "permission denied …: run it with sudo".
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file (a directory, device or FIFO); name the config file itself")
+    if st.st_size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path} is {st.st_size} bytes, more than a config holds ({CONFIG_MAX_BYTES}); name the "
+                          "config file itself")
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc}); fix its permissions or save it as UTF-8") from None
     if path.suffix.lower() == ".toml":
@@ -628,25 +664,50 @@ def _env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
             section[key] = conv(text) if conv is str else conv(name, text)
 
 
+def read_secret(path: Path, what: str) -> tuple[str, int]:
+    """The text of a small regular file holding a secret, and its mode; ConfigError naming `what` if not.
+
+    Bounded: a device (/dev/zero, /dev/stdin), a FIFO or a directory is refused before it is opened, and at
+    most SECRET_MAX_BYTES are read, so a wrong path can never hang `check` or `run`.
+    """
+    fix = "create it (mode 0600) or fix the path"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}); {fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file (a device, FIFO or directory); put the password "
+                          "on the first line of a plain file (mode 0600) and name that file") from None
+    if st.st_size > SECRET_MAX_BYTES:
+        raise ConfigError(f"{what} {path} is {st.st_size} bytes, more than a password file holds "
+                          f"({SECRET_MAX_BYTES}); name the file holding only the password") from None
+    try:
+        # O_NONBLOCK: should the file be swapped for a FIFO after the stat, open() still returns.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(SECRET_MAX_BYTES + 1)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{what} {path} cannot be read ({reason}); {fix}") from None
+    if len(data) > SECRET_MAX_BYTES:
+        raise ConfigError(f"{what} {path} holds more than {SECRET_MAX_BYTES} bytes; name the file holding only "
+                          "the password") from None
+    return text, st.st_mode
+
+
 def _read_password(cfg: Config, env: dict[str, str]) -> str | None:
     if cfg.mqtt.password_file:
         path = Path(cfg.mqtt.password_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-            mode = path.stat().st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(
-                f"mqtt.password_file {path} cannot be read ({reason}); create it (mode 0600) or fix the path"
-            ) from None
+        text, mode = read_secret(path, "mqtt.password_file")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             # A warning, not a refusal: the password still works, and an upgrade must not stop a running
             # install over it; the fix is one command.
             cfg.warnings.append(
                 f"mqtt.password_file {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
                 f"run: chmod 600 {path}")
-    elif env.get("CREDENTIALS_DIRECTORY") and (Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).is_file():
-        text = (Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).read_text(encoding="utf-8")
+    elif env.get("CREDENTIALS_DIRECTORY") and os.path.lexists(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME):
+        text, _ = read_secret(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME, "systemd credential")
     else:
         return None
     lines = text.splitlines()
@@ -664,6 +725,19 @@ def _identity_warnings(cfg: Config) -> list[str]:
         return []
     return [f"device_id {device_id!r} {why}: two Pis with the same device_id knock each other off the broker "
             "and share topics; set device_id (or FACEBERRY_DEVICE_ID) to a name unique to this Pi"]
+
+
+def _size_warnings(cfg: Config) -> list[str]:
+    """A min_face_size no face in a live camera's frames can reach: every frame would come out empty."""
+    camera = cfg.camera
+    device = camera.device
+    live = camera.source == "picamera2" or (
+        camera.source == "opencv" and (isinstance(device, int) or str(device).startswith("/dev/")))
+    smallest = min(camera.width, camera.height)
+    if not live or cfg.detection.min_face_size < smallest:
+        return []
+    return [f"detection.min_face_size {cfg.detection.min_face_size} is not below the camera's {camera.width}×"
+            f"{camera.height} frames: no face can ever be found; set it below {smallest} (40 suits a door camera)"]
 
 
 def config_from_dict(
@@ -687,6 +761,7 @@ def config_from_dict(
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     cfg.warnings.extend(_identity_warnings(cfg))
+    cfg.warnings.extend(_size_warnings(cfg))
     return cfg
 
 
@@ -701,6 +776,52 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, log_warning
         for warning in cfg.warnings:
             log.warning("%s: %s", path, warning)
     return cfg
+
+
+def special_state_dir(path: Path) -> str | None:
+    """Why `path` can never be a state_dir (a kernel file system, or an existing non-directory), else None.
+
+    Only what is true for every user; whether this user can create files there is `check`'s question.
+    """
+    real = Path(os.path.realpath(path))
+    for root in _SPECIAL_ROOTS:
+        if real == root or root in real.parents:
+            return (f"{path} is on the kernel's {root} file system, not storage; use a directory on disk such as "
+                    f"{DEFAULT_STATE_DIR}")
+    if os.path.lexists(real) and not os.path.isdir(real):
+        return f"{path} exists and is not a directory; use a directory such as {DEFAULT_STATE_DIR}"
+    return None
+
+
+def numeric_range(info: FieldInfo) -> str | None:
+    """A numeric field's accepted range in interval notation ("[1, 100]", "(0, 3600]"), else None."""
+    low = high = None
+    for item in info.metadata:
+        for attr, closed in (("ge", True), ("gt", False)):
+            if getattr(item, attr, None) is not None:
+                low = (getattr(item, attr), closed)
+        for attr, closed in (("le", True), ("lt", False)):
+            if getattr(item, attr, None) is not None:
+                high = (getattr(item, attr), closed)
+    if low is None or high is None:
+        return None
+
+    def num(value: float) -> str:
+        return f"{value:g}" if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+    return f"{'[' if low[1] else '('}{num(low[0])}, {num(high[0])}{']' if high[1] else ')'}"
+
+
+def numeric_fields(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every int or float field of the config, by its dotted key ("tracking.votes_needed")."""
+    out: dict[str, FieldInfo] = {}
+    for name, info in (model or Config).model_fields.items():
+        inner = _unwrap(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out.update(numeric_fields(inner, f"{prefix}{name}."))
+        elif inner in (int, float) and inner is not bool:
+            out[f"{prefix}{name}"] = info
+    return out
 
 
 def describe(cfg: Config) -> str:

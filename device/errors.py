@@ -2,21 +2,28 @@
 
 Every error faceberry raises on purpose derives from `FaceberryError`. Its message is one line that names
 the problem and the fix ("<what went wrong>; <what to do>"), so a CLI can print `error: <message>` and
-exit with the error's `exit_code`, never a traceback. Anything else reaching a CLI is a bug.
+exit with the error's `exit_code`, never a traceback. Anything else reaching a CLI is a bug, except a
+`PermissionError`, which every command reports as one line saying to run it with sudo
+(`permission_message`).
 
 Exit codes (the same for `python -m device`, `python -m train`, `python -m convert`):
 
     0  EXIT_OK           done; for `device check`: every check passed.
-    1  EXIT_FAILURE      it ran and failed: a runtime failure (camera lost for good, broker gave up,
-                         training diverged), or `device check` found at least one problem.
-    2  EXIT_USAGE        bad input, nothing was done: the command line, the config file, a bundle or a run
-                         directory, photos. Retrying will not help; fix the input. (argparse uses 2 too.)
-    3  EXIT_UNAVAILABLE  a dependency or service is unavailable: broker unreachable, no camera, a package
-                         not installed. The input may be fine; retrying later may work.
+    1  EXIT_FAILURE      it ran and failed: a runtime failure (the MQTT client died, training diverged), or
+                         `device check` found at least one problem.
+    2  EXIT_USAGE        bad input or setup, permanent: the command line, the config file, a bundle that is
+                         absent (no version deployed), damaged or has nobody enrolled, a run directory,
+                         photos, a Python module or camera library the config needs that is not installed
+                         (`source: picamera2` without picamera2), credentials the broker keeps refusing.
+                         Retrying will not help; fix the input. (argparse uses 2 too.)
+    3  EXIT_UNAVAILABLE  a service or device is unavailable right now: no camera, a camera out longer than
+                         camera.max_outage_s, an unreachable broker. The input may be fine; retrying later
+                         may work.
   130  EXIT_INTERRUPTED  stopped by Ctrl-C (128 + SIGINT, as shells report it).
 
-Why 2 and 3 are separate: systemd can keep restarting on 1 and 3 (a broker or camera that comes back)
-while RestartPreventExitStatus=2 stops a restart loop on a config that can never work.
+Why 2 and 3 are separate: systemd keeps restarting on 1 and 3 (a broker or camera that comes back), while
+the unit's RestartPreventExitStatus=2 stops a restart loop (reloading the models every 10 s) on a setup
+that can never work: the unit shows "failed" with the one `error:` line in the journal.
 """
 
 from __future__ import annotations
@@ -54,3 +61,26 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return int(getattr(exc, "exit_code", EXIT_FAILURE)) if isinstance(exc, FaceberryError) else EXIT_FAILURE
+
+
+def permission_message(exc: PermissionError) -> str:
+    """One line for a file this user may not use: which file, what was tried, and the fix (sudo).
+
+    The files of an installed faceberry belong to root and the service user (/etc/faceberry is 0750,
+    /var/lib/faceberry 0750), so a command run as someone else meets this first.
+    """
+    import os
+
+    name = exc.filename
+    if name is None:
+        return f"permission denied ({exc.strerror or exc}): run it with sudo"
+    path = os.fsdecode(name)
+    try:
+        os.lstat(path)
+    except PermissionError:  # a directory above it is closed to this user: it was being read
+        doing = "reading"
+    except OSError:
+        doing = "creating"
+    else:
+        doing = "writing" if os.access(path, os.R_OK) else "reading"
+    return f"permission denied {doing} {path}: run it with sudo (or as the faceberry user)"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import Bundle
+from device.bundle import Bundle, require_people
 from device.classifier import FaceClassifier, Prediction
 from device.detector import Face, FaceDetector
 from device.preprocess import align_face
@@ -38,6 +38,8 @@ class FacePipeline:
         detector_path: Path | None = None,
         score_threshold: float = 0.5,
     ) -> None:
+        # A pipeline serves: one that can only ever say 'unknown' is refused here, before any model loads.
+        require_people(bundle)
         self.bundle = bundle
         self.detector = FaceDetector(
             detector_path or bundle.detector_path,

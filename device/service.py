@@ -15,9 +15,11 @@ that keeps refusing our credentials or certificates, or SIGTERM/SIGINT; in every
 the broker can take is delivered, `offline` is published, and whatever is left stays in the outbox for the
 next start. A live camera that drops out, or is not there at start, is reopened by the capture thread
 (device/camera.py) for up to camera.max_outage_s; the loop just waits.
-Exit codes (via the CLI): 0 at the end of a file or folder or on a signal; 3 on a camera error (a missing
-file or folder, a live camera out longer than camera.max_outage_s); 2 when the broker refused us for
-mqtt.fatal_after_s; 1 when the MQTT client died.
+Exit codes (via the CLI; device/errors.py): 0 at the end of a file or folder or on a signal; 3 on a camera
+error (a missing file or folder, a live camera out longer than camera.max_outage_s); 2 for what restarting
+cannot fix, so the unit does not loop on it: the config, a bundle absent, damaged or with nobody enrolled,
+a camera library not installed (camera.CameraSetupError), the broker refusing us for mqtt.fatal_after_s;
+1 when the MQTT client died.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ PER_FACE_STAGES = ("align", "classify")
 
 # Seconds between two refreshes of a person's retained last-seen state while they stay in view, at least.
 STATE_REFRESH_MIN_S = 1.0
+# Seconds between two writes of the status file `faceberry status` reads, from the start on: it says the
+# frames, fps and MQTT state of now, not of the last stats interval (60 s). One write is a stats() dict and
+# a ~2 KB JSON file replaced atomically, well under a millisecond; 17,280 small writes a day are few for
+# an SD card beside the outbox's.
+STATUS_WRITE_S = 5.0
 
 HELP = "run the daemon: watch the camera and publish who it sees over MQTT"
 
@@ -186,6 +193,7 @@ class Service:
         self._status_path: Path | bool | None = False  # False: not looked up yet
         self._status_warned = False
         self._stopped = False  # the last status file of a run says so
+        self._status_at = 0.0  # time.monotonic() of the last status write of the frame loop
 
     # --- the bundle, and reloading it (SIGHUP / request_reload) -------------------------------------------
 
@@ -317,7 +325,9 @@ class Service:
         self.assistant.started()
         self.publisher.start()
         self.publish_bundle_status(ReloadResult(True, self.bundle_id, self.bundle_path, None, time.time()))
-        self.write_status()
+        # fps counts from here, not from before the models loaded.
+        self._fps_frames, self._fps_since = self.frames, time.monotonic()
+        self._write_status_every(0.0)
         last_stats = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -341,6 +351,7 @@ class Service:
                     if time.monotonic() - last_stats >= self.cfg.stats_interval:
                         self.log_stats()
                         last_stats = time.monotonic()
+                    self._write_status_every(STATUS_WRITE_S)
                     continue
                 if frame is None:
                     log.info("end of the camera stream")
@@ -350,11 +361,13 @@ class Service:
                     # Models loaded and the camera delivers: only now is the service up for systemd.
                     self._ready_sent = True
                     self.notifier.ready(self.status_text())
+                    self._write_status_every(0.0)  # the first frame: `faceberry status` shows it at once
                 if max_frames and self.frames >= max_frames:
                     break
                 if time.monotonic() - last_stats >= self.cfg.stats_interval:
                     self.log_stats()
                     last_stats = time.monotonic()
+                self._write_status_every(STATUS_WRITE_S)
         finally:
             self.notifier.stopping()
             self.capture.stop()
@@ -487,6 +500,13 @@ class Service:
                 self._status_warned = True
             return None
         return path
+
+    def _write_status_every(self, seconds: float) -> None:
+        """Write the status file if the last write of the frame loop is `seconds` old (0: now)."""
+        now = time.monotonic()
+        if now - self._status_at >= seconds:
+            self._status_at = now
+            self.write_status()
 
     def log_stats(self) -> None:
         s = self.stats()

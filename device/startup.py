@@ -148,3 +148,9 @@ def run_main(prog: str, main_module: str, argv: Sequence[str] | None = None) -> 
             raise  # a faceberry module missing is a broken install: the traceback is the useful part
         print(missing_message(prog, name), file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        # device.cli reports it itself; this catches it for faceberry-train and faceberry-convert too.
+        from device.errors import EXIT_USAGE, permission_message
+
+        print(f"error: {permission_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,9 +1,11 @@
 """`faceberry status`: what the daemon is doing (from its status file) and which bundle versions the store holds.
 
-The daemon writes `<state_dir>/status-<device_id>.json` at start, every stats interval, after each reload
-and at its stop (device/service.py); this reads it and checks that the pid is still alive, so a daemon
-killed without writing its last status is reported as not running. Exit 0 when a daemon is running,
-3 when none is (as `systemctl status` does for an inactive unit).
+The daemon writes `<state_dir>/status-<device_id>.json` at start, at its first frame, every few seconds
+(device.service.STATUS_WRITE_S), after each reload and at its stop; this reads it and checks that the pid
+is still alive, so a daemon killed without writing its last status is reported as not running. What a
+daemon that is not running last wrote (fps, MQTT state) describes the past: it is shown as "last" values
+with the file's age, and its MQTT state is not reported as a connection now. Exit 0 when a daemon is
+running, 3 when none is (as `systemctl status` does for an inactive unit).
 """
 
 from __future__ import annotations
@@ -55,8 +57,14 @@ def daemon_view(path: Path) -> dict[str, Any] | None:
     pid = status.get("pid")
     alive = isinstance(pid, int) and pid_alive(pid) and is_faceberry(pid)
     # `running` in the file is the daemon's word; a daemon killed (-9, power cut) never took it back.
-    return {**status, "status_file": str(path), "alive": alive, "running": bool(status.get("running")) and alive,
+    running = bool(status.get("running")) and alive
+    view = {**status, "status_file": str(path), "alive": alive, "running": running,
             "stale": bool(status.get("running")) and not alive, "age_s": _age_s(status.get("updated_at"))}
+    if not running:
+        # A daemon that is not running has no connection and no frame rate now, whatever it last wrote.
+        view["last_mqtt_state"], view["mqtt_state"] = status.get("mqtt_state"), "none (not running)"
+        view["last_fps"], view["fps"] = status.get("fps"), 0.0
+    return view
 
 
 def store_view(root: Path) -> dict[str, Any]:
@@ -94,8 +102,13 @@ def _text(daemons: list[dict[str, Any]], store: dict[str, Any], where: list[Path
         if last:
             what = "ok" if last.get("ok") else f"refused: {last.get('error')}"
             lines.append(f"  reload   last at {last.get('at')}: {what}")
-        lines.append(f"  fps      {d.get('fps')}   frames {d.get('frames')}   events {d.get('events')}")
-        lines.append(f"  mqtt     {d.get('mqtt_state')}")
+        if d["running"]:
+            lines.append(f"  fps      {d.get('fps')}   frames {d.get('frames')}   events {d.get('events')}")
+            lines.append(f"  mqtt     {d.get('mqtt_state')}")
+        else:
+            when = f"{d['age_s']:.0f} s ago" if d.get("age_s") is not None else "at an unknown time"
+            lines.append(f"  last     frames {d.get('frames')}   events {d.get('events')}   fps {d.get('last_fps')}"
+                         f"   mqtt {d.get('last_mqtt_state')} (as written {when}, not now)")
         lines.append(f"  file     {d['status_file']}")
     lines.append(f"store {store['root']}")
     if "error" in store:

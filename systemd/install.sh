@@ -60,6 +60,10 @@ The plan (each step is safe to repeat; a second run with the same input changes 
                 in another root (--root), the config only
   9. start      the service, if it ran before or the check passed. If the check FAILED: the snapshot of
                 step 4 is put back, the old version restarted if it ran, and the script exits 1
+
+Whatever fails after step 3 (pip, a refused bundle, the check) leaves the system as it was. On a FIRST
+install that means nothing of faceberry's is left: no unit, nothing enabled that would start at boot, no
+venv, config, state directory or command link (the user of step 2 and apt's packages stay).
 EOF
 }
 
@@ -182,6 +186,18 @@ step "4. snapshot of what is installed now"
 # Left over by an interrupted run: the live copy may be half-updated, and step 5 repairs it.
 run rm -rf "$R$VENV.prev"
 HAD_VENV=0; HAD_CONFIG=0; HAD_UNIT=0; OLD_CURRENT=""
+WANTS=/etc/systemd/system/multi-user.target.wants/faceberry.service
+HAD_WANTS=0; HAD_LINK=0; HAD_PASSWORD=0; HAD_DOC=0
+[ -L "$R$WANTS" ] && HAD_WANTS=1
+[ -L "$R/usr/local/bin/faceberry" ] || [ -e "$R/usr/local/bin/faceberry" ] && HAD_LINK=1
+[ -f "$R$ETC/mqtt_password" ] && HAD_PASSWORD=1
+if [ -f "$R$PREFIX/docs/PI.md" ]; then HAD_DOC=1; run cp -p "$R$PREFIX/docs/PI.md" "$R$PREFIX/docs/PI.md.prev"; fi
+# Directories this run may create: on a failed first install they go again (only those it created).
+NEW_DIRS=()
+for d in "$(dirname "$PREFIX")" "$PREFIX" "$PREFIX/docs" "$ETC" /var /var/lib "$STATE" "$STORE" /usr /usr/local \
+         /usr/local/bin /etc/systemd /etc/systemd/system /etc/systemd/system/multi-user.target.wants; do
+    [ -e "$R$d" ] || NEW_DIRS+=("$d")
+done
 if [ -x "$R$VENV/bin/python" ]; then
     HAD_VENV=1
     # Hard links: pip replaces files (new inodes) rather than writing into them, so the old ones survive.
@@ -197,9 +213,18 @@ OLD_VERSIONS=$(ls -1 "$R$STORE" 2>/dev/null | grep -Ev '^(current|previous)$' ||
 restore() {
     SNAPSHOT=0
     echo "   putting back what was installed before" >&2
-    if [ "$HAD_VENV" = 1 ]; then run rm -rf "$R$VENV"; run mv "$R$VENV.prev" "$R$VENV"; fi
-    if [ "$HAD_CONFIG" = 1 ]; then run mv "$R$ETC/config.yaml.prev" "$R$ETC/config.yaml"; fi
-    if [ "$HAD_UNIT" = 1 ]; then run mv "$R$UNIT.prev" "$R$UNIT"; fi
+    if [ "$HAD_UNIT" = 0 ] && [ -e "$R$UNIT" ] && [ "$SYSTEMD" = yes ]; then
+        # Before the file goes: systemd forgets the enablement it made (the wants link and any alias).
+        run systemctl disable --quiet faceberry.service || true
+    fi
+    if [ "$HAD_VENV" = 1 ]; then run rm -rf "$R$VENV"; run mv "$R$VENV.prev" "$R$VENV"; else run rm -rf "$R$VENV"; fi
+    if [ "$HAD_CONFIG" = 1 ]; then run mv "$R$ETC/config.yaml.prev" "$R$ETC/config.yaml"; else run rm -f "$R$ETC/config.yaml"; fi
+    if [ "$HAD_UNIT" = 1 ]; then run mv "$R$UNIT.prev" "$R$UNIT"; else run rm -f "$R$UNIT"; fi
+    # A first install enabled nothing that would start at boot without a bundle or a checked config.
+    [ "$HAD_WANTS" = 1 ] || run rm -f "$R$WANTS"
+    [ "$HAD_LINK" = 1 ] || run rm -f "$R/usr/local/bin/faceberry"
+    [ "$HAD_PASSWORD" = 1 ] || run rm -f "$R$ETC/mqtt_password"
+    if [ "$HAD_DOC" = 1 ]; then run mv "$R$PREFIX/docs/PI.md.prev" "$R$PREFIX/docs/PI.md"; else run rm -f "$R$PREFIX/docs/PI.md"; fi
     # The store's links as they were (deploy moved current, and previous with it), then its new versions out.
     local link target v
     for link in current previous; do
@@ -215,6 +240,14 @@ restore() {
     for v in $(ls -1 "$R$STORE" 2>/dev/null | grep -Ev '^(current|previous)$' || true); do
         printf '%s\n' "$OLD_VERSIONS" | grep -qx "$v" || run rm -rf "$R$STORE/$v"
     done
+    # The directories this run made, deepest first; anything left in one that it did not make stays.
+    local i
+    for ((i = ${#NEW_DIRS[@]} - 1; i >= 0; i--)); do
+        case "${NEW_DIRS[$i]}" in
+            "$PREFIX"|"$PREFIX/docs"|"$ETC"|"$STATE"|"$STORE") run rm -rf "$R${NEW_DIRS[$i]}" ;;
+            *) [ ! -d "$R${NEW_DIRS[$i]}" ] || run rmdir --ignore-fail-on-non-empty "$R${NEW_DIRS[$i]}" ;;
+        esac
+    done
     if [ "$SYSTEMD" = yes ]; then
         run systemctl daemon-reload
         if [ "$WAS_ACTIVE" = 1 ]; then run systemctl start faceberry.service; echo "   restarted the previous version" >&2; fi
@@ -222,7 +255,7 @@ restore() {
 }
 forget_snapshot() {
     SNAPSHOT=0
-    run rm -rf "$R$VENV.prev" "$R$ETC/config.yaml.prev" "$R$UNIT.prev"
+    run rm -rf "$R$VENV.prev" "$R$ETC/config.yaml.prev" "$R$UNIT.prev" "$R$PREFIX/docs/PI.md.prev"
 }
 # Whatever fails from here on (pip without network, a refused bundle, the check) puts the snapshot back.
 SNAPSHOT=1
@@ -296,6 +329,13 @@ run install -d -m 0755 "$R/etc/systemd/system"
 UNIT_SRC=$(mktemp)
 TMPFILES+=("$UNIT_SRC")
 sed "s#/opt/faceberry#$PREFIX#g" "$HERE/faceberry.service" > "$UNIT_SRC"
+# The unit's Documentation=file:$PREFIX/docs/PI.md: the guide of the version installed, readable offline.
+if [ -f "$REPO/docs/PI.md" ]; then
+    run install -d -m 0755 "$R$PREFIX/docs"
+    run install -m 0644 "$REPO/docs/PI.md" "$R$PREFIX/docs/PI.md"
+else
+    echo "   no docs/PI.md beside this script: the unit's Documentation= ($PREFIX/docs/PI.md) is not installed"
+fi
 run install -m 0644 "$UNIT_SRC" "$R$UNIT"
 if [ "$SYSTEMD" = yes ]; then
     run systemctl daemon-reload

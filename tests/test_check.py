@@ -47,3 +47,76 @@ def test_a_clean_config_has_no_warning_lines(tmp_path: Path) -> None:
     config.write_text("bundle: /b\ndevice_id: hall-3\n")
     code, lines = run_check(config)
     assert code == EXIT_OK and len(lines) == 4 and lines[0].startswith("config  OK")
+
+
+# --- what `run` would refuse or never use ---------------------------------------------------------------------
+
+def empty_gallery_bundle(root: Path, detector: Path) -> Path:
+    """An embedding bundle whose gallery has 0 rows while labels.txt names 16 people (issue 21)."""
+    import numpy as np
+
+    from device.bundle import write_manifest
+    from device.preprocess import Preprocessing
+    from tests.test_device_cli import make_loadable_bundle
+
+    make_loadable_bundle(root, detector)
+    np.savez(root / "gallery.npz", embeddings=np.zeros((0, 16), np.float32), labels=np.array([], dtype=str))
+    write_manifest(root, {
+        "classifier": {"file": "classifier.tflite", "kind": "embedding", "quantization": "float32"},
+        "detector": {"file": "face_detection_short_range.tflite"},
+        "labels": {"file": "labels.txt", "count": 16},
+        "gallery": {"file": "gallery.npz"},
+        "preprocessing": Preprocessing(input_size=128).to_dict(),
+        "thresholds": {"accept": 0.9, "target_far": 0.01},
+    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt", "gallery.npz"])
+    return root
+
+
+def test_an_empty_gallery_is_refused_by_check_but_enroll_can_still_open_it(tmp_path: Path, detector_path: Path) -> None:
+    from device.bundle import load_bundle
+
+    bundle = empty_gallery_bundle(tmp_path / "bundle", detector_path)
+    assert load_bundle(bundle).gallery_labels == []  # enroll opens it to add the first person: the fix
+    config = tmp_path / "c.yaml"
+    config.write_text(f"bundle: {bundle}\ndevice_id: hall-3\nstate_dir: {tmp_path / 'state'}\n")
+    out = io.StringIO()
+    code = check.run(argparse.Namespace(config=str(config), timeout=1.0, skip=["camera", "broker"]), out=out)
+    lines = out.getvalue().splitlines()
+    assert code == EXIT_FAILURE
+    bundle_line = next(line for line in lines if line.startswith("bundle "))
+    assert bundle_line.startswith("bundle  FAIL") and "gallery is empty" in bundle_line, lines
+    assert "faceberry enroll" in bundle_line and "every face would be 'unknown'" in bundle_line
+
+
+def test_the_camera_holder_hint_is_not_given_for_a_missing_camera_library(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("picamera2") is not None:
+        import pytest
+
+        pytest.skip("picamera2 is installed here")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"bundle: /b\ndevice_id: hall-3\ncamera: {{source: picamera2}}\nstate_dir: {tmp_path}\n")
+    out = io.StringIO()
+    code = check.run(argparse.Namespace(config=str(config), timeout=1.0, skip=["bundle", "broker"]), out=out)
+    camera = next(line for line in out.getvalue().splitlines() if line.startswith("camera "))
+    assert code == EXIT_FAILURE and camera.startswith("camera  FAIL") and "picamera2 is not installed" in camera
+    assert "holds the camera" not in camera and "faceberry.service" not in camera
+
+
+def test_a_state_dir_run_could_not_use_fails_the_check(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for state_dir, reason in [("/dev/null", "kernel's /dev file system"), ("/proc/x", "kernel's /proc file system"),
+                              (str(afile), "exists and is not a directory"),
+                              (str(afile / "below"), "not a directory")]:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"bundle: /b\ndevice_id: hall-3\nstate_dir: {state_dir}\n")
+        code, lines = run_check(config)
+        assert code == EXIT_FAILURE and lines[0].startswith("config  FAIL") and reason in lines[0], lines
+        assert "state_dir" in lines[0] and len([x for x in lines if "FAIL" in x]) == 1, lines
+    # A directory that does not exist yet is fine when it can be made; nothing is created by the check.
+    config = tmp_path / "c.yaml"
+    config.write_text(f"bundle: /b\ndevice_id: hall-3\nstate_dir: {tmp_path / 'new' / 'state'}\n")
+    code, lines = run_check(config)
+    assert code == EXIT_OK and lines[0].startswith("config  OK") and not (tmp_path / "new").exists()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from device.config import Config, ConfigError, OutboxConfig, load_config
+from device.config import Config, ConfigError, OutboxConfig, config_from_dict, load_config
 from device.errors import EXIT_USAGE, FaceberryError, exit_code_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,3 +302,67 @@ def test_sections_can_still_be_built_in_code() -> None:
     cfg = MqttConfig(host="127.0.0.1", port=1884, keepalive=5, queue_size=3)
     assert (cfg.host, cfg.port, cfg.qos, cfg.tls.enabled, cfg.outbox.max_messages) == ("127.0.0.1", 1884, 1, False,
                                                                                          10000)
+
+
+def example_comments() -> dict[str, list[str]]:
+    """The comment lines right above each key of the example, by dotted key path."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    stack: list[tuple[int, str]] = []
+    comments: list[str] = []
+    for line in EXAMPLE.read_text().splitlines():
+        if line.strip().startswith("#"):
+            comments.append(line.strip())
+            continue
+        match = re.match(r"^(\s*)([A-Za-z_]+):(.*)$", line)
+        if match:
+            indent = len(match.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            out[".".join([k for _, k in stack] + [match.group(2)])] = comments
+            if not match.group(3).strip():
+                stack.append((indent, match.group(2)))
+        comments = []
+    return out
+
+
+def test_every_number_has_a_range_stated_in_the_example_and_enforced() -> None:
+    """Issue 21: a votes_needed or min_face_size of 1e9 was accepted, and no event could ever come out."""
+    from device.config import numeric_fields, numeric_range
+
+    comments = example_comments()
+    fields = numeric_fields()
+    assert len(fields) >= 30
+    for key, info in fields.items():
+        stated = numeric_range(info)
+        assert stated, f"{key} has no upper or lower bound"
+        assert f"# Range {stated}." in comments.get(key, []), f"{key}: the example does not state {stated}"
+    for key in ("tracking.votes_needed", "detection.min_face_size"):
+        section, name = key.split(".")
+        with pytest.raises(ConfigError, match=rf"{section}\.{name}: must be at most \d+, got 1000000000"):
+            config_from_dict({"bundle": "/b", section: {name: 1_000_000_000}}, env={})
+
+
+def test_state_dirs_and_password_files_that_can_never_work_are_refused(tmp_path: Path) -> None:
+    for state_dir in ("/dev/null", "/proc/x", "/sys/x"):
+        with pytest.raises(ConfigError, match=r"state_dir: .* kernel's /(dev|proc|sys) file system, not storage"):
+            config_from_dict({"bundle": "/b", "state_dir": state_dir}, env={})
+    for password_file in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(ConfigError, match=r"mqtt\.password_file .* is not a regular file"):
+            config_from_dict({"bundle": "/b", "mqtt": {"password_file": password_file}}, env={})
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_bytes(b"x" * 5000)
+    with pytest.raises(ConfigError, match=r"systemd credential .* is 5000 bytes"):
+        config_from_dict({"bundle": "/b"}, env={"CREDENTIALS_DIRECTORY": str(creds)})
+
+
+def test_a_min_face_size_no_camera_frame_can_hold_gets_a_warning() -> None:
+    cfg = config_from_dict({"bundle": "/b", "device_id": "hall-3", "detection": {"min_face_size": 2000},
+                            "camera": {"source": "picamera2", "width": 640, "height": 480}}, env={})
+    assert any("min_face_size 2000 is not below the camera's 640×480" in w for w in cfg.warnings), cfg.warnings
+    # A folder keeps its images' own sizes: nothing to compare with.
+    cfg = config_from_dict({"bundle": "/b", "device_id": "hall-3", "detection": {"min_face_size": 2000},
+                            "camera": {"source": "folder", "device": "/tmp"}}, env={})
+    assert not cfg.warnings

@@ -175,8 +175,9 @@ def test_unreachable_camera(tmp_path: Path, loadable_bundle: Path, camera: dict,
     # one line; a missing folder or camera library fails at once.
     proc = device_cli("run", "--config", str(make_config(tmp_path, loadable_bundle, {**camera, "max_outage_s": 1})))
     assert message in one_error_line(proc)
-    # A camera that is not there is "unavailable" (3: systemd may retry), not bad input (2).
-    assert proc.returncode == 3, proc.stderr
+    # A camera that is not there is "unavailable" (3: systemd may retry); a camera library that is not
+    # installed is permanent (2: RestartPreventExitStatus=2, no restart loop).
+    assert proc.returncode == (2 if camera["source"] == "picamera2" else 3), proc.stderr
 
 
 def test_bad_input_exits_2(tmp_path: Path) -> None:

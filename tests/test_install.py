@@ -67,22 +67,29 @@ def mode_owner(path: Path) -> tuple[str, int, int]:
     return oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, detector_path: Path) -> dict:
-    _need_tools()
-    base = tmp_path_factory.mktemp("install")
-    root = base / "root"
+def make_root(root: Path, with_venv: bool = True) -> Path:
+    """An empty system root with the accounts files every Debian root has (and a venv whose packages are met)."""
     (root / "etc").mkdir(parents=True)
-    # The accounts files every Debian root has; useradd --prefix adds to them.
+    # useradd --prefix adds to them.
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
     (root / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\n")
     (root / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\n")
     (root / "etc" / "gshadow").write_text("root:*::\nvideo:*::\n")
+    if not with_venv:
+        return root
     venv = root / "opt" / "faceberry" / "venv"
     base_python = Path(os.path.realpath(DEVICE_VENV / "bin" / "python"))
     subprocess.run([str(base_python), "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     device_site = next((DEVICE_VENV / "lib").glob("python3*/site-packages")).resolve()
     (next((venv / "lib").glob("python3*/site-packages")) / "device_env.pth").write_text(f"{device_site}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, detector_path: Path) -> dict:
+    _need_tools()
+    base = tmp_path_factory.mktemp("install")
+    root = make_root(base / "root")
 
     # The package as a wheel, built from a copy of the tracked files (the build writes into its source tree).
     src = base / "src"
@@ -124,6 +131,11 @@ def test_the_promised_files_modes_and_owners(setup: dict) -> None:
     unit = root / "etc/systemd/system/faceberry.service"
     assert mode_owner(unit) == ("0o644", 0, 0)
     assert unit.read_text() == (ROOT / "systemd" / "faceberry.service").read_text()
+    # The unit's Documentation= names a file the installer put there.
+    docs = [line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith("Documentation=")]
+    assert docs and all(d.startswith("file:") for d in docs)
+    for doc in docs:
+        assert (root / doc.removeprefix("file:").lstrip("/")).read_text() == (ROOT / "docs" / "PI.md").read_text()
     wants = root / "etc/systemd/system/multi-user.target.wants/faceberry.service"
     assert os.readlink(wants) == "/etc/systemd/system/faceberry.service"
     # The console script works from any directory, without the checkout.
@@ -211,3 +223,56 @@ def test_the_emulation_script_parses_and_explains_itself() -> None:
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "--photos N" in proc.stdout and "cpuinfo" in proc.stdout
+
+
+def test_a_failed_first_install_leaves_nothing_that_would_start_at_boot(setup: dict) -> None:
+    """Nothing of faceberry's was there: a failed check must not leave the unit enabled (it would exit 2 at
+    the next boot with no bundle), nor a venv, config, state directory, guide or command link of its own."""
+    root = make_root(setup["base"] / "first", with_venv=False)
+    # The installer makes the venv itself (python3 -m venv): python3 is the device interpreter, and the
+    # dependencies are met from .venv-device's site-packages on PYTHONPATH, so pip stays offline.
+    bindir = setup["base"] / "first-bin"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(os.path.realpath(DEVICE_VENV / "bin" / "python"))
+    device_site = next((DEVICE_VENV / "lib").glob("python3*/site-packages")).resolve()
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(device_site)}
+    accounts = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow")  # useradd's: the user stays
+    before = {k: v for k, v in tree(root).items() if not k.startswith(accounts)}
+    bad = setup["base"] / "first-bad.yaml"
+    bad.write_text("bundle: /var/lib/faceberry/bundles/current\ncamera: {sorce: folder}\n")
+    args = list(setup["args"])
+    args[args.index("--config") + 1] = str(bad)
+    proc = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-apt", *args], capture_output=True,
+                          text=True, timeout=300, cwd="/", env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "unknown key 'camera.sorce'" in proc.stdout and "putting back what was installed before" in proc.stderr
+    # It got as far as a venv, a deployed bundle and an enabled unit (steps 5-7) before the check failed.
+    assert "== 7. systemd unit" in proc.stdout and "deployed" in proc.stdout + proc.stderr
+    assert not (root / "etc/systemd/system/multi-user.target.wants/faceberry.service").is_symlink()
+    assert not (root / "etc/systemd/system/faceberry.service").exists()
+    assert not (root / "usr/local/bin/faceberry").is_symlink()
+    after = {k: v for k, v in tree(root).items() if not k.startswith(accounts)}
+    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    assert not changed, changed[:20]
+
+
+def test_the_unit_does_not_restart_what_restarting_cannot_fix() -> None:
+    """Issue 21: `source: picamera2` without picamera2 exited 3, and the unit reloaded the models every 10 s
+    for ever. A missing camera library, a bundle absent or with nobody enrolled, a bad config, a file the
+    service may not read: permanent, the exit code RestartPreventExitStatus= names. A camera that is out: not."""
+    import configparser
+
+    from device.bundle import BundleError
+    from device.camera import CameraError, CameraSetupError
+    from device.config import ConfigError
+    from device.errors import EXIT_UNAVAILABLE, EXIT_USAGE
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "systemd" / "faceberry.service")
+    prevented = {int(code) for code in unit["Service"]["RestartPreventExitStatus"].split()}
+    assert unit["Service"]["Restart"] == "on-failure"
+    for permanent in (CameraSetupError("x"), BundleError("x"), ConfigError("x")):
+        assert permanent.exit_code in prevented, type(permanent).__name__
+    assert EXIT_USAGE in prevented and EXIT_UNAVAILABLE not in prevented
+    assert CameraError("x").exit_code == EXIT_UNAVAILABLE
