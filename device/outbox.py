@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from device.errors import FaceberryError
+from device.errors import EXIT_USAGE, FaceberryError
 from device.statefile import RateLimitedLog, move_aside, report_aside
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ RECOUNT_S = 1.0
 
 class OutboxError(FaceberryError):
     """The outbox file cannot be used (not writable, corrupt, locked by another daemon)."""
+
+
+class StateDirError(OutboxError):
+    """The configured state_dir cannot be written: a setup error that a restart does not mend, so the unit
+    must not restart the daemon every few seconds for it (RestartPreventExitStatus=2)."""
+
+    exit_code = EXIT_USAGE
 
 
 class OutboxWriteError(OutboxError):

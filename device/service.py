@@ -58,7 +58,7 @@ from device.events import (
 )
 from device.mqtt import MqttError, MqttPublisher
 from device.notify import Notifier
-from device.outbox import Outbox, OutboxError, default_state_dir
+from device.outbox import Outbox, OutboxError, StateDirError, default_state_dir
 from device.pipeline import FacePipeline
 from device.statefile import write_atomic
 from device.tracker import Decision, Observation, Tracker
@@ -104,7 +104,7 @@ def state_dir(cfg: Config) -> Path:
             log.warning("state_dir %s is not writable (not started by the systemd unit?): the outbox is kept in "
                         "%s instead; set state_dir to choose", configured, fallback)
             return fallback
-    raise OutboxError(f"state_dir {configured} is not writable by this user; create it for the service user "
+    raise StateDirError(f"state_dir {configured} is not writable by this user; create it for the service user "
                       "(the systemd unit's StateDirectory= does) or set state_dir to a writable directory")
 
 

@@ -366,3 +366,14 @@ def test_a_min_face_size_no_camera_frame_can_hold_gets_a_warning() -> None:
     cfg = config_from_dict({"bundle": "/b", "device_id": "hall-3", "detection": {"min_face_size": 2000},
                             "camera": {"source": "folder", "device": "/tmp"}}, env={})
     assert not cfg.warnings
+
+
+def test_a_state_dir_that_cannot_be_made_is_a_permanent_error_for_run(tmp_path: Path) -> None:
+    """run must not be restarted every few seconds for it: exit 2, which the unit does not restart."""
+    from device.service import state_dir
+
+    cfg = load_config(write(tmp_path, f"bundle: /b\nstate_dir: {tmp_path / 'later' / 'state'}\n"))
+    (tmp_path / "later").write_text("a file where the directory should be\n")
+    with pytest.raises(FaceberryError) as err:
+        state_dir(cfg)
+    assert exit_code_for(err.value) == EXIT_USAGE and "state_dir" in str(err.value)
