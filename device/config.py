@@ -793,8 +793,8 @@ def special_state_dir(path: Path) -> str | None:
     return None
 
 
-def numeric_range(info: FieldInfo) -> str | None:
-    """A numeric field's accepted range in interval notation ("[1, 100]", "(0, 3600]"), else None."""
+def numeric_bounds(info: FieldInfo) -> tuple[tuple[float, bool] | None, tuple[float, bool] | None]:
+    """A numeric field's (low, closed) and (high, closed) bounds from its pydantic constraints (None: unbounded)."""
     low = high = None
     for item in info.metadata:
         for attr, closed in (("ge", True), ("gt", False)):
@@ -803,6 +803,12 @@ def numeric_range(info: FieldInfo) -> str | None:
         for attr, closed in (("le", True), ("lt", False)):
             if getattr(item, attr, None) is not None:
                 high = (getattr(item, attr), closed)
+    return low, high
+
+
+def numeric_range(info: FieldInfo) -> str | None:
+    """A numeric field's accepted range in interval notation ("[1, 100]", "(0, 3600]"), else None."""
+    low, high = numeric_bounds(info)
     if low is None or high is None:
         return None
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from device.config import ConfigError, load_config, numeric_fields
+from device.config import ConfigError, load_config, numeric_bounds, numeric_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 21
@@ -55,14 +55,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bounds(info: Any) -> tuple[float, bool, float, bool]:
-    low = high = None
-    for item in info.metadata:
-        for attr, closed in (("ge", True), ("gt", False)):
-            if getattr(item, attr, None) is not None:
-                low = (getattr(item, attr), closed)
-        for attr, closed in (("le", True), ("lt", False)):
-            if getattr(item, attr, None) is not None:
-                high = (getattr(item, attr), closed)
+    low, high = numeric_bounds(info)
     assert low is not None and high is not None, "every numeric field has a documented range"
     return low[0], low[1], high[0], high[1]
 
