@@ -310,7 +310,9 @@ class DiscoveryLedger:
     """The config topics this device last published, kept in state_dir across restarts.
 
     A person deleted from the bundle while the daemon was stopped still has a retained config on the
-    broker; only a record of what was published can tell which topics to clear.
+    broker; only a record of what was published can tell which topics to clear. The same record moves an
+    upgrade off the topics without a node id level: their empty configs go out before the new ones, and
+    Home Assistant must process the removal first or it ignores the new config as "already exists".
     """
 
     def __init__(self, path: Path | None) -> None:
