@@ -4,6 +4,13 @@
    series: the newest that supports Python 3.11) unless it is there already.
 2. Starts a loopback mosquitto, and Home Assistant with a fresh config dir; onboards a user over REST,
    adds the MQTT integration by its config flow, pointed at that mosquitto.
+   Upgrade from the old discovery topics: the configs the release before this one published
+   (`homeassistant/<component>/<object_id>/config`, no node id level; the same payloads and unique ids) are
+   put retained on the broker with that release's ledger in state_dir, Home Assistant creates the entities,
+   and one of them is given an entity id of the user's (`entity_registry/update` over the websocket API).
+   After the daemon's first start every entity has the same entity id, the old topics hold nothing, and
+   Home Assistant's log has no "already exists". The renamed one is reported (`upgrade` in the summary):
+   Home Assistant before 2025.6 gives a removed and re-added entity its default entity id.
 3. Runs `python -m device run` over a looping folder: a photo the bundle recognises, empty frames, a face
    it does not know (from --lfw), empty frames; with discovery, images, commands and strangers on.
 4. Reads every promised entity back through Home Assistant's REST API and checks its state; then names the
@@ -134,6 +141,122 @@ def command(rest: Rest, payload: dict) -> None:
                                                      "payload": json.dumps(payload)})
 
 
+def legacy_configs(bundle: Path) -> list[tuple[str, dict]]:
+    """What the release before published for the daemon below: the same payloads and unique ids, at
+    `homeassistant/<component>/<object_id>/config` (no node id level)."""
+    from device import __version__
+    from device import homeassistant as ha
+    from device.bundle import load_bundle
+
+    configs = ha.discovery("faceberry", DEVICE, load_bundle(bundle).labels, images=True, commands=True,
+                           cpu_temp=ha.cpu_temperature() is not None, sw_version=__version__)
+    return [(f"{t.split('/')[0]}/{t.split('/')[1]}/{t.split('/')[3]}/config", c) for t, c in configs]
+
+
+def ws_call(rest: Rest, message: dict) -> dict:
+    """One command over Home Assistant's websocket API (the entity registry has no REST endpoint)."""
+    from websockets.sync.client import connect
+
+    with connect(rest.base.replace("http://", "ws://") + "/api/websocket") as ws:
+        json.loads(ws.recv())  # auth_required
+        ws.send(json.dumps({"type": "auth", "access_token": rest.token}))
+        auth = json.loads(ws.recv())
+        if auth.get("type") != "auth_ok":
+            raise RuntimeError(f"websocket auth failed: {auth}")
+        ws.send(json.dumps({"id": 1, **message}))
+        return json.loads(ws.recv())
+
+
+def retained(port: int, topics: list[str], wait: float = 2.0) -> dict[str, bytes]:
+    """The retained payloads the broker holds on `topics` (an empty retained message leaves none)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: dict[str, bytes] = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, msg: got.__setitem__(msg.topic, bytes(msg.payload)) if msg.retain else None
+    client.connect("127.0.0.1", port)
+    client.subscribe([(t, 0) for t in topics])
+    client.loop_start()
+    time.sleep(wait)
+    client.loop_stop()
+    client.disconnect()
+    return got
+
+
+def upgrade_from_old_topics(rest: Rest, bundle: Path, port: int, state: Path,
+                            check: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Publish the old release's configs retained, with its ledger; wait for Home Assistant's entities and
+    rename one of them as a user would. Returns {unique_id: entity_id} and {unique_id: the user's entity_id}."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    configs = legacy_configs(bundle)
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    for info in [client.publish(t, json.dumps(c), qos=1, retain=True) for t, c in configs]:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    state.mkdir(parents=True, exist_ok=True)
+    (state / f"discovery-{DEVICE}.json").write_text(json.dumps({"topics": sorted(t for t, _ in configs)}) + "\n")
+    uids = {c["unique_id"] for _, c in configs}
+    deadline = time.monotonic() + 90
+    while True:
+        entries = ws_call(rest, {"type": "config/entity_registry/list"})["result"]
+        ids = {e["unique_id"]: e["entity_id"] for e in entries
+               if e.get("platform") == "mqtt" and e["unique_id"] in uids}
+        if len(ids) == len(uids) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    check("upgrade: Home Assistant created every entity of the old discovery topics", len(ids) == len(uids),
+          sorted(uids - set(ids)))
+    renamed: dict[str, str] = {}
+    person = next((u for u in ids if u.endswith("_present")), None)
+    if person is not None:
+        mine = f"binary_sensor.my_renamed_{DEVICE}_presence"
+        answer = ws_call(rest, {"type": "config/entity_registry/update", "entity_id": ids[person],
+                                "new_entity_id": mine})
+        check("upgrade: a user's own entity id set over the websocket API", answer.get("success"), answer)
+        ids[person] = renamed[person] = mine
+    return ids, renamed
+
+
+def check_upgrade(rest: Rest, legacy: dict[str, str], renamed: dict[str, str], states: list[dict], port: int,
+                  ha_log: Path, check: Any) -> dict[str, Any]:
+    """After the daemon's first start over the old release's ledger. Returns what became of the entity the
+    user had renamed: Home Assistant before 2025.6 (core PR 145278) gives a re-added entity its default
+    entity id, later versions restore the user's."""
+    present = {s["entity_id"] for s in states}
+    missing = {u: e for u, e in legacy.items() if e not in present and u not in renamed}
+    check("upgrade: every entity the user did not rename kept its entity id", not missing, missing)
+    doubles = [s["entity_id"] for s in states if s["entity_id"].rsplit("_", 1)[-1] == "2"
+               and s["entity_id"].split(".")[1].startswith("faceberry")]
+    check("upgrade: no entity created twice (no '_2' entity ids)", not doubles, doubles)
+    entries = {e["unique_id"]: e for e in ws_call(rest, {"type": "config/entity_registry/list"})["result"]
+               if e.get("platform") == "mqtt"}
+    out: dict[str, Any] = {}
+    for uid, mine in renamed.items():
+        now = entries.get(uid, {}).get("entity_id")
+        st = next((s for s in states if s["entity_id"] == now), None)
+        check("upgrade: the renamed entity is there once and works", st is not None
+              and st["state"] in ("on", "off"), (now, st))
+        out = {"renamed_entity_id": mine, "after_upgrade": now, "user_entity_id_kept": now == mine}
+        print(f"note: the entity id the user gave, {mine}, is {'kept' if now == mine else f'now {now}'}",
+              flush=True)
+    # A new config whose unique id an old one still holds: "ID … already exists - ignoring …" or "ID … is
+    # already used by … - ignoring …" (entity_platform), and the entity stays on the old topic.
+    ignored = [line for line in ha_log.read_text(errors="replace").splitlines()
+               if "already exists" in line or "already used by" in line]
+    check("upgrade: no config ignored as 'already exists' in Home Assistant's log", not ignored, ignored[:3])
+    old_topics = [f"homeassistant/{c}/+/config" for c in ("event", "sensor", "binary_sensor", "image", "text",
+                                                          "button")]
+    left = {t: p for t, p in retained(port, old_topics).items() if p}
+    check("upgrade: the old discovery topics hold nothing", not left, sorted(left))
+    return out
+
+
 def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
     """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people).
 
@@ -216,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             check(f"{name}: ran to its end", False, f"{type(exc).__name__}: {exc}")
 
     procs: list[subprocess.Popen] = []
+    upgrade: dict[str, Any] = {}
     try:
         mport, hport = free_port(), free_port()
         (work / "mosquitto.conf").write_text(f"listener {mport} 127.0.0.1\nallow_anonymous true\n"
@@ -253,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         check("onboarding over REST gives a token", rest.token)
         entry = add_mqtt(rest, mport)
         check("MQTT integration added by its config flow", entry.get("type") == "create_entry", entry)
+
+        # An upgrade: the release before published its configs without the node id level.
+        legacy, renamed = upgrade_from_old_topics(rest, args.bundle, mport, work / "state", check)
 
         # The daemon over a looping folder.
         camera = work / "camera"
@@ -308,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         timings["entities_s"] = round(time.monotonic() - t2, 1)
         for n in names:
             check(f"entity '{n}' exists", entity(n, states), [s["entity_id"] for s in states])
+        with section("upgrade from the old discovery topics"):
+            upgrade = check_upgrade(rest, legacy, renamed, states, mport, work / "ha.log", check)
         face = entity("Face", states)
         check("event entity lists the people and unknown",
               face and set(face["attributes"].get("event_types", [])) >= {person, "unknown"}, face)
@@ -466,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["total_s"] = round(time.monotonic() - t0, 1)
     passed = sum(ok for _, ok, _ in checks)
     summary = {"homeassistant": version, "checks": len(checks), "passed": passed, "timings": timings,
+               "upgrade": upgrade,
                "work": str(work), "failed": [(n, d) for n, ok, d in checks if not ok]}
     print(json.dumps(summary, indent=1))
     return 0 if checks and passed == len(checks) else 1

@@ -53,7 +53,7 @@ from device.contract import (
 from device.detector import FaceDetector
 from device.errors import UsageError
 from device.events import sanitize_label
-from device.homeassistant import _object_id
+from device.homeassistant import _object_id, label_id
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.reloader import add_store_arguments, read_setup, reload_and_report
 from device.runtime import ModelError
@@ -92,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _name_key(name: str) -> str:
-    # What a name becomes in MQTT topics (sanitize_label) and Home Assistant unique ids (_object_id), and
+    # What a name becomes in MQTT topics (sanitize_label) and Home Assistant unique ids (label_id), and
     # case-blind as Home Assistant's entity ids are: two names with one key would share a topic or an entity.
-    return _object_id("", sanitize_label(name)).casefold()
+    return _object_id("", label_id(name)).casefold()
 
 
 def name_problem(name: str, labels: Sequence[str], replace: bool = False) -> str | None:
@@ -123,7 +123,7 @@ def name_problem(name: str, labels: Sequence[str], replace: bool = False) -> str
                 same = f"the same Home Assistant entity id as {label!r} (they differ only in case)"
             else:
                 same = (f"the same Home Assistant unique id as {label!r} (letters outside A-Z, digits, _ and - "
-                        f"become _: both become {_object_id('', topic)[len('faceberry__'):]!r})")
+                        f"become _: both become {_object_id('', label_id(name))[len('faceberry__'):]!r})")
             return (f"the name {name!r} maps to {same}, who is already enrolled; choose a name that differs in "
                     f"letters or digits, or re-enroll {label!r} under that exact name with --replace")
     return None

@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery, as pure functions: which entities a device has, and their config payloads.
 
-Per-entity discovery (`<discovery_prefix>/<component>/<object_id>/config`, one retained JSON each) works
-on every Home Assistant release we support, unlike device-based discovery (2024.11+). Entities:
+Per-entity discovery (`<discovery_prefix>/<component>/faceberry_<device_id>/<object_id>/config`, one retained
+JSON each; the node id level lets a broker ACL confine a Pi to its own configs) works on every Home Assistant
+release we support, unlike device-based discovery (2024.11+). Entities:
 
   event          "<device> face": one event per recognition; event_types = the people + `unknown`;
                  attributes score, track, bundle, event_id, stranger_id, stranger_count, stranger_first_seen
@@ -26,6 +27,7 @@ Every entity is unavailable while the daemon's status topic says `offline`. An e
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -146,11 +148,38 @@ def placeholder_jpeg() -> bytes:
 
 # --- discovery ------------------------------------------------------------------------------------------------
 
-def _object_id(device_id: str, suffix: str) -> str:
-    # Discovery object ids allow [a-zA-Z0-9_-]: device ids may contain '.', labels anything sanitized.
-    raw = f"faceberry_{device_id}_{suffix}"
+def _id_chars(raw: str) -> str:
+    # Discovery node and object ids allow [a-zA-Z0-9_-]: device ids may contain '.', labels anything sanitized.
     # isalnum() alone lets 'ë' or 'ß' through, and Home Assistant ignores a config whose object id has one.
     return "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "_" for c in raw)
+
+
+def _object_id(device_id: str, suffix: str) -> str:
+    """The entity's unique id and the last level of its config topic: never changed, or Home Assistant
+    would see new entities (and lose their entity ids, areas, history)."""
+    return _id_chars(f"faceberry_{device_id}_{suffix}")
+
+
+def label_id(label: str) -> str:
+    """A person's part of their entities' unique ids. A label with no ASCII letter or digit (张伟, Олег)
+    would become nothing but `_` there, the same for every name of its length: it carries a short hash of
+    its topic level. Every other label keeps the id it always had (Home Assistant keeps those entities)."""
+    safe = sanitize_label(label)
+    if any(c.isascii() and c.isalnum() for c in safe):
+        return safe
+    return f"{safe}_{hashlib.sha256(safe.encode('utf-8')).hexdigest()[:8]}"
+
+
+def node_id(device_id: str) -> str:
+    """The discovery topic's node level, `faceberry_<device_id>`: one topic level per device, so a broker
+    ACL can give a Pi its own discovery configs and nobody else's (`homeassistant/+/<node_id>/+/config`)."""
+    return _id_chars(f"faceberry_{device_id}")
+
+
+def config_topic(discovery_prefix: str, component: str, device_id: str, suffix: str) -> str:
+    """`<discovery_prefix>/<component>/<node_id>/<object_id>/config`: Home Assistant's discovery topic with
+    its optional node id level (supported by every version we support)."""
+    return f"{discovery_prefix.strip('/')}/{component}/{node_id(device_id)}/{_object_id(device_id, suffix)}/config"
 
 
 def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",
@@ -173,7 +202,7 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
     def add(component: str, suffix: str, config: dict[str, Any]) -> None:
         uid = _object_id(device_id, suffix)
         icon = {"icon": ICONS[suffix]} if suffix in ICONS and "icon" not in config else {}
-        out.append((f"{dp}/{component}/{uid}/config", {"unique_id": uid, **config, **icon, **common}))
+        out.append((config_topic(dp, component, device_id, suffix), {"unique_id": uid, **config, **icon, **common}))
 
     people = [lab for lab in labels if lab != UNKNOWN]
     add("event", "face", {
@@ -195,7 +224,7 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         "json_attributes_topic": events_topic(prefix, device_id),
     })
     for label in people:
-        safe = sanitize_label(label)
+        safe = label_id(label)
         add("binary_sensor", f"{safe}_present", {
             "name": f"{label} present", "device_class": "presence",
             "state_topic": presence_topic(prefix, device_id, label), "payload_on": ON, "payload_off": OFF,
@@ -285,7 +314,9 @@ class DiscoveryLedger:
     """The config topics this device last published, kept in state_dir across restarts.
 
     A person deleted from the bundle while the daemon was stopped still has a retained config on the
-    broker; only a record of what was published can tell which topics to clear.
+    broker; only a record of what was published can tell which topics to clear. The same record moves an
+    upgrade off the topics without a node id level: their empty configs go out before the new ones, and
+    Home Assistant must process the removal first or it ignores the new config as "already exists".
     """
 
     def __init__(self, path: Path | None) -> None:

@@ -4,8 +4,9 @@ broker really let through.
 
 What must hold: the daemon's user writes every topic the daemon publishes (events, status, person and
 presence state, diagnostics, images, command results, its discovery configs) and reads its command topic and
-Home Assistant's status; it can neither write its own command topic, `homeassistant/status` nor another
-Pi's topics, nor read anything else (another Pi's commands, other devices' discovery). Home Assistant's
+Home Assistant's status; it can neither write its own command topic, `homeassistant/status`, another Pi's
+topics nor any discovery config but its own (another Pi's, another integration's), nor read anything else
+(another Pi's commands, other devices' discovery). Home Assistant's
 user may command it. A refused publish is answered 0x87 (not authorised) on MQTT 5, and silently dropped on
 MQTT 3.1.1 (the daemon's protocol) without ending the connection. Then the real daemon runs under that ACL:
 discovery, events and a command's answer go through, and the broker refuses it one publish only, the clear
@@ -157,6 +158,13 @@ REFUSED_TO_THE_DAEMON = [
     "faceberry/front-door/anything-else",  # a topic of its own it never publishes
     "faceberry/front-door/command/result/x",
     "homeassistant/sensor/x/state",  # not a discovery config
+    # Another Pi's discovery config (its node id level is not this Pi's), and one of another integration.
+    "homeassistant/sensor/faceberry_back-door/faceberry_back-door_fps/config",
+    "homeassistant/binary_sensor/faceberry_back-door/faceberry_back-door_alice_present/config",
+    "homeassistant/light/kitchen/config",
+    "homeassistant/sensor/zigbee2mqtt/kitchen_temperature/config",
+    # The form without a node id level, older releases' (see the README's upgrade note).
+    "homeassistant/sensor/faceberry_front-door_fps/config",
     "zigbee2mqtt/bridge/request/permit_join",
 ]
 

@@ -109,8 +109,8 @@ def test_zero_cooldown_never_suppresses_and_negative_is_refused() -> None:
 
 def test_home_assistant_discovery_points_at_our_topics() -> None:
     configs = dict(events.ha_discovery("faceberry", "door", ["alice", "Bob Smith"]))
-    assert "homeassistant/sensor/faceberry_door_Bob_Smith/config" in configs
-    bob = configs["homeassistant/sensor/faceberry_door_Bob_Smith/config"]
+    assert "homeassistant/sensor/faceberry_door/faceberry_door_Bob_Smith/config" in configs
+    bob = configs["homeassistant/sensor/faceberry_door/faceberry_door_Bob_Smith/config"]
     assert bob["state_topic"] == "faceberry/door/person/Bob_Smith"
     assert bob["availability_topic"] == "faceberry/door/status"
     # Every entity its own unique id (the full entity list is tested in tests/test_homeassistant.py).

@@ -51,8 +51,12 @@ def test_object_ids_are_ascii_for_any_label() -> None:
 
     configs = ha.discovery("faceberry", "door.1", ["Zoë", "Ødegaard"], images=False, commands=False, cpu_temp=False)
     for topic, config in configs:
-        assert re.fullmatch(r"[a-zA-Z0-9_-]+", topic.split("/")[2]), topic
-        assert config["unique_id"] == topic.split("/")[2]
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", topic.split("/")[3]), topic
+        assert topic.split("/")[2] == "faceberry_door_1"
+        assert config["unique_id"] == topic.split("/")[3]
+    # Labels with ASCII letters keep the unique ids they always had (Home Assistant keeps those entities).
+    assert {c["unique_id"] for t, c in configs if t.split("/")[1] == "binary_sensor"} == {
+        "faceberry_door_1_Zo__present", "faceberry_door_1__degaard_present"}
     assert {c["name"] for t, c in configs if t.split("/")[1] == "binary_sensor"} == {"Zoë present", "Ødegaard present"}
 
 
@@ -71,7 +75,9 @@ def test_discovery_lists_every_promised_entity() -> None:
     assert all(t.startswith("homeassistant/") and t.endswith("/config") for t in topics)
     assert len({c["unique_id"] for _, c in configs}) == len(configs)
     for topic, config in configs:
-        assert topic.split("/")[2] == config["unique_id"]
+        # <prefix>/<component>/<node id>/<object id>/config: the node id level is the device's own, for the ACL.
+        assert topic.split("/")[2] == "faceberry_door" and topic.split("/")[3] == config["unique_id"]
+        assert len(topic.split("/")) == 5
         assert config["availability_topic"] == "faceberry/door/status"
         assert config["device"]["identifiers"] == ["faceberry_door"]
     parts = by_component(configs)
@@ -95,7 +101,7 @@ def test_discovery_lists_every_promised_entity() -> None:
     assert text["command_topic"] == "faceberry/door/command" and "name_last_unknown" in text["command_template"]
     assert {json.loads(b["payload_press"])["command"] for b in parts["button"]} == {"wrong", "undo", "forget"}
     # The sensor older releases published keeps its unique id: dashboards built on it keep working.
-    assert "homeassistant/sensor/faceberry_door_Bob_Smith/config" in topics
+    assert "homeassistant/sensor/faceberry_door/faceberry_door_Bob_Smith/config" in topics
 
 
 def test_images_commands_and_temperature_only_when_asked() -> None:
@@ -169,6 +175,35 @@ def test_ledger_clears_topics_no_longer_published(tmp_path: Path) -> None:
     assert ha.DiscoveryLedger(path).replace(["b", "c"]) == ["a"]
     path.write_text("{broken")
     assert ha.DiscoveryLedger(path).replace(["x"]) == []
+
+
+def test_ledger_of_an_upgrade_clears_the_old_topics_first(tmp_path: Path) -> None:
+    """The release before had no node id level: <prefix>/<component>/<object id>/config. Its ledger is read
+    back, every old topic is returned for an empty retained payload (which the daemon publishes before the
+    new configs), and the unique ids do not change, so Home Assistant keeps the entities."""
+    path = tmp_path / "discovery-door.json"
+    new = ha.discovery("faceberry", "door", ["alice", "Bob Smith"], images=True, commands=True, cpu_temp=False)
+    old = {f"{t.split('/')[0]}/{t.split('/')[1]}/{t.split('/')[3]}/config": c for t, c in new}
+    path.write_text(json.dumps({"topics": sorted(old)}))
+    assert ha.DiscoveryLedger(path).replace(t for t, _ in new) == sorted(old)
+    assert {c["unique_id"] for c in old.values()} == {c["unique_id"] for _, c in new}
+    assert "homeassistant/binary_sensor/faceberry_door_alice_present/config" in old
+    # Once moved, nothing more to clear.
+    assert ha.DiscoveryLedger(path).replace(t for t, _ in new) == []
+
+
+def test_non_latin_labels_get_distinct_unique_ids() -> None:
+    """Two names with no ASCII letter or digit used to become the same `_`s; a hash of the label keeps
+    them apart. Every other label keeps its id."""
+    assert ha.label_id("Bob Smith") == "Bob_Smith" and ha.label_id("Zoë") == "Zoë"
+    a, b = ha.label_id("张伟"), ha.label_id("李娜")
+    assert a != b and a.startswith("张伟_") and a == ha.label_id("张伟")
+    configs = ha.discovery("faceberry", "door", ["张伟", "李娜", "Олег"])
+    uids = [c["unique_id"] for _, c in configs]
+    assert len(uids) == len(set(uids))
+    present = {c["name"]: c["unique_id"] for t, c in configs if t.split("/")[1] == "binary_sensor"}
+    assert present["张伟 present"] == f"faceberry_door____{a.split('_')[-1]}_present"
+    assert present["张伟 present"] != present["李娜 present"]
 
 
 def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
@@ -304,11 +339,16 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny["bundle"], bundle)
     # A person deleted while the daemon was stopped: their retained config is still on the broker.
-    gone = f"{DP}/binary_sensor/faceberry_{DEVICE}_Gone_present/config"
+    gone = f"{DP}/binary_sensor/faceberry_{DEVICE}/faceberry_{DEVICE}_Gone_present/config"
     mqtt_publish.single(gone, json.dumps({"name": "Gone present"}), qos=1, retain=True, hostname=broker.host,
                         port=broker.port)
+    # An upgrade: the release before published its configs without the node id level
+    # (<prefix>/<component>/<object id>/config), and its ledger holds those topics.
+    legacy = f"{DP}/event/faceberry_{DEVICE}_face/config"
+    mqtt_publish.single(legacy, json.dumps({"name": "Face", "unique_id": f"faceberry_{DEVICE}_face"}), qos=1,
+                        retain=True, hostname=broker.host, port=broker.port)
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / f"discovery-{DEVICE}.json").write_text(json.dumps({"topics": [gone]}))
+    (tmp_path / "state" / f"discovery-{DEVICE}.json").write_text(json.dumps({"topics": [gone, legacy]}))
 
     config = ha_config(tmp_path, bundle, broker, camera, homeassistant={"presence_timeout": 0.4, "images": True},
                        stats_interval=0.5)
@@ -327,6 +367,12 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
 
         # The removed person's config was cleared (empty retained payload).
         assert any(t == gone and p == b"" for t, p, _ in d.sub.messages)
+        # The old-form config is cleared before the same entity's new one is published: Home Assistant
+        # ignores a config whose unique id another config still holds.
+        topics = [(t, p) for t, p, _ in d.sub.messages]
+        cleared = topics.index((legacy, b""))
+        moved = f"{DP}/event/faceberry_{DEVICE}/faceberry_{DEVICE}_face/config"
+        assert cleared < min(i for i, (t, p) in enumerate(topics) if t == moved and p), topics
 
         # A newcomer (Home Assistant restarted) gets every config retained.
         late = Subscriber(broker.host, broker.port, f"{DP}/#")
@@ -508,7 +554,8 @@ def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_f
     config = ha_config(tmp_path, store / "bundles" / "current", broker, camera, stats_interval=3600)
     d = Daemon(config, broker)
     uid = f"faceberry_{DEVICE}_{gone}"
-    their = {f"{DP}/binary_sensor/{uid}_present/config", f"{DP}/sensor/{uid}/config"}
+    their = {f"{DP}/binary_sensor/faceberry_{DEVICE}/{uid}_present/config",
+             f"{DP}/sensor/faceberry_{DEVICE}/{uid}/config"}
     diagnostics = ha.diagnostics_topic("faceberry", DEVICE)
     try:
         d.wait(lambda m: their <= {t for t, p, _ in m if p}, 60)
@@ -518,7 +565,7 @@ def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_f
         switch_current(store, "v2")
         d.proc.send_signal(signal.SIGHUP)
         d.wait(lambda m: their <= {t for t, p, _ in m if not p}, 60)
-        event_topic = f"{DP}/event/faceberry_{DEVICE}_face/config"
+        event_topic = f"{DP}/event/faceberry_{DEVICE}/faceberry_{DEVICE}_face/config"
         d.wait(lambda m: gone not in json.loads([p for t, p, _ in m if t == event_topic][-1])["event_types"], 30)
         # Bundle and People enrolled follow the reload at once, not a stats interval later.
         d.wait(lambda m: any(t == diagnostics for t, _, _ in m[mark:]), 30)
@@ -533,7 +580,7 @@ def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_f
     time.sleep(1.0)
     retained = {t for t, p, r in late.messages if r and p}
     late.close()
-    assert not their & retained and f"{DP}/event/faceberry_{DEVICE}_face/config" in retained
+    assert not their & retained and f"{DP}/event/faceberry_{DEVICE}/faceberry_{DEVICE}_face/config" in retained
 
 
 def _retained(broker, topic: str, wait: float = 1.5) -> bytes | None:

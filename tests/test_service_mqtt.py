@@ -219,7 +219,7 @@ def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosqui
         assert ha.wait_for(lambda m: len(m) >= len(tiny_bundle_people) + 1, 10)
         topics = {t for t, _, _ in ha.messages}
         for name in tiny_bundle_people:
-            assert f"homeassistant/sensor/faceberry_testcam_{name}/config" in topics
+            assert f"homeassistant/sensor/faceberry_testcam/faceberry_testcam_{name}/config" in topics
         config_payload = json.loads(ha.messages[0][1])
         assert config_payload["availability_topic"] == f"faceberry/{DEVICE}/status"
     finally:
