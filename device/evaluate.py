@@ -267,6 +267,8 @@ def _summarise(bundle, photos, probes, unreadable, timings, known_folders, stran
         strangers[folder] = {
             "probes": len(rows), "false_accepts": c["false_accept"], "rejected": c["rejected"],
             "no_face": c["no_face"], "false_accept_rate": _ratio(c["false_accept"], found),
+            # Whom a lookalike is taken for: one "this is not X" correction is aimed at that person.
+            "taken_for": dict(Counter(p["predicted"] for p in rows if p["outcome"] == "false_accept").most_common()),
         }
     known = [p for p in probes if p["known"]]
     unknown = [p for p in probes if not p["known"]]
@@ -299,11 +301,18 @@ def _summarise(bundle, photos, probes, unreadable, timings, known_folders, stran
         "per_person": per_person,
         "strangers": strangers,
         "confusion": {row: dict(cols) for row, cols in confusion.items()},
+        "confusions": confusions(probes),
         "operating_points": operating_points(probes),
         "latency_ms": {stage: _stats(values) for stage, values in timings.items()},
         "unreadable": unreadable,
         "probes": probes,
     }
+
+
+def confusions(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Enrolled people named as another enrolled person, most frequent first: [{truth, predicted, probes}]."""
+    pairs = Counter((p["truth"], p["predicted"]) for p in probes if p.get("outcome") == "wrong")
+    return [{"truth": t, "predicted": pred, "probes": n} for (t, pred), n in pairs.most_common()]
 
 
 def _pct(value: float | None) -> str:
@@ -328,10 +337,13 @@ def format_report(result: dict[str, Any], quiet: bool = False) -> str:
                              f"{row['rejected']:7d} {row['no_face']:7d} {_pct(row['accuracy']):>8}")
         if result["strangers"]:
             lines.append(f"{'strangers':<{width}} {'probes':>6} {'accepted':>8} {'unknown':>7} {'no face':>7} "
-                         f"{'FAR':>7}")
+                         f"{'FAR':>7}  taken for")
             for name, row in result["strangers"].items():
+                taken = ", ".join(f"{who} {n}" for who, n in row.get("taken_for", {}).items())
                 lines.append(f"{name:<{width}} {row['probes']:6d} {row['false_accepts']:8d} {row['rejected']:7d} "
-                             f"{row['no_face']:7d} {_pct(row['false_accept_rate']):>7}")
+                             f"{row['no_face']:7d} {_pct(row['false_accept_rate']):>7}  {taken}".rstrip())
+        for item in result.get("confusions", []):
+            lines.append(f"confused: {item['truth']} named {item['predicted']} in {item['probes']} photo(s)")
     c = result["counts"]
     strangers_found = c["stranger_probes"] - c["stranger_no_face"]
     lines.append(

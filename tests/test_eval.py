@@ -91,6 +91,10 @@ def test_strangers_false_accept_rate_is_consistent_with_the_counts(eval_result, 
     assert 0.0 <= eval_result["stranger_false_accept_rate"] <= 1.0
     per_folder = sum(row["false_accepts"] for row in eval_result["strangers"].values())
     assert per_folder == len(accepted)
+    for folder, row in eval_result["strangers"].items():
+        assert row["taken_for"] == dict(Counter(p["predicted"] for p in accepted if p["folder"] == folder))
+    wrong = Counter((p["truth"], p["predicted"]) for p in probes if p["outcome"] == "wrong")
+    assert {(c["truth"], c["predicted"]): c["probes"] for c in eval_result["confusions"]} == dict(wrong)
     no_face = sum(1 for p in probes if p["faces"] == 0)
     assert eval_result["no_face_rate"] == pytest.approx(no_face / len(probes))
 
@@ -179,3 +183,34 @@ def test_help_documents_every_flag(capsys):
         assert flag in text
     assert isinstance(evaluate.HELP, str) and evaluate.HELP
     assert Path(evaluate.__file__).name == "evaluate.py"
+
+
+def test_confusions_and_lookalikes_are_named_in_the_report():
+    """Who is taken for whom: the figures a user needs to aim a correction (synthetic probes, no bundle)."""
+    def probe(folder: str, known: bool, predicted: str) -> dict:
+        p = {"folder": folder, "truth": folder if known else UNKNOWN, "known": known, "faces": 1,
+             "predicted": predicted, "best": predicted, "score": 0.9}
+        p["outcome"] = evaluate._outcome(p)
+        return p
+
+    probes = [probe("alice", True, "alice"), probe("alice", True, "bob"), probe("alice", True, "bob"),
+              probe("bob", True, "alice"), probe("bob", True, "bob"),
+              probe("carl", False, "alice"), probe("carl", False, "alice"), probe("carl", False, "bob"),
+              probe("dana", False, UNKNOWN)]
+    assert evaluate.confusions(probes) == [{"truth": "alice", "predicted": "bob", "probes": 2},
+                                           {"truth": "bob", "predicted": "alice", "probes": 1}]
+    result = {"per_person": {}, "strangers": {
+        "carl": {"probes": 3, "false_accepts": 3, "rejected": 0, "no_face": 0, "false_accept_rate": 1.0,
+                 "taken_for": {"alice": 2, "bob": 1}},
+        "dana": {"probes": 1, "false_accepts": 0, "rejected": 1, "no_face": 0, "false_accept_rate": 0.0,
+                 "taken_for": {}}},
+        "confusions": evaluate.confusions(probes)}
+    lines = [line for line in evaluate.format_report({
+        **result, "bundle_id": "b", "photos": "p", "threads": 1, "known_accuracy": 0.6, "closed_set_accuracy": 0.6,
+        "stranger_false_accept_rate": 0.75, "no_face_rate": 0.0, "operating_points": [], "latency_ms": {},
+        "classifier": {"kind": "gallery", "quantization": "int8", "input_size": 150, "accept_threshold": 0.9},
+        "counts": {"right": 3, "known_probes": 5, "stranger_probes": 4, "stranger_no_face": 0, "false_accepts": 3,
+                   "no_face": 0, "probes": 9, "unreadable": 0}}).splitlines()]
+    assert any(line.startswith("carl") and line.endswith("alice 2, bob 1") for line in lines), lines
+    assert any(line.startswith("dana") and line.rstrip().endswith("0.0%") for line in lines), lines
+    assert "confused: alice named bob in 2 photo(s)" in lines
