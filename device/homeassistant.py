@@ -18,7 +18,7 @@ release we support, unlike device-based discovery (2024.11+). Entities:
   sensor         "Last command" (only with homeassistant.commands): every command's result message, the
                  result JSON as attributes
 
-The minimum Home Assistant is 2023.8 (the MQTT event entity); 2024.1 is the oldest tested.
+Supported from Home Assistant 2024.1, the oldest tested; before 2023.8 (no MQTT event entity) nothing works.
 
 Every entity is unavailable while the daemon's status topic says `offline`. An entity that disappears
 (a person deleted, images turned off) gets an empty retained config, which removes it from Home Assistant.
