@@ -262,8 +262,8 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-        for suffix in ("-shm", "-journal"):  # rebuilt by SQLite; a stale one must not meet the fresh file
-            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        for companion in ("-shm", "-journal"):  # rebuilt by SQLite; a stale one must not meet the fresh file
+            self.path.with_name(self.path.name + companion).unlink(missing_ok=True)
         try:
             aside = move_aside(self.path, companions=("-wal", "-shm"))
         except OSError as exc:
@@ -645,8 +645,8 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], int]:
         except sqlite3.Error:
             found = None
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{repaired}{suffix}").unlink(missing_ok=True)
+            for companion in ("", "-wal", "-shm"):
+                Path(f"{repaired}{companion}").unlink(missing_ok=True)
         if found is not None and (best is None or len(found[0]) > len(best[0])):
             best = found
     return best if best is not None else ([], -1)
@@ -816,8 +816,8 @@ def _repaired_copies(path: Path) -> list[Path]:
 def _template_page(path: Path, page_size: int) -> bytes:
     """Page 1 of a fresh, empty outbox with this page size."""
     template = path.with_name(f".{path.name}.template")
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        Path(f"{template}{suffix}").unlink(missing_ok=True)
+    for companion in ("", "-wal", "-shm", "-journal"):
+        Path(f"{template}{companion}").unlink(missing_ok=True)
     try:
         db = sqlite3.connect(str(template), isolation_level=None)
         try:
