@@ -104,26 +104,31 @@ def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tin
     from device.bundle import load_bundle
 
     broker = mosquitto_factory()
-    threshold = load_bundle(Path(tiny["bundle"])).accept_threshold
+    calibrated = load_bundle(Path(tiny["bundle"])).accept_threshold
     newcomer = sorted(Path(tiny["newcomer_photos"]).iterdir()) + [Path(p) for p in tiny["newcomer_probes"]]
     lfw = Path(tiny["newcomer_probes"][0]).parent.parent
     others = [sorted(d.glob("*.jpg"))[0] for d in sorted(lfw.iterdir())
               if d.is_dir() and d.name not in tiny["people"] and d.name != tiny["newcomer"]][-12:]
-    seen = {p: (label, vec) for p, (label, _, vec) in zip(newcomer + others, predictions(Path(tiny["bundle"]),
-                                                                                        newcomer + others),
-                                                            strict=True)}
-    unknown_newcomer = [p for p in newcomer if seen[p][0] == "unknown"]
-    pick = None
-    for p1, p2 in itertools.combinations(unknown_newcomer, 2):
-        same = float(seen[p1][1] @ seen[p2][1])
-        for q in others:
-            far = max(float(seen[q][1] @ seen[p1][1]), float(seen[q][1] @ seen[p2][1]))
-            if (seen[q][0] == "unknown" and same >= threshold + MARGIN and far < threshold - MARGIN
-                    and same > far + MARGIN):
-                pick = (p1, p2, q)
-                break
-        if pick:
-            break
+
+    def find(threshold: float) -> tuple[Path, Path, Path] | None:
+        seen = {p: (label, vec) for p, (label, _, vec) in zip(newcomer + others, predictions(
+            Path(tiny["bundle"]), newcomer + others, threshold), strict=True)}
+        unknown_newcomer = [p for p in newcomer if seen[p][0] == "unknown"]
+        for p1, p2 in itertools.combinations(unknown_newcomer, 2):
+            same = float(seen[p1][1] @ seen[p2][1])
+            for q in others:
+                far = max(float(seen[q][1] @ seen[p1][1]), float(seen[q][1] @ seen[p2][1]))
+                if (seen[q][0] == "unknown" and same >= threshold + MARGIN and far < threshold - MARGIN
+                        and same > far + MARGIN):
+                    return p1, p2, q
+        return None
+
+    # The suite's toy embedder packs faces close together, so its calibrated threshold may leave no pair of a
+    # stranger's photos clearly within it; the config's threshold override (which the stranger memory follows,
+    # as it follows the bundle's) moves it by at most 0.03 to where one exists.
+    threshold, pick = next(((t, p) for t in (calibrated, *(calibrated + d for d in (-0.01, 0.01, -0.02, 0.02, -0.03,
+                                                                                    0.03)))
+                            if (p := find(t)) is not None), (calibrated, None))
     assert pick, "no two unknown photos of the newcomer are within the accept threshold of each other"
     p1, p2, q = pick
     camera = tmp_path / "camera"
@@ -135,7 +140,8 @@ def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tin
     link(p2, camera / "e_again.jpg")
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny["bundle"], bundle)
-    config = ha_config(tmp_path, bundle, broker, camera, memory={"strangers": True}, homeassistant={"commands": True})
+    config = ha_config(tmp_path, bundle, broker, camera, memory={"strangers": True}, homeassistant={"commands": True},
+                       recognition={"threshold": threshold})
     config.write_text(config.read_text().replace("loop: true", "loop: false"))
     events_topic = f"faceberry/{DEVICE}/events"
 
