@@ -143,3 +143,55 @@ def test_one_person_without_a_cohort_is_refused_with_the_fix(one, tmp_path):
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith("error: only one person") and "python -m train cohort --backbone" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.broker
+def test_the_daemon_and_home_assistant_name_the_one_person_and_no_stranger(one, tmp_path, mosquitto_factory):
+    """The bundle of one on the door: a folder camera shows the person's probes and the strangers' photos; the
+    events name the person and leave strangers unknown, and Home Assistant gets a presence entity for them."""
+    import cv2
+
+    from device import homeassistant as ha
+    from tests.test_homeassistant import Daemon, ha_config
+
+    # Each photo followed by an empty frame: the track ends, so every photo is a new face and its own event.
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    probes = one["work"] / "probes"
+    photos = [p for folder in sorted(probes.iterdir()) for p in sorted(folder.iterdir()) if p.name != "zz_pair.jpg"]
+    owner = {}
+    for i, photo in enumerate(photos):
+        shown = camera / f"{i:03d}a_{photo.name}"
+        shown.symlink_to(photo.resolve())
+        owner[str(shown)] = photo.parent.name
+        cv2.imwrite(str(camera / f"{i:03d}b_empty.jpg"), np.zeros((250, 250, 3), np.uint8))
+    broker = mosquitto_factory()
+    config = ha_config(tmp_path, one["bundle"], broker, camera, homeassistant={"presence_timeout": 300})
+    d = Daemon(config, broker)
+    topic = "faceberry/hacam/events"
+    try:
+        # The folder looped once: the first photo decided came round again (a photo without a detectable face
+        # makes no event, so "every photo" cannot be waited for).
+        def looped(m) -> bool:
+            sources = [json.loads(p)["source"] for t, p, _ in m if t == topic and p]
+            return bool(sources) and sources.count(sources[0]) >= 2
+        d.wait(looped, 300)
+        events = d.json_on(topic)
+        retained = {t: json.loads(p) for t, p, r in d.sub.messages if t.endswith("/config") and p}
+        presence = [p for t, p, _ in d.sub.messages if t == ha.presence_topic("faceberry", "hacam", one["person"])]
+    finally:
+        d.stop()
+    first = {}
+    for e in events:
+        first.setdefault(e["source"], e["label"])
+    assert set(first) <= set(owner), sorted(first)[:3]
+    mine = {s: label for s, label in first.items() if owner[s] == one["person"]}
+    theirs = {s: label for s, label in first.items() if owner[s] != one["person"]}
+    assert len(mine) == PROBES and sum(label == one["person"] for label in mine.values()) >= PROBES - 1, mine
+    assert len(theirs) >= 25 and sum(label != "unknown" for label in theirs.values()) <= 1, theirs
+    (event_cfg,) = [c for t, c in retained.items() if t.split("/")[1] == "event"]
+    assert event_cfg["event_types"] == [one["person"], "unknown"]
+    assert any(t.split("/")[1] == "binary_sensor"
+               and c.get("state_topic") == ha.presence_topic("faceberry", "hacam", one["person"])
+               for t, c in retained.items()), sorted(retained)
+    assert b"ON" in presence
