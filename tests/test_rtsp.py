@@ -281,6 +281,24 @@ def test_a_decoder_that_falls_behind_reconnects_and_says_to_use_the_substream(
     assert any("use the camera's substream" in r.getMessage() for r in caplog.records)
 
 
+def test_check_opens_the_stream_once_with_the_password_from_the_config_file(
+        rtsp_server: RtspServer, tmp_path: Path) -> None:
+    from device.check import check_camera
+    from device.config import load_config
+
+    secret = tmp_path / "camera_password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"bundle: /b\ndevice_id: d1\ncamera:\n  source: rtsp\n  device: {rtsp_server.url()}\n"
+                      "  password_file: camera_password\n")
+    assert check_camera(load_config(config, env={}), timeout=20) == f"rtsp:{rtsp_server.url()}: got a 640×360 frame"
+    secret.write_text("guess\n")
+    with pytest.raises(CameraError, match=r"refused the user name and password") as caught:
+        check_camera(load_config(config, env={}), timeout=20)
+    assert "faceberry.service" not in str(caught.value)  # a camera streams to several clients at once
+
+
 # --- config and URLs (no server needed) ---------------------------------------------------------------------
 
 def test_the_password_is_never_in_the_config_and_comes_from_a_file_or_a_systemd_credential(tmp_path: Path) -> None:
