@@ -315,7 +315,7 @@ def _open_ffmpeg(url: str, options: str, timeouts: list[int]) -> cv2.VideoCaptur
                 os.environ[_FFMPEG_OPTIONS_VAR] = before
 
 
-def diagnose_rtsp(url: str, password: str | None, timeout: float = 5.0) -> str:
+def diagnose_rtsp(url: str, password: str | None, timeout: float = 5.0, transport: str = "tcp") -> str:
     """Why an RTSP URL does not open, as '<what> ; <fix>', found by asking the camera ourselves.
 
     OpenCV only says "not opened"; FFmpeg's reason goes to stderr. One DESCRIBE (with Digest or Basic
@@ -363,6 +363,9 @@ def diagnose_rtsp(url: str, password: str | None, timeout: float = 5.0) -> str:
                 "camera's documented RTSP URL (README: IP cameras and doorbells)")
     if status != 200:
         return f"the camera answered RTSP {status}; check the URL in camera.device"
+    if transport == "udp":
+        return ("the camera accepts the URL and credentials but no video arrived over UDP (a firewall or NAT "
+                "drops it); set camera.rtsp_transport: tcp")
     return ("the camera accepts the URL and credentials but the stream could not be decoded; choose an H.264 "
             "stream (the substream) in camera.device or in the camera's video settings")
 
@@ -456,7 +459,8 @@ class RtspSource(FrameSource):
         cap = _open_ffmpeg(url_with_password(self.url, self.password), options, timeouts)
         if not cap.isOpened():
             cap.release()
-            reason = diagnose_rtsp(self.url, self.password, timeout=min(self.open_timeout_s, 5.0))
+            reason = diagnose_rtsp(self.url, self.password, timeout=min(self.open_timeout_s, 5.0),
+                                   transport=self.transport)
             raise CameraError(f"cannot open RTSP camera {redact_url(self.url)}: {reason}")
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # honoured by some backends, not FFmpeg's: the thread is the fix
         self._cap = cap
@@ -486,8 +490,10 @@ class RtspSource(FrameSource):
                 self.grabbed += 1
                 pts = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
                 offset = time.monotonic() - pts
-                if pts < last_pts or best_offset is None:
-                    best_offset = offset  # the camera's clock restarted: a new reference
+                if pts <= last_pts or best_offset is None:
+                    # The camera's clock restarted, or it sends no usable timestamps: a new reference, so
+                    # a stream without them is never taken for one we fall behind.
+                    best_offset = offset
                 last_pts = pts
                 best_offset = min(best_offset, offset)
                 self.lag_s = offset - best_offset
@@ -621,7 +627,8 @@ def open_source(cfg: Any) -> FrameSource:
         return FolderSource(str(cfg.device), loop=cfg.loop)
     if cfg.source == "rtsp":
         return RtspSource(str(cfg.device), password=getattr(cfg, "password", None),
-                          transport=getattr(cfg, "rtsp_transport", "tcp"))
+                          transport=getattr(cfg, "rtsp_transport", "tcp"),
+                          max_lag_s=float(getattr(cfg, "rtsp_max_lag_s", 3.0)))
     raise CameraError(f"unknown camera source {cfg.source!r}; use picamera2, rtsp, opencv or folder")
 
 

@@ -144,6 +144,10 @@ class CameraConfig(_Section):
     rtsp_transport: Literal["tcp", "udp"] = Field(
         "tcp", description="rtsp: how the video travels; tcp survives Wi-Fi loss without smeared frames, udp has "
         "a little less delay on a clean wired network")
+    rtsp_max_lag_s: float = Field(
+        3.0, ge=0, le=3600, description="rtsp: seconds decoding may fall behind the camera's clock (a stream too "
+        "big for this device) before the stream is reopened to drop the backlog; 0 = never (for a camera whose "
+        "timestamps run slow)")
     width: int = Field(640, ge=16, le=8192, description="capture width of live cameras in pixels (files keep theirs)")
     height: int = Field(480, ge=16, le=8192, description="capture height of live cameras in pixels")
     fps: float = Field(
