@@ -316,53 +316,64 @@ def _open_ffmpeg(url: str, options: str, timeouts: list[int]) -> cv2.VideoCaptur
 
 
 def diagnose_rtsp(url: str, password: str | None, timeout: float = 5.0, transport: str = "tcp") -> str:
-    """Why an RTSP URL does not open, as '<what> ; <fix>', found by asking the camera ourselves.
+    """Why an RTSP URL does not open, as '<what>; <fix>', found by asking the camera ourselves.
 
-    OpenCV only says "not opened"; FFmpeg's reason goes to stderr. One DESCRIBE (with Digest or Basic
-    credentials when the camera asks) tells a wrong host, port, path or password apart.
+    OpenCV only says "not opened" (FFmpeg's reason goes to stderr, if anywhere). A DESCRIBE, and a second
+    one with Digest or Basic credentials when the camera asks, tells a wrong host, port, path or password
+    apart. Each request has a connection of its own: some cameras hang up after a 401.
     """
     parts = urllib.parse.urlsplit(url)
     host, secure = parts.hostname or "", parts.scheme == "rtsps"
     port = parts.port or (322 if secure else 554)
-    try:
+    plain = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    where = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+
+    def ask(authorization: str | None) -> tuple[int, dict[str, list[str]]]:
         sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            if secure:
+                # Cameras serve RTSPS with self-signed certificates; this only asks for a status code.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(sock, server_hostname=host)
+            return _describe(sock, plain, authorization)
+        finally:
+            sock.close()
+
+    try:
+        status, headers = ask(None)
     except socket.gaierror:
         return (f"the host name {host!r} does not resolve; fix the host in camera.device (the camera's IP address "
                 "is safest)")
     except ConnectionRefusedError:
         return (f"{host} refuses connections on port {port}; check the port in camera.device (554 for most "
                 "cameras) and that RTSP is enabled in the camera's settings")
+    except TimeoutError:
+        return (f"{host}:{port} does not answer (timed out); check that the camera is on, its address and port in "
+                "camera.device, and the network between them")
     except OSError as exc:
         return (f"{host}:{port} is unreachable ({exc.strerror or exc}); check that the camera is on, its IP "
                 "address in camera.device, and the network between them")
-    try:
-        if secure:
-            # Cameras serve RTSPS with self-signed certificates; this is only a diagnosis, no data is sent.
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            sock = context.wrap_socket(sock, server_hostname=host)
-        plain = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        status, headers = _describe(sock, plain, None)
+    except ValueError as exc:
+        return f"{host}:{port} does not speak RTSP ({exc}); check the port in camera.device (554 for most cameras)"
+    if status == 401:
+        if not password:
+            return ("the camera asks for a user name and password; put the user in camera.device "
+                    "(rtsp://USER@host/...) and the password in camera.password_file")
+        user = urllib.parse.unquote(parts.username or "")
+        try:
+            status, _ = ask(_authorization(headers.get("www-authenticate", []), "DESCRIBE", plain, user, password))
+        except (OSError, ValueError) as exc:
+            return f"{host}:{port} stopped answering after asking for a password ({exc}); try again"
         if status == 401:
-            challenge = headers.get("www-authenticate", "")
-            if not password:
-                return ("the camera asks for a user name and password; put the user in camera.device "
-                        "(rtsp://USER@host/...) and the password in camera.password_file")
-            status, headers = _describe(sock, plain, _authorization(challenge, "DESCRIBE", plain,
-                                                                   parts.username or "", password))
-            if status == 401:
-                return ("the camera refused the user name and password; check the user in camera.device and "
-                        "the password in camera.password_file")
-    except (OSError, ValueError) as exc:
-        return f"{host}:{port} does not answer RTSP ({exc}); check the port in camera.device (554 for most cameras)"
-    finally:
-        sock.close()
+            return ("the camera refused the user name and password; check the user in camera.device and the "
+                    "password in camera.password_file")
     if status == 404:
-        return (f"the camera has no stream at {parts.path or '/'}; check the path in camera.device against the "
-                "camera's documented RTSP URL (README: IP cameras and doorbells)")
+        return (f"the camera has no stream at {where}; check the path in camera.device against the camera's "
+                "documented RTSP URL (README: IP cameras and doorbells)")
     if status != 200:
-        return f"the camera answered RTSP {status}; check the URL in camera.device"
+        return f"the camera answered RTSP {status} to {where}; check the URL in camera.device"
     if transport == "udp":
         return ("the camera accepts the URL and credentials but no video arrived over UDP (a firewall or NAT "
                 "drops it); set camera.rtsp_transport: tcp")
@@ -370,8 +381,8 @@ def diagnose_rtsp(url: str, password: str | None, timeout: float = 5.0, transpor
             "stream (the substream) in camera.device or in the camera's video settings")
 
 
-def _describe(sock: socket.socket, url: str, authorization: str | None) -> tuple[int, dict[str, str]]:
-    """Send one RTSP DESCRIBE on `sock`; the status code and the response headers."""
+def _describe(sock: socket.socket, url: str, authorization: str | None) -> tuple[int, dict[str, list[str]]]:
+    """Send one RTSP DESCRIBE on `sock`; the status code and the response headers (lower-case names)."""
     lines = [f"DESCRIBE {url} RTSP/1.0", "CSeq: 1", "Accept: application/sdp", "User-Agent: faceberry"]
     if authorization:
         lines.append(f"Authorization: {authorization}")
@@ -386,33 +397,36 @@ def _describe(sock: socket.socket, url: str, authorization: str | None) -> tuple
     match = re.match(r"RTSP/\d\.\d (\d{3})", head[0] if head else "")
     if not match:
         raise ValueError("no RTSP status line")
-    headers: dict[str, str] = {}
+    headers: dict[str, list[str]] = {}
     for line in head[1:]:
         key, _, value = line.partition(":")
-        headers.setdefault(key.strip().lower(), value.strip())
-    length = int(headers.get("content-length", "0") or 0)
-    body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
-    while len(body) < length:  # read the SDP off the connection, so the next request's answer is clean
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        body += chunk
+        headers.setdefault(key.strip().lower(), []).append(value.strip())
     return int(match.group(1)), headers
 
 
-def _authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
-    """The Authorization header answering a WWW-Authenticate challenge (Digest, RFC 2617 without qop; or Basic)."""
-    if challenge.lower().startswith("digest"):
-        fields = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge[6:]))
-        realm, nonce = fields.get("realm", ""), fields.get("nonce", "")
+def _authorization(challenges: list[str], method: str, uri: str, user: str, password: str) -> str:
+    """The Authorization header answering the camera's WWW-Authenticate challenges: Digest if offered, else Basic."""
+    digest = next((c for c in challenges if c.lower().startswith("digest")), None)
+    if digest is None:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    fields = {key: quoted or bare for key, quoted, bare in re.findall(r'(\w+)=(?:"([^"]*)"|([^\s,]*))', digest[6:])}
+    realm, nonce = fields.get("realm", ""), fields.get("nonce", "")
 
-        def md5(text: str) -> str:
-            return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
-        response = md5(f"{md5(f'{user}:{realm}:{password}')}:{nonce}:{md5(f'{method}:{uri}')}")
-        return (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-                f'response="{response}"')
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"{method}:{uri}")
+    header = f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}"'
+    if "auth" in [q.strip() for q in fields.get("qop", "").split(",")]:  # RFC 2617 with qop=auth
+        cnonce = hashlib.sha256(os.urandom(16)).hexdigest()[:16]
+        response = md5(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
+        header += f', qop=auth, nc=00000001, cnonce="{cnonce}"'
+    else:
+        response = md5(f"{ha1}:{nonce}:{ha2}")
+    header += f', response="{response}"'
+    if "opaque" in fields:
+        header += f', opaque="{fields["opaque"]}"'
+    return header
 
 
 class RtspSource(FrameSource):

@@ -4,6 +4,7 @@ Run with the system Python that has GStreamer's bindings (Debian: python3-gi, gi
 gstreamer1.0-plugins-good and -ugly for x264enc), not the project's venv:
 
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --frames DIR/frame%03d.jpg [--user U --password P]
+        [--auth digest|basic]
 
 It plays the JPEG frames in a loop at --fps, H.264-encoded as an IP camera sends them, at
 rtsp://127.0.0.1:PORT/face (and /face_sub, a second path like a camera's substream). It prints "ready" once
@@ -32,6 +33,8 @@ def main() -> int:
     parser.add_argument("--fps", type=int, default=15)
     parser.add_argument("--user")
     parser.add_argument("--password")
+    parser.add_argument("--auth", choices=("basic", "digest"), default="digest",
+                        help="how the password is asked for (most cameras: digest)")
     args = parser.parse_args()
 
     Gst.init(None)
@@ -57,8 +60,11 @@ def main() -> int:
         auth = GstRtspServer.RTSPAuth()
         token = GstRtspServer.RTSPToken()
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
-        basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
-        auth.add_basic(basic, token)
+        if args.auth == "digest":
+            auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+            auth.add_digest(args.user, args.password or "", token)
+        else:
+            auth.add_basic(GstRtspServer.RTSPAuth.make_basic(args.user, args.password or ""), token)
         server.set_auth(auth)
 
     def on_setup(_client: object, ctx: GstRtspServer.RTSPContext) -> GstRtsp.RTSPStatusCode:

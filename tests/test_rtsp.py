@@ -73,7 +73,7 @@ def face_frames(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[np.
 class RtspServer:
     """tests/rtsp_server.py on a fixed loopback port; stop() and start() keep the port, as a camera rebooting."""
 
-    def __init__(self, frames: str, workdir: Path, auth: bool = True) -> None:
+    def __init__(self, frames: str, workdir: Path, auth: str | None = "digest") -> None:
         self.frames, self.workdir, self.auth = frames, workdir, auth
         self.port = free_port()
         self.log = workdir / f"rtsp-{self.port}.log"
@@ -85,7 +85,7 @@ class RtspServer:
     def start(self) -> None:
         args = [SYSTEM_PYTHON, str(SERVER), "--port", str(self.port), "--frames", self.frames, "--fps", str(FPS)]
         if self.auth:
-            args += ["--user", USER, "--password", PASSWORD]
+            args += ["--user", USER, "--password", PASSWORD, "--auth", self.auth]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -116,9 +116,10 @@ def server_available() -> None:
 
 
 @pytest.fixture
-def rtsp_server(server_available: None, face_frames: tuple[str, list[np.ndarray]],
-                tmp_path: Path) -> Iterator[RtspServer]:
-    server = RtspServer(face_frames[0], tmp_path)
+def rtsp_server(server_available: None, face_frames: tuple[str, list[np.ndarray]], tmp_path: Path,
+                request: pytest.FixtureRequest) -> Iterator[RtspServer]:
+    """A camera asking for a Digest password (as most do), or what the test's `auth` parameter names."""
+    server = RtspServer(face_frames[0], tmp_path, getattr(request, "param", "digest"))
     server.start()
     yield server
     server.stop()
@@ -228,6 +229,7 @@ def test_a_camera_that_reboots_is_an_outage_and_frames_come_back_on_their_own(
     assert not capture.out_now and capture.outages == 1 and capture.last_outage_s > 0
 
 
+@pytest.mark.parametrize("rtsp_server", ["digest", "basic"], indirect=True)
 @pytest.mark.parametrize("case, message", [
     ("wrong password", r"refused the user name and password; check the user in camera\.device and the password "
                        r"in camera\.password_file"),
