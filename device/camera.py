@@ -654,9 +654,9 @@ class Capture:
 
     `drop_oldest` defaults to the source being live (or paced by `fps`): then a full queue discards its
     oldest frame, counted in `dropped`; otherwise the reader waits for room. A source that keeps its own
-    newest frame (`keeps_latest`, an RTSP camera) is read on demand instead: only while a consumer waits
-    in `get()`, so the frame it gets is the newest, never one that aged in the queue; the frames it
-    skipped are the source's drops, included in `dropped`.
+    newest frame (`keeps_latest`, an RTSP camera) is read on demand instead: once for each `get()` that
+    finds no frame queued, so the frame it gets is the newest, never one that aged in a queue; the frames
+    it skipped are the source's drops, included in `dropped`.
 
     `supervise` (default: the source is live) reopens a source that fails, ends or cannot be opened at
     start, waiting `reopen_min_s` doubling up to `reopen_max_s` between attempts, for up to `max_outage_s`
@@ -685,7 +685,9 @@ class Capture:
         self.drop_oldest = (source.live or bool(self.pace)) if drop_oldest is None else drop_oldest
         self.captured = 0
         self._queue_dropped = 0
-        self._waiting = 0  # consumers blocked in get(): the demand an on-demand source is read for
+        # An on-demand source is read once per get() that found the queue empty: the request stays until a
+        # frame answers it, so a consumer that polls (get with a short timeout) is served too.
+        self._demand = False
         self.error: BaseException | None = None
         self._queue: deque[Any] = deque()
         self._cond = threading.Condition()
@@ -767,10 +769,11 @@ class Capture:
             self._put(_END)
 
     def _await_demand(self) -> bool:
-        """Wait until a consumer waits for a frame and none is queued; False when stopping."""
+        """Wait until a consumer asked for a frame and none is queued; False when stopping."""
         with self._cond:
-            while not self._stop.is_set() and (self._waiting == 0 or self._queue):
+            while not self._stop.is_set() and (not self._demand or self._queue):
                 self._cond.wait(0.5)
+            self._demand = False
             return not self._stop.is_set()
 
     @property
@@ -848,13 +851,11 @@ class Capture:
         Raises TimeoutError if no frame arrived within `timeout` seconds.
         """
         with self._cond:
-            self._waiting += 1
-            self._cond.notify_all()
-            try:
-                if not self._cond.wait_for(lambda: bool(self._queue), timeout):
-                    raise TimeoutError("no frame")
-            finally:
-                self._waiting -= 1
+            if not self._queue and not self._demand:
+                self._demand = True
+                self._cond.notify_all()
+            if not self._cond.wait_for(lambda: bool(self._queue), timeout):
+                raise TimeoutError("no frame")
             item = self._queue.popleft()
             if item is _END:
                 self._queue.appendleft(_END)  # every later get() also sees the end

@@ -518,3 +518,22 @@ def test_a_source_that_keeps_its_newest_frame_is_read_only_when_the_consumer_ask
         capture.stop()
     # The source's own drops are the capture's: the stats and Home Assistant read capture.dropped.
     assert capture.dropped == 6 and capture.captured == 3
+
+
+def test_a_consumer_that_polls_a_keeps_latest_source_is_served() -> None:
+    """A scheduler serving several cameras asks each with a short timeout: the request must outlive it."""
+    source = Newest()
+    capture = Capture(source).start()
+    try:
+        got = None
+        for _ in range(500):
+            try:
+                got = capture.get(timeout=0)
+                break
+            except TimeoutError:
+                time.sleep(0.01)
+        assert got is not None and int(got.image[0, 0, 0]) == 1
+        time.sleep(0.2)
+        assert source.reads == 1  # one read per request, not a stream of them
+    finally:
+        capture.stop()
