@@ -202,7 +202,7 @@ class CameraConfig(_Section):
         scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
         if scheme not in ("rtsp", "rtsps"):
             raise ValueError(f"camera.device: source rtsp needs an rtsp:// or rtsps:// URL such as "
-                             f"rtsp://admin@192.168.1.20:554/stream2, got {_short(url)}")
+                             f"rtsp://admin@192.168.1.20:554/stream2, got {_short(_redacted(url))}")
         if _url_password(url) is not None:
             # Not echoed: the value is the secret.
             raise ValueError("camera.device: the URL holds a password; remove it from the URL (keep the user: "
@@ -754,15 +754,15 @@ def _read_camera_password(cfg: Config, env: dict[str, str]) -> str | None:
     camera = cfg.camera
     if camera.source != "rtsp":
         return None
-    credential = Path(env.get("CREDENTIALS_DIRECTORY") or "/nonexistent") / CAMERA_CREDENTIAL_NAME
+    directory = env.get("CREDENTIALS_DIRECTORY")
     if camera.password_file:
         path = Path(camera.password_file)
         text, mode = read_secret(path, "camera.password_file")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             cfg.warnings.append(f"camera.password_file {path} is readable by other users (mode "
                                 f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
-    elif env.get("CREDENTIALS_DIRECTORY") and os.path.lexists(credential):
-        text, _ = read_secret(credential, "systemd credential")
+    elif directory and os.path.lexists(Path(directory) / CAMERA_CREDENTIAL_NAME):
+        text, _ = read_secret(Path(directory) / CAMERA_CREDENTIAL_NAME, "systemd credential")
     else:
         return None
     lines = text.splitlines()
