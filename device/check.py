@@ -87,7 +87,7 @@ def check_camera(cfg: Config, timeout: float) -> str:
     except CameraSetupError:
         raise  # the library is missing: nothing to do with who holds the camera
     except CameraError as exc:
-        if cfg.camera.source == "folder":
+        if cfg.camera.source in ("folder", "rtsp"):  # an RTSP camera serves several clients at once
             raise
         # A camera has one user: the running service holds it, so a check beside it cannot open it.
         raise CameraError(f"{exc} (if faceberry.service is running it holds the camera: stop it first)") from exc

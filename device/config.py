@@ -27,6 +27,7 @@ import socket
 import stat
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -49,7 +50,8 @@ from device.events import valid_device_id
 log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "mqtt_password"
-CameraSource = Literal["picamera2", "opencv", "folder"]
+CAMERA_CREDENTIAL_NAME = "camera_password"
+CameraSource = Literal["picamera2", "rtsp", "opencv", "folder"]
 CAMERA_SOURCES: tuple[str, ...] = typing.get_args(CameraSource)
 DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 # The systemd unit's StateDirectory=faceberry: the outbox, status file and bundle versions live there.
@@ -129,11 +131,23 @@ class CameraConfig(_Section):
     """Where frames come from."""
 
     source: CameraSource = Field(
-        "opencv", description="picamera2: the Pi camera (libcamera); opencv: a /dev/videoN camera, an RTSP/HTTP "
-        "URL or a video file; folder: a directory of images (searched recursively, sorted), for testing")
+        "opencv", description="picamera2: the Pi camera (libcamera); rtsp: an IP camera or doorbell's RTSP "
+        "stream; opencv: a /dev/videoN camera, an HTTP/MJPEG URL or a video file; folder: a directory of images "
+        "(searched recursively, sorted), for testing")
     device: int | str = Field(
-        0, description="opencv: a device index (0 = /dev/video0), a /dev/videoN path, a URL or a video file; "
-        "folder: the directory; picamera2: the camera number (0)")
+        0, description="rtsp: the stream URL with the user but no password (rtsp://USER@HOST:554/PATH; pick the "
+        "camera's substream); opencv: a device index (0 = /dev/video0), a /dev/videoN path, a URL or a video "
+        "file; folder: the directory; picamera2: the camera number (0)")
+    password_file: str | None = Field(
+        None, description="rtsp: file holding the camera's password (first line), readable only by the service "
+        "(chmod 600); null = $CREDENTIALS_DIRECTORY/camera_password if present. Never put it in the URL")
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="rtsp: how the video travels; tcp survives Wi-Fi loss without smeared frames, udp has "
+        "a little less delay on a clean wired network")
+    rtsp_max_lag_s: float = Field(
+        3.0, ge=0, le=3600, description="rtsp: seconds decoding may fall behind the camera's clock (a stream too "
+        "big for this device) before the stream is reopened to drop the backlog; 0 = never (for a camera whose "
+        "timestamps run slow)")
     width: int = Field(640, ge=16, le=8192, description="capture width of live cameras in pixels (files keep theirs)")
     height: int = Field(480, ge=16, le=8192, description="capture height of live cameras in pixels")
     fps: float = Field(
@@ -163,6 +177,38 @@ class CameraConfig(_Section):
             # V4L2 numbers its nodes /dev/video0-255; OpenCV's "-1 = any camera" picks one at random.
             raise ValueError(f"must be a device number 0-{CAMERA_INDEX_MAX} or a path/URL string")
         return value
+
+    # The camera's password, read from password_file or the systemd credential; not a key of the file.
+    _password: str | None = PrivateAttr(None)
+
+    @property
+    def password(self) -> str | None:
+        return self._password
+
+    @password.setter
+    def password(self, value: str | None) -> None:
+        self._password = value
+
+    @field_validator("password_file")
+    @classmethod
+    def _resolve_password_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _optional_file(value, info)
+
+    @model_validator(mode="after")
+    def _rtsp_url(self) -> CameraConfig:
+        if self.source != "rtsp":
+            return self
+        url = self.device
+        scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
+        if scheme not in ("rtsp", "rtsps"):
+            raise ValueError(f"camera.device: source rtsp needs an rtsp:// or rtsps:// URL such as "
+                             f"rtsp://admin@192.168.1.20:554/stream2, got {_short(_redacted(url))}")
+        if _url_password(url) is not None:
+            # Not echoed: the value is the secret.
+            raise ValueError("camera.device: the URL holds a password; remove it from the URL (keep the user: "
+                             "rtsp://USER@HOST/...) and put the password in a file named by camera.password_file "
+                             "(or use systemd LoadCredential=camera_password:FILE)")
+        return self
 
     @model_validator(mode="after")
     def _resolve_device(self, info: ValidationInfo) -> CameraConfig:
@@ -696,6 +742,33 @@ def read_secret(path: Path, what: str) -> tuple[str, int]:
     return text, st.st_mode
 
 
+def _url_password(url: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _read_camera_password(cfg: Config, env: dict[str, str]) -> str | None:
+    """camera.password_file, or $CREDENTIALS_DIRECTORY/camera_password, for an RTSP camera."""
+    camera = cfg.camera
+    if camera.source != "rtsp":
+        return None
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if camera.password_file:
+        path = Path(camera.password_file)
+        text, mode = read_secret(path, "camera.password_file")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            cfg.warnings.append(f"camera.password_file {path} is readable by other users (mode "
+                                f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    elif directory and os.path.lexists(Path(directory) / CAMERA_CREDENTIAL_NAME):
+        text, _ = read_secret(Path(directory) / CAMERA_CREDENTIAL_NAME, "systemd credential")
+    else:
+        return None
+    lines = text.splitlines()
+    return lines[0] if lines and lines[0] else None
+
+
 def _read_password(cfg: Config, env: dict[str, str]) -> str | None:
     if cfg.mqtt.password_file:
         path = Path(cfg.mqtt.password_file)
@@ -758,10 +831,14 @@ def config_from_dict(
     cfg.source = source
     try:
         cfg.mqtt_password = _read_password(cfg, env)
+        cfg.camera.password = _read_camera_password(cfg, env)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     cfg.warnings.extend(_identity_warnings(cfg))
     cfg.warnings.extend(_size_warnings(cfg))
+    if cfg.camera.source == "opencv" and isinstance(cfg.camera.device, str) and _url_password(cfg.camera.device):
+        cfg.warnings.append("camera.device holds a password in its URL (anyone who reads the config sees it); "
+                            "for an RTSP camera use camera.source: rtsp with the password in camera.password_file")
     return cfg
 
 
@@ -837,9 +914,18 @@ def describe(cfg: Config) -> str:
         auth += " with password"
     tls = " tls" if cfg.mqtt.tls.enabled else ""
     return (
-        f"device {cfg.device_id}, camera {cfg.camera.source}:{cfg.camera.device}, bundle {cfg.bundle}, "
+        f"device {cfg.device_id}, camera {cfg.camera.source}:{_redacted(cfg.camera.device)}, bundle {cfg.bundle}, "
         f"broker {cfg.mqtt.host}:{cfg.mqtt.port}{tls} ({auth}), state {cfg.state_dir}"
     )
+
+
+def _redacted(device: int | str) -> int | str:
+    """A camera URL without its password, for logs."""
+    if isinstance(device, str) and _url_password(device) is not None:
+        parts = urllib.parse.urlsplit(device)
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return device
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -484,3 +484,56 @@ def test_files_folders_and_a_missing_camera_library_still_fail_at_start(tmp_path
 
     with pytest.raises(CameraSetupError):
         Capture(NotInstalled()).start()
+
+
+class Newest(FrameSource):
+    """A source that keeps its own newest frame (as RtspSource does): counts how often it is read."""
+
+    keeps_latest = True
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.dropped = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> np.ndarray | None:
+        self.reads += 1
+        self.dropped += 2  # the frames it decoded meanwhile that nobody asked for
+        return np.full((4, 4, 3), self.reads % 256, np.uint8)
+
+
+def test_a_source_that_keeps_its_newest_frame_is_read_only_when_the_consumer_asks() -> None:
+    source = Newest()
+    capture = Capture(source, queue_size=5).start()
+    try:
+        time.sleep(0.3)  # nobody asks: nothing is read ahead into the queue to grow stale there
+        assert source.reads == 0
+        frames = [capture.get(timeout=5) for _ in range(3)]
+        time.sleep(0.3)
+        # At most one read ahead of the consumer, never a queue of them.
+        assert [int(f.image[0, 0, 0]) for f in frames] == [1, 2, 3] and source.reads == 3
+    finally:
+        capture.stop()
+    # The source's own drops are the capture's: the stats and Home Assistant read capture.dropped.
+    assert capture.dropped == 6 and capture.captured == 3
+
+
+def test_a_consumer_that_polls_a_keeps_latest_source_is_served() -> None:
+    """A scheduler serving several cameras asks each with a short timeout: the request must outlive it."""
+    source = Newest()
+    capture = Capture(source).start()
+    try:
+        got = None
+        for _ in range(500):
+            try:
+                got = capture.get(timeout=0)
+                break
+            except TimeoutError:
+                time.sleep(0.01)
+        assert got is not None and int(got.image[0, 0, 0]) == 1
+        time.sleep(0.2)
+        assert source.reads == 1  # one read per request, not a stream of them
+    finally:
+        capture.stop()

@@ -94,8 +94,8 @@ def test_toml_works_too(tmp_path: Path) -> None:
         ("bundle: /b\nevents: {snapshots: 'yes'}\n", r"events\.snapshots: must be true or false, got 'yes'"),
         ("bundle: /b\ntracking: {votes_needed: 2.5}\n", r"tracking\.votes_needed: must be a whole number, got 2\.5"),
         ("bundle: /b\ncamera: 3\n", r"camera: must be a section"),
-        ("bundle: /b\ncamera: {source: kinect}\n", r"camera\.source: must be 'picamera2', 'opencv' or 'folder', "
-                                                    r"got 'kinect'"),
+        ("bundle: /b\ncamera: {source: kinect}\n", r"camera\.source: must be 'picamera2', 'rtsp', 'opencv' or "
+                                                    r"'folder', got 'kinect'"),
         ("bundle: /b\ncamera: {device: 1.5}\n", r"camera\.device: must be a device number or a path/URL string"),
         ("bundle: /b\ncamera: {reopen_max_s: 0}\n", r"camera\.reopen_max_s: must be more than 0, got 0"),
         ("bundle: /b\ndevice_id: 'a/b'\n", r"device_id: use 1-64 characters .*got 'a/b'"),
