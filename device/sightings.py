@@ -192,17 +192,17 @@ class SightingsStore:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.dialect = sa.engine.make_url(self.url).get_backend_name()
+            if self.dialect not in ("sqlite", "postgresql"):
+                raise SightingsError(f"--db {self.display}: {self.dialect} is not supported; use a SQLite file or "
+                                     "postgresql://user@host/dbname")
             self.engine = sa.create_engine(self.url, pool_pre_ping=True)
         except ModuleNotFoundError as exc:  # the URL's driver (psycopg) is not installed
             raise SightingsError(f"--db {self.display}: the Python module {exc.name!r} is not installed; "
                                  f"{INSTALL_HINT}") from exc
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-            raise SightingsError(f"--db {db!r} is neither a file name nor a database URL SQLAlchemy knows ({exc}); "
-                                 "use a path or postgresql://user@host/dbname") from exc
-        self.dialect = self.engine.dialect.name
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise SightingsError(f"--db {self.display}: {self.dialect} is not supported; use a SQLite file or "
-                                 "postgresql://user@host/dbname")
+            raise SightingsError(f"--db {db!r} is neither a file name nor a database URL SQLAlchemy knows "
+                                 f"({_first_line(exc)}); use a path or postgresql://user@host/dbname") from exc
         if self.dialect == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         meta = sa.MetaData()
@@ -252,12 +252,12 @@ class SightingsStore:
                 with self.engine.connect() as conn:
                     found = conn.execute(sa.select(self.meta.c.value).where(self.meta.c.key == "schema")).scalar()
         except sa.exc.OperationalError as exc:
-            if self.dialect == "sqlite" and "not a database" in str(exc):
-                raise SightingsError(f"{self.display} is not a SQLite database; give the sightings file with "
-                                     "--db") from exc
             raise DatabaseUnavailableError(f"cannot use the database {self.display}: {_first_line(exc)}; start it or "
                                       "fix --db") from exc
         except sa.exc.DatabaseError as exc:
+            if self.dialect == "sqlite" and "not a database" in str(exc):
+                raise SightingsError(f"{self.display} is not a SQLite database; give the sightings file with "
+                                     "--db") from exc
             raise SightingsError(f"cannot use {self.display} as the sightings database: {_first_line(exc)}; give "
                                  "the sightings database with --db") from exc
         if found is None:
@@ -279,6 +279,10 @@ class SightingsStore:
         """Insert an event; False when its event_id is already there (a redelivery). Raises on a DB failure."""
         stmt = self._insert(self.sightings).values(**row).on_conflict_do_nothing(index_elements=["event_id"])
         with self.engine.begin() as conn:
+            # psycopg reports no rowcount here (-1): RETURNING says whether the row went in (SQLite has it
+            # from 3.35; before that its rowcount is right).
+            if self.engine.dialect.insert_returning:
+                return conn.execute(stmt.returning(self.sightings.c.event_id)).first() is not None
             return conn.execute(stmt).rowcount == 1
 
     def reject(self, topic: str, payload: bytes, reason: str) -> None:
