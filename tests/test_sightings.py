@@ -404,9 +404,10 @@ def test_run_into_postgresql_survives_the_database_going_away(mosquitto_factory,
 
 # --- summary and export on the command line -------------------------------------------------------------
 
-def device_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "device", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+def device_cli(*argv: str) -> subprocess.CompletedProcess:
+    if argv[0] != sys.executable:
+        argv = (sys.executable, "-m", "device", *argv)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_summary_and_export_commands(tmp_path) -> None:
@@ -418,7 +419,8 @@ def test_summary_and_export_commands(tmp_path) -> None:
         store.add(parse_event(TOPIC, encode(e)))
     store.close()
 
-    table = device_cli("sightings", "summary", "--db", db, "--day", "2026-01-31", "--tz", "Europe/Paris")
+    table = device_cli(sys.executable, "-m", "device", "sightings", "summary", "--db", db, "--day", "2026-01-31",
+                       "--tz", "Europe/Paris")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["day", "person", "first", "last", "count", "where"]
@@ -434,8 +436,8 @@ def test_summary_and_export_commands(tmp_path) -> None:
     assert [(r["person"], r["camera"], r["count"]) for r in rows] == [("alice", "door", "1"), ("alice", "garage", "1")]
 
     export = tmp_path / "january.csv"
-    proc = device_cli("sightings", "export", "--db", db, "--from", "2026-01-01", "--to", "2026-01-31",
-                      "--tz", "Europe/Paris", "--out", str(export))
+    proc = device_cli(sys.executable, "-m", "device", "sightings", "export", "--db", db, "--from", "2026-01-01",
+                      "--to", "2026-01-31", "--tz", "Europe/Paris", "--out", str(export))
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(export.open(encoding="utf-8")))
     assert [r["label"] for r in rows] == ["alice", "unknown", "alice"]  # bob is February's
