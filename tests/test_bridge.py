@@ -81,7 +81,7 @@ def test_the_documented_bridge_loses_nothing_across_an_outage_of_the_central_bro
         central.stop()
         outage_from = time.time()
         before_outage = len(set(sent_ids()))
-        assert sent.wait_for(lambda m: len({json.loads(p)["event_id"] for _, p, _ in m}) >= before_outage + 15, 120)
+        assert sent.wait_for(lambda m: len({json.loads(p)["event_id"] for _, p, _ in m}) >= before_outage + 20, 120)
         assert daemon.poll() is None, "".join(daemon_log)[-3000:]
         central.start()
         outage_to = time.time()
