@@ -528,6 +528,7 @@ class SightingsLogger:
         self._db_error: str | None = None
         self._said: dict[str, float] = {}
         self._stopping = False
+        self.failed = False
 
     # Each distinct problem once a minute, not once per retry.
     def _say(self, level: int, key: str, message: str) -> None:
@@ -598,6 +599,14 @@ class SightingsLogger:
             log.error("the database %s refused a write (%s): acknowledging nothing more and disconnecting, so "
                       "the broker keeps the events; retrying until it takes writes again", self.store.display,
                       self._db_error)
+            self.db_down.set()
+            client.disconnect()
+            return
+        except Exception:
+            # A bug, not the database: stop (not acknowledged, so the broker keeps the message) rather
+            # than leave paho's thread dead and the process looking alive.
+            log.exception("cannot log the message on %s; stopping", msg.topic)
+            self.failed = True
             self.db_down.set()
             client.disconnect()
             return
@@ -779,6 +788,8 @@ def serve(args: argparse.Namespace) -> int:
     next_stats = time.monotonic() + args.stats_interval
     try:
         while not stop.wait(0.2):
+            if logger.failed:
+                return 1
             if logger.db_down.is_set():
                 logger.wait_for_database(stop)
             if time.monotonic() >= next_stats:
