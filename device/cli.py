@@ -1,4 +1,4 @@
-"""`python -m device <command>`: run, check, eval, enroll, deploy, rollback, status.
+"""`python -m device <command>`: run, check, eval, enroll, deploy, rollback, status, sightings.
 
 Each command lives in its own module exposing HELP, add_arguments(parser) and run(args) -> int; only the
 chosen command's module is imported (so `device run` never loads what `device eval` needs).
@@ -23,6 +23,7 @@ COMMANDS = {
     "deploy": "device.deploy",
     "rollback": "device.rollback",
     "status": "device.status_cmd",
+    "sightings": "device.sightings",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
