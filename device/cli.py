@@ -29,12 +29,29 @@ import importlib.util
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
-from device.errors import EXIT_INTERRUPTED, EXIT_USAGE, FaceberryError, UsageError, exit_code_for, permission_message
-from device.startup import DEVICE_NEEDS, WORKSTATION_NEEDS, guard, missing_message, missing_module, quiet_third_party
+from device.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    FaceberryError,
+    UsageError,
+    exit_code_for,
+    permission_message,
+)
+from device.startup import (
+    DEVICE_NEEDS,
+    WORKSTATION_NEEDS,
+    guard,
+    missing_message,
+    missing_module,
+    quiet_third_party,
+    wants_debug,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +137,12 @@ def _load(path: CommandPath, prog: str) -> ModuleType:
     return importlib.import_module(command.module)
 
 
+@dataclass
 class _Built:
-    """The parsers of one build: the entry node's and, for each node built in full, its own and its module."""
+    """What one build made in full: each node's parser and, for a command (not a group), its module."""
 
-    def __init__(self) -> None:
-        self.parsers: dict[CommandPath, argparse.ArgumentParser] = {}
-        self.modules: dict[CommandPath, ModuleType] = {}
+    parsers: dict[CommandPath, argparse.ArgumentParser] = field(default_factory=dict)
+    modules: dict[CommandPath, ModuleType] = field(default_factory=dict)
 
 
 def _build(chosen: CommandPath, at: CommandPath, prog: str) -> tuple[argparse.ArgumentParser, _Built]:
@@ -255,7 +272,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "faceberry", at: Comm
     (a test, a script), a logging set-up the caller made is kept."""
     embedded = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
-    path: CommandPath = at
+    path = _guess(argv, at)  # until parsed: for the messages of a failure while the parser is built
     try:
         ns, path, built = _parse(argv, at, prog)
         parser = built.parsers[path]
@@ -283,16 +300,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "faceberry", at: Comm
         if top and top not in _OURS:  # e.g. paho for `run` in an environment built for eval only
             where = " ".join((prog, *path[len(at):]))
             return _error(missing_message(where, top, workstation=TREE[path].workstation), EXIT_USAGE)
-        return _unexpected(exc)
+        return _unexpected(exc, argv)
     except Exception as exc:
         if type(exc).__module__.split(".")[0] in _OURS:  # our own, not (yet) a FaceberryError: its message
             return _error(str(exc), exit_code_for(exc))
-        return _unexpected(exc)
+        return _unexpected(exc, argv)
 
 
-def _unexpected(exc: Exception) -> int:
-    log.debug("unexpected failure", exc_info=exc)
-    return _error(f"{type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)", 1)
+def _unexpected(exc: Exception, argv: Sequence[str]) -> int:
+    """A bug: one line, and at DEBUG its traceback (read from argv: it may have come before logging was set up)."""
+    if wants_debug(argv):
+        traceback.print_exception(exc)
+    return _error(f"{type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)", EXIT_FAILURE)
 
 
 def entry(prog: str, at: CommandPath = ROOT, needs: Sequence[str] = DEVICE_NEEDS) -> int:

@@ -353,6 +353,13 @@ def test_one_error_handler_keyed_on_the_errors_exit_code(fake_command, capsys, w
         assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
 
 
+def test_a_bugs_traceback_is_shown_at_debug(fake_command, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("FACEBERRY_LOG_LEVEL", raising=False)
+    assert cli.main(["fake", "--what", "bug", "--log-level", "DEBUG"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "fake_cmd.py" in err and err.splitlines()[-1].startswith("error: ZeroDivisionError")
+
+
 def test_a_command_missing_from_the_installation_is_one_line(fake_command, capsys) -> None:
     assert cli.main(["gone"], prog="faceberry") == 2
     err = capsys.readouterr().err
