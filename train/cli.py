@@ -37,7 +37,8 @@ Two paths: with --backbone BACKBONE_DIR (recommended) nothing is trained, and th
 "augmentation" options are ignored except --val-fraction, --seed and --target-far; without it MobileNetV2
 is fine-tuned and every option applies.
 
-Subcommand: `python -m train backbone --help` builds a face-aware backbone for --backbone.
+Subcommands: `python -m train backbone --help` builds a face-aware backbone for --backbone, and
+`python -m train cohort --help` its stranger cohort.
 """
 
 
