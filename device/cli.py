@@ -258,7 +258,8 @@ def setup_logging(level: str, plain: bool = False, force: bool = True) -> None:
     else:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=force)
-    quiet_third_party(level == "DEBUG", filter_stderr=False)
+    if force:  # third-party loggers too are the caller's business when faceberry is called from Python
+        quiet_third_party(level == "DEBUG", filter_stderr=False)
 
 
 def _error(message: str, code: int) -> int:
