@@ -1,8 +1,8 @@
-# Only the standard library before the guard: without faceberry's venv this must still print one line.
+# `python -m convert …` is `faceberry convert …` (device.cli). Only the standard library is imported before the
+# guard, so without faceberry's venv this still prints one line.
 import sys
 
-from device.startup import guard, run_main
+from device.cli import entry
+from device.startup import WORKSTATION_NEEDS
 
-if not guard("python -m convert", ("numpy", "cv2", "tensorflow")):
-    sys.exit(2)
-sys.exit(run_main("python -m convert", "convert.cli"))
+sys.exit(entry("python -m convert", ("convert",), WORKSTATION_NEEDS))

@@ -1,15 +1,17 @@
-"""Command line of `python -m convert`: a training run → a verified model bundle for the Pi."""
+"""`faceberry convert` (`python -m convert`): a training run → a verified model bundle for the Pi (device.cli holds
+the tree)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import threading
 import time
 from pathlib import Path
+
+from device import cli
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,13 @@ accurate and the faces it loses are too many to be chance, no bundle is written.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m convert",
-        description="Quantise a training run's model to TFLite, check it against the float model and write a bundle.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "workstation: quantise a training run to TFLite, check it against the float model and write a bundle"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Quantise a training run's model to TFLite, check it against the float model and write a bundle."
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--run", required=True, type=Path, help="training run directory from `python -m train`")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create (must be empty or absent)")
     p.add_argument("--quantization", choices=("int8", "float16", "float32"), default=None,
@@ -54,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "models/face_detection_short_range.tflite)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
-    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
-                   help="how much to log (default INFO, WARNING with -q); DEBUG also shows TensorFlow's start-up lines")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m convert`'s parser, as device.cli's tree builds it."""
+    return cli.build_parser(("convert",), at=("convert",), prog="python -m convert")
 
 
 @contextlib.contextmanager
@@ -80,12 +84,12 @@ def heartbeat(what: str, every_s: float = 10.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = args.log_level or ("WARNING" if args.quiet else "INFO")
-    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
-    from convert.build import AccuracyDropError, ConvertError, convert_run
-    from device.runtime import ModelError
+    """`python -m convert ARGS` from Python: `faceberry convert ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m convert", at=("convert",))
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.build import AccuracyDropError, convert_run
 
     def convert(quantization: str, tried: tuple[str, ...] = ()) -> dict:
         log.info("loading TensorFlow and %s, then converting to %s and checking it against the float model "
@@ -98,21 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     chosen = args.quantization or "int8"
+    # A ConvertError or ModelError (bad input, exit 2) is printed by device.cli.
     try:
-        try:
-            manifest = convert(chosen)
-        except AccuracyDropError as exc:
-            if args.quantization is not None:
-                raise
-            # A user who did not ask for int8 still gets a bundle: float16 keeps the float accuracy at
-            # twice the size and about the float speed on a Pi.
-            print(f"warning: {exc.reason}; building float16 instead (pass --quantization int8 to refuse)",
-                  file=sys.stderr)
-            chosen = "float16"
-            manifest = convert(chosen, tried=("int8",))
-    except (ConvertError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        manifest = convert(chosen)
+    except AccuracyDropError as exc:
+        if args.quantization is not None:
+            raise
+        # A user who did not ask for int8 still gets a bundle: float16 keeps the float accuracy at
+        # twice the size and about the float speed on a Pi.
+        print(f"warning: {exc.reason}; building float16 instead (pass --quantization int8 to refuse)",
+              file=sys.stderr)
+        chosen = "float16"
+        manifest = convert(chosen, tried=("int8",))
     args.quantization = chosen
     ag = manifest["metrics"]["agreement"]
 

@@ -1,8 +1,7 @@
-# Only the standard library before the guard: without faceberry's venv this must still print one line.
+# `python -m device` is `faceberry`: the whole tree (device.cli). Only the standard library is imported before
+# the guard, so without faceberry's venv this still prints one line.
 import sys
 
-from device.startup import guard, run_main
+from device.cli import entry
 
-if not guard("python -m device", ("numpy", "cv2")):
-    sys.exit(2)
-sys.exit(run_main("python -m device", "device.cli"))
+sys.exit(entry("python -m device"))

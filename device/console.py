@@ -1,34 +1,27 @@
-"""The installed commands (pyproject.toml's [project.scripts]): `faceberry`, `faceberry-train`, `faceberry-convert`.
+"""The installed commands (pyproject.toml's [project.scripts]): `faceberry`, and two aliases into its tree.
 
-Each does what `python -m device|train|convert` does (device/__main__.py …): the one-line error for a
-missing dependency, TensorFlow's and LiteRT's start-up noise filtered unless --log-level DEBUG, then the
-CLI's main(), whose return value is the exit code. Only the standard library is imported before the guard.
+`faceberry-train …` is `faceberry train …` and `faceberry-convert …` is `faceberry convert …`, kept for the
+scripts and habits that use them. Each runs device.cli.entry: the one-line error for a missing dependency,
+TensorFlow's and LiteRT's start-up noise filtered unless --log-level DEBUG, then the tree, whose return value
+is the exit code. Only the standard library is imported before the guard.
 """
 
 from __future__ import annotations
 
-from device.startup import guard, run_main
-
-DEVICE_NEEDS = ("numpy", "cv2")
-WORKSTATION_NEEDS = ("numpy", "cv2", "tensorflow")
-
-
-def _run(prog: str, main_module: str, needs: tuple[str, ...]) -> int:
-    if not guard(prog, needs):
-        return 2
-    return run_main(prog, main_module)
+from device.cli import entry
+from device.startup import WORKSTATION_NEEDS
 
 
 def faceberry() -> int:
-    """`faceberry run|check|eval|enroll …` (device.cli), on the Pi and the workstation."""
-    return _run("faceberry", "device.cli", DEVICE_NEEDS)
+    """`faceberry run|check|eval|enroll|train|convert …` (device.cli), on the Pi and the workstation."""
+    return entry("faceberry")
 
 
 def faceberry_train() -> int:
-    """`faceberry-train …` (train.cli): the workstation only."""
-    return _run("faceberry-train", "train.cli", WORKSTATION_NEEDS)
+    """`faceberry-train …`, the same as `faceberry train …`: the workstation only."""
+    return entry("faceberry-train", ("train",), WORKSTATION_NEEDS)
 
 
 def faceberry_convert() -> int:
-    """`faceberry-convert …` (convert.cli): the workstation only."""
-    return _run("faceberry-convert", "convert.cli", WORKSTATION_NEEDS)
+    """`faceberry-convert …`, the same as `faceberry convert …`: the workstation only."""
+    return entry("faceberry-convert", ("convert",), WORKSTATION_NEEDS)

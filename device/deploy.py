@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from device.bundle import BundleError, load_bundle
+from device.errors import UnavailableError
 from device.reloader import add_store_arguments, read_setup, reload_and_report, store_root
 from device.runtime import ModelError
 from device.store import DEFAULT_ROOT, INCOMING_PREFIX, KEEP, BundleStore, StoreError
@@ -106,10 +107,9 @@ def deploy_remote(args: argparse.Namespace) -> int:
         raise StoreError("rsync is not installed here; install it (`sudo apt install rsync`) on this machine and "
                          "the Pi") from None
     if copied.returncode != 0:
-        print(f"error: rsync to {args.host} failed (exit {copied.returncode}); check that ssh {args.host} works, "
-              f"that {root} exists there (install.sh creates it) and that {args.remote_sudo or 'the user'} may "
-              "run rsync there", file=sys.stderr)
-        return 3
+        raise UnavailableError(f"rsync to {args.host} failed (exit {copied.returncode}); check that ssh {args.host} "
+                               f"works, that {root} exists there (install.sh creates it) and that "
+                               f"{args.remote_sudo or 'the user'} may run rsync there")
     remote = [*sudo, *shlex.split(args.remote_command), "deploy", "--bundle", incoming, "--store", str(root),
               "--keep", str(args.keep), "--timeout", str(args.timeout)]
     if args.no_reload:
@@ -120,8 +120,5 @@ def deploy_remote(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return deploy_remote(args) if args.host else deploy_local(args)
-    except (StoreError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # A StoreError or BundleError (bad input, exit 2) is printed by device.cli.
+    return deploy_remote(args) if args.host else deploy_local(args)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from device import cohort as cohort_mod
-from device.bundle import BundleError, load_bundle, write_manifest
+from device.bundle import load_bundle, write_manifest
 from device.classifier import FaceClassifier
 from device.contract import (
     IMAGE_SUFFIXES,
@@ -56,8 +56,7 @@ from device.events import sanitize_label
 from device.homeassistant import _object_id, label_id
 from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image
 from device.reloader import add_store_arguments, read_setup, reload_and_report
-from device.runtime import ModelError
-from device.store import CURRENT, DEFAULT_ROOT, KEEP, BundleStore, StoreError, store_for_bundle
+from device.store import CURRENT, DEFAULT_ROOT, KEEP, BundleStore, store_for_bundle
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,6 @@ def name_problem(name: str, labels: Sequence[str], replace: bool = False) -> str
             return (f"the name {name!r} maps to {same}, who is already enrolled; choose a name that differs in "
                     f"letters or digits, or re-enroll {label!r} under that exact name with --replace")
     return None
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _recover(bundle: Path) -> None:
@@ -357,11 +351,15 @@ def run(args: argparse.Namespace) -> int:
     bundle = args.bundle
     if bundle is None and args.store is None:
         bundle = Path(setup.bundle) if setup.bundle else DEFAULT_ROOT / CURRENT
+    # An EnrollError, BundleError, ModelError or StoreError (bad input, exit 2) and a PermissionError (run it
+    # with sudo) are printed by device.cli.
     try:
         result = enroll(bundle, args.name, Path(args.photos), args.min_photos, args.min_face_size,
                         args.replace, args.threads, store=args.store, keep=args.keep)
-    except (EnrollError, BundleError, ModelError, StoreError, OSError) as exc:
-        return _fail(str(exc) if not isinstance(exc, OSError) else f"{exc}; check the paths and permissions")
+    except OSError as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise EnrollError(f"{exc}; check the paths and permissions") from exc
     where = f"a new version {result['path']}" if result["store"] else str(result["path"])
     print(f"enrolled {result['name']} from {result['photos']} photo(s) into {where} "
           f"({result['people']} people; bundle_id {result['bundle_id']}, was {result['parent_bundle_id']})")

@@ -1,12 +1,12 @@
 """One error base class and the exit codes of every faceberry command.
 
 Every error faceberry raises on purpose derives from `FaceberryError`. Its message is one line that names
-the problem and the fix ("<what went wrong>; <what to do>"), so a CLI can print `error: <message>` and
-exit with the error's `exit_code`, never a traceback. Anything else reaching a CLI is a bug, except a
-`PermissionError`, which every command reports as one line saying to run it with sudo
-(`permission_message`).
+the problem and the fix ("<what went wrong>; <what to do>"). A command raises it and never prints it: the
+one handler at the top of the command tree (device.cli.main) prints `error: <message>` and exits with the
+error's `exit_code`, never a traceback. Anything else reaching it is a bug, except a `PermissionError`,
+which every command reports as one line saying to run it with sudo (`permission_message`).
 
-Exit codes (the same for `python -m device`, `python -m train`, `python -m convert`):
+Exit codes (the same for every command: `faceberry …`, `python -m device|train|convert|models …`):
 
     0  EXIT_OK           done; for `device check`: every check passed.
     1  EXIT_FAILURE      it ran and failed: a runtime failure (the MQTT client died, training diverged), or

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from device.bundle import BundleError, load_bundle
+from device import cli
+from device.bundle import load_bundle
 from device.contract import (
     IMAGE_SUFFIXES,
     SEVERAL_FACES,
@@ -42,9 +43,9 @@ from device.contract import (
     subject_candidates,
     threshold_for_far,
 )
+from device.errors import UsageError
 from device.pipeline import FacePipeline
 from device.preprocess import ImageError, load_image
-from device.runtime import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ STAGES = ("decode", "detect", "align", "classify", "total")
 NO_FACE = "(no face)"
 TARGET_FARS = (0.01, 0.02, 0.05)
 EVAL_SCHEMA = 1
+
+
+class EvalError(UsageError, ValueError):
+    """Photos or an output path eval cannot use; the message names the fix."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,13 +134,13 @@ def operating_points(probes: list[dict[str, Any]], target_fars: tuple[float, ...
 def evaluate(
     bundle_dir: Path, photos: Path, threads: int | None = 1, min_face_size: int = 40
 ) -> dict[str, Any]:
-    """Evaluate; returns the JSON-ready result. Raises BundleError/ModelError/ValueError on bad input."""
+    """Evaluate; returns the JSON-ready result. Raises BundleError/ModelError/EvalError on bad input."""
     bundle = load_bundle(bundle_dir)
     if not photos.is_dir():
-        raise ValueError(f"photo folder not found: {photos}; pass --photos DIR with one sub-folder per person")
+        raise EvalError(f"photo folder not found: {photos}; pass --photos DIR with one sub-folder per person")
     folders = _photo_folders(photos)
     if not folders:
-        raise ValueError(f"{photos} has no <person>/ photos ({', '.join(IMAGE_SUFFIXES)}); put each person's photos in "
+        raise EvalError(f"{photos} has no <person>/ photos ({', '.join(IMAGE_SUFFIXES)}); put each person's photos in "
                          "a sub-folder")
     people = {label for label in bundle.labels if label != UNKNOWN}
     known_folders = [name for name in folders if name in people]
@@ -217,7 +222,7 @@ def evaluate(
         probe["subject"] = how
         probes.append(probe)
     if not probes:
-        raise ValueError(f"no readable photo in {photos}; check the files (see the warnings above)")
+        raise EvalError(f"no readable photo in {photos}; check the files (see the warnings above)")
     result = _summarise(bundle, photos, probes, unreadable, timings, known_folders, stranger_folders,
                         threads, min_face_size)
     result["counts"]["several_faces"] = len(ambiguous)
@@ -372,29 +377,22 @@ def format_report(result: dict[str, Any], quiet: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
-        print("error: --threads must be at least 1 ; pass --threads 1 or more", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate(args.bundle, args.photos, threads=args.threads, min_face_size=args.min_face_size)
-    except (BundleError, ModelError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise EvalError("--threads must be at least 1 ; pass --threads 1 or more")
+    # A BundleError, ModelError or EvalError (bad input, exit 2) is printed by device.cli.
+    result = evaluate(args.bundle, args.photos, threads=args.threads, min_face_size=args.min_face_size)
     print(format_report(result, quiet=args.quiet))
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
-            print(f"error: cannot write {args.json}: {exc.strerror} ; pass a writable --json path", file=sys.stderr)
-            return 2
+            raise EvalError(f"cannot write {args.json}: {exc.strerror} ; pass a writable --json path") from exc
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m device.evaluate`), the same as `python -m device eval`."""
-    parser = argparse.ArgumentParser(prog="python -m device eval")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m device.evaluate ARGS`, and eval from Python: `faceberry eval ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m device eval", at=("eval",))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ to the version the first one left.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from device.reloader import add_store_arguments, read_setup, reload_and_report, store_root
-from device.store import BundleStore, StoreError
+from device.store import BundleStore
 
 HELP = "switch the Pi's bundle back to the version that was current before, and reload the daemon"
 
@@ -22,13 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup = read_setup(args.config)
     root = store_root(args.store, setup)
-    try:
-        store = BundleStore(root)
-        was = store.current()
-        now = store.rollback()
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    store = BundleStore(root)  # a StoreError (nothing to go back to) is printed by device.cli, exit 2
+    was = store.current()
+    now = store.rollback()
     print(f"rolled back {root}: current is {now} (was {was}; `faceberry rollback` again returns to it)")
     reports = reload_and_report(args, setup, root, now)
     return 0 if all(r.ok for r in reports) else 1

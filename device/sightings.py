@@ -651,12 +651,6 @@ class SightingsLogger:
 
 # --- the command -----------------------------------------------------------------------------------------
 
-def _log_level(parser: argparse.ArgumentParser) -> None:
-    # Accepted after the subcommand too, as after every other command (device.cli).
-    parser.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="how much to log to stderr")
-
-
 def _db_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, metavar="PATH|URL",
                         help=f"a SQLite file, or postgresql://user@host/dbname (password: ~/.pgpass or PGPASSWORD) "
@@ -677,7 +671,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_p = sub.add_parser("run", help="subscribe to the events and write every one into the database",
                            description="Subscribe to faceberry events (persistent session, QoS 1) and write each "
                                        "one into the database, once per event_id, before acknowledging it.")
-    _log_level(run_p)
     _db_flag(run_p)
     run_p.add_argument("--host", default="localhost", help="the MQTT broker (default: localhost)")
     run_p.add_argument("--port", type=int, default=None, help="its port (default: 1883, 8883 with TLS)")
@@ -697,7 +690,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     summary_p = sub.add_parser("summary", help="first and last sighting and count per day and person",
                                description="Per local day and person: first and last sighting, how many events, "
                                            "and where (device/camera).")
-    _log_level(summary_p)
     _db_flag(summary_p)
     _days_flags(summary_p)
     summary_p.add_argument("--by", choices=("person", "camera"), default="person",
@@ -709,7 +701,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export_p = sub.add_parser("export", help="every event as CSV, one row per event_id",
                               description="Every logged event as CSV (one row per event_id), oldest first; all of "
                                           "them unless days are given.")
-    _log_level(export_p)
     _db_flag(export_p)
     _days_flags(export_p)
     export_p.add_argument("--out", default="-", help="a file to write to (default: standard output)")

@@ -21,6 +21,9 @@ import sys
 from collections.abc import Sequence
 
 FIX = "activate faceberry's environment (`source .venv/bin/activate`) or create it (`./quickstart.sh setup`)"
+# What the Pi's commands import before anything else, and what the workstation's add (device.cli's tree).
+DEVICE_NEEDS = ("numpy", "cv2")
+WORKSTATION_NEEDS = (*DEVICE_NEEDS, "tensorflow")
 
 # Lines third-party libraries write straight to stderr at start-up; none of them is actionable.
 _NOISE = re.compile(
@@ -52,9 +55,14 @@ def missing_module(modules: Sequence[str]) -> str | None:
     return None
 
 
-def missing_message(prog: str, module: str) -> str:
-    pi = " (on the Pi: pip install -r requirements-device.txt)" if prog.endswith("device") else ""
-    return f"error: {prog} needs the Python module {module!r}, which {sys.executable} does not have; {FIX}{pi}"
+def missing_message(prog: str, module: str, workstation: bool = False) -> str:
+    """One line (without its `error: `) naming the module `prog` lacks and the fix, for the Pi or the workstation."""
+    if workstation:
+        where = (" (training and conversion run on the workstation, from requirements-train.txt; a Pi only runs "
+                 "the bundle they make)")
+    else:
+        where = " (on the Pi: pip install -r requirements-device.txt)"
+    return f"{prog} needs the Python module {module!r}, which {sys.executable} does not have; {FIX}{where}"
 
 
 def wants_debug(argv: Sequence[str]) -> bool:
@@ -124,33 +132,14 @@ def _filter_stderr() -> None:
     sys.stderr.reconfigure(line_buffering=True)
 
 
-def guard(prog: str, needs: Sequence[str], argv: Sequence[str] | None = None) -> bool:
+def guard(prog: str, needs: Sequence[str], argv: Sequence[str] | None = None, workstation: bool = False) -> bool:
     """Check dependencies and quiet start-up for `prog`; False after printing the one-line error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     module = missing_module(needs)
     if module is not None:
-        print(missing_message(prog, module), file=sys.stderr)
+        print(f"error: {missing_message(prog, module, workstation)}", file=sys.stderr)
         return False
     help_only = any(a in ("-h", "--help") for a in argv)
     # Under systemd the journal is the terminal; a filter process there would only be one more process.
     quiet_third_party(wants_debug(argv), filter_stderr=not help_only and not os.environ.get("JOURNAL_STREAM"))
     return True
-
-
-def run_main(prog: str, main_module: str, argv: Sequence[str] | None = None) -> int:
-    """Import `main_module` and run its main(); a dependency missing at any point is one line."""
-    try:
-        module = importlib.import_module(main_module)
-        return int(module.main() or 0)
-    except ModuleNotFoundError as exc:
-        name = (exc.name or "").split(".")[0]
-        if not name or name in ("train", "convert", "device", "models", "bench"):
-            raise  # a faceberry module missing is a broken install: the traceback is the useful part
-        print(missing_message(prog, name), file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        # device.cli reports it itself; this catches it for faceberry-train and faceberry-convert too.
-        from device.errors import EXIT_USAGE, permission_message
-
-        print(f"error: {permission_message(exc)}", file=sys.stderr)
-        return EXIT_USAGE

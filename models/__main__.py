@@ -1,3 +1,6 @@
-from models.fetch import main
+# `python -m models fetch` is `faceberry models fetch` (device.cli).
+import sys
 
-raise SystemExit(main())
+from device.cli import entry
+
+sys.exit(entry("python -m models", ("models",)))

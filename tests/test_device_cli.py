@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import importlib
 import os
 import re
 import shutil
@@ -81,16 +82,23 @@ def test_top_level_help_lists_every_command() -> None:
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", list(cli.COMMANDS))
-def test_every_flag_is_explained(command: str) -> None:
-    parser = cli.build_parser(only=command)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if command not in sub.choices or "_module" not in sub.choices[command]._defaults:
-        pytest.skip(f"device {command} is not installed in this checkout")
-    for action in sub.choices[command]._actions:
-        assert action.help and action.help != argparse.SUPPRESS, f"{command}: {action.option_strings} has no help"
-    proc = device_cli(command, "--help")
-    assert proc.returncode == 0 and "usage: python -m device " + command in proc.stdout
+COMMANDS = [path for path, command in cli.TREE.items() if command.module]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_every_flag_is_explained(path: tuple[str, ...]) -> None:
+    parser = cli.build_parser(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, f"{path}: {action.option_strings} has no help"
+    # The tree's help line (what `faceberry --help` lists without importing anything) is the module's own.
+    module = importlib.import_module(cli.TREE[path].module)
+    assert getattr(module, "HELP", cli.TREE[path].help) == cli.TREE[path].help
+    if path[0] in ("train", "convert", "models"):
+        return  # their --help runs in test_aliases_enter_the_same_tree and test_readme
+    proc = device_cli(*path, "--help")
+    assert proc.returncode == 0 and "usage: python -m device " + " ".join(path) in proc.stdout
 
 
 def test_no_command_prints_usage_and_fails() -> None:
@@ -250,6 +258,153 @@ def _closed_port() -> int:
 def test_log_level_is_accepted_after_the_command(tmp_path: Path) -> None:
     proc = device_cli("check", "--log-level", "debug", "--config", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 1 and "config file not found" in proc.stdout
+
+
+# --- one command line (issue 22) ----------------------------------------------------------------------------
+
+SHIPPED = ("device", "train", "convert", "models")
+
+
+def _shipped_sources() -> dict[str, str]:
+    return {str(path.relative_to(ROOT)): path.read_text(encoding="utf-8")
+            for package in SHIPPED for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def test_one_parser_one_error_printer_one_logging_set_up() -> None:
+    """The tree in device/cli.py is the only place that builds a parser, adds --log-level, configures logging
+    or prints `error:`; no command dispatches on its first argument."""
+    for name, text in _shipped_sources().items():
+        if name == "device/cli.py":
+            continue
+        assert "ArgumentParser(" not in text, f"{name} builds its own parser"
+        assert not re.search(r'add_argument\(\s*"--log-level"', text), f"{name} adds its own --log-level"
+        assert "basicConfig" not in text, f"{name} configures logging"
+        # device/startup.py's guard is the one other: the line for a dependency missing before anything imports.
+        if name != "device/startup.py":
+            assert not re.search(r"""print\(f?["']error: """, text), f"{name} prints its own error line"
+        assert not re.search(r"argv\[0\] ==", text), f"{name} dispatches on argv[0]"
+    tree = (ROOT / "device" / "cli.py").read_text(encoding="utf-8")
+    assert tree.count("basicConfig(") == 1 and len(re.findall(r'add_argument\(\s*"--log-level"', tree)) == 1
+
+
+def test_the_tree_holds_every_documented_command() -> None:
+    paths = {" ".join(path) for path in cli.TREE}
+    for command in ("run", "check", "status", "eval", "enroll", "deploy", "rollback", "train", "train backbone",
+                    "train cohort", "convert", "models fetch"):
+        assert command in paths
+
+
+def test_aliases_enter_the_same_tree() -> None:
+    """`python -m train backbone` is `faceberry train backbone` under another name: the same options."""
+    alias = subprocess.run([sys.executable, "-m", "train", "backbone", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    tree = device_cli("train", "backbone", "--help")
+    assert alias.returncode == 0 and tree.returncode == 0, alias.stderr + tree.stderr
+
+    def flags(text: str) -> list[str]:
+        return sorted(set(re.findall(r"--[a-z][a-z0-9-]*", text)))
+
+    assert alias.stdout.startswith("usage: python -m train backbone ")
+    assert tree.stdout.startswith("usage: python -m device train backbone ")
+    assert flags(alias.stdout) == flags(tree.stdout) and "--arch" in flags(alias.stdout)
+
+
+@pytest.fixture()
+def fake_command(tmp_path: Path, monkeypatch):
+    """A command of the tree (`faceberry fake`) whose run() raises what FACEBERRY_FAKE_RAISES names."""
+    (tmp_path / "fake_cmd.py").write_text(
+        "import os\n"
+        "from device.errors import UnavailableError\n"
+        "HELP = 'a command for the tests'\n"
+        "def add_arguments(parser):\n"
+        "    parser.add_argument('--what', required=True, help='what run() raises')\n"
+        "def run(args):\n"
+        "    if args.what == 'unavailable':\n"
+        "        raise UnavailableError('the thing is not there;\\n  try later')\n"
+        "    if args.what == 'permission':\n"
+        "        raise PermissionError(13, 'Permission denied', os.path.join(os.getcwd(), 'nope'))\n"
+        "    if args.what == 'interrupt':\n"
+        "        raise KeyboardInterrupt\n"
+        "    if args.what == 'module':\n"
+        "        import faceberry_no_such_module  # noqa: F401\n"
+        "    if args.what == 'bug':\n"
+        "        return 1 // 0\n"
+        "    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.TREE, ("fake",), cli.Command("fake_cmd", "a command for the tests"))
+    monkeypatch.setitem(cli.TREE, ("gone",), cli.Command("faceberry_gone_cmd", "a command not installed"))
+
+
+@pytest.mark.parametrize(("what", "code", "words"), [
+    ("unavailable", 3, "error: the thing is not there; try later"),
+    ("permission", 2, "permission denied"),
+    ("interrupt", 130, None),
+    ("module", 2, "needs the Python module 'faceberry_no_such_module'"),
+    ("bug", 1, "ZeroDivisionError: integer division or modulo by zero (rerun with --log-level DEBUG"),
+    ("fine", 0, None),
+])
+def test_one_error_handler_keyed_on_the_errors_exit_code(fake_command, capsys, what, code, words) -> None:
+    assert cli.main(["fake", "--what", what]) == code
+    err = capsys.readouterr().err
+    if words is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+
+
+def test_a_bugs_traceback_is_shown_at_debug(fake_command, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("FACEBERRY_LOG_LEVEL", raising=False)
+    assert cli.main(["fake", "--what", "bug", "--log-level", "DEBUG"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "fake_cmd.py" in err and err.splitlines()[-1].startswith("error: ZeroDivisionError")
+
+
+def test_a_command_missing_from_the_installation_is_one_line(fake_command, capsys) -> None:
+    assert cli.main(["gone"], prog="faceberry") == 2
+    err = capsys.readouterr().err
+    assert err == ("error: faceberry gone is not available in this installation (faceberry_gone_cmd is missing); "
+                   "update faceberry\n")
+
+
+def test_a_bad_log_level_in_the_environment_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "device", "status", "--state-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FACEBERRY_LOG_LEVEL": "loud"})
+    assert proc.returncode == 2 and "FACEBERRY_LOG_LEVEL='loud' is not a log level" in one_error_line(proc)
+
+
+def test_log_level_before_or_after_the_command_and_the_daemons_format(tmp_path: Path) -> None:
+    for argv in (["--log-level", "DEBUG", "eval"], ["eval", "--log-level", "debug"]):
+        proc = device_cli(*argv, "--bundle", str(tmp_path / "nope"), "--photos", str(tmp_path))
+        assert proc.returncode == 2
+        # DEBUG now reaches stderr, in the Pi's format (time, level, logger), before the one error line.
+        assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ DEBUG device.cli: python -m device eval: Namespace\(",
+                         proc.stderr, re.M), proc.stderr[-2000:]
+    journal = subprocess.run([sys.executable, "-m", "device", "--log-level", "DEBUG", "eval", "--bundle",
+                              str(tmp_path / "nope"), "--photos", str(tmp_path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "JOURNAL_STREAM": "8:1"})
+    # Under systemd the journal stamps the time itself.
+    assert re.search(r"^DEBUG device.cli: ", journal.stderr, re.M), journal.stderr[-2000:]
+
+
+def test_workstation_commands_on_a_pi_say_what_is_missing_in_one_line() -> None:
+    """The Pi's environment (.venv-device: no TensorFlow) runs the Pi's commands and refuses train in one line."""
+    python = ROOT / ".venv-device" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(".venv-device is absent (./quickstart.sh setup creates it)")
+    for argv in (["train", "--help"], ["train", "backbone", "--out", "x"], ["convert", "--help"]):
+        proc = subprocess.run([str(python), "-m", "device", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("error: python -m device train needs the Python module 'tensorflow'" if
+                                      argv[0] == "train" else "error: python -m device convert needs the Python "
+                                      "module 'tensorflow'")
+        assert "requirements-train.txt" in proc.stderr
+    run = subprocess.run([str(python), "-m", "device", "run", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "--config" in run.stdout, run.stderr
 
 
 # --- systemd ---------------------------------------------------------------------------------------------

@@ -170,6 +170,12 @@ def test_exit_codes_come_back_through_the_scripts(installed: Path, tmp_path: Pat
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"error: {script} needs the Python module 'tensorflow'")
         assert proc.stderr.count("\n") == 1
+    # `faceberry train` and `faceberry convert` (the same tree's nodes) say it too, and how to get it.
+    for command in ("train", "convert"):
+        proc = _run(installed, tmp_path, str(installed / "faceberry"), command, "--help")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: faceberry {command} needs the Python module 'tensorflow'")
+        assert proc.stderr.count("\n") == 1 and "requirements-train.txt" in proc.stderr
 
 
 def test_installed_code_is_the_wheels_not_the_checkout(installed: Path, tmp_path: Path) -> None:

@@ -202,11 +202,13 @@ def test_help_documents_every_flag():
             assert action.help and len(action.help) > 10, action.dest
 
 
-def test_backbone_subcommand_and_missing_stage_are_dispatched(capsys):
+def test_backbone_subcommand_and_missing_stage_are_dispatched(capsys, monkeypatch):
     proc = _train_cli("backbone", "--help")
     assert proc.returncode == 0 and "python -m train backbone" in proc.stdout
-    from train.cli import _run_submodule
+    from device import cli
 
-    assert _run_submodule("train.no_such_stage", "main", [], "the test stage") == 2
+    monkeypatch.setitem(cli.TREE, ("train", "no_such_stage"), cli.Command("train.no_such_stage", "a test stage",
+                                                                           workstation=True))
+    assert cli.main(["no_such_stage"], prog="python -m train", at=("train",)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the test stage is not available") and "train.no_such_stage" in err
+    assert err.startswith("error: python -m train no_such_stage is not available") and "train.no_such_stage" in err

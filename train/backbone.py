@@ -1,4 +1,4 @@
-"""`python -m train backbone`: build a face-aware backbone for `python -m train --backbone`.
+"""`faceberry train backbone` (`python -m train backbone`): build a face-aware backbone for `train --backbone`.
 
 This module is the command line and the backbone directory's format; each way of building one lives in
 its own module:
@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from device import cli
 from device.errors import UsageError
 from device.preprocess import DEFAULT_INPUT_SIZE, TEMPLATES
-from train.teacher import TEACHERS, TeacherUnavailableError
+from train.teacher import TEACHERS
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,15 @@ class BackboneError(UsageError):
     """A problem with the user's input; the message names it and the fix."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train backbone",
-        description="Build a face-aware backbone for `python -m train --backbone`: dlib's face embedder rebuilt as "
-        "it is (--arch dlib-resnet, seconds) or distilled into MobileNetV2 from your photos (--arch mobilenetv2).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "build a face-aware backbone for `train --backbone`"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Build a face-aware backbone for `python -m train --backbone`: dlib's face embedder rebuilt as "
+                     "it is (--arch dlib-resnet, seconds) or distilled into MobileNetV2 from your photos (--arch "
+                     "mobilenetv2).")
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--arch", choices=ARCHES, default="dlib-resnet",
                    help="dlib-resnet (default, recommended): rebuild dlib's own ResNet embedder from its weights "
                    "file, checked against dlib, no training and no photos needed; mobilenetv2: distil dlib's "
@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, views and weights (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
-    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
-                   help="how much to log (default INFO, WARNING with -q); DEBUG also shows TensorFlow's start-up lines")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m train backbone`'s parser, as device.cli's tree builds it."""
+    return cli.build_parser(("train", "backbone"), at=("train", "backbone"), prog="python -m train backbone")
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -159,28 +161,10 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = args.log_level or ("WARNING" if args.quiet else "INFO")
-    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """device.cli's hook, after parsing: the distillation's options, checked before anything is loaded."""
     if args.arch == "dlib-resnet":
-        from train.dlib_port import run_dlib_port
-
-        if args.photos is not None:
-            log.warning("--photos is not used with --arch dlib-resnet (nothing is trained); ignoring %s", args.photos)
-        try:
-            report = run_dlib_port(args)
-        except BackboneError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        check = report["dlib_check"]
-        agree = (f"matches dlib on {check['images']} test images (cosine ≥ {check['min_cosine']:.6f})"
-                 if "min_cosine" in check else check["skipped"])
-        print(f"backbone → {args.out}: dlib's ResNet face embedder rebuilt ({report['params']:,} weights); {agree}")
-        print(f"next: python -m train --photos DIR --out RUN_DIR --backbone {args.out}")
-        return 0
+        return
     if args.photos is None:
         parser.error("--photos is required with --arch mobilenetv2 (or use --arch dlib-resnet)")
     if args.input_size < 32:
@@ -191,14 +175,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-people must be in [0, 1)")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file; use imagenet, none or a .weights.h5 path")
-    from train.distill import run
-    from train.model import WeightsError
+
+
+def run(args: argparse.Namespace) -> int:
+    # A BackboneError, TeacherUnavailableError or WeightsError is printed by device.cli with its exit code.
+    if args.arch == "dlib-resnet":
+        from train.dlib_port import run_dlib_port
+
+        if args.photos is not None:
+            log.warning("--photos is not used with --arch dlib-resnet (nothing is trained); ignoring %s", args.photos)
+        report = run_dlib_port(args)
+        check = report["dlib_check"]
+        agree = (f"matches dlib on {check['images']} test images (cosine ≥ {check['min_cosine']:.6f})"
+                 if "min_cosine" in check else check["skipped"])
+        print(f"backbone → {args.out}: dlib's ResNet face embedder rebuilt ({report['params']:,} weights); {agree}")
+        print(f"next: python -m train --photos DIR --out RUN_DIR --backbone {args.out}")
+        return 0
+    from train.distill import run as distill
 
     try:
-        report = run(args)
-    except (BackboneError, TeacherUnavailableError, WeightsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        report = distill(args)
+    except FileNotFoundError as exc:  # bad input (exit 2), not a crash
+        raise BackboneError(str(exc)) from exc
     cos = report["student_teacher_cosine"]
     nn = report["nn_identification_heldout"]
     print(f"backbone → {args.out}: student–teacher cosine on held-out faces "
@@ -207,3 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"held-out nearest-neighbour identification: student {nn['student']}, teacher {nn['teacher']}")
     print(f"next: python -m train --photos DIR --out RUN_DIR --backbone {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train backbone ARGS` from Python: `faceberry train backbone ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m train backbone", at=("train", "backbone"))

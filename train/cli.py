@@ -1,21 +1,19 @@
-"""Command line of `python -m train`.
+"""`faceberry train` (`python -m train`): its options, their checks, and the run (device.cli holds the tree).
 
     python -m train --photos DIR --out RUN_DIR [options]        train a classifier
     python -m train --photos DIR --out RUN_DIR --backbone DIR   few-shot on a face-aware backbone
-    python -m train backbone ...                                 build a face-aware backbone
-    python -m train cohort ...                                   its stranger cohort (calibrates `unknown`)
+    python -m train backbone ...                                 build a face-aware backbone (train.backbone)
+    python -m train cohort ...                                   its stranger cohort (train.cohort)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
+from device import cli
 from device.contract import IMAGE_SUFFIXES
 from device.preprocess import DEFAULT_INPUT_SIZE
 
@@ -39,21 +37,24 @@ Two paths: with --backbone BACKBONE_DIR (recommended) nothing is trained, and th
 "augmentation" options are ignored except --val-fraction, --seed and --target-far; without it MobileNetV2
 is fine-tuned and every option applies.
 
-Subcommand: `python -m train backbone --help` builds a face-aware backbone for --backbone.
+Subcommands: `python -m train backbone --help` builds a face-aware backbone for --backbone, and
+`python -m train cohort --help` its stranger cohort.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Train a face classifier from photos/<person>/ folders, on face crops made by the "
-        "device's own detector and alignment.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "workstation: train a face classifier from photos/<person>/ folders (a gallery on a backbone, or a " \
+    "fine-tuned MobileNetV2)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train a face classifier from photos/<person>/ folders, on face crops made by the device's own "
+                     "detector and alignment.")
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     io = p.add_argument_group("input and output")
-    io.add_argument("--photos", required=True, type=Path, help="folder with one sub-folder of photos per person")
-    io.add_argument("--out", required=True, type=Path, help="run directory to create (must be empty or absent)")
+    # Required, but checked in validate(): argparse would also demand them of `train backbone` and `train cohort`.
+    io.add_argument("--photos", type=Path, help="folder with one sub-folder of photos per person (required)")
+    io.add_argument("--out", type=Path, help="run directory to create, must be empty or absent (required)")
     io.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     io.add_argument("--negatives", type=Path, default=None,
                     help="folder of other people's faces (loose photos or one sub-folder per person) used to "
@@ -130,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="maximum contrast change, fraction (default 0.2; 0 off)")
 
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and the summary")
-    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
-                   help="how much to log (default INFO, WARNING with -q); DEBUG also shows TensorFlow's own start-up "
-                   "lines")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m train`'s parser, as device.cli's tree builds it."""
+    return cli.build_parser(("train",), at=("train",), prog="python -m train")
 
 
 def _input_size(args: argparse.Namespace) -> int | None:
@@ -147,6 +149,9 @@ def _input_size(args: argparse.Namespace) -> int | None:
 
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    missing = [flag for flag, value in (("--photos", args.photos), ("--out", args.out)) if value is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
     args.input_size = _input_size(args)
     if args.input_size is not None and args.input_size < 32:
         p.error("--input-size must be 32 or more")
@@ -178,33 +183,18 @@ def _warn_ignored(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                             ", ".join(changed))
 
 
-def _run_submodule(module: str, func: str, arg, what: str) -> int:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            print(f"error: {what} is not available in this faceberry ({module} is missing); "
-                  "update faceberry or train without it", file=sys.stderr)
-            return 2
-        raise
-    return int(getattr(mod, func)(arg) or 0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "backbone":
-        return _run_submodule("train.backbone", "main", argv[1:], "the backbone stage")
-    if argv and argv[0] == "cohort":
-        return _run_submodule("train.cohort", "main", argv[1:], "the stranger cohort stage")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _validate(parser, args)
-    level = args.log_level or ("WARNING" if args.quiet else "INFO")
-    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "2")
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """device.cli's hook, after parsing (logging is set up): a bad value ends in the parser's usage error."""
+    _validate(p, args)
     if args.backbone is not None:
-        _warn_ignored(parser, args)
-        return _run_submodule("train.fewshot", "train_fewshot", args, "few-shot training on a backbone")
+        _warn_ignored(p, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.backbone is not None:
+        from train.fewshot import train_fewshot
+
+        return train_fewshot(args)
 
     from train.errors import TrainError
     from train.trainer import train
@@ -213,14 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         "fine-tuning ImageNet MobileNetV2; for far better accuracy, build a face backbone once "
         "(`python -m train backbone --arch dlib-resnet --out BACKBONE_DIR`) and pass --backbone BACKBONE_DIR"
     )
-
     try:
         report = train(args)
-    except (TrainError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as exc:  # a file the run needs is not there: bad input, exit 2 (device.cli prints it)
+        raise TrainError(str(exc)) from exc
     print_summary(report, args.out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train ARGS` from Python: `faceberry train ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m train", at=("train",))
 
 
 def print_summary(report: dict, out: Path) -> None:

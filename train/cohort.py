@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device import cli
 from device import cohort as cohort_mod
 from device.contract import list_images
+from device.errors import UsageError
 from device.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,18 @@ WANT_FACES = 1000
 LFW_PER_PERSON = 5
 
 
-class CohortBuildError(ValueError):
+class CohortBuildError(UsageError, ValueError):
     """The cohort cannot be built from what was given; the message says the fix."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train cohort", description=__doc__.split("\n\n")[0],
-                                epilog=f"A cohort needs at least {MIN_PEOPLE} people; the threshold wants "
-                                f"{WANT_FACES}+ faces of hundreds of people (README: the stranger cohort).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+HELP = "embed a stranger cohort beside a backbone (calibrates `unknown`)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.epilog = (f"A cohort needs at least {MIN_PEOPLE} people; the threshold wants {WANT_FACES}+ faces of hundreds "
+                "of people (README: the stranger cohort).")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--backbone", required=True, type=Path,
                    help="the backbone directory (from `python -m train backbone`)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -57,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{LFW_PER_PERSON} with --lfw, whose few people with hundreds of photos would crowd out the rest)")
     p.add_argument("--max-faces", type=int, default=20000, help="faces kept in all (default 20000)")
     p.add_argument("--min-face-size", type=int, default=40, help="faces narrower than this are not used (default 40)")
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the order people are taken in, which decides who a --max-faces cut leaves out "
+                   "(default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m train cohort`'s parser, as device.cli's tree builds it."""
+    return cli.build_parser(("train", "cohort"), at=("train", "cohort"), prog="python -m train cohort")
 
 
 def lfw_folder() -> Path:
@@ -158,33 +169,28 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """`python -m train cohort ARGS` from Python: `faceberry train cohort ARGS` (device.cli)."""
+    return cli.main(argv, prog="python -m train cohort", at=("train", "cohort"))
+
+
+def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     exclude = set()
     if args.exclude and args.exclude.is_dir():
         exclude = {d.name for d in args.exclude.iterdir() if d.is_dir()}
     if args.per_person is not None and args.per_person < 1:
-        print("error: --per-person must be 1 or more (leave it out to keep every photo)", file=sys.stderr)
-        return 2
+        raise CohortBuildError("--per-person must be 1 or more (leave it out to keep every photo)")
     if args.photos is not None and not args.photos.is_dir():
-        print(f"error: --photos {args.photos} is not a folder; pass a folder of <person>/*.jpg", file=sys.stderr)
-        return 2
+        raise CohortBuildError(f"--photos {args.photos} is not a folder; pass a folder of <person>/*.jpg")
     if args.photos is not None and not any(list_images(d) for d in args.photos.iterdir() if d.is_dir()):
-        print(f"error: no <person>/ photo folders in {args.photos}; put each person's photos in a sub-folder",
-              file=sys.stderr)
-        return 2
-    from train.backbone import BackboneError
-
+        raise CohortBuildError(f"no <person>/ photo folders in {args.photos}; put each person's photos in a "
+                               "sub-folder")
+    # A BackboneError or CohortBuildError (exit 2) is printed by device.cli.
     try:
         cohort, kept = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.per_person, args.max_faces,
                                     args.min_face_size, args.seed)
-    except (BackboneError, CohortBuildError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}; check the paths and permissions", file=sys.stderr)
-        return 2
+    except OSError as exc:  # on the workstation, a path of the user's own: not a case for sudo
+        raise CohortBuildError(f"{exc}; check the paths and permissions") from exc
     out = args.backbone / cohort_mod.COHORT_FILE
     cohort.save(out)
     print(f"stranger cohort → {out}: {len(cohort)} faces of {cohort.people} people, from {kept['photos']} photos "

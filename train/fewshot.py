@@ -196,12 +196,8 @@ def load_cohort(args, dim: int, views: str) -> cohort_mod.Cohort | None:
 
 
 def train_fewshot(args) -> int:
-    """Entry point from train.cli when --backbone is given."""
-    try:
-        report = fewshot(args)
-    except TrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point from train.cli when --backbone is given; a TrainError (exit 2) is printed by device.cli."""
+    report = fewshot(args)
     th = report["threshold"]
     n = len(report["labels"])
     lines = [

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.errors import UnavailableError
+from device.errors import EXIT_USAGE, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ INSTALL_HINT = "install the teacher with `pip install -r requirements-train.txt`
 
 class TeacherUnavailableError(UnavailableError):
     """dlib or the model files are missing; the message says how to install them."""
+
+    # A package that is not installed is a setup to fix, not an outage to wait out (device/errors.py).
+    exit_code = EXIT_USAGE
 
 
 def crop_key(crop: np.ndarray) -> str:
