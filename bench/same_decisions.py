@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as fh:
         fh.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    os.chmod(fh.name, 0o644)  # a temporary file is private; the record is for everyone to compare against
     Path(fh.name).replace(out)
 
     ev = result["eval"]
