@@ -115,7 +115,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
                  seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
     """(the cohort, what was kept and dropped: {"photos", "kept", "per_person", "excluded_people", "no_face",
     "max_faces"})."""
-    from train.backbone import load_embedder
+    from train.backbone_dir import load_embedder
     from train.crops import CropMaker, default_cache_dir, list_people
 
     if lfw:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no <person>/ photo folders in {args.photos}; put each person's photos in a sub-folder",
               file=sys.stderr)
         return 2
-    from train.backbone import BackboneError
+    from train.backbone_dir import BackboneError
 
     try:
         cohort, kept = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.per_person, args.max_faces,

@@ -35,7 +35,7 @@ import numpy as np
 
 from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
-from train.backbone import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
+from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
 from train.teacher import TEACHER_DIM, TEACHER_ID, TEACHER_LICENCE, TeacherCache, label_crops
 
