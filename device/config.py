@@ -576,7 +576,8 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
 
 # --- reading the file --------------------------------------------------------------------------------------
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """The config file's text; ConfigError with the fix for a missing, special, huge or unreadable file."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -590,37 +591,46 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is {st.st_size} bytes, more than a config holds ({CONFIG_MAX_BYTES}); name the "
                           "config file itself")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except PermissionError:
         raise
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc}); fix its permissions or save it as UTF-8") from None
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10, which a workstation may still run
-            raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from None
 
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
-        except RecursionError:  # brackets nested thousands deep: no config looks like that
-            raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the syntax there") from None
-        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
-            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the value there") from None
-    else:
-        import yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            first = " ".join(str(exc).split())
-            raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
-        except RecursionError:  # brackets nested thousands deep: no config looks like that
-            raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the syntax there") from None
-        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
-            raise ConfigError(f"{path}: not valid YAML ({exc}); fix the value there") from None
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10, which a workstation may still run
+        raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from None
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
+    except RecursionError:  # brackets nested thousands deep: no config looks like that
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the syntax there") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the value there") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
+    except RecursionError:  # brackets nested thousands deep: no config looks like that
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the syntax there") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the value there") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    data = _parse_toml(path, text) if path.suffix.lower() == ".toml" else _parse_yaml(path, text)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -229,7 +229,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         kind = phone_format(data)
         if kind is not None:
             return _load_phone_photo(path, data, kind, max_pixels)
-        raise _image_error(path, "not a JPEG, PNG, BMP, WebP, TIFF, HEIC or AVIF image, or its header is cut short or invalid")
+        raise _image_error(path, "not a JPEG, PNG, BMP, WebP, TIFF, HEIC or AVIF image, or its header is cut short "
+                           "or invalid")
     width, height = size
     if width <= 0 or height <= 0:
         raise _image_error(path, f"its header claims {width}×{height} pixels")

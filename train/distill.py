@@ -208,10 +208,8 @@ class _Logger:
 # ---------------------------------------------------------------- main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.monotonic()
-    out = Path(args.out)
-    say = _Logger(args.log, args.quiet)
+def _faces(args: argparse.Namespace, out: Path, say: _Logger) -> tuple[Any, np.ndarray, list[str], set[str], CropMaker]:
+    """The usable aligned faces of --photos (skipped ones listed in out/skipped.json), at most --max-faces."""
     exclude = set(args.exclude)
     if args.exclude_file:
         exclude |= {ln.strip() for ln in args.exclude_file.read_text(encoding="utf-8").splitlines() if ln.strip()}
@@ -234,14 +232,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         crops, labels = crops[keep], [labels[i] for i in keep]
     if len(crops) < 8:
         raise BackboneError(f"only {len(crops)} usable face(s) in {args.photos}; a backbone needs many (hundreds+)")
+    return crop_set, crops, labels, exclude, maker
 
-    tr_idx, va_idx, how = split_heldout(labels, args.val_people, args.seed)
-    say(f"{len(crops)} faces ({len(set(labels) - {FLAT})} people folders); {how}")
 
-    # Teacher labels for every view of the training faces and the clean held-out faces.
+def _teacher_targets(args: argparse.Namespace, views: np.ndarray, val_crops: np.ndarray, cache_dir: Path,
+                     say: _Logger) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(training targets, held-out targets, the teacher's mean embedding, seconds spent labelling)."""
     teacher_cache = TeacherCache(args.teacher_cache or cache_dir.parent / "teacher.npz")
-    views, _owner = make_views(crops[tr_idx], args.views, args.seed)
-    val_crops = crops[va_idx]
     todo = np.concatenate([views, val_crops]) if len(val_crops) else views
     last = [0.0]
 
@@ -261,13 +258,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_mean = targets[: len(views)].mean(axis=0)
     targets = targets - teacher_mean
     targets /= np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12)
-    y_train, y_val = targets[: len(views)], targets[len(views):]
+    return targets[: len(views)], targets[len(views):], teacher_mean, teacher_seconds
 
+
+def _train_student(args: argparse.Namespace, prep: Preprocessing, views: np.ndarray, y_train: np.ndarray,
+                   x_val: np.ndarray, y_val: np.ndarray, say: _Logger):
+    """The student fitted on the views (the best epoch's weights, by held-out cosine), its history, the best
+    epoch and when fitting started; and the function that embeds with it."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(args.seed)
-    prep = Preprocessing(input_size=args.input_size, alignment=alignment)
     model = build_student(args.input_size, args.alpha, args.weights)
     steps_per_epoch = int(np.ceil(len(views) / args.batch_size))
     total_steps = steps_per_epoch * args.epochs
@@ -293,7 +294,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         .repeat()
         .prefetch(2)
     )
-    x_val = normalize(val_crops, prep)
     history: dict[str, list] = {"epoch": [], "loss": [], "cosine": [], "val_cosine": [], "seconds": []}
     best: dict[str, Any] = {}
     fit_start = time.monotonic()
@@ -332,6 +332,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               callbacks=[Track()], verbose=0)
     if best.get("weights") is not None:
         model.set_weights(best["weights"])
+    return model, embed, history, best.get("epoch"), fit_start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    out = Path(args.out)
+    say = _Logger(args.log, args.quiet)
+    crop_set, crops, labels, exclude, maker = _faces(args, out, say)
+
+    tr_idx, va_idx, how = split_heldout(labels, args.val_people, args.seed)
+    say(f"{len(crops)} faces ({len(set(labels) - {FLAT})} people folders); {how}")
+
+    # Teacher labels for every view of the training faces and the clean held-out faces.
+    views, _owner = make_views(crops[tr_idx], args.views, args.seed)
+    val_crops = crops[va_idx]
+    y_train, y_val, teacher_mean, teacher_seconds = _teacher_targets(args, views, val_crops, maker.cache_dir, say)
+
+    prep = Preprocessing(input_size=args.input_size, alignment=maker.alignment)
+    x_val = normalize(val_crops, prep)
+    model, embed, history, best_epoch, fit_start = _train_student(args, prep, views, y_train, x_val, y_val, say)
     center_output(model, crops[tr_idx], prep)
     model.save(out / EMBEDDER_FILE)
 
@@ -351,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "teacher": nn_identification(y_val, val_labels),
             "student": nn_identification(student_val, val_labels),
         },
-        "best_epoch": best.get("epoch"),
+        "best_epoch": best_epoch,
         "epochs_run": len(history["epoch"]),
         "train_faces": len(tr_idx),
         "train_views": len(views),
