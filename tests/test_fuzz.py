@@ -305,15 +305,18 @@ def embedding_base(softmax: Path, dest: Path, people: list[str]) -> Path:
     return dest
 
 
-def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
-    cases: list[BundleCase] = []
-    soft = manifests["softmax"]
+def _manifest_bytes_cases(rng: random.Random, soft: dict[str, Any]) -> list[BundleCase]:
     good_json = json.dumps(soft).encode()
     raw = [b"", b"{", b"null", b"[]", b"1", b'"x"', b"{}", b"\xef\xbb\xbf" + good_json, b"\xff\xfe" + good_json,
            b"[" * 100000 + b"]" * 100000, b'{"a": ' * 50000 + b"1" + b"}" * 50000]
     raw += [rng.randbytes(n) for n in (1, 100, 5000)]
     raw += [good_json[: rng.randrange(1, len(good_json))] for _ in range(5)]
-    cases += [BundleCase(f"manifest bytes #{i} ({data[:12]!r})", data, refused=True) for i, data in enumerate(raw)]
+    return [BundleCase(f"manifest bytes #{i} ({data[:12]!r})", data, refused=True) for i, data in enumerate(raw)]
+
+
+def _manifest_field_cases(rng: random.Random, manifests: dict[str, dict[str, Any]]) -> list[BundleCase]:
+    """Every manifest field of each kind given wrong values or removed; each listed file missing or changed."""
+    cases: list[BundleCase] = []
     for kind, manifest in manifests.items():
         for path in _leaves(manifest):
             where = ".".join(path)
@@ -331,15 +334,21 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
             cases.append(BundleCase(f"{kind} {name} missing", manifest, {name: None}, base=kind, refused=True))
             cases.append(BundleCase(f"{kind} {name} changed, not re-checksummed", manifest,
                                     {name: rng.randbytes(300)}, rehash=False, base=kind, refused=True))
-    for sign in ("none", "wrong", "garbage", "dir"):
-        cases.append(BundleCase(f"manifest.sha256 {sign}", soft, sign=sign, refused=sign in ("wrong", "garbage")))
+    return cases
+
+
+def _acted_on_cases(manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
+    """The signature file, and the numeric fields the device acts on, each out of range (re-signed, so the
+    value itself is judged)."""
+    soft = manifests["softmax"]
+    cases = [BundleCase(f"manifest.sha256 {sign}", soft, sign=sign, refused=sign in ("wrong", "garbage"))
+             for sign in ("none", "wrong", "garbage", "dir")]
 
     def edit(kind: str, path: tuple[str, ...], value: Any, refused: bool | None = True, **kw: Any) -> BundleCase:
         tree = json.loads(json.dumps(manifests[kind]))
         _set(tree, path, value)
         return BundleCase(f"{kind} {'.'.join(path)}={value!r}", tree, base=kind, refused=refused, **kw)
 
-    # The numeric fields the device acts on, each out of range (re-signed, so the value itself is judged).
     for value in (0, -5, 0.0, math.nan, math.inf, -math.inf, 1.0000001, 1e308, "0.5", True, None, []):
         cases.append(edit("softmax", ("thresholds", "accept"), value))
     for value in (0, 1, -0.1, math.nan, "0.05", True):
@@ -355,6 +364,15 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
         cases.append(edit("softmax", ("schema",), value))
     cases.append(edit("softmax", ("preprocessing", "input_size"), 64, refused=False))  # loads; the model refuses
     cases.append(edit("softmax", ("thresholds", "accept"), 1, refused=False))
+    return cases
+
+
+def _file_content_cases(
+    rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]
+) -> list[BundleCase]:
+    """labels.txt, the model files and the gallery replaced by damaged content that checks out."""
+    soft = manifests["softmax"]
+    cases: list[BundleCase] = []
     # labels.txt, re-checksummed: the content itself is judged.
     labels_txt = "\n".join(people).encode() + b"\n"
     for name, data, refused in (("binary", rng.randbytes(200), True), ("invalid UTF-8", b"\xff\xfe\xfa\n" * 5, True),
@@ -401,6 +419,12 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
     for what, data, refused in galleries:
         cases.append(BundleCase(f"gallery {what}", manifests["embedding"], {"gallery.npz": data}, base="embedding",
                                 refused=refused))
+    return cases
+
+
+def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
+    cases = (_manifest_bytes_cases(rng, manifests["softmax"]) + _manifest_field_cases(rng, manifests)
+             + _acted_on_cases(manifests, people) + _file_content_cases(rng, manifests, people))
     # A name drawn at random may repeat one of the deliberate cases above: the deliberate one, which says
     # what must happen, is kept.
     return list({c.name: c for c in cases}.values())
