@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 CREDENTIAL_NAME = "mqtt_password"
 ENV_PREFIX = "FACEBERRY_"
 CameraSource = Literal["picamera2", "opencv", "folder"]
-CAMERA_SOURCES: tuple[str, ...] = typing.get_args(CameraSource)
 DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 # The systemd unit's StateDirectory=faceberry: the outbox, status file and bundle versions live there.
 DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
