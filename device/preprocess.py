@@ -7,6 +7,7 @@ network all live here, so a face seen by the Pi is cropped exactly as the traini
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,11 @@ _HEADER_READERS = (
     BmpImagePlugin.BmpImageFile,
     TiffImagePlugin.TiffImageFile,
 )
+
+
+# Pillow's TIFF reader warns (Python warnings, on stderr) about each damaged tag it skips while reading a
+# header; the refusal, or cv2's decode, already says what is wrong with the file, in the log, once.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class _OverPillowsLimitError(Exception):
