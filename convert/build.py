@@ -127,6 +127,48 @@ def _load_keras(path: Path):
         return keras.models.load_model(path, compile=False, safe_mode=False)
 
 
+def _check_set(run: Run, run_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """The run's training faces (normalised, for calibration) and the faces the converted model is checked on:
+    (train_x, check_x, their true labels with negatives as UNKNOWN, which of them are validation faces)."""
+    is_train = run.split == "train"
+    check_mask = (run.split == "val") | (run.split == "negative")
+    if not check_mask.any():
+        raise ConvertError(
+            f"{run_dir / 'crops.npz'} has no validation faces to check the converted model on; train again"
+        )
+    train_x = normalize(run.crops[is_train], run.prep)
+    check_x = normalize(run.crops[check_mask], run.prep)
+    check_labels = np.array(run.crop_labels)[check_mask]
+    truth = [lbl if s == "val" else UNKNOWN for lbl, s in zip(check_labels, run.split[check_mask], strict=True)]
+    is_val = run.split[check_mask] == "val"
+    return train_x, check_x, truth, is_val
+
+
+def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantization: str, calibration: str | None,
+              calibration_samples: int | None, float_ops: Sequence[str] | None) -> tuple[bytes, dict[str, Any]]:
+    """The TFLite flatbuffer and, for int8, the recipe that made it (calibration, float ops, weight scales)."""
+    from convert.quantize import convert_model, representative_samples, weight_scales
+
+    recipe: dict[str, Any] = {}
+    representative = None
+    if quantization == "int8":
+        calibration, float_ops = _int8_recipe(calibration, float_ops)
+        if calibration_samples is None:
+            calibration_samples = CALIBRATION_SAMPLES[calibration]
+        augment = _augmentation(run) if calibration == "augmented" else None
+        representative = representative_samples(train_x, calibration_samples, augment=augment)
+        recipe = {"calibration": {"source": calibration, "samples": len(representative),
+                                  "training_crops": len(train_x)},
+                  "float_ops": list(float_ops)}
+    log.info("converting %s to %s TFLite%s …", run_dir / "model.keras", quantization,
+             f" ({recipe['calibration']['samples']} {calibration} calibration faces"
+             f"{', ' + '/'.join(float_ops) + ' in float' if float_ops else ''})" if recipe else "")
+    flatbuffer = convert_model(model, quantization, representative, float_ops=recipe.get("float_ops", ()))
+    if quantization == "int8":
+        recipe["weight_scales"] = weight_scales(flatbuffer)
+    return flatbuffer, recipe
+
+
 def convert_run(
     run_dir: Path,
     out: Path,
@@ -149,7 +191,6 @@ def convert_run(
     kept in float (convert.quantize.HEAD_OPS). `tried`: modes refused earlier in this conversion, for the
     message.
     """
-    from convert.quantize import convert_model, representative_samples, weight_scales
     from convert.verify import compare_embedding, compare_softmax, run_tflite, softmax_decisions
 
     run = load_run(run_dir)
@@ -158,36 +199,10 @@ def convert_run(
     if not detector.is_file():
         raise ConvertError(f"face detector not found: {detector}; run `python -m models fetch`")
 
-    is_train = run.split == "train"
-    check_mask = (run.split == "val") | (run.split == "negative")
-    if not check_mask.any():
-        raise ConvertError(
-            f"{run_dir / 'crops.npz'} has no validation faces to check the converted model on; train again"
-        )
-    train_x = normalize(run.crops[is_train], run.prep)
-    check_x = normalize(run.crops[check_mask], run.prep)
-    check_labels = np.array(run.crop_labels)[check_mask]
-    truth = [lbl if s == "val" else UNKNOWN for lbl, s in zip(check_labels, run.split[check_mask], strict=True)]
-    is_val = run.split[check_mask] == "val"
-
+    train_x, check_x, truth, is_val = _check_set(run, run_dir)
     model = _load_keras(run_dir / "model.keras")
-    recipe: dict[str, Any] = {}
-    representative = None
-    if quantization == "int8":
-        calibration, float_ops = _int8_recipe(calibration, float_ops)
-        if calibration_samples is None:
-            calibration_samples = CALIBRATION_SAMPLES[calibration]
-        augment = _augmentation(run) if calibration == "augmented" else None
-        representative = representative_samples(train_x, calibration_samples, augment=augment)
-        recipe = {"calibration": {"source": calibration, "samples": len(representative),
-                                  "training_crops": len(train_x)},
-                  "float_ops": list(float_ops)}
-    log.info("converting %s to %s TFLite%s …", run_dir / "model.keras", quantization,
-             f" ({recipe['calibration']['samples']} {calibration} calibration faces"
-             f"{', ' + '/'.join(float_ops) + ' in float' if float_ops else ''})" if recipe else "")
-    flatbuffer = convert_model(model, quantization, representative, float_ops=recipe.get("float_ops", ()))
-    if quantization == "int8":
-        recipe["weight_scales"] = weight_scales(flatbuffer)
+    flatbuffer, recipe = _quantize(model, run, run_dir, train_x, quantization, calibration, calibration_samples,
+                                   float_ops)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

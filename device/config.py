@@ -28,12 +28,14 @@ import stat
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -43,6 +45,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from device.errors import UsageError
 from device.events import valid_device_id
@@ -50,9 +53,9 @@ from device.events import valid_device_id
 log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "mqtt_password"
+ENV_PREFIX = "FACEBERRY_"
 CAMERA_CREDENTIAL_NAME = "camera_password"
 CameraSource = Literal["picamera2", "rtsp", "opencv", "folder"]
-CAMERA_SOURCES: tuple[str, ...] = typing.get_args(CameraSource)
 DEFAULT_CONFIG = "/etc/faceberry/config.yaml"
 # The systemd unit's StateDirectory=faceberry: the outbox, status file and bundle versions live there.
 DEFAULT_STATE_DIR = Path("/var/lib/faceberry")
@@ -618,7 +621,8 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
 
 # --- reading the file --------------------------------------------------------------------------------------
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """The config file's text; ConfigError with the fix for a missing, special, huge or unreadable file."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -632,37 +636,46 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is {st.st_size} bytes, more than a config holds ({CONFIG_MAX_BYTES}); name the "
                           "config file itself")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except PermissionError:
         raise
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc}); fix its permissions or save it as UTF-8") from None
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10, which a workstation may still run
-            raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from None
 
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
-        except RecursionError:  # brackets nested thousands deep: no config looks like that
-            raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the syntax there") from None
-        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
-            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the value there") from None
-    else:
-        import yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            first = " ".join(str(exc).split())
-            raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
-        except RecursionError:  # brackets nested thousands deep: no config looks like that
-            raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the syntax there") from None
-        except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
-            raise ConfigError(f"{path}: not valid YAML ({exc}); fix the value there") from None
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10, which a workstation may still run
+        raise ConfigError(f"{path}: TOML needs Python 3.11+; use YAML instead") from None
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax there") from None
+    except RecursionError:  # brackets nested thousands deep: no config looks like that
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the syntax there") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the value there") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax there") from None
+    except RecursionError:  # brackets nested thousands deep: no config looks like that
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the syntax there") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's int_max_str_digits)
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the value there") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    data = _parse_toml(path, text) if path.suffix.lower() == ".toml" else _parse_yaml(path, text)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -670,44 +683,74 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
-    """Apply FACEBERRY_* environment variables (strings from the environment, typed here)."""
-    mqtt = data.setdefault("mqtt", {})
-    if not isinstance(mqtt, dict):
-        return
-    tls = mqtt.setdefault("tls", {}) if isinstance(mqtt.get("tls", {}), dict) else {}
+def _env_bool(value: Any) -> Any:
+    # systemd Environment= lines are often written `FACEBERRY_MQTT_TLS=` to switch a thing off.
+    return value.strip() or False if isinstance(value, str) else value
 
-    def as_int(name: str, text: str) -> int:
+
+_EnvBool = Annotated[bool | None, BeforeValidator(_env_bool)]
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source reading a given mapping (config_from_dict's `env`), so a test
+    or `check` can pass the environment it means instead of the process's."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {key: value for key, value in self._environ.items() if key.startswith(ENV_PREFIX)}
+
+
+class EnvOverrides(BaseSettings):
+    """The FACEBERRY_* environment variables that override the config file, typed by pydantic-settings.
+
+    Each field is (section path, key) in the config; an unset variable leaves the file's value alone.
+    Names are exact (case-sensitive), as in a systemd unit's Environment= lines."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", env_ignore_empty=False)
+
+    mqtt_host: str | None = Field(None, validation_alias="FACEBERRY_MQTT_HOST")
+    mqtt_port: int | None = Field(None, validation_alias="FACEBERRY_MQTT_PORT")
+    mqtt_username: str | None = Field(None, validation_alias="FACEBERRY_MQTT_USERNAME")
+    mqtt_password_file: str | None = Field(None, validation_alias="FACEBERRY_MQTT_PASSWORD_FILE")
+    mqtt_client_id: str | None = Field(None, validation_alias="FACEBERRY_MQTT_CLIENT_ID")
+    mqtt_tls_enabled: _EnvBool = Field(None, validation_alias="FACEBERRY_MQTT_TLS")
+    mqtt_tls_ca: str | None = Field(None, validation_alias="FACEBERRY_MQTT_TLS_CA")
+    mqtt_tls_cert: str | None = Field(None, validation_alias="FACEBERRY_MQTT_TLS_CERT")
+    mqtt_tls_key: str | None = Field(None, validation_alias="FACEBERRY_MQTT_TLS_KEY")
+    mqtt_tls_insecure: _EnvBool = Field(None, validation_alias="FACEBERRY_MQTT_TLS_INSECURE")
+    device_id: str | None = Field(None, validation_alias="FACEBERRY_DEVICE_ID")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, **_: Any) -> tuple:
+        # Only what from_environ hands over: never the process's own environment behind the caller's back,
+        # nor a .env file or a secrets folder.
+        return (init_settings,)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> EnvOverrides:
+        """The overrides set in `environ`; ConfigError naming the variable and what it must be."""
         try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"environment variable {name}={text!r} must be an integer") from None
+            return cls(**_EnvironSource(cls, environ)())
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0])
+            what = "must be an integer" if error["type"].startswith("int") else "must be true or false"
+            raise ConfigError(f"environment variable {name}={environ.get(name)!r} {what}") from None
 
-    def as_bool(name: str, text: str) -> bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off", ""):
-            return False
-        raise ConfigError(f"environment variable {name}={text!r} must be true or false")
-
-    table: list[tuple[str, dict[str, Any], str, Any]] = [
-        ("FACEBERRY_MQTT_HOST", mqtt, "host", str),
-        ("FACEBERRY_MQTT_PORT", mqtt, "port", as_int),
-        ("FACEBERRY_MQTT_USERNAME", mqtt, "username", str),
-        ("FACEBERRY_MQTT_PASSWORD_FILE", mqtt, "password_file", str),
-        ("FACEBERRY_MQTT_CLIENT_ID", mqtt, "client_id", str),
-        ("FACEBERRY_MQTT_TLS", tls, "enabled", as_bool),
-        ("FACEBERRY_MQTT_TLS_CA", tls, "ca", str),
-        ("FACEBERRY_MQTT_TLS_CERT", tls, "cert", str),
-        ("FACEBERRY_MQTT_TLS_KEY", tls, "key", str),
-        ("FACEBERRY_MQTT_TLS_INSECURE", tls, "insecure", as_bool),
-        ("FACEBERRY_DEVICE_ID", data, "device_id", str),
-    ]
-    for name, section, key, conv in table:
-        if name in env:
-            text = env[name]
-            section[key] = conv(text) if conv is str else conv(name, text)
+    def apply(self, data: dict[str, Any]) -> None:
+        """Write the variables that are set into the config file's parsed `data` (before validation)."""
+        mqtt = data.setdefault("mqtt", {})
+        if not isinstance(mqtt, dict):
+            return  # validation names the broken mqtt section; nothing to override in it
+        tls = mqtt.setdefault("tls", {}) if isinstance(mqtt.get("tls", {}), dict) else {}
+        sections = {"mqtt_tls_": tls, "mqtt_": mqtt, "": data}
+        for field, value in self.model_dump(exclude_unset=True).items():
+            # The field name is the key's path: mqtt_tls_ca → mqtt.tls.ca (the longest section prefix wins).
+            prefix = next(p for p in sections if field.startswith(p))
+            sections[prefix][field[len(prefix):]] = value
 
 
 def read_secret(path: Path, what: str) -> tuple[str, int]:
@@ -820,7 +863,7 @@ def config_from_dict(
     env = dict(os.environ) if env is None else env
     data = copy.deepcopy(data)
     try:
-        _env_overrides(data, env)
+        EnvOverrides.from_environ(env).apply(data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:

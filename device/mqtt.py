@@ -52,6 +52,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from device.errors import EXIT_USAGE, FaceberryError
 from device.events import OFFLINE, ONLINE, status_topic
 from device.outbox import Outbox, OutboxError, OutboxWriteError, default_state_dir
+from device.statefile import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -263,39 +264,6 @@ def explain_refusal(reason: Any, cfg: Any, short_id: str | None = None) -> tuple
     return f"refused-{text}", f"the broker {where} refused the connection ({text}); see the broker's log"
 
 
-class _FailureLog:
-    """Logs each distinct failure once, repeats a persisting one at most every `repeat_s`."""
-
-    def __init__(self, repeat_s: float = REPEAT_S) -> None:
-        self.repeat_s = repeat_s
-        self._last: dict[str, float] = {}
-        self.attempts = 0
-        self.since: float | None = None
-
-    def report(self, key: str, message: str, level: int) -> None:
-        now = time.monotonic()
-        self.attempts += 1
-        if self.since is None:
-            self.since = now
-        last = self._last.get(key)
-        if last is None:
-            log.log(level, "%s", message)
-            self._last[key] = now
-        elif now - last >= self.repeat_s:
-            log.log(level, "%s (still failing: %d attempts in %.0f s)", message, self.attempts, now - self.since)
-            self._last[key] = now
-
-    def recovered(self) -> str | None:
-        """A line for the log if there were failures, and forget them."""
-        if not self.attempts:
-            return None
-        line = f"after {self.attempts} failed attempts over {time.monotonic() - (self.since or 0):.0f} s"
-        self._last.clear()
-        self.attempts = 0
-        self.since = None
-        return line
-
-
 def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:100] or "_"
 
@@ -341,7 +309,7 @@ class MqttPublisher:
         # Unacknowledged messages handed to paho; the rest wait on disk.
         self.max_inflight = max(1, int(getattr(cfg, "queue_size", 1000)))
         self.summary_interval = float(summary_interval)
-        self._failures = _FailureLog()
+        self._failures = RateLimitedLog(log, repeat_s=REPEAT_S)
         self._connected = threading.Event()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -380,7 +348,7 @@ class MqttPublisher:
         self.connects += 1
         self._connected_at = time.monotonic()
         self._permanent_since = self._permanent_line = None
-        recovered = self._failures.recovered()
+        recovered = self._failures.all_clear()
         self.state = "connected"
         # Under a takeover loop every connect and disconnect would be a line: the one warning says it all.
         log.log(logging.DEBUG if self._in_takeover() else logging.INFO, "connected to broker %s:%s%s%s",
@@ -463,7 +431,7 @@ class MqttPublisher:
     def _fail(self, key: str, line: str, level: int) -> None:
         self.last_error = line
         self.state = f"error: {line}"
-        self._failures.report(key, line, level)
+        self._failures.fail(key, line, level)
         if key in PERMANENT_FAILURES:
             if self._permanent_since is None:
                 self._permanent_since = time.monotonic()

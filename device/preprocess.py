@@ -6,12 +6,15 @@ network all live here, so a face seen by the Pi is cropped exactly as the traini
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
 
 from device.errors import UsageError
 
@@ -101,88 +104,43 @@ class Preprocessing:
 MAX_IMAGE_PIXELS = 40_000_000
 
 
+# The formats cv2 decodes (device.contract.OPENCV_SUFFIXES), as Pillow's header readers, most common first.
+# Each reads the header only and decodes nothing until asked to. They are used directly rather than
+# through Image.open so that Pillow's own decompression-bomb check (a global limit, far above ours) does not
+# replace our refusal, which names the claimed size and honours `max_pixels`.
+_HEADER_READERS = (
+    JpegImagePlugin.JpegImageFile,
+    PngImagePlugin.PngImageFile,
+    WebPImagePlugin.WebPImageFile,
+    BmpImagePlugin.BmpImageFile,
+    TiffImagePlugin.TiffImageFile,
+)
+
+
+# Pillow's TIFF reader warns (Python warnings, on stderr) about each damaged tag it skips while reading a
+# header; the refusal, or cv2's decode, already says what is wrong with the file, in the log, once.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
+
+class _OverPillowsLimitError(Exception):
+    """A WebP whose header claims more than Pillow's own limit: Pillow refuses it before allocating its canvas."""
+
+
 def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
-    """(width, height) from the header of a PNG, JPEG, BMP, WebP or TIFF, or None if it has none.
+    """(width, height) from the header of a JPEG, PNG, WebP, BMP or TIFF, or None if it has none.
 
     Only the header is read: this is how a hostile file is refused before cv2 decodes it.
     """
-    head = bytes(data[:64]) if not isinstance(data, bytes) else data[:64]
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24 and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head.startswith(b"\xff\xd8"):
-        return _jpeg_size(data)
-    if head.startswith(b"BM") and len(head) >= 26:
-        if int.from_bytes(head[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
-            return int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
-        # BITMAPINFOHEADER and later: signed, a negative height means top-down rows.
-        return (abs(int.from_bytes(head[18:22], "little", signed=True)),
-                abs(int.from_bytes(head[22:26], "little", signed=True)))
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP" and len(head) >= 30:
-        kind = head[12:16]
-        if kind == b"VP8 ":
-            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
-        if kind == b"VP8L":
-            bits = int.from_bytes(head[21:25], "little")
-            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-        if kind == b"VP8X":
-            return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
-        return None
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return _tiff_size(data)
-    return None
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
-    """The frame size of the first SOF segment (segments before it, EXIF thumbnails included, skipped)."""
-    n, i = len(data), 2
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
+    buffer = io.BytesIO(data if isinstance(data, bytes) else data.tobytes())
+    for reader in _HEADER_READERS:
+        buffer.seek(0)
+        try:
+            with reader(buffer) as im:
+                return im.size
+        except Image.DecompressionBombError:
+            raise _OverPillowsLimitError from None
+        except Exception:  # not this format, or a header cut short: each reader fails in its own way
             continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
-            i += 2
-            continue
-        length = (int(data[i + 2]) << 8) | int(data[i + 3])
-        if marker in _JPEG_SOF:
-            if i + 9 > n:
-                return None
-            height = (int(data[i + 5]) << 8) | int(data[i + 6])
-            width = (int(data[i + 7]) << 8) | int(data[i + 8])
-            return width, height
-        if marker in (0xD9, 0xDA) or length < 2:  # end of image or scan data before any frame header
-            return None
-        i += 2 + length
-    return None
-
-
-def _tiff_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
-    """Width and height tags of the first IFD (the page cv2 decodes)."""
-    order = "little" if bytes(data[:2]) == b"II" else "big"
-
-    def num(at: int, size: int) -> int:
-        return int.from_bytes(bytes(data[at:at + size]), order)
-
-    if len(data) < 8:
-        return None
-    ifd = num(4, 4)
-    if ifd + 2 > len(data):
-        return None
-    found: dict[int, int] = {}
-    for k in range(min(num(ifd, 2), 512)):
-        at = ifd + 2 + 12 * k
-        if at + 12 > len(data):
-            break
-        tag, kind = num(at, 2), num(at + 2, 2)
-        if tag in (256, 257):
-            found[tag] = num(at + 8, 2) if kind == 3 else num(at + 8, 4)  # SHORT or LONG
-    if 256 in found and 257 in found:
-        return found[256], found[257]
     return None
 
 
@@ -231,9 +189,7 @@ def _load_phone_photo(path: Path, data: np.ndarray, kind: str, max_pixels: int) 
     missing = phone_reader(kind)
     if missing is not None:
         raise _image_error(path, missing)
-    import io
-
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
@@ -270,12 +226,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         raise _image_error(path, f"cannot read it ({exc.strerror or exc})") from None
     if data is None or data.size == 0:
         raise _image_error(path, "file missing or empty")
-    size = image_size(data)
+    try:
+        size = image_size(data)
+    except _OverPillowsLimitError:
+        raise _image_error(path, f"its header claims more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP, over the "
+                           f"{max_pixels / 1e6:.0f} MP limit (resize it)") from None
     if size is None:
         kind = phone_format(data)
         if kind is not None:
             return _load_phone_photo(path, data, kind, max_pixels)
-        raise _image_error(path, "not a JPEG, PNG, BMP, WebP, TIFF, HEIC or AVIF image, or its header is cut short")
+        raise _image_error(path, "not a JPEG, PNG, BMP, WebP, TIFF, HEIC or AVIF image, or its header is cut short "
+                           "or invalid")
     width, height = size
     if width <= 0 or height <= 0:
         raise _image_error(path, f"its header claims {width}×{height} pixels")

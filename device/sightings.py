@@ -184,27 +184,7 @@ class SightingsStore:
     def __init__(self, db: str, create: bool = True) -> None:
         sa = _sa()
         self.url = database_url(db)
-        if self.url.startswith("sqlite:///"):
-            path = Path(self.url[len("sqlite:///"):])
-            if not create and not path.is_file():
-                raise SightingsError(f"no sightings database at {path}; start `python -m device sightings run` "
-                                     "first, or give its file with --db")
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.dialect = sa.engine.make_url(self.url).get_backend_name()
-            if self.dialect not in ("sqlite", "postgresql"):
-                raise SightingsError(f"--db {self.display}: {self.dialect} is not supported; use a SQLite file or "
-                                     "postgresql://user@host/dbname")
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
-        except ModuleNotFoundError as exc:  # the URL's driver (psycopg) is not installed
-            raise SightingsError(f"--db {self.display}: the Python module {exc.name!r} is not installed; "
-                                 f"{INSTALL_HINT}") from exc
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-            raise SightingsError(f"--db {db!r} is neither a file name nor a database URL SQLAlchemy knows "
-                                 f"({_first_line(exc)}); use a path or postgresql://user@host/dbname") from exc
-        if self.dialect == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._open_engine(sa, db, create)
         meta = sa.MetaData()
         tz = sa.DateTime(timezone=True)
         self.sightings = sa.Table(
@@ -266,6 +246,30 @@ class SightingsStore:
         if found != SCHEMA:
             raise SightingsError(f"{self.display} holds sightings schema {found!r}, this faceberry reads {SCHEMA!r}; "
                                  "use a faceberry of the same version")
+
+    def _open_engine(self, sa: Any, db: str, create: bool) -> None:
+        """self.engine and self.dialect for self.url; SightingsError naming the fix when it cannot be opened."""
+        if self.url.startswith("sqlite:///"):
+            path = Path(self.url[len("sqlite:///"):])
+            if not create and not path.is_file():
+                raise SightingsError(f"no sightings database at {path}; start `python -m device sightings run` "
+                                     "first, or give its file with --db")
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dialect = sa.engine.make_url(self.url).get_backend_name()
+            if self.dialect not in ("sqlite", "postgresql"):
+                raise SightingsError(f"--db {self.display}: {self.dialect} is not supported; use a SQLite file or "
+                                     "postgresql://user@host/dbname")
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
+        except ModuleNotFoundError as exc:  # the URL's driver (psycopg) is not installed
+            raise SightingsError(f"--db {self.display}: the Python module {exc.name!r} is not installed; "
+                                 f"{INSTALL_HINT}") from exc
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise SightingsError(f"--db {db!r} is neither a file name nor a database URL SQLAlchemy knows "
+                                 f"({_first_line(exc)}); use a path or postgresql://user@host/dbname") from exc
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     @property
     def display(self) -> str:

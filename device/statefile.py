@@ -5,7 +5,7 @@ power cut) sees the old file or the new one, never half of one. `set_aside` rena
 cannot use to `<name>.corrupt-<UTC time>` beside it, with one WARNING line naming the file, why, what was
 lost and that the daemon goes on without it; the newest `KEEP_ASIDE` copies per file are kept (a failing
 SD card must not fill the disk with them). `RateLimitedLog` is the one-line-per-kind-of-failure rule for
-failures that repeat at every event (a full disk).
+failures that repeat at every event (a full disk) or at every attempt (the MQTT connection).
 
 Used by the outbox, the corrections, the stranger memory, the recent-faces store, the Home Assistant
 discovery ledger and the status file.
@@ -170,11 +170,16 @@ class RateLimitedLog:
         self._open: set[str] = set()  # kinds logged and not yet reported over
         self._quiet: dict[str, int] = {}  # failures of each kind since the last line
         self.counts: dict[str, int] = {}  # failures of each kind in all
+        self.attempts = 0  # failures of any kind since the last all_clear()
+        self._since: float | None = None  # when the first of them happened
 
     def fail(self, kind: str, message: str, level: int = logging.WARNING) -> bool:
         """Count one failure of `kind`; log `message` if due. Returns whether it was logged."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
         now = self.clock()
+        self.attempts += 1
+        if self._since is None:
+            self._since = now
         last = self._last.get(kind)
         if last is not None and now - last < self.repeat_s:
             self._quiet[kind] = self._quiet.get(kind, 0) + 1
@@ -191,3 +196,15 @@ class RateLimitedLog:
         if kind in self._open:
             self._open.discard(kind)
             self.logger.info("%s", message)
+
+    def all_clear(self) -> str | None:
+        """Everything works again (a connection came back): "after N failed attempts over T s" for the caller's
+        own line, or None if nothing failed; and forget the failures, so the next one is logged at once."""
+        if not self.attempts:
+            return None
+        line = f"after {self.attempts} failed attempts over {self.clock() - (self._since or 0):.0f} s"
+        self.attempts, self._since = 0, None
+        self._last.clear()
+        self._quiet.clear()
+        self._open.clear()
+        return line

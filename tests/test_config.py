@@ -222,6 +222,28 @@ def test_environment_overrides_the_broker(tmp_path: Path) -> None:
         load_config(tmp_path / "config.yaml", env={"FACEBERRY_MQTT_PORT": "x"})
 
 
+def test_every_environment_override_lands_on_its_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each FACEBERRY_* name a systemd unit may set, the key it overrides, and how its text is read.
+    env = {"FACEBERRY_MQTT_HOST": "broker.lan", "FACEBERRY_MQTT_PORT": " 8883 ", "FACEBERRY_MQTT_USERNAME": "pi",
+           "FACEBERRY_MQTT_CLIENT_ID": "faceberry-garage", "FACEBERRY_MQTT_TLS": "on",
+           "FACEBERRY_MQTT_TLS_CA": "ca.pem", "FACEBERRY_MQTT_TLS_CERT": "c.pem", "FACEBERRY_MQTT_TLS_KEY": "k.pem",
+           "FACEBERRY_MQTT_TLS_INSECURE": "", "FACEBERRY_DEVICE_ID": "garage"}
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    # The process's own environment is not read behind the caller's back, and names are exact.
+    monkeypatch.setenv("FACEBERRY_MQTT_HOST", "from-the-process")
+    cfg = load_config(write(tmp_path, "bundle: /b\nmqtt: {host: localhost}\n"),
+                      env={**env, "faceberry_mqtt_username": "lower-case"})
+    tls = cfg.mqtt.tls
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username, cfg.mqtt.client_id, cfg.device_id) == (
+        "broker.lan", 8883, "pi", "faceberry-garage", "garage")
+    assert (tls.enabled, tls.insecure) == (True, False)
+    assert [Path(p).name for p in (tls.ca, tls.cert, tls.key)] == ["ca.pem", "c.pem", "k.pem"]
+    assert load_config(tmp_path / "config.yaml", env={}).mqtt.host == "localhost"
+    with pytest.raises(ConfigError, match=r"FACEBERRY_MQTT_TLS_INSECURE='maybe' must be true or false$"):
+        load_config(tmp_path / "config.yaml", env={"FACEBERRY_MQTT_TLS_INSECURE": "maybe"})
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config file not found.*example"):
         load_config(tmp_path / "nope.yaml", env={})

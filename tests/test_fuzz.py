@@ -10,6 +10,7 @@ has a name that says what was done to it; FACEBERRY_FUZZ_SEED draws another samp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 from device.bundle import MANIFEST, MANIFEST_SHA256, Bundle, BundleError, load_bundle
 from device.config import ConfigError, load_config
@@ -77,11 +81,32 @@ def _encode_phone(img: np.ndarray, suffix: str) -> bytes:
         return buf.tobytes()
 
 
-def _flip(data: bytes, rng: random.Random, n: int) -> bytes:
-    out = bytearray(data)
-    for _ in range(n):
-        out[rng.randrange(len(out))] = rng.getrandbits(8)
-    return bytes(out)
+@functools.cache
+def _good(suffix: str) -> bytes:
+    """One small valid photo per suffix, the same on every run: what the hypothesis damage starts from."""
+    return _encode(suffix, random.Random(SEED))
+
+
+@st.composite
+def damaged_images(draw: st.DrawFn) -> ImageCase:
+    """A photo of any accepted suffix cut at a random point, replaced or followed by random bytes, or with 1-50
+    bytes overwritten (the seeded generator's random cases, now searched and shrunk by hypothesis)."""
+    suffix = draw(st.sampled_from(IMAGE_SUFFIXES))
+    good = _good(suffix)
+    how = draw(st.sampled_from(["cut", "garbage", "magic+garbage", "flipped"]))
+    if how == "cut":
+        k = draw(st.integers(1, len(good) - 1))
+        return ImageCase(f"cut-{k}{suffix}", good[:k])
+    if how == "garbage":
+        return ImageCase(f"garbage{suffix}", draw(st.binary(min_size=1, max_size=4096)))
+    if how == "magic+garbage":
+        k = draw(st.sampled_from([2, 8, 16, 30]))
+        return ImageCase(f"magic+garbage-{k}{suffix}", good[:k] + draw(st.binary(min_size=1, max_size=512)))
+    out = bytearray(good)
+    for at, value in draw(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)),
+                                   min_size=1, max_size=50)):
+        out[at] = value
+    return ImageCase(f"flipped{suffix}", bytes(out))
 
 
 def _small_bomb(side: int = 7000) -> bytes:
@@ -100,18 +125,16 @@ class ImageCase:
 
 
 def malformed_images(rng: random.Random) -> list[ImageCase]:
-    """Every accepted suffix: empty, cut short, garbage, bit-flipped, lying headers, other formats' bytes."""
+    """Every accepted suffix, as explicit examples: empty, cut short at the header's edges, lying headers, a
+    bomb, other formats' bytes. Random damage comes from hypothesis (damaged_images)."""
     cases: list[ImageCase] = []
     bomb = _small_bomb()
     for suffix in IMAGE_SUFFIXES:
         good = _encode(suffix, rng)
         cases.append(ImageCase(f"empty{suffix}", b""))
         cuts = [1, 2, 3, 4, 8, 12, 16, 24, 26, 30, 33, 64, len(good) // 2, len(good) - 1]
-        cuts += [rng.randrange(1, len(good)) for _ in range(4)]
         cases += [ImageCase(f"cut-{k}{suffix}", good[:k]) for k in cuts if k < len(good)]
-        cases += [ImageCase(f"garbage-{n}{suffix}", rng.randbytes(n)) for n in (1, 64, 4096)]
-        cases += [ImageCase(f"magic+garbage-{k}{suffix}", good[:k] + rng.randbytes(512)) for k in (2, 8, 16, 30)]
-        cases += [ImageCase(f"flipped-{n}-{i}{suffix}", _flip(good, rng, n)) for i, n in enumerate((1, 3, 10, 50))]
+        # Random cuts, garbage and flipped bytes: drawn by hypothesis (damaged_images, below).
         for fmt, liar in LIARS.items():
             for w, h in ((60000, 60000), (16000, 16000), (65535, 700)):
                 if fmt == "webp" and max(w, h) > 16384:  # VP8L holds 14-bit sizes
@@ -305,15 +328,18 @@ def embedding_base(softmax: Path, dest: Path, people: list[str]) -> Path:
     return dest
 
 
-def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
-    cases: list[BundleCase] = []
-    soft = manifests["softmax"]
+def _manifest_bytes_cases(rng: random.Random, soft: dict[str, Any]) -> list[BundleCase]:
     good_json = json.dumps(soft).encode()
     raw = [b"", b"{", b"null", b"[]", b"1", b'"x"', b"{}", b"\xef\xbb\xbf" + good_json, b"\xff\xfe" + good_json,
            b"[" * 100000 + b"]" * 100000, b'{"a": ' * 50000 + b"1" + b"}" * 50000]
     raw += [rng.randbytes(n) for n in (1, 100, 5000)]
     raw += [good_json[: rng.randrange(1, len(good_json))] for _ in range(5)]
-    cases += [BundleCase(f"manifest bytes #{i} ({data[:12]!r})", data, refused=True) for i, data in enumerate(raw)]
+    return [BundleCase(f"manifest bytes #{i} ({data[:12]!r})", data, refused=True) for i, data in enumerate(raw)]
+
+
+def _manifest_field_cases(rng: random.Random, manifests: dict[str, dict[str, Any]]) -> list[BundleCase]:
+    """Every manifest field of each kind given wrong values or removed; each listed file missing or changed."""
+    cases: list[BundleCase] = []
     for kind, manifest in manifests.items():
         for path in _leaves(manifest):
             where = ".".join(path)
@@ -331,15 +357,21 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
             cases.append(BundleCase(f"{kind} {name} missing", manifest, {name: None}, base=kind, refused=True))
             cases.append(BundleCase(f"{kind} {name} changed, not re-checksummed", manifest,
                                     {name: rng.randbytes(300)}, rehash=False, base=kind, refused=True))
-    for sign in ("none", "wrong", "garbage", "dir"):
-        cases.append(BundleCase(f"manifest.sha256 {sign}", soft, sign=sign, refused=sign in ("wrong", "garbage")))
+    return cases
+
+
+def _acted_on_cases(manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
+    """The signature file, and the numeric fields the device acts on, each out of range (re-signed, so the
+    value itself is judged)."""
+    soft = manifests["softmax"]
+    cases = [BundleCase(f"manifest.sha256 {sign}", soft, sign=sign, refused=sign in ("wrong", "garbage"))
+             for sign in ("none", "wrong", "garbage", "dir")]
 
     def edit(kind: str, path: tuple[str, ...], value: Any, refused: bool | None = True, **kw: Any) -> BundleCase:
         tree = json.loads(json.dumps(manifests[kind]))
         _set(tree, path, value)
         return BundleCase(f"{kind} {'.'.join(path)}={value!r}", tree, base=kind, refused=refused, **kw)
 
-    # The numeric fields the device acts on, each out of range (re-signed, so the value itself is judged).
     for value in (0, -5, 0.0, math.nan, math.inf, -math.inf, 1.0000001, 1e308, "0.5", True, None, []):
         cases.append(edit("softmax", ("thresholds", "accept"), value))
     for value in (0, 1, -0.1, math.nan, "0.05", True):
@@ -355,6 +387,15 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
         cases.append(edit("softmax", ("schema",), value))
     cases.append(edit("softmax", ("preprocessing", "input_size"), 64, refused=False))  # loads; the model refuses
     cases.append(edit("softmax", ("thresholds", "accept"), 1, refused=False))
+    return cases
+
+
+def _file_content_cases(
+    rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]
+) -> list[BundleCase]:
+    """labels.txt, the model files and the gallery replaced by damaged content that checks out."""
+    soft = manifests["softmax"]
+    cases: list[BundleCase] = []
     # labels.txt, re-checksummed: the content itself is judged.
     labels_txt = "\n".join(people).encode() + b"\n"
     for name, data, refused in (("binary", rng.randbytes(200), True), ("invalid UTF-8", b"\xff\xfe\xfa\n" * 5, True),
@@ -401,6 +442,12 @@ def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], 
     for what, data, refused in galleries:
         cases.append(BundleCase(f"gallery {what}", manifests["embedding"], {"gallery.npz": data}, base="embedding",
                                 refused=refused))
+    return cases
+
+
+def malformed_bundles(rng: random.Random, manifests: dict[str, dict[str, Any]], people: list[str]) -> list[BundleCase]:
+    cases = (_manifest_bytes_cases(rng, manifests["softmax"]) + _manifest_field_cases(rng, manifests)
+             + _acted_on_cases(manifests, people) + _file_content_cases(rng, manifests, people))
     # A name drawn at random may repeat one of the deliberate cases above: the deliberate one, which says
     # what must happen, is kept.
     return list({c.name: c for c in cases}.values())
@@ -467,6 +514,30 @@ def test_malformed_images_are_refused_by_load_image_with_an_image_error(rng: ran
     for path in [*special.iterdir(), special / "missing.webp"]:
         with pytest.raises(ImageError):
             load_image(path)
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize="FACEBERRY_FUZZ_SEED" not in os.environ,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@seed(SEED)  # ignored while derandomized; with FACEBERRY_FUZZ_SEED it names the sample
+@given(case=damaged_images())
+def test_randomly_damaged_images_are_read_or_refused_in_one_line(
+    case: ImageCase, tmp_path: Path, detector_path: Path
+) -> None:
+    from train.crops import CropMaker
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / case.name
+    path.write_bytes(case.data)
+    try:
+        image = load_image(path)
+    except ImageError as exc:
+        _one_line(exc)
+        assert exc.reason and str(path) not in exc.reason
+    else:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, case.name
+    maker = CropMaker(112, detector_path, cache_dir=path.parent / "cache")
+    for run in ("fresh", "cached"):  # a cached refusal must be as harmless as a fresh one
+        crop, reason = maker.crop_file(path)
+        assert (crop is None) != (reason is None), f"{run} {case.name}: {crop!r}, {reason!r}"
 
 
 def test_train_crop_maker_skips_every_malformed_image_with_a_reason(

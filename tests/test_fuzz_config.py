@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 from device.config import ConfigError, load_config, numeric_bounds, numeric_fields
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED = 21
 # Environment variables that would change what a config means.
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if not k.startswith("FACEBERRY_") and k != "CREDENTIALS_DIRECTORY"}
@@ -60,7 +60,7 @@ def _bounds(info: Any) -> tuple[float, bool, float, bool]:
     return low[0], low[1], high[0], high[1]
 
 
-def numeric_cases(base: dict[str, Any], rng: random.Random) -> list[Case]:
+def numeric_cases(base: dict[str, Any]) -> list[Case]:
     cases = []
     for key, info in numeric_fields().items():
         low, low_closed, high, high_closed = _bounds(info)
@@ -81,15 +81,27 @@ def numeric_cases(base: dict[str, Any], rng: random.Random) -> list[Case]:
                     and (low < value < high or (low_closed and value == low) or (high_closed and value == high)):
                 continue  # e.g. 1e9 inside a byte limit: in range, not a bad case
             cases.append(Case(f"{key}={value!r}", _merge(base, _nest(key, value)), True, key))
-        good = [v for v, closed in ((low, low_closed), (high, high_closed)) if closed]
-        good.append(rng.uniform(low, high) if not is_int else rng.randint(int(low) + (not low_closed),
-                                                                          int(high) - (not high_closed)))
-        for value in good:
-            data = _merge(base, _nest(key, int(value) if is_int else float(value)))
-            if key == "mqtt.reconnect_min_delay":  # must not exceed reconnect_max_delay (60 by default)
-                data = _merge(data, _nest("mqtt.reconnect_max_delay", 3600))
-            cases.append(Case(f"{key}={value!r} (a limit or within)", data, False))
+        # The limits themselves; values within are drawn by hypothesis (test_every_value_in_range_is_accepted).
+        for value in [v for v, closed in ((low, low_closed), (high, high_closed)) if closed]:
+            cases.append(Case(f"{key}={value!r} (a limit)", _in_range(base, key, value, is_int), False))
     return cases
+
+
+def _in_range(base: dict[str, Any], key: str, value: float, is_int: bool) -> dict[str, Any]:
+    data = _merge(base, _nest(key, int(value) if is_int else float(value)))
+    if key == "mqtt.reconnect_min_delay":  # must not exceed reconnect_max_delay (60 by default)
+        data = _merge(data, _nest("mqtt.reconnect_max_delay", 3600))
+    return data
+
+
+@st.composite
+def in_range(draw: st.DrawFn) -> tuple[str, float, bool]:
+    """(numeric field, a value within its documented range, whether it is an integer field)."""
+    key, info = draw(st.sampled_from(sorted(numeric_fields().items())))
+    low, low_closed, high, high_closed = _bounds(info)
+    if info.annotation is int:
+        return key, draw(st.integers(int(low) + (not low_closed), int(high) - (not high_closed))), True
+    return key, draw(st.floats(low, high, exclude_min=not low_closed, exclude_max=not high_closed)), False
 
 
 def state_dir_cases(base: dict[str, Any], tmp: Path) -> list[Case]:
@@ -135,8 +147,7 @@ def password_cases(base: dict[str, Any], tmp: Path) -> list[Case]:
 def cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Case]]:
     tmp = tmp_path_factory.mktemp("fuzz-config")
     base = {"bundle": "/b", "device_id": "fuzz-1", "state_dir": str(tmp / "state")}
-    rng = random.Random(SEED)
-    found = numeric_cases(base, rng) + state_dir_cases(base, tmp) + password_cases(base, tmp)
+    found = numeric_cases(base) + state_dir_cases(base, tmp) + password_cases(base, tmp)
     return tmp, found
 
 
@@ -173,6 +184,23 @@ def test_load_config_refuses_each_bad_case_in_one_line_naming_the_key(cases: tup
             # Only "below a file" gets past load_config: whether a directory can be made there is check's.
             assert not case.refused or "below" in case.name, f"{case.name}: accepted"
     assert refused >= len([c for c in found if c.refused]) - 1
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize="FACEBERRY_FUZZ_SEED" not in os.environ,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@seed(int(os.environ.get("FACEBERRY_FUZZ_SEED", "21")))  # ignored while derandomized
+@given(case=in_range())
+def test_every_value_in_range_is_accepted(case: tuple[str, float, bool], tmp_path: Path) -> None:
+    # Was one seeded draw per field; now hypothesis searches each field's range (and shrinks a failure).
+    key, value, is_int = case
+    path = _write(tmp_path, 0, Case(f"{key}={value!r}", _in_range({"bundle": "/b", "device_id": "fuzz-1",
+                                                                    "state_dir": str(tmp_path / "state")},
+                                                                   key, value, is_int), False))
+    cfg = load_config(path, env={}, log_warnings=False)
+    got = cfg
+    for part in key.split("."):
+        got = getattr(got, part)
+    assert got == value
 
 
 RUNNER = r"""

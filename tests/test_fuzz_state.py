@@ -2,7 +2,11 @@
 daemon starts with: the outbox, the corrections, the stranger memory, the recent faces and the Home
 Assistant discovery ledger. What must hold: no exception out of a loader (0 tracebacks), at most one
 WARNING line per damaged file and it names the file, the loader is usable afterwards, and nothing it
-holds is NaN. FACEBERRY_FUZZ_SEED draws another sample (and replays one).
+holds is NaN.
+
+The damage is drawn by hypothesis: each case gets a `random.Random` whose every draw hypothesis makes (and
+shrinks to the smallest failing case). The sample is fixed unless FACEBERRY_FUZZ_SEED is set, which draws
+another one (and replays it).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import math
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 from device.corrections import Negatives
 from device.facestore import EMBEDDINGS, META, FaceStore
@@ -29,6 +36,19 @@ from device.strangers import StrangerMemory
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "21"))
 CASES_PER_KIND = 30  # 5 kinds: 150 damaged files
+FUZZ = settings(max_examples=CASES_PER_KIND, deadline=None, database=None,
+                derandomize="FACEBERRY_FUZZ_SEED" not in os.environ,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+randoms = st.randoms(use_true_random=False)
+
+
+def _seeded(test: Any) -> Any:
+    return seed(SEED)(test) if "FACEBERRY_FUZZ_SEED" in os.environ else test
+
+
+def _fresh(tmp_path: Path) -> Path:
+    """A folder of its own for one hypothesis example (tmp_path is shared by all of a test's examples)."""
+    return Path(tempfile.mkdtemp(dir=tmp_path))
 WRONG: list[Any] = [None, True, -1, 0, 2**70, 1e308, math.nan, math.inf, "", "x" * 3000, [], {}, [1, "a"],
                     {"a": None}]
 
@@ -42,7 +62,7 @@ def truncate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 def overwrite(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     if not data:
-        return "random", os.urandom(rng.randint(1, 64))
+        return "random", rng.randbytes(rng.randint(1, 64))
     at = rng.randrange(len(data))
     n = rng.randint(1, 4096)
     junk = bytes(rng.getrandbits(8) for _ in range(min(n, len(data) - at)))
@@ -63,7 +83,7 @@ def header(data: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 
 def whole(data: bytes, rng: random.Random) -> tuple[str, bytes]:
-    return rng.choice([("empty", b""), ("random", os.urandom(rng.randint(1, 5000))),
+    return rng.choice([("empty", b""), ("random", rng.randbytes(rng.randint(1, 5000))),
                        ("text", b"hello\n" * rng.randint(1, 100)), ("zeros", bytes(rng.randint(1, 9000)))])
 
 
@@ -182,18 +202,17 @@ def good_outbox(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
-def test_damaged_outboxes_open_salvage_and_work(tmp_path: Path, caplog, good_outbox: bytes) -> None:
-    rng = random.Random(SEED)
+@FUZZ
+@_seeded
+@given(rng=randoms)
+def test_damaged_outboxes_open_salvage_and_work(tmp_path: Path, caplog, good_outbox: bytes,
+                                                 rng: random.Random) -> None:
     failures: list[str] = []
-    for i in range(CASES_PER_KIND):
-        how, data = rng.choice(BYTE_DAMAGE)(good_outbox, rng)
-        folder = tmp_path / f"o{i}"
-        folder.mkdir()
-        path = folder / "outbox.sqlite3"
-        place(path, data)
-        box = run_case("outbox", how, path, lambda p=path: Outbox(p), caplog, failures)
-        if box is None:
-            continue
+    how, data = rng.choice(BYTE_DAMAGE)(good_outbox, rng)
+    path = _fresh(tmp_path) / "outbox.sqlite3"
+    place(path, data)
+    box = run_case("outbox", how, path, lambda p=path: Outbox(p), caplog, failures)
+    if box is not None:
         try:
             msgs = box.after(0, 10_000)
             ids = [m.id for m in msgs]
@@ -208,91 +227,115 @@ def test_damaged_outboxes_open_salvage_and_work(tmp_path: Path, caplog, good_out
     assert not failures, "\n".join(failures)
 
 
-def test_damaged_corrections_files(tmp_path: Path, caplog) -> None:
-    rng = random.Random(SEED + 1)
+def _check_corrections(path: Path, how: str, caplog, failures: list[str]) -> None:
+    neg = run_case("corrections", how, path, lambda p=path: Negatives(p), caplog, failures)
+    if neg is None:
+        return
+    for label in ("alice", "bob"):
+        rows = neg.for_label(label)
+        if rows is not None and not np.all(np.isfinite(rows)):
+            failures.append(f"corrections [{how}]: non-finite negatives kept for {label}")
+    try:
+        neg.add("carol", np.array([[0.0, 0.0, 1.0]], np.float32))
+    except Exception as exc:
+        failures.append(f"corrections [{how}] add: {type(exc).__name__}: {exc}")
+
+
+def _check_ledger(path: Path, how: str, caplog, failures: list[str]) -> None:
+    ledger = run_case("ledger", how, path, lambda p=path: DiscoveryLedger(p), caplog, failures)
+    if ledger is not None and not all(isinstance(t, str) for t in ledger.topics):
+        failures.append(f"ledger [{how}]: topics that are not text: {ledger.topics}")
+
+
+def _check_strangers(path: Path, how: str, caplog, failures: list[str]) -> None:
+    mem = run_case("strangers", how, path, lambda p=path: StrangerMemory(p, 0.8, clock=lambda: 1.7e9), caplog,
+                   failures)
+    if mem is None:
+        return
+    if any(not np.all(np.isfinite(s.total)) for s in mem.clusters.values()):
+        failures.append(f"strangers [{how}]: a NaN cluster was loaded")
+    try:
+        mem.observe(np.array([0.0, 0.0, 0.0, 1.0], np.float32))
+    except Exception as exc:
+        failures.append(f"strangers [{how}] observe: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize(("name", "check"), [("negatives.json", _check_corrections),
+                                             ("discovery.json", _check_ledger), ("strangers.npz", _check_strangers)])
+def test_a_directory_where_a_state_file_should_be(name: str, check: Callable, tmp_path: Path, caplog) -> None:
     failures: list[str] = []
-    for i in range(CASES_PER_KIND):
-        path = tmp_path / f"negatives-{i}.json"
-        how, data = ("a directory", None) if i == 0 else json_damage(corrections_doc(), rng)
-        place(path, data)
-        neg = run_case("corrections", how, path, lambda p=path: Negatives(p), caplog, failures)
-        if neg is None:
-            continue
-        for label in ("alice", "bob"):
-            rows = neg.for_label(label)
-            if rows is not None and not np.all(np.isfinite(rows)):
-                failures.append(f"corrections [{how}]: non-finite negatives kept for {label}")
-        try:
-            neg.add("carol", np.array([[0.0, 0.0, 1.0]], np.float32))
-        except Exception as exc:
-            failures.append(f"corrections [{how}] add: {type(exc).__name__}: {exc}")
+    path = tmp_path / name
+    place(path, None)
+    check(path, "a directory", caplog, failures)
     assert not failures, "\n".join(failures)
 
 
-def test_damaged_discovery_ledgers(tmp_path: Path, caplog) -> None:
-    rng = random.Random(SEED + 2)
+@FUZZ
+@_seeded
+@given(rng=randoms)
+def test_damaged_corrections_files(tmp_path: Path, caplog, rng: random.Random) -> None:
     failures: list[str] = []
-    for i in range(CASES_PER_KIND):
-        path = tmp_path / f"discovery-{i}.json"
-        how, data = ("a directory", None) if i == 0 else json_damage(ledger_doc(), rng)
-        place(path, data)
-        ledger = run_case("ledger", how, path, lambda p=path: DiscoveryLedger(p), caplog, failures)
-        if ledger is not None and not all(isinstance(t, str) for t in ledger.topics):
-            failures.append(f"ledger [{how}]: topics that are not text: {ledger.topics}")
+    path = _fresh(tmp_path) / "negatives.json"
+    how, data = json_damage(corrections_doc(), rng)
+    place(path, data)
+    _check_corrections(path, how, caplog, failures)
     assert not failures, "\n".join(failures)
 
 
-def test_damaged_stranger_memories(tmp_path: Path, caplog) -> None:
-    rng = random.Random(SEED + 3)
+@FUZZ
+@_seeded
+@given(rng=randoms)
+def test_damaged_discovery_ledgers(tmp_path: Path, caplog, rng: random.Random) -> None:
     failures: list[str] = []
-    for i in range(CASES_PER_KIND):
-        path = tmp_path / f"strangers-{i}.npz"
-        how, data = ("a directory", None) if i == 0 else strangers_bytes(rng)
-        place(path, data)
-        mem = run_case("strangers", how, path, lambda p=path: StrangerMemory(p, 0.8, clock=lambda: 1.7e9), caplog,
-                       failures)
-        if mem is None:
-            continue
-        if any(not np.all(np.isfinite(s.total)) for s in mem.clusters.values()):
-            failures.append(f"strangers [{how}]: a NaN cluster was loaded")
-        try:
-            mem.observe(np.array([0.0, 0.0, 0.0, 1.0], np.float32))
-        except Exception as exc:
-            failures.append(f"strangers [{how}] observe: {type(exc).__name__}: {exc}")
+    path = _fresh(tmp_path) / "discovery.json"
+    how, data = json_damage(ledger_doc(), rng)
+    place(path, data)
+    _check_ledger(path, how, caplog, failures)
     assert not failures, "\n".join(failures)
 
 
-def test_damaged_recent_faces(tmp_path: Path, caplog) -> None:
-    rng = random.Random(SEED + 4)
+@FUZZ
+@_seeded
+@given(rng=randoms)
+def test_damaged_stranger_memories(tmp_path: Path, caplog, rng: random.Random) -> None:
+    failures: list[str] = []
+    path = _fresh(tmp_path) / "strangers.npz"
+    how, data = strangers_bytes(rng)
+    place(path, data)
+    _check_strangers(path, how, caplog, failures)
+    assert not failures, "\n".join(failures)
+
+
+@FUZZ
+@_seeded
+@given(rng=randoms)
+def test_damaged_recent_faces(tmp_path: Path, caplog, rng: random.Random) -> None:
     failures: list[str] = []
     meta = {"event_id": "e1", "label": "alice", "score": 0.9, "track_id": 1, "bundle_id": "b", "at": 1000.0,
             "stranger_id": None}
     buf = io.BytesIO()
     np.save(buf, np.eye(2, 4, dtype=np.float32))
     good_npy = buf.getvalue()
-    for i in range(CASES_PER_KIND):
-        root = tmp_path / f"faces-{i}"
-        folder = root / "e1"
-        folder.mkdir(parents=True)
-        (folder / "crop_00.jpg").write_bytes(b"\xff\xd8 not really")
-        if rng.random() < 0.5:
-            how, data = json_damage(meta, rng)
-            (folder / META).write_bytes(data)
-            (folder / EMBEDDINGS).write_bytes(good_npy)
-        else:
-            how, data = rng.choice(BYTE_DAMAGE)(good_npy, rng)
-            how = f"{EMBEDDINGS} {how}"
-            (folder / META).write_text(json.dumps(meta))
-            (folder / EMBEDDINGS).write_bytes(data)
-        store = run_case("faces", how, root, lambda r=root: FaceStore(r, clock=lambda: 1000.0), caplog, failures)
-        if store is None:
-            continue
-        face = store.get("e1")
-        if face is not None:
-            try:
-                vectors = face.embeddings()
-                if not np.all(np.isfinite(vectors)) or vectors.ndim != 2:
-                    failures.append(f"faces [{how}]: a face with unusable embeddings was kept")
-            except Exception as exc:
-                failures.append(f"faces [{how}] embeddings(): {type(exc).__name__}: {exc}")
+    root = _fresh(tmp_path) / "faces"
+    folder = root / "e1"
+    folder.mkdir(parents=True)
+    (folder / "crop_00.jpg").write_bytes(b"\xff\xd8 not really")
+    if rng.random() < 0.5:
+        how, data = json_damage(meta, rng)
+        (folder / META).write_bytes(data)
+        (folder / EMBEDDINGS).write_bytes(good_npy)
+    else:
+        how, data = rng.choice(BYTE_DAMAGE)(good_npy, rng)
+        how = f"{EMBEDDINGS} {how}"
+        (folder / META).write_text(json.dumps(meta))
+        (folder / EMBEDDINGS).write_bytes(data)
+    store = run_case("faces", how, root, lambda r=root: FaceStore(r, clock=lambda: 1000.0), caplog, failures)
+    face = store.get("e1") if store is not None else None
+    if face is not None:
+        try:
+            vectors = face.embeddings()
+            if not np.all(np.isfinite(vectors)) or vectors.ndim != 2:
+                failures.append(f"faces [{how}]: a face with unusable embeddings was kept")
+        except Exception as exc:
+            failures.append(f"faces [{how}] embeddings(): {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)

@@ -97,6 +97,25 @@ def test_rate_limited_log_says_each_kind_once_then_its_recovery(caplog) -> None:
     assert limiter.counts == {"full": 102, "io": 1}
 
 
+def test_rate_limited_log_all_clear_sums_up_and_forgets(caplog) -> None:
+    # The MQTT connection's use: attempts of any kind counted; when it is back, one summary and a fresh start.
+    now = [10.0]
+    limiter = RateLimitedLog(logging.getLogger("t"), repeat_s=60, clock=lambda: now[0])
+    assert limiter.all_clear() is None
+    with caplog.at_level("INFO", logger="t"):
+        limiter.fail("refused", "connection refused")
+        now[0] = 20
+        limiter.fail("refused", "connection refused")
+        limiter.fail("dns", "name not known")
+        assert limiter.attempts == 3
+        now[0] = 55
+        assert limiter.all_clear() == "after 3 failed attempts over 45 s"
+        assert limiter.attempts == 0
+        limiter.fail("refused", "connection refused")  # a new outage: news at once, not rate-limited
+    assert [r.getMessage() for r in caplog.records] == [
+        "connection refused", "name not known", "connection refused"]
+
+
 # --- corrections ----------------------------------------------------------------------------------------
 
 def good_correction(label: str = "alice", rows: list[list[float]] | None = None) -> dict:

@@ -19,23 +19,27 @@ Then: python -m train --photos DIR --out RUN_DIR --backbone BACKBONE_DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 from pathlib import Path
 
-import numpy as np
-
 from device import cli
-from device.errors import UsageError
 from device.preprocess import DEFAULT_INPUT_SIZE, TEMPLATES
+
+# The directory's format lives in train.backbone_dir (its builders import it, not this command line);
+# these names stay importable from here for bench/ and older scripts.
+from train.backbone_dir import (  # noqa: F401
+    EMBEDDER_FILE,
+    RECOMMENDED,
+    BackboneError,
+    cosine_rows,
+    load_embedder,
+    prepare_out,
+)
 from train.teacher import TEACHERS
 
 log = logging.getLogger(__name__)
 
-EMBEDDER_FILE = "embedder.keras"
 ARCHES = ("dlib-resnet", "mobilenetv2")
-RECOMMENDED = "python -m train backbone --arch dlib-resnet --out backbones/faces"
 
 EPILOG = """\
 --arch dlib-resnet (the default, recommended): the backbone is dlib's face embedder itself (ResNet, 29
@@ -57,9 +61,6 @@ laptop, a few thousand faces × 4 views and 10 epochs at --input-size 128 take t
 --input-size or --alpha; people you add later need no backbone retraining (the gallery handles them).
 """
 
-
-class BackboneError(UsageError):
-    """A problem with the user's input; the message names it and the fix."""
 
 
 HELP = "build a face-aware backbone for `train --backbone`"
@@ -132,33 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.build_parser(("train", "backbone"), at=("train", "backbone"), prog="python -m train backbone")
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=1)
 
-
-def load_embedder(backbone_dir: str | Path):
-    """(keras model, config) of a backbone directory; BackboneError with the fix when unusable."""
-    root = Path(backbone_dir)
-    cfg_path, model_path = root / "config.json", root / EMBEDDER_FILE
-    if not cfg_path.is_file() or not model_path.is_file():
-        raise BackboneError(
-            f"{root} is not a backbone directory (needs config.json and {EMBEDDER_FILE}); "
-            f"build one with `{RECOMMENDED}` (seconds) and pass --backbone backbones/faces"
-        )
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    import keras
-
-    return keras.models.load_model(model_path, compile=False), config
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise BackboneError(f"output directory {out} is not empty; choose another --out or pass --force")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -126,7 +126,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
                  seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
     """(the cohort, what was kept and dropped: {"photos", "kept", "per_person", "excluded_people", "no_face",
     "max_faces"})."""
-    from train.backbone import load_embedder
+    from train.backbone_dir import load_embedder
     from train.crops import CropMaker, default_cache_dir, list_people
 
     if lfw:

@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import device.detector
 import device.preprocess
@@ -82,36 +82,6 @@ def list_people(photos_dir: Path) -> dict[str, list[Path]]:
     if not photos_dir.is_dir():
         raise FileNotFoundError(f"photos folder not found: {photos_dir}")
     return {d.name: list_photos(d) for d in sorted(photos_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-
-
-class _Progress:
-    """A plain one-line progress bar on stderr (no dependency; quiet when not a terminal)."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        # On a terminal the bar appears at once; in a log the first line waits for the first interval,
-        # so a fast run writes only its final line.
-        self.last = -1.0 if self.tty else self.start
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        final = done >= self.total
-        # On a terminal redraw often; in a log print a line every few seconds.
-        if not final and now - self.last < (0.1 if self.tty else 5.0):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / self.total)
-        rate = done / max(now - self.start, 1e-6)
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} ({rate:.1f}/s)"
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        if final and self.tty:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 class CropMaker:
@@ -268,10 +238,13 @@ def build_crop_set(
     maker = maker or CropMaker(input_size, detector_path, cache_dir, min_face_size=min_face_size)
     people = files if files is not None else list_people(Path(photos_dir))
     todo = [(label, p) for label, paths in people.items() for p in paths]
-    bar = _Progress(len(todo), f"face crops ({Path(photos_dir).name})", progress)
+    # On a terminal a bar; in a log (not a terminal) one line every 30 s, so a long run shows it is alive.
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(todo), desc=f"face crops ({Path(photos_dir).name})", unit="photo", file=sys.stderr,
+               disable=not progress or not todo, mininterval=0.1 if tty else 30.0, ascii=not tty)
     crops, labels, paths, skipped = [], [], [], []
     ambiguous: list[tuple[str, str, Candidates]] = []
-    for i, (label, path) in enumerate(todo, 1):
+    for label, path in todo:
         crop, reason, cands = maker.crop_file_candidates(path)
         if cands is not None and choose_later:
             ambiguous.append((label, str(path), cands))
@@ -281,7 +254,8 @@ def build_crop_set(
             crops.append(crop)
             labels.append(label)
             paths.append(str(path))
-        bar.update(i)
+        bar.update()
+    bar.close()
     size = maker.input_size
     array = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
     return CropSet(array, labels, paths, skipped, ambiguous)

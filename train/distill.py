@@ -35,8 +35,9 @@ import numpy as np
 
 from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
-from train.backbone import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
+from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
+from train.student import center_output, fit_student
 from train.teacher import TEACHER_DIM, TEACHER_ID, TEACHER_LICENCE, TeacherCache, label_crops
 
 FLAT = ""  # group name of photos lying directly in --photos (no person folder)
@@ -153,45 +154,6 @@ def nn_identification(emb: np.ndarray, labels: list[str]) -> float | None:
     return float(np.mean(lab[nearest][usable] == lab[usable]))
 
 
-# ---------------------------------------------------------------- model
-
-
-def build_student(input_size: int, alpha: float, weights: str, dim: int = TEACHER_DIM):
-    """MobileNetV2 → global average pooling → Dense(dim): a plain (unnormalised) embedding.
-
-    The L2 normalisation is left to the loss and to the device (FaceClassifier normalises every
-    embedding), which keeps a simple, well-quantised output tensor for int8.
-    """
-    import keras
-
-    from train.model import build_backbone
-
-    backbone = build_backbone(input_size, alpha, weights)
-    inputs = keras.Input((input_size, input_size, 3), name="image")
-    # Pretrained: BatchNorm keeps its statistics (inference mode) while every weight trains. Keras'
-    # MobileNetV2 BN momentum is 0.999, so in training mode the moving statistics would lag the
-    # batch statistics for thousands of steps and the saved model would not be the one trained.
-    x = backbone(inputs, training=False) if weights != "none" else backbone(inputs)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(dim, name="embedding")(x)
-    return keras.Model(inputs, outputs, name="faceberry_embedder")
-
-
-def center_output(model, crops: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Fold the mean embedding of `crops` into the last layer's bias, so outputs are centred.
-
-    The student's raw outputs share a common component (pooled ImageNet features are all
-    positive), which squeezes every cosine towards 1 for faces it did not train on: thresholds
-    land at 0.99+ and int8 cannot resolve them. Subtracting the mean over many faces spreads them.
-    Returns the mean that was removed.
-    """
-    layer = model.get_layer("embedding")
-    kernel, bias = layer.get_weights()
-    mean = model.predict(normalize(crops, prep), batch_size=64, verbose=0).mean(axis=0)
-    layer.set_weights([kernel, bias - mean])
-    return mean
-
-
 class _Logger:
     def __init__(self, path: Path | None, quiet: bool) -> None:
         self.path, self.quiet = path, quiet
@@ -208,10 +170,8 @@ class _Logger:
 # ---------------------------------------------------------------- main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.monotonic()
-    out = Path(args.out)
-    say = _Logger(args.log, args.quiet)
+def _faces(args: argparse.Namespace, out: Path, say: _Logger) -> tuple[Any, np.ndarray, list[str], set[str], CropMaker]:
+    """The usable aligned faces of --photos (skipped ones listed in out/skipped.json), at most --max-faces."""
     exclude = set(args.exclude)
     if args.exclude_file:
         exclude |= {ln.strip() for ln in args.exclude_file.read_text(encoding="utf-8").splitlines() if ln.strip()}
@@ -234,14 +194,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         crops, labels = crops[keep], [labels[i] for i in keep]
     if len(crops) < 8:
         raise BackboneError(f"only {len(crops)} usable face(s) in {args.photos}; a backbone needs many (hundreds+)")
+    return crop_set, crops, labels, exclude, maker
 
-    tr_idx, va_idx, how = split_heldout(labels, args.val_people, args.seed)
-    say(f"{len(crops)} faces ({len(set(labels) - {FLAT})} people folders); {how}")
 
-    # Teacher labels for every view of the training faces and the clean held-out faces.
+def _teacher_targets(args: argparse.Namespace, views: np.ndarray, val_crops: np.ndarray, cache_dir: Path,
+                     say: _Logger) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(training targets, held-out targets, the teacher's mean embedding, seconds spent labelling)."""
     teacher_cache = TeacherCache(args.teacher_cache or cache_dir.parent / "teacher.npz")
-    views, _owner = make_views(crops[tr_idx], args.views, args.seed)
-    val_crops = crops[va_idx]
     todo = np.concatenate([views, val_crops]) if len(val_crops) else views
     last = [0.0]
 
@@ -261,77 +220,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_mean = targets[: len(views)].mean(axis=0)
     targets = targets - teacher_mean
     targets /= np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12)
-    y_train, y_val = targets[: len(views)], targets[len(views):]
+    return targets[: len(views)], targets[len(views):], teacher_mean, teacher_seconds
 
-    import keras
-    import tensorflow as tf
 
-    keras.utils.set_random_seed(args.seed)
-    prep = Preprocessing(input_size=args.input_size, alignment=alignment)
-    model = build_student(args.input_size, args.alpha, args.weights)
-    steps_per_epoch = int(np.ceil(len(views) / args.batch_size))
-    total_steps = steps_per_epoch * args.epochs
-    if args.steps:
-        total_steps = min(total_steps, args.steps)
-    epochs = int(np.ceil(total_steps / steps_per_epoch))
-    schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=max(total_steps, 1), alpha=0.05,
-                                                      warmup_target=None)
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    out = Path(args.out)
+    say = _Logger(args.log, args.quiet)
+    crop_set, crops, labels, exclude, maker = _faces(args, out, say)
 
-    def cosine_loss(y_true, y_pred):
-        return 1.0 - tf.reduce_sum(tf.math.l2_normalize(y_true, -1) * tf.math.l2_normalize(y_pred, -1), -1)
+    tr_idx, va_idx, how = split_heldout(labels, args.val_people, args.seed)
+    say(f"{len(crops)} faces ({len(set(labels) - {FLAT})} people folders); {how}")
 
-    def cosine(y_true, y_pred):
-        return 1.0 - cosine_loss(y_true, y_pred)
+    # Teacher labels for every view of the training faces and the clean held-out faces.
+    views, _owner = make_views(crops[tr_idx], args.views, args.seed)
+    val_crops = crops[va_idx]
+    y_train, y_val, teacher_mean, teacher_seconds = _teacher_targets(args, views, val_crops, maker.cache_dir, say)
 
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=cosine_loss, metrics=[cosine])
-    scale, offset = np.float32(prep.scale), np.float32(prep.offset)
-    ds = (
-        tf.data.Dataset.from_tensor_slices((views, y_train))
-        .shuffle(len(views), seed=args.seed, reshuffle_each_iteration=True)
-        .batch(args.batch_size)
-        .map(lambda x, y: (tf.cast(x, tf.float32) * scale + offset, y), num_parallel_calls=1)
-        .repeat()
-        .prefetch(2)
-    )
+    prep = Preprocessing(input_size=args.input_size, alignment=maker.alignment)
     x_val = normalize(val_crops, prep)
-    history: dict[str, list] = {"epoch": [], "loss": [], "cosine": [], "val_cosine": [], "seconds": []}
-    best: dict[str, Any] = {}
-    fit_start = time.monotonic()
-    limit = args.time_limit * 60.0
-
-    def embed(x: np.ndarray) -> np.ndarray:
-        return model.predict(x, batch_size=64, verbose=0) if len(x) else np.zeros((0, TEACHER_DIM), np.float32)
-
-    class Track(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            val_cos = float(np.mean(cosine_rows(embed(x_val), y_val))) if len(x_val) else None
-            history["epoch"].append(epoch + 1)
-            history["loss"].append(float(logs.get("loss", np.nan)))
-            history["cosine"].append(float(logs.get("cosine", np.nan)))
-            history["val_cosine"].append(val_cos)
-            history["seconds"].append(round(time.monotonic() - fit_start, 1))
-            key = val_cos if val_cos is not None else history["cosine"][-1]
-            if best.get("key") is None or key > best["key"]:
-                best.update(key=key, epoch=epoch + 1, weights=model.get_weights())
-            say(f"epoch {epoch + 1}/{epochs}: loss {history['loss'][-1]:.4f} cosine {history['cosine'][-1]:.4f} "
-                f"held-out cosine {val_cos if val_cos is None else round(val_cos, 4)} "
-                f"({history['seconds'][-1]:.0f} s)")
-            if limit and time.monotonic() - fit_start > limit:
-                say(f"time limit of {args.time_limit:g} min reached: stopping")
-                self.model.stop_training = True
-
-    # The first point of the curve: the untrained student against the teacher.
-    first = float(np.mean(cosine_rows(embed(normalize(views[: min(len(views), 256)], prep)),
-                                      y_train[: min(len(views), 256)])))
-    history["initial_cosine"] = first
-    history["initial_val_cosine"] = float(np.mean(cosine_rows(embed(x_val), y_val))) if len(x_val) else None
-    say(f"training {epochs} epoch(s) × {steps_per_epoch} steps on {len(views)} views; untrained cosine {first:.4f}")
-    last_epoch_steps = total_steps - steps_per_epoch * (epochs - 1)
-    model.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch if epochs > 1 else last_epoch_steps,
-              callbacks=[Track()], verbose=0)
-    if best.get("weights") is not None:
-        model.set_weights(best["weights"])
+    model, embed, history, best_epoch, fit_start = fit_student(args, prep, views, y_train, x_val, y_val, say)
     center_output(model, crops[tr_idx], prep)
     model.save(out / EMBEDDER_FILE)
 
@@ -351,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "teacher": nn_identification(y_val, val_labels),
             "student": nn_identification(student_val, val_labels),
         },
-        "best_epoch": best.get("epoch"),
+        "best_epoch": best_epoch,
         "epochs_run": len(history["epoch"]),
         "train_faces": len(tr_idx),
         "train_views": len(views),

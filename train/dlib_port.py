@@ -15,7 +15,7 @@ import numpy as np
 
 from device.bundle import sha256_file
 from device.preprocess import Preprocessing, normalize
-from train.backbone import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
+from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.teacher import TEACHER_LICENCE
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, embed_enrolled, enrolled_views, gallery_from
 from device.preprocess import Preprocessing, normalize
-from train.backbone import BackboneError, load_embedder
+from train.backbone_dir import BackboneError, load_embedder
 from train.crops import split_per_person, summarize_skips
 from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
 

@@ -75,7 +75,7 @@ def _face_aware(backbone: keras.Model, root: Path, alpha: float) -> keras.Model:
     ImageNet features do not tell faces apart; a student distilled from dlib's embedder does, a little,
     and its MobileNetV2 is the same network as the fine-tune's (the input size does not change a
     convolution's weights), so the fine-tune can start from it."""
-    from train.backbone import BackboneError, load_embedder
+    from train.backbone_dir import BackboneError, load_embedder
 
     try:
         model, config = load_embedder(root)

@@ -1,0 +1,56 @@
+"""A backbone directory's format, shared by the ways of building one and by those who load one.
+
+`python -m train backbone` (train.backbone) is the command line; train.dlib_port and train.distill write a
+directory, train.model, train.fewshot and train.cohort read one. They all import from here, so the
+command line can import its builders without them importing it back.
+
+BACKBONE_DIR holds embedder.keras (normalised float32 crop → embedding, compared by cosine) and
+config.json (preprocessing, input size, source or teacher, settings), plus the builders' reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from device.errors import UsageError
+
+EMBEDDER_FILE = "embedder.keras"
+RECOMMENDED = "python -m train backbone --arch dlib-resnet --out backbones/faces"
+
+
+class BackboneError(UsageError):
+    """A problem with the user's input; the message names it and the fix."""
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+def load_embedder(backbone_dir: str | Path):
+    """(keras model, config) of a backbone directory; BackboneError with the fix when unusable."""
+    root = Path(backbone_dir)
+    cfg_path, model_path = root / "config.json", root / EMBEDDER_FILE
+    if not cfg_path.is_file() or not model_path.is_file():
+        raise BackboneError(
+            f"{root} is not a backbone directory (needs config.json and {EMBEDDER_FILE}); "
+            f"build one with `{RECOMMENDED}` (seconds) and pass --backbone backbones/faces"
+        )
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    # Deferred: keras brings TensorFlow, which the command line's --help should not wait for.
+    import keras
+
+    return keras.models.load_model(model_path, compile=False), config
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise BackboneError(f"output directory {out} is not empty; choose another --out or pass --force")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
