@@ -138,7 +138,8 @@ def make_inputs(shared: Path, inputs: Path) -> dict[str, Any]:
     if not lfw.is_dir():
         sys.exit(f"error: {lfw} is absent; put the shared data beside the repository as ../shared or pass --shared")
     people = sorted(d.name for d in lfw.iterdir() if d.is_dir())
-    photos = {p: sorted((lfw / p).glob("*.jpg")) for p in people}
+    # LFW folders hold one JPEG per file: listed, not filtered by a suffix.
+    photos = {p: sorted(f for f in (lfw / p).iterdir() if f.is_file()) for p in people}
     order = [str(p) for p in np.random.default_rng(SEED).permutation(people)]
     big = [p for p in order if len(photos[p]) >= TRAIN_PHOTOS + PROBES + 1]
     household = big[:HOUSEHOLD]
