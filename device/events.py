@@ -1,4 +1,4 @@
-"""MQTT topics and payloads, as pure functions: the daemon's whole public interface lives here.
+"""MQTT payloads, as pure functions (the topics are device/topics.py's; the functions below delegate there).
 
 Topics (prefix defaults to "faceberry"):
     <prefix>/<device_id>/status           "online" (retained) / "offline" (retained, also the last will)
@@ -13,62 +13,38 @@ Every JSON payload carries `schema` so subscribers can tell versions apart.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from device.topics import Topics
+from device.topics import sanitize_label as sanitize_label  # re-exported: enroll imports it from here
+from device.topics import valid_device_id as valid_device_id  # and the config this
+
 SCHEMA_VERSION = 1
 ONLINE = "online"
 OFFLINE = "offline"
 
-# MQTT forbids nothing but NUL in topic names, yet + and # are wildcards for subscribers and / splits
-# levels: a label containing them would land on another topic (or match the wrong filter).
-_UNSAFE = re.compile(r"[+#/\x00-\x1f\x7f\s]+")
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def sanitize_label(label: str) -> str:
-    """A label safe as one topic level: wildcards, slashes, control characters and spaces become '_'."""
-    cleaned = _UNSAFE.sub("_", str(label)).strip("_")
-    if cleaned in ("", ".", ".."):
-        return "_"
-    return cleaned
-
-
-def valid_device_id(device_id: str) -> bool:
-    return bool(_DEVICE_ID.match(device_id))
-
-
-def _base(prefix: str, device_id: str) -> str:
-    prefix = prefix.strip("/")
-    if not prefix or "+" in prefix or "#" in prefix:
-        raise ValueError(f"topic prefix {prefix!r} is empty or contains a wildcard")
-    if not valid_device_id(device_id):
-        raise ValueError(f"device_id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    return f"{prefix}/{device_id}"
-
-
 def status_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/status"
+    return Topics(prefix, device_id).status
 
 
 def events_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/events"
+    return Topics(prefix, device_id).events
 
 
 def person_topic(prefix: str, device_id: str, label: str) -> str:
-    return f"{_base(prefix, device_id)}/person/{sanitize_label(label)}"
+    return Topics(prefix, device_id).person(label)
 
 
 def snapshot_topic(prefix: str, device_id: str, label: str) -> str:
-    return f"{_base(prefix, device_id)}/snapshot/{sanitize_label(label)}"
+    return Topics(prefix, device_id).snapshot(label)
 
 
 def bundle_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/bundle"
+    return Topics(prefix, device_id).bundle
 
 
 def iso_utc(timestamp: float) -> str:
@@ -173,12 +149,3 @@ class Cooldown:
             return True
         self.suppressed += 1
         return False
-
-
-def ha_discovery(
-    prefix: str, device_id: str, labels: Sequence[str], discovery_prefix: str = "homeassistant"
-) -> list[tuple[str, dict[str, Any]]]:
-    """Home Assistant MQTT discovery configs, as (topic, config) pairs: see device.homeassistant.discovery."""
-    from device.homeassistant import discovery  # it builds on this module's topics
-
-    return discovery(prefix, device_id, labels, discovery_prefix=discovery_prefix)
