@@ -44,7 +44,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from device.errors import UsageError
-from device.events import valid_device_id
+from device.topics import valid_device_id
 
 log = logging.getLogger(__name__)
 

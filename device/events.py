@@ -19,6 +19,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import cv2
+
+from device.contract import UNKNOWN
+from device.dispatcher import Decided, FrameDone, Publish, Reloaded, ReloadResult, Started
 from device.topics import Topics
 from device.topics import sanitize_label as sanitize_label  # re-exported: enroll imports it from here
 from device.topics import valid_device_id as valid_device_id  # and the config this
@@ -149,3 +153,73 @@ class Cooldown:
             return True
         self.suppressed += 1
         return False
+
+
+# --- the outputs that own these topics (subscribed by device/app.py) --------------------------------------------
+
+# Seconds between two refreshes of a person's retained last-seen state while they stay in view, at least.
+STATE_REFRESH_MIN_S = 1.0
+
+
+class EventsOutput:
+    """The events topic, each person's retained last-seen state, and snapshots (events.snapshots).
+
+    While a decided person stays in view, their retained last-seen state is refreshed, but no more often than
+    the event cooldown, and never per frame (cooldown 0 made it 30 retained writes a second to the outbox on a
+    Pi's SD card, measured on a video). That covers people whose new track fell within the cooldown: no event,
+    but they are still present.
+    """
+
+    def __init__(self, topics: Topics, publish: Publish, *, cooldown: float, snapshots: bool) -> None:
+        self.topics = topics
+        self.publish = publish
+        self.snapshots = snapshots
+        self.state_refresh = Cooldown(max(cooldown, STATE_REFRESH_MIN_S))
+        self._last_event: dict[str, dict[str, Any]] = {}  # per label, for presence refreshes
+
+    def frame(self, msg: FrameDone) -> None:
+        for decided in msg.decided:
+            self._emit(decided)
+        for seen in msg.seen:
+            event = self._last_event.get(seen.label)
+            if event is None or not self.state_refresh.fire(seen.label):
+                continue
+            state = person_state_payload({**event, "timestamp": iso_utc(msg.timestamp), "score": round(seen.score, 4)})
+            self.publish(self.topics.person(seen.label), encode(state), retain=True)
+
+    def _emit(self, decided: Decided) -> None:
+        event, label = decided.event, decided.event["label"]
+        self.publish(self.topics.events, encode(event))
+        self.publish(self.topics.person(label), encode(person_state_payload(event)), retain=True)
+        self.state_refresh.fire(label)
+        self._last_event[label] = event
+        if self.snapshots and decided.samples:
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(decided.samples[-1].crop, cv2.COLOR_RGB2BGR))
+            if ok:
+                self.publish(self.topics.snapshot(label), jpeg.tobytes())
+
+    def reloaded(self, msg: Reloaded) -> None:
+        if not msg.result.ok:
+            return
+        # Presence refreshes repeat the last event: keep people the new bundle still knows.
+        self._last_event = {label: {**event, "model": msg.result.bundle_id} for label, event in
+                            self._last_event.items() if label in msg.labels or label == UNKNOWN}
+
+
+class BundleStatusOutput:
+    """The retained bundle topic: the bundle serving, at start and after every reload."""
+
+    def __init__(self, topics: Topics, publish: Publish) -> None:
+        self.topics = topics
+        self.publish = publish
+
+    def _publish(self, result: ReloadResult) -> None:
+        payload = bundle_status_payload(bundle_id=result.bundle_id, state="loaded" if result.ok else "refused",
+                                        error=result.error, path=result.path, at=result.at)
+        self.publish(self.topics.bundle, encode(payload), retain=True, qos=1)
+
+    def started(self, msg: Started) -> None:
+        self._publish(msg.bundle)
+
+    def reloaded(self, msg: Reloaded) -> None:
+        self._publish(msg.result)
