@@ -22,7 +22,7 @@ from device import homeassistant as ha
 from device.assistant import Diagnostics, Discovery, Images, Presence
 from device.bundle import Bundle, load_bundle
 from device.camera import Capture, open_source
-from device.command_runner import CommandRunner
+from device.command_runner import CommandRunner, Enroll
 from device.config import DEFAULT_STATE_DIR, Config
 from device.corrections import CorrectionFilter, Negatives
 from device.dispatcher import (
@@ -100,7 +100,7 @@ def load_pipeline(cfg: Config) -> tuple[str, Bundle, FacePipeline]:
     return path, bundle, pipeline
 
 
-def enroller(cfg: Config) -> Any:
+def enroller(cfg: Config) -> Enroll:
     """`enroll(name, folder)` into cfg.bundle, as `device enroll` does (a command names a face)."""
     def enroll_crops(name: str, folder: Path) -> dict[str, Any]:
         from device.enroll import enroll  # loaded only when a command names someone
