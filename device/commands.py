@@ -13,9 +13,10 @@ Unknown commands, unknown or repeated keys, wrong types, nesting deeper than `MA
 every failure, whatever it is, into a `CommandError` whose message is one line without control characters
 (`safe_text`), so nothing a sender writes can forge a log line or end the daemon. Every message, accepted or
 refused, is logged and answered on `<prefix>/<device_id>/command/result` with
-`{"schema": 1, "command": ..., "ok": ..., "message": ..., "request_id": ..., "at": ...}`. The MQTT layer only
-queues messages (device/mqtt.py); the frame loop parses and runs them (device/service.py), so nothing
-here runs in paho's thread, except the refusal of a message that finds the queue full (device/assistant.py).
+`{"schema": 1, "command": ..., "ok": ..., "message": ..., "request_id": ..., "at": ...}`. paho hands each
+message to device/command_runner.py, which only queues it; its own thread parses and runs them (never the
+frame loop's), so nothing here runs in paho's thread, except the refusal of a message that finds the queue
+full.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from device.errors import UsageError
-from device.events import valid_device_id
+from device.topics import valid_device_id
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from device.classifier import Prediction
+from device.contract import UNKNOWN, accept_with_negatives
 from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
@@ -152,7 +154,25 @@ class Negatives:
         return n
 
     def for_label(self, label: str) -> np.ndarray | None:
+        # The frame loop reads while the command runner's thread (the only writer) adds and undoes: _index
+        # swaps in a whole new dict, so a reader sees the old corrections or the new, never half.
         return self._by_label.get(label)
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+class CorrectionFilter:
+    """Applies the stored corrections to a recognition in the frame loop, before the tracker votes
+    (device.contract.accept_with_negatives): a face a user said was not X is `unknown` from then on."""
+
+    def __init__(self, negatives: Negatives, margin: float) -> None:
+        self.negatives = negatives
+        self.margin = margin
+
+    def apply(self, pred: Prediction, vector: np.ndarray | None, threshold: float) -> Prediction:
+        if pred.label == UNKNOWN:
+            return pred
+        label = accept_with_negatives(pred.label, pred.score, threshold, vector,
+                                      self.negatives.for_label(pred.label), self.margin)
+        return pred if label == pred.label else Prediction(UNKNOWN, pred.score, pred.best)

@@ -1,4 +1,4 @@
-"""MQTT topics and payloads, as pure functions: the daemon's whole public interface lives here.
+"""MQTT payloads, as pure functions (the topics are device/topics.py's; the functions below delegate there).
 
 Topics (prefix defaults to "faceberry"):
     <prefix>/<device_id>/status           "online" (retained) / "offline" (retained, also the last will)
@@ -13,62 +13,42 @@ Every JSON payload carries `schema` so subscribers can tell versions apart.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import cv2
+
+from device.contract import UNKNOWN
+from device.dispatcher import Decided, FrameDone, Publish, Reloaded, ReloadResult, Started
+from device.topics import Topics
+from device.topics import sanitize_label as sanitize_label  # re-exported: enroll imports it from here
+from device.topics import valid_device_id as valid_device_id  # and the config this
+
 SCHEMA_VERSION = 1
 ONLINE = "online"
 OFFLINE = "offline"
 
-# MQTT forbids nothing but NUL in topic names, yet + and # are wildcards for subscribers and / splits
-# levels: a label containing them would land on another topic (or match the wrong filter).
-_UNSAFE = re.compile(r"[+#/\x00-\x1f\x7f\s]+")
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def sanitize_label(label: str) -> str:
-    """A label safe as one topic level: wildcards, slashes, control characters and spaces become '_'."""
-    cleaned = _UNSAFE.sub("_", str(label)).strip("_")
-    if cleaned in ("", ".", ".."):
-        return "_"
-    return cleaned
-
-
-def valid_device_id(device_id: str) -> bool:
-    return bool(_DEVICE_ID.match(device_id))
-
-
-def _base(prefix: str, device_id: str) -> str:
-    prefix = prefix.strip("/")
-    if not prefix or "+" in prefix or "#" in prefix:
-        raise ValueError(f"topic prefix {prefix!r} is empty or contains a wildcard")
-    if not valid_device_id(device_id):
-        raise ValueError(f"device_id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    return f"{prefix}/{device_id}"
-
-
 def status_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/status"
+    return Topics(prefix, device_id).status
 
 
 def events_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/events"
+    return Topics(prefix, device_id).events
 
 
 def person_topic(prefix: str, device_id: str, label: str) -> str:
-    return f"{_base(prefix, device_id)}/person/{sanitize_label(label)}"
+    return Topics(prefix, device_id).person(label)
 
 
 def snapshot_topic(prefix: str, device_id: str, label: str) -> str:
-    return f"{_base(prefix, device_id)}/snapshot/{sanitize_label(label)}"
+    return Topics(prefix, device_id).snapshot(label)
 
 
 def bundle_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/bundle"
+    return Topics(prefix, device_id).bundle
 
 
 def iso_utc(timestamp: float) -> str:
@@ -175,10 +155,71 @@ class Cooldown:
         return False
 
 
-def ha_discovery(
-    prefix: str, device_id: str, labels: Sequence[str], discovery_prefix: str = "homeassistant"
-) -> list[tuple[str, dict[str, Any]]]:
-    """Home Assistant MQTT discovery configs, as (topic, config) pairs: see device.homeassistant.discovery."""
-    from device.homeassistant import discovery  # it builds on this module's topics
+# --- the outputs that own these topics (subscribed by device/app.py) --------------------------------------------
 
-    return discovery(prefix, device_id, labels, discovery_prefix=discovery_prefix)
+# Seconds between two refreshes of a person's retained last-seen state while they stay in view, at least.
+STATE_REFRESH_MIN_S = 1.0
+
+
+class EventsOutput:
+    """The events topic, each person's retained last-seen state, and snapshots (events.snapshots).
+
+    While a decided person stays in view, their retained last-seen state is refreshed, but no more often than
+    the event cooldown, and never per frame (cooldown 0 made it 30 retained writes a second to the outbox on a
+    Pi's SD card, measured on a video). That covers people whose new track fell within the cooldown: no event,
+    but they are still present.
+    """
+
+    def __init__(self, topics: Topics, publish: Publish, *, cooldown: float, snapshots: bool) -> None:
+        self.topics = topics
+        self.publish = publish
+        self.snapshots = snapshots
+        self.state_refresh = Cooldown(max(cooldown, STATE_REFRESH_MIN_S))
+        self._last_event: dict[str, dict[str, Any]] = {}  # per label, for presence refreshes
+
+    def frame(self, msg: FrameDone) -> None:
+        for decided in msg.decided:
+            self._emit(decided)
+        for seen in msg.seen:
+            event = self._last_event.get(seen.label)
+            if event is None or not self.state_refresh.fire(seen.label):
+                continue
+            state = person_state_payload({**event, "timestamp": iso_utc(msg.timestamp), "score": round(seen.score, 4)})
+            self.publish(self.topics.person(seen.label), encode(state), retain=True)
+
+    def _emit(self, decided: Decided) -> None:
+        event, label = decided.event, decided.event["label"]
+        self.publish(self.topics.events, encode(event))
+        self.publish(self.topics.person(label), encode(person_state_payload(event)), retain=True)
+        self.state_refresh.fire(label)
+        self._last_event[label] = event
+        if self.snapshots and decided.samples:
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(decided.samples[-1].crop, cv2.COLOR_RGB2BGR))
+            if ok:
+                self.publish(self.topics.snapshot(label), jpeg.tobytes())
+
+    def reloaded(self, msg: Reloaded) -> None:
+        if not msg.result.ok:
+            return
+        # Presence refreshes repeat the last event: keep people the new bundle still knows.
+        self._last_event = {label: {**event, "model": msg.result.bundle_id} for label, event in
+                            self._last_event.items() if label in msg.labels or label == UNKNOWN}
+
+
+class BundleStatusOutput:
+    """The retained bundle topic: the bundle serving, at start and after every reload."""
+
+    def __init__(self, topics: Topics, publish: Publish) -> None:
+        self.topics = topics
+        self.publish = publish
+
+    def _publish(self, result: ReloadResult) -> None:
+        payload = bundle_status_payload(bundle_id=result.bundle_id, state="loaded" if result.ok else "refused",
+                                        error=result.error, path=result.path, at=result.at)
+        self.publish(self.topics.bundle, encode(payload), retain=True, qos=1)
+
+    def started(self, msg: Started) -> None:
+        self._publish(msg.bundle)
+
+    def reloaded(self, msg: Reloaded) -> None:
+        self._publish(msg.result)

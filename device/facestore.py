@@ -9,19 +9,22 @@ Bounded by count (`memory.max_faces`) and age (`memory.max_age`); `forget` remov
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 
+from device.dispatcher import FrameDone
 from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,17 @@ def read_face(folder: Path) -> StoredFace:
     return face
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 class FaceStore:
     def __init__(self, root: Path, max_faces: int = 50, max_age: float = 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -112,6 +126,8 @@ class FaceStore:
         self.max_age = float(max_age)
         self.clock = clock
         self._failures = RateLimitedLog(log)
+        # The frame loop adds faces while the command runner's thread reads, removes and forgets them.
+        self.lock = threading.RLock()
         if (root.exists() or root.is_symlink()) and not root.is_dir():
             set_aside(root, "a file where the folder of recent faces should be",
                       "the recent faces it held cannot be named or corrected")
@@ -139,6 +155,7 @@ class FaceStore:
                         "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""))
         self.prune()
 
+    @_locked
     def add(self, *, event_id: str, label: str, score: float, track_id: int, bundle_id: str,
             crops: Sequence[np.ndarray], embeddings: np.ndarray, stranger_id: str | None = None,
             at: float | None = None) -> StoredFace | None:
@@ -176,6 +193,7 @@ class FaceStore:
         self.prune()
         return face
 
+    @_locked
     def prune(self) -> int:
         """Drop faces older than max_age, then the oldest beyond max_faces; returns how many went."""
         now = self.clock()
@@ -187,12 +205,14 @@ class FaceStore:
             self.remove(face.event_id)
         return len(expired)
 
+    @_locked
     def remove(self, event_id: str) -> bool:
         face = self._faces.pop(event_id, None)
         if face is not None:
             shutil.rmtree(face.folder, ignore_errors=True)
         return face is not None
 
+    @_locked
     def forget(self, stranger_id: str | None = None) -> int:
         """Remove every stored face (or a stranger's); returns how many."""
         gone = [f.event_id for f in self._faces.values() if stranger_id is None or f.stranger_id == stranger_id]
@@ -200,15 +220,18 @@ class FaceStore:
             self.remove(event_id)
         return len(gone)
 
+    @_locked
     def get(self, event_id: str) -> StoredFace | None:
         return self._faces.get(event_id)
 
+    @_locked
     def last(self, label: str | None = None, exclude: str | None = None) -> StoredFace | None:
         """The most recent face (with `label`, or whose label is not `exclude`)."""
         faces = [f for f in self._faces.values()
                  if (label is None or f.label == label) and (exclude is None or f.label != exclude)]
         return max(faces, key=lambda f: f.at, default=None)
 
+    @_locked
     def of_stranger(self, stranger_id: str) -> list[StoredFace]:
         return sorted((f for f in self._faces.values() if f.stranger_id == stranger_id), key=lambda f: f.at)
 
@@ -217,3 +240,21 @@ class FaceStore:
 
     def summary(self) -> dict[str, Any]:
         return {"faces": len(self._faces), "root": str(self.root)}
+
+
+class FaceMemory:
+    """The dispatcher's subscriber that stores every decided face (after the stranger memory named it), so
+    a command can name or correct it later."""
+
+    def __init__(self, store: FaceStore) -> None:
+        self.store = store
+
+    def frame(self, msg: FrameDone) -> None:
+        for decided in msg.decided:
+            event = decided.event
+            regions = [s.region for s in decided.samples if s.region is not None]
+            vectors = [s.vector for s in decided.samples if s.vector is not None]
+            if regions and vectors:
+                self.store.add(event_id=event["event_id"], label=event["label"], score=event["score"],
+                               track_id=event["track_id"], bundle_id=event["model"], crops=regions,
+                               embeddings=np.stack(vectors), stranger_id=event.get("stranger_id"))

@@ -38,8 +38,13 @@ import cv2
 import numpy as np
 
 from device.classifier import UNKNOWN
-from device.events import _base, events_topic, person_topic, sanitize_label, status_topic
 from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
+from device.topics import Topics, object_id, sanitize_label
+
+# Kept importable from here for their callers (enroll, the tests, the benches).
+from device.topics import config_topic as config_topic
+from device.topics import ha_status_topic as ha_status_topic
+from device.topics import node_id as node_id
 
 log = logging.getLogger(__name__)
 
@@ -78,32 +83,23 @@ ICONS: dict[str, str] = {
 # --- topics the daemon publishes for Home Assistant ------------------------------------------------------
 
 def presence_topic(prefix: str, device_id: str, label: str) -> str:
-    """Retained `ON`/`OFF`: the person was seen within homeassistant.presence_timeout."""
-    return f"{_base(prefix, device_id)}/presence/{sanitize_label(label)}"
+    return Topics(prefix, device_id).presence(label)
 
 
 def diagnostics_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/diagnostics"
+    return Topics(prefix, device_id).diagnostics
 
 
 def image_topic(prefix: str, device_id: str, which: str) -> str:
-    """Retained JPEG: `last_face` (any decided face) or `last_unknown`."""
-    if which not in ("last_face", "last_unknown"):
-        raise ValueError(f"image must be last_face or last_unknown, not {which!r}")
-    return f"{_base(prefix, device_id)}/image/{which}"
+    return Topics(prefix, device_id).image(which)
 
 
 def command_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/command"
+    return Topics(prefix, device_id).command
 
 
 def command_result_topic(prefix: str, device_id: str) -> str:
-    return f"{_base(prefix, device_id)}/command/result"
-
-
-def ha_status_topic(discovery_prefix: str) -> str:
-    """Home Assistant's birth/last-will topic: `online` means it (re)started and wants discovery again."""
-    return f"{discovery_prefix.strip('/')}/status"
+    return Topics(prefix, device_id).command_result
 
 
 def cpu_temperature(path: Path = THERMAL_ZONE) -> float | None:
@@ -148,16 +144,7 @@ def placeholder_jpeg() -> bytes:
 
 # --- discovery ------------------------------------------------------------------------------------------------
 
-def _id_chars(raw: str) -> str:
-    # Discovery node and object ids allow [a-zA-Z0-9_-]: device ids may contain '.', labels anything sanitized.
-    # isalnum() alone lets 'ë' or 'ß' through, and Home Assistant ignores a config whose object id has one.
-    return "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "_" for c in raw)
-
-
-def _object_id(device_id: str, suffix: str) -> str:
-    """The entity's unique id and the last level of its config topic: never changed, or Home Assistant
-    would see new entities (and lose their entity ids, areas, history)."""
-    return _id_chars(f"faceberry_{device_id}_{suffix}")
+_object_id = object_id  # enroll imports it under this name
 
 
 def label_id(label: str) -> str:
@@ -170,18 +157,6 @@ def label_id(label: str) -> str:
     return f"{safe}_{hashlib.sha256(safe.encode('utf-8')).hexdigest()[:8]}"
 
 
-def node_id(device_id: str) -> str:
-    """The discovery topic's node level, `faceberry_<device_id>`: one topic level per device, so a broker
-    ACL can give a Pi its own discovery configs and nobody else's (`homeassistant/+/<node_id>/+/config`)."""
-    return _id_chars(f"faceberry_{device_id}")
-
-
-def config_topic(discovery_prefix: str, component: str, device_id: str, suffix: str) -> str:
-    """`<discovery_prefix>/<component>/<node_id>/<object_id>/config`: Home Assistant's discovery topic with
-    its optional node id level (supported by every version we support)."""
-    return f"{discovery_prefix.strip('/')}/{component}/{node_id(device_id)}/{_object_id(device_id, suffix)}/config"
-
-
 def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",
               images: bool = False, commands: bool = False, cpu_temp: bool = False,
               sw_version: str | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -190,23 +165,23 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
     Per-entity discovery, not the device-based form (one config for all, 2024.11+): Home Assistant keeps
     both, with no deprecation of this one, and this one works on every version we support (docs/MQTT.md).
     """
-    dp = discovery_prefix.strip("/")
+    t = Topics(prefix, device_id, discovery_prefix)
     device: dict[str, Any] = {"identifiers": [f"faceberry_{device_id}"], "name": f"faceberry {device_id}",
                               "manufacturer": "faceberry", "model": "face recognition"}
     if sw_version:
         device["sw_version"] = sw_version
-    common = {"availability_topic": status_topic(prefix, device_id), "payload_available": "online",
+    common = {"availability_topic": t.status, "payload_available": "online",
               "payload_not_available": "offline", "device": device}
     out: list[tuple[str, dict[str, Any]]] = []
 
     def add(component: str, suffix: str, config: dict[str, Any]) -> None:
-        uid = _object_id(device_id, suffix)
+        uid = object_id(device_id, suffix)
         icon = {"icon": ICONS[suffix]} if suffix in ICONS and "icon" not in config else {}
-        out.append((config_topic(dp, component, device_id, suffix), {"unique_id": uid, **config, **icon, **common}))
+        out.append((t.config(component, suffix), {"unique_id": uid, **config, **icon, **common}))
 
     people = [lab for lab in labels if lab != UNKNOWN]
     add("event", "face", {
-        "name": "Face", "state_topic": events_topic(prefix, device_id),
+        "name": "Face", "state_topic": t.events,
         "event_types": [*people, UNKNOWN],
         # HA's event entity wants `event_type` in the JSON; the other keys become the event's attributes.
         "value_template": ('{{ {"event_type": value_json.label, "score": value_json.score, '
@@ -219,27 +194,27 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
     # A stranger shows as `stranger`: a state `unknown` is Home Assistant's "no data" (as after its own
     # restart, the events topic not being retained), and a card could not tell the two apart.
     add("sensor", "last_event", {
-        "name": "Last face", "state_topic": events_topic(prefix, device_id),
+        "name": "Last face", "state_topic": t.events,
         "value_template": (f"{{{{ '{STRANGER}' if value_json.label == '{UNKNOWN}' else value_json.label }}}}"),
-        "json_attributes_topic": events_topic(prefix, device_id),
+        "json_attributes_topic": t.events,
     })
     for label in people:
         safe = label_id(label)
         add("binary_sensor", f"{safe}_present", {
             "name": f"{label} present", "device_class": "presence",
-            "state_topic": presence_topic(prefix, device_id, label), "payload_on": ON, "payload_off": OFF,
+            "state_topic": t.presence(label), "payload_on": ON, "payload_off": OFF,
         })
         add("sensor", safe, {
             "name": f"{label} last seen", "device_class": "timestamp",
-            "state_topic": person_topic(prefix, device_id, label), "value_template": "{{ value_json.last_seen }}",
-            "json_attributes_topic": person_topic(prefix, device_id, label),
+            "state_topic": t.person(label), "value_template": "{{ value_json.last_seen }}",
+            "json_attributes_topic": t.person(label),
         })
     if images:
         add("image", "last_face_image", {"name": "Last face image", "content_type": "image/jpeg",
-                                         "image_topic": image_topic(prefix, device_id, "last_face")})
+                                         "image_topic": t.image("last_face")})
         add("image", "last_unknown_image", {"name": "Last unknown face image", "content_type": "image/jpeg",
-                                            "image_topic": image_topic(prefix, device_id, "last_unknown")})
-    diag = diagnostics_topic(prefix, device_id)
+                                            "image_topic": t.image("last_unknown")})
+    diag = t.diagnostics
     for key, name, unit, device_class, state_class, icon in DIAGNOSTICS:
         if key == "cpu_temperature" and not cpu_temp:
             continue
@@ -254,8 +229,8 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
             config["state_class"] = state_class
         add("sensor", key, config)
     if commands:
-        cmd = command_topic(prefix, device_id)
-        events = events_topic(prefix, device_id)
+        cmd = t.command
+        events = t.events
         # The text box and the "wrong" button carry, as attributes, the face they act on (the last unknown
         # one, the last recognised one) and send its event id: a face decided between the look and the click
         # is not the one named or corrected. Without an event id (Home Assistant restarted since the face
@@ -285,7 +260,7 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         # Every command's answer where the user pressed the button: the message as the state (cut to what
         # HA accepts), the whole result as attributes. A sensor, not an event entity: the message is what a
         # dashboard card must show, and an event entity's state is only a timestamp.
-        result = command_result_topic(prefix, device_id)
+        result = t.command_result
         state = f"(('ok: ' if value_json.ok else 'refused: ') ~ value_json.message)[:{HA_STATE_MAX}]"
         add("sensor", "last_command", {"name": "Last command", "state_topic": result,
                                        "json_attributes_topic": result, "value_template": f"{{{{ {state} }}}}"})

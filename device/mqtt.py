@@ -43,18 +43,24 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from device.config import MqttConfig
 from device.errors import EXIT_USAGE, FaceberryError
-from device.events import OFFLINE, ONLINE, status_topic
+from device.events import OFFLINE, ONLINE
 from device.outbox import Outbox, OutboxError, OutboxWriteError, default_state_dir
 from device.statefile import RateLimitedLog
+from device.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# Receives (topic, payload, retain) of a message on a subscribed topic, in paho's thread.
+MessageHandler = Callable[[str, bytes, bool], None]
 
 # A failure that persists is logged again at most this often (seconds), with how long it has lasted.
 REPEAT_S = 60.0
@@ -179,7 +185,7 @@ class _Client(paho.Client):
             return MQTTErrorCode.MQTT_ERR_UNKNOWN
 
 
-def make_client(cfg: Any, client_id: str, password: str | None) -> _Client:
+def make_client(cfg: MqttConfig, client_id: str, password: str | None) -> _Client:
     """A configured (not yet connected) paho client for an MqttConfig."""
     client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, clean_session=True)
     if cfg.username:
@@ -199,10 +205,10 @@ def make_client(cfg: Any, client_id: str, password: str | None) -> _Client:
     return client
 
 
-def explain_connect_error(exc: BaseException, cfg: Any) -> tuple[str, str]:
+def explain_connect_error(exc: BaseException, cfg: MqttConfig) -> tuple[str, str]:
     """(a key naming the kind of failure, one line with the reason and the fix) for a failed attempt."""
     where = f"{cfg.host}:{cfg.port}"
-    tls = bool(getattr(getattr(cfg, "tls", None), "enabled", False))
+    tls = cfg.tls.enabled
     if isinstance(exc, ssl.SSLCertVerificationError):
         # The words OpenSSL users search for, then OpenSSL's own reason.
         detail = f"certificate verify failed: {exc.verify_message}" if exc.verify_message else str(exc)
@@ -234,7 +240,7 @@ def explain_connect_error(exc: BaseException, cfg: Any) -> tuple[str, str]:
     return "other", f"cannot connect to the broker {where}: {type(exc).__name__}: {exc}"
 
 
-def explain_refusal(reason: Any, cfg: Any, short_id: str | None = None) -> tuple[str, str]:
+def explain_refusal(reason: Any, cfg: MqttConfig, short_id: str | None = None) -> tuple[str, str]:
     """(key, line) for a CONNACK that refused us, with the fix for each reason code.
 
     `short_id`: a client id to suggest when the broker rejects ours (see `short_client_id`).
@@ -276,11 +282,12 @@ class MqttPublisher:
     closes it in `stop()`.
     """
 
-    def __init__(self, cfg: Any, device_id: str, prefix: str = "faceberry", password: str | None = None, *,
-                 outbox: Outbox | str | Path | None = None, summary_interval: float = 60.0) -> None:
+    def __init__(self, cfg: MqttConfig, device_id: str, prefix: str = "faceberry", password: str | None = None, *,
+                 outbox: Outbox | str | Path | None = None, summary_interval: float = 60.0,
+                 topics: Topics | None = None) -> None:
         self.cfg = cfg
         self.qos = int(cfg.qos)
-        self.status_topic = status_topic(prefix, device_id)
+        self.status_topic = (topics or Topics(prefix, device_id)).status
         if outbox is None:
             # Named by device_id, not by client id: the file must be found again by the next start even if
             # the install id had to be made anew.
@@ -291,10 +298,8 @@ class MqttPublisher:
         self._short_id = short_client_id(device_id, install)
         client_id = self.client_id
         if not isinstance(outbox, Outbox):
-            settings = getattr(cfg, "outbox", None)
-            outbox = Outbox(outbox, max_messages=getattr(settings, "max_messages", 10_000),
-                            max_bytes=getattr(settings, "max_bytes", 50_000_000),
-                            sync=getattr(settings, "sync", "normal"))
+            outbox = Outbox(outbox, max_messages=cfg.outbox.max_messages, max_bytes=cfg.outbox.max_bytes,
+                            sync=cfg.outbox.sync)
         self.outbox = outbox
         if outbox.recovered:
             log.info("outbox %s: %d messages left by the last run are sent first", outbox.path, outbox.recovered)
@@ -305,9 +310,8 @@ class MqttPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_message = self._on_message
         # Unacknowledged messages handed to paho; the rest wait on disk.
-        self.max_inflight = max(1, int(getattr(cfg, "queue_size", 1000)))
+        self.max_inflight = max(1, int(cfg.queue_size))
         self.summary_interval = float(summary_interval)
         self._failures = RateLimitedLog(log, repeat_s=REPEAT_S)
         self._connected = threading.Event()
@@ -325,16 +329,16 @@ class MqttPublisher:
         self.connects = 0
         self.state = "connecting"
         self.last_error: str | None = None
-        self.fatal_after_s = float(getattr(cfg, "fatal_after_s", 300.0))
+        self.fatal_after_s = float(cfg.fatal_after_s)
         self._permanent_since: float | None = None  # monotonic start of an unbroken run of permanent failures
         self._permanent_line: str | None = None
         self._connected_at = 0.0
         self._short_sessions: deque[float] = deque()  # monotonic ends of sessions the broker cut short
         self.takeover: str | None = None  # the warning while a client id conflict is going on
         self.takeovers = 0  # conflicts detected (each logged once)
-        self._on_connect_hooks: list[Any] = []
-        self._before_status_hooks: list[Any] = []
-        self._subscriptions: dict[str, tuple[int, Any]] = {}  # topic -> (qos, handler)
+        self._on_connect_hooks: list[Callable[[], None]] = []
+        self._before_status_hooks: list[Callable[[], list[tuple[str, bytes]]]] = []
+        self._subscriptions: dict[str, int] = {}  # topic -> qos, renewed at every connection
         self._status_info: paho.MQTTMessageInfo | None = None  # the latest `online`, outside the outbox
 
     # --- paho callbacks: they run in paho's network thread, and must not touch the database ---------
@@ -357,7 +361,7 @@ class MqttPublisher:
         self._publish_before_status(client)
         self._status_info = client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         # clean_session: the broker forgot our subscriptions with the last connection.
-        for topic, (qos, _) in list(self._subscriptions.items()):
+        for topic, qos in list(self._subscriptions.items()):
             client.subscribe(topic, qos=qos)
         for hook in self._on_connect_hooks:
             hook()
@@ -439,17 +443,6 @@ class MqttPublisher:
         else:
             # The broker away, or the network: never a reason to exit, and it says nothing about the settings.
             self._permanent_since = self._permanent_line = None
-
-    def _on_message(self, client: _Client, userdata: Any, msg: Any) -> None:
-        # paho's thread: hand the bytes over and return; the handler must only queue them.
-        entry = self._subscriptions.get(msg.topic)
-        if entry is None:
-            return
-        try:
-            # retain: the broker sent it because we subscribed (an old message), not because it was just published.
-            entry[1](msg.topic, bytes(msg.payload), bool(msg.retain))
-        except Exception:  # a handler's bug must not kill paho's network thread
-            log.exception("the handler of %s failed", msg.topic)
 
     def _on_publish(self, client: _Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         # Called under paho's message lock: hand the mid over and return.
@@ -544,25 +537,36 @@ class MqttPublisher:
 
     # --- the public side ----------------------------------------------------------------------------------
 
-    def on_connect(self, hook: Any) -> None:
+    def on_connect(self, hook: Callable[[], None]) -> None:
         """Run `hook()` after every (re)connection, e.g. to republish discovery configs."""
         self._on_connect_hooks.append(hook)
 
-    def before_status(self, hook: Any) -> None:
+    def before_status(self, hook: Callable[[], list[tuple[str, bytes]]]) -> None:
         """Publish the retained `(topic, payload)` pairs `hook()` returns straight to the broker, before
         every `online` and before the `offline` of a clean stop: states of this process (who is present)
         that a subscriber must have before it sees the device available. Not stored: a stale one replayed
         would be a lie, like a stale `online`. `hook` runs in paho's thread, or the stopping one."""
         self._before_status_hooks.append(hook)
 
-    def subscribe(self, topic: str, handler: Any, qos: int = 1) -> None:
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
         """Call `handler(topic, payload, retain)` in paho's thread for each message on `topic` (an exact topic,
         no wildcards), from now on and after every reconnection; `retain` is true for a retained message the
         broker hands over at subscription (at every start and reconnection). The handler must only queue the
-        message."""
+        message. Routed by paho itself (message_callback_add); a handler's exception is logged, never raised
+        into paho's network thread."""
         if "+" in topic or "#" in topic:
             raise ValueError(f"subscribe to exact topics only, not {topic!r}")
-        self._subscriptions[topic] = (int(qos), handler)
+
+        def deliver(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                # retain: the broker sent it because we subscribed (an old message), not because it was just
+                # published.
+                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+            except Exception:  # a handler's bug must not kill paho's network thread
+                log.exception("the handler of %s failed", msg.topic)
+
+        self._subscriptions[topic] = int(qos)
+        self.client.message_callback_add(topic, deliver)
         if self.connected:
             self.client.subscribe(topic, qos=int(qos))
 
@@ -681,6 +685,10 @@ class MqttPublisher:
         self._log_drops(force=True)
         self.outbox.close()
 
+    def close(self) -> None:
+        """Never started (the daemon ended before it could): close the outbox, keeping what it holds."""
+        self.outbox.close()
+
     def _undeleted_note(self) -> str:
         n = self.outbox.undeleted
         if not n:
@@ -707,7 +715,7 @@ class MqttPublisher:
         return out
 
 
-def probe(cfg: Any, client_id: str, password: str | None, timeout: float = 5.0) -> str | None:
+def probe(cfg: MqttConfig, client_id: str, password: str | None, timeout: float = 5.0) -> str | None:
     """Connect once and disconnect: None if the broker accepted us, else the reason with its fix."""
     client = make_client(cfg, client_id, password)
     result: dict[str, Any] = {}

@@ -5,7 +5,7 @@ The protocol is one datagram of `KEY=value` lines sent to the AF_UNIX socket nam
 rather than depend on python-systemd (a C extension apt builds for one Python, not in a venv's wheels)
 or sdnotify (unmaintained): nothing extra to install on the Pi, and the same code runs everywhere.
 
-What the daemon sends (device/service.py):
+What the daemon sends (device/loop.py):
     READY=1            once the models are loaded and the camera delivered its first frame
     WATCHDOG=1         from the frame loop itself, at most every half of $WATCHDOG_USEC: a loop stuck
                        in a pipeline call stops pinging and systemd restarts the service

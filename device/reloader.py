@@ -1,7 +1,7 @@
 """Ask the running daemon to load the bundle `current` points to, and confirm it from its status file.
 
 Used by `faceberry deploy`, `rollback` and `enroll` after they switch `current`. The daemon is found by
-its status file (`<state_dir>/status-<device_id>.json`, device/service.py): a pid that is alive, still a
+its status file (`<state_dir>/status-<device_id>.json`, device/loop.py): a pid that is alive, still a
 faceberry process, and serving a version of this store. It is asked the way it runs:
 
 - `systemctl reload faceberry` when systemd's faceberry unit is that process (the unit's ExecReload
@@ -65,7 +65,7 @@ def read_setup(config: str | None) -> Setup:
             raise
         fallback = default_state_dir()
         return Setup(None, [*state_dirs, fallback], None, None, note=str(exc))
-    # A daemon started by hand without a writable state_dir keeps its files in the fallback (service.state_dir).
+    # A daemon started by hand without a writable state_dir keeps its files in the fallback (device.app.state_dir).
     dirs = [Path(cfg.state_dir)]
     if Path(cfg.state_dir) == DEFAULT_STATE_DIR:
         dirs.append(default_state_dir())

@@ -10,18 +10,22 @@ seconds. Persisted in `<state_dir>/strangers-<device_id>.npz` (centroids, ids, c
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from device.contract import l2_normalize
+from device.contract import UNKNOWN, l2_normalize
+from device.dispatcher import FrameDone, Reloaded
+from device.events import iso_utc
 from device.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,17 @@ def read_strangers(path: Path) -> dict[str, Stranger]:
             for sid, total, count, f, la in zip(ids, totals, counts, first, last, strict=True)}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 class StrangerMemory:
     def __init__(self, path: Path | None, threshold: float, max_clusters: int = 200, retention: float = 30 * 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -89,6 +104,8 @@ class StrangerMemory:
         self.retention = float(retention)
         self.clock = clock
         self.clusters: dict[str, Stranger] = {}
+        # The frame loop observes faces while the command runner's thread forgets strangers.
+        self.lock = threading.RLock()
         self._failures = RateLimitedLog(log)
         if path is not None and (path.exists() or path.is_symlink()):
             self._load(path)
@@ -110,6 +127,7 @@ class StrangerMemory:
             set_aside(path, describe_error(exc), lost)
             self.clusters = {}
 
+    @_locked
     def save(self) -> None:
         if self.path is None:
             return
@@ -140,6 +158,7 @@ class StrangerMemory:
             oldest = min(self.clusters.values(), key=lambda s: s.last_seen)
             del self.clusters[oldest.stranger_id]
 
+    @_locked
     def nearest(self, embedding: np.ndarray) -> tuple[Stranger | None, float]:
         if not self.clusters:
             return None, -1.0
@@ -152,6 +171,7 @@ class StrangerMemory:
         i = int(np.argmax(sims))
         return items[i], float(sims[i])
 
+    @_locked
     def observe(self, embedding: np.ndarray, at: float | None = None) -> tuple[Stranger, bool]:
         """Add one unknown face; returns (its cluster, whether the cluster is new)."""
         at = self.clock() if at is None else at
@@ -175,6 +195,7 @@ class StrangerMemory:
         self.save()
         return cluster, new
 
+    @_locked
     def forget(self, stranger_id: str | None = None) -> int:
         """Forget one stranger (or all); returns how many were forgotten."""
         if stranger_id is None:
@@ -187,3 +208,26 @@ class StrangerMemory:
 
     def __len__(self) -> int:
         return len(self.clusters)
+
+
+class StrangerNames:
+    """The dispatcher's subscriber that gives an unknown event its stranger fields, before the events output
+    publishes it: the mean embedding of the track's last samples joins (or starts) a cluster."""
+
+    def __init__(self, memory: StrangerMemory) -> None:
+        self.memory = memory
+
+    def frame(self, msg: FrameDone) -> None:
+        for decided in msg.decided:
+            if decided.event["label"] != UNKNOWN:
+                continue
+            vectors = [s.vector for s in decided.samples if s.vector is not None]
+            if not vectors:
+                continue
+            cluster, new = self.memory.observe(np.mean(np.stack(vectors), axis=0))
+            decided.event.update(stranger_id=cluster.stranger_id, stranger_count=cluster.count,
+                                 stranger_first_seen=iso_utc(cluster.first_seen), stranger_new=new)
+
+    def reloaded(self, msg: Reloaded) -> None:
+        if msg.result.ok:  # enroll recalibrates the threshold; clusters follow it
+            self.memory.threshold = msg.threshold

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from device import events
+from device import events, homeassistant
 
 
 def test_topics_follow_the_documented_layout() -> None:
@@ -108,7 +108,7 @@ def test_zero_cooldown_never_suppresses_and_negative_is_refused() -> None:
 
 
 def test_home_assistant_discovery_points_at_our_topics() -> None:
-    configs = dict(events.ha_discovery("faceberry", "door", ["alice", "Bob Smith"]))
+    configs = dict(homeassistant.discovery("faceberry", "door", ["alice", "Bob Smith"]))
     assert "homeassistant/sensor/faceberry_door/faceberry_door_Bob_Smith/config" in configs
     bob = configs["homeassistant/sensor/faceberry_door/faceberry_door_Bob_Smith/config"]
     assert bob["state_topic"] == "faceberry/door/person/Bob_Smith"

@@ -229,10 +229,10 @@ def test_ids_the_daemon_makes_are_valid() -> None:
 
 @pytest.fixture
 def service(tmp_path: Path, tiny_bundle: Path):
-    """A real Service on the tiny bundle with commands on, never started: its publisher writes the answers
-    to the real outbox, where the test reads them back."""
+    """A real daemon (device.app.build) on the tiny bundle with commands on, never started: its publisher
+    writes the answers to the real outbox, where the test reads them back."""
+    from device.app import build
     from device.config import load_config
-    from device.service import Service
     from tests.test_service_mqtt import write_config
 
     camera = tmp_path / "camera"
@@ -242,9 +242,34 @@ def service(tmp_path: Path, tiny_bundle: Path):
                           memory={"strangers": True}, events={"homeassistant": True})
     data = config.read_text().replace("device_id: testcam", f"device_id: {DEVICE}")
     config.write_text(data)
-    svc = Service(load_config(config))
+    svc = build(load_config(config))
     yield svc
     svc.publisher.outbox.close()
+
+
+class Inbound:
+    """The daemon's way in, driven by hand: `_queue` hands a message over as paho's per-topic callbacks do
+    (the command runner's, or Home Assistant's status to the discovery output), `tick` is one loop turn
+    (the dispatcher's Tick) and one turn of the command runner's thread (never started here)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.faces = app.faces
+
+    def _queue(self, topic: str, payload: bytes, retain: bool) -> None:
+        if topic == self.app.topics.ha_status:
+            self.app.discovery.ha_status(topic, payload, retain)
+        else:
+            self.app.commands.receive(topic, payload, retain)
+
+    def tick(self) -> None:
+        from device.dispatcher import Tick
+
+        self.app.dispatcher.notify(Tick())
+        self.app.commands.drain()
+
+    def stats(self) -> dict:
+        return self.app.dispatcher.stats()["memory"]
 
 
 def answers(svc: Any) -> list[dict]:
@@ -253,7 +278,7 @@ def answers(svc: Any) -> list[dict]:
 
 def test_the_handler_answers_every_hostile_message_and_logs_one_safe_line(
         service: Any, cases: list[tuple[str, bytes]], caplog: pytest.LogCaptureFixture) -> None:
-    assistant = service.assistant
+    assistant = Inbound(service)
     caplog.set_level(logging.DEBUG, logger="device")
     sent = 0
     # A retained payload is answered once per process (the daemon keeps the first LIMIT + 1 bytes of each).
@@ -301,9 +326,9 @@ def test_the_handler_answers_random_bytes_and_mutations_once(service: Any, paylo
 
 
 def test_a_burst_beyond_the_inbox_is_answered_busy_not_dropped(service: Any) -> None:
-    from device.assistant import INBOX_SIZE
+    from device.command_runner import INBOX_SIZE
 
-    assistant = service.assistant
+    assistant = Inbound(service)
     for i in range(INBOX_SIZE + 20):
         assistant._queue(COMMAND_TOPIC, _dump({"command": "undo", "request_id": f"b{i}"}), False)
     busy = answers(service)
@@ -316,7 +341,7 @@ def test_a_burst_beyond_the_inbox_is_answered_busy_not_dropped(service: Any) -> 
 
 
 def test_a_retained_command_is_answered_once_and_cleared(service: Any) -> None:
-    assistant = service.assistant
+    assistant = Inbound(service)
     payload = _dump({"command": "forget", "request_id": "r-old"})
     for _ in range(3):  # a start and two reconnections replay it
         assistant._queue(COMMAND_TOPIC, payload, True)
@@ -496,7 +521,7 @@ def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory,
 
 
 def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplog: pytest.LogCaptureFixture) -> None:
-    assistant = service.assistant
+    assistant = Inbound(service)
     caplog.set_level(logging.INFO, logger="device.assistant")
     for i in range(200):
         # Home Assistant's birth message is usually retained: that is normal, and it still counts.
@@ -513,7 +538,7 @@ def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplo
 def test_naming_acts_on_the_face_whose_event_id_came_with_the_command(service: Any, monkeypatch) -> None:
     import numpy as np
 
-    assistant = service.assistant
+    assistant = Inbound(service)
     crop = np.full((32, 32, 3), 100, np.uint8)
     for n, (event_id, label) in enumerate((("e-unknown-1", "unknown"), ("e-alice", "alice"),
                                            ("e-unknown-2", "unknown"))):
@@ -521,7 +546,7 @@ def test_naming_acts_on_the_face_whose_event_id_came_with_the_command(service: A
                                    crops=[crop], embeddings=np.ones((1, 4), np.float32), at=time.time() - 10 + n)
     named: list[tuple[str, list[str]]] = []
     # The enrolment itself is device.enroll's (tested there); here: which face it is given.
-    monkeypatch.setattr(assistant, "_enroll", lambda name, faces, stranger_id=None: (
+    monkeypatch.setattr(service.commands, "_enroll", lambda name, faces, stranger_id=None: (
         named.append((name, [f.event_id for f in faces])) or (True, "enrolled", {})))
 
     def run(body: dict) -> dict:

@@ -16,13 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # The project's own import packages; faceberry/ once the core moves there.
 PACKAGES = ("device", "train", "convert", "models", "faceberry")
 
-# Cycles another change removes (the messaging layer, issue 22). This set must become empty: whoever
-# merges that change deletes these entries, and from then on any cycle fails.
-KNOWN_ELSEWHERE: set[frozenset[str]] = {
-    frozenset({"device.service", "device.assistant"}),
-    frozenset({"device.events", "device.homeassistant"}),
-}
-
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
@@ -176,17 +169,8 @@ def test_the_project_graph_is_read() -> None:
 
 def test_no_import_cycle() -> None:
     graph = import_graph(project_modules())
-    stale = []
-    for known in sorted(KNOWN_ELSEWHERE, key=sorted):
-        a, b = sorted(known)
-        if b in graph[a] and a in graph[b]:
-            # Drop one direct edge of the known pair only: a new cycle through either module still fails.
-            graph[a].discard(b)
-        else:
-            stale.append(f"{a} <-> {b}")
     cycles = [" -> ".join(_cycle_in(group, graph)) for group in strongly_connected(graph)]
     assert not cycles, (
         "import cycles (deferred imports count too); break each by moving what both sides need into a module "
         "of its own:\n" + "\n".join(cycles)
     )
-    assert not stale, f"these cycles are gone: remove them from KNOWN_ELSEWHERE in {Path(__file__).name}: {stale}"

@@ -579,9 +579,9 @@ def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_f
 
 
 def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, tiny_bundle, heldout_photos) -> None:
+    from device.app import build
     from device.config import load_config
     from device.mqtt import MqttError
-    from device.service import Service
 
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
     cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
@@ -592,7 +592,7 @@ def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, 
         raise KeyError("boom")
 
     pub.on_connect(broken_hook)
-    service = Service(cfg, publisher=pub)
+    service = build(cfg, publisher=pub)
     with pytest.raises(MqttError, match="the MQTT client stopped: KeyError"):
         service.run()
     assert pub.fatal is not None
