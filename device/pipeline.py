@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from device.bundle import Bundle, require_people
@@ -19,6 +20,17 @@ from device.detector import Face, FaceDetector
 from device.preprocess import align_face
 from device.tracker import REVERIFY_EVERY, Tracker
 
+APPEARANCE_SIZE = 32  # side of the grey thumbnail compared between frames (device.tracker.REVERIFY_MIN_LIKENESS)
+
+
+def appearance(crop: np.ndarray) -> np.ndarray:
+    """A face crop's appearance signature: its grey 32×32 thumbnail, zero mean, unit length, so that the
+    dot product of two is their correlation (1: the same picture, up to brightness and contrast)."""
+    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    thumb = cv2.resize(grey, (APPEARANCE_SIZE, APPEARANCE_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    thumb = thumb.ravel() - thumb.mean()
+    return thumb / max(float(np.linalg.norm(thumb)), 1e-6)
+
 
 @dataclass
 class Recognition:
@@ -26,8 +38,8 @@ class Recognition:
     crop: np.ndarray  # aligned uint8 RGB crop
     prediction: Prediction
     vector: np.ndarray | None = None  # the classifier's output (an embedding, or softmax probabilities)
-    # True: not embedded in this frame; crop, prediction and vector are the track's last fresh ones (the face
-    # and its box are this frame's). The tracker counts it as seen, never as a vote.
+    # True: not embedded in this frame; prediction and vector are the track's last fresh ones (the face, its
+    # box and crop are this frame's). The tracker counts it as seen, never as a vote.
     reused: bool = False
 
 
@@ -65,16 +77,18 @@ class FacePipeline:
         """All faces in an RGB uint8 frame, recognised.
 
         With `tracker` (the one whose `update()` gets this frame's observations next, in this order), a face
-        continuing a decided track is embedded only every `reverify_every` frames or when it moved or its
-        detection score drifted (Tracker.plan); otherwise its Recognition is the track's last one, `reused`.
+        continuing a decided track is embedded only every `reverify_every` frames, or when it moved, looks
+        different or its detection score drifted (Tracker.plan); otherwise its Recognition reuses the track's
+        last prediction and vector, marked `reused`.
         """
         t0 = time.perf_counter()
         faces = self.detector.detect(frame)
         t1 = time.perf_counter()
-        planned = (tracker.plan([f.box for f in faces], [f.score for f in faces], reverify_every)
+        crops = [align_face(frame, f.keypoints, self.size, self.alignment) for f in faces]
+        planned = (tracker.plan([f.box for f in faces], [f.score for f in faces], reverify_every,
+                                [appearance(c) for c in crops])
                    if tracker is not None else [None] * len(faces))
         todo = [i for i, slot in enumerate(planned) if slot is None or slot.reuse is None]
-        crops = {i: align_face(frame, faces[i].keypoints, self.size, self.alignment) for i in todo}
         t2 = time.perf_counter()
         looks = {i: self.classifier.look(crops[i]) for i in todo}
         t3 = time.perf_counter()
@@ -87,7 +101,7 @@ class FacePipeline:
                     slot.memo = rec
             else:
                 last: Recognition = slot.reuse
-                rec = Recognition(face, last.crop, last.prediction, last.vector, reused=True)
+                rec = Recognition(face, crops[i], last.prediction, last.vector, reused=True)
             recognitions.append(rec)
         return FrameResult(
             recognitions,

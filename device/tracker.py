@@ -11,8 +11,9 @@ Re-verification (issue 23): once a track is decided, its face need not be embedd
 frame's faces are embedded, `plan()` says which of them continue a decided track that may reuse its last
 recognition: the embedder then runs for those faces only every `reverify_every`-th frame they are seen, and at
 once when the box jumped (IoU with the box last embedded below REVERIFY_MIN_IOU), the detector's score drifted
-(by more than REVERIFY_SCORE_DRIFT from the score last embedded) or the last fresh vote disagreed with the
-track's identity. Undecided tracks are embedded on every frame, so first decisions are those of embedding
+(by more than REVERIFY_SCORE_DRIFT from the score last embedded) or the face looks different from the one last
+embedded (REVERIFY_MIN_LIKENESS); and only once the track is settled: its last REVERIFY_SETTLED × votes_needed
+fresh votes all named who it is. Undecided tracks are embedded on every frame, so first decisions are those of embedding
 every frame. A reused recognition keeps its track alive and moves its box but casts no vote: identity is only
 ever decided, or changed, by votes from faces the embedder actually saw, so repeating one recognition can
 never make up an agreement.
@@ -38,14 +39,19 @@ REVERIFY_EVERY = 5
 REVERIFY_MIN_IOU = 0.6
 # ... or when the detector's confidence moved by more than this since (a head turning, a hand in front).
 REVERIFY_SCORE_DRIFT = 0.1
+# ... or when the aligned face looks different from the one last embedded: the correlation of their 32×32
+# grey thumbnails (device.pipeline.appearance) below this. Another person's face in the same place (a folder
+# camera's next photo, a swap at the door) barely moves the box; between two different people of the shared
+# LFW photos the correlation was at most 0.83 (median 0.19), while a person standing still stays above 0.94.
+REVERIFY_MIN_LIKENESS = 0.9
 # A decided track starts reusing only once this many × votes_needed fresh votes in a row named who it is
 # (15 at the default 5 votes). A face the model hesitates on (a head turning, a stranger near the threshold)
 # keeps being embedded on every frame: with 1× instead of 3×, a few identity changes that flicker across
 # 3–5 frames fell between two re-verifications on the shared head-pose clips and were never announced.
 REVERIFY_SETTLED = 3
 # Why a face was embedded (Tracker.reasons): a new track, an undecided or unsettled one, the k-th frame,
-# its detection score drifted, its box moved; "reused" counts the faces that were not embedded.
-REASONS = ("new", "undecided", "unsettled", "every", "score", "moved", "reused")
+# its detection score drifted, its box moved, it looks different; "reused" counts the faces not embedded.
+REASONS = ("new", "undecided", "unsettled", "every", "score", "moved", "looks", "reused")
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Planned:
     box: np.ndarray
     detection_score: float
     track_id: int | None  # the track it continues; None: it starts a new one
+    look: np.ndarray | None = None  # its appearance signature (unit vector), when the caller gave one
     reuse: Any = None  # the track's last fresh recognition when this frame may reuse it; None: embed the face
     memo: Any = None  # set by the caller to the fresh recognition of an embedded face, for later frames
 
@@ -86,6 +93,7 @@ class Track:
     memo: Any = None
     verified_box: np.ndarray | None = None
     verified_score: float = 0.0
+    verified_look: np.ndarray | None = None
     since_verified: int = 0
     streak_label: str | None = None  # the label of the last fresh votes, and how many in a row named it
     streak: int = 0
@@ -139,18 +147,22 @@ class Tracker:
         # Faces planned, by outcome: REASONS (embedded, and why) or "reused" (not embedded).
         self.reasons: Counter[str] = Counter()
 
-    def plan(self, boxes: list[np.ndarray], detection_scores: list[float],
-             reverify_every: int = REVERIFY_EVERY) -> list[Planned]:
+    def plan(self, boxes: list[np.ndarray], detection_scores: list[float], reverify_every: int = REVERIFY_EVERY,
+             looks: list[np.ndarray] | None = None) -> list[Planned]:
         """Before embedding a frame's faces: which may reuse their decided track's last recognition.
 
         `boxes` and `detection_scores` are the detector's, in the order the observations will be given to
-        the next `update()`; a face whose `reuse` is set need not be embedded, and is given to `update()`
-        with that recognition's label, which then counts as seen but not as a vote. Set `memo` on the
-        others (what a later frame may reuse). The plan holds for the next `update()` only.
+        the next `update()`; `looks` their appearance signatures (unit vectors; None: not compared). A face
+        whose `reuse` is set need not be embedded, and is given to `update()` with that recognition's label,
+        which then counts as seen but not as a vote. Set `memo` on the others (what a later frame may
+        reuse). The plan holds for the next `update()` only.
         """
         pairs, _ = self._match(boxes)
         planned = [Planned(np.asarray(b, dtype=np.float32), float(s), None)
                    for b, s in zip(boxes, detection_scores, strict=True)]
+        if looks is not None:
+            for slot, look in zip(planned, looks, strict=True):
+                slot.look = look
         for track_id, o in pairs:
             track = self.tracks[track_id]
             planned[o].track_id = track_id
@@ -180,6 +192,9 @@ class Tracker:
             return "score"
         if float(iou_matrix(track.verified_box, face.box)[0, 0]) < REVERIFY_MIN_IOU:
             return "moved"
+        if (face.look is not None and track.verified_look is not None
+                and float(np.dot(face.look, track.verified_look)) < REVERIFY_MIN_LIKENESS):
+            return "looks"
         return None
 
     def _match(self, boxes: list[np.ndarray]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -248,6 +263,7 @@ class Tracker:
             track.memo = slot.memo
             track.verified_box = slot.box
             track.verified_score = slot.detection_score
+            track.verified_look = slot.look
         track.since_verified = 0
         if obs.label == track.streak_label:
             track.streak += 1

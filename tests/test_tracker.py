@@ -240,3 +240,32 @@ def test_a_plan_for_other_faces_is_ignored_and_every_observation_votes() -> None
     for i in range(2):
         decisions += tracker.update([obs(500, "bob")], i)
     assert [d.label for d in decisions] == ["bob"]
+
+
+def test_a_face_that_looks_different_in_the_same_place_is_reverified_at_once() -> None:
+    from device.tracker import REVERIFY_MIN_LIKENESS
+
+    rng = np.random.default_rng(0)
+    alice = rng.normal(size=64)
+    alice /= np.linalg.norm(alice)
+    tracker = Tracker(votes_needed=5, max_age=3)
+
+    def planned(look: np.ndarray, index: int, label: str = "alice") -> bool:
+        slot = tracker.plan([box(10)], [0.9], REVERIFY_EVERY, [look])[0]
+        if slot.reuse is None:
+            slot.memo = label
+        tracker.update([Observation(box(10), label if slot.reuse is None else slot.reuse, 0.9)], index)
+        return slot.reuse is None
+
+    i = 0
+    while tracker.reasons["reused"] == 0:
+        planned(alice, i)
+        i += 1
+    # Nearly the same picture (correlation above the bound): reused; another face in the same box: embedded.
+    noise = rng.normal(size=64)
+    noise -= (noise @ alice) * alice
+    noise /= np.linalg.norm(noise)
+    similar = alice * 0.97 + noise * np.sqrt(1 - 0.97 ** 2)
+    other = alice * (REVERIFY_MIN_LIKENESS - 0.1) + noise * np.sqrt(1 - (REVERIFY_MIN_LIKENESS - 0.1) ** 2)
+    assert planned(similar, i) is False
+    assert planned(other, i + 1, "bob") is True and tracker.reasons["looks"] == 1
