@@ -62,6 +62,11 @@ def video(path: Path) -> Iterator[tuple[float, np.ndarray]]:
 
 def still(photo: Path, n: int, seed: int = 0) -> Iterator[tuple[float, np.ndarray]]:
     """A person standing still: the photo at 640×480, each frame shifted ≤ 2 px and lit ±3 levels, as JPEG."""
+    encoded = still_jpegs(photo, n, seed)  # all made here, before the first frame is timed
+    return jpeg_frames(encoded)
+
+
+def still_jpegs(photo: Path, n: int, seed: int) -> list[np.ndarray]:
     base = _cover(cv2.imread(str(photo), cv2.IMREAD_COLOR), 640, 480)
     rng = np.random.default_rng(seed)
     encoded = []
@@ -72,6 +77,10 @@ def still(photo: Path, n: int, seed: int = 0) -> Iterator[tuple[float, np.ndarra
         ok, data = cv2.imencode(".jpg", lit, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if ok:
             encoded.append(data)
+    return encoded
+
+
+def jpeg_frames(encoded: list[np.ndarray]) -> Iterator[tuple[float, np.ndarray]]:
     for data in encoded:
         t0 = time.perf_counter()
         rgb = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
