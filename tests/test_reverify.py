@@ -135,11 +135,13 @@ def test_a_lingering_person_costs_fewer_embedder_runs(counted: Counted, known_ph
     assert [d[2] for d in base] == [person]
     same_decisions(base, decisions, REVERIFY_EVERY)
     # Embedded on every frame until settled (decided, then REVERIFY_SETTLED × 5 agreeing fresh votes in a row),
-    # then on every k-th; a re-verification a trigger asks for (the jitter moving the box, the score) is counted.
+    # then on every k-th, and when a trigger asks (the jitter moving the box or the face, the score drifting).
     settled = REVERIFY_SETTLED * VOTES
-    assert calls == settled + (60 - settled) // REVERIFY_EVERY + tracker.reasons["moved"] + tracker.reasons["score"]
-    assert calls <= base_calls // 2
+    triggered = sum(tracker.reasons[r] for r in ("moved", "score", "looks"))
     assert tracker.reasons["reused"] == 60 - calls
+    scheduled = (60 - settled) // REVERIFY_EVERY  # 4 reuses at most after each embedder run
+    assert settled + scheduled <= calls <= settled + scheduled + triggered, dict(tracker.reasons)
+    assert calls <= base_calls // 2, dict(tracker.reasons)
 
 
 def test_another_person_taking_the_place_is_still_announced(counted: Counted, known_photos) -> None:
