@@ -242,6 +242,10 @@ class RecognitionConfig(_Section):
         "bundle's); higher = fewer strangers taken for someone known, more 'unknown'")
     num_threads: int = Field(2, ge=1, le=64, description="interpreter threads for the detector and the classifier "
                                                   "(a Pi 4/5 has 4 cores)")
+    reverify_every: int = Field(
+        5, ge=1, le=100, description="a face whose track is decided and settled is embedded again only every N frames "
+        "it is seen (at once when its box jumps, it looks different or its detection score drifts); the frames "
+        "between reuse its last recognition without voting. 1 = every frame. Default: device.tracker.REVERIFY_EVERY")
 
 
 class TrackingConfig(_Section):

@@ -254,7 +254,7 @@ class FrameLoop:
         return 0
 
     def handle_frame(self, frame: Frame) -> None:
-        result = self.pipeline.process(frame.image)
+        result = self.pipeline.process(frame.image, self.tracker, self.cfg.recognition.reverify_every)
         t0 = time.perf_counter()
         self.frames += 1
         self.faces += len(result.recognitions)

@@ -1,5 +1,9 @@
 """detect → align → classify on one frame, with per-stage timings: the path shared by
-`device run`, `device eval`, the benchmarks and (for detect → align) training's crop maker."""
+`device run`, `device eval`, the benchmarks and (for detect → align) training's crop maker.
+
+Given the frame loop's tracker, `process` embeds only the faces that need it (device.tracker's
+re-verification): a face continuing a decided track reuses that track's last recognition on most frames,
+and is marked `reused`."""
 
 from __future__ import annotations
 
@@ -7,12 +11,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from device.bundle import Bundle, require_people
 from device.classifier import FaceClassifier, Prediction
 from device.detector import Face, FaceDetector
 from device.preprocess import align_face
+from device.tracker import REVERIFY_EVERY, Tracker
+
+# Side of the grey thumbnail compared between frames (device.tracker.REVERIFY_MIN_LIKENESS). At 32 the
+# keypoints' wobble on a still, jittered face already cost correlation down to 0.85; at 16 it stays above 0.93.
+APPEARANCE_SIZE = 16
+
+
+def appearance(crop: np.ndarray) -> np.ndarray:
+    """A face crop's appearance signature: its grey 16×16 thumbnail, zero mean, unit length, so that the
+    dot product of two is their correlation (1: the same picture, up to brightness and contrast)."""
+    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    thumb = cv2.resize(grey, (APPEARANCE_SIZE, APPEARANCE_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    thumb = thumb.ravel() - thumb.mean()
+    return thumb / max(float(np.linalg.norm(thumb)), 1e-6)
 
 
 @dataclass
@@ -21,12 +40,16 @@ class Recognition:
     crop: np.ndarray  # aligned uint8 RGB crop
     prediction: Prediction
     vector: np.ndarray | None = None  # the classifier's output (an embedding, or softmax probabilities)
+    # True: not embedded in this frame; prediction and vector are the track's last fresh ones (the face, its
+    # box and crop are this frame's). The tracker counts it as seen, never as a vote.
+    reused: bool = False
 
 
 @dataclass
 class FrameResult:
     recognitions: list[Recognition]
     timings_ms: dict[str, float] = field(default_factory=dict)  # detect, align, classify
+    embedded: int = 0  # faces the classifier ran on (the others reused their track's recognition)
 
 
 class FacePipeline:
@@ -51,17 +74,39 @@ class FacePipeline:
         self.size = bundle.preprocessing.input_size
         self.alignment = bundle.preprocessing.alignment
 
-    def process(self, frame: np.ndarray) -> FrameResult:
-        """All faces in an RGB uint8 frame, recognised."""
+    def process(self, frame: np.ndarray, tracker: Tracker | None = None,
+                reverify_every: int = REVERIFY_EVERY) -> FrameResult:
+        """All faces in an RGB uint8 frame, recognised.
+
+        With `tracker` (the one whose `update()` gets this frame's observations next, in this order), a face
+        continuing a decided track is embedded only every `reverify_every` frames, or when it moved, looks
+        different or its detection score drifted (Tracker.plan); otherwise its Recognition reuses the track's
+        last prediction and vector, marked `reused`.
+        """
         t0 = time.perf_counter()
         faces = self.detector.detect(frame)
         t1 = time.perf_counter()
         crops = [align_face(frame, f.keypoints, self.size, self.alignment) for f in faces]
+        planned = (tracker.plan([f.box for f in faces], [f.score for f in faces], reverify_every,
+                                [appearance(c) for c in crops])
+                   if tracker is not None else [None] * len(faces))
+        todo = [i for i, slot in enumerate(planned) if slot is None or slot.reuse is None]
         t2 = time.perf_counter()
-        looks = [self.classifier.look(c) for c in crops]
-        vectors, preds = [v for v, _ in looks], [p for _, p in looks]
+        looks = {i: self.classifier.look(crops[i]) for i in todo}
         t3 = time.perf_counter()
+        recognitions = []
+        for i, (face, slot) in enumerate(zip(faces, planned, strict=True)):
+            if i in looks:
+                vector, pred = looks[i]
+                rec = Recognition(face, crops[i], pred, vector)
+                if slot is not None:
+                    slot.memo = rec
+            else:
+                last: Recognition = slot.reuse
+                rec = Recognition(face, crops[i], last.prediction, last.vector, reused=True)
+            recognitions.append(rec)
         return FrameResult(
-            [Recognition(f, c, p, v) for f, c, p, v in zip(faces, crops, preds, vectors, strict=True)],
+            recognitions,
             {"detect": (t1 - t0) * 1e3, "align": (t2 - t1) * 1e3, "classify": (t3 - t2) * 1e3},
+            embedded=len(todo),
         )

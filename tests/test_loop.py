@@ -82,7 +82,7 @@ class FakePipeline:
     score: float = 0.9
     classifier: FakeClassifier = field(default_factory=FakeClassifier)
 
-    def process(self, image: np.ndarray) -> FrameResult:
+    def process(self, image: np.ndarray, tracker: object = None, reverify_every: int = 1) -> FrameResult:
         face = Face(np.array([10.0, 10.0, 50.0, 50.0]), 0.99, np.zeros((6, 2)))
         crop = np.full((16, 16, 3), 128, np.uint8)
         vector = np.ones(4, np.float32) / 2

@@ -103,11 +103,11 @@ def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path
     real_process = service.pipeline.process
     stall, stalled, release = threading.Event(), threading.Event(), threading.Event()
 
-    def process(image):  # a pipeline that hangs when told to, like a wedged interpreter
+    def process(image, *args):  # a pipeline that hangs when told to, like a wedged interpreter
         if stall.is_set():
             stalled.set()
             release.wait(60)
-        return real_process(image)
+        return real_process(image, *args)
 
     service.pipeline.process = process
     runner = threading.Thread(target=service.run, daemon=True)

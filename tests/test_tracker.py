@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from device.tracker import Observation, Tracker, iou_matrix, majority
+from device.tracker import (
+    REVERIFY_EVERY,
+    REVERIFY_SCORE_DRIFT,
+    REVERIFY_SETTLED,
+    Observation,
+    Tracker,
+    iou_matrix,
+    majority,
+)
 
 
 def obs(x: float, label: str, score: float = 0.9, y: float = 0.0) -> Observation:
@@ -108,3 +116,156 @@ def test_a_face_that_jumps_away_starts_a_new_track() -> None:
     tracker.update([obs(0, "alice")], 0)
     out = tracker.update([obs(500, "alice")], 1)
     assert [d.track_id for d in out] == [2]
+
+
+# --- re-verification (issue 23): a decided, settled track is embedded only every k frames ------------------
+
+def box(x: float, y: float = 0.0, size: float = 100.0) -> np.ndarray:
+    return np.array([x, y, x + size, y + size], dtype=np.float32)
+
+
+def step(tracker: Tracker, faces: list[tuple[np.ndarray, str, float]], index: int,
+         every: int = REVERIFY_EVERY) -> tuple[list, list[bool]]:
+    """One frame the way FacePipeline.process and the daemon drive the tracker: plan, embed the faces the
+    plan asks for (their label is what the embedder would say), reuse the others' last recognition.
+    Returns the decisions and, per face, whether it was embedded."""
+    planned = tracker.plan([b for b, _, _ in faces], [s for _, _, s in faces], every)
+    observations, embedded = [], []
+    for slot, (b, label, _) in zip(planned, faces, strict=True):
+        if slot.reuse is None:
+            slot.memo = label
+            observations.append(Observation(b, label, 0.9))
+        else:
+            observations.append(Observation(b, slot.reuse, 0.9))
+        embedded.append(slot.reuse is None)
+    return tracker.update(observations, index), embedded
+
+
+def test_the_config_default_is_the_trackers() -> None:
+    from device.config import RecognitionConfig
+
+    assert RecognitionConfig().reverify_every == REVERIFY_EVERY > 1
+
+
+def test_a_settled_track_is_embedded_every_kth_frame_and_an_undecided_one_every_frame() -> None:
+    tracker = Tracker(votes_needed=5, max_age=3)
+    settled_after = REVERIFY_SETTLED * 5
+    runs = []
+    for i in range(60):
+        decisions, embedded = step(tracker, [(box(10), "alice", 0.9)], i, every=5)
+        runs.append(embedded[0])
+        if i == 4:
+            assert [d.label for d in decisions] == ["alice"]
+    # Every frame until settled (the first 5 decide, then 15 agreeing fresh votes in a row), then every 5th.
+    assert all(runs[:settled_after])
+    after = runs[settled_after:]
+    assert [i for i, e in enumerate(after) if e] == list(range(4, len(after), 5))
+    assert sum(runs) == settled_after + (60 - settled_after) // 5
+    assert tracker.reasons["reused"] == 60 - sum(runs) and tracker.reasons["every"] == (60 - settled_after) // 5
+    track = tracker.tracks[1]
+    assert track.hits == 60 and track.reused == 60 - sum(runs) and len(track.recent) == 5
+
+
+def test_k_of_1_embeds_every_face_on_every_frame() -> None:
+    tracker = Tracker(votes_needed=2, max_age=3)
+    for i in range(40):
+        _, embedded = step(tracker, [(box(10), "alice", 0.9), (box(300), "bob", 0.8)], i, every=1)
+        assert embedded == [True, True]
+
+
+def test_reused_recognitions_never_vote_so_a_decision_cannot_be_made_of_them() -> None:
+    tracker = Tracker(votes_needed=5, max_age=3)
+    i = 0
+    while not tracker.tracks or tracker.tracks[1].streak < REVERIFY_SETTLED * 5:
+        step(tracker, [(box(10), "alice", 0.9)], i)
+        i += 1
+    recent = list(tracker.tracks[1].recent)
+    # However often a reused observation says "bob" (say a stale or wrong recognition), it is no vote:
+    # only the faces the embedder saw decide.
+    for _ in range(REVERIFY_EVERY - 1):
+        planned = tracker.plan([box(10)], [0.9])
+        assert planned[0].reuse == "alice"
+        assert tracker.update([Observation(box(10), "bob", 0.99)], i) == []
+        i += 1
+    assert list(tracker.tracks[1].recent) == recent and tracker.tracks[1].label == "alice"
+    # An undecided track never reuses: its first votes_needed frames are all embedded.
+    fresh = Tracker(votes_needed=5, max_age=3)
+    for j in range(5):
+        assert step(fresh, [(box(10), "carol", 0.9)], j)[1] == [True]
+
+
+def test_a_disagreeing_vote_sends_the_track_back_to_every_frame_and_a_real_change_is_announced() -> None:
+    tracker = Tracker(votes_needed=5, max_age=3)
+    i = 0
+    while tracker.reasons["reused"] == 0:
+        step(tracker, [(box(10), "alice", 0.9)], i)
+        i += 1
+    # The face in the box is now bob's: the first re-verification sees it, then every frame is embedded
+    # until the change is voted on (4 of 5 fresh votes), exactly as without re-verification.
+    embedded_at, changes = [], []
+    for _ in range(3 * REVERIFY_EVERY):
+        decisions, embedded = step(tracker, [(box(10), "bob", 0.9)], i)
+        changes += decisions
+        if embedded[0]:
+            embedded_at.append(i)
+        i += 1
+    assert [(d.label, d.previous) for d in changes] == [("bob", "alice")]
+    first = embedded_at[0]
+    assert first - (i - 3 * REVERIFY_EVERY) < REVERIFY_EVERY  # seen at the next re-verification
+    assert embedded_at[:5] == list(range(first, first + 5))  # then every frame
+    assert changes[0].frames == 4 and tracker.reasons["unsettled"] > 0
+
+
+def test_a_box_jump_or_a_score_drift_reverifies_at_once() -> None:
+    tracker = Tracker(votes_needed=5, max_age=3)
+    i = 0
+    while tracker.reasons["reused"] == 0:
+        step(tracker, [(box(10), "alice", 0.9)], i)
+        i += 1
+    # Moved by 30% of its width: still the same track (IoU 0.54 > 0.3), but the embedder looks again.
+    _, embedded = step(tracker, [(box(40), "alice", 0.9)], i)
+    assert embedded == [True] and tracker.reasons["moved"] == 1
+    assert step(tracker, [(box(41), "alice", 0.9)], i + 1)[1] == [False]  # a pixel from where it was embedded
+    # The detector is suddenly less sure (a hand, a turned head): embedded at once too.
+    _, embedded = step(tracker, [(box(41), "alice", 0.9 - REVERIFY_SCORE_DRIFT - 0.05)], i + 2)
+    assert embedded == [True] and tracker.reasons["score"] == 1
+    assert len(tracker.tracks) == 1
+
+
+def test_a_plan_for_other_faces_is_ignored_and_every_observation_votes() -> None:
+    tracker = Tracker(votes_needed=2, max_age=3)
+    tracker.plan([box(10), box(300)], [0.9, 0.9])
+    # update() is given other faces than planned (a caller without the pipeline): all are fresh votes.
+    decisions = []
+    for i in range(2):
+        decisions += tracker.update([obs(500, "bob")], i)
+    assert [d.label for d in decisions] == ["bob"]
+
+
+def test_a_face_that_looks_different_in_the_same_place_is_reverified_at_once() -> None:
+    from device.tracker import REVERIFY_MIN_LIKENESS
+
+    rng = np.random.default_rng(0)
+    alice = rng.normal(size=64)
+    alice /= np.linalg.norm(alice)
+    tracker = Tracker(votes_needed=5, max_age=3)
+
+    def planned(look: np.ndarray, index: int, label: str = "alice") -> bool:
+        slot = tracker.plan([box(10)], [0.9], REVERIFY_EVERY, [look])[0]
+        if slot.reuse is None:
+            slot.memo = label
+        tracker.update([Observation(box(10), label if slot.reuse is None else slot.reuse, 0.9)], index)
+        return slot.reuse is None
+
+    i = 0
+    while tracker.reasons["reused"] == 0:
+        planned(alice, i)
+        i += 1
+    # Nearly the same picture (correlation above the bound): reused; another face in the same box: embedded.
+    noise = rng.normal(size=64)
+    noise -= (noise @ alice) * alice
+    noise /= np.linalg.norm(noise)
+    similar = alice * 0.97 + noise * np.sqrt(1 - 0.97 ** 2)
+    other = alice * (REVERIFY_MIN_LIKENESS - 0.1) + noise * np.sqrt(1 - (REVERIFY_MIN_LIKENESS - 0.1) ** 2)
+    assert planned(similar, i) is False
+    assert planned(other, i + 1, "bob") is True and tracker.reasons["looks"] == 1
