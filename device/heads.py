@@ -162,7 +162,7 @@ class BundleDraft:
 
     staging: Path
     run_dir: Path
-    run_config_gallery_views: str
+    views: str  # how the run embedded its people (its config's gallery.views)
     manifest: dict[str, Any]
     files: list[str]
     recalibrate: bool
@@ -414,7 +414,7 @@ class GalleryHead(Head):
 
         from device import cohort as cohort_mod
 
-        views = draft.run_config_gallery_views
+        views = draft.views
         thresholds = dict(draft.manifest["thresholds"])
         source = "float model (training run)"
         if draft.recalibrate:
