@@ -6,7 +6,6 @@ assembled in a temporary sibling directory and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from device.errors import UsageError
 from device.heads import HEADS, BundleDraft, Head, HeadError, Verification
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
+from train import run_files
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class AccuracyDropError(ConvertError):
 class Run:
     root: Path
     head: Head  # the run's classifier kind (device.heads), from its config.json
-    config: dict[str, Any]
-    report: dict[str, Any]
+    config: run_files.RunConfig
+    report: run_files.RunReport
     labels: list[str]
     prep: Preprocessing
     crops: np.ndarray
@@ -90,23 +90,15 @@ def load_run(root: Path) -> Run:
     if missing:
         raise ConvertError(f"{root} is not a complete training run (missing {', '.join(missing)}); train it again")
     try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        report = json.loads((root / "report.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConvertError(f"{root}: config.json or report.json is not valid JSON ({exc}); train again") from exc
-    kind = config.get("kind")
-    if kind not in HEADS:
-        raise ConvertError(f"{root / 'config.json'}: kind {kind!r} is not one of {', '.join(HEADS)}; train again")
-    try:
-        prep = Preprocessing.from_dict(config["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConvertError(f"{root / 'config.json'}: bad preprocessing ({exc}); train again") from exc
+        config = run_files.read(root / run_files.CONFIG_FILE, run_files.RunConfig)
+        report = run_files.read(root / run_files.REPORT_FILE, run_files.RunReport)
+    except run_files.RunFileError as exc:
+        raise ConvertError(str(exc)) from None
+    prep = config.preprocessing.preprocessing()
     labels = [ln.strip() for ln in (root / "labels.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
     with np.load(root / "crops.npz", allow_pickle=False) as data:
         crops, crop_labels, split = data["crops"], [str(v) for v in data["labels"]], data["split"].astype(str)
-    if "threshold" not in report or "accept" not in report["threshold"]:
-        raise ConvertError(f"{root / 'report.json'} has no threshold.accept; train again")
-    run = Run(root, HEADS[kind], config, report, labels, prep, crops, crop_labels, split)
+    run = Run(root, HEADS[config.kind], config, report, labels, prep, crops, crop_labels, split)
     try:
         run.reference = run.head.run_reference(root)
     except HeadError as exc:
@@ -202,12 +194,12 @@ def convert_run(
         (staging / CLASSIFIER_FILE).write_bytes(flatbuffer)
         float_out = np.asarray(model.predict(check_x, batch_size=64, verbose=0), dtype=np.float32)
         q_out = run_tflite(staging / CLASSIFIER_FILE, check_x)
-        target_far = float(run.report["threshold"].get("target_far", 0.05))
+        target_far = float(run.report.threshold.target_far)
         # The head checks the converted model against the float one (and a softmax head re-fits the threshold
         # on the converted outputs with the run's own procedure).
         verified = run.head.verify(Verification(
             float_out=float_out, converted_out=q_out, truth=truth, is_val=is_val, labels=run.labels,
-            threshold=float(run.report["threshold"]["accept"]), target_far=target_far, reference=run.reference,
+            threshold=float(run.report.threshold.accept), target_far=target_far, reference=run.reference,
             refit=calibrate if recalibrate else None))
         agreement, threshold, thresholds_note = verified.agreement, verified.threshold, verified.note
         agreement["quantization"] = quantization
@@ -225,15 +217,17 @@ def convert_run(
             "thresholds": {"accept": threshold, "target_far": target_far, "source": thresholds_note},
             "metrics": {
                 "agreement": agreement,
-                "training": {k: run.report.get(k) for k in ("val_accuracy", "chance", "train_seconds", "split")
-                             if k in run.report},
-                "training_threshold": run.report.get("threshold"),
+                "training": run.report.model_dump(mode="json", include={"val_accuracy", "chance", "train_seconds",
+                                                                         "split"}, exclude_unset=True),
+                "training_threshold": run.report.threshold.model_dump(mode="json", exclude_unset=True),
             },
-            "source": {"run": str(run_dir.resolve()), "backbone": run.config.get("backbone")},
+            "source": {"run": str(run_dir.resolve()),
+                       "backbone": run.config.backbone.model_dump(mode="json", exclude_unset=True)
+                       if run.config.backbone else None},
         }
         # How the run embedded its people (device.contract.enrolled_views of its backbone): the device
         # gallery is remade the same way, and the bundle says so (FaceClassifier's second look).
-        views = str((run.config.get("gallery") or {}).get("views", FACE_ONLY))
+        views = run.config.gallery.views if run.config.gallery else FACE_ONLY
 
         def embed(crops: np.ndarray, views: str) -> np.ndarray:  # as device enroll embeds a person's photos
             return embed_enrolled(lambda x: run_tflite(staging / CLASSIFIER_FILE, normalize(x, run.prep)), crops, views)
@@ -275,7 +269,7 @@ def _augmentation(run: Run):
     """The run's own training augmentation (train.model.build_augmentation with its flags), applied."""
     from train.model import build_augmentation
 
-    args = run.config.get("args") or {}
+    args = run.config.args
     names = ("rotation", "shift", "shear", "zoom", "brightness", "contrast")
     layer = build_augmentation(seed=int(args.get("seed", 0)),
                                **{"rotation_deg" if k == "rotation" else k: float(args[k]) for k in names if k in args})

@@ -224,25 +224,25 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join("schema" if p == "schema_" else p for p in parts)
 
 
-def _problem(err: Any, path: Path) -> str:
-    """One manifest problem as a line naming the file, the key, the value and the fix."""
+def describe_problem(err: Any, path: Path, fix: str = REBUILD) -> str:
+    """One problem pydantic found in a JSON file, as a line naming the file, the key, the value and the fix."""
     where, kind = _where(tuple(err["loc"])), err["type"]
     value = err.get("input")
     shown = _REPR.repr(value) if isinstance(value, (dict, list, str)) else repr(value)
     if kind == "missing":
-        return f"{path}: manifest has no {where!r}; {REBUILD}"
+        return f"{path}: {'manifest' if path.name == MANIFEST else 'it'} has no {where!r}; {fix}"
     if kind == "extra_forbidden":
-        return f"{path}: unknown key {where!r} (not written by this faceberry); {REBUILD} or update faceberry"
+        return f"{path}: unknown key {where!r} (not written by this faceberry); {fix} or update faceberry"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         found = value.get("kind") if isinstance(value, dict) else None
-        return f"{path}: classifier kind {found!r} is not one of {CLASSIFIER_KINDS}; {REBUILD}"
+        return f"{path}: {where or 'classifier'} kind {found!r} is not one of {CLASSIFIER_KINDS}; {fix}"
     if kind == "value_error":
         message = str(err.get("ctx", {}).get("error", err["msg"]))
     elif kind in ("dict_type", "model_type", "model_attributes_type"):
         message = f"{type(value).__name__}, not an object"
     else:
         message = err["msg"].replace("Input should be", "must be").replace("String should match pattern", "must match")
-    return f"{path}: {where} is {shown}, {message}" + ("" if ";" in message else f"; {REBUILD}")
+    return f"{path}: {where or '(top level)'} is {shown}, {message}" + ("" if ";" in message else f"; {fix}")
 
 
 def parse_manifest(data: Any, path: Path) -> Manifest:
@@ -261,7 +261,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise BundleError(_problem(errors[0], path) + more) from None
+        raise BundleError(describe_problem(errors[0], path) + more) from None
     problems = manifest.head.check_sections(manifest)
     if problems:
         key, what = problems[0]
