@@ -226,19 +226,19 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 def describe_problem(err: Any, path: Path, fix: str = REBUILD) -> str:
     """One problem pydantic found in a JSON file, as a line naming the file, the key, the value and the fix."""
-    where, kind = _where(tuple(err["loc"])), err["type"]
+    where, error_type = _where(tuple(err["loc"])), err["type"]
     value = err.get("input")
     shown = _REPR.repr(value) if isinstance(value, (dict, list, str)) else repr(value)
-    if kind == "missing":
+    if error_type == "missing":
         return f"{path}: {'manifest' if path.name == MANIFEST else 'it'} has no {where!r}; {fix}"
-    if kind == "extra_forbidden":
+    if error_type == "extra_forbidden":
         return f"{path}: unknown key {where!r} (not written by this faceberry); {fix} or update faceberry"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
+    if error_type in ("union_tag_invalid", "union_tag_not_found"):
         found = value.get("kind") if isinstance(value, dict) else None
         return f"{path}: {where or 'classifier'} kind {found!r} is not one of {CLASSIFIER_KINDS}; {fix}"
-    if kind == "value_error":
+    if error_type == "value_error":
         message = str(err.get("ctx", {}).get("error", err["msg"]))
-    elif kind in ("dict_type", "model_type", "model_attributes_type"):
+    elif error_type in ("dict_type", "model_type", "model_attributes_type"):
         message = f"{type(value).__name__}, not an object"
     else:
         message = err["msg"].replace("Input should be", "must be").replace("String should match pattern", "must match")

@@ -187,7 +187,7 @@ class Head:
 
     def check_sections(self, manifest: ManifestSections) -> list[tuple[str, str]]:
         """Its sections present, the others absent; [(dotted key, problem)]."""
-        problems = [(name, f"is missing (a {self.kind} bundle needs it)") for name in self.owned
+        problems = [(name, f"is missing (every {self.kind} bundle has one)") for name in self.owned
                     if name != "cohort" and getattr(manifest, name) is None]
         problems += [(name, f"is only for {', '.join(h.kind for h in HEADS.values() if name in h.owned)} bundles, "
                       f"not {self.kind}") for name in ("gallery", "cohort")

@@ -118,13 +118,13 @@ def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         return (abs(int.from_bytes(head[18:22], "little", signed=True)),
                 abs(int.from_bytes(head[22:26], "little", signed=True)))
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP" and len(head) >= 30:
-        kind = head[12:16]
-        if kind == b"VP8 ":
+        chunk = head[12:16]
+        if chunk == b"VP8 ":
             return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
-        if kind == b"VP8L":
+        if chunk == b"VP8L":
             bits = int.from_bytes(head[21:25], "little")
             return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-        if kind == b"VP8X":
+        if chunk == b"VP8X":
             return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
         return None
     if head[:4] in (b"II*\x00", b"MM\x00*"):
@@ -178,9 +178,9 @@ def _tiff_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         at = ifd + 2 + 12 * k
         if at + 12 > len(data):
             break
-        tag, kind = num(at, 2), num(at + 2, 2)
+        tag, field_type = num(at, 2), num(at + 2, 2)
         if tag in (256, 257):
-            found[tag] = num(at + 8, 2) if kind == 3 else num(at + 8, 4)  # SHORT or LONG
+            found[tag] = num(at + 8, 2) if field_type == 3 else num(at + 8, 4)  # SHORT or LONG
     if 256 in found and 257 in found:
         return found[256], found[257]
     return None
@@ -206,13 +206,13 @@ def phone_format(data: bytes | np.ndarray) -> str | None:
     return None
 
 
-def phone_reader(kind: str) -> str | None:
-    """None when this machine can decode `kind` ("HEIC" or "AVIF"); else the skip reason, with the fix."""
+def phone_reader(image_format: str) -> str | None:
+    """None when this machine can decode `image_format` ("HEIC" or "AVIF"); else the skip reason, with the fix."""
     try:
         from PIL import features
     except ImportError:
         features = None
-    if kind == "HEIC":
+    if image_format == "HEIC":
         try:
             import pillow_heif
         except ImportError:
