@@ -85,7 +85,6 @@ class EmbeddingSection(_Classifier):
 
 # The manifest's classifier section: pydantic picks the model by `kind`, and the model names the head.
 ClassifierSection = Annotated[SoftmaxSection | EmbeddingSection, Field(discriminator="kind")]
-CLASSIFIER_KINDS: tuple[str, ...] = ("softmax", "embedding")
 
 
 class GallerySection(_Section):
@@ -468,11 +467,7 @@ class GalleryHead(Head):
 SOFTMAX = SoftmaxHead()
 GALLERY = GalleryHead()
 HEADS: dict[str, Head] = {head.kind: head for head in (SOFTMAX, GALLERY)}
-
-
-def head_for(kind: str) -> Head:
-    """The head of a classifier kind named outside a manifest (a training run's config)."""
-    return HEADS[kind]
+CLASSIFIER_KINDS: tuple[str, ...] = tuple(HEADS)
 
 
 # --- verification: the converted model against the float one ---------------------------------------------
