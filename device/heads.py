@@ -179,15 +179,16 @@ class BundleDraft:
 
 class Head:
     kind: ClassVar[str]
-    owned: ClassVar[tuple[str, ...]] = ()  # top-level manifest sections besides `classifier`
+    owned: ClassVar[tuple[str, ...]] = ()  # top-level manifest sections besides `classifier` that are its own
+    required: ClassVar[tuple[str, ...]] = ()  # of those, the ones every bundle of the kind has
     # Its outputs are embeddings comparable by cosine (a photo's faces can be told apart by the person's
     # other photos, device.contract.choose_subject).
     embeds: ClassVar[bool] = False
 
     def check_sections(self, manifest: ManifestSections) -> list[tuple[str, str]]:
         """Its sections present, the others absent; [(dotted key, problem)]."""
-        problems = [(name, f"is missing (every {self.kind} bundle has one)") for name in self.owned
-                    if name != "cohort" and getattr(manifest, name) is None]
+        problems = [(name, f"is missing (every {self.kind} bundle has one)") for name in self.required
+                    if getattr(manifest, name) is None]
         problems += [(name, f"is only for {', '.join(h.kind for h in HEADS.values() if name in h.owned)} bundles, "
                       f"not {self.kind}") for name in ("gallery", "cohort")
                      if name not in self.owned and getattr(manifest, name) is not None]
@@ -334,6 +335,7 @@ class _GalleryScorer:
 class GalleryHead(Head):
     kind = "embedding"
     owned = ("gallery", "cohort")
+    required = ("gallery",)
     embeds = True
 
     def files(self, manifest: ManifestSections) -> list[tuple[str, str]]:
