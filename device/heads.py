@@ -24,6 +24,7 @@ Adding a kind is adding a section model and a head here, and registering both in
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from device import cohort as cohort_mod
 from device.contract import (
     FACE_ONLY,
     UNKNOWN,
@@ -411,10 +413,6 @@ class GalleryHead(Head):
         return Verified(agreement, check.threshold, "from the training run")
 
     def finish(self, draft: BundleDraft) -> dict[str, Any]:
-        import shutil
-
-        from device import cohort as cohort_mod
-
         views = draft.views
         thresholds = dict(draft.manifest["thresholds"])
         source = "float model (training run)"
@@ -438,10 +436,6 @@ class GalleryHead(Head):
         run's crops — the same rule and the same network as a person enrolled on the Pi — and the threshold
         is calibrated on it with device.cohort.calibrate (cohort, negatives, leave-one-person-out).
         """
-        import shutil
-
-        from device import cohort as cohort_mod
-
         people_mask = draft.split != "negative"
         own = draft.embed(draft.crops[people_mask], views)
         own_labels = [lbl for lbl, m in zip(draft.crop_labels, people_mask, strict=True) if m]
