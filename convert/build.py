@@ -6,7 +6,6 @@ assembled in a temporary sibling directory and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -17,19 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from device import cohort as cohort_mod
 from device.bundle import write_manifest
-from device.cohort import COHORT_FILE
-from device.contract import FACE_ONLY, UNKNOWN, embed_enrolled, gallery_from
+from device.contract import FACE_ONLY, UNKNOWN, embed_enrolled
 from device.errors import UsageError
+from device.heads import HEADS, BundleDraft, Head, HeadError, Verification
 from device.preprocess import Preprocessing, normalize
 from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
+from train import run_files
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.tflite"
 LABELS_FILE = "labels.txt"
-GALLERY_FILE = "gallery.npz"
 
 
 # The share (%) of validation faces the converted model must answer as the float model does (top-1 person);
@@ -59,16 +57,27 @@ class AccuracyDropError(ConvertError):
 @dataclass
 class Run:
     root: Path
-    kind: str
-    config: dict[str, Any]
-    report: dict[str, Any]
+    head: Head  # the run's classifier kind (device.heads), from its config.json
+    config: run_files.RunConfig
+    report: run_files.RunReport
     labels: list[str]
     prep: Preprocessing
     crops: np.ndarray
     crop_labels: list[str]
     split: np.ndarray
-    gallery: np.ndarray | None = None
-    gallery_labels: list[str] | None = None
+    reference: tuple[np.ndarray, list[str]] | None = None  # what the head needs besides the model (a gallery)
+
+    @property
+    def kind(self) -> str:
+        return self.head.kind
+
+    @property
+    def gallery(self) -> np.ndarray | None:
+        return self.reference[0] if self.reference else None
+
+    @property
+    def gallery_labels(self) -> list[str] | None:
+        return self.reference[1] if self.reference else None
 
 
 def load_run(root: Path) -> Run:
@@ -81,30 +90,19 @@ def load_run(root: Path) -> Run:
     if missing:
         raise ConvertError(f"{root} is not a complete training run (missing {', '.join(missing)}); train it again")
     try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        report = json.loads((root / "report.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConvertError(f"{root}: config.json or report.json is not valid JSON ({exc}); train again") from exc
-    kind = config.get("kind")
-    if kind not in ("softmax", "embedding"):
-        raise ConvertError(f"{root / 'config.json'}: kind {kind!r} is not softmax or embedding; train again")
-    try:
-        prep = Preprocessing.from_dict(config["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConvertError(f"{root / 'config.json'}: bad preprocessing ({exc}); train again") from exc
+        config = run_files.read(root / run_files.CONFIG_FILE, run_files.RunConfig)
+        report = run_files.read(root / run_files.REPORT_FILE, run_files.RunReport)
+    except run_files.RunFileError as exc:
+        raise ConvertError(str(exc)) from None
+    prep = config.preprocessing.preprocessing()
     labels = [ln.strip() for ln in (root / "labels.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
     with np.load(root / "crops.npz", allow_pickle=False) as data:
         crops, crop_labels, split = data["crops"], [str(v) for v in data["labels"]], data["split"].astype(str)
-    if "threshold" not in report or "accept" not in report["threshold"]:
-        raise ConvertError(f"{root / 'report.json'} has no threshold.accept; train again")
-    run = Run(root, kind, config, report, labels, prep, crops, crop_labels, split)
-    if kind == "embedding":
-        gpath = root / GALLERY_FILE
-        if not gpath.is_file():
-            raise ConvertError(f"{gpath} is missing: an embedding run needs its gallery; train again")
-        with np.load(gpath, allow_pickle=False) as data:
-            run.gallery = data["embeddings"].astype(np.float32)
-            run.gallery_labels = [str(v) for v in data["labels"]]
+    run = Run(root, HEADS[config.kind], config, report, labels, prep, crops, crop_labels, split)
+    try:
+        run.reference = run.head.run_reference(root)
+    except HeadError as exc:
+        raise ConvertError(str(exc)) from exc
     return run
 
 
@@ -191,7 +189,8 @@ def convert_run(
     kept in float (convert.quantize.HEAD_OPS). `tried`: modes refused earlier in this conversion, for the
     message.
     """
-    from convert.verify import compare_embedding, compare_softmax, run_tflite, softmax_decisions
+    from convert.verify import run_tflite
+    from train.calibrate import calibrate
 
     run = load_run(run_dir)
     check_out_dir(out, force)
@@ -210,29 +209,14 @@ def convert_run(
         (staging / CLASSIFIER_FILE).write_bytes(flatbuffer)
         float_out = np.asarray(model.predict(check_x, batch_size=64, verbose=0), dtype=np.float32)
         q_out = run_tflite(staging / CLASSIFIER_FILE, check_x)
-        threshold = float(run.report["threshold"]["accept"])
-        target_far = float(run.report["threshold"].get("target_far", 0.05))
-        thresholds_note = "from the training run"
-        if run.kind == "softmax":
-            agreement = compare_softmax(float_out, q_out, truth, run.labels, threshold, is_val)
-            if recalibrate:
-                # The device runs the converted model, so the threshold is re-fitted on its outputs
-                # with the same procedure and target the training run used.
-                from train.calibrate import calibrate
-
-                val_truth = [t for t, v in zip(truth, is_val, strict=True) if v]
-                cal = calibrate(q_out[is_val], val_truth, q_out[~is_val], run.labels, target_far)
-                agreement["float_threshold"] = threshold
-                threshold, thresholds_note = cal["accept"], "recalibrated on the converted model's outputs"
-                agreement["calibration"] = cal
-                # What the device will do (converted model, its threshold) against the float model
-                # at the training threshold.
-                f_dec = softmax_decisions(float_out, run.labels, agreement["float_threshold"])
-                q_dec = softmax_decisions(q_out, run.labels, threshold)
-                agreement["decision_agreement_same_threshold"] = agreement["decision_agreement"]
-                agreement["decision_agreement"] = float(np.mean([a == b for a, b in zip(f_dec, q_dec, strict=True)]))
-        else:
-            agreement = compare_embedding(float_out, q_out, truth, run.gallery, run.gallery_labels, threshold, is_val)
+        target_far = float(run.report.threshold.target_far)
+        # The head checks the converted model against the float one (and a softmax head re-fits the threshold
+        # on the converted outputs with the run's own procedure).
+        verified = run.head.verify(Verification(
+            float_out=float_out, converted_out=q_out, truth=truth, is_val=is_val, labels=run.labels,
+            threshold=float(run.report.threshold.accept), target_far=target_far, reference=run.reference,
+            refit=calibrate if recalibrate else None))
+        agreement, threshold, thresholds_note = verified.agreement, verified.threshold, verified.note
         agreement["quantization"] = quantization
         agreement.update(recipe)
         _check_drop(agreement, quantization, max_drop, min_agreement, tried)
@@ -248,27 +232,30 @@ def convert_run(
             "thresholds": {"accept": threshold, "target_far": target_far, "source": thresholds_note},
             "metrics": {
                 "agreement": agreement,
-                "training": {k: run.report.get(k) for k in ("val_accuracy", "chance", "train_seconds", "split")
-                             if k in run.report},
-                "training_threshold": run.report.get("threshold"),
+                "training": run.report.model_dump(mode="json", include={"val_accuracy", "chance", "train_seconds",
+                                                                         "split"}, exclude_unset=True),
+                "training_threshold": run.report.threshold.model_dump(mode="json", exclude_unset=True),
             },
-            "source": {"run": str(run_dir.resolve()), "backbone": run.config.get("backbone")},
+            "source": {"run": str(run_dir.resolve()),
+                       "backbone": run.config.backbone.model_dump(mode="json", exclude_unset=True)
+                       if run.config.backbone else None},
         }
-        if run.kind == "embedding":
-            gallery_source = "float model (training run)"
-            # How the run embedded its people (device.contract.enrolled_views of its backbone): the device
-            # gallery is remade the same way, and the bundle says so (FaceClassifier's second look).
-            views = str((run.config.get("gallery") or {}).get("views", FACE_ONLY))
-            if recalibrate:
-                gallery_source, manifest["thresholds"] = _device_gallery(run, run_dir, staging, target_far, views)
-                manifest["metrics"]["float_gallery_threshold"] = threshold
-            else:
-                shutil.copyfile(run_dir / GALLERY_FILE, staging / GALLERY_FILE)
-            manifest["gallery"] = {"file": GALLERY_FILE, "source": gallery_source, "views": views}
-            files.append(GALLERY_FILE)
-            if (staging / COHORT_FILE).is_file():
-                manifest["cohort"] = {"file": COHORT_FILE}
-                files.append(COHORT_FILE)
+        # How the run embedded its people (device.contract.enrolled_views of its backbone): the device
+        # gallery is remade the same way, and the bundle says so (FaceClassifier's second look).
+        views = run.config.gallery.views if run.config.gallery else FACE_ONLY
+
+        def embed(crops: np.ndarray, views: str) -> np.ndarray:  # as device enroll embeds a person's photos
+            return embed_enrolled(lambda x: run_tflite(staging / CLASSIFIER_FILE, normalize(x, run.prep)), crops, views)
+
+        draft = BundleDraft(staging=staging, run_dir=run_dir, views=views, manifest=manifest,
+                            files=files, recalibrate=recalibrate, embed=embed, crops=run.crops,
+                            crop_labels=run.crop_labels, split=run.split, labels=run.labels,
+                            reference=run.reference, target_far=target_far, threshold=threshold,
+                            warn=lambda warning: log.warning("%s", warning))
+        try:
+            manifest["thresholds"] = run.head.finish(draft)
+        except HeadError as exc:
+            raise ConvertError(str(exc)) from exc
         manifest = write_manifest(staging, manifest, files)
         if out.exists():
             shutil.rmtree(out)
@@ -297,48 +284,11 @@ def _augmentation(run: Run):
     """The run's own training augmentation (train.model.build_augmentation with its flags), applied."""
     from train.model import build_augmentation
 
-    args = run.config.get("args") or {}
+    args = run.config.args
     names = ("rotation", "shift", "shear", "zoom", "brightness", "contrast")
     layer = build_augmentation(seed=int(args.get("seed", 0)),
                                **{"rotation_deg" if k == "rotation" else k: float(args[k]) for k in names if k in args})
     return lambda x: layer(x, training=True)
-
-
-def _device_gallery(run: Run, run_dir: Path, staging: Path, target_far: float,
-                    views: str) -> tuple[str, dict[str, Any]]:
-    """The gallery and threshold the device will use, made as `device enroll` makes them.
-
-    Every person's entry is device.contract.centroid of the *converted* embedder's outputs on the
-    run's crops — the same rule and the same network as a person enrolled on the Pi — and the threshold
-    is calibrated on it with device.cohort.calibrate (cohort, negatives, leave-one-person-out).
-    """
-    from convert.verify import run_tflite
-
-    def enrolled(crops: np.ndarray) -> np.ndarray:  # as the run's gallery was made, as device enroll does
-        return embed_enrolled(lambda x: run_tflite(staging / CLASSIFIER_FILE, normalize(x, run.prep)), crops, views)
-
-    people_mask = run.split != "negative"
-    own = enrolled(run.crops[people_mask])
-    own_labels = [lbl for lbl, m in zip(run.crop_labels, people_mask, strict=True) if m]
-    neg_mask = run.split == "negative"
-    negatives = enrolled(run.crops[neg_mask]) if neg_mask.any() else None
-    names = list(run.gallery_labels or run.labels)
-    gallery = gallery_from(own, own_labels, names)
-    cohort = None
-    if (run_dir / COHORT_FILE).is_file():
-        try:
-            cohort = cohort_mod.load(run_dir / COHORT_FILE, own.shape[1], views=views)
-        except cohort_mod.CohortError as exc:
-            raise ConvertError(str(exc)) from exc
-        shutil.copyfile(run_dir / COHORT_FILE, staging / COHORT_FILE)
-    cal = cohort_mod.calibrate(gallery, names, cohort, own, own_labels, negatives, target_far)
-    for warning in cal["warnings"]:
-        log.warning("%s", warning)
-    with open(staging / GALLERY_FILE, "wb") as fh:
-        np.savez(fh, embeddings=gallery, labels=np.array(names, dtype=str))
-    thresholds = {"source": "calibrated on the converted embedder's gallery (device.cohort.calibrate)",
-                  **{k: v for k, v in cal.items() if k != "warnings"}}
-    return "device.contract.centroid of the converted embedder on the run's crops", thresholds
 
 
 # A drop is refused only when the faces say it is real: the one-sided exact McNemar test on the faces only

@@ -1,16 +1,18 @@
 """Model bundles: a directory with the classifier, the detector, labels and a manifest.
 
 `convert/` writes bundles with `write_manifest`; the device loads them with `load_bundle`, which
-checks the schema and every file's sha256 before anything runs.
+reads the manifest into the typed `Manifest` (pydantic: unknown keys refused, each value checked, every
+problem one line naming the file and the key) and checks every file's sha256 before anything runs. The
+classifier section is a union over the classifier kinds; its kind's head (device.heads) owns the rest.
 
 manifest.json (schema 1):
     schema          1
     bundle_id       unique name of this bundle, reported in every event
     created         ISO 8601 UTC
     classifier      {file, kind: "softmax" | "embedding", quantization: "int8" | "float16" | "float32"}
-    detector        {file}
+    detector        {file, expected_sha256}
     labels          {file, count}
-    gallery         {file} (embedding kind only: .npz with `embeddings` (N, D) and `labels` (N,))
+    gallery         {file, source, views} (embedding kind only: .npz with `embeddings` (N, D) and `labels` (N,))
     cohort          {file} (embedding kind, optional: device.cohort's stranger embeddings, for enrolment)
     preprocessing   device.preprocess.Preprocessing as a dict
     thresholds      {accept: float in (0, 1], target_far: float, basis, impostor_scores …}: a face is a
@@ -18,6 +20,8 @@ manifest.json (schema 1):
                     gallery) is >= accept (device.contract.accept)
     files           {name: sha256} for every file above
     metrics         free-form: float vs int8 agreement, validation accuracy, false-accept rate …
+    source          free-form: the run and backbone it was converted from
+    parent_bundle_id, enrolled   written by enroll: the bundle it came from, [{name, photos, refused, at}]
 
 manifest.sha256 beside it holds the sha256 of manifest.json's bytes (`sha256sum -c` reads it): the
 manifest checksums every other file, and this covers the manifest itself, so an edited threshold or a
@@ -30,17 +34,27 @@ import hashlib
 import json
 import logging
 import math
-import zipfile
+import reprlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from device.contract import FACE_ONLY, UNKNOWN
+from device.contract import FACE_ONLY
 from device.errors import UsageError
-from device.preprocess import Preprocessing
+from device.heads import (
+    CLASSIFIER_KINDS,
+    QUANTIZATIONS,
+    ClassifierSection,
+    CohortSection,
+    GallerySection,
+    Head,
+    HeadError,
+)
+from device.preprocess import TEMPLATES, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +64,9 @@ MANIFEST_SHA256 = "manifest.sha256"
 # Crops smaller than this hold too little of a face to recognise, larger ones than any Pi model takes;
 # outside it the manifest is damaged, not a model choice.
 INPUT_SIZE_RANGE = (16, 1024)
-CLASSIFIER_KINDS = ("softmax", "embedding")
-QUANTIZATIONS = ("int8", "float16", "float32")
+REBUILD = "rebuild the bundle with `python -m convert`"
+__all__ = ["CLASSIFIER_KINDS", "QUANTIZATIONS", "Bundle", "BundleError", "Manifest", "load_bundle", "people_of",
+           "require_people", "write_manifest"]
 
 
 class BundleError(UsageError):
@@ -66,16 +81,205 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# --- the manifest, typed ---------------------------------------------------------------------------------------
+# A value the device acts on is judged by value too, not only by the checksum: a bundle without
+# manifest.sha256 (or one re-signed by hand) is not protected by one.
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _accept(value: float) -> float:
+    # A threshold of 0 or below names every stranger as someone, NaN names nobody.
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError("not a number in (0, 1]; rebuild the bundle with `python -m convert` (or set "
+                         "recognition.threshold in the config)")
+    return value
+
+
+def _rate(value: float) -> float:
+    # enroll recalibrates at this rate: 0 would ask for a threshold no stranger can reach, 1 lets all in.
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError("not a number in (0, 1)")
+    return value
+
+
+def _one_line_name(value: str) -> str:
+    if not value.strip() or "\n" in value:
+        raise ValueError("not a one-line name")
+    return value
+
+
+def _scale(value: float) -> float:
+    if value == 0:
+        raise ValueError("0 (every face would look the same)")
+    return _finite(value)
+
+
+def _alignment(value: str) -> str:
+    if value not in TEMPLATES:
+        raise ValueError(f"not known to this version (knows {sorted(TEMPLATES)}); upgrade faceberry on this machine")
+    return value
+
+
+def _file_names(files: dict[str, str]) -> dict[str, str]:
+    for name in files:
+        # A plain file name: "../x" or "/etc/x" would make the bundle read (and enroll write) outside itself.
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"entry {name!r} is not a file name in the bundle")
+    return files
+
+
+class _Part(BaseModel):
+    # strict: `accept: true` or `input_size: "112"` is a damaged manifest, not 1.0 or 112.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_DEFAULT_PREP = Preprocessing()
+
+
+class PreprocessingSection(_Part):
+    """How the classifier expects its input (device.preprocess.Preprocessing)."""
+
+    input_size: int = Field(_DEFAULT_PREP.input_size, ge=INPUT_SIZE_RANGE[0], le=INPUT_SIZE_RANGE[1],
+                            description="side of the aligned square crop, pixels")
+    color_order: str = Field(_DEFAULT_PREP.color_order, pattern="^(RGB|BGR)$", description="RGB or BGR")
+    scale: Annotated[float, AfterValidator(_scale)] = Field(_DEFAULT_PREP.scale,
+                                                            description="x_normalised = x * scale + offset")
+    offset: Annotated[float, AfterValidator(_finite)] = Field(_DEFAULT_PREP.offset,
+                                                              description="x_normalised = x * scale + offset")
+    alignment: Annotated[str, AfterValidator(_alignment)] = Field(_DEFAULT_PREP.alignment,
+                                                                  description="the alignment template's name")
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(**self.model_dump())
+
+
+class DetectorSection(_Part):
+    file: str = Field(description="the face detector's .tflite in the bundle")
+    expected_sha256: str | None = Field(None, description="the detector the bundle was built with")
+
+
+class LabelsSection(_Part):
+    file: str = Field(description="labels.txt: one name a line")
+    count: int | None = Field(None, ge=0, description="how many names labels.txt holds")
+
+
+class Thresholds(_Part):
+    """The accept rule's threshold and how it was fitted.
+
+    Besides accept and target_far it keeps the calibration's own record as written (train.calibrate,
+    device.cohort.calibrate): those keys change with the procedure and nothing acts on them.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    accept: Annotated[float, AfterValidator(_accept)] = Field(
+        description="a face is a known person only if its score is >= accept (device.contract.accept)")
+    target_far: Annotated[float, AfterValidator(_rate)] = Field(
+        0.05, description="the false-accept rate the threshold is fitted for (enroll recalibrates at it)")
+
+
+class Enrolment(_Part):
+    name: str = Field(description="who was enrolled")
+    photos: int = Field(description="photos used")
+    refused: int = Field(description="photos refused")
+    at: str = Field(description="when, ISO 8601 UTC")
+
+
+class Manifest(_Part):
+    """manifest.json (schema 1); see the module docstring."""
+
+    schema_: int = Field(alias="schema", description="the manifest format's version")
+    bundle_id: Annotated[str, AfterValidator(_one_line_name)] = Field(description="this bundle's unique name")
+    created: str | None = Field(None, description="ISO 8601 UTC")
+    parent_bundle_id: str | None = Field(None, description="the bundle enroll made this one from")
+    classifier: ClassifierSection = Field(description="the classifier: its file, kind and quantization")
+    detector: DetectorSection
+    labels: LabelsSection
+    gallery: GallerySection | None = Field(None, description="embedding bundles: the enrolled people")
+    cohort: CohortSection | None = Field(None, description="embedding bundles, optional: the stranger cohort")
+    preprocessing: PreprocessingSection
+    thresholds: Thresholds
+    files: Annotated[dict[str, str], AfterValidator(_file_names)] = Field(
+        description="{file name: sha256} for every file of the bundle")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="free-form: what convert measured")
+    source: dict[str, Any] | None = Field(None, description="free-form: the run and backbone it came from")
+    enrolled: list[Enrolment] = Field(default_factory=list, description="people enroll added, in order")
+
+    @property
+    def head(self) -> Head:
+        return self.classifier.head
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    # A discriminated union puts the chosen kind in the path (classifier.softmax.file): it is not a key.
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "classifier" and p in CLASSIFIER_KINDS)]
+    return ".".join("schema" if p == "schema_" else p for p in parts)
+
+
+def describe_problem(err: Any, path: Path, fix: str = REBUILD) -> str:
+    """One problem pydantic found in a JSON file, as a line naming the file, the key, the value and the fix."""
+    where, error_type = _where(tuple(err["loc"])), err["type"]
+    value = err.get("input")
+    shown = _REPR.repr(value) if isinstance(value, (dict, list, str)) else repr(value)
+    if error_type == "missing":
+        return f"{path}: {'manifest' if path.name == MANIFEST else 'it'} has no {where!r}; {fix}"
+    if error_type == "extra_forbidden":
+        return f"{path}: unknown key {where!r} (not written by this faceberry); {fix} or update faceberry"
+    if error_type in ("union_tag_invalid", "union_tag_not_found"):
+        found = value.get("kind") if isinstance(value, dict) else None
+        return f"{path}: {where or 'classifier'} kind {found!r} is not one of {CLASSIFIER_KINDS}; {fix}"
+    if error_type == "value_error":
+        message = str(err.get("ctx", {}).get("error", err["msg"]))
+    elif error_type in ("dict_type", "model_type", "model_attributes_type"):
+        message = f"{type(value).__name__}, not an object"
+    else:
+        message = err["msg"].replace("Input should be", "must be").replace("String should match pattern", "must match")
+    return f"{path}: {where or '(top level)'} is {shown}, {message}" + ("" if ";" in message else f"; {fix}")
+
+
+def parse_manifest(data: Any, path: Path) -> Manifest:
+    """The typed manifest of a parsed manifest.json; BundleError naming the file and the field."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a JSON object; copy the bundle again")
+    if "schema" not in data:
+        raise BundleError(f"{path}: manifest has no 'schema'; {REBUILD}")
+    schema = data["schema"]
+    # Before the fields: a newer format's keys would only read as unknown ones.
+    if isinstance(schema, bool) or schema != SCHEMA_VERSION:
+        raise BundleError(f"{path}: bundle schema {schema} is not supported by this faceberry (expects "
+                          f"{SCHEMA_VERSION}); rebuild the bundle or update faceberry")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise BundleError(describe_problem(errors[0], path) + more) from None
+    problems = manifest.head.check_sections(manifest)
+    if problems:
+        key, what = problems[0]
+        raise BundleError(f"{path}: {key} {what}; {REBUILD}")
+    return manifest
+
+
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # manifest.json as written (enroll copies it); `spec` is the typed reading
     labels: list[str]
     preprocessing: Preprocessing
     classifier_path: Path
     detector_path: Path
-    kind: str
+    head: Head  # the classifier kind's head (device.heads), chosen from the manifest
     accept_threshold: float
+    spec: Manifest
     gallery_embeddings: np.ndarray | None = None
     gallery_labels: list[str] = field(default_factory=list)
     cohort_path: Path | None = None  # embedding kind: the stranger cohort enrolment recalibrates on
@@ -85,26 +289,12 @@ class Bundle:
 
     @property
     def bundle_id(self) -> str:
-        return str(self.manifest["bundle_id"])
+        return self.spec.bundle_id
 
-
-def _require(manifest: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in manifest:
-        raise BundleError(f"{path}: manifest has no {key!r}; rebuild the bundle with `python -m convert`")
-    return manifest[key]
-
-
-def _section(manifest: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
-    value = _require(manifest, key, path)
-    if not isinstance(value, dict):
-        raise BundleError(f"{path}: {key!r} is {type(value).__name__}, not an object; rebuild the bundle with "
-                          "`python -m convert`")
-    return value
-
-
-def _number(value: Any) -> bool:
-    # bool is an int to Python, but `accept: true` is a damaged manifest, not 1.0.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    @property
+    def kind(self) -> str:
+        """The classifier kind as the manifest names it ("softmax" | "embedding"), for messages and reports."""
+        return self.head.kind
 
 
 def _check_manifest_sha256(root: Path, data: bytes) -> None:
@@ -123,25 +313,6 @@ def _check_manifest_sha256(root: Path, data: bytes) -> None:
                           "bundle again / rebuild with python -m convert")
 
 
-def _check_preprocessing(data: dict[str, Any], path: Path) -> Preprocessing:
-    try:
-        prep = Preprocessing.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{path}: bad preprocessing ({exc}); rebuild the bundle") from exc
-    low, high = INPUT_SIZE_RANGE
-    size = prep.input_size
-    if not _number(size) or not isinstance(size, int) or not low <= size <= high:
-        raise BundleError(f"{path}: preprocessing.input_size is {size!r}, not a whole number of pixels in "
-                          f"[{low}, {high}]; rebuild the bundle with `python -m convert`")
-    for key in ("scale", "offset"):
-        if not _number(getattr(prep, key)):
-            raise BundleError(f"{path}: preprocessing.{key} is {getattr(prep, key)!r}, not a finite number; "
-                              "rebuild the bundle with `python -m convert`")
-    if prep.scale == 0:
-        raise BundleError(f"{path}: preprocessing.scale is 0 (every face would look the same); rebuild the bundle")
-    return prep
-
-
 def read_labels(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -153,9 +324,7 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Load and verify a bundle directory; raises BundleError with a one-line reason and fix."""
-    root = Path(root)
+def _read_manifest(root: Path) -> tuple[dict[str, Any], Manifest]:
     manifest_path = root / MANIFEST
     if not root.is_dir():
         if root.name == "current":  # a versions store's link (docs/PI.md): bundles arrive by deploy, not convert
@@ -175,26 +344,18 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     # Verified before parsing: the same bytes are checked and read, and damage gets the copy-again fix.
     _check_manifest_sha256(root, data)
     try:
-        manifest = json.loads(data.decode("utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nesting deep enough to overflow
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}); copy the bundle again") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path} is not a JSON object; copy the bundle again")
-    schema = _require(manifest, "schema", manifest_path)
-    if not _number(schema) or schema != SCHEMA_VERSION:
-        raise BundleError(
-            f"{manifest_path}: bundle schema {schema} is not supported by this faceberry (expects "
-            f"{SCHEMA_VERSION}); rebuild the bundle or update faceberry"
-        )
-    bundle_id = _require(manifest, "bundle_id", manifest_path)
-    if not isinstance(bundle_id, str) or not bundle_id.strip() or "\n" in bundle_id:
-        raise BundleError(f"{manifest_path}: bundle_id {bundle_id!r} is not a one-line name; rebuild the bundle")
-    files = _section(manifest, "files", manifest_path)
-    for name, expected in files.items():
-        # A plain file name: "../x" or "/etc/x" would make the bundle read (and enroll write) outside itself.
-        if not name or Path(name).name != name or name in (".", "..") or not isinstance(expected, str):
-            raise BundleError(f"{manifest_path}: files entry {name!r}: {expected!r} is not a file name in the bundle "
-                              "with its sha256; rebuild the bundle with `python -m convert`")
+    return raw, parse_manifest(raw, manifest_path)
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Load and verify a bundle directory; raises BundleError with a one-line reason and fix."""
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    raw, spec = _read_manifest(root)
+    for name, expected in spec.files.items():
         path = root / name
         if not path.is_file():
             raise BundleError(f"{path} is missing from the bundle; copy the whole bundle directory again")
@@ -202,85 +363,38 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(
                 f"{path} does not match its sha256 in the manifest (corrupt or edited); copy the bundle again"
             )
-    classifier = _section(manifest, "classifier", manifest_path)
-    kind = classifier.get("kind")
-    if not isinstance(kind, str) or kind not in CLASSIFIER_KINDS:
-        raise BundleError(f"{manifest_path}: classifier kind {kind!r} is not one of {CLASSIFIER_KINDS}")
-    quantization = classifier.get("quantization", "int8")
-    if not isinstance(quantization, str) or quantization not in QUANTIZATIONS:
-        raise BundleError(f"{manifest_path}: classifier quantization {quantization!r} is not one of {QUANTIZATIONS}; "
-                          "rebuild the bundle")
-    sections = ["classifier", "detector", "labels"] + (["gallery"] if kind == "embedding" else [])
-    for section in sections:
-        name = _section(manifest, section, manifest_path).get("file")
-        if not isinstance(name, str) or name not in files:
+    head = spec.head
+    named = [("classifier", spec.classifier.file), ("detector", spec.detector.file), ("labels", spec.labels.file),
+             *head.files(spec)]
+    for section, name in named:
+        if name not in spec.files:
             raise BundleError(f"{manifest_path}: {section} file {name!r} is not listed with a checksum")
-    prep = _check_preprocessing(_section(manifest, "preprocessing", manifest_path), manifest_path)
-    labels = read_labels(root / manifest["labels"]["file"])
-    count = manifest["labels"].get("count", len(labels))
-    if not _number(count) or count != len(labels):
-        raise BundleError(f"{manifest_path}: labels.count is {count!r} but {manifest['labels']['file']} has "
+    labels = read_labels(root / spec.labels.file)
+    count = spec.labels.count if spec.labels.count is not None else len(labels)
+    if count != len(labels):
+        raise BundleError(f"{manifest_path}: labels.count is {count!r} but {spec.labels.file} has "
                           f"{len(labels)} names; copy the bundle again or rebuild it with `python -m convert`")
-    thresholds = _section(manifest, "thresholds", manifest_path)
-    accept = thresholds.get("accept")
-    # A threshold of 0 or below names every stranger as someone, NaN names nobody: refused by value,
-    # since a bundle without manifest.sha256 (or one re-signed by hand) is not protected by a checksum.
-    if not _number(accept) or not 0.0 < float(accept) <= 1.0:
-        raise BundleError(f"{manifest_path}: thresholds.accept is {accept!r}, not a number in (0, 1]; rebuild the "
-                          "bundle with `python -m convert` (or set recognition.threshold in the config)")
-    target_far = thresholds.get("target_far", 0.05)
-    # enroll recalibrates at this rate: 0 would ask for a threshold no stranger can reach, 1 lets all in.
-    if not _number(target_far) or not 0.0 < float(target_far) < 1.0:
-        raise BundleError(f"{manifest_path}: thresholds.target_far is {target_far!r}, not a number in (0, 1); "
-                          "rebuild the bundle with `python -m convert`")
     bundle = Bundle(
         root=root,
-        manifest=manifest,
+        manifest=raw,
         labels=labels,
-        preprocessing=prep,
-        classifier_path=root / classifier["file"],
-        detector_path=root / manifest["detector"]["file"],
-        kind=kind,
-        accept_threshold=float(accept),
+        preprocessing=spec.preprocessing.preprocessing(),
+        classifier_path=root / spec.classifier.file,
+        detector_path=root / spec.detector.file,
+        head=head,
+        accept_threshold=float(spec.thresholds.accept),
+        spec=spec,
     )
-    if kind == "embedding":
-        gallery = _require(manifest, "gallery", manifest_path)
-        gpath = root / gallery["file"]
-        try:
-            with np.load(gpath, allow_pickle=False) as data:
-                raw = data["embeddings"]
-                # float32 of a complex or a boolean array is silently something else: refused, not cast.
-                if raw.dtype.kind not in "fiu":
-                    raise ValueError(f"embeddings of dtype {raw.dtype}, not real numbers")
-                bundle.gallery_embeddings = raw.astype(np.float32)
-                bundle.gallery_labels = [str(v) for v in data["labels"]]
-        # EOFError: an empty file; BadZipFile: a damaged one; TypeError: 0-d labels or a .npy, not an .npz.
-        except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
-            raise BundleError(f"{gpath}: unreadable gallery ({exc}); rebuild the bundle") from exc
-        unknown = set(bundle.gallery_labels) - set(labels)
-        if unknown:
-            raise BundleError(f"{gpath}: gallery names people not in labels.txt: {sorted(unknown)[:3]}")
-        emb = bundle.gallery_embeddings
-        if emb.ndim != 2 or len(emb) != len(bundle.gallery_labels):
-            raise BundleError(f"{gpath}: gallery embeddings have shape {emb.shape} for {len(bundle.gallery_labels)} "
-                              "names; rebuild the bundle")
-        with np.errstate(all="ignore"):  # an overflowing norm is an answer here, not a warning
-            norms = np.linalg.norm(emb, axis=1) if emb.ndim == 2 else np.zeros(0)
-        # A row whose float32 norm overflows normalises to zeros on the device, like an all-zero row.
-        if len(emb) and (not np.all(np.isfinite(emb)) or not np.all(np.isfinite(norms)) or np.any(norms < 1e-6)):
-            raise BundleError(f"{gpath}: gallery holds NaN, infinite, all-zero or overflowing entries; rebuild the "
-                              "bundle or enroll those people again")
-        bundle.enrolled_views = str(gallery.get("views", FACE_ONLY))
-        cohort = manifest.get("cohort")
-        if isinstance(cohort, dict) and cohort.get("file") in files:
-            bundle.cohort_path = root / cohort["file"]
+    try:
+        head.load(bundle, spec)
+    except HeadError as exc:
+        raise BundleError(str(exc)) from exc
     return bundle
 
 
 def people_of(bundle: Bundle) -> list[str]:
     """Who the bundle can recognise: the gallery's people (embedding), else the labels, without 'unknown'."""
-    names = dict.fromkeys(bundle.gallery_labels) if bundle.kind == "embedding" else dict.fromkeys(bundle.labels)
-    return [name for name in names if name != UNKNOWN]
+    return bundle.head.people(bundle)
 
 
 def require_people(bundle: Bundle) -> None:
@@ -292,14 +406,9 @@ def require_people(bundle: Bundle) -> None:
     """
     if people_of(bundle):
         return
-    named = [label for label in bundle.labels if label != UNKNOWN]
-    if bundle.kind == "embedding":
-        what = f"its gallery is empty (0 faces enrolled for the {len(named)} names in labels.txt)"
-    else:
-        what = "labels.txt names nobody"
-    raise BundleError(f"{bundle.root}: {what}, so every face would be 'unknown'; enroll someone (`faceberry "
-                      "enroll --name NAME --photos DIR`) or rebuild the bundle from a training run with photos "
-                      "(`python -m convert`)")
+    raise BundleError(f"{bundle.root}: {bundle.head.nobody(bundle)}, so every face would be 'unknown'; enroll "
+                      "someone (`faceberry enroll --name NAME --photos DIR`) or rebuild the bundle from a training "
+                      "run with photos (`python -m convert`)")
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Who is this aligned face? The bundle's classifier: one back-end per kind, chosen once from the manifest.
+"""Who is this aligned face? The bundle's classifier, scored by its kind's head (device.heads), chosen once
+from the manifest:
 
   softmax    a network whose output is one probability per label (the card's MobileNetV2 fine-tune);
   embedding  an embedder whose unit-length output is matched by cosine to the gallery's people.
@@ -15,11 +16,9 @@ import numpy as np
 from device.bundle import Bundle
 from device.contract import (
     ENROLLED_VIEWS,
-    FACE_ONLY,
     UNKNOWN,
     accept,
     embed_enrolled,
-    l2_normalize,
     mirror_mean,
     mirrored,
     needs_second_look,
@@ -37,46 +36,6 @@ class Prediction:
     best: str  # the best candidate even when rejected, for diagnostics and eval
 
 
-class _Softmax:
-    def __init__(self, bundle: Bundle, out_dim: int) -> None:
-        self.labels = list(bundle.labels)
-        if out_dim != len(self.labels):
-            raise ModelError(f"{bundle.classifier_path} outputs {out_dim} classes but labels.txt has "
-                             f"{len(self.labels)}; rebuild the bundle with `python -m convert`")
-
-    def output(self, raw: np.ndarray) -> np.ndarray:
-        return raw
-
-    def best(self, out: np.ndarray) -> tuple[str, float]:
-        i = int(np.argmax(out))
-        return self.labels[i], float(out[i])
-
-
-class _Gallery:
-    def __init__(self, bundle: Bundle, out_dim: int) -> None:
-        emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32)
-        # An empty gallery (nobody enrolled yet) has no row to infer its width from.
-        emb = emb.reshape(len(bundle.gallery_labels), -1) if emb.size else np.zeros((0, out_dim), np.float32)
-        if len(emb) and emb.shape[1] != out_dim:
-            raise ModelError(f"{bundle.root}: the gallery holds {emb.shape[1]}-d embeddings but the embedder gives "
-                             f"{out_dim}-d; rebuild the bundle with `python -m convert` or enroll again")
-        self.gallery = l2_normalize(emb)
-        self.labels = np.array(bundle.gallery_labels)
-
-    def output(self, raw: np.ndarray) -> np.ndarray:
-        return l2_normalize(raw)
-
-    def best(self, out: np.ndarray) -> tuple[str, float]:
-        if len(self.gallery) == 0:
-            return UNKNOWN, 0.0
-        sims = self.gallery @ out
-        i = int(np.argmax(sims))
-        return str(self.labels[i]), float(sims[i])
-
-
-_BACKENDS = {"softmax": _Softmax, "embedding": _Gallery}
-
-
 class FaceClassifier:
     """Runs the bundle's classifier on aligned uint8 RGB crops."""
 
@@ -91,13 +50,14 @@ class FaceClassifier:
                 f"{size}×{size}; rebuild the bundle with `python -m convert`"
             )
         self.threshold = bundle.accept_threshold
-        self.backend = _BACKENDS[bundle.kind](bundle, int(self.model.output_shape[-1]))
-        self.views = bundle.enrolled_views if bundle.kind == "embedding" else FACE_ONLY
+        self.backend = bundle.head.scorer(bundle, int(self.model.output_shape[-1]))
+        self.views = bundle.head.views(bundle)
         # A gallery of face+mirror embeddings is matched with the second look (device.contract.SECOND_LOOK).
         self.second_look = self.views == ENROLLED_VIEWS
 
     @property
     def gallery(self) -> np.ndarray:
+        """The gallery's unit rows (N, D); (0, D) for a head without one (softmax)."""
         return self.backend.gallery
 
     @property

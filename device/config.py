@@ -587,8 +587,8 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
     tails: dict[str, str] = {}
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        kind = err["type"]
-        if kind == "extra_forbidden":
+        error_type = err["type"]
+        if error_type == "extra_forbidden":
             path, holder, _ = _walk(loc[:-1])
             where = ".".join([*path, str(loc[-1])])
             entries.append(f"{source}: unknown key {where!r}; known keys here: {', '.join(holder.model_fields)}")
@@ -596,22 +596,22 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
         path, _, info = _walk(loc)
         where = ".".join(path)
         about = f" ({info.description})" if info and info.description else ""
-        if kind == "missing":
+        if error_type == "missing":
             entries.append(f"{source}: missing required key {where!r}{about}")
             continue
-        if kind == "value_error":
+        if error_type == "value_error":
             message = str(err.get("ctx", {}).get("error", err["msg"]))
             if _is_section(info):
                 # A section's own check: its message names its keys and the fix (and must not echo the
                 # section's values, which may hold a password).
                 entries.append(f"{source}: {message}")
                 continue
-        elif kind in _BOUNDS and err.get("ctx"):
-            word, key = _BOUNDS[kind]
+        elif error_type in _BOUNDS and err.get("ctx"):
+            word, key = _BOUNDS[error_type]
             bound = err["ctx"][key]
             message = f"must be {word} {bound:g}" if isinstance(bound, float) else f"must be {word} {bound}"
         else:
-            message = _PLAIN.get(kind) or err["msg"].replace("Input should be", "must be")
+            message = _PLAIN.get(error_type) or err["msg"].replace("Input should be", "must be")
         if where not in messages:
             messages[where] = []
             tails[where] = (f", got {_short(err['input'])}" if "input" in err else "") + about

@@ -224,12 +224,9 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
     problem = name_problem(name, [*bundle.labels, *bundle.gallery_labels], replace)
     if problem:
         raise EnrollError(problem)
-    if bundle.kind != "embedding":
-        raise EnrollError(
-            f"{bundle_dir} is a {bundle.kind} bundle: its people are fixed in the network, so enroll cannot add one; "
-            "retrain with the new person's photos (`python -m train ...`), or build an embedding bundle with "
-            "`python -m train --backbone BACKBONE_DIR ...` to enroll people on the device"
-        )
+    refusal = bundle.head.enrolment_refusal(bundle, Path(bundle_dir))
+    if refusal:
+        raise EnrollError(refusal)
     if name in bundle.labels and not replace:
         raise EnrollError(f"{name!r} is already in {bundle_dir}; pass --replace to re-enroll them from these photos")
     if not photos_dir.is_dir():
@@ -264,12 +261,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
             j = int(np.argmax(sims.mean(axis=0)))
             rival = (str(classifier.gallery_labels[others[j]]), float(sims.mean(axis=0)[j]))
 
-    kept_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
-    # The classifier has checked the gallery's width; an empty gallery has no row to infer it from.
-    old_emb = np.asarray(bundle.gallery_embeddings, dtype=np.float32).reshape(-1, len(entry))
-    new_emb = np.concatenate([old_emb[kept_rows], entry[None]])
-    new_gallery_labels = [bundle.gallery_labels[i] for i in kept_rows] + [name]
-    labels = list(bundle.labels) + ([] if name in bundle.labels else [name])
+    new_emb, new_gallery_labels, labels = bundle.head.with_person(bundle, name, entry)
     # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
     # to resemble), so it is recalibrated on the bundle's stranger cohort (convert also had the people's own
     # photos and any negatives; the Pi has only the cohort).

@@ -207,7 +207,7 @@ def evaluate(
             probes.append(probe)
     for probe, path, recs, (w, h) in pending:
         index, how = None, f"{SEVERAL_FACES} (the bundle is not an embedding bundle: no face is singled out)"
-        if bundle.kind == "embedding":
+        if bundle.head.embeds:  # a face is told apart by the person's other photos
             centre = np.array([w / 2.0, h / 2.0])
             offsets = [float(np.linalg.norm((r.face.box[:2] + r.face.box[2:]) / 2.0 - centre) / np.hypot(w, h))
                        for r in recs]

@@ -373,8 +373,8 @@ class Outbox:
             log.debug("outbox checkpoint on a full disk failed: %s", exc)
 
     def _report(self, op: str, exc: BaseException) -> str:
-        kind, hint = failure_kind(exc)
-        if kind == "full":
+        failure, hint = failure_kind(exc)
+        if failure == "full":
             self._relieve()
         what = {"write": "cannot write a message to the outbox", "delete": "cannot delete delivered messages from "
                 "the outbox", "read": "cannot read the outbox"}[op]
@@ -383,8 +383,8 @@ class Outbox:
                        "retried, and a restart before it succeeds sends them once more",
                        "read": "the daemon goes on"}[op]
         line = f"{what} {self.path}: {exc}; {hint}; {consequence}"
-        self.failures.fail(f"{op}-{kind}", line, logging.ERROR)
-        self._failing[op] = f"{op}-{kind}"
+        self.failures.fail(f"{op}-{failure}", line, logging.ERROR)
+        self._failing[op] = f"{op}-{failure}"
         return line
 
     def _recovered(self, op: str) -> None:

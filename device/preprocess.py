@@ -164,13 +164,13 @@ def phone_format(data: bytes | np.ndarray) -> str | None:
     return None
 
 
-def phone_reader(kind: str) -> str | None:
-    """None when this machine can decode `kind` ("HEIC" or "AVIF"); else the skip reason, with the fix."""
+def phone_reader(image_format: str) -> str | None:
+    """None when this machine can decode `image_format` ("HEIC" or "AVIF"); else the skip reason, with the fix."""
     try:
         from PIL import features
     except ImportError:
         features = None
-    if kind == "HEIC":
+    if image_format == "HEIC":
         try:
             import pillow_heif
         except ImportError:

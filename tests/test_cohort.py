@@ -159,12 +159,12 @@ def test_enroll_recalibrates_on_the_bundle_cohort(household, tmp_path):
 
 
 def test_convert_and_device_accept_the_same_faces(household):
-    """convert.verify's decisions (what the bundle was checked with) equal the device classifier's and the
+    """The gallery head's decisions (what convert checked the bundle with) equal the device classifier's and the
     contract's, on the run's real crops and on strangers, at several thresholds."""
-    from convert.verify import gallery_decisions
     from device.bundle import load_bundle
     from device.classifier import FaceClassifier
     from device.contract import accept_all, best_match
+    from device.heads import gallery_decisions
 
     bundle = load_bundle(household["bundle"])
     clf = FaceClassifier(bundle)

@@ -34,6 +34,7 @@ from train.backbone_dir import (  # noqa: F401
     cosine_rows,
     load_embedder,
     prepare_out,
+    read_backbone_config,
 )
 from train.teacher import TEACHERS
 

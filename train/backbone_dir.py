@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from device.errors import UsageError
+from train import run_files
+from train.run_files import BackboneConfig
 
 EMBEDDER_FILE = "embedder.keras"
 RECOMMENDED = "python -m train backbone --arch dlib-resnet --out backbones/faces"
@@ -32,20 +35,32 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1)
 
 
-def load_embedder(backbone_dir: str | Path):
-    """(keras model, config) of a backbone directory; BackboneError with the fix when unusable."""
+def read_backbone_config(backbone_dir: str | Path) -> BackboneConfig:
+    """A backbone directory's config.json, typed (train.run_files.BackboneConfig); BackboneError with the fix."""
     root = Path(backbone_dir)
-    cfg_path, model_path = root / "config.json", root / EMBEDDER_FILE
+    cfg_path, model_path = root / run_files.CONFIG_FILE, root / EMBEDDER_FILE
     if not cfg_path.is_file() or not model_path.is_file():
         raise BackboneError(
             f"{root} is not a backbone directory (needs config.json and {EMBEDDER_FILE}); "
             f"build one with `{RECOMMENDED}` (seconds) and pass --backbone backbones/faces"
         )
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        return run_files.read(cfg_path, BackboneConfig, fix=f"build the backbone again (`{RECOMMENDED}`)")
+    except run_files.RunFileError as exc:
+        raise BackboneError(str(exc)) from None
+
+
+def load_embedder(backbone_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(keras model, config.json as written, checked against BackboneConfig); BackboneError with the fix.
+
+    read_backbone_config gives the typed config."""
+    read_backbone_config(backbone_dir)
+    root = Path(backbone_dir)
+    config = json.loads((root / run_files.CONFIG_FILE).read_text(encoding="utf-8"))
     # Deferred: keras brings TensorFlow, which the command line's --help should not wait for.
     import keras
 
-    return keras.models.load_model(model_path, compile=False), config
+    return keras.models.load_model(root / EMBEDDER_FILE, compile=False), config
 
 
 def prepare_out(out: Path, force: bool) -> None:

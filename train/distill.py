@@ -35,6 +35,7 @@ import numpy as np
 
 from device.contract import IMAGE_SUFFIXES
 from device.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
+from train import run_files
 from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
 from train.student import center_output, fit_student
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "heldout": sorted(set(val_labels) - {FLAT}),
         "excluded": sorted(exclude),
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    run_files.write_checked(out / run_files.CONFIG_FILE, config, run_files.BackboneConfig)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "people.json").write_text(json.dumps(people, indent=1) + "\n", encoding="utf-8")

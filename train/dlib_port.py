@@ -15,6 +15,7 @@ import numpy as np
 
 from device.bundle import sha256_file
 from device.preprocess import Preprocessing, normalize
+from train import run_files
 from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
 from train.teacher import TEACHER_LICENCE
 
@@ -96,7 +97,7 @@ def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
     }
     report = {"arch": "dlib-resnet-v1", "dlib_check": check, "params": int(model.count_params()),
               "total_seconds": round(time.monotonic() - started, 1)}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    run_files.write_checked(out / run_files.CONFIG_FILE, config, run_files.BackboneConfig)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "people.json").write_text(json.dumps({"train": [], "heldout": [], "excluded": []}) + "\n",
                                      encoding="utf-8")

@@ -33,7 +33,8 @@ import numpy as np
 from device import cohort as cohort_mod
 from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, embed_enrolled, enrolled_views, gallery_from
 from device.preprocess import Preprocessing, normalize
-from train.backbone_dir import BackboneError, load_embedder
+from train import run_files
+from train.backbone_dir import BackboneError, load_embedder, read_backbone_config
 from train.crops import split_per_person, summarize_skips
 from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
 
@@ -51,16 +52,17 @@ def fewshot(args) -> dict[str, Any]:
     started = time.monotonic()
     photos, out = Path(args.photos), Path(args.out)
     try:
-        model, bconfig = load_embedder(args.backbone)
+        model, _ = load_embedder(args.backbone)
+        bconfig = read_backbone_config(args.backbone)
     except BackboneError as exc:
         raise TrainError(str(exc)) from exc
-    size = int(bconfig["input_size"])
+    size = bconfig.input_size
     if args.input_size != size:
         log.warning("using the backbone's input size %d (not --input-size %d)", size, args.input_size)
-    prep = Preprocessing.from_dict(bconfig["preprocessing"])
+    prep = bconfig.preprocessing.preprocessing()
     people_files, neg_groups, warnings = collect_inputs(photos, Path(args.negatives) if args.negatives else None,
                                                         allow_one=True)
-    views = enrolled_views(bconfig.get("arch"))
+    views = enrolled_views(bconfig.arch)
     cohort = load_cohort(args, int(model.output_shape[-1]), views)
     if len(people_files) == 1 and cohort is None and not neg_groups:
         # One person has no one to be told apart from: every impostor score must come from strangers.
@@ -132,8 +134,7 @@ def fewshot(args) -> dict[str, Any]:
         },
         "stranger_faces": len(neg_emb),
         "stranger_false_accepts": neg_false_accepts,
-        "backbone": {"dir": str(args.backbone), "arch": bconfig.get("arch", "mobilenetv2"),
-                     "teacher": (bconfig.get("teacher") or {}).get("id")},
+        "backbone": {"dir": str(args.backbone), "arch": bconfig.arch, "teacher": (bconfig.teacher or {}).get("id")},
         "skipped": {"count": len(skipped), "by_reason": summarize_skips(skipped), "file": "skipped.json"},
         # Photos of several faces of similar size: the face that agrees with the person's other photos used
         # (chosen), or skipped with the reason (refused; in skipped.json).
@@ -157,7 +158,7 @@ def fewshot(args) -> dict[str, Any]:
     if cohort is not None:
         cohort.save(out / cohort_mod.COHORT_FILE)
     np.savez(out / "gallery.npz", embeddings=gallery.astype(np.float32), labels=np.array(people, dtype=str))
-    shutil.copyfile(Path(args.backbone) / bconfig.get("file", "embedder.keras"), out / "model.keras")
+    shutil.copyfile(Path(args.backbone) / bconfig.file, out / "model.keras")
     (out / "labels.txt").write_text("\n".join(people) + "\n", encoding="utf-8")
     config = {
         "kind": "embedding",
@@ -167,16 +168,15 @@ def fewshot(args) -> dict[str, Any]:
         "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos",
                     "views": views},
         "cohort": {"file": cohort_mod.COHORT_FILE, "faces": len(cohort), "people": cohort.people} if cohort else None,
-        "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.get("arch", "mobilenetv2"),
+        "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.arch,
                      # the teacher's id and licence, not its 128 mean values
-                     "teacher": {k: v for k, v in (bconfig.get("teacher") or {}).items() if k != "mean"} or None,
-                     "source": bconfig.get("source"),
-                     "alpha": bconfig.get("alpha"), "weights_init": bconfig.get("weights_init")},
+                     "teacher": {k: v for k, v in (bconfig.teacher or {}).items() if k != "mean"} or None,
+                     "source": bconfig.source, "alpha": bconfig.alpha, "weights_init": bconfig.weights_init},
         "detector": {"path": str(gathered.detector_path), "min_face_size": args.min_face_size},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    run_files.write_checked(out / run_files.CONFIG_FILE, config, run_files.RunConfig)
+    run_files.write_checked(out / run_files.REPORT_FILE, report, run_files.RunReport)
     (out / "history.json").write_text(json.dumps({"note": "few-shot gallery: no training epochs"}) + "\n",
                                       encoding="utf-8")
     return report

@@ -121,6 +121,9 @@ class RebuiltTeacher:
 
 
 TEACHERS = ("rebuilt", "dlib")
+# Cache keys per teacher: the two see different chips (dlib's own keys came first, without a prefix).
+_CACHE_PREFIX = {"dlib": "", "rebuilt": "rebuilt:"}
+_TEACHER_CLASS: dict[str, type[Teacher] | type[RebuiltTeacher]] = {"dlib": Teacher, "rebuilt": RebuiltTeacher}
 
 
 class TeacherCache:
@@ -175,7 +178,7 @@ def label_crops(
     """
     if kind not in TEACHERS:
         raise ValueError(f"unknown teacher {kind!r} (choose from {TEACHERS})")
-    prefix = "" if kind == "dlib" else f"{kind}:"
+    prefix = _CACHE_PREFIX[kind]
     out = np.zeros((len(crops), TEACHER_DIM), dtype=np.float32)
     missing = []
     for i, crop in enumerate(crops):
@@ -187,7 +190,7 @@ def label_crops(
             out[i] = vec
     if not missing:
         return out
-    teacher = teacher or (Teacher() if kind == "dlib" else RebuiltTeacher())
+    teacher = teacher or _TEACHER_CLASS[kind]()
     t0 = time.perf_counter()
     step = getattr(teacher, "batch_size", 1) * 8 if hasattr(teacher, "embed_batch") else 1
     done = 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from device.preprocess import Preprocessing, normalize
+from train import run_files
 from train.calibrate import UNKNOWN, calibrate, decisions
 from train.crops import (
     split_per_person,
@@ -163,9 +164,9 @@ def train(args) -> dict[str, Any]:
         "detector": {"path": str(gathered.detector_path), "min_face_size": args.min_face_size},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    run_files.write_checked(out / run_files.CONFIG_FILE, config, run_files.RunConfig)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    run_files.write_checked(out / run_files.REPORT_FILE, report, run_files.RunReport)
     from train.plots import plot_confusion, plot_curves
 
     plot_curves(history, out / "curves.png")
