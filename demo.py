@@ -351,14 +351,14 @@ def amqtt_version() -> str | None:
 
 
 @contextlib.contextmanager
-def local_broker(kind: str, work: Path) -> Iterator[tuple[str, int]]:
+def local_broker(choice: str, work: Path) -> Iterator[tuple[str, int]]:
     """Start a broker on a free loopback port: yields (description, port).
 
     auto: mosquitto if installed, else the embedded one; embedded: amqtt (a maintained pure-Python broker
     from PyPI, in requirements-train.txt) run by this Python in a child process. Neither is the Pi's broker.
     """
-    binary = mosquitto_binary() if kind in ("auto", "mosquitto") else None
-    if kind == "mosquitto" and binary is None:
+    binary = mosquitto_binary() if choice in ("auto", "mosquitto") else None
+    if choice == "mosquitto" and binary is None:
         raise DemoError("mosquitto is not installed (sudo apt install mosquitto); or use --broker embedded")
     port = free_port()
     if binary:

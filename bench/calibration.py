@@ -270,13 +270,13 @@ def rule_old(margin: float) -> Rule:
     return lambda c: threshold_for_far(_matrix(c).max(axis=1), TARGET / margin)
 
 
-def rule_tail(kind: str, method: str, margin: float, fraction: float = TAIL_FRACTION) -> Rule:
+def rule_tail(pooling: str, method: str, margin: float, fraction: float = TAIL_FRACTION) -> Rule:
     def rule(c: Case) -> float | np.ndarray:
         m = _matrix(c)
-        if kind == "max":
+        if pooling == "max":
             return float(ColumnTails.fit(m.max(axis=1)[:, None], method, fraction).solve(TARGET / margin))
         tails = ColumnTails.fit(m, method, fraction)
-        if kind == "perperson":
+        if pooling == "perperson":
             return tails.solve(TARGET / margin / len(c.home), per_column=True)
         return float(tails.solve(TARGET / margin))
     return rule

@@ -69,11 +69,11 @@ def _cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
 class FrameSet:
     """A named source of (decode_ms, rgb frame) pairs that can be replayed once per thread count."""
 
-    def __init__(self, name: str, kind: str, items: list[Any]) -> None:
-        self.name, self.kind, self.items = name, kind, items
+    def __init__(self, name: str, encoding: str, items: list[Any]) -> None:
+        self.name, self.encoding, self.items = name, encoding, items
 
     def frames(self) -> Iterator[tuple[float, np.ndarray]]:
-        if self.kind == "jpeg":
+        if self.encoding == "jpeg":
             for data in self.items:
                 t0 = time.perf_counter()
                 bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)

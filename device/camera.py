@@ -38,6 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device.config import CameraConfig
 from device.contract import IMAGE_SUFFIXES
 from device.errors import EXIT_USAGE, UnavailableError
 from device.preprocess import ImageError, load_image
@@ -630,7 +631,7 @@ class FolderSource(FrameSource):
         return self._current
 
 
-def open_source(cfg: Any) -> FrameSource:
+def open_source(cfg: CameraConfig) -> FrameSource:
     """The FrameSource a CameraConfig describes (not yet opened)."""
     if cfg.source == "picamera2":
         num = cfg.device if isinstance(cfg.device, int) else 0
@@ -640,9 +641,8 @@ def open_source(cfg: Any) -> FrameSource:
     if cfg.source == "folder":
         return FolderSource(str(cfg.device), loop=cfg.loop)
     if cfg.source == "rtsp":
-        return RtspSource(str(cfg.device), password=getattr(cfg, "password", None),
-                          transport=getattr(cfg, "rtsp_transport", "tcp"),
-                          max_lag_s=float(getattr(cfg, "rtsp_max_lag_s", 3.0)))
+        return RtspSource(str(cfg.device), password=cfg.password, transport=cfg.rtsp_transport,
+                          max_lag_s=float(cfg.rtsp_max_lag_s))
     raise CameraError(f"unknown camera source {cfg.source!r}; use picamera2, rtsp, opencv or folder")
 
 
