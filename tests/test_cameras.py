@@ -227,3 +227,14 @@ def test_a_camera_that_fails_does_not_stop_the_other(tmp_path, mosquitto, subscr
     assert "camera front failed" in err and "disappeared" in err
     status = json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())
     assert status["cameras"]["front"]["state"] == "failed" and status["cameras"]["back"]["frames"] > 0
+
+
+def test_home_assistants_face_event_carries_the_camera() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    from device import homeassistant as ha
+
+    (event,) = [c for topic, c in ha.discovery("faceberry", "d1", ["alice"]) if "/event/" in topic]
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+    payload = {"label": "alice", "score": 0.9, "track_id": 3, "model": "b1", "event_id": "e", "camera": "back"}
+    assert json.loads(env.from_string(event["value_template"]).render(value_json=payload))["camera"] == "back"
