@@ -1,10 +1,11 @@
 """The composition root: the one place the daemon's parts are built from the config and wired together.
 
-`build(cfg)` builds, in this order: the topics; the pipeline (the bundle cfg.bundle points to); the capture;
-the outbox and the MQTT communicator; the memory stores (recent faces, strangers, corrections) in
-state_dir; the dispatcher, and the outputs subscribed to it in the order a frame's decisions reach them; the
-command runner on the communicator's command topic; and the frame loop (device/loop.py), which gets the
-capture, the pipeline, the dispatcher and nothing else of the above. `App.run` runs the loop.
+`build(cfg)` builds, in this order: the topics; the pipeline (the bundle cfg.bundle points to, one for every
+camera); a capture per camera; the outbox and the MQTT communicator; the memory stores (recent faces,
+strangers, corrections) in state_dir; the dispatcher, and the outputs subscribed to it in the order a
+frame's decisions reach them; the command runner on the communicator's command topic; and the frame loop
+(device/loop.py), which gets the captures, the pipeline, the dispatcher and nothing else of the above.
+`App.run` runs the loop.
 
 Subscription order is part of the behaviour: the stranger memory gives an unknown event its stranger id
 before the events output publishes it, and the face memory stores it after, with that id.
@@ -143,9 +144,11 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
         # The loop's first load is the one above; every later one (a reload) reads cfg.bundle again.
         return next(first, None) or load_pipeline(cfg)
 
-    # 3. The capture (started by the loop).
-    capture = Capture(open_source(cfg.camera), cfg.camera.queue_size, fps=cfg.camera.fps,
-                      reopen_max_s=float(cfg.camera.reopen_max_s), max_outage_s=float(cfg.camera.max_outage_s))
+    # 3. The captures, one per camera, each its own thread and queue (started by the loop).
+    captures = [(camera.name, Capture(open_source(camera), camera.queue_size, fps=camera.fps,
+                                      reopen_max_s=float(camera.reopen_max_s),
+                                      max_outage_s=float(camera.max_outage_s)))
+                for camera in cfg.all_cameras]
     # 4. The outbox and the MQTT communicator: every output publishes through it.
     if publisher is None:
         try:
@@ -232,7 +235,7 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     else:
         log.warning("no status file for `faceberry status`: no state_dir is writable")
     keep_samples = faces is not None or strangers is not None or bool(hass.images)
-    loop = FrameLoop(cfg, capture=capture, loader=loader, dispatcher=dispatcher,
+    loop = FrameLoop(cfg, captures=captures, loader=loader, dispatcher=dispatcher,
                      corrections=CorrectionFilter(negatives, mem.negative_margin), reloads=reloads,
                      notifier=notifier, status_path=status_path,
                      samples_per_track=mem.crops_per_face if keep_samples else 0, keep_regions=faces is not None)

@@ -693,6 +693,8 @@ class Capture:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set whenever a frame (or the end) is queued: a consumer reading several captures waits on one event.
+        self.wakeup: threading.Event | None = None
 
     def start(self) -> Capture:
         """Open the source and start reading.
@@ -729,6 +731,8 @@ class Capture:
                         self._cond.wait(0.1)
             self._queue.append(item)
             self._cond.notify_all()
+        if self.wakeup is not None:
+            self.wakeup.set()
 
     def _run(self) -> None:
         index = 0

@@ -434,6 +434,9 @@ class Config(_Section):
     device_id: str = Field("", description="this device's name in topics and events: 1-64 of A-Z a-z 0-9 _ . - "
                                            "(default: the hostname); unique per Pi")
     camera: CameraConfig = Field(default_factory=CameraConfig, description="where frames come from")
+    cameras: list[CameraConfig] | None = Field(
+        None, description="several cameras in one daemon, instead of camera: a list of camera sections, each with "
+        "a unique name (the `camera` of its events); one recognizer serves them in turn")
     detection: DetectionConfig = Field(default_factory=DetectionConfig, description="face detection")
     recognition: RecognitionConfig = Field(default_factory=RecognitionConfig, description="who a face is")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="faces across frames")
@@ -485,6 +488,34 @@ class Config(_Section):
             self.device_id = host
         return self
 
+    @model_validator(mode="after")
+    def _camera_list(self) -> Config:
+        if self.cameras is None:
+            return self
+        if "camera" in self.model_fields_set:
+            raise ValueError("camera and cameras are both set: keep camera: for one camera, or list every camera "
+                             "under cameras: (each with a unique name), not both")
+        if not self.cameras:
+            raise ValueError("cameras: the list is empty; list at least one camera (source, device, name) or use "
+                             "camera: for one")
+        seen: set[str] = set()
+        for i, camera in enumerate(self.cameras):
+            if "name" not in camera.model_fields_set:
+                raise ValueError(f"cameras[{i}]: missing name; every camera in cameras needs a unique name (its "
+                                 "events carry it), e.g. name: front_door")
+            if camera.name in seen:
+                raise ValueError(f"cameras[{i}]: the name {_short(camera.name)} is used twice; give each camera "
+                                 "its own name (its events carry it)")
+            seen.add(camera.name)
+        # The first camera stands for all where one is asked for (`check`, older callers); not a set key.
+        self.__dict__["camera"] = self.cameras[0]
+        return self
+
+    @property
+    def all_cameras(self) -> list[CameraConfig]:
+        """Every camera this daemon reads: the cameras list, or the one camera section."""
+        return list(self.cameras) if self.cameras else [self.camera]
+
     @property
     def source(self) -> str:
         """The file this config was read from ('' when built in code)."""
@@ -528,7 +559,12 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel], FieldInfo |
     holder: type[BaseModel] = Config
     current: type[BaseModel] | None = Config
     info: FieldInfo | None = None
+    item: type[BaseModel] | None = None  # the section type of a list of sections (cameras)
     for part in loc:
+        if isinstance(part, int) and item is not None and path:
+            path[-1] += f"[{part}]"
+            current, item = item, None
+            continue
         # What follows a leaf field names a union member or a list index, not a key.
         if current is None or not (isinstance(part, str) and part in current.model_fields):
             break
@@ -536,6 +572,8 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel], FieldInfo |
         holder = current
         info = current.model_fields[part]
         inner = _unwrap(info.annotation)
+        args = typing.get_args(inner) if typing.get_origin(inner) is list else ()
+        item = args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else None
         current = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
     return path, (current or holder), info
 
@@ -796,9 +834,8 @@ def _url_password(url: str) -> str | None:
         return None
 
 
-def _read_camera_password(cfg: Config, env: dict[str, str]) -> str | None:
+def _read_camera_password(cfg: Config, camera: CameraConfig, env: dict[str, str]) -> str | None:
     """camera.password_file, or $CREDENTIALS_DIRECTORY/camera_password, for an RTSP camera."""
-    camera = cfg.camera
     if camera.source != "rtsp":
         return None
     directory = env.get("CREDENTIALS_DIRECTORY")
@@ -849,15 +886,19 @@ def _identity_warnings(cfg: Config) -> list[str]:
 
 def _size_warnings(cfg: Config) -> list[str]:
     """A min_face_size no face in a live camera's frames can reach: every frame would come out empty."""
-    camera = cfg.camera
-    device = camera.device
-    live = camera.source == "picamera2" or (
-        camera.source == "opencv" and (isinstance(device, int) or str(device).startswith("/dev/")))
-    smallest = min(camera.width, camera.height)
-    if not live or cfg.detection.min_face_size < smallest:
-        return []
-    return [f"detection.min_face_size {cfg.detection.min_face_size} is not below the camera's {camera.width}×"
-            f"{camera.height} frames: no face can ever be found; set it below {smallest} (40 suits a door camera)"]
+    warnings = []
+    for camera in cfg.all_cameras:
+        device = camera.device
+        live = camera.source == "picamera2" or (
+            camera.source == "opencv" and (isinstance(device, int) or str(device).startswith("/dev/")))
+        smallest = min(camera.width, camera.height)
+        if not live or cfg.detection.min_face_size < smallest:
+            continue
+        which = f"camera {camera.name}'s" if cfg.cameras else "camera's"
+        warnings.append(f"detection.min_face_size {cfg.detection.min_face_size} is not below the {which} "
+                        f"{camera.width}×{camera.height} frames: no face can ever be found; set it below {smallest} "
+                        "(40 suits a door camera)")
+    return warnings
 
 
 def config_from_dict(
@@ -878,14 +919,17 @@ def config_from_dict(
     cfg.source = source
     try:
         cfg.mqtt_password = _read_password(cfg, env)
-        cfg.camera.password = _read_camera_password(cfg, env)
+        for camera in cfg.all_cameras:
+            camera.password = _read_camera_password(cfg, camera, env)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     cfg.warnings.extend(_identity_warnings(cfg))
     cfg.warnings.extend(_size_warnings(cfg))
-    if cfg.camera.source == "opencv" and isinstance(cfg.camera.device, str) and _url_password(cfg.camera.device):
-        cfg.warnings.append("camera.device holds a password in its URL (anyone who reads the config sees it); "
-                            "for an RTSP camera use camera.source: rtsp with the password in camera.password_file")
+    for camera in cfg.all_cameras:
+        if camera.source == "opencv" and isinstance(camera.device, str) and _url_password(camera.device):
+            cfg.warnings.append("camera.device holds a password in its URL (anyone who reads the config sees it); "
+                                "for an RTSP camera use camera.source: rtsp with the password in "
+                                "camera.password_file")
     return cfg
 
 
@@ -960,8 +1004,12 @@ def describe(cfg: Config) -> str:
     if cfg.mqtt_password:
         auth += " with password"
     tls = " tls" if cfg.mqtt.tls.enabled else ""
+    if cfg.cameras:
+        cameras = "cameras " + ", ".join(f"{c.name}={c.source}:{_redacted(c.device)}" for c in cfg.cameras)
+    else:
+        cameras = f"camera {cfg.camera.source}:{_redacted(cfg.camera.device)}"
     return (
-        f"device {cfg.device_id}, camera {cfg.camera.source}:{_redacted(cfg.camera.device)}, bundle {cfg.bundle}, "
+        f"device {cfg.device_id}, {cameras}, bundle {cfg.bundle}, "
         f"broker {cfg.mqtt.host}:{cfg.mqtt.port}{tls} ({auth}), state {cfg.state_dir}"
     )
 

@@ -186,6 +186,7 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         # HA's event entity wants `event_type` in the JSON; the other keys become the event's attributes.
         "value_template": ('{{ {"event_type": value_json.label, "score": value_json.score, '
                            '"track": value_json.track_id, "bundle": value_json.model, '
+                           '"camera": value_json.get("camera"), '
                            '"event_id": value_json.event_id, "stranger_id": value_json.get("stranger_id"), '
                            '"stranger_count": value_json.get("stranger_count"), '
                            '"stranger_first_seen": value_json.get("stranger_first_seen")} | to_json }}'),

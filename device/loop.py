@@ -34,6 +34,7 @@ import numpy as np
 
 from device.bundle import Bundle
 from device.camera import Capture, Frame
+from device.cameras import Camera, RoundRobin
 from device.classifier import UNKNOWN
 from device.config import Config, describe
 from device.corrections import CorrectionFilter
@@ -75,14 +76,26 @@ Loader = Callable[[], tuple[str, Bundle, FacePipeline]]
 
 
 class FrameLoop:
-    def __init__(self, cfg: Config, *, capture: Capture, loader: Loader, dispatcher: Dispatcher,
+    def __init__(self, cfg: Config, *, capture: Capture | None = None, loader: Loader, dispatcher: Dispatcher,
                  corrections: CorrectionFilter, reloads: ReloadRequests | None = None,
                  notifier: Notifier | None = None, status_path: Path | None = None,
-                 samples_per_track: int = 0, keep_regions: bool = False) -> None:
-        """`samples_per_track`: the last samples of each track kept for its decision (0: the deciding one
+                 samples_per_track: int = 0, keep_regions: bool = False,
+                 captures: list[tuple[str, Capture]] | None = None) -> None:
+        """`capture`: the one camera (cfg.camera); `captures`: several, (name, capture) each, taken in turn.
+        `samples_per_track`: the last samples of each track kept for its decision (0: the deciding one
         only); `keep_regions`: samples carry the frame around the face (remembered faces need it)."""
         self.cfg = cfg
-        self.capture = capture
+        if captures is None:
+            if capture is None:
+                raise ValueError("FrameLoop needs a capture or captures")
+            captures = [(cfg.camera.name, capture)]
+        self.cameras = [Camera(name, c, Tracker(cfg.tracking.iou, cfg.tracking.votes_needed, cfg.tracking.max_age),
+                               Cooldown(cfg.events.cooldown)) for name, c in captures]
+        self.turns = RoundRobin(self.cameras) if len(self.cameras) > 1 else None
+        # The first camera: the only one of a single-camera daemon.
+        self.capture = self.cameras[0].capture
+        self.tracker = self.cameras[0].tracker
+        self.cooldown = self.cameras[0].cooldown
         self.loader = loader
         self.dispatcher = dispatcher
         self.corrections = corrections
@@ -98,9 +111,6 @@ class FrameLoop:
         self.last_reload: ReloadResult | None = None
         self.reloads_ok = 0
         self.reloads_refused = 0
-        self.tracker = Tracker(cfg.tracking.iou, cfg.tracking.votes_needed, cfg.tracking.max_age)
-        self.cooldown = Cooldown(cfg.events.cooldown)
-        self._samples: dict[int, deque[FaceSample]] = {}
         self.frames = 0
         self.faces = 0
         self.events = 0
@@ -153,7 +163,8 @@ class FrameLoop:
             self.bundle_id = bundle.bundle_id
             self.labels = [lab for lab in bundle.labels if lab != UNKNOWN]
             # Votes cast under the old model do not count for the new one (track ids keep counting up).
-            self.tracker.tracks.clear()
+            for camera in self.cameras:
+                camera.tracker.tracks.clear()
             result = ReloadResult(True, self.bundle_id, path, None, time.time())
             self.reloads_ok += 1
             log.info("reloaded: bundle %s (was %s) from %s, %d people", self.bundle_id, old, path, len(self.labels))
@@ -172,9 +183,13 @@ class FrameLoop:
 
     def status_text(self) -> str:
         """One line for systemd's STATUS= (`systemctl status faceberry`)."""
-        camera = "out" if self.capture.out_now else "ok"
         mqtt = self.dispatcher.state.split(":")[0]
-        return f"{self.fps:.1f} fps, bundle {self.bundle_id}, camera {camera}, mqtt {mqtt}"
+        if self.turns is None:
+            camera = "camera " + ("out" if self.capture.out_now else "ok")
+        else:
+            up = sum(not c.done and not c.capture.out_now for c in self.cameras)
+            camera = f"cameras {up}/{len(self.cameras)} ok"
+        return f"{self.fps:.1f} fps, bundle {self.bundle_id}, {camera}, mqtt {mqtt}"
 
     @property
     def fps(self) -> float:
@@ -186,11 +201,16 @@ class FrameLoop:
 
     def run(self, max_frames: int = 0) -> int:
         log.info("starting: %s, model %s", describe(self.cfg), self.bundle_id)
+        started: list[Capture] = []
         try:
             # A missing file or folder fails here, before we announce ourselves; a live camera that is
             # not there yet is waited for in the background (an outage from the start).
-            self.capture.start()
+            for camera in self.cameras:
+                camera.capture.start()
+                started.append(camera.capture)
         except BaseException:
+            for capture in started:
+                capture.stop()
             self.dispatcher.abort()
             raise
         # Before the connection: the presence OFFs must be in the outbox (replacing any ON a previous run
@@ -213,9 +233,9 @@ class FrameLoop:
                 self.reloads.serve(self.reload)
                 self.dispatcher.notify(Tick())
                 try:
-                    frame = self.capture.get(timeout=0.5)
+                    camera, frame = self._next_frame()
                 except TimeoutError:
-                    if not self._ready_sent and self.capture.out_now:
+                    if not self._ready_sent and any(c.capture.out_now for c in self.cameras):
                         # A camera absent at start is waited for here for camera.max_outage_s; holding
                         # READY=1 back that long would make systemd kill us at TimeoutStartSec and loop.
                         # Up and supervising is what "started" means; STATUS= says the camera is out.
@@ -230,7 +250,7 @@ class FrameLoop:
                 if frame is None:
                     log.info("end of the camera stream")
                     break
-                self.handle_frame(frame)
+                self.handle_frame(frame, camera)
                 if not self._ready_sent:
                     # Models loaded and the camera delivers: only now is the service up for systemd.
                     self._ready_sent = True
@@ -244,7 +264,8 @@ class FrameLoop:
                 self._write_status_every(STATUS_WRITE_S)
         finally:
             self.notifier.stopping()
-            self.capture.stop()
+            for camera in self.cameras:
+                camera.capture.stop()
             self.reloads.close()  # a command waiting for a reload is answered now, not at its timeout
             self.dispatcher.notify(Stopping())  # presence OFF before the communicator's `offline`
             self.dispatcher.stop(timeout=5.0)
@@ -253,10 +274,20 @@ class FrameLoop:
             self.notifier.close()
         return 0
 
-    def handle_frame(self, frame: Frame) -> None:
-        result = self.pipeline.process(frame.image, self.tracker, self.cfg.recognition.reverify_every)
+    def _next_frame(self) -> tuple[Camera, Frame | None]:
+        """The next frame to handle and its camera; (…, None) at the end. TimeoutError: none for now."""
+        if self.turns is None:
+            return self.cameras[0], self.capture.get(timeout=0.5)
+        got = self.turns.next_frame(timeout=0.5)
+        return (self.cameras[0], None) if got is None else got
+
+    def handle_frame(self, frame: Frame, camera: Camera | None = None) -> None:
+        camera = camera or self.cameras[0]
+        tracker = camera.tracker
+        result = self.pipeline.process(frame.image, tracker, self.cfg.recognition.reverify_every)
         t0 = time.perf_counter()
         self.frames += 1
+        camera.frames += 1
         self.faces += len(result.recognitions)
         for stage, ms in result.timings_ms.items():
             self.stage_ms[stage] += ms
@@ -269,46 +300,47 @@ class FrameLoop:
             region = crop_with_margin(frame.image, r.face.box) if self.keep_regions else None
             observations.append(Observation(r.face.box, prediction.label, prediction.score,
                                             extra=FaceSample(r.crop, r.vector, region)))
-        decisions = self.tracker.update(observations, frame.index)
-        active = self.tracker.active()
-        seen = self._keep_samples(active, frame.index)
+        decisions = tracker.update(observations, frame.index)
+        seen = self._keep_samples(camera, tracker.active(), frame.index)
         decided = []
         for decision in decisions:
             label = decision.label
             if label == UNKNOWN and not self.cfg.events.unknown:
                 continue
-            if not self.cooldown.fire(label):
+            if not camera.cooldown.fire(label):
                 log.debug("track %d: %s within its cooldown, no event", decision.track_id, label)
                 continue
             h, w = frame.image.shape[:2]
             # Faces at the edge get boxes reaching past it; subscribers want pixels inside the frame.
             bbox = np.clip(decision.box, 0, [w, h, w, h])
             event = event_payload(
-                device_id=self.cfg.device_id, camera=self.cfg.camera.name, label=label, score=decision.score,
+                device_id=self.cfg.device_id, camera=camera.name, label=label, score=decision.score,
                 bbox=bbox, track_id=decision.track_id, frames=decision.frames, model=self.bundle_id,
                 timestamp=frame.timestamp, previous=decision.previous, source=frame.origin,
             )
-            samples = tuple(self._samples.get(decision.track_id, ()))
+            samples = tuple(camera.samples.get(decision.track_id, ()))
             if not samples and isinstance(decision.extra, FaceSample):
                 samples = (decision.extra,)
             decided.append(Decided(event, decision.track_id, samples))
             self.events += 1
-            log.info("event: %s (score %.2f, track %d, %d frames%s)", label, decision.score, decision.track_id,
-                     decision.frames, f", was {decision.previous}" if decision.previous else "")
+            log.info("event: %s (score %.2f, track %d, %d frames%s)%s", label, decision.score, decision.track_id,
+                     decision.frames, f", was {decision.previous}" if decision.previous else "",
+                     f" on camera {camera.name}" if self.turns is not None else "")
         self.dispatcher.notify(FrameDone(frame.index, frame.timestamp, seen, tuple(decided)))
         self.stage_ms["track+publish"] += (time.perf_counter() - t0) * 1e3
 
-    def _keep_samples(self, tracks: list[Any], frame_index: int) -> tuple[Seen, ...]:
+    def _keep_samples(self, camera: Camera, tracks: list[Any], frame_index: int) -> tuple[Seen, ...]:
         """Keep the last few samples of every track seen in this frame; who is in view."""
+        samples = camera.samples
         live = {t.track_id for t in tracks}
-        for track_id in [t for t in self._samples if t not in live]:
-            del self._samples[track_id]
+        for track_id in [t for t in samples if t not in live]:
+            del samples[track_id]
         seen = []
         for track in tracks:
             if track.last_frame != frame_index or not isinstance(track.last_extra, FaceSample):
                 continue
             if self.samples_per_track:
-                self._samples.setdefault(track.track_id, deque(maxlen=self.samples_per_track)).append(
+                samples.setdefault(track.track_id, deque(maxlen=self.samples_per_track)).append(
                     track.last_extra)
             if track.label is not None:
                 seen.append(Seen(track.label, float(track.score)))
@@ -318,16 +350,28 @@ class FrameLoop:
 
     def stats(self) -> dict[str, Any]:
         n = max(self.frames, 1)
-        camera: dict[str, Any] = {"state": "out" if self.capture.out_now else "ok",
-                                  "outages": self.capture.outages, "outage_s": round(self.capture.outage_s, 1)}
-        if self.capture.out_now:
-            camera["reason"] = self.capture.outage_reason
+        elapsed = time.monotonic() - self._fps_since
+        cameras = {c.name: c.stats(elapsed) for c in self.cameras}
+        if self.turns is None:
+            camera: dict[str, Any] = {"state": "out" if self.capture.out_now else "ok",
+                                      "outages": self.capture.outages, "outage_s": round(self.capture.outage_s, 1)}
+            if self.capture.out_now:
+                camera["reason"] = self.capture.outage_reason
+        else:  # all of them: "ok" only while every camera is; the reason names the first that is not
+            bad = [(name, c) for name, c in cameras.items() if c["state"] != "ok"]
+            camera = {"state": bad[0][1]["state"] if bad else "ok",
+                      "outages": sum(c["outages"] for c in cameras.values()),
+                      "outage_s": round(sum(c["outage_s"] for c in cameras.values()), 1)}
+            if bad and bad[0][1].get("reason"):
+                camera["reason"] = f"{bad[0][0]}: {bad[0][1]['reason']}"
         return {
             **self.dispatcher.stats(),  # mqtt, and memory when something is remembered
-            "frames": self.frames, "captured": self.capture.captured, "dropped": self.capture.dropped,
-            "skipped_images": len(self.capture.skipped), "faces": self.faces, "events": self.events,
-            "suppressed": self.cooldown.suppressed, "tracks": len(self.tracker.tracks),
-            "camera": camera,
+            "frames": self.frames, "captured": sum(c["captured"] for c in cameras.values()),
+            "dropped": sum(c["dropped"] for c in cameras.values()),
+            "skipped_images": sum(len(c.capture.skipped) for c in self.cameras), "faces": self.faces,
+            "events": self.events, "suppressed": sum(c.cooldown.suppressed for c in self.cameras),
+            "tracks": sum(len(c.tracker.tracks) for c in self.cameras),
+            "camera": camera, "cameras": cameras,
             "bundle": {"id": self.bundle_id, "reloads": self.reloads_ok, "refused": self.reloads_refused},
             "ms_per_frame": {k: round(v / n, 2) for k, v in self.stage_ms.items()},
             # Per face found: a frame without a face spends ~0 ms there, and its mean would hide the cost.
@@ -378,6 +422,8 @@ class FrameLoop:
         self._report_stats(s)
         self.write_status()
         self._fps_frames, self._fps_since = self.frames, time.monotonic()
+        for c in self.cameras:
+            c.fps_frames = c.frames
         stages = " ".join(f"{k} {v:.1f}" for k, v in s["ms_per_frame"].items())
         camera = s["camera"]
         camera_text = f"camera {camera['state']} outages={camera['outages']} outage_s={camera['outage_s']}"
@@ -386,6 +432,9 @@ class FrameLoop:
         mqtt = dict(s["mqtt"])
         error = mqtt.pop("error", None)
         mqtt_text = " ".join(f"{k}={v}" for k, v in mqtt.items()) + (f" ({error})" if error else "")
+        if self.turns is not None:  # each camera's share: who is served, who drops, who is out
+            camera_text += "; " + ", ".join(f"{name} {c['state']} {c['fps']:.1f} fps {c['dropped']} dropped"
+                                            for name, c in s["cameras"].items())
         log.info(
             "stats: %d frames (%d captured, %d dropped, %d unreadable skipped), %d faces, %d events "
             "(%d in cooldown), %s, mqtt %s; ms/frame: %s",
