@@ -17,17 +17,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, absent
+from tests.plugins.processes import python
 
 LFW = SHARED_DATA / "faces" / "lfw-dev"
 HOUSEHOLD_PHOTOS = 10
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
-    return res
+    return python("-m", *args, check=True, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=900)
 
 
 def _link(dest: Path, person: str, photos: list[Path]) -> None:

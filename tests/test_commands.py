@@ -66,7 +66,7 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
     import paho.mqtt.publish as mqtt_publish
 
     from device.mqtt import MqttPublisher
-    from tests.test_service_mqtt import mqtt_cfg
+    from tests.plugins.daemon import mqtt_cfg
 
     broker = mosquitto_factory()  # not persistent: the restarted broker knows no subscriptions
     got: list[tuple[str, bytes, str]] = []

@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 
 from device.outbox import Outbox, salvage
-from tests.fixtures_broker import Subscriber
-from tests.test_outbox import damage
-from tests.test_service_mqtt import DEVICE, ROOT, folder_of_photos, start_daemon, write_config
+from tests.conftest import ROOT
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import DEVICE, folder_of_photos, start_daemon, write_config
+from tests.plugins.files import damage
 
 pytestmark = pytest.mark.broker
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, absent
+from tests.plugins.processes import python
 
 CELEBS = SHARED_DATA / "faces" / "five-celebrities"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -43,9 +44,7 @@ def _weights_path() -> Path:
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return python("-m", *args, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=timeout)
 
 
 # ---------------------------------------------------------------- the weights file

@@ -15,8 +15,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -28,6 +26,7 @@ import pytest
 
 from device import homeassistant as ha
 from device.commands import MAX_DEPTH, CommandError, parse
+from tests.plugins.daemon import Daemon
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "21"))
 LIMIT = 4096
@@ -203,7 +202,7 @@ def service(tmp_path: Path, tiny_bundle: Path):
     to the real outbox, where the test reads them back."""
     from device.config import load_config
     from device.service import Service
-    from tests.test_service_mqtt import write_config
+    from tests.plugins.daemon import write_config
 
     camera = tmp_path / "camera"
     camera.mkdir()
@@ -287,32 +286,11 @@ def test_a_retained_command_is_answered_once_and_cleared(service: Any) -> None:
 
 # --- a real daemon and a real mosquitto ---------------------------------------------------------------------
 
-class Daemon:
-    def __init__(self, config: Path) -> None:
-        from tests.test_service_mqtt import start_daemon
-
-        self.proc = start_daemon(config)
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-
-    def stop(self) -> str:
-        from tests.test_service_mqtt import finish
-
-        assert self.proc.poll() is None, "".join(self.log)[-3000:]
-        self.proc.send_signal(signal.SIGTERM)
-        rc, _ = finish(self.proc, timeout=60)
-        self._reader.join(5)
-        err = "".join(self.log)
-        assert rc == 0, err[-3000:]
-        assert "Traceback" not in err, err[-3000:]
-        return err
-
 
 def daemon_config(tmp_path: Path, bundle: Path, broker, camera: Path) -> Path:
     import yaml
 
-    from tests.test_service_mqtt import write_config
+    from tests.plugins.daemon import write_config
 
     config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8},
                           homeassistant={"commands": True}, events={"homeassistant": True})
@@ -331,7 +309,7 @@ def send(broker, payload: bytes, retain: bool = False) -> None:
 
 
 def retained_on(broker, topic: str, wait: float = 1.5) -> bytes | None:
-    from tests.fixtures_broker import Subscriber
+    from tests.plugins.broker import Subscriber
 
     sub = Subscriber(broker.host, broker.port, topic)
     time.sleep(wait)
@@ -348,8 +326,8 @@ def corrections(state: Path) -> int:
 @pytest.mark.broker
 def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
         tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
-    from tests.fixtures_broker import Subscriber
-    from tests.test_service_mqtt import folder_of_photos
+    from tests.plugins.broker import Subscriber
+    from tests.plugins.daemon import folder_of_photos
 
     broker = mosquitto_factory()
     camera = tmp_path / "camera"
@@ -411,7 +389,7 @@ def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory,
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from tests.fixtures_broker import Subscriber
+    from tests.plugins.broker import Subscriber
 
     broker = mosquitto_factory()
     camera = tmp_path / "camera"

@@ -9,29 +9,22 @@ People come from ../shared's lfw-dev: the person, 40 cohort people and 15 strang
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import SHARED_DATA
+from tests.plugins.processes import python
 
 LFW = SHARED_DATA / "faces" / "lfw-dev"
 TRAIN_PHOTOS, PROBES = 10, 6
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    prefix = ["nice", "-n", "5"] if shutil.which("nice") else []
-    res = subprocess.run([*prefix, sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    if check:
-        assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
-    return res
+    return python("-m", *args, check=check, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, nice=True, timeout=900)
 
 
 def _link(dest: Path, person: str, photos: list[Path]) -> None:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_device_cli import make_loadable_bundle as make_bundle
+from tests.plugins.bundles import make_loadable_bundle as make_bundle
 
 INSTALL = ROOT / "systemd" / "install.sh"
 DEVICE_VENV = ROOT / ".venv-device"

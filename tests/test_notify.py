@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from device.notify import Notifier
-from tests.test_service_mqtt import folder_of_photos, write_config
+from tests.plugins.daemon import folder_of_photos, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -147,7 +147,7 @@ def test_ready_with_the_camera_out_at_start_so_systemd_does_not_time_the_start_o
     wait for it, or systemd would kill the daemon at TimeoutStartSec and start it again, in a loop."""
     from device.config import load_config
     from device.service import Service
-    from tests.fixtures_broker import free_port
+    from tests.plugins.processes import free_port
 
     server = NotifySocket(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", server.address)

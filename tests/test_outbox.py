@@ -18,7 +18,8 @@ import pytest
 from device.config import MqttConfig
 from device.mqtt import MqttPublisher
 from device.outbox import Outbox, OutboxError, OutboxWriteError
-from tests.fixtures_broker import Subscriber
+from tests.plugins.broker import Subscriber
+from tests.plugins.files import damage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,22 +332,6 @@ def filled(path: Path, n: int = 300, size: int = 200, *, close: bool = True) -> 
     if close:
         box.close()
     return box
-
-
-def damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "header":
-        data[:100] = bytes(range(100))
-    elif how == "magic":
-        data[:16] = b"\0" * 16
-    elif how == "middle":
-        page = len(data) // 2 // 4096 * 4096
-        data[page:page + 4096] = b"\xa5" * 4096
-    elif how == "truncated":
-        data = data[:len(data) // 2 + 100]
-    else:
-        raise ValueError(how)
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how, everything", [("header", True), ("magic", True), ("middle", False),

@@ -5,28 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 
 from device.bundle import load_bundle
 from device.camera import IMAGE_SUFFIXES
 from device.events import OFFLINE, ONLINE
 from device.mqtt import MqttPublisher
-from device.pipeline import FacePipeline
-from device.preprocess import load_image
-from device.tracker import Observation, Tracker
 from tests.conftest import need_shared
-from tests.fixtures_broker import Subscriber
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import expected_event_labels, finish, folder_of_photos, mqtt_cfg, start_daemon, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "testcam"
@@ -34,59 +29,6 @@ EVENT_KEYS = {"event_id", "device_id", "camera", "timestamp", "label", "score", 
               "model", "schema"}
 
 pytestmark = pytest.mark.broker
-
-
-def folder_of_photos(heldout_photos: Path, dest: Path, per_person: int = 3, broken: bool = True) -> list[Path]:
-    """A camera folder: a few held-out photos of each person (symlinks), plus an unreadable image."""
-    dest.mkdir(parents=True, exist_ok=True)
-    chosen = []
-    for person in sorted(p for p in heldout_photos.iterdir() if p.is_dir()):
-        photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:per_person]
-        for i, photo in enumerate(photos):
-            link = dest / f"{person.name}_{i:02d}{photo.suffix.lower()}"
-            link.symlink_to(photo.resolve())
-            chosen.append(link)
-    if broken:
-        # Sorted between the people: the run must warn and go on.
-        (dest / f"{chosen[len(chosen) // 2].stem}_broken.jpg").write_bytes(b"not a jpeg at all")
-    return chosen
-
-
-def write_config(path: Path, bundle: Path, broker, camera: dict, **sections) -> Path:
-    data = {
-        "bundle": str(bundle),
-        "device_id": DEVICE,
-        "camera": {"source": "folder", **camera},
-        # Every photo is a new scene: decide on one frame and let every change of face be an event.
-        "tracking": {"votes_needed": 1, "max_age": 0},
-        "events": {"cooldown": 0},
-        "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 5, "reconnect_max_delay": 2},
-        "stats_interval": 1,
-        # Each test its own outbox: a leftover of another test would be replayed into this one.
-        "state_dir": str(path.parent / "state"),
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "device", "run", "--config", str(config), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"daemon did not exit within {timeout}s:\n{err[-3000:]}")
-    return proc.returncode, err
 
 
 def stamp(event_json: bytes) -> float:
@@ -101,18 +43,6 @@ def seen(state_json: bytes) -> float:
 
 def events_of(sub: Subscriber) -> list[dict]:
     return [json.loads(p) for p in sub.on(f"faceberry/{DEVICE}/events")]
-
-
-def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
-    """What the daemon should announce, computed in-process with the same pipeline and tracker settings."""
-    pipeline = FacePipeline(load_bundle(bundle_dir), num_threads=2, min_face_size=40)
-    tracker = Tracker(0.3, votes_needed=1, max_age=0)
-    labels = []
-    for index, path in enumerate(frames):
-        result = pipeline.process(load_image(path))
-        obs = [Observation(r.face.box, r.prediction.label, r.prediction.score) for r in result.recognitions]
-        labels += [d.label for d in tracker.update(obs, index)]
-    return labels
 
 
 @pytest.fixture
@@ -339,12 +269,6 @@ def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, mosqu
 
 # --- the publisher alone: counts what is queued, delivered and dropped -----------------------------------
 
-def mqtt_cfg(broker, queue_size: int = 1000):
-    from device.config import MqttConfig
-
-    return MqttConfig(host=broker.host, port=broker.port, keepalive=5, queue_size=queue_size,
-                      reconnect_min_delay=1, reconnect_max_delay=1)
-
 
 def test_publisher_queues_while_the_broker_is_away_and_loses_nothing(mosquitto_factory, tmp_path) -> None:
     broker = mosquitto_factory(persistent=True)
@@ -549,7 +473,7 @@ def test_tls_failures_name_the_reason_and_the_fix_once(case, expected, tls_broke
 
 
 def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_factory, tmp_path, caplog) -> None:
-    from tests.fixtures_broker import password_file
+    from tests.plugins.broker import password_file
 
     secrets = tmp_path / "secrets"
     secrets.mkdir()
@@ -675,8 +599,8 @@ def test_a_live_stream_absent_at_start_is_waited_for_and_the_same_process_publis
         tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
     import cv2
 
-    from tests.fixtures_broker import free_port
     from tests.mjpeg_server import MjpegCamera
+    from tests.plugins.processes import free_port
 
     person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
     photo = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[0]
@@ -724,7 +648,7 @@ def test_a_missing_video_file_still_fails_at_once(tmp_path, mosquitto, tiny_bund
 
 def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path, mosquitto_factory, tiny_bundle,
                                                                           heldout_photos) -> None:
-    from tests.fixtures_broker import password_file
+    from tests.plugins.broker import password_file
 
     secrets = tmp_path / "secrets"
     secrets.mkdir()
@@ -775,7 +699,7 @@ def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory
 
 
 def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, tiny_bundle) -> None:
-    from tests.fixtures_broker import free_port
+    from tests.plugins.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # never served
     config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_device_cli import make_loadable_bundle, write_frame
+from tests.plugins.bundles import make_loadable_bundle
+from tests.plugins.files import write_frame
+from tests.plugins.processes import module
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "statuscam"
@@ -26,8 +28,7 @@ pytestmark = pytest.mark.broker
 
 
 def status(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "device", "status", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return module("device", "status", *args, timeout=120)
 
 
 def test_the_status_file_is_fresh_from_the_start_and_a_stopped_daemon_is_not_connected(

@@ -10,57 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
 
 from device.bundle import MANIFEST, load_bundle, write_manifest
-from device.store import DIR_MODE, FILE_MODE, STALE_INCOMING_S, BundleStore, StoreError, default_root
-
-OTHER_ID = 65534  # nobody/nogroup: an owner the test process is not
-
-
-def variant(source: Path, dest: Path, bundle_id: str, accept: float | None = None) -> Path:
-    """A copy of the bundle `source` at `dest` whose manifest (re-signed) names `bundle_id`."""
-    shutil.copytree(source, dest)
-    manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
-    files = list(manifest.pop("files"))
-    manifest["bundle_id"] = bundle_id
-    if accept is not None:
-        manifest["thresholds"]["accept"] = accept
-    write_manifest(dest, manifest, files)
-    assert load_bundle(dest).bundle_id == bundle_id
-    return dest
-
-
-def corrupt(bundle: Path) -> Path:
-    classifier = json.loads((bundle / MANIFEST).read_text())["classifier"]["file"]
-    with open(bundle / classifier, "ab") as handle:
-        handle.write(b"\0" * 16)
-    return bundle
-
-
-def pi_root(tmp_path: Path) -> Path:
-    """A store root like install.sh's: as root, owned by another user and group (the service user's role)."""
-    root = tmp_path / "bundles"
-    root.mkdir(mode=0o750)
-    if os.geteuid() == 0:
-        os.chown(root, OTHER_ID, OTHER_ID)
-    return root
-
-
-def assert_owned_like_root(version: Path, root: Path) -> None:
-    owner = root.stat()
-    entries = [version, *version.rglob("*")]
-    assert len(entries) > 3
-    for path in entries:
-        st = path.lstat()
-        assert not stat.S_ISLNK(st.st_mode), path
-        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
-        assert stat.S_IMODE(st.st_mode) == want, (path, oct(st.st_mode))
-        if os.geteuid() == 0:
-            assert (st.st_uid, st.st_gid) == (owner.st_uid, owner.st_gid) == (OTHER_ID, OTHER_ID), path
+from device.store import STALE_INCOMING_S, BundleStore, StoreError, default_root
+from tests.plugins.files import OTHER_ID, assert_owned_like_root, corrupt, pi_root, variant
 
 
 @pytest.fixture
