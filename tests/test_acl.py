@@ -246,7 +246,7 @@ def test_a_refused_publish_on_mqtt_311_is_dropped_and_the_connection_stays(broke
         watcher.close()
 
 
-def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, heldout_photos) -> None:
+def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, gallery_bundle, heldout_photos) -> None:
     import json
 
     import yaml
@@ -260,7 +260,7 @@ def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, hel
     secret = tmp_path / "mqtt-password"
     secret.write_text(USERS[DAEMON] + "\n", encoding="utf-8")
     secret.chmod(0o600)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(camera), "loop": True,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(camera), "loop": True,
                                                                             "fps": 8},
                           homeassistant={"commands": True, "images": True}, events={"homeassistant": True},
                           mqtt={"username": DAEMON, "password_file": str(secret)})
@@ -273,7 +273,7 @@ def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, hel
     result = ha.command_result_topic("faceberry", DEVICE)
     # An old command retained on the broker: the daemon refuses it and tries to clear it, which this ACL denies.
     assert home.publish(mine, b'{"command": "forget", "request_id": "old"}', retain=True) == 0
-    d = Daemon(config)
+    d = Daemon(config, stays_up=True)
     try:
         assert watcher.wait_for(lambda m: (status_topic("faceberry", DEVICE), b"online") in m, 60), "".join(d.log)
         assert watcher.wait_for(lambda m: any(t == events_topic("faceberry", DEVICE) for t, _ in m), 120)

@@ -39,14 +39,14 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                   timeout=180)
 
 
-def test_deploy_switches_versions_rollback_restores_and_a_corrupt_bundle_is_refused(tmp_path, tiny_bundle) -> None:
+def test_deploy_switches_versions_rollback_restores_and_a_corrupt_bundle_is_refused(tmp_path, gallery_bundle) -> None:
     root = pi_root(tmp_path)
     state = tmp_path / "state"
     config = tmp_path / "config.yaml"
     config.write_text(f"bundle: {root / 'current'}\ndevice_id: {DEVICE}\nstate_dir: {state}\n")
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "deploy-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "deploy-v2")
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "deploy-bad"))
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "deploy-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "deploy-v2")
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "deploy-bad"))
 
     first = cli("deploy", "--bundle", str(v1), "--config", str(config))  # the store: the config's current link
     assert "deployed deploy-v1" in first.stdout and "no faceberry daemon is running" in first.stdout
@@ -116,10 +116,10 @@ def sshd(tmp_path: Path):
             proc.wait(10)
 
 
-def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, tiny_bundle, sshd: str) -> None:
+def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, gallery_bundle, sshd: str) -> None:
     root = pi_root(tmp_path)
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "ssh-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "ssh-v2")
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "ssh-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "ssh-v2")
     host = f"{getpass.getuser()}@localhost"
     # The host's faceberry: this checkout's, as /opt/faceberry/venv/bin/faceberry would be on a Pi.
     remote = f"env PYTHONPATH={ROOT} {sys.executable} -m device"
@@ -130,7 +130,7 @@ def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, tiny_bundle, sshd: str
     assert os.readlink(root / "current") == "ssh-v2" and os.readlink(root / "previous") == "ssh-v1"
     assert_owned_like_root(root / "ssh-v2", root)
     assert not list(root.glob(".incoming-*"))  # the rsynced copy was moved into place
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "ssh-bad"))
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "ssh-bad"))
     refused = cli("deploy", "--bundle", str(bad), "--host", host, "--store", str(root), "--ssh", sshd,
                   "--remote-command", remote, "--remote-sudo", "", check=False)
     assert refused.returncode == 2 and "sha256" in refused.stderr  # refused here, before copying
@@ -153,13 +153,13 @@ def _wait_status(path: Path, predicate, timeout: float = 60) -> dict:
 
 @pytest.mark.broker
 def test_deploy_and_rollback_reload_the_running_daemon_in_place(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory()
     root = pi_root(tmp_path)
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "live-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "live-v2")
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "live-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "live-v2")
     # Checksums right, model garbage: load_bundle accepts it, LiteRT cannot load it.
-    garbage = variant(tiny_bundle, tmp_path / "src" / "garbage", "live-garbage")
+    garbage = variant(gallery_bundle, tmp_path / "src" / "garbage", "live-garbage")
     manifest = json.loads((garbage / MANIFEST).read_text())
     (garbage / manifest["classifier"]["file"]).write_bytes(b"not a tflite model" * 64)
     files = list(manifest.pop("files"))

@@ -96,15 +96,15 @@ def test_mobilenetv2_backbone_still_needs_photos(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dlib_bundle(tmp_path_factory, detector_path) -> dict[str, Path]:
-    """backbone → few-shot gallery of five-celebrities/train → int8 bundle, with the user's commands."""
+def dlib_bundle(tmp_path_factory, detector_path, backbone) -> dict[str, Path]:
+    """The session's backbone (tests/plugins/bundles.py: `train backbone --arch dlib-resnet`) → few-shot gallery
+    of five-celebrities/train → int8 bundle, with the user's commands."""
     _dlib_or_skip()
     if not CELEBS.is_dir() or not LFW.is_dir():
         pytest.skip(absent(CELEBS, LFW))
     work = tmp_path_factory.mktemp("dlib")
-    paths = {"backbone": work / "backbone", "run": work / "run", "bundle": work / "bundle", "work": work}
+    paths = {"backbone": backbone, "run": work / "run", "bundle": work / "bundle", "work": work}
     steps = [
-        ("train", "backbone", "--arch", "dlib-resnet", "--out", str(paths["backbone"]), "-q"),
         ("train", "--photos", str(CELEBS / "train"), "--out", str(paths["run"]), "--backbone",
          str(paths["backbone"]), "--cache-dir", str(work / "crops"), "-q"),
         ("convert", "--run", str(paths["run"]), "--out", str(paths["bundle"])),

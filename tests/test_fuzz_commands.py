@@ -1,5 +1,5 @@
 """Fuzz of the command topic (issue 21): hundreds of hostile payloads, made here from a seeded generator, through
-`device.commands.parse` and through the daemon's own handler (a real Service on the tiny bundle, its answers
+`device.commands.parse` and through the daemon's own handler (a real Service on the gallery bundle, its answers
 read back from the real outbox); then a real daemon against a real mosquitto, stopped and started with a
 hostile message retained on its command topic.
 
@@ -197,8 +197,8 @@ def test_ids_the_daemon_makes_are_valid() -> None:
 # --- the daemon's own handler, in process --------------------------------------------------------------------
 
 @pytest.fixture
-def service(tmp_path: Path, tiny_bundle: Path):
-    """A real Service on the tiny bundle with commands on, never started: its publisher writes the answers
+def service(tmp_path: Path, gallery_bundle: Path):
+    """A real Service on the gallery bundle with commands on, never started: its publisher writes the answers
     to the real outbox, where the test reads them back."""
     from device.config import load_config
     from device.service import Service
@@ -206,7 +206,7 @@ def service(tmp_path: Path, tiny_bundle: Path):
 
     camera = tmp_path / "camera"
     camera.mkdir()
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, SimpleNamespace(host="127.0.0.1", port=1),
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, SimpleNamespace(host="127.0.0.1", port=1),
                           {"device": str(camera)}, homeassistant={"commands": True},
                           memory={"strangers": True}, events={"homeassistant": True})
     data = config.read_text().replace("device_id: testcam", f"device_id: {DEVICE}")
@@ -325,20 +325,20 @@ def corrections(state: Path) -> int:
 
 @pytest.mark.broker
 def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     from tests.plugins.broker import Subscriber
     from tests.plugins.daemon import folder_of_photos
 
     broker = mosquitto_factory()
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=1, broken=False)
-    config = daemon_config(tmp_path, tiny_bundle, broker, camera)
+    config = daemon_config(tmp_path, gallery_bundle, broker, camera)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
     events = f"faceberry/{DEVICE}/events"
     try:
         # The 990 '[' retained before the daemon ever started: it starts, answers, runs on.
         send(broker, b"[" * 990, retain=True)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: any(json.loads(p)["label"] != "unknown" for t, p, _ in m if t == events), 120), \
             "".join(d.log)[-3000:]
         assert sub.wait_for(lambda m: len(results(sub)) >= 1, 30)
@@ -360,7 +360,7 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
         # Restart: the retained "wrong" is answered as ignored, does not run again, and is cleared.
         mark = len(sub.messages)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: len(results(sub, mark)) >= 1, 60), "".join(d.log)[-3000:]
         again = results(sub, mark)[0]
         assert again["ok"] is False and again["request_id"] == "w1" and "retained" in again["message"], again
@@ -371,7 +371,7 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
         # Once more: nothing retained any more, nothing answered, the daemon starts and stops cleanly.
         mark = len(sub.messages)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: any(t == events for t, _, _ in m[mark:]), 120)
         err += d.stop()
         assert results(sub, mark) == []
@@ -383,7 +383,7 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
 
 @pytest.mark.broker
-def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory, tiny_bundle) -> None:
+def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory, gallery_bundle) -> None:
     import cv2
     import numpy as np
     import paho.mqtt.client as paho
@@ -396,9 +396,9 @@ def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory,
     camera.mkdir()
     for i in range(3):
         cv2.imwrite(str(camera / f"blank_{i}.jpg"), np.full((120, 160, 3), 128, np.uint8))
-    config = daemon_config(tmp_path, tiny_bundle, broker, camera)
+    config = daemon_config(tmp_path, gallery_bundle, broker, camera)
     sub = Subscriber(broker.host, broker.port, RESULT_TOPIC)
-    d = Daemon(config)
+    d = Daemon(config, stays_up=True)
     try:
         online = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/status")
         assert online.wait_for(lambda m: any(p == b"online" for _, p, _ in m), 60), "".join(d.log)[-3000:]

@@ -173,7 +173,7 @@ def test_enroll_refuses_hostile_files_and_uses_the_good_ones(tmp_path, bomb, det
 
 
 @pytest.mark.shared
-def test_eval_skips_hostile_files_with_one_line_each(tiny_bundle, heldout_photos, tmp_path, bomb, caplog):
+def test_eval_skips_hostile_files_with_one_line_each(gallery_bundle, heldout_photos, tmp_path, bomb, caplog):
     from device import evaluate
 
     person = next(d for d in sorted(heldout_photos.iterdir()) if d.is_dir())
@@ -182,7 +182,7 @@ def test_eval_skips_hostile_files_with_one_line_each(tiny_bundle, heldout_photos
     _hostile_beside([p.resolve() for p in good], photos / person.name, bomb)
     out = tmp_path / "eval.json"
     with caplog.at_level(logging.WARNING, logger="device.evaluate"):
-        rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(photos), "--json", str(out)])
+        rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(photos), "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert sorted(Path(u["path"]).name for u in result["unreadable"]) == ["bomb.png", "liar.png"]

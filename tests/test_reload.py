@@ -38,12 +38,12 @@ def make_version(store: Path, source: Path, bundle_id: str) -> Path:
 
 
 def test_sighup_switches_bundles_over_one_connection_and_refuses_a_corrupt_one(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory()
     store = tmp_path / "store"
-    v1 = make_version(store, tiny_bundle, "test-v1")
-    make_version(store, tiny_bundle, "test-v2")
-    broken = make_version(store, tiny_bundle, "test-broken")
+    v1 = make_version(store, gallery_bundle, "test-v1")
+    make_version(store, gallery_bundle, "test-v2")
+    broken = make_version(store, gallery_bundle, "test-broken")
     classifier = json.loads((broken / MANIFEST).read_text())["classifier"]["file"]
     with open(broken / classifier, "ab") as handle:  # a damaged copy: its checksum no longer matches
         handle.write(b"\0" * 16)

@@ -1,6 +1,6 @@
 """device.store: bundle versions under one root with an atomic, relative `current` link, owned for the service.
 
-Real bundles (the cached tiny bundle of tests/fixtures_bundle.py, re-signed under new ids), real files,
+Real bundles (the cached gallery bundle of tests/plugins/bundles.py, re-signed under new ids), real files,
 real links; ownership is asserted with os.stat (as root the store root is given to another uid/gid first,
 so "follows the root's owner" is not trivially true).
 """
@@ -20,8 +20,8 @@ from tests.plugins.files import OTHER_ID, assert_owned_like_root, corrupt, pi_ro
 
 
 @pytest.fixture
-def sources(tmp_path: Path, tiny_bundle: Path) -> dict[str, Path]:
-    return {name: variant(tiny_bundle, tmp_path / "src" / name, name) for name in ("v1", "v2", "v3")}
+def sources(tmp_path: Path, gallery_bundle: Path) -> dict[str, Path]:
+    return {name: variant(gallery_bundle, tmp_path / "src" / name, name) for name in ("v1", "v2", "v3")}
 
 
 def test_add_and_switch_make_a_readable_version_and_a_relative_current_link(tmp_path, sources) -> None:
@@ -62,12 +62,12 @@ def test_rollback_goes_back_one_and_a_second_rollback_returns(tmp_path, sources)
     assert load_bundle(store.root / "current").bundle_id == "v2"
 
 
-def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, tiny_bundle) -> None:
+def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, gallery_bundle) -> None:
     root = pi_root(tmp_path)
     store = BundleStore(root)
     store.add(sources["v1"])
     store.switch("v1")
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "bad"))
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "bad"))
     with pytest.raises(StoreError, match=r"refused: .*sha256"):
         store.add(bad)
     # A staged (rsynced) copy that fails is removed, not left for the daemon to find.
@@ -82,30 +82,30 @@ def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, tiny_b
     assert store.current() == "v1"
 
 
-def test_same_id_is_reused_and_a_different_bundle_under_it_refused(tmp_path, sources, tiny_bundle) -> None:
+def test_same_id_is_reused_and_a_different_bundle_under_it_refused(tmp_path, sources, gallery_bundle) -> None:
     store = BundleStore(pi_root(tmp_path))
     first = store.add(sources["v1"])
     manifest = (first / MANIFEST).read_bytes()
     assert store.add(sources["v1"]) == first and (first / MANIFEST).read_bytes() == manifest
     # History differs only (created, metrics): the same version. A different threshold: another bundle.
-    twin = variant(tiny_bundle, tmp_path / "src" / "twin", "v1")
+    twin = variant(gallery_bundle, tmp_path / "src" / "twin", "v1")
     manifest_twin = json.loads((twin / MANIFEST).read_text())
     manifest_twin["created"], manifest_twin["metrics"] = "2001-01-01T00:00:00Z", {"note": "rebuilt"}
     write_manifest(twin, manifest_twin, list(manifest_twin.pop("files")))
     assert store.add(twin) == first and (first / MANIFEST).read_bytes() == manifest
-    impostor = variant(tiny_bundle, tmp_path / "src" / "impostor", "v1", accept=0.123)
+    impostor = variant(gallery_bundle, tmp_path / "src" / "impostor", "v1", accept=0.123)
     with pytest.raises(StoreError, match="different bundle with the id v1"):
         store.add(impostor)
     assert (first / MANIFEST).read_bytes() == manifest
     assert not list(store.root.glob(".incoming-*"))
 
 
-def test_staged_incoming_is_moved_and_prune_keeps_current_previous_and_the_newest(tmp_path, tiny_bundle) -> None:
+def test_staged_incoming_is_moved_and_prune_keeps_current_previous_and_the_newest(tmp_path, gallery_bundle) -> None:
     store = BundleStore(pi_root(tmp_path))
     names = [f"v{i}" for i in range(1, 8)]
     for i, name in enumerate(names):
         staged = store.incoming(f"deploy-{name}")
-        shutil.copytree(variant(tiny_bundle, tmp_path / "src" / name, name), staged, dirs_exist_ok=True)
+        shutil.copytree(variant(gallery_bundle, tmp_path / "src" / name, name), staged, dirs_exist_ok=True)
         path = store.add(staged)
         assert not staged.exists() and path.is_dir()
         os.utime(path, (1_000_000 + i, 1_000_000 + i))  # deploy order, whatever the clock's resolution
