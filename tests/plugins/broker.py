@@ -221,9 +221,9 @@ def make_tls(root: Path, name: str = "DNS:localhost") -> TlsFiles:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: the TLS tests make their own test CA with it")
     files = TlsFiles(root)
-    for name in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=faceberry test {name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=root)
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=faceberry test {ca}",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", cwd=root)
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name.split(':', 1)[1]}", "-keyout", "server.key",
              "-out", "server.csr", cwd=root)
     (root / "san.ext").write_text(f"subjectAltName={name}\n", encoding="utf-8")
