@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.plugins.bundles import LFW, WEIGHTS, link_tree, need_student_data, need_teacher, student_selection
+from tests.plugins.bundles import (
+    LFW,
+    WEIGHTS,
+    link_tree,
+    need_student_data,
+    need_teacher,
+    student_selection,
+)
 from tests.plugins.bundles import STUDENT_INPUT_SIZE as INPUT_SIZE
 from tests.plugins.processes import python
 
