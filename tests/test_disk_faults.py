@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from device.outbox import Outbox, salvage
-from tests.conftest import ROOT
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import DEVICE, folder_of_photos, start_daemon, write_config
 from tests.plugins.files import damage
+from tests.plugins.processes import start
 
 pytestmark = pytest.mark.broker
 
@@ -83,9 +83,8 @@ class Daemon:
         if pages is None:
             self.proc = start_daemon(config)
         else:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "FACEBERRY_TEST_OUTBOX_PAGES": str(pages)}
-            self.proc = subprocess.Popen([sys.executable, "-c", LIMITED, "run", "--config", str(config)], cwd=ROOT,
-                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.proc = start([sys.executable, "-c", LIMITED, "run", "--config", str(config)],
+                              env={"FACEBERRY_TEST_OUTBOX_PAGES": str(pages)})
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

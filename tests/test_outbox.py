@@ -4,10 +4,8 @@ the broker is down (a real writer process, a real mosquitto)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,6 +18,7 @@ from device.mqtt import MqttPublisher
 from device.outbox import Outbox, OutboxError, OutboxWriteError
 from tests.plugins.broker import Subscriber
 from tests.plugins.files import damage
+from tests.plugins.processes import start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,9 +160,7 @@ def test_sigkill_while_the_broker_is_down_loses_nothing(mosquitto_factory, tmp_p
     sub = Subscriber(broker.host, broker.port, "faceberry/killed/events", session="faceberry-test-killed")
     broker.stop()
     outbox = tmp_path / "state" / "outbox.sqlite3"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(broker.port), str(outbox), str(n)], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    writer = start([sys.executable, "-c", WRITER, str(broker.port), str(outbox), str(n)])
     try:
         line = writer.stdout.readline()
         assert line.strip() == "stored", writer.stderr.read()[-2000:]

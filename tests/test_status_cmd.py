@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.plugins.bundles import make_loadable_bundle
+from tests.plugins.daemon import start_daemon
 from tests.plugins.files import write_frame
 from tests.plugins.processes import module
 
@@ -44,8 +45,7 @@ def test_the_status_file_is_fresh_from_the_start_and_a_stopped_daemon_is_not_con
         "stats_interval": 3600,  # no stats line (and no status write of its own) during this test
     }))
     path = state / f"status-{DEVICE}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_daemon(config, stdout=subprocess.DEVNULL)
     try:
         seen: list[dict] = []
         deadline = time.monotonic() + 90  # a bound on a hung daemon, not a timing being tested

@@ -61,9 +61,9 @@ def write_config(path: Path, bundle: Path, broker, camera: dict, **sections) -> 
     return path
 
 
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen:
+def start_daemon(config: Path, *extra: str, **kwargs) -> subprocess.Popen:
     """`python -m device run --config CONFIG`, stdout and stderr piped (read them, or `finish` it)."""
-    return start([sys.executable, "-m", "device", "run", "--config", str(config), *extra])
+    return start([sys.executable, "-m", "device", "run", "--config", str(config), *extra], **kwargs)
 
 
 def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
