@@ -3,7 +3,7 @@ restarted several times under it; nothing may be lost and nothing may grow.
 
     python -m bench.soak --bundle BUNDLE_DIR [--frames 50000] [--outages 5] [--outage-s 20]
 
-(the tiny test bundle works: .pytest_cache/d/faceberry-tiny/*/bundle after a test run that built it)
+(the tiny test bundle works: .pytest_cache/d/faceberry-softmax/*/bundle after a test run that built it)
 
 Builds a camera folder of small frames (320×240 by default) from ../shared/data/faces/lfw-dev: face photos
 of several people, each followed by an empty frame, so every face is a new track and an event

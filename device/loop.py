@@ -303,6 +303,7 @@ class FrameLoop:
         decisions = tracker.update(observations, frame.index)
         seen = self._keep_samples(camera, tracker.active(), frame.index)
         decided = []
+        lines: list[tuple[object, ...]] = []
         for decision in decisions:
             label = decision.label
             if label == UNKNOWN and not self.cfg.events.unknown:
@@ -323,10 +324,14 @@ class FrameLoop:
                 samples = (decision.extra,)
             decided.append(Decided(event, decision.track_id, samples))
             self.events += 1
-            log.info("event: %s (score %.2f, track %d, %d frames%s)%s", label, decision.score, decision.track_id,
-                     decision.frames, f", was {decision.previous}" if decision.previous else "",
-                     f" on camera {camera.name}" if self.turns is not None else "")
+            lines.append((label, decision.score, decision.track_id, decision.frames,
+                          f", was {decision.previous}" if decision.previous else "",
+                          f" on camera {camera.name}" if self.turns is not None else ""))
         self.dispatcher.notify(FrameDone(frame.index, frame.timestamp, seen, tuple(decided)))
+        # Logged once the outputs have it (the events output writes to the outbox in this thread): a line
+        # "event:" means the event is stored and will be delivered, whatever happens to the process next.
+        for line in lines:
+            log.info("event: %s (score %.2f, track %d, %d frames%s)%s", *line)
         self.stage_ms["track+publish"] += (time.perf_counter() - t0) * 1e3
 
     def _keep_samples(self, camera: Camera, tracks: list[Any], frame_index: int) -> tuple[Seen, ...]:

@@ -36,13 +36,13 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import IO, Any
 
+from device.contract import UNKNOWN
 from device.errors import UnavailableError, UsageError
 
 log = logging.getLogger(__name__)
 
 HELP = "log every event from MQTT into SQLite or PostgreSQL; daily summary per person; CSV export"
 DEFAULT_TOPIC = "faceberry/+/events"
-UNKNOWN = "unknown"
 SCHEMA = "1"
 # The ids the daemon writes (device.commands' rule): UUIDs for events, "s-" + hex for strangers.
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

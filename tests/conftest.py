@@ -1,5 +1,8 @@
-"""Shared fixtures: ../shared data, the detector model. Broker and bundle fixtures live in their
-own plugin modules so each stays small.
+"""Shared fixtures: ../shared data, the detector model. Everything else more than one test module uses lives
+once in a plugin under tests/plugins/ (registered below): the broker (`mosquitto`, `mosquitto_factory`,
+`Subscriber`), the bundles (`gallery_bundle`, the central one; `tiny_bundle`, the legacy softmax one), the
+daemon (`Daemon`, `write_config`), the one subprocess runner and free port (`processes`), files made for tests.
+Test modules import helpers from tests.plugins, never from each other.
 
 Where ../shared is absent (a clone of your own), SHARED_DATA is the public stand-in that tests/user_data.py
 assembles: LFW faces and ImageNet MobileNetV2 weights, downloaded once the way the demo does. Tests that
@@ -20,7 +23,8 @@ if not SHARED_DATA.is_dir():
 
     SHARED_DATA = user_data.prepare() or SHARED_DATA
 
-pytest_plugins = ["tests.fixtures_broker", "tests.fixtures_bundle"]
+pytest_plugins = ["tests.plugins.processes", "tests.plugins.broker", "tests.plugins.bundles", "tests.plugins.daemon",
+                  "tests.plugins.files", "tests.public_faces"]
 
 
 def absent(*paths: Path, what: str = "this test") -> str:

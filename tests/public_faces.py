@@ -10,21 +10,19 @@ tests can show is that the whole path works end to end on real faces — detecto
 backbone rebuilt from face-recognition-models' weights (PyPI), calibration, int8 conversion, eval,
 enroll, the daemon and MQTT — not how accurate it is (that is bench/'s job, on many people).
 
-The bundle (`public_sample` fixture) knows Grace Hopper only, calibrated with Eileen Collins' gallery
-views as the negatives folder, so Eileen Collins is a stranger to it until a test enrols her.
+The bundle (`public_sample` fixture; this module is a pytest plugin, registered in tests/conftest.py) knows
+Grace Hopper only, calibrated with Eileen Collins' gallery views as the negatives folder, so Eileen Collins is
+a stranger to it until a test enrols her.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.plugins.processes import python
 
 KNOWN, STRANGER = "grace_hopper", "eileen_collins"
 GALLERY_VIEWS = 6
@@ -71,21 +69,9 @@ def write_views(photo: Path, person: str, gallery: Path, probes: Path) -> None:
         cv2.imwrite(str(folder / f"{person}_{i:02d}.jpg"), view, [cv2.IMWRITE_JPEG_QUALITY, quality])
 
 
-def run_cli(args: list[str], what: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{tail}", pytrace=False)
-    return proc
-
-
-def build(work: Path) -> dict[str, Path]:
-    """gallery/, probes/ (<person>/*.jpg), backbone/, run/ and bundle/ under `work`, by the user's commands."""
-    try:
-        import face_recognition_models  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"dlib's weights are not installed ({exc}): pip install -r requirements-train.txt")
+def build(work: Path, backbone: Path) -> dict[str, Path]:
+    """gallery/, probes/ (<person>/*.jpg), run/ and bundle/ under `work`, by the user's commands, on the
+    session's `backbone` (tests/plugins/bundles.py: `python -m train backbone --arch dlib-resnet`)."""
     from models import default_detector_path
 
     if not default_detector_path().is_file():
@@ -96,16 +82,14 @@ def build(work: Path) -> dict[str, Path]:
     known = work / "photos"
     known.mkdir()
     (known / KNOWN).symlink_to(gallery / KNOWN)
-    run_cli(["-m", "train", "backbone", "--arch", "dlib-resnet", "--out", str(work / "backbone"), "-q"],
-            "python -m train backbone")
-    run_cli(["-m", "train", "--photos", str(known), "--negatives", str(gallery / STRANGER), "--out", str(work / "run"),
-             "--backbone", str(work / "backbone"), "-q"], "python -m train --backbone")
-    run_cli(["-m", "convert", "--run", str(work / "run"), "--out", str(work / "bundle"), "--quiet"],
-            "python -m convert")
+    python("-m", "train", "--photos", str(known), "--negatives", str(gallery / STRANGER), "--out", str(work / "run"),
+           "--backbone", str(backbone), "-q", what="python -m train --backbone", check=True)
+    python("-m", "convert", "--run", str(work / "run"), "--out", str(work / "bundle"), "--quiet",
+           what="python -m convert", check=True)
     return {"gallery": gallery, "probes": probes, "bundle": work / "bundle", "work": work}
 
 
 @pytest.fixture(scope="session")
-def public_sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def public_sample(tmp_path_factory: pytest.TempPathFactory, backbone: Path) -> dict[str, Path]:
     """The public sample's views and its int8 embedding bundle (Grace Hopper known, Eileen Collins not)."""
-    return build(tmp_path_factory.mktemp("public-sample"))
+    return build(tmp_path_factory.mktemp("public-sample"), backbone)

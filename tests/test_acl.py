@@ -16,8 +16,6 @@ of a retained command it was not allowed to make.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device import homeassistant as ha
 from device.events import bundle_topic, events_topic, person_topic, snapshot_topic, status_topic
 from tests.conftest import ROOT
-from tests.fixtures_broker import password_file
+from tests.plugins.broker import password_file
 
 pytestmark = pytest.mark.broker
 
@@ -56,11 +54,7 @@ def other_pi_block(acl: str) -> str:
 
 @pytest.fixture
 def broker(tmp_path: Path, mosquitto_factory):
-    passwd = password_file(tmp_path, "homeassistant", USERS["homeassistant"])
-    binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    for user, password in USERS.items():
-        if user != "homeassistant":
-            subprocess.run([binary, "-b", str(passwd), user, password], check=True, capture_output=True)
+    passwd = password_file(tmp_path, USERS)
     acl_text = readme_acl()
     acl = tmp_path / "acl"
     acl.write_text(f"{acl_text}\n{other_pi_block(acl_text)}\nuser watcher\ntopic readwrite #\n", encoding="utf-8")
@@ -252,15 +246,12 @@ def test_a_refused_publish_on_mqtt_311_is_dropped_and_the_connection_stays(broke
         watcher.close()
 
 
-def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, heldout_photos) -> None:
+def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, gallery_bundle, heldout_photos) -> None:
     import json
 
     import yaml
 
-    from tests.test_fuzz_commands import Daemon
-    from tests.test_service_mqtt import folder_of_photos, write_config
-
-    # The broker logs each refused publish ("Denied PUBLISH from <client id>") at debug level.
+    from tests.plugins.daemon import Daemon, folder_of_photos, write_config
     broker.stop()
     broker.config.write_text(broker.config.read_text() + "log_type debug\n", encoding="utf-8")
     broker.start()
@@ -269,7 +260,7 @@ def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, hel
     secret = tmp_path / "mqtt-password"
     secret.write_text(USERS[DAEMON] + "\n", encoding="utf-8")
     secret.chmod(0o600)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(camera), "loop": True,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(camera), "loop": True,
                                                                             "fps": 8},
                           homeassistant={"commands": True, "images": True}, events={"homeassistant": True},
                           mqtt={"username": DAEMON, "password_file": str(secret)})
@@ -282,7 +273,7 @@ def test_the_daemon_runs_under_the_readme_acl(tmp_path, broker, tiny_bundle, hel
     result = ha.command_result_topic("faceberry", DEVICE)
     # An old command retained on the broker: the daemon refuses it and tries to clear it, which this ACL denies.
     assert home.publish(mine, b'{"command": "forget", "request_id": "old"}', retain=True) == 0
-    d = Daemon(config)
+    d = Daemon(config, stays_up=True)
     try:
         assert watcher.wait_for(lambda m: (status_topic("faceberry", DEVICE), b"online") in m, 60), "".join(d.log)
         assert watcher.wait_for(lambda m: any(t == events_topic("faceberry", DEVICE) for t, _ in m), 120)

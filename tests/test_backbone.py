@@ -1,7 +1,7 @@
 """The backbone stage: a small real distillation from dlib's face embedder into MobileNetV2.
 
-`tiny_embedding` (also used by test_fewshot.py and test_enroll.py) builds, once per session and in
-subprocesses (TensorFlow never loads into the test process): a backbone distilled on a few
+`tiny_embedding` (tests/plugins/bundles.py; also used by test_fewshot.py and test_enroll.py) builds, once per
+session and in subprocesses (TensorFlow never loads into the test process): a backbone distilled on a few
 ../shared/data/faces/lfw-dev people at a small input size, a few-shot RUN_DIR on it
 (`python -m train --backbone`), and its int8 bundle (`python -m convert`).
 """
@@ -9,119 +9,20 @@ subprocesses (TensorFlow never loads into the test process): a backbone distille
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from tests.conftest import ROOT, SHARED_DATA, absent
-
-WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
-LFW = SHARED_DATA / "faces" / "lfw-dev"
-GALLERY_PEOPLE = 4  # people in the backbone's data and the gallery
-PHOTOS_EACH = 10
-ENROLL_PHOTOS = 6  # photos the enrolled newcomer gives; the rest of theirs are probes
-INPUT_SIZE = 64  # small, to keep CI fast; the real default is 128
-# dlib's own code as the teacher here: the held-out-person check below was established with it. The default
-# teacher (dlib's network rebuilt in Keras) is run by test_distillation_with_the_default_rebuilt_teacher.
-BACKBONE_ARGS = ["--input-size", str(INPUT_SIZE), "--views", "2", "--epochs", "12", "--batch-size", "16",
-                 "--lr", "2e-3", "--val-people", "0.25", "--seed", "0", "--teacher", "dlib", "-q"]
-
-_BUILT: dict[str, dict] = {}
-
-
-def _need_teacher() -> None:
-    try:
-        import dlib  # noqa: F401
-        import face_recognition_models  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"the backbone teacher is not installed ({exc}): pip install -r requirements-train.txt")
-
-
-def _need_shared() -> None:
-    for path in (LFW, WEIGHTS):
-        if not path.exists():
-            pytest.skip(absent(path))
-    from models import default_detector_path
-
-    if not default_detector_path().is_file():
-        pytest.skip(f"{default_detector_path()} is absent: run `python -m models fetch` first")
-
-
-def selection() -> dict[str, dict[str, list[Path]]]:
-    """{"gallery": {person: photos}, "newcomer": {person: (enroll photos + probes)}}: people with ≥ 14 photos."""
-    people = sorted((d.name, sorted(d.glob("*.jpg"))) for d in LFW.iterdir() if d.is_dir())
-    usable = [(n, f) for n, f in people if len(f) >= 14]
-    gallery = {n: f[:PHOTOS_EACH] for n, f in usable[:GALLERY_PEOPLE]}
-    name, files = usable[GALLERY_PEOPLE]
-    return {"gallery": gallery, "newcomer": {name: files[:14]}}
-
-
-def run_cli(args: list[str], what: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    prefix = ["nice", "-n", "5"] if shutil.which("nice") else []
-    proc = subprocess.run([*prefix, sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    if check and proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{tail}", pytrace=False)
-    return proc
-
-
-def link_tree(root: Path, files: dict[str, list[Path]]) -> None:
-    for person, paths in files.items():
-        (root / person).mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            (root / person / path.name).symlink_to(path)
-
-
-def build_tiny(base: Path) -> dict:
-    """backbone → few-shot run → int8 bundle, by the real CLIs; returns paths and timings."""
-    sel = selection()
-    photos = base / "photos"
-    link_tree(photos, sel["gallery"])
-    cache = base / "cache"
-    timings = {}
-    t0 = time.monotonic()
-    run_cli(["-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out",
-             str(base / "backbone"), "--weights",
-             str(WEIGHTS), "--cache-dir", str(cache / "crops"), "--teacher-cache", str(cache / "teacher.npz"),
-             *BACKBONE_ARGS], "python -m train backbone")
-    timings["backbone_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    run_cli(["-m", "train", "--photos", str(photos), "--out", str(base / "run"), "--backbone", str(base / "backbone"),
-             "--cache-dir", str(cache / "crops"), "--val-fraction", "0.3", "--quiet"], "python -m train --backbone")
-    timings["fewshot_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    # A toy student (64 px, a few steps) on 12 validation faces: one face flipping between float and int8
-    # is 8 points, so the default 2-point guard would make this fixture depend on package versions (it did:
-    # dlib-bin 20.0.1's teacher labels). int8 fidelity of a real embedder is tested in test_dlib_resnet.py.
-    run_cli(["-m", "convert", "--run", str(base / "run"), "--out", str(base / "bundle"), "--max-drop", "20",
-             "--quiet"], "python -m convert (embedding run)")
-    timings["convert_s"] = time.monotonic() - t0
-    (name, files), = sel["newcomer"].items()
-    enroll_dir = base / "newcomer" / name
-    enroll_dir.mkdir(parents=True)
-    for path in files[:ENROLL_PHOTOS]:
-        (enroll_dir / path.name).symlink_to(path)
-    return {"base": base, "backbone": base / "backbone", "run": base / "run", "bundle": base / "bundle",
-            "people": sorted(sel["gallery"]), "newcomer": name, "newcomer_photos": enroll_dir,
-            "newcomer_probes": files[ENROLL_PHOTOS:], "timings": timings}
-
-
-@pytest.fixture(scope="session")
-def tiny_embedding(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    _need_shared()
-    _need_teacher()
-    if "tiny" not in _BUILT:
-        _BUILT["tiny"] = build_tiny(tmp_path_factory.mktemp("tiny-embedding"))
-    return _BUILT["tiny"]
-
+from tests.plugins.bundles import (
+    LFW,
+    WEIGHTS,
+    link_tree,
+    need_student_data,
+    need_teacher,
+    student_selection,
+)
+from tests.plugins.bundles import STUDENT_INPUT_SIZE as INPUT_SIZE
+from tests.plugins.processes import python
 
 # ---------------------------------------------------------------- tests
 
@@ -149,16 +50,17 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_embedding: dict
 def test_distillation_with_the_default_rebuilt_teacher(tmp_path: Path) -> None:
     """The default path: dlib's network rebuilt in Keras labels dlib-chip-v1 views in batches, and the
     student learns from it (a short run: the loss must fall)."""
-    _need_shared()
-    _need_teacher()
+    need_student_data()
+    need_teacher()
     photos = tmp_path / "photos"
-    link_tree(photos, {n: f[:6] for n, f in selection()["gallery"].items()})
+    link_tree(photos, {n: f[:6] for n, f in student_selection()["gallery"].items()})
     out = tmp_path / "backbone"
-    run_cli(["-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out", str(out),
-             "--weights", str(WEIGHTS),
-             "--cache-dir", str(tmp_path / "crops"), "--teacher-cache", str(tmp_path / "teacher.npz"),
-             "--input-size", str(INPUT_SIZE), "--views", "2", "--epochs", "6", "--batch-size", "8", "--lr", "2e-3",
-             "--val-people", "0.25", "-q"], "python -m train backbone (rebuilt teacher)")
+    python("-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out", str(out),
+           "--weights", str(WEIGHTS),
+           "--cache-dir", str(tmp_path / "crops"), "--teacher-cache", str(tmp_path / "teacher.npz"),
+           "--input-size", str(INPUT_SIZE), "--views", "2", "--epochs", "6", "--batch-size", "8", "--lr", "2e-3",
+           "--val-people", "0.25", "-q", what="python -m train backbone (rebuilt teacher)", check=True, nice=True,
+           timeout=900)
     config = json.loads((out / "config.json").read_text())
     history = json.loads((out / "history.json").read_text())
     assert config["teacher"]["kind"] == "rebuilt"
@@ -189,12 +91,12 @@ def test_augmented_views_are_deterministic_and_vary() -> None:
 
 
 def test_teacher_tells_people_apart_on_our_crops_and_caches(tmp_path: Path) -> None:
-    _need_shared()
-    _need_teacher()
+    need_student_data()
+    need_teacher()
     from train.crops import build_crop_set
     from train.teacher import TeacherCache, label_crops
 
-    sel = selection()["gallery"]
+    sel = student_selection()["gallery"]
     files = {n: f[:3] for n, f in list(sel.items())[:2]}
     cs = build_crop_set(LFW, 112, files=files, progress=False)
     assert len(cs) >= 5
@@ -255,6 +157,7 @@ try:
 except WeightsError as exc:
     print("refused", str(exc))
 """
-    out = run_cli(["-c", script], "build_backbone from a distilled student").stdout
+    out = python("-c", script, what="build_backbone from a distilled student", check=True, nice=True,
+                 timeout=900).stdout
     assert "same True" in out and "differs True" in out, out
     assert "refused --weights" in out and "pass --alpha" in out, out

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from device.events import iso_utc
-from tests.fixtures_broker import Subscriber
+from tests.plugins.broker import Subscriber
 
 pytest.importorskip("sqlalchemy",
                     reason="the sightings log needs SQLAlchemy: pip install -r requirements-sightings.txt")
 
-from tests.test_service_mqtt import DEVICE, folder_of_photos, start_daemon, write_config
-from tests.test_sightings import Logger, publish, stored_ids, wait_rows
+from tests.plugins.daemon import DEVICE, folder_of_photos, start_daemon, write_config
+from tests.plugins.sightings import Logger, publish, stored_ids, wait_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.broker

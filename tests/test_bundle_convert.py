@@ -119,7 +119,7 @@ def test_enroll_writes_the_manifest_checksum(
     caplog: pytest.LogCaptureFixture
 ) -> None:
     from device.enroll import enroll
-    from tests.test_fuzz import embedding_base
+    from tests.plugins.bundles import embedding_base
 
     labels = [x for x in (tiny_bundle / "labels.txt").read_text().splitlines() if x.strip()]
     bundle_dir = embedding_base(tiny_bundle, tmp_path / "bundle", labels)

@@ -25,9 +25,10 @@ from device.dispatcher import FrameDone
 from device.events import Cooldown
 from device.loop import FrameLoop
 from device.tracker import Tracker
-from tests.fixtures_broker import Subscriber
-from tests.test_loop import FakeBundle, FakeCapture, FakePipeline, RecordingDispatcher, config
-from tests.test_service_mqtt import DEVICE, events_of, expected_event_labels, finish, start_daemon
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import DEVICE, events_of, expected_event_labels, start_daemon
+from tests.plugins.fakes import FakeBundle, FakeCapture, FakePipeline, RecordingDispatcher, config
+from tests.plugins.processes import finish
 
 # --- the config ----------------------------------------------------------------------------------------------
 

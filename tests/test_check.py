@@ -57,7 +57,7 @@ def empty_gallery_bundle(root: Path, detector: Path) -> Path:
 
     from device.bundle import write_manifest
     from device.preprocess import Preprocessing
-    from tests.test_device_cli import make_loadable_bundle
+    from tests.plugins.bundles import make_loadable_bundle
 
     make_loadable_bundle(root, detector)
     np.savez(root / "gallery.npz", embeddings=np.zeros((0, 16), np.float32), labels=np.array([], dtype=str))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +18,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, absent
+from tests.plugins.processes import python
 
 LFW = SHARED_DATA / "faces" / "lfw-dev"
 HOUSEHOLD_PHOTOS = 10
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
-    return res
+    return python("-m", *args, check=True, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=900)
 
 
 def _link(dest: Path, person: str, photos: list[Path]) -> None:
@@ -37,7 +35,7 @@ def _link(dest: Path, person: str, photos: list[Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def household(tmp_path_factory, detector_path) -> dict:
+def household(tmp_path_factory, detector_path, backbone) -> dict:
     if not LFW.is_dir():
         pytest.skip(absent(LFW))
     try:
@@ -61,8 +59,9 @@ def household(tmp_path_factory, detector_path) -> dict:
     for p in strangers:
         _link(work / "probes", p, photos[p][:3])
     _link(work / "newcomer", newcomer, photos[newcomer][:HOUSEHOLD_PHOTOS])
-    backbone = work / "backbone"
-    _run("train", "backbone", "--arch", "dlib-resnet", "--out", str(backbone), "-q")
+    # A copy of the session's `train backbone --arch dlib-resnet` (tests/plugins/bundles.py): the cohort is
+    # written into the backbone's folder, and the session's must stay without one.
+    backbone = Path(shutil.copytree(backbone, work / "backbone"))
     cohort_out = _run("train", "cohort", "--backbone", str(backbone), "--photos", str(work / "cohort-faces"),
                       "--max-per-person", "30")
     train_out = _run("train", "--photos", str(work / "photos"), "--out", str(work / "run"), "--backbone",

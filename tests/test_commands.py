@@ -66,7 +66,7 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
     import paho.mqtt.publish as mqtt_publish
 
     from device.mqtt import MqttPublisher
-    from tests.test_service_mqtt import mqtt_cfg
+    from tests.plugins.daemon import mqtt_cfg
 
     broker = mosquitto_factory()  # not persistent: the restarted broker knows no subscriptions
     got: list[tuple[str, bytes, str]] = []
@@ -206,13 +206,13 @@ def test_names_that_stay_apart_are_accepted() -> None:
     assert "--replace" in name_problem("bob", ["Bob"], replace=True)
 
 
-def test_enroll_refuses_a_name_that_collides_with_someone_in_the_bundle(tiny_bundle, tmp_path) -> None:
+def test_enroll_refuses_a_name_that_collides_with_someone_in_the_bundle(gallery_bundle, tmp_path) -> None:
     from device.bundle import load_bundle
     from device.enroll import EnrollError, enroll
 
-    person = next(lab for lab in load_bundle(tiny_bundle).labels if "_" in lab)  # LFW names: First_Last
+    person = next(lab for lab in load_bundle(gallery_bundle).labels if "_" in lab)  # LFW names: First_Last
     photos = tmp_path / "photos"
     photos.mkdir()
     for twin in (person.replace("_", " "), person + "/", person.lower()):
         with pytest.raises(EnrollError, match=f"as '{person}'"):
-            enroll(tiny_bundle, twin, photos, min_photos=1)
+            enroll(gallery_bundle, twin, photos, min_photos=1)

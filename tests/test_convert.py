@@ -20,6 +20,7 @@ from device.preprocess import normalize
 from device.runtime import TFLiteModel
 from models import DETECTOR_FILENAME
 from tests.conftest import ROOT
+from tests.plugins.processes import module
 
 TFLITE_PYTHON = ROOT / ".venv-tflite" / "bin" / "python"
 
@@ -29,8 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    return module("convert", *args)
 
 
 def _val_inputs(run: Path, count: int = 8) -> np.ndarray:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,33 +25,28 @@ import pytest
 
 from device.bundle import MANIFEST, load_bundle, write_manifest
 from device.store import BundleStore
-from tests.fixtures_broker import Subscriber
-from tests.test_reload import client_connections
-from tests.test_service_mqtt import finish, folder_of_photos, start_daemon, write_config
-from tests.test_store import assert_owned_like_root, corrupt, pi_root, variant
+from tests.plugins.broker import Subscriber, client_connections
+from tests.plugins.daemon import finish, folder_of_photos, start_daemon, write_config
+from tests.plugins.files import assert_owned_like_root, corrupt, pi_root, variant
+from tests.plugins.processes import free_port, module, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "deploycam"
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("FACEBERRY_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "device", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
-    if check and proc.returncode != 0:
-        pytest.fail(f"device {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return module("device", *args, check=check, what=f"device {' '.join(args)}", unset=["FACEBERRY_CONFIG"],
+                  timeout=180)
 
 
-def test_deploy_switches_versions_rollback_restores_and_a_corrupt_bundle_is_refused(tmp_path, tiny_bundle) -> None:
+def test_deploy_switches_versions_rollback_restores_and_a_corrupt_bundle_is_refused(tmp_path, gallery_bundle) -> None:
     root = pi_root(tmp_path)
     state = tmp_path / "state"
     config = tmp_path / "config.yaml"
     config.write_text(f"bundle: {root / 'current'}\ndevice_id: {DEVICE}\nstate_dir: {state}\n")
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "deploy-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "deploy-v2")
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "deploy-bad"))
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "deploy-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "deploy-v2")
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "deploy-bad"))
 
     first = cli("deploy", "--bundle", str(v1), "--config", str(config))  # the store: the config's current link
     assert "deployed deploy-v1" in first.stdout and "no faceberry daemon is running" in first.stdout
@@ -84,12 +78,6 @@ def test_deploy_switches_versions_rollback_restores_and_a_corrupt_bundle_is_refu
     assert "* deploy-v1 (current)" in text and "  deploy-v2 (previous)" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def sshd(tmp_path: Path):
     """A private sshd on a loopback port accepting a fresh key for this user; skipped where it cannot run."""
@@ -101,10 +89,10 @@ def sshd(tmp_path: Path):
     d = tmp_path / "ssh"
     d.mkdir()
     for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True, timeout=60)
     shutil.copy(d / "client.pub", d / "authorized_keys")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
@@ -117,8 +105,7 @@ def sshd(tmp_path: Path):
             for _ in range(50):
                 if proc.poll() is not None:
                     pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-                if subprocess.run([*ssh.split(), f"{getpass.getuser()}@localhost", "true"], capture_output=True,
-                                  timeout=20).returncode == 0:
+                if run([*ssh.split(), f"{getpass.getuser()}@localhost", "true"], timeout=20).returncode == 0:
                     break
                 time.sleep(0.2)
             else:
@@ -129,10 +116,10 @@ def sshd(tmp_path: Path):
             proc.wait(10)
 
 
-def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, tiny_bundle, sshd: str) -> None:
+def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, gallery_bundle, sshd: str) -> None:
     root = pi_root(tmp_path)
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "ssh-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "ssh-v2")
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "ssh-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "ssh-v2")
     host = f"{getpass.getuser()}@localhost"
     # The host's faceberry: this checkout's, as /opt/faceberry/venv/bin/faceberry would be on a Pi.
     remote = f"env PYTHONPATH={ROOT} {sys.executable} -m device"
@@ -143,7 +130,7 @@ def test_deploy_over_ssh_and_rsync_to_localhost(tmp_path, tiny_bundle, sshd: str
     assert os.readlink(root / "current") == "ssh-v2" and os.readlink(root / "previous") == "ssh-v1"
     assert_owned_like_root(root / "ssh-v2", root)
     assert not list(root.glob(".incoming-*"))  # the rsynced copy was moved into place
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "ssh-bad"))
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "ssh-bad"))
     refused = cli("deploy", "--bundle", str(bad), "--host", host, "--store", str(root), "--ssh", sshd,
                   "--remote-command", remote, "--remote-sudo", "", check=False)
     assert refused.returncode == 2 and "sha256" in refused.stderr  # refused here, before copying
@@ -166,13 +153,13 @@ def _wait_status(path: Path, predicate, timeout: float = 60) -> dict:
 
 @pytest.mark.broker
 def test_deploy_and_rollback_reload_the_running_daemon_in_place(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory()
     root = pi_root(tmp_path)
-    v1 = variant(tiny_bundle, tmp_path / "src" / "v1", "live-v1")
-    v2 = variant(tiny_bundle, tmp_path / "src" / "v2", "live-v2")
+    v1 = variant(gallery_bundle, tmp_path / "src" / "v1", "live-v1")
+    v2 = variant(gallery_bundle, tmp_path / "src" / "v2", "live-v2")
     # Checksums right, model garbage: load_bundle accepts it, LiteRT cannot load it.
-    garbage = variant(tiny_bundle, tmp_path / "src" / "garbage", "live-garbage")
+    garbage = variant(gallery_bundle, tmp_path / "src" / "garbage", "live-garbage")
     manifest = json.loads((garbage / MANIFEST).read_text())
     (garbage / manifest["classifier"]["file"]).write_bytes(b"not a tflite model" * 64)
     files = list(manifest.pop("files"))

@@ -16,16 +16,16 @@ import pytest
 import yaml
 
 from device import cli
-from device.bundle import write_manifest
 from device.config import CREDENTIAL_NAME
-from device.preprocess import Preprocessing
+from tests.plugins.broker import make_tls, password_file
+from tests.plugins.files import write_frame
+from tests.plugins.processes import module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def device_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "device", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "FACEBERRY_LOG_LEVEL": "INFO"})
+    return module("device", *args, timeout=timeout, env={"FACEBERRY_LOG_LEVEL": "INFO"})
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -35,33 +35,6 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
-
-
-def make_loadable_bundle(root: Path, detector: Path, name: str = "person") -> Path:
-    """A bundle at `root` that loads through the real code path, without a training run.
-
-    Its "classifier" is the BlazeFace model itself (a real 128×128 LiteRT model), so it recognises
-    nobody: it exists for the paths that only need a bundle to load (errors, check, camera failures,
-    install.sh); `name` makes its labels (and so its bundle_id) differ from another one's.
-    """
-    root.mkdir()
-    shutil.copy(detector, root / "face_detection_short_range.tflite")
-    shutil.copy(detector, root / "classifier.tflite")
-    # BlazeFace's first output has 16 values per anchor: as many "people" as the softmax check wants.
-    (root / "labels.txt").write_text("".join(f"{name}{i}\n" for i in range(16)))
-    write_manifest(root, {
-        "classifier": {"file": "classifier.tflite", "kind": "softmax", "quantization": "float32"},
-        "detector": {"file": "face_detection_short_range.tflite"},
-        "labels": {"file": "labels.txt", "count": 16},
-        "preprocessing": Preprocessing(input_size=128).to_dict(),
-        "thresholds": {"accept": 0.9, "target_far": 0.01},
-    }, ["classifier.tflite", "face_detection_short_range.tflite", "labels.txt"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
-    return make_loadable_bundle(tmp_path_factory.mktemp("bundle") / "bundle", detector_path)
 
 
 def make_config(tmp_path: Path, bundle: Path | str, camera: dict | None = None, port: int = 1, **extra) -> Path:
@@ -208,13 +181,6 @@ def test_folder_with_unreadable_images_only_runs_and_ends(tmp_path: Path, loadab
 
 # --- check -----------------------------------------------------------------------------------------------
 
-def write_frame(folder: Path) -> None:
-    import cv2
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / "frame.png"), np.full((48, 64, 3), 128, np.uint8))
-
 
 def test_check_all_ok(tmp_path: Path, loadable_bundle: Path, mosquitto) -> None:
     write_frame(tmp_path / "pics")
@@ -250,7 +216,7 @@ def test_check_stops_at_a_bad_config(tmp_path: Path) -> None:
 
 
 def _closed_port() -> int:
-    from tests.fixtures_broker import free_port
+    from tests.plugins.processes import free_port
 
     return free_port()  # bound and released: nothing listens there
 
@@ -496,34 +462,13 @@ def test_installer_refuses_a_non_bundle(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "is not a bundle" in proc.stderr
 
 
-
 # --- broker authentication and TLS, checked against a real mosquitto ------------------------------------
 
-def _tls_material(tmp: Path) -> dict[str, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=faceberry test CA",
-        "-keyout", "ca.key", "-out", "ca.crt")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-extfile", "ext.cnf", "-out", "server.crt")
-    return {name: tmp / f"{name}" for name in ("ca.crt", "server.crt", "server.key")}
-
-
 def test_check_broker_with_password_and_tls(tmp_path: Path, mosquitto_factory) -> None:
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.skip("mosquitto_passwd is not installed")
-    certs = _tls_material(tmp_path)
-    passwords = tmp_path / "mosquitto.passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "pi", "correct horse"], check=True, timeout=30)
-    broker = mosquitto_factory(anonymous=False, extra_config=(
-        f"password_file {passwords}\ncafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\n"
-        f"keyfile {certs['server.key']}"))
+    tls = make_tls(tmp_path, "IP:127.0.0.1")
+    passwords = password_file(tmp_path, "pi", "correct horse", name="mosquitto.passwd")
+    broker = mosquitto_factory(anonymous=False, extra_config=f"password_file {passwords}\n{tls.listener_config()}")
+    certs = {"ca.crt": tls.ca}
 
     def check(password: str, tls: dict) -> dict[str, str]:
         (tmp_path / "pw").write_text(password + "\n")

@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 
 from device.outbox import Outbox, salvage
-from tests.fixtures_broker import Subscriber
-from tests.test_outbox import damage
-from tests.test_service_mqtt import DEVICE, ROOT, folder_of_photos, start_daemon, write_config
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import DEVICE, folder_of_photos, start_daemon, write_config
+from tests.plugins.files import damage
+from tests.plugins.processes import start
 
 pytestmark = pytest.mark.broker
 
@@ -82,9 +83,8 @@ class Daemon:
         if pages is None:
             self.proc = start_daemon(config)
         else:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "FACEBERRY_TEST_OUTBOX_PAGES": str(pages)}
-            self.proc = subprocess.Popen([sys.executable, "-c", LIMITED, "run", "--config", str(config)], cwd=ROOT,
-                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.proc = start([sys.executable, "-c", LIMITED, "run", "--config", str(config)],
+                              env={"FACEBERRY_TEST_OUTBOX_PAGES": str(pages)})
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -158,13 +158,13 @@ def full_state_dir(tmp_path: Path, how: str) -> Iterator[tuple[Path, int | None,
 
 @pytest.mark.parametrize("how", ["tmpfs", "max_page_count"])
 def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos, how) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos, how) -> None:
     broker = mosquitto_factory(persistent=True)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/events", session="faceberry-test-full")
     broker.stop()  # away for the whole time the disk is full
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=3, broken=False)
     with full_state_dir(tmp_path, how) as (state, limit, free):
-        config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+        config = write_config(tmp_path / "config.yaml", gallery_bundle, broker,
                               {"device": str(tmp_path / "camera"), "loop": True},
                               events={"unknown": True, "snapshots": True, "cooldown": 0},
                               memory={"strangers": True})
@@ -240,7 +240,7 @@ def test_a_full_state_dir_while_the_broker_is_away_loses_nothing_it_says_it_kept
 
 
 def test_the_daemon_starts_over_damaged_state_files_and_delivers_what_was_readable(
-        tmp_path, mosquitto, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto, gallery_bundle, heldout_photos) -> None:
     # A power cut on an SD card, everywhere at once: the outbox damaged mid-file, NaN corrections, a
     # stranger memory cut short, a discovery record that is not JSON, a recent face whose face.json is junk.
     state = tmp_path / "state"
@@ -267,7 +267,7 @@ def test_the_daemon_starts_over_damaged_state_files_and_delivers_what_was_readab
     (face / "face.json").write_text("[1, 2")
 
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")},
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(tmp_path / "camera")},
                           events={"homeassistant": True}, memory={"strangers": True},
                           homeassistant={"commands": True})
     sub = Subscriber(mosquitto.host, mosquitto.port, f"faceberry/{DEVICE}/events")

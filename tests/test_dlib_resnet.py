@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, absent
+from tests.plugins.processes import python
 
 CELEBS = SHARED_DATA / "faces" / "five-celebrities"
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -43,9 +44,7 @@ def _weights_path() -> Path:
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return python("-m", *args, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=timeout)
 
 
 # ---------------------------------------------------------------- the weights file
@@ -97,15 +96,15 @@ def test_mobilenetv2_backbone_still_needs_photos(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dlib_bundle(tmp_path_factory, detector_path) -> dict[str, Path]:
-    """backbone → few-shot gallery of five-celebrities/train → int8 bundle, with the user's commands."""
+def dlib_bundle(tmp_path_factory, detector_path, backbone) -> dict[str, Path]:
+    """The session's backbone (tests/plugins/bundles.py: `train backbone --arch dlib-resnet`) → few-shot gallery
+    of five-celebrities/train → int8 bundle, with the user's commands."""
     _dlib_or_skip()
     if not CELEBS.is_dir() or not LFW.is_dir():
         pytest.skip(absent(CELEBS, LFW))
     work = tmp_path_factory.mktemp("dlib")
-    paths = {"backbone": work / "backbone", "run": work / "run", "bundle": work / "bundle", "work": work}
+    paths = {"backbone": backbone, "run": work / "run", "bundle": work / "bundle", "work": work}
     steps = [
-        ("train", "backbone", "--arch", "dlib-resnet", "--out", str(paths["backbone"]), "-q"),
         ("train", "--photos", str(CELEBS / "train"), "--out", str(paths["run"]), "--backbone",
          str(paths["backbone"]), "--cache-dir", str(work / "crops"), "-q"),
         ("convert", "--run", str(paths["run"]), "--out", str(paths["bundle"])),

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.test_backbone import run_cli, tiny_embedding  # noqa: F401 - the shared session fixture
+from tests.plugins.processes import python
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -20,7 +20,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_path: Path) -> None:
     from device.bundle import load_bundle
     from device.classifier import FaceClassifier
     from device.pipeline import FacePipeline
@@ -29,8 +29,9 @@ def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_p
     bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
     before = load_bundle(bundle_dir)
     name = tiny_embedding["newcomer"]
-    proc = run_cli(["-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", name,
-                    "--photos", str(tiny_embedding["newcomer_photos"])], "python -m device enroll")
+    proc = python("-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", name,
+                  "--photos", str(tiny_embedding["newcomer_photos"]), what="python -m device enroll", check=True,
+                  timeout=900)
     assert f"enrolled {name}" in proc.stdout
     after = load_bundle(bundle_dir)  # checksums verified
     assert after.labels == [*before.labels, name]
@@ -54,22 +55,22 @@ def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_p
     assert isinstance(FaceClassifier(after).classify(np.zeros((64, 64, 3), np.uint8)).label, str)
 
 
-def test_enroll_refuses_photos_without_a_usable_face(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_enroll_refuses_photos_without_a_usable_face(tiny_embedding: dict, tmp_path: Path) -> None:
     bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
     manifest = (bundle_dir / "manifest.json").read_bytes()
     photos = tmp_path / "photos"
     photos.mkdir()
     cv2.imwrite(str(photos / "wall.jpg"), np.full((240, 320, 3), 180, np.uint8))
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    proc = run_cli(["-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", "Nobody", "--photos",
-                    str(photos)], "enroll", check=False)
+    proc = python("-m", "device", "enroll", "--bundle", str(bundle_dir), "--name", "Nobody", "--photos",
+                    str(photos), what="enroll", check=False)
     assert proc.returncode != 0
     assert "wall.jpg" in proc.stderr and "broken.jpg" in proc.stderr
     assert "error:" in proc.stderr and "usable face" in proc.stderr
     assert (bundle_dir / "manifest.json").read_bytes() == manifest  # untouched
 
 
-def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tmp_path: Path) -> None:
     from device.bundle import MANIFEST, write_manifest
     from device.enroll import EnrollError, enroll
 
@@ -84,7 +85,7 @@ def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tm
         enroll(bundle_dir, "Someone", tiny_embedding["newcomer_photos"])
 
 
-def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path,  # noqa: F811
+def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import device.enroll as enroll_mod
     from device.bundle import load_bundle
@@ -110,12 +111,12 @@ def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path
 
 
 def test_enroll_into_a_pi_store_writes_a_new_version_the_service_can_read(
-        tiny_embedding: dict, tmp_path: Path) -> None:  # noqa: F811
+        tiny_embedding: dict, tmp_path: Path) -> None:
     """The Pi's layout: /var/lib/faceberry/bundles/<id>/ and `current`; enroll as root, service user reads it."""
     from device.bundle import load_bundle
     from device.enroll import enroll
     from device.store import BundleStore
-    from tests.test_store import OTHER_ID, assert_owned_like_root, pi_root
+    from tests.plugins.files import OTHER_ID, assert_owned_like_root, pi_root
 
     root = pi_root(tmp_path)  # as root: owned by 65534:65534, standing in for faceberry:faceberry
     store = BundleStore(root)
@@ -126,8 +127,9 @@ def test_enroll_into_a_pi_store_writes_a_new_version_the_service_can_read(
     name = tiny_embedding["newcomer"]
 
     # --bundle defaults to the config's `bundle:` (the current link): a new version, not an in-place edit.
-    proc = run_cli(["-m", "device", "enroll", "--config", str(config), "--name", name,
-                    "--photos", str(tiny_embedding["newcomer_photos"])], "python -m device enroll (store)")
+    proc = python("-m", "device", "enroll", "--config", str(config), "--name", name,
+                  "--photos", str(tiny_embedding["newcomer_photos"]), what="python -m device enroll (store)",
+                  check=True, timeout=900)
     new = os.readlink(root / "current")
     assert new != first and "/" not in new  # a relative link to a sibling version
     assert os.readlink(root / "previous") == first

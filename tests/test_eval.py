@@ -1,4 +1,4 @@
-"""`python -m device eval` on the tiny bundle and held-out photos of its people (plus strangers).
+"""`python -m device eval` on the gallery bundle and held-out photos of its people (plus strangers).
 
 Every figure the command reports is recounted here from its per-probe results, so a wrong
 aggregation fails, and accuracy is compared with chance computed from the number of people.
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
-def eval_result(tiny_bundle, heldout_photos, tmp_path_factory) -> dict:
+def eval_result(gallery_bundle, heldout_photos, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval") / "eval.json"
-    rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(heldout_photos), "--json", str(out)])
+    rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(heldout_photos), "--json", str(out)])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -47,9 +47,9 @@ def test_json_has_the_documented_keys_and_types(eval_result):
         assert 0.0 < stat["median"] <= stat["p95"], stage
 
 
-def test_per_person_figures_match_a_recount_and_beat_chance(eval_result, tiny_bundle_people):
+def test_per_person_figures_match_a_recount_and_beat_chance(eval_result, gallery_people):
     probes = eval_result["probes"]
-    people = set(tiny_bundle_people)
+    people = set(gallery_people)
     assert set(eval_result["per_person"]) == {p["folder"] for p in probes if p["folder"] in people}
     for person, row in eval_result["per_person"].items():
         mine = [p for p in probes if p["folder"] == person]
@@ -79,9 +79,9 @@ def test_per_person_figures_match_a_recount_and_beat_chance(eval_result, tiny_bu
     assert mean_accuracy > chance, eval_result["per_person"]
 
 
-def test_strangers_false_accept_rate_is_consistent_with_the_counts(eval_result, tiny_bundle_people):
+def test_strangers_false_accept_rate_is_consistent_with_the_counts(eval_result, gallery_people):
     probes = eval_result["probes"]
-    strangers = [p for p in probes if p["folder"] not in set(tiny_bundle_people)]
+    strangers = [p for p in probes if p["folder"] not in set(gallery_people)]
     assert strangers, "heldout_photos should hold a stranger folder"
     assert all(p["truth"] == UNKNOWN and not p["known"] for p in strangers)
     found = [p for p in strangers if p["faces"] > 0]
@@ -99,10 +99,10 @@ def test_strangers_false_accept_rate_is_consistent_with_the_counts(eval_result, 
     assert eval_result["no_face_rate"] == pytest.approx(no_face / len(probes))
 
 
-def test_probe_results_are_the_device_pipelines(eval_result, tiny_bundle, heldout_photos):
+def test_probe_results_are_the_device_pipelines(eval_result, gallery_bundle, heldout_photos):
     """A probe re-run through FacePipeline directly gives the same answer: eval takes no shortcut."""
     probe = next(p for p in eval_result["probes"] if p["faces"] == 1)
-    pipeline = FacePipeline(load_bundle(tiny_bundle), num_threads=1)
+    pipeline = FacePipeline(load_bundle(gallery_bundle), num_threads=1)
     result = pipeline.process(load_image(heldout_photos / probe["path"]))
     assert len(result.recognitions) == 1
     pred = result.recognitions[0].prediction
@@ -110,7 +110,7 @@ def test_probe_results_are_the_device_pipelines(eval_result, tiny_bundle, heldou
     assert pred.score == pytest.approx(probe["score"], abs=1e-5)
 
 
-def test_unreadable_and_faceless_photos_are_counted_and_skipped(tiny_bundle, heldout_photos, tmp_path, caplog,
+def test_unreadable_and_faceless_photos_are_counted_and_skipped(gallery_bundle, heldout_photos, tmp_path, caplog,
                                                                 capsys):
     photos = tmp_path / "photos"
     person = next(d for d in sorted(heldout_photos.iterdir()) if d.is_dir())
@@ -121,7 +121,7 @@ def test_unreadable_and_faceless_photos_are_counted_and_skipped(tiny_bundle, hel
     cv2.imwrite(str(photos / person.name / "no_face.png"), blank)
     out = tmp_path / "eval.json"
     with caplog.at_level(logging.WARNING, logger="device.evaluate"):
-        rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(photos), "--json", str(out)])
+        rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(photos), "--json", str(out)])
     assert rc == 0
     assert "corrupt.jpg" in caplog.text
     result = json.loads(out.read_text())
@@ -135,8 +135,8 @@ def test_unreadable_and_faceless_photos_are_counted_and_skipped(tiny_bundle, hel
 
 
 @pytest.mark.parametrize("what", ["bundle", "photos", "empty"])
-def test_bad_input_is_one_line_error_and_nonzero_exit(what, tiny_bundle, heldout_photos, tmp_path, capsys):
-    bundle, photos = tiny_bundle, heldout_photos
+def test_bad_input_is_one_line_error_and_nonzero_exit(what, gallery_bundle, heldout_photos, tmp_path, capsys):
+    bundle, photos = gallery_bundle, heldout_photos
     if what == "bundle":
         bundle = tmp_path / "no-such-bundle"
     elif what == "photos":

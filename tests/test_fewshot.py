@@ -6,10 +6,8 @@ import json
 
 import numpy as np
 
-from tests.test_backbone import tiny_embedding  # noqa: F401 - the shared session fixture
 
-
-def test_fewshot_run_dir_follows_the_contract(tiny_embedding: dict) -> None:  # noqa: F811
+def test_fewshot_run_dir_follows_the_contract(tiny_embedding: dict) -> None:
     run = tiny_embedding["run"]
     people = tiny_embedding["people"]
     config = json.loads((run / "config.json").read_text())
@@ -36,7 +34,7 @@ def test_fewshot_run_dir_follows_the_contract(tiny_embedding: dict) -> None:  # 
     assert (run / "model.keras").is_file()
 
 
-def test_int8_embedding_bundle_recognises_validation_faces(tiny_embedding: dict) -> None:  # noqa: F811
+def test_int8_embedding_bundle_recognises_validation_faces(tiny_embedding: dict) -> None:
     from device.bundle import load_bundle
     from device.classifier import FaceClassifier
 

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,9 @@ from device.contract import IMAGE_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
 from device.preprocess import MAX_IMAGE_PIXELS, ImageError, load_image
 from device.runtime import ModelError
 from tests.conftest import ROOT
-from tests.test_image_limits import LIARS, png_claiming
+from tests.plugins.bundles import embedding_base
+from tests.plugins.files import LIARS, png_claiming
+from tests.plugins.processes import module
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "11"))
 EXAMPLE_CONFIG = ROOT / "systemd" / "faceberry.example.yaml"
@@ -306,25 +307,6 @@ def write_bundle(case: BundleCase, bases: dict[str, Path], dest: Path) -> Path:
         (dest / MANIFEST_SHA256).write_bytes(b"\xff\xfe\x00garbage")
     elif case.sign == "dir":
         (dest / MANIFEST_SHA256).mkdir()
-    return dest
-
-
-def embedding_base(softmax: Path, dest: Path, people: list[str]) -> Path:
-    """The tiny softmax bundle presented as an embedding bundle: its outputs (one per label) are the
-    embeddings, so galleries of the right and the wrong dimension can be made without another model."""
-    dest.mkdir(parents=True)
-    for src in softmax.iterdir():
-        if src.name not in (MANIFEST, MANIFEST_SHA256):
-            (dest / src.name).symlink_to(src.resolve())
-    emb = np.eye(len(people), dtype=np.float32)
-    (dest / "gallery.npz").write_bytes(_npz(embeddings=emb, labels=np.array(people)))
-    manifest = json.loads((softmax / MANIFEST).read_text())
-    manifest["classifier"]["kind"] = "embedding"
-    manifest["gallery"] = {"file": "gallery.npz"}
-    manifest["files"]["gallery.npz"] = hashlib.sha256((dest / "gallery.npz").read_bytes()).hexdigest()
-    data = json.dumps(manifest, indent=1).encode()
-    (dest / MANIFEST).write_bytes(data)
-    (dest / MANIFEST_SHA256).write_text(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n")
     return dest
 
 
@@ -651,12 +633,9 @@ class Run:
 
 
 def _run(run: Run) -> tuple[Run, subprocess.CompletedProcess[str] | None]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", FACEBERRY_LOG_LEVEL="WARNING")
-    for key in [k for k in env if k.startswith("FACEBERRY_MQTT") or k == "FACEBERRY_DEVICE_ID"]:
-        del env[key]
     try:
-        proc = subprocess.run([sys.executable, "-m", "device", *run.argv], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=SUBPROCESS_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        proc = module("device", *run.argv, env={"FACEBERRY_LOG_LEVEL": "WARNING"},
+                      unset=["FACEBERRY_MQTT*", "FACEBERRY_DEVICE_ID"], timeout=SUBPROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return run, None
     return run, proc

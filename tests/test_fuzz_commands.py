@@ -1,5 +1,5 @@
 """Fuzz of the command topic (issue 21): hundreds of hostile payloads, made here from a seeded generator, through
-`device.commands.parse` and through the daemon's own handler (a real Service on the tiny bundle, its answers
+`device.commands.parse` and through the daemon's own handler (a real Service on the gallery bundle, its answers
 read back from the real outbox); then a real daemon against a real mosquitto, stopped and started with a
 hostile message retained on its command topic.
 
@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -29,6 +27,7 @@ from hypothesis import strategies as st
 
 from device import homeassistant as ha
 from device.commands import MAX_DEPTH, CommandError, parse
+from tests.plugins.daemon import Daemon
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "21"))
 LIMIT = 4096
@@ -228,16 +227,16 @@ def test_ids_the_daemon_makes_are_valid() -> None:
 # --- the daemon's own handler, in process --------------------------------------------------------------------
 
 @pytest.fixture
-def service(tmp_path: Path, tiny_bundle: Path):
-    """A real daemon (device.app.build) on the tiny bundle with commands on, never started: its publisher
+def service(tmp_path: Path, gallery_bundle: Path):
+    """A real daemon (device.app.build) on the gallery bundle with commands on, never started: its publisher
     writes the answers to the real outbox, where the test reads them back."""
     from device.app import build
     from device.config import load_config
-    from tests.test_service_mqtt import write_config
+    from tests.plugins.daemon import write_config
 
     camera = tmp_path / "camera"
     camera.mkdir()
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, SimpleNamespace(host="127.0.0.1", port=1),
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, SimpleNamespace(host="127.0.0.1", port=1),
                           {"device": str(camera)}, homeassistant={"commands": True},
                           memory={"strangers": True}, events={"homeassistant": True})
     data = config.read_text().replace("device_id: testcam", f"device_id: {DEVICE}")
@@ -314,7 +313,7 @@ def test_the_handler_answers_every_hostile_message_and_logs_one_safe_line(
 @given(payload=random_payloads)
 def test_the_handler_answers_random_bytes_and_mutations_once(service: Any, payload: bytes) -> None:
     # The 8 random and 40 mutated payloads the seeded generator gave the handler before, drawn by hypothesis.
-    assistant = service.assistant
+    assistant = Inbound(service)
     before = len(answers(service))
     assistant._queue(COMMAND_TOPIC, payload, False)
     assistant.tick()
@@ -358,32 +357,11 @@ def test_a_retained_command_is_answered_once_and_cleared(service: Any) -> None:
 
 # --- a real daemon and a real mosquitto ---------------------------------------------------------------------
 
-class Daemon:
-    def __init__(self, config: Path) -> None:
-        from tests.test_service_mqtt import start_daemon
-
-        self.proc = start_daemon(config)
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-
-    def stop(self) -> str:
-        from tests.test_service_mqtt import finish
-
-        assert self.proc.poll() is None, "".join(self.log)[-3000:]
-        self.proc.send_signal(signal.SIGTERM)
-        rc, _ = finish(self.proc, timeout=60)
-        self._reader.join(5)
-        err = "".join(self.log)
-        assert rc == 0, err[-3000:]
-        assert "Traceback" not in err, err[-3000:]
-        return err
-
 
 def daemon_config(tmp_path: Path, bundle: Path, broker, camera: Path) -> Path:
     import yaml
 
-    from tests.test_service_mqtt import write_config
+    from tests.plugins.daemon import write_config
 
     config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8},
                           homeassistant={"commands": True}, events={"homeassistant": True})
@@ -402,7 +380,7 @@ def send(broker, payload: bytes, retain: bool = False) -> None:
 
 
 def retained_on(broker, topic: str, wait: float = 1.5) -> bytes | None:
-    from tests.fixtures_broker import Subscriber
+    from tests.plugins.broker import Subscriber
 
     sub = Subscriber(broker.host, broker.port, topic)
     time.sleep(wait)
@@ -418,20 +396,20 @@ def corrections(state: Path) -> int:
 
 @pytest.mark.broker
 def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
-    from tests.fixtures_broker import Subscriber
-    from tests.test_service_mqtt import folder_of_photos
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
+    from tests.plugins.broker import Subscriber
+    from tests.plugins.daemon import folder_of_photos
 
     broker = mosquitto_factory()
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=1, broken=False)
-    config = daemon_config(tmp_path, tiny_bundle, broker, camera)
+    config = daemon_config(tmp_path, gallery_bundle, broker, camera)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
     events = f"faceberry/{DEVICE}/events"
     try:
         # The 990 '[' retained before the daemon ever started: it starts, answers, runs on.
         send(broker, b"[" * 990, retain=True)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: any(json.loads(p)["label"] != "unknown" for t, p, _ in m if t == events), 120), \
             "".join(d.log)[-3000:]
         assert sub.wait_for(lambda m: len(results(sub)) >= 1, 30)
@@ -453,7 +431,7 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
         # Restart: the retained "wrong" is answered as ignored, does not run again, and is cleared.
         mark = len(sub.messages)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: len(results(sub, mark)) >= 1, 60), "".join(d.log)[-3000:]
         again = results(sub, mark)[0]
         assert again["ok"] is False and again["request_id"] == "w1" and "retained" in again["message"], again
@@ -464,7 +442,7 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
         # Once more: nothing retained any more, nothing answered, the daemon starts and stops cleanly.
         mark = len(sub.messages)
-        d = Daemon(config)
+        d = Daemon(config, stays_up=True)
         assert sub.wait_for(lambda m: any(t == events for t, _, _ in m[mark:]), 120)
         err += d.stop()
         assert results(sub, mark) == []
@@ -476,22 +454,22 @@ def test_hostile_and_retained_commands_never_stop_the_daemon_across_restarts(
 
 
 @pytest.mark.broker
-def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory, tiny_bundle) -> None:
+def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory, gallery_bundle) -> None:
     import cv2
     import numpy as np
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from tests.fixtures_broker import Subscriber
+    from tests.plugins.broker import Subscriber
 
     broker = mosquitto_factory()
     camera = tmp_path / "camera"
     camera.mkdir()
     for i in range(3):
         cv2.imwrite(str(camera / f"blank_{i}.jpg"), np.full((120, 160, 3), 128, np.uint8))
-    config = daemon_config(tmp_path, tiny_bundle, broker, camera)
+    config = daemon_config(tmp_path, gallery_bundle, broker, camera)
     sub = Subscriber(broker.host, broker.port, RESULT_TOPIC)
-    d = Daemon(config)
+    d = Daemon(config, stays_up=True)
     try:
         online = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/status")
         assert online.wait_for(lambda m: any(p == b"online" for _, p, _ in m), 60), "".join(d.log)[-3000:]

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -23,24 +22,11 @@ import yaml
 
 from device import homeassistant as ha
 from device.events import status_topic
-from tests.fixtures_broker import Subscriber
-from tests.test_backbone import tiny_embedding  # noqa: F401 - the shared session fixture
-from tests.test_reload import client_connections
-from tests.test_service_mqtt import finish, start_daemon, write_config
+from tests.plugins.broker import Subscriber, client_connections
+from tests.plugins.daemon import Daemon, blank, ha_config, link, predictions, write_config
 
 DEVICE = "hacam"
 DP = "homeassistant"
-MARGIN = 0.02  # photos chosen as test cases score at least this far from the threshold
-
-
-@pytest.fixture(scope="session")
-def tiny(request: pytest.FixtureRequest) -> dict:
-    """The session's `tiny_embedding` bundle; FACEBERRY_TINY_EMBEDDING=<its summary .json> reuses a build
-    (a developer re-running these tests saves the minute it takes)."""
-    cached = os.environ.get("FACEBERRY_TINY_EMBEDDING")
-    if cached:
-        return json.loads(Path(cached).read_text())
-    return request.getfixturevalue("tiny_embedding")
 
 
 # --- pure builders --------------------------------------------------------------------------------------------
@@ -230,14 +216,6 @@ def test_diagnostics_payload_and_temperature(tmp_path: Path) -> None:
 
 # --- the daemon through a real mosquitto -------------------------------------------------------------------
 
-def blank(path: Path) -> None:
-    """A frame with no face (the person has left)."""
-    cv2.imwrite(str(path), np.full((240, 320, 3), 128, np.uint8))
-
-
-def link(src: Path, dest: Path) -> None:
-    dest.symlink_to(Path(src).resolve())
-
 
 def face_then_blanks(tmp_path: Path, photo: Path, blanks: int, name: str = "a_person.jpg") -> Path:
     """A camera folder: one face, then `blanks` empty frames (the person leaves, so the track ends)."""
@@ -257,77 +235,6 @@ def gallery_photo(tiny: dict) -> tuple[str, Path]:
             if label == person:
                 return person, photo
     raise AssertionError("the tiny bundle recognises none of its people's training photos")
-
-
-def predictions(bundle: Path, photos: list[Path], threshold: float | None = None) -> list[tuple[str, str, np.ndarray]]:
-    """(label or "borderline", best, embedding) of each photo's widest face, with the daemon's own pipeline."""
-    from device.bundle import load_bundle
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
-
-    pipe = FacePipeline(load_bundle(bundle), num_threads=2)
-    if threshold is not None:
-        pipe.classifier.threshold = threshold
-    out = []
-    for photo in photos:
-        rec = max(pipe.process(load_image(photo)).recognitions, key=lambda r: r.face.width)
-        # A score this near the threshold could fall on either side in the daemon (other thread counts):
-        # such a photo is no test case.
-        near = abs(rec.prediction.score - pipe.classifier.threshold) < MARGIN
-        out.append(("borderline" if near else rec.prediction.label, rec.prediction.best, rec.vector))
-    return out
-
-
-class Daemon:
-    """`python -m device run` as a subprocess, its log collected, and a subscriber to everything."""
-
-    def __init__(self, config: Path, broker) -> None:
-        self.broker = broker
-        self.sub = Subscriber(broker.host, broker.port, "#")
-        self.proc = start_daemon(config)
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-
-    def text(self) -> str:
-        return "".join(self.log)[-4000:]
-
-    def wait(self, predicate, timeout: float = 60) -> None:
-        assert self.sub.wait_for(predicate, timeout), self.text()
-
-    def json_on(self, topic: str, start: int = 0) -> list[dict]:
-        return [json.loads(p) for t, p, _ in list(self.sub.messages)[start:] if t == topic and p]
-
-    def send(self, payload: bytes | str, topic: str | None = None) -> int:
-        mark = len(self.sub.messages)
-        mqtt_publish.single(topic or ha.command_topic("faceberry", DEVICE), payload, qos=1,
-                            hostname=self.broker.host, port=self.broker.port)
-        return mark
-
-    def result_after(self, mark: int, timeout: float = 120) -> dict:
-        topic = ha.command_result_topic("faceberry", DEVICE)
-        self.wait(lambda m: any(t == topic for t, _, _ in m[mark:]), timeout)
-        return self.json_on(topic, mark)[0]
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc, _ = finish(self.proc, timeout=60)
-        self._reader.join(5)
-        self.sub.close()
-        err = "".join(self.log)
-        assert rc == 0, err[-4000:]
-        assert "Traceback" not in err, err[-4000:]
-        return err
-
-
-def ha_config(tmp_path: Path, bundle: Path, broker, camera: Path, stats_interval: float = 1, **sections) -> Path:
-    config = write_config(tmp_path / "config.yaml", bundle, broker, {"device": str(camera), "loop": True, "fps": 8},
-                          events={"homeassistant": True}, **sections)
-    data = yaml.safe_load(config.read_text())
-    data.update(device_id=DEVICE, stats_interval=stats_interval)
-    config.write_text(yaml.safe_dump(data))
-    return config
 
 
 @pytest.mark.broker
@@ -538,7 +445,7 @@ def without_person(source: Path, dest: Path, person: str) -> Path:
 
 @pytest.mark.broker
 def test_a_person_removed_by_a_reload_loses_their_entities(tmp_path, mosquitto_factory, tiny) -> None:
-    from tests.test_reload import switch_current
+    from tests.plugins.daemon import switch_current
 
     broker = mosquitto_factory()
     store = tmp_path / "store"

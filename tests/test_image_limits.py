@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
@@ -25,72 +23,7 @@ import pytest
 from device.contract import OPENCV_SUFFIXES
 from device.preprocess import MAX_IMAGE_PIXELS, ImageError, image_size, load_image
 from tests.conftest import ROOT, need_shared
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_claiming(width: int, height: int, idat: bytes = b"") -> bytes:
-    """A PNG whose IHDR claims width×height RGB pixels, followed by `idat` as its compressed data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat or zlib.compress(b"\0" * 64)) \
-        + _chunk(b"IEND", b"")
-
-
-def png_bomb(side: int = 12000) -> bytes:
-    """A valid side×side black PNG: deflate squeezes its 432 MB of rows into about 0.4 MB."""
-    row = b"\0" * (1 + 3 * side)  # filter byte + RGB
-    comp = zlib.compressobj(9)
-    parts = [comp.compress(row) for _ in range(side)]
-    parts.append(comp.flush())
-    return png_claiming(side, side, b"".join(parts))
-
-
-def _small(ext: str, params: list[int] | None = None) -> bytearray:
-    img = np.full((24, 32, 3), 90, np.uint8)
-    ok, buf = cv2.imencode(ext, img, params or [])
-    assert ok
-    return bytearray(buf.tobytes())
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    data = _small(".jpg")
-    i = data.index(b"\xff\xc0")  # baseline frame header: FF C0, length, precision, height, width
-    data[i + 5:i + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def bmp_claiming(width: int, height: int) -> bytes:
-    data = _small(".bmp")
-    data[18:26] = struct.pack("<ii", width, -height)  # top-down rows: the height is negative
-    return bytes(data)
-
-
-def webp_claiming(width: int, height: int) -> bytes:
-    data = _small(".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])  # lossless: a VP8L header
-    assert data[12:16] == b"VP8L"
-    bits = int.from_bytes(data[21:25], "little") & ~0xFFFFFFF
-    data[21:25] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
-    return bytes(data)
-
-
-def tiff_claiming(width: int, height: int) -> bytes:
-    data = _small(".tif")
-    order = "little" if data[:2] == b"II" else "big"
-    ifd = int.from_bytes(data[4:8], order)
-    for k in range(int.from_bytes(data[ifd:ifd + 2], order)):
-        at = ifd + 2 + 12 * k
-        tag, kind = int.from_bytes(data[at:at + 2], order), int.from_bytes(data[at + 2:at + 4], order)
-        if tag in (256, 257):
-            value = width if tag == 256 else height
-            data[at + 2:at + 4] = (4).to_bytes(2, order)  # LONG, so sizes over 65535 fit
-            data[at + 8:at + 12] = value.to_bytes(4, order)
-            assert kind in (3, 4)
-    return bytes(data)
-
-
-LIARS = {"png": png_claiming, "jpg": jpeg_claiming, "bmp": bmp_claiming, "webp": webp_claiming, "tif": tiff_claiming}
+from tests.plugins.files import LIARS, png_bomb, png_claiming, webp_claiming
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +183,7 @@ def test_enroll_refuses_hostile_files_and_uses_the_good_ones(tmp_path, bomb, det
 
 
 @pytest.mark.shared
-def test_eval_skips_hostile_files_with_one_line_each(tiny_bundle, heldout_photos, tmp_path, bomb, caplog):
+def test_eval_skips_hostile_files_with_one_line_each(gallery_bundle, heldout_photos, tmp_path, bomb, caplog):
     from device import evaluate
 
     person = next(d for d in sorted(heldout_photos.iterdir()) if d.is_dir())
@@ -259,7 +192,7 @@ def test_eval_skips_hostile_files_with_one_line_each(tiny_bundle, heldout_photos
     _hostile_beside([p.resolve() for p in good], photos / person.name, bomb)
     out = tmp_path / "eval.json"
     with caplog.at_level(logging.WARNING, logger="device.evaluate"):
-        rc = evaluate.main(["--bundle", str(tiny_bundle), "--photos", str(photos), "--json", str(out)])
+        rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(photos), "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert sorted(Path(u["path"]).name for u in result["unreadable"]) == ["bomb.png", "liar.png"]

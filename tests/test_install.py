@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_device_cli import make_loadable_bundle as make_bundle
+from tests.plugins.bundles import make_loadable_bundle as make_bundle
+from tests.plugins.processes import run
 
 INSTALL = ROOT / "systemd" / "install.sh"
 DEVICE_VENV = ROOT / ".venv-device"
@@ -58,8 +59,9 @@ def tree(root: Path) -> dict[str, tuple]:
 
 
 def install(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-apt", *args], capture_output=True,
-                          text=True, timeout=300, cwd="/")
+    # The user's own environment, untouched: install.sh builds a venv that must not see this checkout.
+    return run(["bash", str(INSTALL), "--root", str(root), "--no-apt", *args], timeout=300, cwd=Path("/"),
+               raw_env=os.environ)
 
 
 def mode_owner(path: Path) -> tuple[str, int, int]:

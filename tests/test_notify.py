@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from device.notify import Notifier
-from tests.test_service_mqtt import folder_of_photos, write_config
+from tests.plugins.daemon import folder_of_photos, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -87,7 +87,7 @@ def test_notifier_speaks_to_an_abstract_socket_and_rate_limits_the_watchdog(tmp_
 
 
 def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path, mosquitto, monkeypatch,
-                                                                       tiny_bundle, heldout_photos) -> None:
+                                                                       gallery_bundle, heldout_photos) -> None:
     from device.app import build
     from device.config import load_config
 
@@ -97,7 +97,7 @@ def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=1, broken=False)
-    cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    cfg = load_config(write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                                    {"device": str(camera), "loop": True, "fps": 20}))
     service = build(cfg).loop
     real_process = service.pipeline.process
@@ -142,18 +142,18 @@ def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path
 
 
 def test_ready_with_the_camera_out_at_start_so_systemd_does_not_time_the_start_out(
-        tmp_path, mosquitto, monkeypatch, tiny_bundle) -> None:
+        tmp_path, mosquitto, monkeypatch, gallery_bundle) -> None:
     """A live camera absent at start is waited for inside the daemon (camera.max_outage_s); READY=1 must not
     wait for it, or systemd would kill the daemon at TimeoutStartSec and start it again, in a loop."""
     from device.app import build
     from device.config import load_config
-    from tests.fixtures_broker import free_port
+    from tests.plugins.processes import free_port
 
     server = NotifySocket(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", server.address)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     stream = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # nothing listens there
-    cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    cfg = load_config(write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                                    {"source": "opencv", "device": stream, "max_outage_s": 600}))
     service = build(cfg).loop
     runner = threading.Thread(target=service.run, daemon=True)

@@ -4,10 +4,8 @@ the broker is down (a real writer process, a real mosquitto)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
@@ -18,7 +16,9 @@ import pytest
 from device.config import MqttConfig
 from device.mqtt import MqttPublisher
 from device.outbox import Outbox, OutboxError, OutboxWriteError
-from tests.fixtures_broker import Subscriber
+from tests.plugins.broker import Subscriber
+from tests.plugins.files import damage
+from tests.plugins.processes import start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,9 +160,7 @@ def test_sigkill_while_the_broker_is_down_loses_nothing(mosquitto_factory, tmp_p
     sub = Subscriber(broker.host, broker.port, "faceberry/killed/events", session="faceberry-test-killed")
     broker.stop()
     outbox = tmp_path / "state" / "outbox.sqlite3"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(broker.port), str(outbox), str(n)], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    writer = start([sys.executable, "-c", WRITER, str(broker.port), str(outbox), str(n)])
     try:
         line = writer.stdout.readline()
         assert line.strip() == "stored", writer.stderr.read()[-2000:]
@@ -331,22 +329,6 @@ def filled(path: Path, n: int = 300, size: int = 200, *, close: bool = True) -> 
     if close:
         box.close()
     return box
-
-
-def damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "header":
-        data[:100] = bytes(range(100))
-    elif how == "magic":
-        data[:16] = b"\0" * 16
-    elif how == "middle":
-        page = len(data) // 2 // 4096 * 4096
-        data[page:page + 4096] = b"\xa5" * 4096
-    elif how == "truncated":
-        data = data[:len(data) // 2 + 100]
-    else:
-        raise ValueError(how)
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how, everything", [("header", True), ("magic", True), ("middle", False),

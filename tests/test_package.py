@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.plugins.processes import run
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -144,7 +145,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(bin_dir: Path, cwd: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FACEBERRY_DETECTOR", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return run(list(cmd), cwd=cwd, raw_env=env, timeout=60)
 
 
 def test_faceberry_help_and_check_help_from_another_directory(installed: Path, tmp_path: Path) -> None:

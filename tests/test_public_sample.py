@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_broker import Subscriber
-from tests.public_faces import KNOWN, STRANGER, public_sample, run_cli  # noqa: F401 - the session fixture
-from tests.test_service_mqtt import DEVICE, expected_event_labels, finish, start_daemon, write_config
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import DEVICE, expected_event_labels, finish, start_daemon, write_config
+from tests.plugins.processes import python
+from tests.public_faces import KNOWN, STRANGER
 
 
 def evaluate(bundle: Path, photos: Path, out: Path) -> dict:
-    run_cli(["-m", "device", "eval", "--bundle", str(bundle), "--photos", str(photos), "--quiet",
-             "--json", str(out)], "python -m device eval")
+    python("-m", "device", "eval", "--bundle", str(bundle), "--photos", str(photos), "--quiet",
+             "--json", str(out), what="python -m device eval", check=True)
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def test_the_known_face_is_named_and_the_stranger_is_not(public_sample: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_the_known_face_is_named_and_the_stranger_is_not(public_sample: dict, tmp_path: Path) -> None:
     manifest = json.loads((public_sample["bundle"] / "manifest.json").read_text(encoding="utf-8"))
     assert (manifest["classifier"]["kind"], manifest["classifier"]["quantization"]) == ("embedding", "int8"), manifest
     report = evaluate(public_sample["bundle"], public_sample["probes"], tmp_path / "eval.json")
@@ -32,12 +33,12 @@ def test_the_known_face_is_named_and_the_stranger_is_not(public_sample: dict, tm
     assert {p["predicted"] for p in report["probes"] if p["folder"] == STRANGER} == {"unknown"}
 
 
-def test_enrolling_the_stranger_names_her_and_keeps_the_known_face(public_sample: dict,  # noqa: F811
+def test_enrolling_the_stranger_names_her_and_keeps_the_known_face(public_sample: dict,
                                                                     tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(public_sample["bundle"], bundle)
-    run_cli(["-m", "device", "enroll", "--bundle", str(bundle), "--name", STRANGER,
-             "--photos", str(public_sample["gallery"] / STRANGER)], "python -m device enroll")
+    python("-m", "device", "enroll", "--bundle", str(bundle), "--name", STRANGER,
+             "--photos", str(public_sample["gallery"] / STRANGER), what="python -m device enroll", check=True)
     labels = (bundle / "labels.txt").read_text(encoding="utf-8").split()
     assert STRANGER in labels and KNOWN in labels
     report = evaluate(bundle, public_sample["probes"], tmp_path / "eval.json")
@@ -46,7 +47,7 @@ def test_enrolling_the_stranger_names_her_and_keeps_the_known_face(public_sample
 
 
 @pytest.mark.broker
-def test_the_daemon_announces_the_public_faces_over_mqtt(public_sample: dict, tmp_path: Path,  # noqa: F811
+def test_the_daemon_announces_the_public_faces_over_mqtt(public_sample: dict, tmp_path: Path,
                                                          mosquitto) -> None:
     camera = tmp_path / "camera"
     camera.mkdir()

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.plugins.processes import run
 
 CLOSED = "http://127.0.0.1:9"  # a proxy on a closed port: every download fails at once, as offline
 
@@ -17,8 +18,7 @@ def _demo(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     base.update({"SCIKIT_LEARN_DATA": str(tmp_path / "sklearn"), "http_proxy": CLOSED, "https_proxy": CLOSED,
                  "HTTP_PROXY": CLOSED, "HTTPS_PROXY": CLOSED, "no_proxy": "", "NO_PROXY": ""})
     base.update(env)
-    return subprocess.run(["bash", str(ROOT / "quickstart.sh"), "demo"], cwd=tmp_path, env=base,
-                          capture_output=True, text=True, timeout=120)
+    return run(["bash", str(ROOT / "quickstart.sh"), "demo"], cwd=tmp_path, raw_env=base, timeout=120)
 
 
 def test_offline_without_sample_photos_the_demo_stops_before_any_setup(tmp_path: Path) -> None:

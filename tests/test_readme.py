@@ -16,6 +16,7 @@ The JSON event, the topic table and the Home Assistant YAML are checked against 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -28,6 +29,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.plugins.processes import run
 
 README = ROOT / "README.md"
 PYTHONS = {"python", "python3", ".venv/bin/python", ".venv-device/bin/python"}
@@ -68,7 +70,7 @@ def flags(args: list[str]) -> list[str]:
 
 @cache
 def help_text(*argv: str) -> str:
-    proc = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run([*argv, "--help"], timeout=300, raw_env=os.environ)
     assert proc.returncode == 0, f"{' '.join(argv)} --help failed: {proc.stderr[-2000:]}"
     return proc.stdout
 

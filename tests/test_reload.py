@@ -9,7 +9,6 @@ the old one keeps serving, and the retained bundle topic and the log say why.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from device.bundle import MANIFEST, load_bundle, write_manifest
-from tests.fixtures_broker import Subscriber
-from tests.test_service_mqtt import finish, folder_of_photos, start_daemon, write_config
+from tests.plugins.broker import Subscriber, client_connections
+from tests.plugins.daemon import finish, folder_of_photos, start_daemon, switch_current, write_config
 
 DEVICE = "reloadcam"
 pytestmark = pytest.mark.broker
@@ -38,27 +37,13 @@ def make_version(store: Path, source: Path, bundle_id: str) -> Path:
     return dest
 
 
-def switch_current(store: Path, bundle_id: str) -> None:
-    """Point bundles/current at bundles/<bundle_id> atomically (a relative link renamed over the old)."""
-    tmp = store / "bundles" / ".current.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(bundle_id)
-    os.replace(tmp, store / "bundles" / "current")
-
-
-def client_connections(broker, client_prefix: str) -> list[str]:
-    """mosquitto's `New client connected ... as <client id>` lines for our daemon's client."""
-    return [line for line in broker.log.read_text(errors="replace").splitlines()
-            if "New client connected" in line and f" as {client_prefix}" in line]
-
-
 def test_sighup_switches_bundles_over_one_connection_and_refuses_a_corrupt_one(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory()
     store = tmp_path / "store"
-    v1 = make_version(store, tiny_bundle, "test-v1")
-    make_version(store, tiny_bundle, "test-v2")
-    broken = make_version(store, tiny_bundle, "test-broken")
+    v1 = make_version(store, gallery_bundle, "test-v1")
+    make_version(store, gallery_bundle, "test-v2")
+    broken = make_version(store, gallery_bundle, "test-broken")
     classifier = json.loads((broken / MANIFEST).read_text())["classifier"]["file"]
     with open(broken / classifier, "ab") as handle:  # a damaged copy: its checksum no longer matches
         handle.write(b"\0" * 16)

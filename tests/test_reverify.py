@@ -22,7 +22,7 @@ from device.pipeline import FacePipeline
 from device.preprocess import load_image
 from device.tracker import REVERIFY_EVERY, REVERIFY_SETTLED, Observation, Tracker
 from tests.conftest import need_shared
-from tests.test_service_mqtt import events_of, finish, start_daemon, subscriber, write_config  # noqa: F401
+from tests.plugins.daemon import events_of, finish, start_daemon, write_config
 
 VOTES = 5  # the config's default tracking.votes_needed
 
@@ -155,7 +155,7 @@ def test_another_person_taking_the_place_is_still_announced(counted: Counted, kn
 
 
 def test_the_daemon_announces_the_same_events_with_and_without_reverification(
-        tmp_path, mosquitto, subscriber, tiny_bundle) -> None:  # noqa: F811
+        tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
     from device.events import OFFLINE
 
     clip = need_shared("video", "short_hamilton_clip.mp4")  # 640×360, 275 frames, one person talking, a second

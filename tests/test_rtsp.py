@@ -25,7 +25,8 @@ import pytest
 from device.camera import CameraError, Capture, RtspSource, open_source, redact_url
 from device.config import ConfigError, config_from_dict
 from tests.conftest import need_shared
-from tests.fixtures_broker import _accepts, free_port
+from tests.plugins.broker import _accepts
+from tests.plugins.processes import free_port
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin") or "/usr/bin/python3"

@@ -5,28 +5,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 
 from device.bundle import load_bundle
 from device.camera import IMAGE_SUFFIXES
 from device.events import OFFLINE, ONLINE
 from device.mqtt import MqttPublisher
-from device.pipeline import FacePipeline
-from device.preprocess import load_image
-from device.tracker import Observation, Tracker
 from tests.conftest import need_shared
-from tests.fixtures_broker import Subscriber
+from tests.plugins.broker import Subscriber
+from tests.plugins.daemon import (
+    events_of,
+    expected_event_labels,
+    finish,
+    folder_of_photos,
+    mqtt_cfg,
+    start_daemon,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "testcam"
@@ -34,59 +37,6 @@ EVENT_KEYS = {"event_id", "device_id", "camera", "timestamp", "label", "score", 
               "model", "schema"}
 
 pytestmark = pytest.mark.broker
-
-
-def folder_of_photos(heldout_photos: Path, dest: Path, per_person: int = 3, broken: bool = True) -> list[Path]:
-    """A camera folder: a few held-out photos of each person (symlinks), plus an unreadable image."""
-    dest.mkdir(parents=True, exist_ok=True)
-    chosen = []
-    for person in sorted(p for p in heldout_photos.iterdir() if p.is_dir()):
-        photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:per_person]
-        for i, photo in enumerate(photos):
-            link = dest / f"{person.name}_{i:02d}{photo.suffix.lower()}"
-            link.symlink_to(photo.resolve())
-            chosen.append(link)
-    if broken:
-        # Sorted between the people: the run must warn and go on.
-        (dest / f"{chosen[len(chosen) // 2].stem}_broken.jpg").write_bytes(b"not a jpeg at all")
-    return chosen
-
-
-def write_config(path: Path, bundle: Path, broker, camera: dict, **sections) -> Path:
-    data = {
-        "bundle": str(bundle),
-        "device_id": DEVICE,
-        "camera": {"source": "folder", **camera},
-        # Every photo is a new scene: decide on one frame and let every change of face be an event.
-        "tracking": {"votes_needed": 1, "max_age": 0},
-        "events": {"cooldown": 0},
-        "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 5, "reconnect_max_delay": 2},
-        "stats_interval": 1,
-        # Each test its own outbox: a leftover of another test would be replayed into this one.
-        "state_dir": str(path.parent / "state"),
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "device", "run", "--config", str(config), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"daemon did not exit within {timeout}s:\n{err[-3000:]}")
-    return proc.returncode, err
 
 
 def stamp(event_json: bytes) -> float:
@@ -99,36 +49,10 @@ def seen(state_json: bytes) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def events_of(sub: Subscriber) -> list[dict]:
-    return [json.loads(p) for p in sub.on(f"faceberry/{DEVICE}/events")]
-
-
-def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
-    """What the daemon should announce, computed in-process with the same pipeline and tracker settings."""
-    pipeline = FacePipeline(load_bundle(bundle_dir), num_threads=2, min_face_size=40)
-    tracker = Tracker(0.3, votes_needed=1, max_age=0)
-    labels = []
-    for index, path in enumerate(frames):
-        result = pipeline.process(load_image(path))
-        obs = [Observation(r.face.box, r.prediction.label, r.prediction.score) for r in result.recognitions]
-        labels += [d.label for d in tracker.update(obs, index)]
-    return labels
-
-
-@pytest.fixture
-def subscriber(mosquitto):
-    sub = Subscriber(mosquitto.host, mosquitto.port, f"faceberry/{DEVICE}/#")
-    # Retained messages of earlier tests (online/offline, person state) are not this test's.
-    time.sleep(0.3)
-    sub.messages.clear()
-    yield sub
-    sub.close()
-
-
-def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos,
-                                                     tiny_bundle_people) -> None:
+def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos,
+                                                     gallery_people) -> None:
     frames = folder_of_photos(heldout_photos, tmp_path / "camera")
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")})
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(tmp_path / "camera")})
     rc, err = finish(start_daemon(config))
     assert rc == 0, err[-3000:]
     assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", OFFLINE.encode(), False) in m, 10)
@@ -136,22 +60,22 @@ def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscri
     status = subscriber.on(f"faceberry/{DEVICE}/status")
     assert status[0] == ONLINE.encode() and status[-1] == OFFLINE.encode()
     events = events_of(subscriber)
-    bundle_id = load_bundle(tiny_bundle).bundle_id
+    bundle_id = load_bundle(gallery_bundle).bundle_id
     for event in events:
         assert set(event) >= EVENT_KEYS
         assert (event["device_id"], event["model"], event["camera"], event["schema"]) == (DEVICE, bundle_id,
                                                                                           "camera", 1)
-        assert event["label"] in [*tiny_bundle_people, "unknown"]
+        assert event["label"] in [*gallery_people, "unknown"]
         x1, y1, x2, y2 = event["bbox"]
         assert 0 <= x1 < x2 and 0 <= y1 < y2
         # A folder camera names the photo that decided, so an event can be traced back to its file.
         assert Path(event["source"]).parent == tmp_path / "camera" and "broken" not in event["source"]
     # The daemon announced exactly what the pipeline recognises, in order: nothing lost, nothing invented.
     readable = [f for f in sorted((tmp_path / "camera").iterdir()) if "broken" not in f.name]
-    assert [e["label"] for e in events] == expected_event_labels(tiny_bundle, readable)
+    assert [e["label"] for e in events] == expected_event_labels(gallery_bundle, readable)
     assert len({e["event_id"] for e in events}) == len(events)
     # The bundle knows these people: some of their held-out photos are recognised.
-    assert {e["label"] for e in events} & set(tiny_bundle_people)
+    assert {e["label"] for e in events} & set(gallery_people)
     # Retained last-seen state for each announced label.
     for label in {e["label"] for e in events}:
         state = json.loads(subscriber.on(f"faceberry/{DEVICE}/person/{label}")[-1])
@@ -164,11 +88,11 @@ def test_folder_of_real_faces_online_events_offline(tmp_path, mosquitto, subscri
     assert len(frames) >= 6 and len(events) >= 2
 
 
-def test_two_people_in_one_frame_are_two_tracks(tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
+def test_two_people_in_one_frame_are_two_tracks(tmp_path, mosquitto, subscriber, gallery_bundle) -> None:
     camera = tmp_path / "camera"
     camera.mkdir()
     (camera / "two_people.jpg").symlink_to(need_shared("photos", "scenes", "two_people.jpg"))
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera)},
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(camera)},
                           events={"unknown": True, "cooldown": 0})
     rc, err = finish(start_daemon(config))
     assert rc == 0, err[-3000:]
@@ -181,9 +105,9 @@ def test_two_people_in_one_frame_are_two_tracks(tmp_path, mosquitto, subscriber,
     assert left[2] < right[0]
 
 
-def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos) -> None:
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(tmp_path / "camera")},
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(tmp_path / "camera")},
                           events={"snapshots": True})
     rc, err = finish(start_daemon(config))
     assert rc == 0, err[-3000:]
@@ -194,8 +118,8 @@ def test_snapshots_when_enabled(tmp_path, mosquitto, subscriber, tiny_bundle, he
     assert all(p[:3] == b"\xff\xd8\xff" for _, p in snaps)  # JPEG
 
 
-def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosquitto, subscriber, tiny_bundle,
-                                                                 heldout_photos, tiny_bundle_people) -> None:
+def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosquitto, subscriber, gallery_bundle,
+                                                                 heldout_photos, gallery_people) -> None:
     person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
     camera = tmp_path / "camera"
     camera.mkdir()
@@ -203,7 +127,7 @@ def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosqui
         (camera / photo.name).symlink_to(photo.resolve())
     # Every frame a new track (no box matches at IoU 1.0 across different photos), decided at once:
     # only the cooldown stands between 9 frames and 9 events.
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera), "loop": True},
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(camera), "loop": True},
                           tracking={"iou": 1.0}, events={"cooldown": 3600, "homeassistant": True})
     ha = Subscriber(mosquitto.host, mosquitto.port, "homeassistant/#")
     try:
@@ -216,9 +140,9 @@ def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosqui
         frames, faces, n_events, suppressed = map(int, stats)
         assert frames == 9 and n_events == len(labels) and suppressed == faces - n_events > 0
         # Home Assistant discovery: one retained "last seen" sensor per person, plus the last-event sensor.
-        assert ha.wait_for(lambda m: len(m) >= len(tiny_bundle_people) + 1, 10)
+        assert ha.wait_for(lambda m: len(m) >= len(gallery_people) + 1, 10)
         topics = {t for t, _, _ in ha.messages}
-        for name in tiny_bundle_people:
+        for name in gallery_people:
             assert f"homeassistant/sensor/faceberry_testcam/faceberry_testcam_{name}/config" in topics
         config_payload = json.loads(ha.messages[0][1])
         assert config_payload["availability_topic"] == f"faceberry/{DEVICE}/status"
@@ -226,10 +150,11 @@ def test_cooldown_holds_back_repeats_and_discovery_is_published(tmp_path, mosqui
         ha.close()
 
 
-def test_video_file_through_opencv(tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
+def test_video_file_through_opencv(tmp_path, mosquitto, subscriber, gallery_bundle) -> None:
     clip = need_shared("video", "short_hamilton_clip.mp4")  # 640×360, one person walking and talking
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"source": "opencv", "device": str(clip)},
-                          tracking={"votes_needed": 5, "max_age": 10}, events={"cooldown": 3600})
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
+                          {"source": "opencv", "device": str(clip)}, tracking={"votes_needed": 5, "max_age": 10},
+                          events={"cooldown": 3600})
     rc, err = finish(start_daemon(config, "--max-frames", "40"))
     assert rc == 0, err[-3000:]
     subscriber.wait_for(lambda m: any(p == OFFLINE.encode() for _, p, _ in m), 10)
@@ -244,9 +169,9 @@ def test_video_file_through_opencv(tmp_path, mosquitto, subscriber, tiny_bundle)
     assert re.search(r"stats: 40 frames \(\d+ captured, 0 dropped", err)
 
 
-def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos) -> None:
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"device": str(tmp_path / "camera"), "loop": True})
     proc = start_daemon(config)
     try:
@@ -260,9 +185,9 @@ def test_sigterm_stops_cleanly_with_offline(tmp_path, mosquitto, subscriber, tin
     assert "stats:" in err  # final statistics are logged
 
 
-def test_sigkill_leaves_the_last_will(tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+def test_sigkill_leaves_the_last_will(tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos) -> None:
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"device": str(tmp_path / "camera"), "loop": True})
     proc = start_daemon(config)
     try:
@@ -282,10 +207,10 @@ def test_sigkill_leaves_the_last_will(tmp_path, mosquitto, subscriber, tiny_bund
         late.close()
 
 
-def test_daemon_survives_a_broker_restart(tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+def test_daemon_survives_a_broker_restart(tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory()
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker,
                           {"device": str(tmp_path / "camera"), "loop": True, "fps": 5})
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#")
     proc = start_daemon(config)
@@ -310,13 +235,13 @@ def test_daemon_survives_a_broker_restart(tmp_path, mosquitto_factory, tiny_bund
     sub.close()
 
 
-def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, mosquitto_factory, tiny_bundle,
+def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, mosquitto_factory, gallery_bundle,
                                                                   heldout_photos) -> None:
     broker = mosquitto_factory(persistent=True)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/#", session="faceberry-test-boot")
     broker.stop()  # the Pi booted faster than the broker
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=2, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker,
                           {"device": str(tmp_path / "camera"), "loop": True, "fps": 5})
     proc = start_daemon(config)
     try:
@@ -338,12 +263,6 @@ def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, mosqu
 
 
 # --- the publisher alone: counts what is queued, delivered and dropped -----------------------------------
-
-def mqtt_cfg(broker, queue_size: int = 1000):
-    from device.config import MqttConfig
-
-    return MqttConfig(host=broker.host, port=broker.port, keepalive=5, queue_size=queue_size,
-                      reconnect_min_delay=1, reconnect_max_delay=1)
 
 
 def test_publisher_queues_while_the_broker_is_away_and_loses_nothing(mosquitto_factory, tmp_path) -> None:
@@ -437,16 +356,16 @@ def test_publisher_status_online_retained_and_offline_on_stop(mosquitto, tmp_pat
 # --- the durable outbox, end to end ------------------------------------------------------------------------
 
 def test_daemon_sigkilled_while_the_broker_is_down_delivers_every_event_after_a_restart(
-        tmp_path, mosquitto_factory, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     broker = mosquitto_factory(persistent=True)
     sub = Subscriber(broker.host, broker.port, f"faceberry/{DEVICE}/events", session="faceberry-test-sigkill")
     broker.stop()
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=2, broken=False)
-    expected = expected_event_labels(tiny_bundle, sorted(camera.iterdir()))
+    expected = expected_event_labels(gallery_bundle, sorted(camera.iterdir()))
     assert len(expected) >= 3
     # Looping, so the daemon is certainly still running (not stopping by itself) when it is killed.
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(camera), "loop": True})
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(camera), "loop": True})
     proc = start_daemon(config)
     logged: list[str] = []
     reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
@@ -549,7 +468,7 @@ def test_tls_failures_name_the_reason_and_the_fix_once(case, expected, tls_broke
 
 
 def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_factory, tmp_path, caplog) -> None:
-    from tests.fixtures_broker import password_file
+    from tests.plugins.broker import password_file
 
     secrets = tmp_path / "secrets"
     secrets.mkdir()
@@ -578,13 +497,13 @@ def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_f
         ok.stop(timeout=2)
 
 
-def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, tiny_bundle, heldout_photos) -> None:
+def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, gallery_bundle, heldout_photos) -> None:
     from device.app import build
     from device.config import load_config
     from device.mqtt import MqttError
 
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
-    cfg = load_config(write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    cfg = load_config(write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                                    {"device": str(tmp_path / "camera"), "loop": True}))
     pub = MqttPublisher(cfg.mqtt, DEVICE, outbox=tmp_path / "o.sqlite3")
 
@@ -601,7 +520,7 @@ def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, 
 # --- a live camera that goes away and comes back ---------------------------------------------------------------
 
 def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_path, mosquitto, subscriber,
-                                                                             tiny_bundle, heldout_photos) -> None:
+                                                                             gallery_bundle, heldout_photos) -> None:
     import cv2
 
     from tests.mjpeg_server import MjpegCamera
@@ -611,7 +530,7 @@ def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_
     stream = MjpegCamera(cv2.imread(str(photo)), fps=5).start()
     # One face standing still: one event, then its retained person state refreshed with every frame
     # (cooldown 0); a refresh stamped after the stream's return shows the same process publishing again.
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": stream.url, "reopen_max_s": 2}, events={"cooldown": 0})
     proc = start_daemon(config)
     logged: list[str] = []
@@ -649,12 +568,12 @@ def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_
 
 
 def test_a_folder_deleted_under_the_daemon_ends_with_one_error_and_a_non_zero_code(
-        tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos) -> None:
     import shutil
 
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=2, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto, {"device": str(camera), "loop": True})
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto, {"device": str(camera), "loop": True})
     proc = start_daemon(config)
     try:
         assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60)
@@ -672,16 +591,16 @@ def test_a_folder_deleted_under_the_daemon_ends_with_one_error_and_a_non_zero_co
 
 
 def test_a_live_stream_absent_at_start_is_waited_for_and_the_same_process_publishes(
-        tmp_path, mosquitto, subscriber, tiny_bundle, heldout_photos) -> None:
+        tmp_path, mosquitto, subscriber, gallery_bundle, heldout_photos) -> None:
     import cv2
 
-    from tests.fixtures_broker import free_port
     from tests.mjpeg_server import MjpegCamera
+    from tests.plugins.processes import free_port
 
     person = sorted(p for p in heldout_photos.iterdir() if p.is_dir())[0]
     photo = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[0]
     stream = MjpegCamera(cv2.imread(str(photo)), fps=5, port=free_port())  # nothing listens there yet
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": stream.url, "reopen_max_s": 1}, events={"cooldown": 0})
     proc = start_daemon(config)
     logged: list[str] = []
@@ -714,17 +633,17 @@ def test_a_live_stream_absent_at_start_is_waited_for_and_the_same_process_publis
     assert "error:" not in err
 
 
-def test_a_missing_video_file_still_fails_at_once(tmp_path, mosquitto, tiny_bundle) -> None:
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+def test_a_missing_video_file_still_fails_at_once(tmp_path, mosquitto, gallery_bundle) -> None:
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": str(tmp_path / "gone.mp4")})
     rc, err = finish(start_daemon(config), timeout=60)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 3 and len(errors) == 1 and "video file not found" in errors[0], err[-3000:]
 
 
-def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path, mosquitto_factory, tiny_bundle,
+def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path, mosquitto_factory, gallery_bundle,
                                                                           heldout_photos) -> None:
-    from tests.fixtures_broker import password_file
+    from tests.plugins.broker import password_file
 
     secrets = tmp_path / "secrets"
     secrets.mkdir()
@@ -733,7 +652,7 @@ def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path
     wrong.write_text("wrong\n")
     wrong.chmod(0o600)
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(tmp_path / "camera"),
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(tmp_path / "camera"),
                                                                           "loop": True},
                           mqtt={"username": "door", "password_file": str(wrong), "fatal_after_s": 2})
     rc, err = finish(start_daemon(config), timeout=90)
@@ -743,12 +662,12 @@ def test_refused_credentials_lasting_fatal_after_s_exit_2_with_one_line(tmp_path
     assert "Traceback" not in err
 
 
-def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory, tiny_bundle,
+def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory, gallery_bundle,
                                                      heldout_photos) -> None:
     broker = mosquitto_factory()
     broker.stop()
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, broker, {"device": str(tmp_path / "camera"),
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(tmp_path / "camera"),
                                                                           "loop": True},
                           mqtt={"fatal_after_s": 1})
     proc = start_daemon(config)
@@ -774,11 +693,11 @@ def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory
     assert proc.returncode == 0, "".join(logged)[-3000:]
 
 
-def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, tiny_bundle) -> None:
-    from tests.fixtures_broker import free_port
+def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, gallery_bundle) -> None:
+    from tests.plugins.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}/stream.mjpg"  # never served
-    config = write_config(tmp_path / "config.yaml", tiny_bundle, mosquitto,
+    config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": url, "reopen_max_s": 1, "max_outage_s": 2})
     rc, err = finish(start_daemon(config), timeout=90)
     errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -10,12 +10,10 @@ import io
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -24,7 +22,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from device.events import encode, event_payload
-from tests.fixtures_broker import free_port
+from tests.plugins.processes import free_port
+from tests.plugins.sightings import TOPIC, Logger, publish, stored_ids, wait_rows
 
 sa = pytest.importorskip("sqlalchemy", reason="the sightings log needs SQLAlchemy: "
                                               "pip install -r requirements-sightings.txt")
@@ -41,7 +40,6 @@ from device.sightings import (  # noqa: E402 - after the skip: the module's test
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-TOPIC = "faceberry/front-door/events"
 PARIS = ZoneInfo("Europe/Paris")
 
 
@@ -226,83 +224,8 @@ def test_what_is_not_an_event_is_named(payload: bytes, reason: str) -> None:
 
 # --- `python -m device sightings run` against a real mosquitto --------------------------------------------
 
-class Logger:
-    """`python -m device sightings run` in a subprocess, its log collected line by line."""
-
-    def __init__(self, broker, db: str, client_id: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "device", "sightings", "run", "--host", broker.host, "--port", str(broker.port),
-             "--db", db, "--client-id", client_id, "--stats-interval", "1", "--log-level", "DEBUG"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 30) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sum(text in line for line in list(self.lines)) >= count:
-                return True
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        return False
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(10)
-        self._reader.join(5)
-        return rc
-
-
-def publish(broker, payloads: list[bytes], topic: str = TOPIC) -> None:
-    """Publish at QoS 1 and wait for every PUBACK: the broker has them (and queues them for the logger)."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        for payload in payloads:
-            client.publish(topic, payload, qos=1).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def batch(n: int, start_minute: int) -> list[dict]:
     return [event("alice" if i % 2 else "bob", f"2026-01-31T09:{start_minute + i:02d}:00.000Z") for i in range(n)]
-
-
-def stored_ids(db: str) -> list[str]:
-    store = SightingsStore(db, create=False)
-    try:
-        return [s.event_id for s in store.rows()]
-    finally:
-        store.close()
-
-
-def wait_rows(db: str, want: set[str], timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = stored_ids(db)
-        except Exception:  # the logger has not created the schema yet
-            got = []
-        if want <= set(got) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 @pytest.mark.broker

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from device.startup import missing_module, wants_debug
 from tests.conftest import ROOT
+from tests.plugins.processes import python
 
 
 def _py(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return python(*args, timeout=120, env=env)
 
 
 @pytest.mark.parametrize("package", ["train", "convert", "device"])

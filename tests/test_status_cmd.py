@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_device_cli import make_loadable_bundle, write_frame
+from tests.plugins.bundles import make_loadable_bundle
+from tests.plugins.daemon import start_daemon
+from tests.plugins.files import write_frame
+from tests.plugins.processes import module
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "statuscam"
@@ -26,8 +29,7 @@ pytestmark = pytest.mark.broker
 
 
 def status(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "device", "status", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return module("device", "status", *args, timeout=120)
 
 
 def test_the_status_file_is_fresh_from_the_start_and_a_stopped_daemon_is_not_connected(
@@ -43,8 +45,7 @@ def test_the_status_file_is_fresh_from_the_start_and_a_stopped_daemon_is_not_con
         "stats_interval": 3600,  # no stats line (and no status write of its own) during this test
     }))
     path = state / f"status-{DEVICE}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_daemon(config, stdout=subprocess.DEVNULL)
     try:
         seen: list[dict] = []
         deadline = time.monotonic() + 90  # a bound on a hung daemon, not a timing being tested

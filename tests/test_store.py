@@ -1,6 +1,6 @@
 """device.store: bundle versions under one root with an atomic, relative `current` link, owned for the service.
 
-Real bundles (the cached tiny bundle of tests/fixtures_bundle.py, re-signed under new ids), real files,
+Real bundles (the cached gallery bundle of tests/plugins/bundles.py, re-signed under new ids), real files,
 real links; ownership is asserted with os.stat (as root the store root is given to another uid/gid first,
 so "follows the root's owner" is not trivially true).
 """
@@ -10,62 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
 
 from device.bundle import MANIFEST, load_bundle, write_manifest
-from device.store import DIR_MODE, FILE_MODE, STALE_INCOMING_S, BundleStore, StoreError, default_root
-
-OTHER_ID = 65534  # nobody/nogroup: an owner the test process is not
-
-
-def variant(source: Path, dest: Path, bundle_id: str, accept: float | None = None) -> Path:
-    """A copy of the bundle `source` at `dest` whose manifest (re-signed) names `bundle_id`."""
-    shutil.copytree(source, dest)
-    manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
-    files = list(manifest.pop("files"))
-    manifest["bundle_id"] = bundle_id
-    if accept is not None:
-        manifest["thresholds"]["accept"] = accept
-    write_manifest(dest, manifest, files)
-    assert load_bundle(dest).bundle_id == bundle_id
-    return dest
-
-
-def corrupt(bundle: Path) -> Path:
-    classifier = json.loads((bundle / MANIFEST).read_text())["classifier"]["file"]
-    with open(bundle / classifier, "ab") as handle:
-        handle.write(b"\0" * 16)
-    return bundle
-
-
-def pi_root(tmp_path: Path) -> Path:
-    """A store root like install.sh's: as root, owned by another user and group (the service user's role)."""
-    root = tmp_path / "bundles"
-    root.mkdir(mode=0o750)
-    if os.geteuid() == 0:
-        os.chown(root, OTHER_ID, OTHER_ID)
-    return root
-
-
-def assert_owned_like_root(version: Path, root: Path) -> None:
-    owner = root.stat()
-    entries = [version, *version.rglob("*")]
-    assert len(entries) > 3
-    for path in entries:
-        st = path.lstat()
-        assert not stat.S_ISLNK(st.st_mode), path
-        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
-        assert stat.S_IMODE(st.st_mode) == want, (path, oct(st.st_mode))
-        if os.geteuid() == 0:
-            assert (st.st_uid, st.st_gid) == (owner.st_uid, owner.st_gid) == (OTHER_ID, OTHER_ID), path
+from device.store import STALE_INCOMING_S, BundleStore, StoreError, default_root
+from tests.plugins.files import OTHER_ID, assert_owned_like_root, corrupt, pi_root, variant
 
 
 @pytest.fixture
-def sources(tmp_path: Path, tiny_bundle: Path) -> dict[str, Path]:
-    return {name: variant(tiny_bundle, tmp_path / "src" / name, name) for name in ("v1", "v2", "v3")}
+def sources(tmp_path: Path, gallery_bundle: Path) -> dict[str, Path]:
+    return {name: variant(gallery_bundle, tmp_path / "src" / name, name) for name in ("v1", "v2", "v3")}
 
 
 def test_add_and_switch_make_a_readable_version_and_a_relative_current_link(tmp_path, sources) -> None:
@@ -106,12 +62,12 @@ def test_rollback_goes_back_one_and_a_second_rollback_returns(tmp_path, sources)
     assert load_bundle(store.root / "current").bundle_id == "v2"
 
 
-def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, tiny_bundle) -> None:
+def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, gallery_bundle) -> None:
     root = pi_root(tmp_path)
     store = BundleStore(root)
     store.add(sources["v1"])
     store.switch("v1")
-    bad = corrupt(variant(tiny_bundle, tmp_path / "src" / "bad", "bad"))
+    bad = corrupt(variant(gallery_bundle, tmp_path / "src" / "bad", "bad"))
     with pytest.raises(StoreError, match=r"refused: .*sha256"):
         store.add(bad)
     # A staged (rsynced) copy that fails is removed, not left for the daemon to find.
@@ -126,30 +82,30 @@ def test_a_corrupt_bundle_is_refused_and_current_stays(tmp_path, sources, tiny_b
     assert store.current() == "v1"
 
 
-def test_same_id_is_reused_and_a_different_bundle_under_it_refused(tmp_path, sources, tiny_bundle) -> None:
+def test_same_id_is_reused_and_a_different_bundle_under_it_refused(tmp_path, sources, gallery_bundle) -> None:
     store = BundleStore(pi_root(tmp_path))
     first = store.add(sources["v1"])
     manifest = (first / MANIFEST).read_bytes()
     assert store.add(sources["v1"]) == first and (first / MANIFEST).read_bytes() == manifest
     # History differs only (created, metrics): the same version. A different threshold: another bundle.
-    twin = variant(tiny_bundle, tmp_path / "src" / "twin", "v1")
+    twin = variant(gallery_bundle, tmp_path / "src" / "twin", "v1")
     manifest_twin = json.loads((twin / MANIFEST).read_text())
     manifest_twin["created"], manifest_twin["metrics"] = "2001-01-01T00:00:00Z", {"note": "rebuilt"}
     write_manifest(twin, manifest_twin, list(manifest_twin.pop("files")))
     assert store.add(twin) == first and (first / MANIFEST).read_bytes() == manifest
-    impostor = variant(tiny_bundle, tmp_path / "src" / "impostor", "v1", accept=0.123)
+    impostor = variant(gallery_bundle, tmp_path / "src" / "impostor", "v1", accept=0.123)
     with pytest.raises(StoreError, match="different bundle with the id v1"):
         store.add(impostor)
     assert (first / MANIFEST).read_bytes() == manifest
     assert not list(store.root.glob(".incoming-*"))
 
 
-def test_staged_incoming_is_moved_and_prune_keeps_current_previous_and_the_newest(tmp_path, tiny_bundle) -> None:
+def test_staged_incoming_is_moved_and_prune_keeps_current_previous_and_the_newest(tmp_path, gallery_bundle) -> None:
     store = BundleStore(pi_root(tmp_path))
     names = [f"v{i}" for i in range(1, 8)]
     for i, name in enumerate(names):
         staged = store.incoming(f"deploy-{name}")
-        shutil.copytree(variant(tiny_bundle, tmp_path / "src" / name, name), staged, dirs_exist_ok=True)
+        shutil.copytree(variant(gallery_bundle, tmp_path / "src" / name, name), staged, dirs_exist_ok=True)
         path = store.add(staged)
         assert not staged.exists() and path.is_dir()
         os.utime(path, (1_000_000 + i, 1_000_000 + i))  # deploy order, whatever the clock's resolution

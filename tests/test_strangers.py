@@ -16,8 +16,8 @@ from device.contract import accept_with_negatives
 from device.corrections import Negatives
 from device.facestore import FaceStore, crop_with_margin
 from device.strangers import StrangerMemory
-from tests.test_backbone import tiny_embedding  # noqa: F401 - the shared session fixture
-from tests.test_homeassistant import DEVICE, MARGIN, Daemon, blank, ha_config, link, predictions, tiny  # noqa: F401
+from tests.plugins.daemon import HA_DEVICE as DEVICE
+from tests.plugins.daemon import MARGIN, Daemon, blank, ha_config, link, predictions
 
 
 class Clock:
@@ -100,7 +100,7 @@ def test_negatives_rule_and_undo(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
-def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tiny) -> None:  # noqa: F811
+def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tiny) -> None:
     from device.bundle import load_bundle
 
     broker = mosquitto_factory()

@@ -9,16 +9,15 @@ how many are needed. PNG with alpha and greyscale photos are used like any other
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, need_shared
+from tests.conftest import need_shared
+from tests.plugins.processes import module
 from train.crops import NO_FACE, SEVERAL_FACES, TOO_SMALL, UNREADABLE, CropMaker, build_crop_set, split_per_person
 from train.errors import TrainError
 from train.trainer import collect_inputs
@@ -143,9 +142,7 @@ def test_no_people_or_a_single_person_is_an_error(tmp_path, face_photos):
 
 
 def _train_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return module("train", *args, timeout=300)
 
 
 def test_person_with_one_photo_is_an_error_naming_the_need(tmp_path, face_photos, detector_path):
