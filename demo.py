@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device.contract import UNKNOWN, list_images
+from faceberry.contract import UNKNOWN, list_images
 
 ROOT = Path(__file__).resolve().parent
 DEVICE_ID = "demo"
@@ -199,7 +199,7 @@ class Plan:
 
 
 def one_face(detector: Any, path: Path) -> bool:
-    from device.preprocess import ImageError, load_image
+    from faceberry.preprocess import ImageError, load_image
 
     try:
         return len(detector.detect(load_image(path))) == 1
@@ -212,8 +212,8 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
     import cv2
     import numpy as np
 
-    from device.detector import FaceDetector
-    from models import default_detector_path
+    from faceberry.detector import FaceDetector
+    from faceberry.models import default_detector_path
 
     everyone = people_in(photos)
     need = preset["train_photos"] + preset["test_photos"]
@@ -276,7 +276,7 @@ def make_plan(photos: Path, work: Path, preset: dict[str, Any], seed: int) -> Pl
             visit.frames.append(name)
             frame_no += 1
         if blank is None:
-            from device.preprocess import load_image
+            from faceberry.preprocess import load_image
 
             blank = np.zeros(load_image(img).shape, dtype=np.uint8)
         # An empty frame: the person has walked off, the track ends before the next visit.
@@ -291,8 +291,8 @@ def copy_for_device(img: Path, dest_stem: Path) -> str:
     daemon and `device eval` run in the Pi's environment, which reads no phone formats. Returns the file name."""
     import cv2
 
-    from device.contract import PHONE_SUFFIXES
-    from device.preprocess import load_image
+    from faceberry.contract import PHONE_SUFFIXES
+    from faceberry.preprocess import load_image
 
     if img.suffix.lower() in PHONE_SUFFIXES:
         dest = dest_stem.with_name(dest_stem.name + ".png")

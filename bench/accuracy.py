@@ -48,8 +48,8 @@ from bench.common import (
     write_result,
 )
 from bench.protocol import LFW_DEV, Split, make_split, materialise
-from device.classifier import UNKNOWN
-from device.evaluate import TARGET_FARS, operating_points
+from faceberry.classifier import UNKNOWN
+from faceberry.device.recognition.evaluate import TARGET_FARS, operating_points
 
 PY = sys.executable
 PEER_CACHE = RESULTS / "cache" / "peer-encodings.json"
@@ -160,7 +160,7 @@ def _score_probes(encodings: dict, people_refs: tuple[np.ndarray, list[str]], pr
         else:
             dist = np.linalg.norm(refs - np.asarray(enc), axis=1)
             i = int(np.argmin(dist))
-            # higher-is-better score so device.evaluate.operating_points applies unchanged
+            # higher-is-better score so faceberry.device.recognition.evaluate.operating_points applies unchanged
             probe.update(best=ref_labels[i], score=-float(dist[i]),
                          predicted=ref_labels[i] if dist[i] <= tolerance else UNKNOWN)
         probes.append(probe)

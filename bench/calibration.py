@@ -15,7 +15,7 @@ photos of 105 people, 82 with the 12 photos a member needs; 40% of a part's peop
 households of 25 leave 20 stranger people, and cohorts stop at ~570 (TEST) and ~750 faces (FULL), not 10,000.
 
 Per rule, cohort size and household size: known photos named right and strangers' photos accepted (mean
-over the draws and the worst draw), and per visit (device.contract.visit_decision over 5 photos: the
+over the draws and the worst draw), and per visit (faceberry.contract.visit_decision over 5 photos: the
 family's visits named right, strangers' visits named). Decisions as the device takes them
 (bench.household.ours_decisions: face-only embedding, a second look with the mirror image near the
 threshold), on the int8 embedder of bench.household's bundle; the cohort is embedded by the same int8
@@ -23,7 +23,7 @@ embedder (face+mirror), where `train cohort` uses the float backbone.
 
 Rules (all at the default 0.5% target_far; "/m" asks the cohort for 0.5%/m):
   old              the empirical quantile of the best-of-N impostor scores (cohort + leave-one-person-out), as
-                   device.cohort.calibrate did until issue 24 (shipped with /2)
+                   faceberry.cohort.calibrate did until issue 24 (shipped with /2)
   maxexp           the best-of-N scores with an exponential tail fitted to their top 5% instead
   union-*          each gallery person's own impostor scores (every cohort face against that person: N columns
                    of M scores, not M best-of-N), a tail fitted to each (exp; gauss = a normal fitted to the
@@ -34,7 +34,7 @@ Rules (all at the default 0.5% target_far; "/m" asks the cohort for 0.5%/m):
                    widened by B × Silverman's bandwidth for the people the cohort lacks (a kernel estimate over
                    the people), summed over the gallery; people-perperson: one threshold per person from it
   maxpeople bwB    the same kernel over the people, on their best-of-N scores
-  current          device.cohort.calibrate as it ships: maxpeople bw1 /1 since issue 24
+  current          faceberry.cohort.calibrate as it ships: maxpeople bw1 /1 since issue 24
   oracle           the threshold that accepts 0.5% of the household's own unseen strangers (no rule can know
                    it: the best a per-household threshold could do)
 
@@ -50,9 +50,10 @@ informed the last step (union or best-of-N, both from the same kernel), not the 
 face_recognition is run beside ours by bench.household (it needs .venv-bench); here it is skipped when
 absent. Lookalikes (--lookalikes, on TEST's and FULL's households with the largest cohort, old and shipped
 rule): every stranger with a photo accepted as a member X is corrected once ("this is not X" on a random one
-of those photos, its face-only camera embedding stored as device.corrections stores it; 5 random choices
+of those photos, its face-only camera embedding stored as faceberry.device.memory.corrections stores it; 5 random
+choices
 per lookalike), and their other photos named X before and after are counted, with the family's photos
-lost (device.contract.accept_with_negatives at each memory.negative_margin; "radius t+r" also refuses a face
+lost (faceberry.contract.accept_with_negatives at each memory.negative_margin; "radius t+r" also refuses a face
 at least threshold + r close to the corrected one).
 
 Prints tables and writes bench/results/calibration.json.
@@ -71,8 +72,8 @@ import numpy as np
 
 from bench.common import ROOT, machine, need_shared, peer_python, table, write_result
 from bench.household import Household, HouseholdEmbedder, draw_households, visit_rates
-from device import cohort as cohort_mod
-from device.contract import SECOND_LOOK, UNKNOWN, gallery_from, threshold_for_far
+from faceberry import cohort as cohort_mod
+from faceberry.contract import SECOND_LOOK, UNKNOWN, gallery_from, threshold_for_far
 
 SIZES = (1, 2, 4, 8, 16, 25)
 DEV_SIZES = (1, 2, 4, 8)
@@ -85,7 +86,7 @@ parts_order = ("dev", "test", "full")
 EXPLORED = False  # the first round of candidates on DEV (all lost; see docs/BENCHMARKS.md), re-run when True
 
 
-# ---- the candidates' tail estimators (study only; the shipped rule is device.cohort.threshold_rule) ----------
+# ---- the candidates' tail estimators (study only; the shipped rule is faceberry.cohort.threshold_rule) ----------
 
 TAIL_FRACTION = 0.05  # the top share of each column's scores a tail is fitted to
 TAIL_MIN = 10  # ... but never fewer scores than this
@@ -409,8 +410,8 @@ def lookalikes(part: str, people: list[str], face: np.ndarray, both: np.ndarray,
     """One correction per lookalike (a stranger with a photo accepted as a member X), on the households of
     run_part with the largest cohort: per rule, margin and lookalike, the stranger's other photos named X
     before and after "this is not X" on one random accepted photo (CORRECTION_REPEATS choices), and the
-    family's probes named right before and after (device.contract.accept_with_negatives; the negative is the
-    face's camera embedding, face only, as device.corrections stores it)."""
+    family's probes named right before and after (faceberry.contract.accept_with_negatives; the negative is the
+    face's camera embedding, face only, as faceberry.device.memory.corrections stores it)."""
     emb_face = np.zeros((len(ok), face.shape[1]), np.float32)
     emb_both = np.zeros_like(emb_face)
     emb_face[ok], emb_both[ok] = face, both

@@ -8,9 +8,9 @@ training photos each; their other photos (up to --probes each) and 2 photos of e
 the probes for `python -m device eval`. Training is the README's `python -m train --photos DIR` (the project
 defaults: 128 px, augmentation, head then top blocks), with the shared ImageNet weights file.
 
-On that one run, every quantisation recipe is built by convert.build.convert_run (the code `python -m
+On that one run, every quantisation recipe is built by faceberry.convert.build.convert_run (the code `python -m
 convert` runs) and measured on the run's validation faces against the float Keras model: top-1 and decision
-agreement, accuracy, the guard's paired test (convert.verify.paired_drop) and whether convert would write
+agreement, accuracy, the guard's paired test (faceberry.convert.verify.paired_drop) and whether convert would write
 it. Then `python -m convert --run RUN --out BUNDLE` (defaults) and `python -m device eval` on the probes.
 
 Writes bench/results/card_path.json.
@@ -31,7 +31,7 @@ import numpy as np
 from bench.accuracy import PY, device_eval, sh
 from bench.common import RESULTS, SHARED_WEIGHTS, describe, machine, pct, table, write_result
 from bench.protocol import LFW_DEV, make_split
-from convert.quantize import HEAD_OPS
+from faceberry.convert.quantize import HEAD_OPS
 
 # Recipes measured on the same run: (name, quantization, convert_run options).
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[str, Any]) -> int:
-    from convert.build import ConvertError, convert_run
+    from faceberry.convert.build import ConvertError, convert_run
 
     run = work / "run"
     report = json.loads((run / "report.json").read_text())
@@ -205,10 +205,10 @@ def diagnose(run_dir: Path) -> dict[str, float]:
     import tensorflow as tf
     from tensorflow.lite.python import convert as tflite_convert
 
-    from convert.build import _load_keras, load_run
-    from convert.quantize import representative_samples
-    from convert.verify import run_tflite
-    from device.preprocess import normalize
+    from faceberry.convert.build import _load_keras, load_run
+    from faceberry.convert.quantize import representative_samples
+    from faceberry.convert.verify import run_tflite
+    from faceberry.preprocess import normalize
 
     run = load_run(run_dir)
     model = _load_keras(run_dir / "model.keras")

@@ -144,9 +144,9 @@ def command(rest: Rest, payload: dict) -> None:
 def legacy_configs(bundle: Path) -> list[tuple[str, dict]]:
     """What the release before published for the daemon below: the same payloads and unique ids, at
     `homeassistant/<component>/<object_id>/config` (no node id level)."""
-    from device import __version__
-    from device import homeassistant as ha
-    from device.bundle import load_bundle
+    from faceberry.bundle import load_bundle
+    from faceberry.device import __version__
+    from faceberry.device.outputs import homeassistant as ha
 
     configs = ha.discovery("faceberry", DEVICE, load_bundle(bundle).labels, images=True, commands=True,
                            cpu_temp=ha.cpu_temperature() is not None, sw_version=__version__)
@@ -261,16 +261,17 @@ def pick_photos(bundle: Path, lfw: Path) -> tuple[str, Path, Path, int]:
     """(a person, a photo the bundle names as them, a photo of someone else it calls unknown, people).
 
     The unknown face is one the naming can teach from a single stored crop: its face found again in the
-    region the daemon stores (device.facestore.crop_with_margin) embeds within the accept threshold of the
+    region the daemon stores (faceberry.device.memory.facestore.crop_with_margin) embeds within the accept threshold of
+    the
     live face. A small test student is sensitive to the few pixels re-detection moves the landmarks (the
     first LFW stranger tried: cosine 0.74 against a 0.87 threshold), and then "named" stays `unknown`:
     a property of that bundle, not of the Home Assistant path this bench checks.
     """
-    from device.bundle import load_bundle
-    from device.contract import list_images
-    from device.facestore import crop_with_margin
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
+    from faceberry.bundle import load_bundle
+    from faceberry.contract import list_images
+    from faceberry.device.memory.facestore import crop_with_margin
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.preprocess import load_image
 
     b = load_bundle(bundle)
     pipe = FacePipeline(b, num_threads=2)

@@ -8,12 +8,12 @@ never saw. From the evaluation part, households of 2, 4 and 8 people are drawn s
 photos each enrolled; their other photos are the known probes and every other evaluation person's
 photos are strangers.
 
-Everything runs through the device's own code: BlazeFace + alignment (train.crops, as training and the
-daemon make crops), the int8 embedder of a converted bundle (device.classifier), the gallery rule
-(device.contract.centroid of face+mirror embeddings), the second look (a probe near the threshold is
-looked at again, mirrored: device.contract.needs_second_look), the threshold (device.cohort.calibrate
-with the real cohort file, as convert and enroll call it), the accept rule (device.contract.accept) and,
-per visit, the tracker's rule (device.contract.visit_decision) over sequences of 5 different photos of
+Everything runs through the device's own code: BlazeFace + alignment (faceberry.train.crops, as training and the
+daemon make crops), the int8 embedder of a converted bundle (faceberry.classifier), the gallery rule
+(faceberry.contract.centroid of face+mirror embeddings), the second look (a probe near the threshold is
+looked at again, mirrored: faceberry.contract.needs_second_look), the threshold (faceberry.cohort.calibrate
+with the real cohort file, as convert and enroll call it), the accept rule (faceberry.contract.accept) and,
+per visit, the tracker's rule (faceberry.contract.visit_decision) over sequences of 5 different photos of
 one person.
 
 Also on degraded variants of the probe photos a door camera produces (small faces, motion blur, low
@@ -48,8 +48,8 @@ import cv2
 import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
-from device import cohort as cohort_mod
-from device.contract import (
+from faceberry import cohort as cohort_mod
+from faceberry.contract import (
     UNKNOWN,
     accept_all,
     best_match,
@@ -66,7 +66,7 @@ VISIT_FRAMES = 5
 COHORT_PEOPLE = 50
 DLIB_TOLERANCE = 0.6  # face_recognition's default
 # face_recognition's calibrated tolerance: the empirical quantile at the rate ours was asked of the cohort
-# until issue 24 (0.5% with a 2x margin); ours now fits a tail over the cohort's people (device.cohort).
+# until issue 24 (0.5% with a 2x margin); ours now fits a tail over the cohort's people (faceberry.cohort).
 PEER_RATE = 0.0025
 # Rates asked of the cohort, without the margin, to measure what strangers it never saw get through.
 SHIFT_RATES = (0.0025, 0.005, 0.01, 0.02)
@@ -204,7 +204,7 @@ def cohort_file(work: Path, backbone: Path, split: int, cohort_people: list[str]
 
 def ours_decisions(face: np.ndarray, both: np.ndarray, ok: np.ndarray, gallery: np.ndarray, names: list[str],
                    threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per photo (all N), as device.classifier.FaceClassifier.look decides: the accepted label (UNKNOWN also
+    """Per photo (all N), as faceberry.classifier.FaceClassifier.look decides: the accepted label (UNKNOWN also
     where no face was found), the best score, and whether it took the second look. `face` and `both` are
     the photos' face-only and face+mirror embeddings (rows for the photos with a face)."""
     pred = np.full(len(ok), UNKNOWN, dtype=object)
@@ -224,7 +224,7 @@ def ours_decisions(face: np.ndarray, both: np.ndarray, ok: np.ndarray, gallery: 
 
 def visit_rates(visits: list[list[int]], labels: np.ndarray, pred: np.ndarray, score: np.ndarray, ok: np.ndarray,
                 home: list[str], prefix: str = "") -> dict[str, float]:
-    """The tracker's rule (device.contract.visit_decision) over each visit's photos with a face."""
+    """The tracker's rule (faceberry.contract.visit_decision) over each visit's photos with a face."""
     named, strangers, right, known = 0, 0, 0, 0
     for v in visits:
         label = visit_decision([(str(pred[i]), float(score[i])) for i in v if ok[i]])[0]
@@ -253,7 +253,7 @@ def peer_household(peer: tuple[np.ndarray, np.ndarray, dict[str, Any]], labels: 
     members = [p for p in home if any(labels[i] == p for i in enrol)]
     means = np.stack([enc[[i for i in enrol if labels[i] == p]].mean(axis=0) for p in members])
     dist_means = np.linalg.norm(enc[:, None] - means[None], axis=2)  # (N, members)
-    # The same basis as device.cohort.calibrate: cohort faces against the gallery, and each member's own
+    # The same basis as faceberry.cohort.calibrate: cohort faces against the gallery, and each member's own
     # photos against the other members (leave-one-person-out).
     own = dist_means[enrol].copy()
     own[np.arange(len(enrol)), [members.index(str(labels[i])) for i in enrol]] = np.inf
@@ -281,14 +281,15 @@ def peer_household(peer: tuple[np.ndarray, np.ndarray, dict[str, Any]], labels: 
 
 class HouseholdEmbedder:
     """The bench's embedder, built once under `work`: dlib's ResNet backbone (`train backbone`), an int8 bundle
-    converted from a tiny run on it (device.classifier, as the Pi runs it), BlazeFace + alignment (train.crops).
+    converted from a tiny run on it (faceberry.classifier, as the Pi runs it), BlazeFace + alignment
+    (faceberry.train.crops).
     bench.household, bench.household_rules and bench.calibration embed the same photos with it."""
 
     def __init__(self, work: Path, lfw: Path) -> None:
-        from device.bundle import load_bundle
-        from device.classifier import FaceClassifier
-        from device.preprocess import Preprocessing
-        from train.crops import CropMaker, default_cache_dir, list_people
+        from faceberry.bundle import load_bundle
+        from faceberry.classifier import FaceClassifier
+        from faceberry.preprocess import Preprocessing
+        from faceberry.train.crops import CropMaker, default_cache_dir, list_people
 
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
@@ -320,7 +321,7 @@ class HouseholdEmbedder:
         """(face-only and face+mirror embeddings of the photos with a subject face, mask of which photos had
         one); with `keep`, the degraded photos are also written there (PNG, <person>/<name>.png) for
         face_recognition to read."""
-        from device.preprocess import load_image
+        from faceberry.preprocess import load_image
 
         out, both, ok = [], [], []
         vr = np.random.default_rng(1)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_cohort = np.concatenate([np.flatnonzero((all_labels == p) & peer[1])[:30] for p in cohort_people])
         for hh in households:
             home, enrol_idx, probe_idx, visits, stranger_mask = hh.home, hh.enrol, hh.probes, hh.visits, hh.strangers
-            own = clean_both[clean_row[enrol_idx]]  # enrolled as device.contract.ENROLLED_VIEWS
+            own = clean_both[clean_row[enrol_idx]]  # enrolled as faceberry.contract.ENROLLED_VIEWS
             own_labels = list(all_labels[enrol_idx])
             gallery = gallery_from(own, own_labels, home)
             cal = cohort_mod.calibrate(gallery, home, cohort, own, own_labels)

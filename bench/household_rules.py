@@ -3,7 +3,7 @@
     python -m bench.household            # first: builds the backbone, the int8 bundle and the cohorts
     python -m bench.household_rules [--draws 8]
 
-The shipped rule is one centroid per person (device.contract.centroid of the enrolled photos' face+mirror
+The shipped rule is one centroid per person (faceberry.contract.centroid of the enrolled photos' face+mirror
 embeddings) and one threshold on the best cosine over the gallery. Each alternative here is kept only if
 it names more of the family at the *same* share of strangers' photos accepted: for every rule a
 threshold is swept, and known and strangers are averaged over the same households
@@ -40,7 +40,7 @@ import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
 from bench.household import SIZES, draw_households
-from device.contract import l2_normalize, mirrored
+from faceberry.contract import l2_normalize, mirrored
 
 RATES = (0.001, 0.0025, 0.005)  # strangers accepted, where known is read off
 GRID = 400  # thresholds swept per rule and household size
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lfw = need_shared("faces", "lfw-dev")
     started = time.monotonic()
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
-    from device.preprocess import Preprocessing
-    from train.crops import CropMaker, default_cache_dir, list_people
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
+    from faceberry.preprocess import Preprocessing
+    from faceberry.train.crops import CropMaker, default_cache_dir, list_people
 
     backbone, bundle_dir = args.work / "backbone", args.work / "bundle"
     if not (bundle_dir / "manifest.json").is_file():

@@ -4,9 +4,9 @@
     python -m bench.household_visits [--draws 2] [--stranger-visits 100] [--known-visits 10]
 
 For the first --draws households of each size (2, 4, 8) of split 0 that bench/household.py drew, this
-builds the household's int8 bundle — the bench's embedder with the bench's gallery (device.contract
+builds the household's int8 bundle — the bench's embedder with the bench's gallery (faceberry.contract
 centroids of the 10 enrolled photos each) and the bench's cohort-calibrated threshold, written with
-device.bundle.write_manifest and checked by load_bundle — and runs `python -m device run` on it with
+faceberry.bundle.write_manifest and checked by load_bundle — and runs `python -m device run` on it with
 a folder camera, publishing to a real mosquitto, as a door would.
 
 The camera folder holds the household's visits one after the other: a visit is 5 different photos of one
@@ -14,7 +14,7 @@ person (the visits the household bench sampled: strangers, then each member with
 12 frames without a face, so the tracker's track ends (tracking.max_age 10, the default) before the next
 visit. LFW's photos are 250×250 with the face centred, so one person's photos overlap (IoU ≥ 0.3, the
 default) and form one track, which decides after its first tracking.votes_needed (5) frames by
-device.contract.visit_decision — the rule the bench applies to the same photos. Every other daemon
+faceberry.contract.visit_decision — the rule the bench applies to the same photos. Every other daemon
 setting is the shipped default, except events.cooldown 0 (otherwise a second visit by the same person
 inside a minute gives no event, which would hide what is counted here).
 
@@ -43,7 +43,7 @@ import numpy as np
 
 from bench.common import ROOT, LocalBroker, machine, table, write_result
 from bench.household import VISIT_FRAMES
-from device.contract import ENROLLED_VIEWS, UNKNOWN
+from faceberry.contract import ENROLLED_VIEWS, UNKNOWN
 
 GAP_FRAMES = 12  # > tracking.max_age (10): the visit's track is over before the next visit starts
 WORK = ROOT / "bench" / "work" / "household"
@@ -51,7 +51,7 @@ WORK = ROOT / "bench" / "work" / "household"
 
 def household_bundle(template: Path, out: Path, household: dict[str, Any]) -> Path:
     """The bench's embedder with this household's gallery and threshold, as a bundle the daemon loads."""
-    from device.bundle import load_bundle, write_manifest
+    from faceberry.bundle import load_bundle, write_manifest
 
     if out.exists():
         shutil.rmtree(out)
@@ -64,10 +64,10 @@ def household_bundle(template: Path, out: Path, household: dict[str, Any]) -> Pa
         np.savez(fh, embeddings=np.asarray(household["gallery"], np.float32), labels=np.array(people, dtype=str))
     (out / manifest["labels"]["file"]).write_text("\n".join(people) + "\n", encoding="utf-8")
     manifest["labels"]["count"] = len(people)
-    manifest["gallery"]["source"] = "bench/household.py: device.contract.centroid of 10 enrolled photos each"
+    manifest["gallery"]["source"] = "bench/household.py: faceberry.contract.centroid of 10 enrolled photos each"
     manifest["gallery"]["views"] = ENROLLED_VIEWS  # the bench enrols face+mirror, so the daemon takes second looks
     manifest["thresholds"] = {"accept": household["threshold"], "basis": household["threshold_basis"],
-                              "source": "bench/household.py: device.cohort.calibrate on the split's cohort"}
+                              "source": "bench/household.py: faceberry.cohort.calibrate on the split's cohort"}
     write_manifest(out, manifest, [f for f in manifest["files"] if (out / f).is_file()])
     load_bundle(out)  # what the daemon would refuse, refused here
     return out

@@ -120,7 +120,7 @@ class Peer:
 
 def run_sequence(pipeline, frames: Iterator[tuple[float, np.ndarray]], ks: list[int], votes: int,
                  peer: Peer | None, peer_every: int) -> dict[str, Any]:
-    from device.tracker import Observation, Tracker
+    from faceberry.device.recognition.tracker import Observation, Tracker
 
     trackers = {k: Tracker(0.3, votes, 10) for k in ks}
     rows: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
@@ -180,7 +180,7 @@ def run_sequence(pipeline, frames: Iterator[tuple[float, np.ndarray]], ks: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from device.tracker import REVERIFY_EVERY
+    from faceberry.device.recognition.tracker import REVERIFY_EVERY
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="the bundle to run")
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.every < 1 or args.still_frames < 1 or args.peer_every < 1:
         parser.error("--every, --still-frames and --peer-every must be at least 1")
 
-    from device.bundle import BundleError, load_bundle
-    from device.pipeline import FacePipeline
+    from faceberry.bundle import BundleError, load_bundle
+    from faceberry.device.recognition.pipeline import FacePipeline
 
     try:
         bundle = load_bundle(args.bundle)

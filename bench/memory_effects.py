@@ -5,13 +5,14 @@ embedder, its gallery and accept threshold). The bundle's people are the househo
 the first `--skip` (the ones a bundle's gallery was built from) are the known probes; everyone else is a
 stranger.
 
-Corrections (device.contract.accept_with_negatives): for every stranger the bundle falsely accepts, the
+Corrections (faceberry.contract.accept_with_negatives): for every stranger the bundle falsely accepts, the
 user says "wrong" on the first falsely accepted photo (its embedding becomes a negative for the person it
 was taken for), all such corrections together, as a household accumulates them. Measured on the photos
 that were not corrected: strangers' photos still accepted as someone, and known probes still named
 correctly, for several margins.
 
-Stranger memory (device.strangers.StrangerMemory, threshold = the bundle's accept threshold): the unknown
+Stranger memory (faceberry.device.memory.strangers.StrangerMemory, threshold = the bundle's accept threshold): the
+unknown
 photos of strangers in a seeded random order, one at a time, as a door camera would see visits. Measured:
 how often a stranger's photo gets the id their earlier photos got ("seen again" recognised), how often a
 photo joins a cluster started by another person (false merge), and cluster purity.
@@ -29,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import SHARED_DATA, table, write_result
-from device.bundle import load_bundle
-from device.contract import UNKNOWN, accept, accept_with_negatives, best_match, list_images
-from device.pipeline import FacePipeline
-from device.preprocess import load_image
-from device.strangers import StrangerMemory
+from faceberry.bundle import load_bundle
+from faceberry.contract import UNKNOWN, accept, accept_with_negatives, best_match, list_images
+from faceberry.device.memory.strangers import StrangerMemory
+from faceberry.device.recognition.pipeline import FacePipeline
+from faceberry.preprocess import load_image
 
 MARGINS = (0.0, 0.05, 0.1)
 

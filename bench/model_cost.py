@@ -63,8 +63,8 @@ def mobilenet(size: int):
 
 
 def time_int8(model, size: int, runs: int) -> dict[str, Any]:
-    from convert.quantize import convert_model
-    from device.runtime import TFLiteModel
+    from faceberry.convert.quantize import convert_model
+    from faceberry.runtime import TFLiteModel
 
     rng = np.random.default_rng(0)
     rep = rng.uniform(-1, 1, (16, size, size, 3)).astype(np.float32)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     candidates = [(f"MobileNetV2 1.0, {s} px (+128-d head)", s, lambda s=s: mobilenet(s)) for s in args.sizes]
     try:
-        from train.dlib_resnet import INPUT_SIZE, build_keras, default_weights_path, read_weights
+        from faceberry.train.dlib_resnet import INPUT_SIZE, build_keras, default_weights_path, read_weights
 
         candidates.append(("dlib ResNet rebuilt (--arch dlib-resnet), 150 px", INPUT_SIZE,
                            lambda: build_keras(read_weights(default_weights_path()))))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe, machine, stats, table, write_result
-from device.outbox import Outbox
+from faceberry.device.messaging.outbox import Outbox
 
 
 def build(path: Path, rows: int, payload: int) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import SHARED_DATA
-from device.contract import list_images
+from faceberry.contract import list_images
 
 LFW_DEV = SHARED_DATA / "faces" / "lfw-dev"
 

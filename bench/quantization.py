@@ -31,8 +31,8 @@ QUANTIZATIONS = ("float32", "float16", "int8")
 
 
 def invoke_ms(classifier_path: Path, crops: np.ndarray, prep, threads: int, repeat: int = 3) -> dict[str, Any]:
-    from device.preprocess import normalize
-    from device.runtime import TFLiteModel
+    from faceberry.preprocess import normalize
+    from faceberry.runtime import TFLiteModel
 
     model = TFLiteModel(classifier_path, num_threads=threads)
     for crop in crops[:3]:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {LFW_DEV} is absent ; put the shared data beside the repo as ../shared", file=sys.stderr)
         return 2
 
-    from device.bundle import load_bundle
+    from faceberry.bundle import load_bundle
 
     info = machine()
     split = make_split(LFW_DEV, seed=args.seed)

@@ -123,7 +123,7 @@ class Counter:
 
 def make_frames(dest: Path, people: int, per_person: int, size: tuple[int, int]) -> int:
     """Face photos (people interleaved) each followed by an empty frame; returns the number of frames."""
-    from device.contract import list_images
+    from faceberry.contract import list_images
 
     lfw = SHARED_DATA / "faces" / "lfw-dev"
     folders = [p for p in sorted(lfw.iterdir()) if p.is_dir() and len(list_images(p)) >= per_person][:people]

@@ -96,7 +96,7 @@ class FrameSet:
 
 def frame_sets(video_frames: int, repeat: int) -> list[FrameSet]:
     video = need_shared("video")
-    from device.contract import list_images
+    from faceberry.contract import list_images
 
     scenes = list_images(need_shared("photos", "scenes"))
     sets = []
@@ -119,11 +119,12 @@ def frame_sets(video_frames: int, repeat: int) -> list[FrameSet]:
 
 
 class Publisher:
-    """The daemon's publishing path: event payload + person state built by device.events, handed to
-    device.mqtt.MqttPublisher (paho, QoS 1) when a broker is running; payload building only otherwise."""
+    """The daemon's publishing path: event payload + person state built by faceberry.device.outputs.events, handed to
+    faceberry.device.messaging.mqtt.MqttPublisher (paho, QoS 1) when a broker is running; payload building only
+    otherwise."""
 
     def __init__(self, broker: LocalBroker | None, model: str) -> None:
-        from device import events
+        from faceberry.device.outputs import events
 
         self.events = events
         self.topic = events.events_topic("faceberry", "bench")
@@ -133,8 +134,8 @@ class Publisher:
         # Its own outbox, removed afterwards: a leftover of an earlier run would be replayed into this one.
         self._outbox_dir = tempfile.TemporaryDirectory(prefix="faceberry-speed-outbox-")
         if broker is not None:
-            from device.config import MqttConfig
-            from device.mqtt import MqttPublisher
+            from faceberry.device.config import MqttConfig
+            from faceberry.device.messaging.mqtt import MqttPublisher
 
             self.mqtt = MqttPublisher(MqttConfig(host=broker.host, port=broker.port, client_id="faceberry-bench",
                                                  queue_size=100000), "bench",
@@ -196,8 +197,8 @@ def bare_invoke_ms(model, inputs: list[np.ndarray], repeat: int = 3) -> dict[str
 
 def bench_threads(bundle, sets: list[FrameSet], threads: int, broker: LocalBroker | None,
                   keep_for_peer: dict[str, set[int]] | None) -> tuple[dict[str, Any], dict[str, list]]:
-    from device.pipeline import FacePipeline
-    from device.preprocess import normalize
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.preprocess import normalize
 
     pipeline = FacePipeline(bundle, num_threads=threads)
     publisher = Publisher(broker, bundle.bundle_id)
@@ -274,7 +275,7 @@ def bench_threads(bundle, sets: list[FrameSet], threads: int, broker: LocalBroke
 def bench_peer(kept: dict[str, list], bundle) -> dict[str, Any]:
     """face_recognition and faceberry (1 thread) on the same decoded frames, interleaved frame by frame
     (ours, then the peer's), so both see the same load on a shared machine."""
-    from device.pipeline import FacePipeline
+    from faceberry.device.recognition.pipeline import FacePipeline
 
     py = peer_python()
     versions = subprocess.run(
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json", help="JSON result (default %(default)s)")
     args = parser.parse_args(argv)
 
-    from device.bundle import BundleError, load_bundle
+    from faceberry.bundle import BundleError, load_bundle
 
     try:
         bundle = load_bundle(args.bundle)

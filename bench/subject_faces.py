@@ -1,7 +1,8 @@
 """Training photos kept before and after the subject face is chosen by identity (issue 24).
 
-Before: a photo with several faces of similar size (device.contract.DOMINANCE) was skipped. After: the face that
-agrees with the person's other photos is used (device.contract.choose_subject, train.crops.resolve_subjects) and
+Before: a photo with several faces of similar size (faceberry.contract.DOMINANCE) was skipped. After: the face that
+agrees with the person's other photos is used (faceberry.contract.choose_subject,
+faceberry.train.crops.resolve_subjects) and
 only a photo that stays ambiguous is skipped. Run on ../shared's photo sets with dlib's ResNet backbone, exactly as
 `python -m train --backbone` makes its crops:
 
@@ -34,7 +35,7 @@ SETS = {
 
 def nearest_own(emb: np.ndarray, labels: list[str]) -> np.ndarray:
     """Per photo: whether its nearest leave-one-out centroid is its own person's (people with 2+ photos)."""
-    from device.contract import l2_normalize
+    from faceberry.contract import l2_normalize
 
     emb = l2_normalize(emb).astype(np.float64)
     lab = np.array(labels)
@@ -54,8 +55,8 @@ def nearest_own(emb: np.ndarray, labels: list[str]) -> np.ndarray:
 
 
 def run_set(name: str, folder: Path, model, prep, views: str, maker) -> dict[str, Any]:
-    from train.crops import build_crop_set, list_people, resolve_subjects
-    from train.fewshot import embed
+    from faceberry.train.crops import build_crop_set, list_people, resolve_subjects
+    from faceberry.train.fewshot import embed
 
     started = time.monotonic()
     people = {p: files for p, files in list_people(folder).items() if files}
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/subject_faces.json)")
     args = p.parse_args(argv)
 
-    from device.contract import enrolled_views
-    from device.preprocess import Preprocessing
-    from train.backbone import load_embedder
-    from train.crops import CropMaker, default_cache_dir
+    from faceberry.contract import enrolled_views
+    from faceberry.preprocess import Preprocessing
+    from faceberry.train.backbone import load_embedder
+    from faceberry.train.crops import CropMaker, default_cache_dir
 
     model, bconfig = load_embedder(args.backbone)
     prep = Preprocessing.from_dict(bconfig["preprocessing"])

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from device.bundle import write_manifest
-from device.contract import FACE_ONLY, UNKNOWN, embed_enrolled
-from device.errors import UsageError
-from device.heads import HEADS, BundleDraft, Head, HeadError, Verification
-from device.preprocess import Preprocessing, normalize
-from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
-from train import run_files
+from faceberry.bundle import write_manifest
+from faceberry.contract import FACE_ONLY, UNKNOWN, embed_enrolled
+from faceberry.errors import UsageError
+from faceberry.heads import HEADS, BundleDraft, Head, HeadError, Verification
+from faceberry.models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
+from faceberry.preprocess import Preprocessing, normalize
+from faceberry.train import run_files
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class AccuracyDropError(ConvertError):
 @dataclass
 class Run:
     root: Path
-    head: Head  # the run's classifier kind (device.heads), from its config.json
+    head: Head  # the run's classifier kind (faceberry.heads), from its config.json
     config: run_files.RunConfig
     report: run_files.RunReport
     labels: list[str]
@@ -145,7 +145,7 @@ def _check_set(run: Run, run_dir: Path) -> tuple[np.ndarray, np.ndarray, list[st
 def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantization: str, calibration: str | None,
               calibration_samples: int | None, float_ops: Sequence[str] | None) -> tuple[bytes, dict[str, Any]]:
     """The TFLite flatbuffer and, for int8, the recipe that made it (calibration, float ops, weight scales)."""
-    from convert.quantize import convert_model, representative_samples, weight_scales
+    from faceberry.convert.quantize import convert_model, representative_samples, weight_scales
 
     recipe: dict[str, Any] = {}
     representative = None
@@ -186,11 +186,11 @@ def convert_run(
     int8 options (measured in bench/card_path.py; defaults in _int8_recipe): `calibration` "plain" (up to
     `calibration_samples` training crops, default 200) or "augmented" (the run's training crops and
     augmented copies of them, `calibration_samples` in all, default 1000); `float_ops`, TFLite builtin ops
-    kept in float (convert.quantize.HEAD_OPS). `tried`: modes refused earlier in this conversion, for the
+    kept in float (faceberry.convert.quantize.HEAD_OPS). `tried`: modes refused earlier in this conversion, for the
     message.
     """
-    from convert.verify import run_tflite
-    from train.calibrate import calibrate
+    from faceberry.convert.verify import run_tflite
+    from faceberry.train.calibrate import calibrate
 
     run = load_run(run_dir)
     check_out_dir(out, force)
@@ -240,7 +240,7 @@ def convert_run(
                        "backbone": run.config.backbone.model_dump(mode="json", exclude_unset=True)
                        if run.config.backbone else None},
         }
-        # How the run embedded its people (device.contract.enrolled_views of its backbone): the device
+        # How the run embedded its people (faceberry.contract.enrolled_views of its backbone): the device
         # gallery is remade the same way, and the bundle says so (FaceClassifier's second look).
         views = run.config.gallery.views if run.config.gallery else FACE_ONLY
 
@@ -269,7 +269,7 @@ def convert_run(
 def _int8_recipe(calibration: str | None, float_ops: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
     """The int8 recipe: the caller's choice, else training crops as they are and every op in int8.
 
-    Augmented calibration faces and a float head (convert.quantize.HEAD_OPS) were measured on the card's
+    Augmented calibration faces and a float head (faceberry.convert.quantize.HEAD_OPS) were measured on the card's
     fine-tune (22 people × 10 photos, bench/card_path.py, docs/BENCHMARKS.md) and changed nothing: its
     int8 answers differ from float on 12 of 44 faces with every recipe, because the int8 *weights* alone
     (per channel, float activations) already move them. They stay options, not the default."""
@@ -281,8 +281,8 @@ def _int8_recipe(calibration: str | None, float_ops: Sequence[str] | None) -> tu
 
 
 def _augmentation(run: Run):
-    """The run's own training augmentation (train.model.build_augmentation with its flags), applied."""
-    from train.model import build_augmentation
+    """The run's own training augmentation (faceberry.train.model.build_augmentation with its flags), applied."""
+    from faceberry.train.model import build_augmentation
 
     args = run.config.args
     names = ("rotation", "shift", "shear", "zoom", "brightness", "contrast")
@@ -322,7 +322,7 @@ def _check_drop(agreement: dict[str, Any], quantization: str, max_drop: float, m
     lost is no evidence (p = 0.5). --min-agreement is refused when the 95% Wilson interval of the top-1
     agreement lies wholly below it. `tried`: modes refused earlier in this conversion (never suggested).
     """
-    from convert.verify import mcnemar_p, wilson_interval
+    from faceberry.convert.verify import mcnemar_p, wilson_interval
 
     f_acc, q_acc = agreement.get("float_accuracy"), agreement.get("converted_accuracy")
     paired = agreement.pop("paired", None)  # kept as paired_test below

@@ -1,4 +1,5 @@
-"""`faceberry convert` (`python -m convert`): a training run → a verified model bundle for the Pi (device.cli holds
+"""`faceberry convert` (`python -m convert`): a training run → a verified model bundle for the Pi (faceberry.device.cli
+holds
 the tree)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from device import cli
+from faceberry.device import cli
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m convert`'s parser, as device.cli's tree builds it."""
+    """`python -m convert`'s parser, as faceberry.device.cli's tree builds it."""
     return cli.build_parser(("convert",), at=("convert",), prog="python -m convert")
 
 
@@ -84,12 +85,12 @@ def heartbeat(what: str, every_s: float = 10.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m convert ARGS` from Python: `faceberry convert ARGS` (device.cli)."""
+    """`python -m convert ARGS` from Python: `faceberry convert ARGS` (faceberry.device.cli)."""
     return cli.main(argv, prog="python -m convert", at=("convert",))
 
 
 def run(args: argparse.Namespace) -> int:
-    from convert.build import AccuracyDropError, convert_run
+    from faceberry.convert.build import AccuracyDropError, convert_run
 
     def convert(quantization: str, tried: tuple[str, ...] = ()) -> dict:
         log.info("loading TensorFlow and %s, then converting to %s and checking it against the float model "
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
     chosen = args.quantization or "int8"
-    # A ConvertError or ModelError (bad input, exit 2) is printed by device.cli.
+    # A ConvertError or ModelError (bad input, exit 2) is printed by faceberry.device.cli.
     try:
         manifest = convert(chosen)
     except AccuracyDropError as exc:

@@ -45,7 +45,7 @@ def convert_model(model, quantization: str, representative: np.ndarray | None = 
     int8 is full-integer (int8 input and output, only integer builtin ops), so the Pi runs it with
     the integer kernels and reads scale/zero point from the tensor details. With `float_ops` (TFLite
     builtin names, e.g. HEAD_OPS) those ops stay float (selective quantisation): int8 input, the rest
-    integer, a float output; device.runtime reads either.
+    integer, a float output; faceberry.runtime reads either.
     """
     import tensorflow as tf
 
@@ -93,7 +93,7 @@ def _selective_int8(converter, float_ops: Sequence[str]) -> bytes:
 def weight_scales(flatbuffer: bytes) -> dict[str, int]:
     """Of the int8 conv, depthwise and dense weights: how many carry one scale per output channel, how
     many a single scale for the whole tensor (the record that per-channel quantisation was used)."""
-    from device.runtime import _interpreter_class
+    from faceberry.runtime import _interpreter_class
 
     interpreter_cls, _ = _interpreter_class()
     interpreter = interpreter_cls(model_content=flatbuffer)

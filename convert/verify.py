@@ -1,9 +1,9 @@
 """Does the converted model decide like the float one? Run both on held-out crops and compare.
 
-Each classifier kind's head compares the two its own way (device.heads: `verify`, compare_softmax,
+Each classifier kind's head compares the two its own way (faceberry.heads: `verify`, compare_softmax,
 compare_embedding); this module runs the converted model and holds the statistics of the refusal.
 
-The converted model runs through device.runtime.TFLiteModel, the wrapper the Pi itself uses, so
+The converted model runs through faceberry.runtime.TFLiteModel, the wrapper the Pi itself uses, so
 quantisation parameters are read exactly as they will be on the device.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.runtime import TFLiteModel
+from faceberry.runtime import TFLiteModel
 
 
 def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:

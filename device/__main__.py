@@ -1,7 +1,7 @@
-# `python -m device` is `faceberry`: the whole tree (device.cli). Only the standard library is imported before
+# `python -m device` is `faceberry`: the whole tree (faceberry.device.cli). Only the standard library is imported before
 # the guard, so without faceberry's venv this still prints one line.
 import sys
 
-from device.cli import entry
+from faceberry.device.cli import entry
 
 sys.exit(entry("python -m device"))

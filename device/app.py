@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device import homeassistant as ha
-from device.assistant import Diagnostics, Discovery, Images, Presence
-from device.bundle import Bundle, load_bundle
-from device.camera import Capture, open_source
-from device.command_runner import CommandRunner, Enroll
-from device.config import DEFAULT_STATE_DIR, Config
-from device.corrections import CorrectionFilter, Negatives
-from device.dispatcher import (
+from faceberry.bundle import Bundle, load_bundle
+from faceberry.device.capture.camera import Capture, open_source
+from faceberry.device.config import DEFAULT_STATE_DIR, Config
+from faceberry.device.loop import FrameLoop
+from faceberry.device.memory.corrections import CorrectionFilter, Negatives
+from faceberry.device.memory.facestore import FaceMemory, FaceStore
+from faceberry.device.memory.strangers import StrangerMemory, StrangerNames
+from faceberry.device.messaging.command_runner import CommandRunner, Enroll
+from faceberry.device.messaging.dispatcher import (
     Dispatcher,
     FrameDone,
     Reloaded,
@@ -36,15 +37,14 @@ from device.dispatcher import (
     Stopping,
     Tick,
 )
-from device.events import BundleStatusOutput, EventsOutput
-from device.facestore import FaceMemory, FaceStore
-from device.loop import FrameLoop
-from device.mqtt import MqttError, MqttPublisher
-from device.notify import Notifier
-from device.outbox import Outbox, OutboxError, StateDirError, default_state_dir
-from device.pipeline import FacePipeline
-from device.strangers import StrangerMemory, StrangerNames
-from device.topics import Topics
+from faceberry.device.messaging.mqtt import MqttError, MqttPublisher
+from faceberry.device.messaging.outbox import Outbox, OutboxError, StateDirError, default_state_dir
+from faceberry.device.messaging.topics import Topics
+from faceberry.device.ops.notify import Notifier
+from faceberry.device.outputs import homeassistant as ha
+from faceberry.device.outputs.assistant import Diagnostics, Discovery, Images, Presence
+from faceberry.device.outputs.events import BundleStatusOutput, EventsOutput
+from faceberry.device.recognition.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_pipeline(cfg: Config) -> tuple[str, Bundle, FacePipeline]:
 def enroller(cfg: Config) -> Enroll:
     """`enroll(name, folder)` into cfg.bundle, as `device enroll` does (a command names a face)."""
     def enroll_crops(name: str, folder: Path) -> dict[str, Any]:
-        from device.enroll import enroll  # loaded only when a command names someone
+        from faceberry.device.recognition.enroll import enroll  # loaded only when a command names someone
 
         return enroll(Path(cfg.bundle), name, folder, min_photos=1, min_face_size=cfg.detection.min_face_size,
                       num_threads=cfg.recognition.num_threads)

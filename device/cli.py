@@ -12,8 +12,8 @@ parser's usage error. Only the modules on the chosen command's path are imported
 never imports what `faceberry train` needs; a workstation command whose dependencies are missing says so in
 one line before anything is imported.
 
-Errors: anything derived from device.errors.FaceberryError is printed here, once, as `error: <message>` on
-stderr, and the process exits with the error's exit_code (device/errors.py lists them); a PermissionError
+Errors: anything derived from faceberry.errors.FaceberryError is printed here, once, as `error: <message>` on
+stderr, and the process exits with the error's exit_code (faceberry/errors.py lists them); a PermissionError
 says to use sudo; a third-party module missing names the module and the fix; anything else is one line and
 exit 1, with the traceback at --log-level DEBUG.
 
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from device.errors import (
+from faceberry.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -44,7 +44,7 @@ from device.errors import (
     exit_code_for,
     permission_message,
 )
-from device.startup import (
+from faceberry.startup import (
     DEVICE_NEEDS,
     WORKSTATION_NEEDS,
     guard,
@@ -75,31 +75,40 @@ ROOT: CommandPath = ()
 TREE: dict[CommandPath, Command] = {
     ROOT: Command(None, "faceberry: recognise faces from a camera and publish them over MQTT (on the Pi); train "
                   "and convert the models that do it (on the workstation)."),
-    ("run",): Command("device.service", "run the daemon: watch the camera and publish who it sees over MQTT"),
-    ("check",): Command("device.check", "check the config, the bundle, the camera and the broker, each OK or a "
+    ("run",): Command("faceberry.device.service", "run the daemon: watch the camera and publish who it sees over MQTT"),
+    ("check",): Command("faceberry.device.ops.check",
+                        "check the config, the bundle, the camera and the broker, each OK or a "
                         "clear reason"),
-    ("status",): Command("device.status_cmd", "show the running daemon (bundle, fps, MQTT, reloads) and the bundle "
+    ("status",): Command("faceberry.device.ops.status_cmd",
+                         "show the running daemon (bundle, fps, MQTT, reloads) and the bundle "
                          "versions in the store"),
-    ("eval",): Command("device.evaluate", "measure a bundle's accuracy and per-stage speed on a labelled folder of "
+    ("eval",): Command("faceberry.device.recognition.evaluate",
+                       "measure a bundle's accuracy and per-stage speed on a labelled folder of "
                        "photos"),
-    ("enroll",): Command("device.enroll", "add a person to an embedding bundle's gallery from a folder of their "
+    ("enroll",): Command("faceberry.device.recognition.enroll",
+                         "add a person to an embedding bundle's gallery from a folder of their "
                          "photos (no retraining)"),
-    ("deploy",): Command("device.deploy", "install a bundle as a new version of the Pi's store, switch to it and "
+    ("deploy",): Command("faceberry.device.ops.deploy",
+                         "install a bundle as a new version of the Pi's store, switch to it and "
                          "reload the daemon (or --host)"),
-    ("rollback",): Command("device.rollback", "switch the Pi's bundle back to the version that was current before, "
+    ("rollback",): Command("faceberry.device.ops.rollback",
+                           "switch the Pi's bundle back to the version that was current before, "
                            "and reload the daemon"),
-    ("sightings",): Command("device.sightings", "log every event from MQTT into SQLite or PostgreSQL; daily summary "
+    ("sightings",): Command("faceberry.device.ops.sightings",
+                            "log every event from MQTT into SQLite or PostgreSQL; daily summary "
                             "per person; CSV export"),
-    ("train",): Command("train.cli", "workstation: train a face classifier from photos/<person>/ folders "
+    ("train",): Command("faceberry.train.cli", "workstation: train a face classifier from photos/<person>/ folders "
                         "(a gallery on a backbone, or a fine-tuned MobileNetV2)", workstation=True),
-    ("train", "backbone"): Command("train.backbone", "build a face-aware backbone for `train --backbone`",
+    ("train", "backbone"): Command("faceberry.train.backbone", "build a face-aware backbone for `train --backbone`",
                                    workstation=True),
-    ("train", "cohort"): Command("train.cohort", "embed a stranger cohort beside a backbone (calibrates `unknown`)",
+    ("train", "cohort"): Command("faceberry.train.cohort",
+                                 "embed a stranger cohort beside a backbone (calibrates `unknown`)",
                                  workstation=True),
-    ("convert",): Command("convert.cli", "workstation: quantise a training run to TFLite, check it against the "
+    ("convert",): Command("faceberry.convert.cli",
+                          "workstation: quantise a training run to TFLite, check it against the "
                           "float model and write a bundle", workstation=True),
     ("models",): Command(None, "obtain the models faceberry does not build itself"),
-    ("models", "fetch"): Command("models.fetch", "download the BlazeFace face detector (from the mediapipe "
+    ("models", "fetch"): Command("faceberry.models.fetch", "download the BlazeFace face detector (from the mediapipe "
                                  "0.10.21 wheel)"),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -335,7 +344,7 @@ def _unexpected(exc: Exception, argv: Sequence[str]) -> int:
 
 def entry(prog: str, at: CommandPath = ROOT, needs: Sequence[str] = DEVICE_NEEDS) -> int:
     """A process's start (`python -m …`, the console scripts): the dependency check and the start-up noise
-    filter (device.startup.guard), then main() on sys.argv."""
+    filter (faceberry.startup.guard), then main() on sys.argv."""
     if not guard(prog, needs, workstation=needs == WORKSTATION_NEEDS):
         return EXIT_USAGE
     return main(prog=prog, at=at)

@@ -47,8 +47,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from device.errors import UsageError
-from device.topics import valid_device_id
+from faceberry.device.messaging.topics import valid_device_id
+from faceberry.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,8 @@ class RecognitionConfig(_Section):
     reverify_every: int = Field(
         5, ge=1, le=100, description="a face whose track is decided and settled is embedded again only every N frames "
         "it is seen (at once when its box jumps, it looks different or its detection score drifts); the frames "
-        "between reuse its last recognition without voting. 1 = every frame. Default: device.tracker.REVERIFY_EVERY")
+        "between reuse its last recognition without voting. 1 = every frame. Default: "
+        "faceberry.device.recognition.tracker.REVERIFY_EVERY")
 
 
 class TrackingConfig(_Section):
@@ -255,7 +256,7 @@ class TrackingConfig(_Section):
                                                      "continue a track of the previous frame")
     votes_needed: int = Field(
         5, ge=1, le=100, description="a track's identity is decided over its first N frames (a person needs 4 of 5 of "
-        "them, device.contract.VISIT_AGREEMENT); it changes only when another label wins that agreement (unknown: "
+        "them, faceberry.contract.VISIT_AGREEMENT); it changes only when another label wins that agreement (unknown: "
         "a majority) of the last N frames")
     max_age: int = Field(10, ge=0, le=1000, description="a track unseen for more than this many frames ends")
 

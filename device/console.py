@@ -1,19 +1,19 @@
 """The installed commands (pyproject.toml's [project.scripts]): `faceberry`, and two aliases into its tree.
 
 `faceberry-train …` is `faceberry train …` and `faceberry-convert …` is `faceberry convert …`, kept for the
-scripts and habits that use them. Each runs device.cli.entry: the one-line error for a missing dependency,
+scripts and habits that use them. Each runs faceberry.device.cli.entry: the one-line error for a missing dependency,
 TensorFlow's and LiteRT's start-up noise filtered unless --log-level DEBUG, then the tree, whose return value
 is the exit code. Only the standard library is imported before the guard.
 """
 
 from __future__ import annotations
 
-from device.cli import entry
-from device.startup import WORKSTATION_NEEDS
+from faceberry.device.cli import entry
+from faceberry.startup import WORKSTATION_NEEDS
 
 
 def faceberry() -> int:
-    """`faceberry run|check|eval|enroll|train|convert …` (device.cli), on the Pi and the workstation."""
+    """`faceberry run|check|eval|enroll|train|convert …` (faceberry.device.cli), on the Pi and the workstation."""
     return entry("faceberry")
 
 

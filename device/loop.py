@@ -8,14 +8,14 @@ Reload without restart: SIGHUP (`systemctl reload faceberry`) or a command's `Re
 the loop to load the bundle `cfg.bundle` points to between two frames; the MQTT session, the camera and the
 outbox stay. A bundle that fails its checks is refused and the old one keeps serving; either way the
 retained bundle topic (`Reloaded`) and one log line say what happened. systemd's notify protocol
-(device/notify.py) is spoken throughout: READY=1, WATCHDOG=1 from the loop, STATUS=, RELOADING=1,
+(device/ops/notify.py) is spoken throughout: READY=1, WATCHDOG=1 from the loop, STATUS=, RELOADING=1,
 STOPPING=1.
 
 Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, a broker
 that keeps refusing our credentials or certificates, or SIGTERM/SIGINT; in every case capture stops, what
 the broker can take is delivered, `offline` is published, and whatever is left stays in the outbox for the
 next start. A live camera that drops out, or is not there at start, is reopened by the capture thread
-(device/camera.py) for up to camera.max_outage_s; the loop just waits.
+(device/capture/camera.py) for up to camera.max_outage_s; the loop just waits.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from device.bundle import Bundle
-from device.camera import Capture, Frame
-from device.cameras import Camera, RoundRobin
-from device.classifier import UNKNOWN
-from device.config import Config, describe
-from device.corrections import CorrectionFilter
-from device.dispatcher import (
+from faceberry.bundle import Bundle
+from faceberry.classifier import UNKNOWN
+from faceberry.device.capture.camera import Capture, Frame
+from faceberry.device.capture.cameras import Camera, RoundRobin
+from faceberry.device.config import Config, describe
+from faceberry.device.memory.corrections import CorrectionFilter
+from faceberry.device.memory.facestore import crop_with_margin
+from faceberry.device.messaging.dispatcher import (
     Decided,
     Dispatcher,
     FaceSample,
@@ -52,12 +53,11 @@ from device.dispatcher import (
     Stopping,
     Tick,
 )
-from device.events import Cooldown, event_payload, iso_utc
-from device.facestore import crop_with_margin
-from device.notify import Notifier
-from device.pipeline import FacePipeline
-from device.statefile import write_atomic
-from device.tracker import Observation, Tracker
+from faceberry.device.ops.notify import Notifier
+from faceberry.device.outputs.events import Cooldown, event_payload, iso_utc
+from faceberry.device.recognition.pipeline import FacePipeline
+from faceberry.device.recognition.tracker import Observation, Tracker
+from faceberry.statefile import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -4,14 +4,15 @@ This module is the command's entry: it loads the config, has the composition roo
 the daemon, and runs its frame loop (device/loop.py) with the signals wired: SIGTERM/SIGINT stop it,
 SIGHUP (`systemctl reload faceberry`) asks it to load the bundle `cfg.bundle` points to (on the Pi the
 `current` link of the versions store) between two frames. How a frame and a command travel is in
-docs/ARCHITECTURE.md; the broker connection and its durable outbox are device/mqtt.py and device/outbox.py.
+docs/ARCHITECTURE.md; the broker connection and its durable outbox are device/messaging/mqtt.py and
+device/messaging/outbox.py.
 
 Runs until the camera stream ends (files and folders), a fatal camera error, a dead MQTT client, a broker
 that keeps refusing our credentials or certificates, or SIGTERM/SIGINT; in every case capture stops, what
 the broker can take is delivered, `offline` is published, and whatever is left stays in the outbox for the
 next start. A live camera that drops out, or is not there at start, is reopened by the capture thread
-(device/camera.py) for up to camera.max_outage_s; the loop just waits.
-Exit codes (via the CLI; device/errors.py): 0 at the end of a file or folder or on a signal; 3 on a camera
+(device/capture/camera.py) for up to camera.max_outage_s; the loop just waits.
+Exit codes (via the CLI; faceberry/errors.py): 0 at the end of a file or folder or on a signal; 3 on a camera
 error (a missing file or folder, a live camera out longer than camera.max_outage_s); 2 for what restarting
 cannot fix, so the unit does not loop on it: the config, a bundle absent, damaged or with nobody enrolled,
 a camera library not installed (camera.CameraSetupError), the broker refusing us for mqtt.fatal_after_s;
@@ -23,10 +24,10 @@ from __future__ import annotations
 import argparse
 import signal
 
-from device.app import build, open_outbox, state_dir
-from device.config import add_config_argument, load_config
-from device.dispatcher import ReloadResult
-from device.loop import STATUS_WRITE_S
+from faceberry.device.app import build, open_outbox, state_dir
+from faceberry.device.config import add_config_argument, load_config
+from faceberry.device.loop import STATUS_WRITE_S
+from faceberry.device.messaging.dispatcher import ReloadResult
 
 # Kept importable from here for their callers (the tests, status_cmd's documentation).
 __all__ = ["HELP", "STATUS_WRITE_S", "ReloadResult", "add_arguments", "open_outbox", "run", "state_dir"]

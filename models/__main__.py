@@ -1,6 +1,6 @@
-# `python -m models fetch` is `faceberry models fetch` (device.cli).
+# `python -m models fetch` is `faceberry models fetch` (faceberry.device.cli).
 import sys
 
-from device.cli import entry
+from faceberry.device.cli import entry
 
 sys.exit(entry("python -m models", ("models",)))

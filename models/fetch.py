@@ -14,10 +14,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from device import cli
-from device.bundle import sha256_file
-from device.errors import FaceberryError
-from models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
+from faceberry.bundle import sha256_file
+from faceberry.device import cli
+from faceberry.errors import FaceberryError
+from faceberry.models import DETECTOR_FILENAME, DETECTOR_SHA256, default_detector_path
 
 WHEEL_REQUIREMENT = "mediapipe==0.10.21"
 # Any platform works (we only unzip a data file); this one exists for cp311 and is fixed so the
@@ -85,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m models ARGS` from Python: `faceberry models ARGS` (device.cli)."""
+    """`python -m models ARGS` from Python: `faceberry models ARGS` (faceberry.device.cli)."""
     return cli.main(argv, prog="python -m models", at=("models",))

@@ -57,7 +57,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def detector_path() -> Path:
-    from models import default_detector_path
+    from faceberry.models import default_detector_path
 
     path = default_detector_path()
     if not path.is_file():

@@ -72,7 +72,7 @@ def write_views(photo: Path, person: str, gallery: Path, probes: Path) -> None:
 def build(work: Path, backbone: Path) -> dict[str, Path]:
     """gallery/, probes/ (<person>/*.jpg), run/ and bundle/ under `work`, by the user's commands, on the
     session's `backbone` (tests/plugins/bundles.py: `python -m train backbone --arch dlib-resnet`)."""
-    from models import default_detector_path
+    from faceberry.models import default_detector_path
 
     if not default_detector_path().is_file():
         pytest.skip(f"{default_detector_path()} is absent: run `python -m models fetch` first")

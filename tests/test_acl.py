@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device import homeassistant as ha
-from device.events import bundle_topic, events_topic, person_topic, snapshot_topic, status_topic
+from faceberry.device.outputs import homeassistant as ha
+from faceberry.device.outputs.events import bundle_topic, events_topic, person_topic, snapshot_topic, status_topic
 from tests.conftest import ROOT
 from tests.plugins.broker import password_file
 

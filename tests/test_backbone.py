@@ -72,7 +72,7 @@ def test_distillation_with_the_default_rebuilt_teacher(tmp_path: Path) -> None:
 
 
 def test_augmented_views_are_deterministic_and_vary() -> None:
-    from train.distill import make_views
+    from faceberry.train.distill import make_views
 
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:48, 0:48]
@@ -93,8 +93,8 @@ def test_augmented_views_are_deterministic_and_vary() -> None:
 def test_teacher_tells_people_apart_on_our_crops_and_caches(tmp_path: Path) -> None:
     need_student_data()
     need_teacher()
-    from train.crops import build_crop_set
-    from train.teacher import TeacherCache, label_crops
+    from faceberry.train.crops import build_crop_set
+    from faceberry.train.teacher import TeacherCache, label_crops
 
     sel = student_selection()["gallery"]
     files = {n: f[:3] for n, f in list(sel.items())[:2]}
@@ -120,7 +120,7 @@ def test_teacher_tells_people_apart_on_our_crops_and_caches(tmp_path: Path) -> N
 
 
 def test_backbone_cli_reports_bad_input(tmp_path: Path) -> None:
-    from train.backbone import main
+    from faceberry.train.backbone import main
 
     distil = ["--arch", "mobilenetv2"]
     assert main([*distil, "--photos", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
@@ -142,9 +142,9 @@ def test_the_card_fine_tune_can_start_from_the_distilled_student(tiny_embedding:
     root = tiny_embedding["backbone"]
     script = f"""
 import numpy as np
-from train.backbone import load_embedder
-from train.errors import WeightsError
-from train.model import build_backbone
+from faceberry.train.backbone import load_embedder
+from faceberry.train.errors import WeightsError
+from faceberry.train.model import build_backbone
 model, cfg = load_embedder({str(root)!r})
 inner = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
 start = build_backbone(96, cfg["alpha"], {str(root)!r})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench import accuracy, protocol
-from device.classifier import UNKNOWN
+from faceberry.classifier import UNKNOWN
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.stem not in ("__init__", "common"))
@@ -151,7 +151,7 @@ def test_household_peer_default_and_calibrated_tolerance_count_what_they_claim()
     # Strangers at 0.3 and 0.55 from a pass 0.6; 0.65 and 0.75 pass the calibrated tolerance too.
     assert out["dlib_default_strangers"] == pytest.approx(2 / 5)
     assert out["dlib_calibrated_strangers"] == pytest.approx(4 / 5)
-    # Per visit (device.contract.visit_decision): 2 frames of 5 are no name, 4 of 5 are.
+    # Per visit (faceberry.contract.visit_decision): 2 frames of 5 are no name, 4 of 5 are.
     assert out["dlib_default_stranger_visits_named"] == 0.0
     assert out["dlib_calibrated_stranger_visits_named"] == 1.0
 
@@ -192,7 +192,7 @@ def test_households_never_meet_their_cohort_and_strangers_are_everyone_else_unse
 
 def test_household_rules_score_a_member_above_a_stranger():
     from bench.household_rules import rule_scorers
-    from device.contract import l2_normalize
+    from faceberry.contract import l2_normalize
 
     rng = np.random.default_rng(0)
     people = l2_normalize(rng.normal(size=(12, 16)))
@@ -219,10 +219,10 @@ def test_visit_folder_ends_each_track_before_the_next_visit(tmp_path):
     import cv2
 
     from bench import household_visits
-    from device.camera import FolderSource
-    from device.config import TrackingConfig
-    from device.contract import visit_decision
-    from device.tracker import Observation, Tracker
+    from faceberry.contract import visit_decision
+    from faceberry.device.capture.camera import FolderSource
+    from faceberry.device.config import TrackingConfig
+    from faceberry.device.recognition.tracker import Observation, Tracker
 
     photos = []
     for i in range(10):
@@ -277,7 +277,7 @@ def test_household_visits_scored_from_the_events_sources():
 
 def test_calibration_decides_as_the_household_bench_and_keeps_its_parts_apart():
     from bench import calibration, household
-    from device.contract import UNKNOWN, l2_normalize
+    from faceberry.contract import UNKNOWN, l2_normalize
 
     rng = np.random.default_rng(0)
     face = l2_normalize(rng.normal(size=(300, 16)))

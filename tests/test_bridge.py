@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from device.events import iso_utc
+from faceberry.device.outputs.events import iso_utc
 from tests.plugins.broker import Subscriber
 
 pytest.importorskip("sqlalchemy",

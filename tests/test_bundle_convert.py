@@ -1,4 +1,4 @@
-"""Bundles written by convert are what device.bundle.load_bundle expects, and any damage to one is
+"""Bundles written by convert are what faceberry.bundle.load_bundle expects, and any damage to one is
 caught at load time with the file named."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from device.bundle import MANIFEST, MANIFEST_SHA256, BundleError, load_bundle, write_manifest
+from faceberry.bundle import MANIFEST, MANIFEST_SHA256, BundleError, load_bundle, write_manifest
 
 pytestmark = pytest.mark.shared
 
@@ -78,7 +78,7 @@ def test_a_bundle_without_a_manifest_checksum_loads_with_a_warning(
     bundle_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (bundle_copy / MANIFEST_SHA256).unlink()  # as bundles made before it existed
-    with caplog.at_level(logging.WARNING, logger="device.bundle"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.bundle"):
         bundle = load_bundle(bundle_copy)
     assert bundle.accept_threshold > 0
     assert [r for r in caplog.records if MANIFEST_SHA256 in r.getMessage() and "older" in r.getMessage()]
@@ -118,7 +118,7 @@ def test_enroll_writes_the_manifest_checksum(
     tiny_bundle: Path, tiny_bundle_people: list[str], heldout_photos: Path, tmp_path: Path,
     caplog: pytest.LogCaptureFixture
 ) -> None:
-    from device.enroll import enroll
+    from faceberry.device.recognition.enroll import enroll
     from tests.plugins.bundles import embedding_base
 
     labels = [x for x in (tiny_bundle / "labels.txt").read_text().splitlines() if x.strip()]
@@ -127,7 +127,7 @@ def test_enroll_writes_the_manifest_checksum(
     enroll(bundle_dir, "New Person", heldout_photos / tiny_bundle_people[0], min_photos=2)
     assert _manifest_sha256(bundle_dir) == hashlib.sha256((bundle_dir / MANIFEST).read_bytes()).hexdigest()
     caplog.clear()  # enroll's own load of the old bundle warned, rightly
-    with caplog.at_level(logging.WARNING, logger="device.bundle"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.bundle"):
         bundle = load_bundle(bundle_dir)
     assert not [r for r in caplog.records if MANIFEST_SHA256 in r.getMessage()]
     assert bundle.labels[-1] == "New Person" and bundle.manifest["labels"]["count"] == len(bundle.labels)

@@ -17,7 +17,15 @@ import cv2
 import numpy as np
 import pytest
 
-from device.camera import CameraError, Capture, FolderSource, FrameSource, OpenCVSource, Picamera2Source, open_source
+from faceberry.device.capture.camera import (
+    CameraError,
+    Capture,
+    FolderSource,
+    FrameSource,
+    OpenCVSource,
+    Picamera2Source,
+    open_source,
+)
 from tests.conftest import need_shared
 
 
@@ -53,7 +61,7 @@ def test_folder_yields_sorted_rgb_frames_skips_unreadable_and_ends(tmp_path: Pat
     (tmp_path / "a" / "1b.jpg").write_bytes(b"this is not a jpeg")
     write_png(tmp_path / "c.png", (0, 0, 255))
     (tmp_path / "notes.txt").write_text("ignored")
-    with caplog.at_level(logging.WARNING, logger="device.camera"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.capture.camera"):
         capture = Capture(FolderSource(tmp_path), queue_size=2).start()
         frames = drain(capture)
         capture.stop()
@@ -334,7 +342,7 @@ class Unpluggable(FrameSource):
 def test_a_live_camera_that_fails_is_reopened_and_the_outage_is_logged_once_each_way(caplog) -> None:
     source = Unpluggable()
     capture = Capture(source, queue_size=2, reopen_min_s=0.05, reopen_max_s=0.2)
-    with caplog.at_level(logging.INFO, logger="device.camera"):
+    with caplog.at_level(logging.INFO, logger="faceberry.device.capture.camera"):
         capture.start()
         assert capture.get(timeout=5) is not None
         source.plugged.clear()
@@ -439,7 +447,7 @@ def test_a_live_camera_absent_at_start_is_an_outage_from_the_start_not_an_error(
     source = Unpluggable()
     source.plugged.clear()
     capture = Capture(source, queue_size=2, reopen_min_s=0.05, reopen_max_s=0.2)
-    with caplog.at_level(logging.INFO, logger="device.camera"):
+    with caplog.at_level(logging.INFO, logger="faceberry.device.capture.camera"):
         capture.start()  # does not raise
         assert capture.out_now and capture.outages == 1 and capture.outage_reason == "no such device"
         with pytest.raises(TimeoutError):
@@ -471,7 +479,7 @@ def test_an_outage_longer_than_max_outage_s_ends_the_stream_with_one_error() -> 
 
 
 def test_files_folders_and_a_missing_camera_library_still_fail_at_start(tmp_path: Path) -> None:
-    from device.camera import CameraSetupError
+    from faceberry.device.capture.camera import CameraSetupError
 
     with pytest.raises(CameraError, match="video file not found"):
         Capture(OpenCVSource(str(tmp_path / "gone.mp4"))).start()

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
-from device.camera import IMAGE_SUFFIXES, Frame
-from device.cameras import Camera, RoundRobin
-from device.config import ConfigError, config_from_dict
-from device.contract import UNKNOWN
-from device.corrections import CorrectionFilter, Negatives
-from device.dispatcher import FrameDone
-from device.events import Cooldown
-from device.loop import FrameLoop
-from device.tracker import Tracker
+from faceberry.contract import UNKNOWN
+from faceberry.device.capture.camera import IMAGE_SUFFIXES, Frame
+from faceberry.device.capture.cameras import Camera, RoundRobin
+from faceberry.device.config import ConfigError, config_from_dict
+from faceberry.device.loop import FrameLoop
+from faceberry.device.memory.corrections import CorrectionFilter, Negatives
+from faceberry.device.messaging.dispatcher import FrameDone
+from faceberry.device.outputs.events import Cooldown
+from faceberry.device.recognition.tracker import Tracker
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import DEVICE, events_of, expected_event_labels, start_daemon
 from tests.plugins.fakes import FakeBundle, FakeCapture, FakePipeline, RecordingDispatcher, config
@@ -232,7 +232,7 @@ def test_a_camera_that_fails_does_not_stop_the_other(tmp_path, mosquitto, subscr
 
 def test_home_assistants_face_event_carries_the_camera() -> None:
     jinja2 = pytest.importorskip("jinja2")
-    from device import homeassistant as ha
+    from faceberry.device.outputs import homeassistant as ha
 
     (event,) = [c for topic, c in ha.discovery("faceberry", "d1", ["alice"]) if "/event/" in topic]
     env = jinja2.Environment()

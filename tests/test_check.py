@@ -6,8 +6,8 @@ import argparse
 import io
 from pathlib import Path
 
-from device import check
-from device.errors import EXIT_FAILURE, EXIT_OK
+from faceberry.device.ops import check
+from faceberry.errors import EXIT_FAILURE, EXIT_OK
 
 SKIP_ALL = ["bundle", "camera", "broker"]
 
@@ -55,8 +55,8 @@ def empty_gallery_bundle(root: Path, detector: Path) -> Path:
     """An embedding bundle whose gallery has 0 rows while labels.txt names 16 people (issue 21)."""
     import numpy as np
 
-    from device.bundle import write_manifest
-    from device.preprocess import Preprocessing
+    from faceberry.bundle import write_manifest
+    from faceberry.preprocess import Preprocessing
     from tests.plugins.bundles import make_loadable_bundle
 
     make_loadable_bundle(root, detector)
@@ -73,7 +73,7 @@ def empty_gallery_bundle(root: Path, detector: Path) -> Path:
 
 
 def test_an_empty_gallery_is_refused_by_check_but_enroll_can_still_open_it(tmp_path: Path, detector_path: Path) -> None:
-    from device.bundle import load_bundle
+    from faceberry.bundle import load_bundle
 
     bundle = empty_gallery_bundle(tmp_path / "bundle", detector_path)
     assert load_bundle(bundle).gallery_labels == []  # enroll opens it to add the first person: the fix

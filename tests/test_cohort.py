@@ -105,14 +105,14 @@ def test_training_and_convert_calibrate_on_the_cohort_at_the_strict_default(hous
     # The tail fitted over the cohort's people allows for people it lacks: the cohort's own faces pass at most
     # the promised rate.
     assert bt["far"] <= bt["calibrated_far"] + 1e-9 and bt["accept_interval"] is not None
-    assert manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")
+    assert manifest["gallery"]["source"].startswith("faceberry.contract.centroid of the converted embedder")
 
 
 def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(household):
     """The same gallery calibrated on the household alone (the old way) against the cohort threshold, on
     strangers in neither: the cohort's must accept far fewer."""
-    from device import cohort as cohort_mod
-    from device.bundle import load_bundle
+    from faceberry import cohort as cohort_mod
+    from faceberry.bundle import load_bundle
 
     bundle = load_bundle(household["bundle"])
     out = household["work"] / "eval.json"
@@ -121,7 +121,7 @@ def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(hous
     result = json.loads(out.read_text())
     with np.load(household["run"] / "crops.npz") as c:
         own_labels = [str(v) for v in c["labels"]]
-    from device.classifier import FaceClassifier
+    from faceberry.classifier import FaceClassifier
 
     clf = FaceClassifier(bundle)
     with np.load(household["run"] / "crops.npz") as c:
@@ -139,8 +139,8 @@ def test_the_cohort_threshold_rejects_strangers_a_household_threshold_names(hous
 def test_enroll_recalibrates_on_the_bundle_cohort(household, tmp_path):
     import shutil
 
-    from device import cohort as cohort_mod
-    from device.bundle import load_bundle
+    from faceberry import cohort as cohort_mod
+    from faceberry.bundle import load_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(household["bundle"], bundle)
@@ -160,10 +160,10 @@ def test_enroll_recalibrates_on_the_bundle_cohort(household, tmp_path):
 def test_convert_and_device_accept_the_same_faces(household):
     """The gallery head's decisions (what convert checked the bundle with) equal the device classifier's and the
     contract's, on the run's real crops and on strangers, at several thresholds."""
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
-    from device.contract import accept_all, best_match
-    from device.heads import gallery_decisions
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
+    from faceberry.contract import accept_all, best_match
+    from faceberry.heads import gallery_decisions
 
     bundle = load_bundle(household["bundle"])
     clf = FaceClassifier(bundle)
@@ -183,9 +183,9 @@ def test_convert_and_device_accept_the_same_faces(household):
 
 
 def test_enrolled_faces_are_face_and_mirror_and_a_camera_face_is_mirrored_only_near_the_threshold(household):
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
-    from device.contract import ENROLLED_VIEWS, SECOND_LOOK, centroid, mirror_mean, mirrored
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
+    from faceberry.contract import ENROLLED_VIEWS, SECOND_LOOK, centroid, mirror_mean, mirrored
 
     bundle = load_bundle(household["bundle"])
     assert bundle.enrolled_views == ENROLLED_VIEWS == bundle.manifest["gallery"]["views"]
@@ -211,8 +211,8 @@ def test_enrolled_faces_are_face_and_mirror_and_a_camera_face_is_mirrored_only_n
 
 
 def test_a_cohort_of_single_views_is_refused_where_the_gallery_is_face_and_mirror(tmp_path):
-    from device import cohort as cohort_mod
-    from device.contract import ENROLLED_VIEWS
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import ENROLLED_VIEWS
 
     rng = np.random.default_rng(0)
     cohort = cohort_mod.build(rng.normal(size=(60, 8)), [f"p{i % 30}" for i in range(60)])
@@ -250,7 +250,7 @@ def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):
     res = subprocess.run([sys.executable, "-m", "train", "cohort", "--backbone", str(backbone), "--lfw",
                           "--exclude", str(mine)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    from device import cohort as cohort_mod
+    from faceberry import cohort as cohort_mod
 
     cohort = cohort_mod.load(backbone / "cohort.npz", 128)
     assert 20 <= cohort.people <= 29 and len(cohort) >= 100
@@ -258,7 +258,7 @@ def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):
     assert cohort_mod.name_hash(people[1]) in cohort.name_hashes
 
 
-# ---- the threshold rule and its uncertainty (device.cohort.calibrate; bench/calibration.py) -------------------
+# ---- the threshold rule and its uncertainty (faceberry.cohort.calibrate; bench/calibration.py) -------------------
 
 def _people(rng: np.random.Generator, people: int, faces: int, dim: int = 32, spread: float = 0.3,
             prefix: str = "c") -> tuple[np.ndarray, list[str]]:
@@ -271,8 +271,8 @@ def _people(rng: np.random.Generator, people: int, faces: int, dim: int = 32, sp
 
 
 def test_a_one_person_gallery_is_calibrated_on_the_cohort_alone():
-    from device import cohort as cohort_mod
-    from device.contract import best_match, gallery_from, threshold_for_far
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import best_match, gallery_from, threshold_for_far
 
     rng = np.random.default_rng(1)
     cohort = cohort_mod.build(*_people(rng, 120, 10))
@@ -294,8 +294,8 @@ def test_a_one_person_gallery_is_calibrated_on_the_cohort_alone():
 
 def test_more_people_enrolled_raise_the_threshold_on_the_same_cohort():
     """A stranger has one more person to resemble: every cohort face's best score can only rise."""
-    from device import cohort as cohort_mod
-    from device.contract import gallery_from
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import gallery_from
 
     rng = np.random.default_rng(2)
     cohort = cohort_mod.build(*_people(rng, 150, 8))
@@ -307,8 +307,8 @@ def test_more_people_enrolled_raise_the_threshold_on_the_same_cohort():
 
 
 def test_the_thresholds_uncertainty_is_reported_and_narrows_with_more_cohort_people():
-    from device import cohort as cohort_mod
-    from device.contract import gallery_from
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import gallery_from
 
     rng = np.random.default_rng(3)
     own, labels = _people(rng, 3, 10, prefix="h")
@@ -334,8 +334,8 @@ def test_the_thresholds_uncertainty_is_reported_and_narrows_with_more_cohort_peo
 def test_the_uncertainty_says_where_a_cohort_of_other_people_puts_the_threshold():
     """The interval is a bootstrap over one small cohort's people; cohorts of *other* people from the same
     population must mostly land inside it (it is no promise for a lookalike the population rarely holds)."""
-    from device import cohort as cohort_mod
-    from device.contract import gallery_from
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import gallery_from
 
     rng = np.random.default_rng(4)
     own, labels = _people(rng, 2, 10, prefix="h")
@@ -351,8 +351,8 @@ def test_the_uncertainty_says_where_a_cohort_of_other_people_puts_the_threshold(
 def test_without_a_cohort_the_households_own_quantile_stays_and_a_small_cohort_is_warned_about():
     """Two or three people are too few for a tail over people: with no cohort the empirical quantile of the
     household's own scores is kept (with its warning); a cohort of few people is used, and said to be small."""
-    from device import cohort as cohort_mod
-    from device.contract import gallery_from, threshold_for_far
+    from faceberry import cohort as cohort_mod
+    from faceberry.contract import gallery_from, threshold_for_far
 
     rng = np.random.default_rng(5)
     own, labels = _people(rng, 3, 10, prefix="h")

@@ -1,4 +1,5 @@
-"""Command messages are untrusted input: validated by device.commands.parse, refused with a reason."""
+"""Command messages are untrusted input: validated by faceberry.device.messaging.commands.parse, refused with a
+reason."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 
 import pytest
 
-from device import commands
-from device.commands import CommandError, parse
+from faceberry.device.messaging import commands
+from faceberry.device.messaging.commands import CommandError, parse
 
 LIMIT = 4096
 
@@ -65,7 +66,7 @@ def test_the_publisher_subscribes_again_after_the_broker_comes_back(mosquitto_fa
 
     import paho.mqtt.publish as mqtt_publish
 
-    from device.mqtt import MqttPublisher
+    from faceberry.device.messaging.mqtt import MqttPublisher
     from tests.plugins.daemon import mqtt_cfg
 
     broker = mosquitto_factory()  # not persistent: the restarted broker knows no subscriptions
@@ -124,7 +125,7 @@ def _render(template: str, **variables) -> str:
 
 
 def _command_entities() -> dict[str, dict]:
-    from device import homeassistant as ha
+    from faceberry.device.outputs import homeassistant as ha
 
     configs = ha.discovery("faceberry", "door", ["alice"], commands=True)
     return {topic.split("/")[3].removeprefix("faceberry_door_"): config for topic, config in configs
@@ -187,7 +188,7 @@ def test_the_wrong_button_corrects_the_recognition_it_showed() -> None:
     ("Zoé", "the same Home Assistant unique id as 'Zoë'"),
 ])
 def test_a_name_that_collides_in_topics_or_ids_is_refused_with_the_reason(name: str, reason: str) -> None:
-    from device.enroll import name_problem
+    from faceberry.device.recognition.enroll import name_problem
 
     problem = name_problem(name, ["Ann_Lee", "Bob", "张伟", "Zoë"])
     assert problem is not None and reason in problem, problem
@@ -195,7 +196,7 @@ def test_a_name_that_collides_in_topics_or_ids_is_refused_with_the_reason(name: 
 
 
 def test_names_that_stay_apart_are_accepted() -> None:
-    from device.enroll import name_problem
+    from faceberry.device.recognition.enroll import name_problem
 
     # Names with no ASCII letter or digit carry a hash of themselves in their unique ids: 李娜 and 张伟
     # (both `__` without it) stay apart.
@@ -207,8 +208,8 @@ def test_names_that_stay_apart_are_accepted() -> None:
 
 
 def test_enroll_refuses_a_name_that_collides_with_someone_in_the_bundle(gallery_bundle, tmp_path) -> None:
-    from device.bundle import load_bundle
-    from device.enroll import EnrollError, enroll
+    from faceberry.bundle import load_bundle
+    from faceberry.device.recognition.enroll import EnrollError, enroll
 
     person = next(lab for lab in load_bundle(gallery_bundle).labels if "_" in lab)  # LFW names: First_Last
     photos = tmp_path / "photos"

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from device.config import Config, ConfigError, OutboxConfig, config_from_dict, load_config
-from device.errors import EXIT_USAGE, FaceberryError, exit_code_for
+from faceberry.device.config import Config, ConfigError, OutboxConfig, config_from_dict, load_config
+from faceberry.errors import EXIT_USAGE, FaceberryError, exit_code_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "systemd" / "faceberry.example.yaml"
@@ -274,7 +274,7 @@ def test_a_password_file_others_can_read_gets_a_warning(tmp_path: Path, caplog: 
     pw.write_text("s3cret\n")
     config = write(tmp_path, "bundle: /b\ndevice_id: hall-7\nmqtt: {username: u, password_file: pw}\n")
     os.chmod(pw, 0o644)
-    with caplog.at_level(logging.WARNING, logger="device.config"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.config"):
         cfg = load_config(config, env={})
     assert cfg.mqtt_password == "s3cret"
     assert len(cfg.warnings) == 1 and "chmod 600" in cfg.warnings[0] and str(pw) in cfg.warnings[0]
@@ -283,7 +283,7 @@ def test_a_password_file_others_can_read_gets_a_warning(tmp_path: Path, caplog: 
 
     os.chmod(pw, 0o600)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="device.config"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.config"):
         assert load_config(config, env={}).warnings == []
     assert caplog.records == []
 
@@ -293,25 +293,25 @@ def test_shared_looking_device_ids_get_a_warning(tmp_path: Path, monkeypatch: py
     warned = load_config(config, env={"FACEBERRY_DEVICE_ID": "front-door"}).warnings
     assert len(warned) == 1 and "'front-door' is the example's" in warned[0] and "knock each other off" in warned[0]
 
-    monkeypatch.setattr("device.config.socket.gethostname", lambda: "raspberrypi.local")
+    monkeypatch.setattr("faceberry.device.config.socket.gethostname", lambda: "raspberrypi.local")
     cfg = load_config(config, env={})
     assert cfg.device_id == "raspberrypi"
     assert len(cfg.warnings) == 1 and "stock hostname" in cfg.warnings[0]
 
-    monkeypatch.setattr("device.config.socket.gethostname", lambda: "kitchen-pi")
+    monkeypatch.setattr("faceberry.device.config.socket.gethostname", lambda: "kitchen-pi")
     cfg = load_config(config, env={})
     assert cfg.device_id == "kitchen-pi" and cfg.warnings == []
 
 
 def test_check_can_take_the_warnings_without_them_being_logged(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="device.config"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.config"):
         cfg = load_config(write(tmp_path, "bundle: /b\ndevice_id: front-door\n"), env={}, log_warnings=False)
     assert len(cfg.warnings) == 1 and caplog.records == []
 
 
 def test_an_unusable_hostname_needs_a_device_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("device.config.socket.gethostname", lambda: "my host")
+    monkeypatch.setattr("faceberry.device.config.socket.gethostname", lambda: "my host")
     with pytest.raises(ConfigError, match=r"device_id: the hostname 'my host' is not a valid device_id; set"):
         load_config(write(tmp_path, "bundle: /b\n"), env={})
     assert load_config(tmp_path / "config.yaml", env={"FACEBERRY_DEVICE_ID": "ok"}).device_id == "ok"
@@ -319,7 +319,7 @@ def test_an_unusable_hostname_needs_a_device_id(tmp_path: Path, monkeypatch: pyt
 
 def test_sections_can_still_be_built_in_code() -> None:
     # bench/ and the MQTT tests build an MqttConfig directly, without a file.
-    from device.config import MqttConfig
+    from faceberry.device.config import MqttConfig
 
     cfg = MqttConfig(host="127.0.0.1", port=1884, keepalive=5, queue_size=3)
     assert (cfg.host, cfg.port, cfg.qos, cfg.tls.enabled, cfg.outbox.max_messages) == ("127.0.0.1", 1884, 1, False,
@@ -351,7 +351,7 @@ def example_comments() -> dict[str, list[str]]:
 
 def test_every_number_has_a_range_stated_in_the_example_and_enforced() -> None:
     """Issue 21: a votes_needed or min_face_size of 1e9 was accepted, and no event could ever come out."""
-    from device.config import numeric_fields, numeric_range
+    from faceberry.device.config import numeric_fields, numeric_range
 
     comments = example_comments()
     fields = numeric_fields()
@@ -392,7 +392,7 @@ def test_a_min_face_size_no_camera_frame_can_hold_gets_a_warning() -> None:
 
 def test_a_state_dir_that_cannot_be_made_is_a_permanent_error_for_run(tmp_path: Path) -> None:
     """run must not be restarted every few seconds for it: exit 2, which the unit does not restart."""
-    from device.service import state_dir
+    from faceberry.device.service import state_dir
 
     cfg = load_config(write(tmp_path, f"bundle: /b\nstate_dir: {tmp_path / 'later' / 'state'}\n"))
     (tmp_path / "later").write_text("a file where the directory should be\n")

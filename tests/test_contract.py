@@ -1,6 +1,6 @@
 """One contract: train's, convert's and device's decisions are the same on the same photos.
 
-The rules live once in device/contract.py; these tests run each stage's own code on real photos and
+The rules live once in faceberry/contract.py; these tests run each stage's own code on real photos and
 hold the answers equal: which face of a photo is its subject (train's crops, `device enroll`,
 `device eval`). Accept-or-unknown (convert's verification = the device's classifier = the contract) is
 held equal in tests/test_cohort.py, on the int8 bundle built there.
@@ -28,23 +28,23 @@ def _photos() -> list[Path]:
 
 
 def test_each_rule_is_defined_once():
-    """git grep finds no second definition of a contract rule outside device/contract.py."""
+    """git grep finds no second definition of a contract rule outside faceberry/contract.py."""
     patterns = [r"^UNKNOWN = ", r"^IMAGE_SUFFIXES = ", r"^DOMINANCE = ", r"def _threshold_for\b", r"def l2n\b",
                 r"def _unit\b"]
     for pattern in patterns:
         res = subprocess.run(["git", "grep", "-n", "-E", pattern, "--", "*.py"], cwd=ROOT, capture_output=True,
                              text=True)
         hits = [line for line in res.stdout.splitlines()
-                if not line.startswith(("device/contract.py:", "tests/test_contract.py:"))]
-        assert not hits, f"{pattern} defined outside device/contract.py: {hits}"
+                if not line.startswith(("faceberry/contract.py:", "tests/test_contract.py:"))]
+        assert not hits, f"{pattern} defined outside faceberry/contract.py: {hits}"
 
 
 def test_train_enroll_and_eval_pick_the_same_subject_face(detector_path):
-    from device.contract import SEVERAL_FACES, subject_face
-    from device.detector import FaceDetector
-    from device.enroll import usable_crops
-    from device.preprocess import load_image
-    from train.crops import CropMaker
+    from faceberry.contract import SEVERAL_FACES, subject_face
+    from faceberry.detector import FaceDetector
+    from faceberry.device.recognition.enroll import usable_crops
+    from faceberry.preprocess import load_image
+    from faceberry.train.crops import CropMaker
 
     photos = _photos()
     size, min_face = 150, 40
@@ -68,7 +68,7 @@ def test_train_enroll_and_eval_pick_the_same_subject_face(detector_path):
 
 
 def test_only_dlibs_resnet_enrols_face_and_mirror():
-    from device.contract import ENROLLED_VIEWS, FACE_ONLY, enrolled_views, mirror_mean, mirrored, needs_second_look
+    from faceberry.contract import ENROLLED_VIEWS, FACE_ONLY, enrolled_views, mirror_mean, mirrored, needs_second_look
 
     assert enrolled_views("dlib-resnet-v1") == ENROLLED_VIEWS
     assert enrolled_views("mobilenetv2") == enrolled_views(None) == FACE_ONLY

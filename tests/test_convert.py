@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.build import AccuracyDropError, ConvertError, _check_drop
-from device.bundle import load_bundle, sha256_file
-from device.preprocess import normalize
-from device.runtime import TFLiteModel
-from models import DETECTOR_FILENAME
+from faceberry.bundle import load_bundle, sha256_file
+from faceberry.convert.build import AccuracyDropError, ConvertError, _check_drop
+from faceberry.models import DETECTOR_FILENAME
+from faceberry.preprocess import normalize
+from faceberry.runtime import TFLiteModel
 from tests.conftest import ROOT
 from tests.plugins.processes import module
 
@@ -37,7 +37,7 @@ def _val_inputs(run: Path, count: int = 8) -> np.ndarray:
     with np.load(run / "crops.npz") as data:
         crops = data["crops"][data["split"] == "val"][:count]
     prep = json.loads((run / "config.json").read_text())["preprocessing"]
-    from device.preprocess import Preprocessing
+    from faceberry.preprocess import Preprocessing
 
     return normalize(crops, Preprocessing.from_dict(prep))
 
@@ -53,7 +53,7 @@ def test_bundle_has_every_file_with_checksums(tiny_bundle, tiny_run):
     assert {p.name for p in tiny_bundle.iterdir()} == names | {"manifest.json", "manifest.sha256"}
     for name, digest in manifest["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
-    from models import default_detector_path
+    from faceberry.models import default_detector_path
 
     assert sha256_file(tiny_bundle / DETECTOR_FILENAME) == sha256_file(default_detector_path())
     config = json.loads((tiny_run / "config.json").read_text())
@@ -82,7 +82,7 @@ def test_converted_outputs_match_the_recorded_agreement(tiny_bundle, tiny_run):
 @pytest.mark.shared
 def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tmp_path):
     """The Pi's fallback runtime: tflite_runtime 2.14 (numpy<2) loads the int8 classifier through
-    device/runtime.py and gives the same outputs as LiteRT."""
+    faceberry/runtime.py and gives the same outputs as LiteRT."""
     if not TFLITE_PYTHON.is_file():
         pytest.skip(f"{TFLITE_PYTHON} is absent: create it with `python3 -m venv .venv-tflite && "
                     ".venv-tflite/bin/pip install tflite-runtime==2.14.0 'numpy<2'`")
@@ -90,7 +90,7 @@ def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tm
     np.save(tmp_path / "x.npy", x)
     script = (
         "import sys, json, numpy as np\n"
-        "from device.runtime import TFLiteModel\n"
+        "from faceberry.runtime import TFLiteModel\n"
         f"m = TFLiteModel({str(tiny_bundle / 'classifier.tflite')!r})\n"
         f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
         "out = np.stack([m.run(xi[None])[0][0] for xi in x])\n"
@@ -119,7 +119,7 @@ def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tm
 @pytest.mark.shared
 def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
     """Per-channel weights are the converter's default; convert records it rather than assuming it."""
-    from convert.quantize import weight_scales
+    from faceberry.convert.quantize import weight_scales
 
     scales = weight_scales((tiny_bundle / "classifier.tflite").read_bytes())
     assert scales["per_channel"] > 50 and scales["per_tensor"] == 0 and scales["float"] == 0
@@ -131,7 +131,7 @@ def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
 
 
 def test_calibration_faces_are_every_training_crop_then_augmented_copies():
-    from convert.quantize import representative_samples
+    from faceberry.convert.quantize import representative_samples
 
     crops = np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3)
     plain = representative_samples(crops, 4)
@@ -146,7 +146,8 @@ def test_calibration_faces_are_every_training_crop_then_augmented_copies():
 
 
 def _paired(faces: int, float_right: int, lost: int, gained: int) -> dict:
-    """An agreement record as convert.verify makes it: `lost` faces only float gets right, `gained` only int8."""
+    """An agreement record as faceberry.convert.verify makes it: `lost` faces only float gets right, `gained` only
+    int8."""
     converted_right = float_right - lost + gained
     return {"faces": faces, "float_accuracy": float_right / faces, "converted_accuracy": converted_right / faces,
             "top1_agreement": (faces - lost - gained) / faces,
@@ -211,7 +212,7 @@ def test_min_agreement_is_refused_only_beyond_chance():
 
 
 def test_mcnemar_and_wilson_match_their_textbook_values():
-    from convert.verify import mcnemar_p, wilson_interval
+    from faceberry.convert.verify import mcnemar_p, wilson_interval
 
     assert mcnemar_p(1, 0) == pytest.approx(0.5)
     assert mcnemar_p(0, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
@@ -266,7 +267,7 @@ EMBEDDING_RUN = """
 import json, shutil, sys
 from pathlib import Path
 import numpy as np, keras
-from device.preprocess import Preprocessing, normalize
+from faceberry.preprocess import Preprocessing, normalize
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 dst.mkdir(parents=True)
 model = keras.models.load_model(src / "model.keras", compile=False)
@@ -305,10 +306,10 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     bundle = load_bundle(out)
     assert bundle.kind == "embedding" and bundle.manifest["classifier"]["quantization"] == "int8"
     assert set(bundle.manifest["files"]) == {"classifier.tflite", DETECTOR_FILENAME, "labels.txt", "gallery.npz"}
-    # The gallery is remade the way `device enroll` makes an entry: device.contract.centroid of the
+    # The gallery is remade the way `device enroll` makes an entry: faceberry.contract.centroid of the
     # converted embedder's outputs on the run's crops, and the threshold is calibrated on it.
-    from device.classifier import FaceClassifier
-    from device.contract import gallery_from
+    from faceberry.classifier import FaceClassifier
+    from faceberry.contract import gallery_from
 
     clf = FaceClassifier(bundle)
     with np.load(run / "crops.npz") as c:
@@ -317,7 +318,7 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
         emb = np.stack([clf.enrolled(x) for x in c["crops"][keep]])
         expected = gallery_from(emb, [str(v) for v in c["labels"][keep]], bundle.gallery_labels)
     assert np.allclose(bundle.gallery_embeddings, expected, atol=1e-5)
-    assert bundle.manifest["gallery"]["source"].startswith("device.contract.centroid of the converted embedder")
+    assert bundle.manifest["gallery"]["source"].startswith("faceberry.contract.centroid of the converted embedder")
     th = bundle.manifest["thresholds"]
     assert 0 < th["accept"] <= 1 and th["basis"].startswith("leave-one-person-out") and th["cohort_people"] == 0
     with np.load(run / "gallery.npz") as g:
@@ -333,7 +334,7 @@ def test_embedding_run_becomes_a_gallery_bundle(tiny_run, tmp_path):
     assert agreement["mean_cosine"] > 0.95 and agreement["min_cosine"] > 0.8
     assert agreement["decision_agreement"] >= 0.8
     # The device classifier uses it as a gallery model.
-    from device.classifier import FaceClassifier
+    from faceberry.classifier import FaceClassifier
 
     clf = FaceClassifier(bundle)
     crop = np.load(run / "crops.npz")["crops"][0]
@@ -353,10 +354,10 @@ def _refused(quantization: str, tried=()) -> AccuracyDropError:
 def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tiny_run, tmp_path, capsys, monkeypatch):
     """The card's MobileNetV2 path must not dead-end: an int8 model refused for its accuracy drop gives a
     float16 bundle with a warning, unless int8 was asked for explicitly."""
-    import convert.build
-    from convert import cli
+    import faceberry.convert.build
+    from faceberry.convert import cli
 
-    real = convert.build.convert_run
+    real = faceberry.convert.build.convert_run
     calls = []
 
     def int8_always_drops(*args, **kwargs):
@@ -365,7 +366,7 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
             raise _refused("int8", kwargs["tried"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert.build, "convert_run", int8_always_drops)
+    monkeypatch.setattr(faceberry.convert.build, "convert_run", int8_always_drops)
     out = tmp_path / "bundle"
     assert cli.main(["--run", str(tiny_run), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -373,7 +374,7 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
     assert "18.6 points less accurate" in warning and "building float16 instead" in warning
     assert "try --quantization float16" not in warning  # it is what convert does next, not advice
     assert calls == [("int8", ()), ("float16", ("int8",))]
-    from device.bundle import load_bundle
+    from faceberry.bundle import load_bundle
 
     assert load_bundle(out).manifest["classifier"]["quantization"] == "float16"
     assert cli.main(["--run", str(tiny_run), "--out", str(tmp_path / "b2"), "--quantization", "int8", "-q"]) == 2
@@ -381,13 +382,13 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
 
 
 def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tmp_path, capsys, monkeypatch):
-    import convert.build
-    from convert import cli
+    import faceberry.convert.build
+    from faceberry.convert import cli
 
     def always_drops(*args, **kwargs):
         raise _refused(kwargs["quantization"], kwargs["tried"])
 
-    monkeypatch.setattr(convert.build, "convert_run", always_drops)
+    monkeypatch.setattr(faceberry.convert.build, "convert_run", always_drops)
     out = tmp_path / "bundle"
     assert cli.main(["--run", str(tmp_path), "--out", str(out), "--quiet"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ from tests.conftest import ROOT, need_shared
 
 
 def test_config_written_by_the_demo_is_valid_for_the_daemon(tmp_path: Path) -> None:
-    from device.config import load_config
+    from faceberry.device.config import load_config
 
     (tmp_path / "bundle").mkdir()
     (tmp_path / "camera").mkdir()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from device.bundle import MANIFEST, load_bundle, write_manifest
-from device.store import BundleStore
+from faceberry.bundle import MANIFEST, load_bundle, write_manifest
+from faceberry.device.ops.store import BundleStore
 from tests.plugins.broker import Subscriber, client_connections
 from tests.plugins.daemon import finish, folder_of_photos, start_daemon, write_config
 from tests.plugins.files import assert_owned_like_root, corrupt, pi_root, variant

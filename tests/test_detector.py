@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from device.detector import KEYPOINT_NAMES, FaceDetector
-from device.preprocess import load_image
-from device.tracker import iou_matrix
+from faceberry.detector import KEYPOINT_NAMES, FaceDetector
+from faceberry.device.recognition.tracker import iou_matrix
+from faceberry.preprocess import load_image
 from tests.conftest import need_shared
 
 SINGLE = ["alex-lacamoire.png", "biden.jpg", "lin-manuel-miranda.png", "obama.jpg", "obama2.jpg",

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from device import cli
-from device.config import CREDENTIAL_NAME
+from faceberry.device import cli
+from faceberry.device.config import CREDENTIAL_NAME
 from tests.plugins.broker import make_tls, password_file
 from tests.plugins.files import write_frame
 from tests.plugins.processes import module
@@ -245,8 +245,8 @@ def test_one_parser_one_error_printer_one_logging_set_up() -> None:
         assert "ArgumentParser(" not in text, f"{name} builds its own parser"
         assert not re.search(r'add_argument\(\s*"--log-level"', text), f"{name} adds its own --log-level"
         assert "basicConfig" not in text, f"{name} configures logging"
-        # device/startup.py's guard is the one other: the line for a dependency missing before anything imports.
-        if name != "device/startup.py":
+        # faceberry/startup.py's guard is the one other: the line for a dependency missing before anything imports.
+        if name != "faceberry/startup.py":
             assert not re.search(r"""print\(f?["']error: """, text), f"{name} prints its own error line"
         assert not re.search(r"argv\[0\] ==", text), f"{name} dispatches on argv[0]"
     tree = (ROOT / "device" / "cli.py").read_text(encoding="utf-8")
@@ -280,7 +280,7 @@ def fake_command(tmp_path: Path, monkeypatch):
     """A command of the tree (`faceberry fake`) whose run() raises what FACEBERRY_FAKE_RAISES names."""
     (tmp_path / "fake_cmd.py").write_text(
         "import os\n"
-        "from device.errors import UnavailableError\n"
+        "from faceberry.errors import UnavailableError\n"
         "HELP = 'a command for the tests'\n"
         "def add_arguments(parser):\n"
         "    parser.add_argument('--what', required=True, help='what run() raises')\n"
@@ -345,13 +345,13 @@ def test_log_level_before_or_after_the_command_and_the_daemons_format(tmp_path: 
         proc = device_cli(*argv, "--bundle", str(tmp_path / "nope"), "--photos", str(tmp_path))
         assert proc.returncode == 2
         # DEBUG now reaches stderr, in the Pi's format (time, level, logger), before the one error line.
-        assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ DEBUG device.cli: python -m device eval: Namespace\(",
+        assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ DEBUG faceberry.device.cli: python -m device eval: Namespace\(",
                          proc.stderr, re.M), proc.stderr[-2000:]
     journal = subprocess.run([sys.executable, "-m", "device", "--log-level", "DEBUG", "eval", "--bundle",
                               str(tmp_path / "nope"), "--photos", str(tmp_path)], cwd=ROOT, capture_output=True,
                              text=True, timeout=120, env={**os.environ, "JOURNAL_STREAM": "8:1"})
     # Under systemd the journal stamps the time itself.
-    assert re.search(r"^DEBUG device.cli: ", journal.stderr, re.M), journal.stderr[-2000:]
+    assert re.search(r"^DEBUG faceberry.device.cli: ", journal.stderr, re.M), journal.stderr[-2000:]
 
 
 def test_workstation_commands_on_a_pi_say_what_is_missing_in_one_line() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from device.outbox import Outbox, salvage
+from faceberry.device.messaging.outbox import Outbox, salvage
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import DEVICE, folder_of_photos, start_daemon, write_config
 from tests.plugins.files import damage
@@ -64,7 +64,7 @@ LIMITED = """
 import os, runpy, sys
 pages = os.environ.get("FACEBERRY_TEST_OUTBOX_PAGES")
 if pages:
-    import device.outbox as outbox
+    import faceberry.device.messaging.outbox as outbox
     connect = outbox.Outbox._connect
     def limited(self, path):
         db = connect(self, path)

@@ -51,7 +51,7 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def test_weights_file_parses_into_the_expected_network():
-    from train.dlib_resnet import EMBEDDING_DIM, read_weights
+    from faceberry.train.dlib_resnet import EMBEDDING_DIM, read_weights
 
     w = read_weights(_weights_path())
     # dlib's input layer subtracts these channel means (dlib/dnn/input.h defaults for this model).
@@ -68,7 +68,7 @@ def test_weights_file_parses_into_the_expected_network():
 
 
 def test_a_damaged_or_foreign_file_is_refused_with_one_line(tmp_path):
-    from train.dlib_resnet import DlibModelError, read_weights
+    from faceberry.train.dlib_resnet import DlibModelError, read_weights
 
     data = _weights_path().read_bytes()
     truncated = tmp_path / "truncated.dat"
@@ -132,8 +132,8 @@ def test_backbone_matches_dlib_and_records_its_source(dlib_bundle):
 
 
 def _chips(paths: list[Path], alignment: str, detector_path: Path) -> tuple[list[np.ndarray], list]:
-    from device.detector import FaceDetector
-    from device.preprocess import align_face, load_image
+    from faceberry.detector import FaceDetector
+    from faceberry.preprocess import align_face, load_image
 
     det = FaceDetector(detector_path)
     chips, faces = [], []
@@ -149,8 +149,8 @@ def _chips(paths: list[Path], alignment: str, detector_path: Path) -> tuple[list
 def test_int8_bundle_reproduces_dlib_on_real_faces(dlib_bundle, detector_path):
     """The shipped int8 embedder against dlib's own descriptor, on the same aligned faces."""
     dlib, frm = _dlib_or_skip()
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
 
     net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
     photos = sorted((CELEBS / "val").glob("*/*.jpg"))[:15]
@@ -243,16 +243,16 @@ def test_bundle_runs_in_tflite_runtime_214(dlib_bundle, detector_path, tmp_path)
     if not tflite_python.is_file():
         pytest.skip(f"{tflite_python} is absent: create it with `python3 -m venv .venv-tflite && "
                     ".venv-tflite/bin/pip install tflite-runtime==2.14.0 'numpy<2'`")
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
-    from device.preprocess import normalize
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
+    from faceberry.preprocess import normalize
 
     bundle = load_bundle(dlib_bundle["bundle"])
     chips, _ = _chips(sorted((CELEBS / "val").glob("*/*.jpg"))[:8], "dlib-chip-v1", detector_path)
     np.save(tmp_path / "x.npy", normalize(np.stack(chips), bundle.preprocessing))
     script = (
         "import json, numpy as np\n"
-        "from device.runtime import TFLiteModel\n"
+        "from faceberry.runtime import TFLiteModel\n"
         f"m = TFLiteModel({str(bundle.classifier_path)!r}, num_threads=1)\n"
         f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
         f"np.save({str(tmp_path / 'y.npy')!r}, np.stack([m.run(xi[None])[0][0] for xi in x]))\n"
@@ -274,7 +274,7 @@ def test_bundle_runs_in_tflite_runtime_214(dlib_bundle, detector_path, tmp_path)
 REBUILT_TEACHER = """
 import json, sys
 import numpy as np
-from train.teacher import TeacherCache, label_crops
+from faceberry.train.teacher import TeacherCache, label_crops
 cache = TeacherCache(sys.argv[2])
 np.save(sys.argv[3], label_crops(np.load(sys.argv[1]), cache, kind="rebuilt"))
 print(json.dumps({"cached": len(cache)}))
@@ -287,7 +287,7 @@ def test_rebuilt_teacher_labels_dlib_chips_as_dlib_does(detector_path, tmp_path)
     dlib, frm = _dlib_or_skip()
     if not CELEBS.is_dir():
         pytest.skip(absent(CELEBS))
-    from train.teacher import TeacherCache, label_crops
+    from faceberry.train.teacher import TeacherCache, label_crops
 
     chips, _ = _chips(sorted((CELEBS / "val").glob("*/*.jpg"))[:10], "dlib-chip-v1", detector_path)
     x = np.stack(chips)

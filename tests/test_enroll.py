@@ -21,10 +21,10 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 
 def test_enroll_adds_a_person_who_is_then_recognised(tiny_embedding: dict, tmp_path: Path) -> None:
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.preprocess import load_image
 
     bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
     before = load_bundle(bundle_dir)
@@ -71,8 +71,8 @@ def test_enroll_refuses_photos_without_a_usable_face(tiny_embedding: dict, tmp_p
 
 
 def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tmp_path: Path) -> None:
-    from device.bundle import MANIFEST, write_manifest
-    from device.enroll import EnrollError, enroll
+    from faceberry.bundle import MANIFEST, write_manifest
+    from faceberry.device.recognition.enroll import EnrollError, enroll
 
     bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
     with pytest.raises(EnrollError, match="already in"):
@@ -87,8 +87,8 @@ def test_enroll_refuses_a_softmax_bundle_and_duplicates(tiny_embedding: dict, tm
 
 def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import device.enroll as enroll_mod
-    from device.bundle import load_bundle
+    import faceberry.device.recognition.enroll as enroll_mod
+    from faceberry.bundle import load_bundle
 
     bundle_dir = _copy(tiny_embedding["bundle"], tmp_path)
     before = (bundle_dir / "manifest.json").read_bytes()
@@ -113,9 +113,9 @@ def test_enroll_crash_leaves_the_old_bundle(tiny_embedding: dict, tmp_path: Path
 def test_enroll_into_a_pi_store_writes_a_new_version_the_service_can_read(
         tiny_embedding: dict, tmp_path: Path) -> None:
     """The Pi's layout: /var/lib/faceberry/bundles/<id>/ and `current`; enroll as root, service user reads it."""
-    from device.bundle import load_bundle
-    from device.enroll import enroll
-    from device.store import BundleStore
+    from faceberry.bundle import load_bundle
+    from faceberry.device.ops.store import BundleStore
+    from faceberry.device.recognition.enroll import enroll
     from tests.plugins.files import OTHER_ID, assert_owned_like_root, pi_root
 
     root = pi_root(tmp_path)  # as root: owned by 65534:65534, standing in for faceberry:faceberry

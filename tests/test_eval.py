@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from device import evaluate
-from device.bundle import load_bundle
-from device.classifier import UNKNOWN
-from device.pipeline import FacePipeline
-from device.preprocess import load_image
+from faceberry.bundle import load_bundle
+from faceberry.classifier import UNKNOWN
+from faceberry.device.recognition import evaluate
+from faceberry.device.recognition.pipeline import FacePipeline
+from faceberry.preprocess import load_image
 
 pytestmark = pytest.mark.shared
 
@@ -120,7 +120,7 @@ def test_unreadable_and_faceless_photos_are_counted_and_skipped(gallery_bundle, 
     cv2.rectangle(blank, (40, 40), (120, 200), (30, 90, 160), -1)  # shapes, no face
     cv2.imwrite(str(photos / person.name / "no_face.png"), blank)
     out = tmp_path / "eval.json"
-    with caplog.at_level(logging.WARNING, logger="device.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.recognition.evaluate"):
         rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(photos), "--json", str(out)])
     assert rc == 0
     assert "corrupt.jpg" in caplog.text

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from device import events, homeassistant
+from faceberry.device.outputs import events, homeassistant
 
 
 def test_topics_follow_the_documented_layout() -> None:

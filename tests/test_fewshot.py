@@ -35,8 +35,8 @@ def test_fewshot_run_dir_follows_the_contract(tiny_embedding: dict) -> None:
 
 
 def test_int8_embedding_bundle_recognises_validation_faces(tiny_embedding: dict) -> None:
-    from device.bundle import load_bundle
-    from device.classifier import FaceClassifier
+    from faceberry.bundle import load_bundle
+    from faceberry.classifier import FaceClassifier
 
     bundle = load_bundle(tiny_embedding["bundle"])
     assert bundle.kind == "embedding"

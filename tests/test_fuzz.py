@@ -32,11 +32,11 @@ import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from device.bundle import MANIFEST, MANIFEST_SHA256, Bundle, BundleError, load_bundle
-from device.config import ConfigError, load_config
-from device.contract import IMAGE_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
-from device.preprocess import MAX_IMAGE_PIXELS, ImageError, load_image
-from device.runtime import ModelError
+from faceberry.bundle import MANIFEST, MANIFEST_SHA256, Bundle, BundleError, load_bundle
+from faceberry.contract import IMAGE_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
+from faceberry.device.config import ConfigError, load_config
+from faceberry.preprocess import MAX_IMAGE_PIXELS, ImageError, load_image
+from faceberry.runtime import ModelError
 from tests.conftest import ROOT
 from tests.plugins.bundles import embedding_base
 from tests.plugins.files import LIARS, png_claiming
@@ -505,7 +505,7 @@ def test_malformed_images_are_refused_by_load_image_with_an_image_error(rng: ran
 def test_randomly_damaged_images_are_read_or_refused_in_one_line(
     case: ImageCase, tmp_path: Path, detector_path: Path
 ) -> None:
-    from train.crops import CropMaker
+    from faceberry.train.crops import CropMaker
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / case.name
     path.write_bytes(case.data)
@@ -525,7 +525,7 @@ def test_randomly_damaged_images_are_read_or_refused_in_one_line(
 def test_train_crop_maker_skips_every_malformed_image_with_a_reason(
     rng: random.Random, tmp_path: Path, detector_path: Path
 ) -> None:
-    from train.crops import CropMaker
+    from faceberry.train.crops import CropMaker
 
     maker = CropMaker(112, detector_path, cache_dir=tmp_path / "cache")
     cases = malformed_images(rng)
@@ -568,7 +568,7 @@ def test_malformed_configs_raise_config_errors_one_line_per_problem(rng: random.
 
 
 def _pipeline_or_error(bundle: Bundle) -> None:
-    from device.pipeline import FacePipeline
+    from faceberry.device.recognition.pipeline import FacePipeline
 
     FacePipeline(bundle, num_threads=1)
 

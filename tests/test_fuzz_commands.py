@@ -1,5 +1,6 @@
 """Fuzz of the command topic (issue 21): hundreds of hostile payloads, made here from a seeded generator, through
-`device.commands.parse` and through the daemon's own handler (a real Service on the gallery bundle, its answers
+`faceberry.device.messaging.commands.parse` and through the daemon's own handler (a real Service on the gallery bundle,
+its answers
 read back from the real outbox); then a real daemon against a real mosquitto, stopped and started with a
 hostile message retained on its command topic.
 
@@ -25,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from device import homeassistant as ha
-from device.commands import MAX_DEPTH, CommandError, parse
+from faceberry.device.messaging.commands import MAX_DEPTH, CommandError, parse
+from faceberry.device.outputs import homeassistant as ha
 from tests.plugins.daemon import Daemon
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "21"))
@@ -214,7 +215,7 @@ def test_ids_the_daemon_makes_are_valid() -> None:
 
     import numpy as np
 
-    from device.strangers import StrangerMemory
+    from faceberry.device.memory.strangers import StrangerMemory
 
     event_id = str(uuid.uuid4())
     memory = StrangerMemory(None, 0.5)
@@ -228,10 +229,10 @@ def test_ids_the_daemon_makes_are_valid() -> None:
 
 @pytest.fixture
 def service(tmp_path: Path, gallery_bundle: Path):
-    """A real daemon (device.app.build) on the gallery bundle with commands on, never started: its publisher
+    """A real daemon (faceberry.device.app.build) on the gallery bundle with commands on, never started: its publisher
     writes the answers to the real outbox, where the test reads them back."""
-    from device.app import build
-    from device.config import load_config
+    from faceberry.device.app import build
+    from faceberry.device.config import load_config
     from tests.plugins.daemon import write_config
 
     camera = tmp_path / "camera"
@@ -262,7 +263,7 @@ class Inbound:
             self.app.commands.receive(topic, payload, retain)
 
     def tick(self) -> None:
-        from device.dispatcher import Tick
+        from faceberry.device.messaging.dispatcher import Tick
 
         self.app.dispatcher.notify(Tick())
         self.app.commands.drain()
@@ -325,7 +326,7 @@ def test_the_handler_answers_random_bytes_and_mutations_once(service: Any, paylo
 
 
 def test_a_burst_beyond_the_inbox_is_answered_busy_not_dropped(service: Any) -> None:
-    from device.command_runner import INBOX_SIZE
+    from faceberry.device.messaging.command_runner import INBOX_SIZE
 
     assistant = Inbound(service)
     for i in range(INBOX_SIZE + 20):
@@ -500,7 +501,7 @@ def test_a_burst_of_1000_commands_gets_1000_answers(tmp_path, mosquitto_factory,
 
 def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplog: pytest.LogCaptureFixture) -> None:
     assistant = Inbound(service)
-    caplog.set_level(logging.INFO, logger="device.assistant")
+    caplog.set_level(logging.INFO, logger="faceberry.device.outputs.assistant")
     for i in range(200):
         # Home Assistant's birth message is usually retained: that is normal, and it still counts.
         assistant._queue("homeassistant/status", b"online", i % 2 == 0)
@@ -523,7 +524,7 @@ def test_naming_acts_on_the_face_whose_event_id_came_with_the_command(service: A
         assert assistant.faces.add(event_id=event_id, label=label, score=0.5, track_id=n, bundle_id="b",
                                    crops=[crop], embeddings=np.ones((1, 4), np.float32), at=time.time() - 10 + n)
     named: list[tuple[str, list[str]]] = []
-    # The enrolment itself is device.enroll's (tested there); here: which face it is given.
+    # The enrolment itself is faceberry.device.recognition.enroll's (tested there); here: which face it is given.
     monkeypatch.setattr(service.commands, "_enroll", lambda name, faces, stranger_id=None: (
         named.append((name, [f.event_id for f in faces])) or (True, "enrolled", {})))
 

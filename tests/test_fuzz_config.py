@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from device.config import ConfigError, load_config, numeric_bounds, numeric_fields
+from faceberry.device.config import ConfigError, load_config, numeric_bounds, numeric_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 # Environment variables that would change what a config means.
@@ -205,7 +205,7 @@ def test_every_value_in_range_is_accepted(case: tuple[str, float, bool], tmp_pat
 
 RUNNER = r"""
 import argparse, io, json, sys, traceback
-from device import check
+from faceberry.device.ops import check
 for line in sys.stdin:
     path = line.strip()
     print(json.dumps({"start": path}), flush=True)  # the case a hang would stop at

@@ -28,11 +28,11 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from device.corrections import Negatives
-from device.facestore import EMBEDDINGS, META, FaceStore
-from device.homeassistant import DiscoveryLedger
-from device.outbox import Outbox
-from device.strangers import StrangerMemory
+from faceberry.device.memory.corrections import Negatives
+from faceberry.device.memory.facestore import EMBEDDINGS, META, FaceStore
+from faceberry.device.memory.strangers import StrangerMemory
+from faceberry.device.messaging.outbox import Outbox
+from faceberry.device.outputs.homeassistant import DiscoveryLedger
 
 SEED = int(os.environ.get("FACEBERRY_FUZZ_SEED", "21"))
 CASES_PER_KIND = 30  # 5 kinds: 150 damaged files

@@ -1,5 +1,5 @@
-"""One head per classifier kind (device.heads), the typed manifest that chooses it, and the typed files
-of a training run and a backbone (train.run_files)."""
+"""One head per classifier kind (faceberry.heads), the typed manifest that chooses it, and the typed files
+of a training run and a backbone (faceberry.train.run_files)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import MANIFEST, BundleError, load_bundle, write_manifest
-from device.heads import GALLERY, HEADS, SOFTMAX, EmbeddingSection, SoftmaxSection
+from faceberry.bundle import MANIFEST, BundleError, load_bundle, write_manifest
+from faceberry.heads import GALLERY, HEADS, SOFTMAX, EmbeddingSection, SoftmaxSection
+from faceberry.train import run_files
 from tests.conftest import ROOT
-from train import run_files
 
 # --- the kind is decided in one place ---------------------------------------------------------------------------
 
 
 def test_no_classifier_kind_branch_outside_the_head_registry() -> None:
-    """Every `kind ==` in device/, convert/ and train/ is in device/heads.py (other notions were renamed)."""
+    """Every `kind ==` in device/, convert/ and train/ is in faceberry/heads.py (other notions were renamed)."""
     found = [f"{path.relative_to(ROOT)}:{n}" for folder in ("device", "convert", "train")
              for path in sorted((ROOT / folder).rglob("*.py")) if path.name != "heads.py"
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
@@ -53,7 +53,7 @@ def _edit(bundle: Path, change) -> None:
 
 @pytest.mark.shared
 def test_a_softmax_bundle_has_an_empty_gallery_not_an_error(tiny_bundle: Path) -> None:
-    from device.classifier import FaceClassifier
+    from faceberry.classifier import FaceClassifier
 
     bundle = load_bundle(tiny_bundle)
     assert bundle.head is SOFTMAX and bundle.kind == "softmax"
@@ -141,7 +141,7 @@ def test_a_run_config_problem_names_the_file_and_the_key(tmp_path: Path, data: d
 
 
 def test_convert_refuses_a_run_whose_report_has_no_threshold(tmp_path: Path) -> None:
-    from convert.build import ConvertError, load_run
+    from faceberry.convert.build import ConvertError, load_run
 
     run = tmp_path / "run"
     run.mkdir()
@@ -154,7 +154,7 @@ def test_convert_refuses_a_run_whose_report_has_no_threshold(tmp_path: Path) -> 
 
 
 def test_a_backbone_config_is_typed_and_older_ones_read(tmp_path: Path) -> None:
-    from train.backbone import BackboneError, read_backbone_config
+    from faceberry.train.backbone import BackboneError, read_backbone_config
 
     root = tmp_path / "backbone"
     root.mkdir()

@@ -20,8 +20,8 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 import yaml
 
-from device import homeassistant as ha
-from device.events import status_topic
+from faceberry.device.outputs import homeassistant as ha
+from faceberry.device.outputs.events import status_topic
 from tests.plugins.broker import Subscriber, client_connections
 from tests.plugins.daemon import Daemon, blank, ha_config, link, predictions, write_config
 
@@ -291,7 +291,7 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         assert set(retained) == expected, set(retained) ^ expected
         (event_cfg,) = [c for t, c in retained.items() if t.split("/")[1] == "event"]
         assert event_cfg["event_types"] == [*tiny["people"], "unknown"]
-        from device import __version__
+        from faceberry.device import __version__
         assert {c["device"].get("sw_version") for c in retained.values()} == {__version__}
 
         # Home Assistant says it is online again: every config is published once more.
@@ -323,7 +323,7 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
     assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
     camera = face_then_blanks(tmp_path, unknown[0], 3, "a_newcomer.jpg")
     if layout == "store":
-        from device.store import BundleStore
+        from faceberry.device.ops.store import BundleStore
 
         store = BundleStore(tmp_path / "bundles", create=True)
         store.switch(store.add(Path(tiny["bundle"])).name)
@@ -424,7 +424,7 @@ def test_wrong_turns_a_false_accept_into_unknown_and_undo_restores_it(
 
 def without_person(source: Path, dest: Path, person: str) -> Path:
     """A copy of an embedding bundle with `person` taken out of labels.txt and the gallery."""
-    from device.bundle import MANIFEST, load_bundle, write_manifest
+    from faceberry.bundle import MANIFEST, load_bundle, write_manifest
 
     shutil.copytree(source, dest)
     manifest = json.loads((dest / MANIFEST).read_text())
@@ -567,7 +567,7 @@ def test_a_restart_never_shows_an_arrival_that_did_not_happen(tmp_path, mosquitt
     """The false "arrived": the ON retained before a stop, still on the broker (a power cut, a SIGKILL) or still
     in the outbox, must never reach a subscriber after the new `online`. Home Assistant shows an entity's
     retained state as soon as its availability says online, so presence must be right before that."""
-    from device.outbox import Outbox
+    from faceberry.device.messaging.outbox import Outbox
 
     broker = mosquitto_factory()
     person, photo = gallery_photo(tiny)

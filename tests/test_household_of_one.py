@@ -50,7 +50,7 @@ def one(tmp_path_factory, detector_path, backbone) -> dict:
     pillow_heif = pytest.importorskip("pillow_heif", reason="pip install -r requirements-train.txt (pillow-heif)")
     from PIL import Image
 
-    from device.preprocess import load_image
+    from faceberry.preprocess import load_image
 
     people = sorted(d.name for d in LFW.iterdir() if d.is_dir())
     photos = {p: sorted((LFW / p).glob("*.jpg")) for p in people}
@@ -145,7 +145,7 @@ def test_the_daemon_and_home_assistant_name_the_one_person_and_no_stranger(one, 
     events name the person and leave strangers unknown, and Home Assistant gets a presence entity for them."""
     import cv2
 
-    from device import homeassistant as ha
+    from faceberry.device.outputs import homeassistant as ha
     from tests.plugins.daemon import Daemon, ha_config
 
     # Each photo followed by an empty frame: the track ends, so every photo is a new face and its own event.

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import pytest
 
-from device.contract import OPENCV_SUFFIXES
-from device.preprocess import MAX_IMAGE_PIXELS, ImageError, image_size, load_image
+from faceberry.contract import OPENCV_SUFFIXES
+from faceberry.preprocess import MAX_IMAGE_PIXELS, ImageError, image_size, load_image
 from tests.conftest import ROOT, need_shared
 from tests.plugins.files import LIARS, png_bomb, png_claiming, webp_claiming
 
@@ -116,7 +116,7 @@ def test_the_png_bomb_is_refused_with_bounded_memory(bomb):
     assert bomb.stat().st_size < 1_000_000
     code = (
         "import resource, sys\n"
-        "from device.preprocess import ImageError, load_image\n"
+        "from faceberry.preprocess import ImageError, load_image\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         "    load_image(sys.argv[1])\n"
@@ -147,8 +147,8 @@ def _hostile_beside(good: list[Path], folder: Path, bomb: Path) -> list[str]:
 
 @pytest.mark.shared
 def test_train_skips_hostile_files_with_a_reason_and_keeps_the_good_ones(tmp_path, bomb, detector_path, caplog):
-    from train.cli import build_parser
-    from train.trainer import collect_inputs, gather_crops
+    from faceberry.train.cli import build_parser
+    from faceberry.train.trainer import collect_inputs, gather_crops
 
     lfw = need_shared("faces", "lfw-dev")
     photos = tmp_path / "photos"
@@ -159,7 +159,7 @@ def test_train_skips_hostile_files_with_a_reason_and_keeps_the_good_ones(tmp_pat
                                       "--min-photos", "2", "--input-size", "112", "-q"])
     people_files, negatives, _warnings = collect_inputs(photos, None)
     (tmp_path / "run").mkdir()
-    with caplog.at_level(logging.WARNING, logger="train.crops"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.train.crops"):
         gathered = gather_crops(args, photos, tmp_path / "run", 112, people_files, negatives)
     skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
     hostile = {(Path(s["path"]).parent.name, Path(s["path"]).name) for s in skipped if "MP limit" in s["reason"]}
@@ -172,8 +172,8 @@ def test_train_skips_hostile_files_with_a_reason_and_keeps_the_good_ones(tmp_pat
 
 @pytest.mark.shared
 def test_enroll_refuses_hostile_files_and_uses_the_good_ones(tmp_path, bomb, detector_path):
-    from device.detector import FaceDetector
-    from device.enroll import usable_crops
+    from faceberry.detector import FaceDetector
+    from faceberry.device.recognition.enroll import usable_crops
 
     person = need_shared("faces", "lfw-dev", "Hugo_Chavez")
     _hostile_beside(sorted(person.glob("*.jpg"))[:3], tmp_path / "photos", bomb)
@@ -184,14 +184,14 @@ def test_enroll_refuses_hostile_files_and_uses_the_good_ones(tmp_path, bomb, det
 
 @pytest.mark.shared
 def test_eval_skips_hostile_files_with_one_line_each(gallery_bundle, heldout_photos, tmp_path, bomb, caplog):
-    from device import evaluate
+    from faceberry.device.recognition import evaluate
 
     person = next(d for d in sorted(heldout_photos.iterdir()) if d.is_dir())
     photos = tmp_path / "photos"
     good = sorted(person.iterdir())
     _hostile_beside([p.resolve() for p in good], photos / person.name, bomb)
     out = tmp_path / "eval.json"
-    with caplog.at_level(logging.WARNING, logger="device.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.recognition.evaluate"):
         rc = evaluate.main(["--bundle", str(gallery_bundle), "--photos", str(photos), "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -203,7 +203,7 @@ def test_eval_skips_hostile_files_with_one_line_each(gallery_bundle, heldout_pho
 
 
 def test_the_folder_camera_skips_hostile_files_once_and_keeps_going(tmp_path, bomb, caplog):
-    from device.camera import FolderSource
+    from faceberry.device.capture.camera import FolderSource
 
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -213,7 +213,7 @@ def test_the_folder_camera_skips_hostile_files_once_and_keeps_going(tmp_path, bo
     shutil.copyfile(bomb, folder / "good1b_bomb.png")
     source = FolderSource(folder, loop=False)
     source.open()
-    with caplog.at_level(logging.WARNING, logger="device.camera"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.capture.camera"):
         frames = []
         while (frame := source.read()) is not None:
             frames.append(frame)

@@ -13,14 +13,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The project's own import packages; faceberry/ once the core moves there.
+# The project's own import packages: the core (faceberry/) and the card's folders, which are faceberry.<folder>.
 PACKAGES = ("device", "train", "convert", "models", "faceberry")
+CARD = ("device", "train", "convert", "models")
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if root == ROOT and parts[0] in CARD:
+        parts.insert(0, "faceberry")
     return ".".join(parts)
 
 
@@ -65,7 +68,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, is_package, node)
-                # `from device import config` imports the submodule device.config.
+                # `from device import config` imports the submodule faceberry.device.config.
                 targets = [f"{base}.{alias.name}" for alias in node.names]
             for target in targets:
                 owner = _owner(target, modules)
@@ -163,8 +166,8 @@ def test_the_reader_sees_deferred_relative_and_module_imports(tmp_path: Path) ->
 def test_the_project_graph_is_read() -> None:
     # A guard against the test passing on an empty graph: known edges, one of them deferred (inside a function).
     graph = import_graph(project_modules())
-    assert "device.errors" in graph["device.config"]
-    assert "train.dlib_port" in graph["train.backbone"]
+    assert "faceberry.errors" in graph["faceberry.device.config"]
+    assert "faceberry.train.dlib_port" in graph["faceberry.train.backbone"]
 
 
 def test_no_import_cycle() -> None:
@@ -174,3 +177,14 @@ def test_no_import_cycle() -> None:
         "import cycles (deferred imports count too); break each by moving what both sides need into a module "
         "of its own:\n" + "\n".join(cycles)
     )
+
+
+def test_the_core_imports_no_program() -> None:
+    """The rule of docs/ARCHITECTURE.md: the core (faceberry/*.py) is what train, convert and the device share,
+    so it imports none of them (deferred imports count too)."""
+    graph = import_graph(project_modules())
+    core = [m for m in graph if m.count(".") == 1 and m.split(".")[1] not in CARD]
+    assert len(core) >= 10, core
+    programs = tuple(f"faceberry.{top}" for top in CARD)
+    wrong = {m: sorted(t for t in graph[m] if t.startswith(programs)) for m in core}
+    assert not {m: t for m, t in wrong.items() if t}, wrong

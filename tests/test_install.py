@@ -264,10 +264,10 @@ def test_the_unit_does_not_restart_what_restarting_cannot_fix() -> None:
     service may not read: permanent, the exit code RestartPreventExitStatus= names. A camera that is out: not."""
     import configparser
 
-    from device.bundle import BundleError
-    from device.camera import CameraError, CameraSetupError
-    from device.config import ConfigError
-    from device.errors import EXIT_UNAVAILABLE, EXIT_USAGE
+    from faceberry.bundle import BundleError
+    from faceberry.device.capture.camera import CameraError, CameraSetupError
+    from faceberry.device.config import ConfigError
+    from faceberry.errors import EXIT_UNAVAILABLE, EXIT_USAGE
 
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device.config import Config
-from device.contract import UNKNOWN
-from device.corrections import CorrectionFilter, Negatives
-from device.dispatcher import (
+from faceberry.contract import UNKNOWN
+from faceberry.device.config import Config
+from faceberry.device.loop import FrameLoop
+from faceberry.device.memory.corrections import CorrectionFilter, Negatives
+from faceberry.device.messaging.dispatcher import (
     Decided,
     Dispatcher,
     FrameDone,
@@ -29,7 +30,6 @@ from device.dispatcher import (
     Stopping,
     Tick,
 )
-from device.loop import FrameLoop
 from tests.plugins.fakes import (
     FakeBundle,
     FakeCapture,
@@ -129,12 +129,12 @@ def test_a_camera_that_fails_at_start_closes_the_communicator_unstarted() -> Non
 def wired(tmp_path: Path) -> tuple[FrameLoop, Dispatcher, FakeCommunicator, list[Any]]:
     """The loop with the outputs app.build subscribes for a daemon with everything on (discovery, images,
     snapshots, strangers, remembered faces), on a fake communicator."""
-    from device import homeassistant as ha
-    from device.assistant import Diagnostics, Discovery, Images, Presence
-    from device.events import BundleStatusOutput, EventsOutput
-    from device.facestore import FaceMemory, FaceStore
-    from device.strangers import StrangerMemory, StrangerNames
-    from device.topics import Topics
+    from faceberry.device.memory.facestore import FaceMemory, FaceStore
+    from faceberry.device.memory.strangers import StrangerMemory, StrangerNames
+    from faceberry.device.messaging.topics import Topics
+    from faceberry.device.outputs import homeassistant as ha
+    from faceberry.device.outputs.assistant import Diagnostics, Discovery, Images, Presence
+    from faceberry.device.outputs.events import BundleStatusOutput, EventsOutput
 
     comm = FakeCommunicator()
     topics, publish = Topics("faceberry", "testcam"), comm.publish
@@ -217,12 +217,15 @@ def test_a_frame_walks_through_each_module_once(tmp_path: Path) -> None:
             loop.handle_frame(frame)
         finally:
             sys.setprofile(None)
-    assert ("device.loop", "device.dispatcher") in edges
-    assert ("device.dispatcher", "device.events") in edges and ("device.dispatcher", "device.strangers") in edges
-    callers_of_outputs = {a for a, b in edges if b in ("device.assistant", "device.facestore", "device.strangers")
-                          and a != "device.loop"}
-    assert callers_of_outputs <= {"device.dispatcher"}, edges
-    assert not any(b == "device.loop" for _, b in edges), edges  # nothing calls back into the loop
+    assert ("faceberry.device.loop", "faceberry.device.messaging.dispatcher") in edges
+    dispatcher = "faceberry.device.messaging.dispatcher"
+    assert (dispatcher, "faceberry.device.outputs.events") in edges
+    assert (dispatcher, "faceberry.device.memory.strangers") in edges
+    outputs = ("faceberry.device.outputs.assistant", "faceberry.device.memory.facestore",
+               "faceberry.device.memory.strangers")
+    callers_of_outputs = {a for a, b in edges if b in outputs and a != "faceberry.device.loop"}
+    assert callers_of_outputs <= {"faceberry.device.messaging.dispatcher"}, edges
+    assert not any(b == "faceberry.device.loop" for _, b in edges), edges  # nothing calls back into the loop
     assert cycle(edges) is None, (cycle(edges), sorted(edges))
 
 
@@ -270,5 +273,5 @@ def test_the_daemon_modules_import_each_other_without_a_cycle() -> None:
             for target in targets:
                 if target != module and (ROOT / (target.replace(".", "/") + ".py")).exists():
                     edges.add((module, target))
-    assert ("device.loop", "device.dispatcher") in edges  # the graph was read
+    assert ("faceberry.device.loop", "faceberry.device.messaging.dispatcher") in edges  # the graph was read
     assert cycle(edges) is None, cycle(edges)

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-import device.mqtt as mqtt
-from device.config import MqttConfig, TlsConfig
-from device.mqtt import MqttConfigError, MqttPublisher, default_client_id, install_id, short_client_id
+import faceberry.device.messaging.mqtt as mqtt
+from faceberry.device.config import MqttConfig, TlsConfig
+from faceberry.device.messaging.mqtt import (
+    MqttConfigError,
+    MqttPublisher,
+    default_client_id,
+    install_id,
+    short_client_id,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -48,7 +54,7 @@ def test_without_a_machine_id_a_random_install_id_is_kept_in_the_state_dir(tmp_p
     other = install_id(tmp_path / "other", machine_id_files=())
     assert other != first  # another install, another id
     (state / "install-id").write_text("garbage!\n")
-    with caplog.at_level(logging.WARNING, logger="device.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.messaging.mqtt"):
         renewed = install_id(state, machine_id_files=())
     assert re.fullmatch(r"[0-9a-f]{8}", renewed) and (state / "install-id").read_text().strip() == renewed
     assert any("does not hold an install id" in r.getMessage() for r in caplog.records)
@@ -88,7 +94,7 @@ def test_two_pis_with_the_same_device_id_both_stay_connected(tmp_path: Path, mon
     # Two installs without a machine id: each gets its own random install id in its own state dir.
     monkeypatch.setattr(mqtt, "MACHINE_ID_FILES", ())
     broker = mosquitto_factory()
-    with caplog.at_level(logging.INFO, logger="device.mqtt"):
+    with caplog.at_level(logging.INFO, logger="faceberry.device.messaging.mqtt"):
         pubs = run_pair([cfg_for(broker), cfg_for(broker)], tmp_path, "front-door",
                         lambda ps: all(p.connected for p in ps), 15)
         try:
@@ -110,7 +116,7 @@ def test_two_clients_with_one_client_id_get_one_takeover_warning_with_the_fix(tm
                                                                              caplog) -> None:
     broker = mosquitto_factory()
     cfg = cfg_for(broker, client_id="copied-to-two-pis")
-    with caplog.at_level(logging.INFO, logger="device.mqtt"):
+    with caplog.at_level(logging.INFO, logger="faceberry.device.messaging.mqtt"):
         pubs = run_pair([cfg, cfg], tmp_path, "front-door", lambda ps: all(p.takeover for p in ps), 60)
         try:
             assert all(p.takeover for p in pubs), [p.stats() for p in pubs]
@@ -181,7 +187,7 @@ def test_a_rejected_client_id_suggests_one_a_strict_broker_takes() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
 
-    from device.mqtt import explain_refusal
+    from faceberry.device.messaging.mqtt import explain_refusal
 
     # What paho reports for an MQTT 3.1.1 CONNACK "identifier rejected" (return code 2).
     reason = ReasonCode(PacketTypes.CONNACK, "Client identifier not valid")

@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
 import importlib, json, pkgutil, sys
-import device
-names = sorted("device." + m.name for m in pkgutil.iter_modules(device.__path__) if m.name != "__main__")
+import faceberry, faceberry.device as device
+# The daemon's packages and the core they import (not train/ or convert/, which are the workstation's).
+names = sorted(m.name for m in pkgutil.walk_packages(device.__path__, "faceberry.device.")
+               if not m.name.endswith("__main__"))
+names += sorted("faceberry." + m.name for m in pkgutil.iter_modules(faceberry.__path__[:1]) if not m.ispkg)
 for name in names:
     importlib.import_module(name)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "jax", "torch"))
@@ -25,8 +28,9 @@ def test_importing_every_device_module_does_not_import_tensorflow() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # The walk really covered the daemon (a broken walk would pass vacuously).
-    assert {"device.service", "device.camera", "device.mqtt", "device.cli", "device.pipeline",
-            "device.runtime"} <= set(result["imported"])
+    assert {"faceberry.device.service", "faceberry.device.capture.camera", "faceberry.device.messaging.mqtt",
+            "faceberry.device.cli", "faceberry.device.recognition.pipeline", "faceberry.runtime",
+            "faceberry.bundle"} <= set(result["imported"])
     assert result["heavy"] == [], f"device imports {result['heavy'][:5]}: the Pi has no TensorFlow"
 
 

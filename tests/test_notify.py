@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from device.notify import Notifier
+from faceberry.device.ops.notify import Notifier
 from tests.plugins.daemon import folder_of_photos, write_config
 
 pytestmark = pytest.mark.broker
@@ -88,8 +88,8 @@ def test_notifier_speaks_to_an_abstract_socket_and_rate_limits_the_watchdog(tmp_
 
 def test_ready_watchdog_while_frames_flow_and_none_once_the_loop_stalls(tmp_path, mosquitto, monkeypatch,
                                                                        gallery_bundle, heldout_photos) -> None:
-    from device.app import build
-    from device.config import load_config
+    from faceberry.device.app import build
+    from faceberry.device.config import load_config
 
     server = NotifySocket(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", server.address)
@@ -145,8 +145,8 @@ def test_ready_with_the_camera_out_at_start_so_systemd_does_not_time_the_start_o
         tmp_path, mosquitto, monkeypatch, gallery_bundle) -> None:
     """A live camera absent at start is waited for inside the daemon (camera.max_outage_s); READY=1 must not
     wait for it, or systemd would kill the daemon at TimeoutStartSec and start it again, in a loop."""
-    from device.app import build
-    from device.config import load_config
+    from faceberry.device.app import build
+    from faceberry.device.config import load_config
     from tests.plugins.processes import free_port
 
     server = NotifySocket(tmp_path / "notify.sock")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from device.config import MqttConfig
-from device.mqtt import MqttPublisher
-from device.outbox import Outbox, OutboxError, OutboxWriteError
+from faceberry.device.config import MqttConfig
+from faceberry.device.messaging.mqtt import MqttPublisher
+from faceberry.device.messaging.outbox import Outbox, OutboxError, OutboxWriteError
 from tests.plugins.broker import Subscriber
 from tests.plugins.files import damage
 from tests.plugins.processes import start
@@ -137,8 +137,8 @@ def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_outbox_starts(tm
 
 WRITER = textwrap.dedent("""
     import json, sys, time
-    from device.config import MqttConfig
-    from device.mqtt import MqttPublisher
+    from faceberry.device.config import MqttConfig
+    from faceberry.device.messaging.mqtt import MqttPublisher
 
     port, outbox, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     cfg = MqttConfig(host="127.0.0.1", port=port, keepalive=5, reconnect_min_delay=1, reconnect_max_delay=1)
@@ -217,7 +217,7 @@ def test_a_stop_while_the_broker_is_unreachable_keeps_the_messages(mosquitto_fac
     pub.start()
     for i in range(20):
         pub.publish("faceberry/stopper/events", f"e{i}")
-    with caplog.at_level("WARNING", logger="device.mqtt"):
+    with caplog.at_level("WARNING", logger="faceberry.device.messaging.mqtt"):
         pub.stop(timeout=5)
     assert any("20 messages kept in the outbox" in r.getMessage() for r in caplog.records)
     box = Outbox(tmp_path / "o.sqlite3")
@@ -248,7 +248,7 @@ def test_a_full_database_loses_the_write_counts_it_and_the_counters_stay_what_is
         pages = box._db.execute("PRAGMA page_count").fetchone()[0]
         box._db.execute(f"PRAGMA max_page_count = {pages + 3}")
         written = lost = 0
-        with caplog.at_level("INFO", logger="device.outbox"):
+        with caplog.at_level("INFO", logger="faceberry.device.messaging.outbox"):
             for i in range(40):
                 try:
                     box.put("p/alice", f"late{i}".encode() * 50, retain=True)
@@ -281,14 +281,14 @@ def test_a_full_database_loses_the_write_counts_it_and_the_counters_stay_what_is
 
 def test_a_failed_delete_keeps_the_acknowledgement_in_memory_and_retries(tmp_path: Path, monkeypatch,
                                                                         caplog) -> None:
-    monkeypatch.setattr("device.outbox.RETRY_DELETE_S", 0.0)
+    monkeypatch.setattr("faceberry.device.messaging.outbox.RETRY_DELETE_S", 0.0)
     path = tmp_path / "o.sqlite3"
     box = Outbox(path)
     try:
         ids = [box.put("t", f"m{i}") for i in range(6)]
         # A disk that refuses writes (SQLITE_READONLY: what a card remounted read-only gives).
         box._db.execute("PRAGMA query_only = 1")
-        with caplog.at_level("ERROR", logger="device.outbox"):
+        with caplog.at_level("ERROR", logger="faceberry.device.messaging.outbox"):
             assert box.ack(ids[:3]) == 0  # never raises
             assert box.ack(ids[3:4]) == 0
         assert box.undeleted == 4 and len(box) == 6 == on_disk(path)[0]
@@ -495,7 +495,7 @@ def test_a_damaged_outbox_is_delivered_once_not_at_every_start(mosquitto, tmp_pa
 
 @pytest.mark.broker
 def test_the_sender_survives_deletes_the_disk_refuses(mosquitto, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("device.outbox.RETRY_DELETE_S", 0.2)
+    monkeypatch.setattr("faceberry.device.messaging.outbox.RETRY_DELETE_S", 0.2)
     sub = Subscriber(mosquitto.host, mosquitto.port, "faceberry/nodelete/events")
     cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, keepalive=5, reconnect_min_delay=1,
                      reconnect_max_delay=1)

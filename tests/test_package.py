@@ -24,7 +24,8 @@ from tests.plugins.processes import run
 
 tomllib = pytest.importorskip("tomllib")
 
-PACKAGES = ("device", "train", "convert", "models", "bench")
+# What the wheel is built from: the core and the card's folders (bench/ and tests/ are not installed).
+PACKAGES = ("faceberry", "device", "train", "convert", "models")
 DEVICE_VENV = ROOT / ".venv-device"
 
 
@@ -75,9 +76,14 @@ def test_console_scripts_and_packages() -> None:
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin is not None
         assert f"def {func}() -> int:" in Path(spec.origin).read_text(encoding="utf-8")
-    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {name.split(".")[0] for name in include} == set(PACKAGES)
-    assert not any(name.startswith(("tests", "demo")) for name in include)
+    # One top-level name installed: faceberry. Every folder with an __init__.py is listed, under faceberry.
+    listed = project["tool"]["setuptools"]["packages"]
+    assert {name.split(".")[0] for name in listed} == {"faceberry"}
+    folders = {"faceberry"} | {"faceberry." + ".".join(init.parent.relative_to(ROOT).parts)
+                               for top in PACKAGES[1:] for init in (ROOT / top).rglob("__init__.py")
+                               if "__pycache__" not in init.parts}
+    assert set(listed) == folders, set(listed) ^ folders
+    assert project["tool"]["setuptools"]["package-dir"] == {f"faceberry.{top}": top for top in PACKAGES[1:]}
 
 
 # ---- built, installed, run --------------------------------------------------------------------------
@@ -121,6 +127,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = wheels.glob("faceberry-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as whl:
+        tops = {name.split("/")[0] for name in whl.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"faceberry"}, f"the wheel claims top-level names besides faceberry: {tops}"
 
     venv = tmp / "venv"
     made = subprocess.run([str(device_python), "-m", "venv", "--without-pip", str(venv)],
@@ -180,8 +191,8 @@ def test_exit_codes_come_back_through_the_scripts(installed: Path, tmp_path: Pat
 
 
 def test_installed_code_is_the_wheels_not_the_checkout(installed: Path, tmp_path: Path) -> None:
-    code = ("import device, models, sys; print(device.__file__); print(models.default_detector_path()); "
-            "sys.exit(0)")
+    code = ("import sys; import faceberry.device as device, faceberry.models as models; print(device.__file__); "
+            "print(models.default_detector_path()); sys.exit(0)")
     proc = _run(installed, tmp_path, str(installed / "python"), "-c", code)
     assert proc.returncode == 0, proc.stderr
     device_file, detector = (Path(line) for line in proc.stdout.splitlines())
@@ -194,7 +205,7 @@ def test_installed_code_is_the_wheels_not_the_checkout(installed: Path, tmp_path
     else:
         assert not detector.exists()
     env_chosen = subprocess.run(
-        [str(installed / "python"), "-c", "import models; print(models.default_detector_path())"],
+        [str(installed / "python"), "-c", "import faceberry.models as m; print(m.default_detector_path())"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env={**os.environ, "FACEBERRY_DETECTOR": str(tmp_path / "mine.tflite"), "PYTHONPATH": ""},
     )

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.contract import IMAGE_SUFFIXES, OPENCV_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
-from device.preprocess import ImageError, load_image
+from faceberry.contract import IMAGE_SUFFIXES, OPENCV_SUFFIXES, PHONE_SUFFIXES, UNREADABLE
+from faceberry.preprocess import ImageError, load_image
 from tests.conftest import ROOT
 from tests.public_faces import KNOWN, source_photos, write_views
 
@@ -55,7 +55,7 @@ def test_every_phone_suffix_is_read_with_its_true_size_and_colours(ext: str, tmp
 
 
 def test_a_heic_photo_gives_the_face_crop_its_jpeg_gives(tmp_path: Path, detector_path: Path) -> None:
-    from train.crops import CropMaker
+    from faceberry.train.crops import CropMaker
 
     photo = source_photos()[KNOWN]
     rgb = load_image(photo)
@@ -84,8 +84,8 @@ def _photos(tmp_path: Path) -> Path:
 
 
 def _gather(photos: Path, out: Path):
-    from train.cli import build_parser
-    from train.inputs import collect_inputs, gather_crops
+    from faceberry.train.cli import build_parser
+    from faceberry.train.inputs import collect_inputs, gather_crops
 
     args = build_parser().parse_args(["--photos", str(photos), "--out", str(out), "--no-cache", "--min-photos", "2",
                                       "--input-size", "112", "-q"])
@@ -106,7 +106,7 @@ def test_heic_photos_reach_the_crops(tmp_path: Path, detector_path: Path) -> Non
 def test_without_pillow_heif_heic_photos_are_listed_with_the_fix_and_a_heic_only_person_stops_training(
     tmp_path: Path, detector_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from train.errors import TrainError
+    from faceberry.train.errors import TrainError
 
     photos = _photos(tmp_path)
     _without_pillow_heif(monkeypatch)
@@ -126,8 +126,8 @@ def test_without_pillow_heif_heic_photos_are_listed_with_the_fix_and_a_heic_only
 
 
 def test_a_person_folder_of_files_faceberry_cannot_read_is_an_error_not_a_silent_drop(tmp_path: Path) -> None:
-    from train.errors import TrainError
-    from train.inputs import collect_inputs
+    from faceberry.train.errors import TrainError
+    from faceberry.train.inputs import collect_inputs
 
     for person, name in (("a", "1.jpg"), ("b", "1.jpg"), ("c", "clip.mov"), ("c", "anim.gif")):
         (tmp_path / person).mkdir(exist_ok=True)
@@ -141,7 +141,7 @@ def test_the_pis_environment_refuses_a_heic_photo_with_the_fix(tmp_path: Path) -
     if not python.exists():
         pytest.skip(f"{python} is absent: make the Pi's environment (README, install on the Pi) to run this")
     heic = save_phone_photo(np.zeros((20, 30, 3), np.uint8), tmp_path / "x.heic")
-    code = ("import sys\nfrom device.preprocess import ImageError, load_image\n"
+    code = ("import sys\nfrom faceberry.preprocess import ImageError, load_image\n"
             "try:\n    load_image(sys.argv[1])\nexcept ImageError as exc:\n    print(exc.reason)\n")
     proc = subprocess.run([str(python), "-c", code, str(heic)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
@@ -155,22 +155,23 @@ def test_the_pis_environment_refuses_a_heic_photo_with_the_fix(tmp_path: Path) -
 
 
 def test_one_list_of_photo_suffixes_for_the_whole_project(capsys: pytest.CaptureFixture) -> None:
-    import device.camera
-    import device.enroll
-    import train.crops
-    import train.inputs
-    from train.cli import EPILOG
+    import faceberry.device.capture.camera
+    import faceberry.device.recognition.enroll
+    import faceberry.train.crops
+    import faceberry.train.inputs
+    from faceberry.train.cli import EPILOG
 
     assert IMAGE_SUFFIXES == OPENCV_SUFFIXES + PHONE_SUFFIXES and {".heic", ".heif", ".avif"} <= set(IMAGE_SUFFIXES)
-    assert train.crops.IMAGE_SUFFIXES is IMAGE_SUFFIXES and train.inputs.IMAGE_SUFFIXES is IMAGE_SUFFIXES
-    assert device.camera.IMAGE_SUFFIXES is IMAGE_SUFFIXES
-    assert ", ".join(IMAGE_SUFFIXES) == device.enroll.SUFFIXES
+    assert faceberry.train.crops.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert faceberry.train.inputs.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert faceberry.device.capture.camera.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert ", ".join(IMAGE_SUFFIXES) == faceberry.device.recognition.enroll.SUFFIXES
     assert all(s in EPILOG for s in IMAGE_SUFFIXES)
-    # No second, hand-written list: every other module filters photos through device.contract.
+    # No second, hand-written list: every other module filters photos through faceberry.contract.
     res = subprocess.run(["git", "grep", "-n", "-E", r"suffix(\.lower\(\))? in \(|glob\(\"\*\.(jpg|jpeg|png)\"\)",
                           "--", "*.py"], cwd=ROOT, capture_output=True, text=True)
     hits = [line for line in res.stdout.splitlines() if not line.startswith("tests/")]
-    assert not hits, f"photo suffixes filtered outside device.contract: {hits}"
+    assert not hits, f"photo suffixes filtered outside faceberry.contract: {hits}"
 
 
 def test_the_demo_gives_the_daemon_a_png_for_a_phone_photo(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Train-time and device-time face crops of the same photo are byte-identical.
 
-Training crops come from train.crops (the device's FaceDetector + align_face); device crops come
-from the device's own path: a FolderSource camera frame through device.pipeline.FacePipeline.
+Training crops come from faceberry.train.crops (the device's FaceDetector + align_face); device crops come
+from the device's own path: a FolderSource camera frame through faceberry.device.recognition.pipeline.FacePipeline.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import load_bundle
-from device.camera import FolderSource
-from device.detector import FaceDetector
-from device.pipeline import FacePipeline
-from device.preprocess import align_face, load_image
+from faceberry.bundle import load_bundle
+from faceberry.detector import FaceDetector
+from faceberry.device.capture.camera import FolderSource
+from faceberry.device.recognition.pipeline import FacePipeline
+from faceberry.preprocess import align_face, load_image
+from faceberry.train.crops import CropMaker
 from tests.conftest import need_shared
-from train.crops import CropMaker
 
 pytestmark = pytest.mark.shared
 

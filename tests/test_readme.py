@@ -10,7 +10,7 @@ a new README command needs a test here. The handlers:
 - `mosquitto_sub`: run against a real mosquitto with a retained status message;
 - `cp`, `scp`, `rsync`, `pip install -r`, `python3 -m venv`, `source`: their local files exist (or an earlier
   README step creates them); the venv/pip/fetch steps are the ones quickstart.sh performs.
-The JSON event, the topic table and the Home Assistant YAML are checked against device/events.py.
+The JSON event, the topic table and the Home Assistant YAML are checked against device/outputs/events.py.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def test_venv_pip_activate_and_copy_commands_refer_to_real_files() -> None:
 
 
 def test_the_example_config_the_readme_starts_from_is_valid(tmp_path: Path) -> None:
-    from device.config import load_config
+    from faceberry.device.config import load_config
 
     cp = next(c for c in readme_commands() if c[0] == "cp")
     target = tmp_path / cp[2]
@@ -273,7 +273,7 @@ def test_mosquitto_sub_command_shows_faceberry_messages(mosquitto_factory) -> No
 
 
 def test_event_example_has_exactly_the_daemons_keys() -> None:
-    from device.events import event_payload
+    from faceberry.device.outputs.events import event_payload
 
     shown = json.loads(blocks("json")[0])
     real = event_payload(device_id="front-door", camera="door", label="alice", score=0.97, bbox=[1, 2, 3, 4],
@@ -284,7 +284,7 @@ def test_event_example_has_exactly_the_daemons_keys() -> None:
 
 
 def test_topic_table_matches_the_daemon() -> None:
-    from device.events import events_topic, person_topic, snapshot_topic, status_topic
+    from faceberry.device.outputs.events import events_topic, person_topic, snapshot_topic, status_topic
 
     text = README.read_text(encoding="utf-8")
     for topic in (status_topic("faceberry", "DEV"), events_topic("faceberry", "DEV"),
@@ -293,7 +293,7 @@ def test_topic_table_matches_the_daemon() -> None:
 
 
 def test_home_assistant_yaml_uses_the_daemons_topics_and_fields() -> None:
-    from device.events import (
+    from faceberry.device.outputs.events import (
         OFFLINE,
         ONLINE,
         event_payload,
@@ -324,7 +324,7 @@ def test_home_assistant_yaml_uses_the_daemons_topics_and_fields() -> None:
 
 
 def test_mqtt_reference_doc_matches_the_daemon() -> None:
-    from device.events import (
+    from faceberry.device.outputs.events import (
         event_payload,
         events_topic,
         person_state_payload,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from device.bundle import MANIFEST, load_bundle, write_manifest
+from faceberry.bundle import MANIFEST, load_bundle, write_manifest
 from tests.plugins.broker import Subscriber, client_connections
 from tests.plugins.daemon import finish, folder_of_photos, start_daemon, switch_current, write_config
 

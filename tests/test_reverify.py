@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-from device.bundle import load_bundle
-from device.pipeline import FacePipeline
-from device.preprocess import load_image
-from device.tracker import REVERIFY_EVERY, REVERIFY_SETTLED, Observation, Tracker
+from faceberry.bundle import load_bundle
+from faceberry.device.recognition.pipeline import FacePipeline
+from faceberry.device.recognition.tracker import REVERIFY_EVERY, REVERIFY_SETTLED, Observation, Tracker
+from faceberry.preprocess import load_image
 from tests.conftest import need_shared
 from tests.plugins.daemon import events_of, finish, start_daemon, write_config
 
@@ -156,7 +156,7 @@ def test_another_person_taking_the_place_is_still_announced(counted: Counted, kn
 
 def test_the_daemon_announces_the_same_events_with_and_without_reverification(
         tmp_path, mosquitto, subscriber, tiny_bundle) -> None:
-    from device.events import OFFLINE
+    from faceberry.device.outputs.events import OFFLINE
 
     clip = need_shared("video", "short_hamilton_clip.mp4")  # 640×360, 275 frames, one person talking, a second
     runs = {}

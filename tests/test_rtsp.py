@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
-from device.camera import CameraError, Capture, RtspSource, open_source, redact_url
-from device.config import ConfigError, config_from_dict
+from faceberry.device.capture.camera import CameraError, Capture, RtspSource, open_source, redact_url
+from faceberry.device.config import ConfigError, config_from_dict
 from tests.conftest import need_shared
 from tests.plugins.broker import _accepts
 from tests.plugins.processes import free_port
@@ -271,7 +271,7 @@ def test_a_decoder_that_falls_behind_reconnects_and_says_to_use_the_substream(
 
     source = SlowDevice(rtsp_server.url(), PASSWORD, max_lag_s=1.0)
     capture = Capture(source, 1, reopen_min_s=0.2, reopen_max_s=0.5)
-    with caplog.at_level("WARNING", logger="device.camera"):
+    with caplog.at_level("WARNING", logger="faceberry.device.capture.camera"):
         capture.start()
         try:
             deadline = time.monotonic() + 40
@@ -286,8 +286,8 @@ def test_a_decoder_that_falls_behind_reconnects_and_says_to_use_the_substream(
 
 def test_check_opens_the_stream_once_with_the_password_from_the_config_file(
         rtsp_server: RtspServer, tmp_path: Path) -> None:
-    from device.check import check_camera
-    from device.config import load_config
+    from faceberry.device.config import load_config
+    from faceberry.device.ops.check import check_camera
 
     secret = tmp_path / "camera_password"
     secret.write_text(PASSWORD + "\n")

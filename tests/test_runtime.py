@@ -1,4 +1,4 @@
-"""device.runtime: LiteRT wrapper reads quantisation from tensor details and outputs by name."""
+"""faceberry.runtime: LiteRT wrapper reads quantisation from tensor details and outputs by name."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.runtime import ModelError, TFLiteModel
+from faceberry.runtime import ModelError, TFLiteModel
 
 
 def _int8_two_output_model(tmp_path: Path) -> tuple[Path, object, np.ndarray]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from device.bundle import load_bundle
-from device.camera import IMAGE_SUFFIXES
-from device.events import OFFLINE, ONLINE
-from device.mqtt import MqttPublisher
+from faceberry.bundle import load_bundle
+from faceberry.device.capture.camera import IMAGE_SUFFIXES
+from faceberry.device.messaging.mqtt import MqttPublisher
+from faceberry.device.outputs.events import OFFLINE, ONLINE
 from tests.conftest import need_shared
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import (
@@ -303,7 +303,7 @@ def test_publisher_queues_while_the_broker_is_away_and_loses_nothing(mosquitto_f
 
 def test_outbox_bound_drops_the_oldest_counts_them_and_logs_one_summary(mosquitto_factory, tmp_path,
                                                                         caplog) -> None:
-    from device.config import OutboxConfig
+    from faceberry.device.config import OutboxConfig
 
     broker = mosquitto_factory(persistent=True)
     sub = Subscriber(broker.host, broker.port, "faceberry/pub/#", session="faceberry-test-sub2")
@@ -317,7 +317,7 @@ def test_outbox_bound_drops_the_oldest_counts_them_and_logs_one_summary(mosquitt
         deadline = time.monotonic() + 10
         while pub.connected and time.monotonic() < deadline:
             time.sleep(0.05)
-        with caplog.at_level(logging.WARNING, logger="device.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="faceberry.device.messaging.mqtt"):
             # Every message is accepted (the disk has it); the bound evicts the oldest.
             assert all(pub.publish("faceberry/pub/events", f"m{i}") for i in range(15))
             assert pub.dropped == 5 and pub.pending == 10
@@ -412,7 +412,7 @@ def encode_event(event: dict) -> bytes:
 # --- loud failures: each reason in the log once, with its fix, and in the stats ------------------------------
 
 def tls_cfg(broker, ca, host: str = "localhost", tls: bool = True, **extra):
-    from device.config import MqttConfig, TlsConfig
+    from faceberry.device.config import MqttConfig, TlsConfig
 
     return MqttConfig(host=host, port=broker.port, keepalive=5, reconnect_min_delay=1, reconnect_max_delay=1,
                       tls=TlsConfig(enabled=tls, ca=str(ca) if tls else None), **extra)
@@ -421,13 +421,13 @@ def tls_cfg(broker, ca, host: str = "localhost", tls: bool = True, **extra):
 def failing(cfg, tmp_path, caplog, attempts: int = 3, password: str | None = None) -> tuple[MqttPublisher, list]:
     """Start a publisher that cannot connect; after `attempts` tries return it and its ERROR/WARNING lines."""
     pub = MqttPublisher(cfg, "loud", password=password, outbox=tmp_path / "o.sqlite3")
-    with caplog.at_level(logging.WARNING, logger="device.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.device.messaging.mqtt"):
         pub.start()
         deadline = time.monotonic() + 30
         while pub._failures.attempts < attempts and time.monotonic() < deadline:
             time.sleep(0.05)
         pub.stop(timeout=0.5)
-    lines = [r for r in caplog.records if r.name == "device.mqtt" and r.levelno >= logging.WARNING]
+    lines = [r for r in caplog.records if r.name == "faceberry.device.messaging.mqtt" and r.levelno >= logging.WARNING]
     return pub, lines
 
 
@@ -498,9 +498,9 @@ def test_a_wrong_password_and_a_refused_user_are_errors_with_the_fix(mosquitto_f
 
 
 def test_a_dead_paho_thread_stops_the_daemon_with_an_error(tmp_path, mosquitto, gallery_bundle, heldout_photos) -> None:
-    from device.app import build
-    from device.config import load_config
-    from device.mqtt import MqttError
+    from faceberry.device.app import build
+    from faceberry.device.config import load_config
+    from faceberry.device.messaging.mqtt import MqttError
 
     folder_of_photos(heldout_photos, tmp_path / "camera", per_person=1, broken=False)
     cfg = load_config(write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,

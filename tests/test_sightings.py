@@ -21,14 +21,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from device.events import encode, event_payload
+from faceberry.device.outputs.events import encode, event_payload
 from tests.plugins.processes import free_port
 from tests.plugins.sightings import TOPIC, Logger, publish, stored_ids, wait_rows
 
 sa = pytest.importorskip("sqlalchemy", reason="the sightings log needs SQLAlchemy: "
                                               "pip install -r requirements-sightings.txt")
 
-from device.sightings import (  # noqa: E402 - after the skip: the module's tests need SQLAlchemy
+from faceberry.device.ops.sightings import (  # noqa: E402 - after the skip: the module's tests need SQLAlchemy
     EXPORT_COLUMNS,
     BadEventError,
     SightingsStore,

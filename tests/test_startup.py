@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from device.startup import missing_module, wants_debug
+from faceberry.startup import missing_module, wants_debug
 from tests.conftest import ROOT
 from tests.plugins.processes import python
 
@@ -44,7 +44,7 @@ def test_a_module_missing_later_is_also_one_line(tmp_path):
 
 NOISY = (
     "import os, sys\n"
-    "from device.startup import quiet_third_party\n"
+    "from faceberry.startup import quiet_third_party\n"
     "quiet_third_party(sys.argv[1] == 'debug')\n"
     "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
     "os.write(2, b'I0000 00:00:1733233455.123456   12345 cpu_feature_guard.cc:210] This TF binary\\n')\n"
@@ -71,7 +71,7 @@ def test_debug_keeps_the_noise():
 
 
 def test_a_crash_after_the_filter_still_reaches_the_terminal():
-    code = ("import os\nfrom device.startup import quiet_third_party\nquiet_third_party(False)\n"
+    code = ("import os\nfrom faceberry.startup import quiet_third_party\nquiet_third_party(False)\n"
             "os.write(2, b'fatal: the reason\\n')\nos.abort()\n")
     proc = _py(["-c", code])
     assert proc.returncode != 0
@@ -79,8 +79,8 @@ def test_a_crash_after_the_filter_still_reaches_the_terminal():
 
 
 def test_the_litert_interpreter_line_is_gone_from_device_commands(detector_path):
-    code = ("import sys\nfrom device.startup import guard\nassert guard('t', ('numpy',), sys.argv[1:])\n"
-            "from device.runtime import TFLiteModel\n"
+    code = ("import sys\nfrom faceberry.startup import guard\nassert guard('t', ('numpy',), sys.argv[1:])\n"
+            "from faceberry.runtime import TFLiteModel\n"
             f"TFLiteModel({str(detector_path)!r})\nprint('loaded', file=sys.stderr)\n")
     quiet = _py(["-c", code])
     assert quiet.returncode == 0, quiet.stderr

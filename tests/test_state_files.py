@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.corrections import Negatives
-from device.facestore import EMBEDDINGS, META, FaceStore
-from device.homeassistant import DiscoveryLedger
-from device.statefile import RateLimitedLog, set_aside, write_atomic
-from device.strangers import StrangerMemory
+from faceberry.device.memory.corrections import Negatives
+from faceberry.device.memory.facestore import EMBEDDINGS, META, FaceStore
+from faceberry.device.memory.strangers import StrangerMemory
+from faceberry.device.outputs.homeassistant import DiscoveryLedger
+from faceberry.statefile import RateLimitedLog, set_aside, write_atomic
 
 
 def unit(*v: float) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_a_status_file_on_a_full_disk_is_overwritten_in_place(tmp_path: Path, mo
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("device.statefile.os.replace", full)
+    monkeypatch.setattr("faceberry.statefile.os.replace", full)
     with pytest.raises(OSError):
         write_atomic(path, json.dumps({"lost": 1}))  # not asked for: the old file stays
     assert json.loads(path.read_text()) == {"lost": 0}

@@ -1,4 +1,5 @@
-"""device.store: bundle versions under one root with an atomic, relative `current` link, owned for the service.
+"""faceberry.device.ops.store: bundle versions under one root with an atomic, relative `current` link, owned for the
+service.
 
 Real bundles (the cached gallery bundle of tests/plugins/bundles.py, re-signed under new ids), real files,
 real links; ownership is asserted with os.stat (as root the store root is given to another uid/gid first,
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from device.bundle import MANIFEST, load_bundle, write_manifest
-from device.store import STALE_INCOMING_S, BundleStore, StoreError, default_root
+from faceberry.bundle import MANIFEST, load_bundle, write_manifest
+from faceberry.device.ops.store import STALE_INCOMING_S, BundleStore, StoreError, default_root
 from tests.plugins.files import OTHER_ID, assert_owned_like_root, corrupt, pi_root, variant
 
 

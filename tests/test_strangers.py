@@ -1,5 +1,5 @@
-"""Stranger memory (device/strangers.py), the recent faces store (device/facestore.py) and the corrections
-file (device/corrections.py); then through the daemon and a real mosquitto: two photos of one real
+"""Stranger memory (device/memory/strangers.py), the recent faces store (device/memory/facestore.py) and the corrections
+file (device/memory/corrections.py); then through the daemon and a real mosquitto: two photos of one real
 stranger get the same stranger_id (also after a restart), another stranger gets another, forget empties it."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.contract import accept_with_negatives
-from device.corrections import Negatives
-from device.facestore import FaceStore, crop_with_margin
-from device.strangers import StrangerMemory
+from faceberry.contract import accept_with_negatives
+from faceberry.device.memory.corrections import Negatives
+from faceberry.device.memory.facestore import FaceStore, crop_with_margin
+from faceberry.device.memory.strangers import StrangerMemory
 from tests.plugins.daemon import HA_DEVICE as DEVICE
 from tests.plugins.daemon import MARGIN, Daemon, blank, ha_config, link, predictions
 
@@ -101,7 +101,7 @@ def test_negatives_rule_and_undo(tmp_path: Path) -> None:
 
 @pytest.mark.broker
 def test_a_stranger_seen_twice_gets_the_same_id(tmp_path, mosquitto_factory, tiny) -> None:
-    from device.bundle import load_bundle
+    from faceberry.bundle import load_bundle
 
     broker = mosquitto_factory()
     calibrated = load_bundle(Path(tiny["bundle"])).accept_threshold

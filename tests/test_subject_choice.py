@@ -1,5 +1,5 @@
 """The subject of a photo with several faces of similar size (issue 24): chosen by the person's other photos
-(device.contract.choose_subject), size and position breaking ties, refused with the reason only when ambiguous.
+(faceberry.contract.choose_subject), size and position breaking ties, refused with the reason only when ambiguous.
 Synthetic embeddings: the rule, not a network, is under test here (tests/test_household_of_one.py runs it on
 real group photos through train, eval and enroll)."""
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.contract import (
+from faceberry.contract import (
     MIN_REFERENCE_PHOTOS,
     SEVERAL_FACES,
     STILL_AMBIGUOUS,

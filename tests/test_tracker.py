@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from device.tracker import (
+from faceberry.device.recognition.tracker import (
     REVERIFY_EVERY,
     REVERIFY_SCORE_DRIFT,
     REVERIFY_SETTLED,
@@ -50,7 +50,7 @@ def test_identity_is_decided_by_vote_after_n_frames() -> None:
 
 
 def test_a_person_needs_four_of_five_frames_and_a_stranger_named_in_three_stays_unknown() -> None:
-    from device.contract import visit_decision
+    from faceberry.contract import visit_decision
 
     assert visit_decision([("bob", 0.7)] * 4 + [("unknown", 0.4)])[0] == "bob"
     assert visit_decision([("bob", 0.7)] * 3 + [("unknown", 0.4)] * 2)[:2] == ("unknown", 0.4)
@@ -142,7 +142,7 @@ def step(tracker: Tracker, faces: list[tuple[np.ndarray, str, float]], index: in
 
 
 def test_the_config_default_is_the_trackers() -> None:
-    from device.config import RecognitionConfig
+    from faceberry.device.config import RecognitionConfig
 
     assert RecognitionConfig().reverify_every == REVERIFY_EVERY > 1
 
@@ -243,7 +243,7 @@ def test_a_plan_for_other_faces_is_ignored_and_every_observation_votes() -> None
 
 
 def test_a_face_that_looks_different_in_the_same_place_is_reverified_at_once() -> None:
-    from device.tracker import REVERIFY_MIN_LIKENESS
+    from faceberry.device.recognition.tracker import REVERIFY_MIN_LIKENESS
 
     rng = np.random.default_rng(0)
     alice = rng.normal(size=64)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.contract import threshold_for_far as _threshold_for
-from train.calibrate import calibrate, decisions
-from train.trainer import split_negatives
+from faceberry.contract import threshold_for_far as _threshold_for
+from faceberry.train.calibrate import calibrate, decisions
+from faceberry.train.trainer import split_negatives
 
 LABELS = ["alice", "bob", "unknown"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train import backbone, cli
+from faceberry.train import backbone, cli
 
 
 def test_backbone_defaults_to_the_shipped_dlib_resnet():
@@ -26,9 +26,9 @@ def test_a_wrong_backbone_path_recommends_the_dlib_resnet_command(tmp_path):
 
 
 def test_the_split_keeps_the_public_names():
-    from train.backbone import BackboneError, load_embedder  # noqa: F401 - what train.fewshot and bench import
-    from train.distill import make_views, run  # noqa: F401
-    from train.dlib_port import run_dlib_port  # noqa: F401
+    from faceberry.train.backbone import BackboneError, load_embedder  # noqa: F401 - what faceberry.train.fewshot and bench import
+    from faceberry.train.distill import make_views, run  # noqa: F401
+    from faceberry.train.dlib_port import run_dlib_port  # noqa: F401
 
 
 def test_help_groups_say_which_path_each_flag_belongs_to():
@@ -55,7 +55,7 @@ def test_input_size_defaults_to_128_or_to_the_backbones_own(tmp_path):
     bb.mkdir()
     (bb / "config.json").write_text(json.dumps({"input_size": 150}))
     _, args = _parse(["--photos", "p", "--out", "o", "--backbone", str(bb)])
-    assert args.input_size == 150  # so train.fewshot has nothing to warn about
+    assert args.input_size == 150  # so faceberry.train.fewshot has nothing to warn about
     _, args = _parse(["--photos", "p", "--out", "o", "--backbone", str(bb), "--input-size", "128"])
     assert args.input_size == 128  # the user's own choice, which fewshot warns about
     _, args = _parse(["--photos", "p", "--out", "o", "--backbone", str(tmp_path / "missing")])
@@ -64,12 +64,12 @@ def test_input_size_defaults_to_128_or_to_the_backbones_own(tmp_path):
 
 def test_fine_tune_flags_given_with_a_backbone_are_named_as_ignored(tmp_path, caplog):
     parser, args = _parse(["--photos", "p", "--out", "o", "--backbone", str(tmp_path), "--epochs", "3", "--zoom", "0"])
-    with caplog.at_level(logging.WARNING, logger="train.cli"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.train.cli"):
         cli._warn_ignored(parser, args)
     assert "ignoring --epochs, --zoom" in caplog.text
     caplog.clear()
     parser, args = _parse(["--photos", "p", "--out", "o", "--backbone", str(tmp_path), "--seed", "3"])
-    with caplog.at_level(logging.WARNING, logger="train.cli"):
+    with caplog.at_level(logging.WARNING, logger="faceberry.train.cli"):
         cli._warn_ignored(parser, args)
     assert caplog.text == ""
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from faceberry.train.cohort import MIN_PEOPLE, select_photos
 from tests.conftest import ROOT
-from train.cohort import MIN_PEOPLE, select_photos
 
 
 def _people(n: int, photos: int) -> dict[str, list[Path]]:

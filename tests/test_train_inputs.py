@@ -16,11 +16,19 @@ import cv2
 import numpy as np
 import pytest
 
+from faceberry.train.crops import (
+    NO_FACE,
+    SEVERAL_FACES,
+    TOO_SMALL,
+    UNREADABLE,
+    CropMaker,
+    build_crop_set,
+    split_per_person,
+)
+from faceberry.train.errors import TrainError
+from faceberry.train.trainer import collect_inputs
 from tests.conftest import need_shared
 from tests.plugins.processes import module
-from train.crops import NO_FACE, SEVERAL_FACES, TOO_SMALL, UNREADABLE, CropMaker, build_crop_set, split_per_person
-from train.errors import TrainError
-from train.trainer import collect_inputs
 
 pytestmark = pytest.mark.shared
 
@@ -190,7 +198,7 @@ def test_missing_photos_dir_and_bad_weights_are_one_line_errors(tmp_path):
 def test_help_documents_every_flag():
     proc = _train_cli("--help")
     assert proc.returncode == 0
-    from train.cli import build_parser
+    from faceberry.train.cli import build_parser
 
     for action in build_parser()._actions:
         for flag in action.option_strings:
@@ -202,7 +210,7 @@ def test_help_documents_every_flag():
 def test_backbone_subcommand_and_missing_stage_are_dispatched(capsys, monkeypatch):
     proc = _train_cli("backbone", "--help")
     assert proc.returncode == 0 and "python -m train backbone" in proc.stdout
-    from device import cli
+    from faceberry.device import cli
 
     monkeypatch.setitem(cli.TREE, ("train", "no_such_stage"), cli.Command("train.no_such_stage", "a test stage",
                                                                            workstation=True))

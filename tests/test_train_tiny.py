@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import load_bundle
+from faceberry.bundle import load_bundle
 
 pytestmark = [pytest.mark.shared, pytest.mark.training]
 
@@ -80,9 +80,9 @@ def test_int8_bundle_agrees_with_float(tiny_bundle, tiny_run):
 
 
 def test_int8_model_is_full_integer_and_runs_on_device_code(tiny_bundle, heldout_photos, tiny_bundle_people):
-    from device.classifier import FaceClassifier
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
+    from faceberry.classifier import FaceClassifier
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.preprocess import load_image
 
     bundle = load_bundle(tiny_bundle)
     classifier = FaceClassifier(bundle)

@@ -1,8 +1,8 @@
-# `python -m train …` is `faceberry train …` (device.cli). Only the standard library is imported before the
+# `python -m train …` is `faceberry train …` (faceberry.device.cli). Only the standard library is imported before the
 # guard, so without faceberry's venv this still prints one line.
 import sys
 
-from device.cli import entry
-from device.startup import WORKSTATION_NEEDS
+from faceberry.device.cli import entry
+from faceberry.startup import WORKSTATION_NEEDS
 
 sys.exit(entry("python -m train", ("train",), WORKSTATION_NEEDS))

@@ -2,13 +2,14 @@
 
 This module is the command line and the backbone directory's format; each way of building one lives in
 its own module:
-    --arch dlib-resnet (default)  train.dlib_port: dlib's face embedder rebuilt in Keras (train.dlib_resnet),
+    --arch dlib-resnet (default)  faceberry.train.dlib_port: dlib's face embedder rebuilt in Keras
+    (faceberry.train.dlib_resnet),
                                   checked against dlib; seconds, no photos
-    --arch mobilenetv2            train.distill: MobileNetV2 distilled from dlib's embedder on your photos
+    --arch mobilenetv2            faceberry.train.distill: MobileNetV2 distilled from dlib's embedder on your photos
                                   (a GPU job at scale)
 
 BACKBONE_DIR gets:
-    embedder.keras   normalised float32 crop (device.preprocess.normalize) → embedding (compare by cosine)
+    embedder.keras   normalised float32 crop (faceberry.preprocess.normalize) → embedding (compare by cosine)
     config.json      preprocessing, input size, source or teacher, data and training settings
     report.json      the check against dlib, or the student–teacher cosine on held-out faces
     people.json      which people/faces trained a distilled student and which were held out
@@ -22,12 +23,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from device import cli
-from device.preprocess import DEFAULT_INPUT_SIZE, TEMPLATES
+from faceberry.device import cli
+from faceberry.preprocess import DEFAULT_INPUT_SIZE, TEMPLATES
 
-# The directory's format lives in train.backbone_dir (its builders import it, not this command line);
+# The directory's format lives in faceberry.train.backbone_dir (its builders import it, not this command line);
 # these names stay importable from here for bench/ and older scripts.
-from train.backbone_dir import (  # noqa: F401
+from faceberry.train.backbone_dir import (  # noqa: F401
     EMBEDDER_FILE,
     RECOMMENDED,
     BackboneError,
@@ -36,7 +37,7 @@ from train.backbone_dir import (  # noqa: F401
     prepare_out,
     read_backbone_config,
 )
-from train.teacher import TEACHERS
+from faceberry.train.teacher import TEACHERS
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m train backbone`'s parser, as device.cli's tree builds it."""
+    """`python -m train backbone`'s parser, as faceberry.device.cli's tree builds it."""
     return cli.build_parser(("train", "backbone"), at=("train", "backbone"), prog="python -m train backbone")
 
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """device.cli's hook, after parsing: the distillation's options, checked before anything is loaded."""
+    """faceberry.device.cli's hook, after parsing: the distillation's options, checked before anything is loaded."""
     if args.arch == "dlib-resnet":
         return
     if args.photos is None:
@@ -154,9 +155,9 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # A BackboneError, TeacherUnavailableError or WeightsError is printed by device.cli with its exit code.
+    # A BackboneError, TeacherUnavailableError or WeightsError is printed by faceberry.device.cli with its exit code.
     if args.arch == "dlib-resnet":
-        from train.dlib_port import run_dlib_port
+        from faceberry.train.dlib_port import run_dlib_port
 
         if args.photos is not None:
             log.warning("--photos is not used with --arch dlib-resnet (nothing is trained); ignoring %s", args.photos)
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"backbone → {args.out}: dlib's ResNet face embedder rebuilt ({report['params']:,} weights); {agree}")
         print(f"next: python -m train --photos DIR --out RUN_DIR --backbone {args.out}")
         return 0
-    from train.distill import run as distill
+    from faceberry.train.distill import run as distill
 
     try:
         report = distill(args)
@@ -184,5 +185,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m train backbone ARGS` from Python: `faceberry train backbone ARGS` (device.cli)."""
+    """`python -m train backbone ARGS` from Python: `faceberry train backbone ARGS` (faceberry.device.cli)."""
     return cli.main(argv, prog="python -m train backbone", at=("train", "backbone"))

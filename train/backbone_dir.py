@@ -1,7 +1,9 @@
 """A backbone directory's format, shared by the ways of building one and by those who load one.
 
-`python -m train backbone` (train.backbone) is the command line; train.dlib_port and train.distill write a
-directory, train.model, train.fewshot and train.cohort read one. They all import from here, so the
+`python -m train backbone` (faceberry.train.backbone) is the command line; faceberry.train.dlib_port and
+faceberry.train.distill write a
+directory, faceberry.train.model, faceberry.train.fewshot and faceberry.train.cohort read one. They all import from
+here, so the
 command line can import its builders without them importing it back.
 
 BACKBONE_DIR holds embedder.keras (normalised float32 crop → embedding, compared by cosine) and
@@ -17,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from device.errors import UsageError
-from train import run_files
-from train.run_files import BackboneConfig
+from faceberry.errors import UsageError
+from faceberry.train import run_files
+from faceberry.train.run_files import BackboneConfig
 
 EMBEDDER_FILE = "embedder.keras"
 RECOMMENDED = "python -m train backbone --arch dlib-resnet --out backbones/faces"
@@ -36,7 +38,8 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def read_backbone_config(backbone_dir: str | Path) -> BackboneConfig:
-    """A backbone directory's config.json, typed (train.run_files.BackboneConfig); BackboneError with the fix."""
+    """A backbone directory's config.json, typed (faceberry.train.run_files.BackboneConfig); BackboneError with the
+    fix."""
     root = Path(backbone_dir)
     cfg_path, model_path = root / run_files.CONFIG_FILE, root / EMBEDDER_FILE
     if not cfg_path.is_file() or not model_path.is_file():

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from device.contract import UNKNOWN, accept_all, accept_scores, best_class, threshold_for_far
+from faceberry.contract import UNKNOWN, accept_all, accept_scores, best_class, threshold_for_far
 
 
 def decisions(probs: np.ndarray, labels: list[str], threshold: float) -> list[str]:
-    """The device's rule (device.contract.accept) on a batch of softmax probabilities."""
+    """The device's rule (faceberry.contract.accept) on a batch of softmax probabilities."""
     best, scores = best_class(probs, labels)
     return accept_all(best, scores, threshold)
 

@@ -1,9 +1,9 @@
-"""`faceberry train` (`python -m train`): its options, their checks, and the run (device.cli holds the tree).
+"""`faceberry train` (`python -m train`): its options, their checks, and the run (faceberry.device.cli holds the tree).
 
     python -m train --photos DIR --out RUN_DIR [options]        train a classifier
     python -m train --photos DIR --out RUN_DIR --backbone DIR   few-shot on a face-aware backbone
-    python -m train backbone ...                                 build a face-aware backbone (train.backbone)
-    python -m train cohort ...                                   its stranger cohort (train.cohort)
+    python -m train backbone ...                                 build a face-aware backbone (faceberry.train.backbone)
+    python -m train cohort ...                                   its stranger cohort (faceberry.train.cohort)
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-from device import cli
-from device.contract import IMAGE_SUFFIXES
-from device.preprocess import DEFAULT_INPUT_SIZE
+from faceberry.contract import IMAGE_SUFFIXES
+from faceberry.device import cli
+from faceberry.preprocess import DEFAULT_INPUT_SIZE
 
 EPILOG = f"""\
 Photos: DIR/<person>/*.jpg (or {' '.join(IMAGE_SUFFIXES[1:])}), one folder per person; HEIC/HEIF
@@ -134,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m train`'s parser, as device.cli's tree builds it."""
+    """`python -m train`'s parser, as faceberry.device.cli's tree builds it."""
     return cli.build_parser(("train",), at=("train",), prog="python -m train")
 
 
@@ -184,7 +184,7 @@ def _warn_ignored(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """device.cli's hook, after parsing (logging is set up): a bad value ends in the parser's usage error."""
+    """faceberry.device.cli's hook, after parsing (logging is set up): a bad value ends in the parser's usage error."""
     _validate(p, args)
     if args.backbone is not None:
         _warn_ignored(p, args)
@@ -192,12 +192,12 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.backbone is not None:
-        from train.fewshot import train_fewshot
+        from faceberry.train.fewshot import train_fewshot
 
         return train_fewshot(args)
 
-    from train.errors import TrainError
-    from train.trainer import train
+    from faceberry.train.errors import TrainError
+    from faceberry.train.trainer import train
 
     logging.getLogger(__name__).info(
         "fine-tuning ImageNet MobileNetV2; for far better accuracy, build a face backbone once "
@@ -205,14 +205,15 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = train(args)
-    except FileNotFoundError as exc:  # a file the run needs is not there: bad input, exit 2 (device.cli prints it)
+    # A file the run needs is not there: bad input, exit 2 (faceberry.device.cli prints it).
+    except FileNotFoundError as exc:
         raise TrainError(str(exc)) from exc
     print_summary(report, args.out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m train ARGS` from Python: `faceberry train ARGS` (device.cli)."""
+    """`python -m train ARGS` from Python: `faceberry train ARGS` (faceberry.device.cli)."""
     return cli.main(argv, prog="python -m train", at=("train",))
 
 

@@ -4,7 +4,7 @@
     python -m train cohort --backbone backbones/faces --photos FACES_DIR    # any <person>/*.jpg folder
 
 Every face goes through the device's own detector and alignment and the backbone's embedder; only the
-embeddings are kept (BACKBONE_DIR/cohort.npz, see device.cohort). `python -m train --backbone` then
+embeddings are kept (BACKBONE_DIR/cohort.npz, see faceberry.cohort). `python -m train --backbone` then
 calibrates the accept threshold on them, `python -m convert` carries them into the bundle and
 `python -m device enroll` recalibrates on them when a person is added.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device import cli
-from device import cohort as cohort_mod
-from device.contract import list_images
-from device.errors import UsageError
-from device.preprocess import Preprocessing
+from faceberry import cohort as cohort_mod
+from faceberry.contract import list_images
+from faceberry.device import cli
+from faceberry.errors import UsageError
+from faceberry.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m train cohort`'s parser, as device.cli's tree builds it."""
+    """`python -m train cohort`'s parser, as faceberry.device.cli's tree builds it."""
     return cli.build_parser(("train", "cohort"), at=("train", "cohort"), prog="python -m train cohort")
 
 
@@ -126,8 +126,8 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
                  seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
     """(the cohort, what was kept and dropped: {"photos", "kept", "per_person", "excluded_people", "no_face",
     "max_faces"})."""
-    from train.backbone_dir import load_embedder
-    from train.crops import CropMaker, default_cache_dir, list_people
+    from faceberry.train.backbone_dir import load_embedder
+    from faceberry.train.crops import CropMaker, default_cache_dir, list_people
 
     if lfw:
         photos = lfw_folder()
@@ -158,8 +158,8 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
         raise CohortBuildError(
             f"only {len(set(names))} people with a usable face: a stranger cohort needs at least {MIN_PEOPLE} "
             f"({WANT_FACES}+ faces of hundreds of people are better); pass a bigger --photos folder or use --lfw")
-    from device.contract import enrolled_views
-    from train.fewshot import embed
+    from faceberry.contract import enrolled_views
+    from faceberry.train.fewshot import embed
 
     views = enrolled_views(bconfig.get("arch"))
     log.info("cohort: embedding %d faces of %d people", len(crops), len(per))
@@ -169,7 +169,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m train cohort ARGS` from Python: `faceberry train cohort ARGS` (device.cli)."""
+    """`python -m train cohort ARGS` from Python: `faceberry train cohort ARGS` (faceberry.device.cli)."""
     return cli.main(argv, prog="python -m train cohort", at=("train", "cohort"))
 
 
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if args.photos is not None and not any(list_images(d) for d in args.photos.iterdir() if d.is_dir()):
         raise CohortBuildError(f"no <person>/ photo folders in {args.photos}; put each person's photos in a "
                                "sub-folder")
-    # A BackboneError or CohortBuildError (exit 2) is printed by device.cli.
+    # A BackboneError or CohortBuildError (exit 2) is printed by faceberry.device.cli.
     try:
         cohort, kept = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.per_person, args.max_faces,
                                     args.min_face_size, args.seed)

@@ -1,6 +1,6 @@
 """Photos → aligned face crops, made with the device's own detector and alignment.
 
-Every crop comes from device.detector.FaceDetector + device.preprocess.align_face, so the network
+Every crop comes from faceberry.detector.FaceDetector + faceberry.preprocess.align_face, so the network
 is trained on exactly what the Pi will show it. Results are cached per photo, keyed by the photo's
 content and every setting that changes the crop, so a second run over the same folder is fast.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import device.detector
-import device.preprocess
-from device.contract import (
+import faceberry.detector
+import faceberry.preprocess
+from faceberry.contract import (
     DOMINANCE,
     MIN_REFERENCE_PHOTOS,
     UNREADABLE,
@@ -29,14 +29,14 @@ from device.contract import (
     list_images,
     subject_candidates,
 )
-from device.contract import IMAGE_SUFFIXES as IMAGE_SUFFIXES
-from device.contract import NO_FACE as NO_FACE
-from device.contract import SEVERAL_FACES as SEVERAL_FACES
-from device.contract import TOO_SMALL as TOO_SMALL
-from device.contract import UNKNOWN as UNKNOWN
-from device.detector import FaceDetector
-from device.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image, phone_reader
-from device.runtime import ModelError
+from faceberry.contract import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from faceberry.contract import NO_FACE as NO_FACE
+from faceberry.contract import SEVERAL_FACES as SEVERAL_FACES
+from faceberry.contract import TOO_SMALL as TOO_SMALL
+from faceberry.contract import UNKNOWN as UNKNOWN
+from faceberry.detector import FaceDetector
+from faceberry.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image, phone_reader
+from faceberry.runtime import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ CACHE_VERSION = 2
 
 @dataclass
 class Candidates:
-    """A photo's faces of similar size (device.contract.subject_candidates), widest first, for
+    """A photo's faces of similar size (faceberry.contract.subject_candidates), widest first, for
     resolve_subjects to choose among by the person's other photos."""
 
     crops: np.ndarray  # uint8 (K, S, S, 3)
@@ -96,7 +96,7 @@ class CropMaker:
         score_threshold: float = 0.5,
         alignment: str = ALIGN_TEMPLATE_NAME,
     ) -> None:
-        from models import default_detector_path
+        from faceberry.models import default_detector_path
 
         self.detector_path = Path(detector_path) if detector_path else default_detector_path()
         if not self.detector_path.is_file():
@@ -112,7 +112,7 @@ class CropMaker:
         # The device code that decodes boxes and warps crops is part of the key too: after an
         # upgrade that changes either, cached crops would no longer match what the Pi computes.
         code_hash = hashlib.sha256(
-            b"".join(Path(mod.__file__).read_bytes() for mod in (device.detector, device.preprocess))
+            b"".join(Path(mod.__file__).read_bytes() for mod in (faceberry.detector, faceberry.preprocess))
         ).hexdigest()
         settings = {
             "code": code_hash,
@@ -229,7 +229,7 @@ def build_crop_set(
     files: dict[str, list[Path]] | None = None,
     choose_later: bool = False,
 ) -> CropSet:
-    """Aligned crops for every image (device.contract.IMAGE_SUFFIXES) in `photos_dir/<person>/`.
+    """Aligned crops for every image (faceberry.contract.IMAGE_SUFFIXES) in `photos_dir/<person>/`.
 
     `files` overrides the folder scan ({label: photos}); skipped photos are listed with a reason. A photo
     with several faces of similar size is skipped too, unless `choose_later`: then its candidate faces are
@@ -262,7 +262,7 @@ def build_crop_set(
 
 
 def resolve_subjects(crop_set: CropSet, embed) -> dict[str, int]:
-    """Each ambiguous photo's subject chosen by identity consistency (device.contract.choose_subject), in place:
+    """Each ambiguous photo's subject chosen by identity consistency (faceberry.contract.choose_subject), in place:
     a chosen face joins its person's crops, the rest go to `skipped` with the reason. `embed`: crops → embeddings
     (the backbone's, as the gallery makes them), or None to refuse them all (the fine-tune path has no
     embedder). Returns {"chosen": n, "refused": n}."""

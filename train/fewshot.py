@@ -1,10 +1,10 @@
 """`python -m train --photos DIR --out RUN_DIR --backbone BACKBONE_DIR`: few-shot people on a face backbone.
 
-Nothing is trained: each person's crops are embedded by the backbone (train.backbone) and their
+Nothing is trained: each person's crops are embedded by the backbone (faceberry.train.backbone) and their
 normalised mean becomes that person's entry in a gallery (validation figures come from a gallery of
 the training split; the shipped gallery uses every usable photo). A face is that person when its
 cosine similarity to the person's centroid is the highest and at least the accept threshold, which
-is calibrated on strangers (device.cohort.calibrate): the backbone's stranger cohort (BACKBONE/cohort.npz,
+is calibrated on strangers (faceberry.cohort.calibrate): the backbone's stranger cohort (BACKBONE/cohort.npz,
 from `python -m train cohort`), the negative faces (PHOTOS/unknown/ or --negatives DIR) when given, and
 every person's faces against the other people's centroids; at most --target-far (default 0.5%) of
 strangers' photos are to be accepted, asked of the cohort with a margin for strangers it never saw.
@@ -12,7 +12,7 @@ Adding a person later needs no training at all (`python -m device enroll` on the
 
 One person is enough ("is it me?"): the gallery has one entry and every impostor score comes from the cohort
 (and the negatives, if any); without either it is refused with the fix. A photo with several faces of similar
-size gives the face that agrees with the person's other photos (train.crops.resolve_subjects).
+size gives the face that agrees with the person's other photos (faceberry.train.crops.resolve_subjects).
 
 RUN_DIR (kind "embedding"): model.keras (the embedder), gallery.npz, labels.txt, cohort.npz (when the backbone
 has one), config.json, crops.npz, report.json, history.json, skipped.json.
@@ -30,19 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from device import cohort as cohort_mod
-from device.contract import ENROLLED_VIEWS, UNKNOWN, best_match, embed_enrolled, enrolled_views, gallery_from
-from device.preprocess import Preprocessing, normalize
-from train import run_files
-from train.backbone_dir import BackboneError, load_embedder, read_backbone_config
-from train.crops import split_per_person, summarize_skips
-from train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
+from faceberry import cohort as cohort_mod
+from faceberry.contract import ENROLLED_VIEWS, UNKNOWN, best_match, embed_enrolled, enrolled_views, gallery_from
+from faceberry.preprocess import Preprocessing, normalize
+from faceberry.train import run_files
+from faceberry.train.backbone_dir import BackboneError, load_embedder, read_backbone_config
+from faceberry.train.crops import split_per_person, summarize_skips
+from faceberry.train.trainer import TrainError, check_out_dir, collect_inputs, gather_crops
 
 log = logging.getLogger(__name__)
 
 
 def embed(model, crops: np.ndarray, prep: Preprocessing, views: str = ENROLLED_VIEWS) -> np.ndarray:
-    """Enrolled photos' embeddings, as device.contract.enrolled_views says for the backbone."""
+    """Enrolled photos' embeddings, as faceberry.contract.enrolled_views says for the backbone."""
     if len(crops) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
     return embed_enrolled(lambda x: model.predict(normalize(x, prep), batch_size=64, verbose=0), crops, views)
@@ -87,7 +87,7 @@ def fewshot(args) -> dict[str, Any]:
     neg_emb = embed(model, nset.crops, prep, views) if nset is not None and len(nset) else np.zeros((0, emb.shape[1]))
     target_far = cohort_mod.DEFAULT_TARGET_FAR if args.target_far is None else float(args.target_far)
 
-    # The threshold rests on every impostor score there is (device.cohort.calibrate): the stranger
+    # The threshold rests on every impostor score there is (faceberry.cohort.calibrate): the stranger
     # cohort, the negative faces when given, and each person's faces against the other people's entries.
     def calibrate(gallery: np.ndarray, own_idx: np.ndarray) -> dict[str, Any]:
         return cohort_mod.calibrate(gallery, people, cohort, emb[own_idx], list(labels_arr[own_idx]), neg_emb,
@@ -165,7 +165,7 @@ def fewshot(args) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "labels": people,
         "embedding_dim": int(gallery.shape[1]),
-        "gallery": {"file": "gallery.npz", "method": "device.contract.centroid of all usable photos",
+        "gallery": {"file": "gallery.npz", "method": "faceberry.contract.centroid of all usable photos",
                     "views": views},
         "cohort": {"file": cohort_mod.COHORT_FILE, "faces": len(cohort), "people": cohort.people} if cohort else None,
         "backbone": {"dir": str(Path(args.backbone).resolve()), "arch": bconfig.arch,
@@ -196,7 +196,8 @@ def load_cohort(args, dim: int, views: str) -> cohort_mod.Cohort | None:
 
 
 def train_fewshot(args) -> int:
-    """Entry point from train.cli when --backbone is given; a TrainError (exit 2) is printed by device.cli."""
+    """Entry point from faceberry.train.cli when --backbone is given; a TrainError (exit 2) is printed by
+    faceberry.device.cli."""
     report = fewshot(args)
     th = report["threshold"]
     n = len(report["labels"])

@@ -1,6 +1,7 @@
 """Input gathering shared by both training paths (fine-tune and few-shot on a backbone): the photo and
-negative folders read, the run directory prepared, every photo turned into an aligned crop (train.crops)
-and the too-few-photos check made. train.trainer (fine-tuning) and train.fewshot (galleries) start here.
+negative folders read, the run directory prepared, every photo turned into an aligned crop (faceberry.train.crops)
+and the too-few-photos check made. faceberry.train.trainer (fine-tuning) and faceberry.train.fewshot (galleries) start
+here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device.contract import IMAGE_SUFFIXES
-from device.preprocess import ALIGN_TEMPLATE_NAME
-from train.calibrate import UNKNOWN
-from train.crops import (
+from faceberry.contract import IMAGE_SUFFIXES
+from faceberry.preprocess import ALIGN_TEMPLATE_NAME
+from faceberry.train.calibrate import UNKNOWN
+from faceberry.train.crops import (
     CropMaker,
     CropSet,
     build_crop_set,
@@ -27,7 +28,7 @@ from train.crops import (
     resolve_subjects,
     summarize_skips,
 )
-from train.errors import TrainError
+from faceberry.train.errors import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class Gathered:
     counts: dict[str, int]  # usable photos per person
     skipped: list[dict[str, str]]
     detector_path: Path
-    subjects: dict[str, int]  # photos of several faces: {"chosen": n, "refused": n} (train.crops.resolve_subjects)
+    # Photos of several faces: {"chosen": n, "refused": n} (faceberry.train.crops.resolve_subjects).
+    subjects: dict[str, int]
 
 
 def gather_crops(
@@ -143,7 +145,7 @@ def gather_crops(
     too-few-photos check: the first half of every training run (softmax or few-shot).
 
     A photo with several faces of similar size gets the face that agrees with the person's other photos
-    (train.crops.resolve_subjects) where `embed` (crops → the backbone's embeddings) is given."""
+    (faceberry.train.crops.resolve_subjects) where `embed` (crops → the backbone's embeddings) is given."""
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     maker = CropMaker(size, args.detector, cache_dir, min_face_size=args.min_face_size, alignment=alignment)
     person_set = build_crop_set(photos, size, maker=maker, files=people, progress=not args.quiet, choose_later=True)

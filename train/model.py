@@ -1,6 +1,6 @@
 """The network: MobileNetV2 backbone, global pooling, a small softmax head; and its augmentation.
 
-The saved model takes normalised float32 crops (device.preprocess.normalize) and returns softmax
+The saved model takes normalised float32 crops (faceberry.preprocess.normalize) and returns softmax
 probabilities. Augmentation is a separate block placed in front of it only while training, so
 the exported model carries no augmentation ops into the TFLite converter.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import keras
 
-from train.errors import WeightsError
+from faceberry.train.errors import WeightsError
 
 # MobileNetV2 block names, from the input to the top; fine-tuning unfreezes from a block onwards.
 LAST_BLOCK = 16
@@ -75,7 +75,7 @@ def _face_aware(backbone: keras.Model, root: Path, alpha: float) -> keras.Model:
     ImageNet features do not tell faces apart; a student distilled from dlib's embedder does, a little,
     and its MobileNetV2 is the same network as the fine-tune's (the input size does not change a
     convolution's weights), so the fine-tune can start from it."""
-    from train.backbone_dir import BackboneError, load_embedder
+    from faceberry.train.backbone_dir import BackboneError, load_embedder
 
     try:
         model, config = load_embedder(root)

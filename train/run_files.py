@@ -4,7 +4,7 @@
     RUN_DIR/report.json        RunReport: what it measured, and the accept threshold convert starts from
     BACKBONE_DIR/config.json   BackboneConfig: the embedder's file, input and where it came from
 
-pydantic models like the daemon's config (device.config) and the bundle manifest (device.bundle.Manifest):
+pydantic models like the daemon's config (faceberry.device.config) and the bundle manifest (faceberry.bundle.Manifest):
 unknown keys are refused, every field is described, and a problem is one line naming the file, the key and
 the fix. Fields added in later releases have defaults, so files written before them still read. The
 free-form records inside them (the command line's `args`, per-person rows, a calibration's record) are
@@ -19,8 +19,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from device.bundle import PreprocessingSection, describe_problem
-from device.errors import UsageError
+from faceberry.bundle import PreprocessingSection, describe_problem
+from faceberry.errors import UsageError
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
@@ -58,7 +58,7 @@ class RunBackbone(_Strict):
 class RunGallery(_Strict):
     file: str = Field(description="the run's gallery .npz")
     method: str | None = Field(None, description="how each person's entry was made")
-    views: str = Field("face", description="how each face was embedded (device.contract.enrolled_views)")
+    views: str = Field("face", description="how each face was embedded (faceberry.contract.enrolled_views)")
 
 
 class RunCohort(_Strict):
@@ -70,7 +70,7 @@ class RunCohort(_Strict):
 class RunConfig(_Strict):
     """RUN_DIR/config.json."""
 
-    kind: Literal["softmax", "embedding"] = Field(description="the classifier kind (device.heads)")
+    kind: Literal["softmax", "embedding"] = Field(description="the classifier kind (faceberry.heads)")
     preprocessing: PreprocessingSection = Field(description="how the classifier expects its input")
     labels: list[str] = Field(description="the run's labels, in output order")
     embedding_dim: int | None = Field(None, description="embedding: the embedding's length")
@@ -82,7 +82,8 @@ class RunConfig(_Strict):
 
 
 class ReportThreshold(BaseModel):
-    """The accept threshold and the calibration's own record (train.calibrate or device.cohort.calibrate)."""
+    """The accept threshold and the calibration's own record (faceberry.train.calibrate or
+    faceberry.cohort.calibrate)."""
 
     model_config = ConfigDict(extra="allow")
     accept: float = Field(description="the accept threshold on the float model")
@@ -113,7 +114,7 @@ class RunReport(_Strict):
 
 
 class BackboneConfig(_Strict):
-    """BACKBONE_DIR/config.json (train.backbone)."""
+    """BACKBONE_DIR/config.json (faceberry.train.backbone)."""
 
     kind: Literal["backbone"] = Field(description="always backbone")
     arch: str = Field("mobilenetv2", description="dlib-resnet-v1 or mobilenetv2 (older distilled backbones say none)")

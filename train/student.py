@@ -1,5 +1,5 @@
-"""The distilled backbone's student (train.distill): MobileNetV2 built, fitted to the teacher's embeddings and
-centred. train.distill gathers the faces and the teacher's targets and writes the backbone directory."""
+"""The distilled backbone's student (faceberry.train.distill): MobileNetV2 built, fitted to the teacher's embeddings and
+centred. faceberry.train.distill gathers the faces and the teacher's targets and writes the backbone directory."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from device.preprocess import Preprocessing, normalize
-from train.backbone_dir import cosine_rows
-from train.teacher import TEACHER_DIM
+from faceberry.preprocess import Preprocessing, normalize
+from faceberry.train.backbone_dir import cosine_rows
+from faceberry.train.teacher import TEACHER_DIM
 
 
 def build_student(input_size: int, alpha: float, weights: str, dim: int = TEACHER_DIM):
@@ -23,7 +23,7 @@ def build_student(input_size: int, alpha: float, weights: str, dim: int = TEACHE
     """
     import keras
 
-    from train.model import build_backbone
+    from faceberry.train.model import build_backbone
 
     backbone = build_backbone(input_size, alpha, weights)
     inputs = keras.Input((input_size, input_size, 3), name="image")

@@ -10,7 +10,7 @@ contradicts the LICENSE file it ships; either way reuse is unrestricted). dlib i
 same package was trained on iBUG 300-W, whose terms exclude commercial use.
 
 The teacher runs only on the workstation (it is slow: ~0.1–0.3 s a face on one x86 core); the
-device never sees it. It is fed exactly the aligned crop the student sees (device.preprocess
+device never sees it. It is fed exactly the aligned crop the student sees (faceberry.preprocess
 alignment), padded by replicating its border so dlib's chip (150×150, padding 0.25) has room, with
 the 5-point predictor run on the crop's own rectangle. Outputs are L2-normalised and cached on
 disk, keyed by a hash of the exact pixels fed in, so augmented views are labelled once.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.errors import EXIT_USAGE, UnavailableError
+from faceberry.errors import EXIT_USAGE, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ INSTALL_HINT = "install the teacher with `pip install -r requirements-train.txt`
 class TeacherUnavailableError(UnavailableError):
     """dlib or the model files are missing; the message says how to install them."""
 
-    # A package that is not installed is a setup to fix, not an outage to wait out (device/errors.py).
+    # A package that is not installed is a setup to fix, not an outage to wait out (faceberry/errors.py).
     exit_code = EXIT_USAGE
 
 
@@ -85,7 +85,7 @@ class Teacher:
 
 
 class RebuiltTeacher:
-    """The same dlib network, rebuilt in Keras (train.dlib_resnet), labelling crops in batches.
+    """The same dlib network, rebuilt in Keras (faceberry.train.dlib_resnet), labelling crops in batches.
 
     It is fed the crop itself, resized to 150 px: with the student's crops aligned by `dlib-chip-v1`
     that is exactly the chip dlib's network was trained on, and no landmark model is needed. Batched
@@ -96,7 +96,7 @@ class RebuiltTeacher:
     batch_size = 64
 
     def __init__(self) -> None:
-        from train.dlib_resnet import DlibModelError, build_keras, default_weights_path, read_weights
+        from faceberry.train.dlib_resnet import DlibModelError, build_keras, default_weights_path, read_weights
 
         try:
             self._model = build_keras(read_weights(default_weights_path()))
@@ -106,13 +106,13 @@ class RebuiltTeacher:
     def embed_batch(self, crops: np.ndarray) -> np.ndarray:
         import cv2
 
-        from device.preprocess import normalize
-        from train.dlib_resnet import INPUT_SIZE
+        from faceberry.preprocess import normalize
+        from faceberry.train.dlib_resnet import INPUT_SIZE
 
         crops = np.asarray(crops, dtype=np.uint8)
         if crops.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
             crops = np.stack([cv2.resize(c, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR) for c in crops])
-        # build_keras takes device.preprocess's default normalisation (x / 127.5 - 1).
+        # build_keras takes faceberry.preprocess's default normalisation (x / 127.5 - 1).
         out = self._model.predict(normalize(crops), batch_size=self.batch_size, verbose=0)
         return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 

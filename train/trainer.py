@@ -1,4 +1,5 @@
-"""`python -m train --photos DIR --out RUN_DIR`: crops (train.inputs) → two-phase fine-tuning → calibrated run dir."""
+"""`python -m train --photos DIR --out RUN_DIR`: crops (faceberry.train.inputs) → two-phase fine-tuning → calibrated
+run dir."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from device.preprocess import Preprocessing, normalize
-from train import run_files
-from train.calibrate import UNKNOWN, calibrate, decisions
-from train.crops import (
+from faceberry.preprocess import Preprocessing, normalize
+from faceberry.train import run_files
+from faceberry.train.calibrate import UNKNOWN, calibrate, decisions
+from faceberry.train.crops import (
     split_per_person,
     summarize_skips,
 )
-from train.errors import TrainError  # noqa: F401 - train.fewshot imports it from here
-from train.inputs import (  # noqa: F401 - gathering lives in train.inputs; these names stay importable here
+from faceberry.train.errors import TrainError  # noqa: F401 - faceberry.train.fewshot imports it from here
+from faceberry.train.inputs import (  # noqa: F401 - gathering lives in faceberry.train.inputs; these names stay importable here
     Files,
     Gathered,
     check_out_dir,
@@ -113,7 +114,7 @@ def train(args) -> dict[str, Any]:
     # TensorFlow is imported only now, after the cheap input checks have passed.
     import keras
 
-    from train.model import build_augmentation, build_classifier, set_backbone_trainable
+    from faceberry.train.model import build_augmentation, build_classifier, set_backbone_trainable
 
     keras.utils.set_random_seed(args.seed)
     model, backbone = build_classifier(len(labels), args.input_size, args.alpha, args.weights, args.dropout)
@@ -167,7 +168,7 @@ def train(args) -> dict[str, Any]:
     run_files.write_checked(out / run_files.CONFIG_FILE, config, run_files.RunConfig)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     run_files.write_checked(out / run_files.REPORT_FILE, report, run_files.RunReport)
-    from train.plots import plot_confusion, plot_curves
+    from faceberry.train.plots import plot_confusion, plot_curves
 
     plot_curves(history, out / "curves.png")
     plot_confusion(report["confusion"]["matrix"], report["confusion"]["labels"], out / "confusion.png")

@@ -62,7 +62,7 @@ TRAIN_ARGS = [
 # are not in it on purpose (every edit there would make each developer's next test run retrain on
 # the shared cores): bump FIXTURE_VERSION when what they write changes. CI always builds afresh.
 FIXTURE_VERSION = 5  # 5: the gallery bundle is the central one (issue 22)
-SOURCES = ["device/preprocess.py", "device/detector.py", "device/bundle.py", "tests/plugins/bundles.py"]
+SOURCES = ["faceberry/preprocess.py", "faceberry/detector.py", "faceberry/bundle.py", "tests/plugins/bundles.py"]
 
 
 def _photos_by_person() -> list[tuple[str, list[Path]]]:
@@ -197,7 +197,7 @@ def _need_lfw(*more: Path, what: str) -> None:
     for path in (LFW, *more):
         if not path.exists():
             pytest.skip(absent(path, what=what))
-    from models import default_detector_path
+    from faceberry.models import default_detector_path
 
     if not default_detector_path().is_file():
         pytest.skip(f"{default_detector_path()} is absent: run `python -m models fetch` first")
@@ -335,7 +335,7 @@ def need_student_data() -> None:
     for path in (LFW, WEIGHTS):
         if not path.exists():
             pytest.skip(absent(path))
-    from models import default_detector_path
+    from faceberry.models import default_detector_path
 
     if not default_detector_path().is_file():
         pytest.skip(f"{default_detector_path()} is absent: run `python -m models fetch` first")
@@ -411,8 +411,8 @@ def make_loadable_bundle(root: Path, detector: Path, name: str = "person") -> Pa
     nobody: it exists for the paths that only need a bundle to load (errors, check, camera failures,
     install.sh); `name` makes its labels (and so its bundle_id) differ from another one's.
     """
-    from device.bundle import write_manifest
-    from device.preprocess import Preprocessing
+    from faceberry.bundle import write_manifest
+    from faceberry.preprocess import Preprocessing
 
     root.mkdir()
     shutil.copy(detector, root / "face_detection_short_range.tflite")
@@ -435,7 +435,7 @@ def loadable_bundle(tmp_path_factory, detector_path: Path) -> Path:
 
 
 def embedding_base(softmax: Path, dest: Path, people: list[str]) -> Path:
-    from device.bundle import MANIFEST, MANIFEST_SHA256
+    from faceberry.bundle import MANIFEST, MANIFEST_SHA256
 
     """The tiny softmax bundle presented as an embedding bundle: its outputs (one per label) are the
     embeddings, so galleries of the right and the wrong dimension can be made without another model."""

@@ -18,8 +18,8 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 import yaml
 
-from device import homeassistant as ha
-from device.camera import IMAGE_SUFFIXES
+from faceberry.device.capture.camera import IMAGE_SUFFIXES
+from faceberry.device.outputs import homeassistant as ha
 from tests.plugins.broker import Subscriber
 from tests.plugins.processes import finish, start
 
@@ -70,10 +70,10 @@ def start_daemon(config: Path, *extra: str, **kwargs) -> subprocess.Popen:
 
 def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
     """What the daemon should announce, computed in-process with the same pipeline and tracker settings."""
-    from device.bundle import load_bundle
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
-    from device.tracker import Observation, Tracker
+    from faceberry.bundle import load_bundle
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.device.recognition.tracker import Observation, Tracker
+    from faceberry.preprocess import load_image
 
     pipeline = FacePipeline(load_bundle(bundle_dir), num_threads=2, min_face_size=40)
     tracker = Tracker(0.3, votes_needed=1, max_age=0)
@@ -86,7 +86,7 @@ def expected_event_labels(bundle_dir: Path, frames: list[Path]) -> list[str]:
 
 
 def mqtt_cfg(broker, queue_size: int = 1000):
-    from device.config import MqttConfig
+    from faceberry.device.config import MqttConfig
 
     return MqttConfig(host=broker.host, port=broker.port, keepalive=5, queue_size=queue_size,
                       reconnect_min_delay=1, reconnect_max_delay=1)
@@ -103,9 +103,9 @@ def link(src: Path, dest: Path) -> None:
 
 def predictions(bundle: Path, photos: list[Path], threshold: float | None = None) -> list[tuple[str, str, np.ndarray]]:
     """(label or "borderline", best, embedding) of each photo's widest face, with the daemon's own pipeline."""
-    from device.bundle import load_bundle
-    from device.pipeline import FacePipeline
-    from device.preprocess import load_image
+    from faceberry.bundle import load_bundle
+    from faceberry.device.recognition.pipeline import FacePipeline
+    from faceberry.preprocess import load_image
 
     pipe = FacePipeline(load_bundle(bundle), num_threads=2)
     if threshold is not None:

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from device.camera import Frame
-from device.classifier import Prediction
-from device.config import Config
-from device.contract import UNKNOWN
-from device.detector import Face
-from device.pipeline import FrameResult, Recognition
+from faceberry.classifier import Prediction
+from faceberry.contract import UNKNOWN
+from faceberry.detector import Face
+from faceberry.device.capture.camera import Frame
+from faceberry.device.config import Config
+from faceberry.device.recognition.pipeline import FrameResult, Recognition
 
 
 class FakeCapture:

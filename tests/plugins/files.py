@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from device.bundle import MANIFEST, load_bundle, write_manifest
-from device.store import DIR_MODE, FILE_MODE
+from faceberry.bundle import MANIFEST, load_bundle, write_manifest
+from faceberry.device.ops.store import DIR_MODE, FILE_MODE
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -93,6 +93,6 @@ def wait_rows(db: str, want: set[str], timeout: float = 30) -> list[str]:
 
 
 def _store(db: str):
-    from device.sightings import SightingsStore  # needs SQLAlchemy: the tests that use it skip without it
+    from faceberry.device.ops.sightings import SightingsStore  # needs SQLAlchemy: the tests that use it skip without it
 
     return SightingsStore(db, create=False)
