@@ -20,7 +20,6 @@ next start. A live camera that drops out, or is not there at start, is reopened 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from faceberry.bundle import Bundle
 from faceberry.classifier import UNKNOWN
@@ -54,6 +54,7 @@ from faceberry.device.messaging.dispatcher import (
     Tick,
 )
 from faceberry.device.ops.notify import Notifier
+from faceberry.device.ops.status_file import StatusFile
 from faceberry.device.outputs.events import Cooldown, event_payload, iso_utc
 from faceberry.device.recognition.pipeline import FacePipeline
 from faceberry.device.recognition.tracker import Observation, Tracker
@@ -405,8 +406,16 @@ class FrameLoop:
             data["last_reload"] = {"ok": r.ok, "bundle_id": r.bundle_id, "path": r.path, "error": r.error,
                                    "at": iso_utc(r.at)}
         try:
+            text = StatusFile.model_validate(data).dump()
+        except ValidationError as exc:  # a bug of this writer: said once, the daemon goes on
+            if not self._status_warned:
+                log.error("status file %s not written, its contents break the contract (%s); please report it",
+                          path, exc.errors()[0])
+                self._status_warned = True
+            return None
+        try:
             # On a full disk it is overwritten in place: the loss it counts must show while the disk is full.
-            write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", overwrite_if_full=True)
+            write_atomic(path, text, overwrite_if_full=True)
         except OSError as exc:
             if not self._status_warned:
                 log.warning("cannot write the status file %s: %s; check the free space and state_dir", path, exc)

@@ -279,7 +279,7 @@ def answers(svc: Any) -> list[dict]:
 def test_the_handler_answers_every_hostile_message_and_logs_one_safe_line(
         service: Any, cases: list[tuple[str, bytes]], caplog: pytest.LogCaptureFixture) -> None:
     assistant = Inbound(service)
-    caplog.set_level(logging.DEBUG, logger="device")
+    caplog.set_level(logging.DEBUG, logger="faceberry")
     sent = 0
     # A retained payload is answered once per process (the daemon keeps the first LIMIT + 1 bytes of each).
     unique = {payload[:LIMIT + 1]: what for what, payload in reversed(cases)}
@@ -300,7 +300,7 @@ def test_the_handler_answers_every_hostile_message_and_logs_one_safe_line(
             assert one_safe_line(got[0]["message"]), (what, got[0])
             if retain:
                 assert got[0]["ok"] is False and "retained command ignored" in got[0]["message"], (what, got[0])
-    records = [r for r in caplog.records if r.name.startswith("device")]
+    records = [r for r in caplog.records if r.name.startswith("faceberry")]
     assert records and all(r.exc_info is None for r in records), [r.getMessage() for r in records if r.exc_info]
     for record in records:
         assert one_safe_line(record.getMessage()), record.getMessage()

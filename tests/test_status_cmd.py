@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from faceberry.device.ops.status_file import StatusFile
 from tests.plugins.bundles import make_loadable_bundle
 from tests.plugins.daemon import start_daemon
 from tests.plugins.files import write_frame
@@ -94,11 +95,14 @@ def test_a_killed_daemons_status_is_stale_with_its_age(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer exists
     written = time.time() - 120
-    (tmp_path / f"status-{DEVICE}.json").write_text(json.dumps({
-        "device_id": DEVICE, "pid": gone.pid, "running": True, "mqtt_state": "connected", "fps": 12.0,
-        "frames": 5000, "events": 7, "bundle_id": "b1", "bundle_path": "/b",
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written)),
-    }))
+    # Written as the daemon writes it: every field of the status file's contract.
+    (tmp_path / f"status-{DEVICE}.json").write_text(StatusFile(
+        device_id=DEVICE, pid=gone.pid, running=True, mqtt_state="connected", fps=12.0, frames=5000, events=7,
+        bundle_id="b1", bundle_path="/b", updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written)),
+        status="camera ok, mqtt connected", captured=5000, dropped=0, skipped_images=0, faces=5000, suppressed=0,
+        tracks=1, camera={"state": "ok", "outages": 0, "outage_s": 0.0}, cameras={},
+        bundle={"id": "b1", "reloads": 0, "refused": 0}, ms_per_frame={}, ms_per_face={},
+        mqtt={"state": "connected"}).dump())
     out = status("--state-dir", str(tmp_path))
     assert out.returncode == 3
     lines = out.stdout.splitlines()
@@ -128,3 +132,13 @@ def test_status_without_the_rights_says_run_it_with_sudo(tmp_path: Path) -> None
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "Traceback" not in out and "PermissionError" not in out, (command, out)
         assert f"permission denied reading {etc / 'config.yaml'}: run it with sudo" in out, (command, out)
+
+
+def test_a_file_that_is_not_a_status_file_is_not_read_as_one(tmp_path: Path) -> None:
+    """The status file is a typed contract: a file under its name that breaks it (another program's, or one
+    cut short) is no daemon, and `status` says there is none rather than showing half a dict."""
+    (tmp_path / f"status-{DEVICE}.json").write_text(json.dumps({"device_id": DEVICE, "pid": os.getpid(),
+                                                                "running": True, "fps": "fast"}))
+    out = status("--state-dir", str(tmp_path))
+    assert out.returncode == 3
+    assert out.stdout.startswith("no status file in "), out.stdout

@@ -17,7 +17,6 @@ a guess.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 
 from faceberry.device.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, ConfigError, load_config
 from faceberry.device.messaging.outbox import default_state_dir
+from faceberry.device.ops import status_file
 from faceberry.device.ops.store import default_root
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,9 @@ def store_root(args_store: str | None, setup: Setup) -> Path:
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The status file at `path` as its contract reads it (device/ops/status_file.py), else None."""
+    status = status_file.read_status(path)
+    return None if status is None else status.model_dump(mode="json")
 
 
 def pid_alive(pid: int) -> bool:
