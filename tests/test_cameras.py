@@ -28,7 +28,7 @@ from faceberry.device.recognition.tracker import Tracker
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import DEVICE, events_of, expected_event_labels, start_daemon
 from tests.plugins.fakes import FakeBundle, FakeCapture, FakePipeline, RecordingDispatcher, config
-from tests.plugins.processes import finish
+from tests.plugins.processes import finish, module
 
 # --- the config ----------------------------------------------------------------------------------------------
 
@@ -220,6 +220,10 @@ def test_a_camera_that_fails_does_not_stop_the_other(tmp_path, mosquitto, subscr
         assert subscriber.wait_for(lambda m: sum(1 for t, p, _ in m if t.endswith("/events")
                                                  and json.loads(p)["camera"] == "back") >= before + 3, 60)
         assert proc.poll() is None, "the daemon stopped with one camera left"
+        # `faceberry status` shows each camera of the running daemon.
+        shown = module("device", "status", "--state-dir", str(tmp_path / "state"), timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert "camera   front: failed" in shown.stdout and "camera   back: ok" in shown.stdout, shown.stdout
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -105,6 +105,12 @@ def _text(daemons: list[dict[str, Any]], store: dict[str, Any], where: list[Path
         if d["running"]:
             lines.append(f"  fps      {d.get('fps')}   frames {d.get('frames')}   events {d.get('events')}")
             lines.append(f"  mqtt     {d.get('mqtt_state')}")
+            cameras = d.get("cameras") or {}
+            if len(cameras) > 1:  # one camera is the lines above
+                for name, c in cameras.items():
+                    why = f" ({c['reason']})" if c.get("reason") else ""
+                    lines.append(f"  camera   {name}: {c.get('state')}{why}, fps {c.get('fps')}, frames "
+                                 f"{c.get('frames')}, dropped {c.get('dropped')}")
         else:
             when = f"{d['age_s']:.0f} s ago" if d.get("age_s") is not None else "at an unknown time"
             lines.append(f"  last     frames {d.get('frames')}   events {d.get('events')}   fps {d.get('last_fps')}"
