@@ -120,3 +120,42 @@ def test_a_state_dir_run_could_not_use_fails_the_check(tmp_path: Path) -> None:
     config.write_text(f"bundle: /b\ndevice_id: hall-3\nstate_dir: {tmp_path / 'new' / 'state'}\n")
     code, lines = run_check(config)
     assert code == EXIT_OK and lines[0].startswith("config  OK") and not (tmp_path / "new").exists()
+
+
+# --- several cameras: each checked, each on its own line --------------------------------------------------------
+
+def check_cameras(tmp_path: Path, names: list[str]) -> tuple[int, list[str]]:
+    cameras = ", ".join(f"{{name: {name}, source: folder, device: '{tmp_path / name}'}}" for name in names)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"bundle: /b\ndevice_id: hall-3\nstate_dir: {tmp_path / 'state'}\ncameras: [{cameras}]\n")
+    out = io.StringIO()
+    code = check.run(argparse.Namespace(config=str(config), timeout=5.0, skip=["bundle", "broker"]), out=out)
+    return code, out.getvalue().splitlines()
+
+
+def test_every_camera_is_checked_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    from tests.plugins.files import write_frame
+
+    write_frame(tmp_path / "front")  # "back" has no folder: unplugged, renamed, a typo in the config
+    code, lines = check_cameras(tmp_path, ["front", "back"])
+    cameras = [line for line in lines if line.startswith("camera ")]
+    assert code == EXIT_FAILURE and len(cameras) == 2, lines
+    assert cameras[0].startswith("camera  OK    front: ") and "got a 64×48 frame" in cameras[0], lines
+    assert cameras[1].startswith("camera  FAIL  back: ") and str(tmp_path / "back") in cameras[1], lines
+    # The bad camera failed alone: the good one ahead of it and the checks after still ran and said so.
+    assert lines[-1] == "broker  SKIP" and "front" not in cameras[1]
+
+
+def test_every_camera_good_is_ok(tmp_path: Path) -> None:
+    from tests.plugins.files import write_frame
+
+    for name in ("front", "back", "garage"):
+        write_frame(tmp_path / name)
+    code, lines = check_cameras(tmp_path, ["front", "back", "garage"])
+    cameras = [line for line in lines if line.startswith("camera ")]
+    assert code == EXIT_OK, lines
+    assert [line.split()[:3] for line in cameras] == [["camera", "OK", f"{n}:"] for n in ("front", "back", "garage")]
+    # Skipping the camera check skips every camera, said once.
+    out = io.StringIO()
+    check.run(argparse.Namespace(config=str(tmp_path / "c.yaml"), timeout=1.0, skip=SKIP_ALL), out=out)
+    assert out.getvalue().splitlines()[-3:] == ["bundle  SKIP", "camera  SKIP", "broker  SKIP"]

@@ -9,7 +9,15 @@ import tempfile
 from collections.abc import Callable
 from typing import TextIO
 
-from faceberry.device.config import DEFAULT_STATE_DIR, Config, ConfigError, add_config_argument, describe, load_config
+from faceberry.device.config import (
+    DEFAULT_STATE_DIR,
+    CameraConfig,
+    Config,
+    ConfigError,
+    add_config_argument,
+    describe,
+    load_config,
+)
 from faceberry.errors import EXIT_FAILURE, EXIT_OK, permission_message
 
 HELP = "check the config, the bundle, the camera and the broker, each OK or a clear reason"
@@ -77,17 +85,21 @@ def check_bundle(cfg: Config) -> str:
             f"{len(people)} people, threshold {cfg.recognition.threshold or bundle.accept_threshold:.3f}")
 
 
-def check_camera(cfg: Config, timeout: float) -> str:
+def check_camera(camera: CameraConfig | Config, timeout: float) -> str:
+    """One camera: a frame within `timeout`, or why not. Given a whole Config, its (first) camera."""
     from faceberry.device.capture.camera import CameraError, CameraSetupError, Capture, open_source
 
+    if isinstance(camera, Config):
+        camera = camera.camera
+
     # One attempt, unsupervised: a check says why the camera cannot be opened now instead of waiting for it.
-    capture = Capture(open_source(cfg.camera), queue_size=1, drop_oldest=True, supervise=False)
+    capture = Capture(open_source(camera), queue_size=1, drop_oldest=True, supervise=False)
     try:
         capture.start()
     except CameraSetupError:
         raise  # the library is missing: nothing to do with who holds the camera
     except CameraError as exc:
-        if cfg.camera.source in ("folder", "rtsp"):  # an RTSP camera serves several clients at once
+        if camera.source in ("folder", "rtsp"):  # an RTSP camera serves several clients at once
             raise
         # A camera has one user: the running service holds it, so a check beside it cannot open it.
         raise CameraError(f"{exc} (if faceberry.service is running it holds the camera: stop it first)") from exc
@@ -112,18 +124,38 @@ def check_broker(cfg: Config, timeout: float) -> str:
     return f"connected to {cfg.mqtt.host}:{cfg.mqtt.port}"
 
 
+def _steps(cfg: Config, timeout: float) -> list[tuple[str, Callable[[], str], str]]:
+    """(check, what it runs, the prefix of its line) in the order they are reported."""
+    steps: list[tuple[str, Callable[[], str], str]] = [("bundle", lambda: check_bundle(cfg), "")]
+    # Every camera `run` would read, each on its own line: in `run` a camera that fails stops only
+    # itself, so a check that looked at the first alone would hide the state of the others.
+    for camera in cfg.all_cameras:
+        steps.append(("camera", lambda camera=camera: check_camera(camera, timeout),
+                      f"{camera.name}: " if cfg.cameras else ""))
+    steps.append(("broker", lambda: check_broker(cfg, timeout), ""))
+    return steps
+
+
+def _outcome(fn: Callable[[], str], prefix: str) -> str:
+    """What one check says ("FAIL:<reason>" when it failed), its line's prefix put before the text."""
+    try:
+        detail = fn()
+    except PermissionError as exc:
+        detail = "FAIL:" + permission_message(exc)
+    except Exception as exc:  # every failure is reported, then the next check runs
+        detail = "FAIL:" + (" ".join(str(exc).split()) or type(exc).__name__)
+    if detail.startswith("FAIL:"):
+        return f"FAIL:{prefix}{detail[5:]}"
+    return prefix + detail
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     failures = 0
 
-    def report(name: str, fn: Callable[[], str]) -> None:
+    def report(name: str, fn: Callable[[], str], prefix: str = "") -> None:
         nonlocal failures
-        try:
-            detail = fn()
-        except PermissionError as exc:
-            detail = "FAIL:" + permission_message(exc)
-        except Exception as exc:  # every failure is reported, then the next check runs
-            detail = "FAIL:" + (" ".join(str(exc).split()) or type(exc).__name__)
+        detail = _outcome(fn, prefix)
         if detail.startswith("FAIL:"):
             failures += 1
             out.write(f"{name:<7} FAIL  {detail[5:]}\n")
@@ -165,14 +197,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     for warning in cfg.warnings:
         out.write(f"{'':<7} WARN  {warning}\n")
     out.flush()
-    steps: list[tuple[str, Callable[[], str]]] = [
-        ("bundle", lambda: check_bundle(cfg)),
-        ("camera", lambda: check_camera(cfg, args.timeout)),
-        ("broker", lambda: check_broker(cfg, args.timeout)),
-    ]
-    for name, fn in steps:
+    skipped: set[str] = set()
+    for name, fn, prefix in _steps(cfg, args.timeout):
         if name in args.skip:
-            out.write(f"{name:<7} SKIP\n")
+            if name not in skipped:
+                out.write(f"{name:<7} SKIP\n")
+            skipped.add(name)
         else:
-            report(name, fn)
+            report(name, fn, prefix)
     return EXIT_FAILURE if failures else EXIT_OK
