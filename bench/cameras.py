@@ -217,25 +217,52 @@ def measure(proc: subprocess.Popen, status_path: Path, names: list[str], args: a
             return {"first": first, "last": sample}
 
 
-def project(results: list[dict[str, Any]], fps: float, factors: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """Per Pi and factor: a frame's CPU ms there, the cores N cameras at `fps` keep busy, and the cameras at
-    `fps` one recognition loop could serve if each frame's CPU were spent in turn (the loop is one thread:
-    capture and decoding run beside it, so this is the cautious bound)."""
+def loop_ms(result: dict[str, Any]) -> float:
+    """The recognition loop's own ms per frame (detect, align, classify, track and publish: one thread)."""
+    return float(sum((result.get("ms_per_frame") or {}).values()))
+
+
+def project(results: list[dict[str, Any]], fps: float, factors: dict[str, list[float]],
+            cores: int = 4) -> list[dict[str, Any]]:
+    """Per Pi and factor: a frame's CPU ms there (the process's, decoding included), the cores N cameras at
+    `fps` keep busy, and the cameras at `fps` that fit: the fewer of what the loop (one thread: frames are
+    recognised in turn) and what all `cores` can serve."""
     out = []
     for pi, span in factors.items():
         for factor in span:
             for r in results:
-                ms = r["cpu_ms_per_frame"] * factor
+                ms, loop = r["cpu_ms_per_frame"] * factor, loop_ms(r) * factor
+                fit = min(int(1000.0 / loop // fps) if loop else 0, int(cores * 1000.0 / ms // fps))
                 out.append({"pi": pi, "factor": factor, "cameras": r["cameras"], "cpu_ms_per_frame": round(ms, 1),
-                            "cores_busy": round(r["cameras"] * fps * ms / 1000.0, 2),
-                            "cameras_at_fps": int(1000.0 / ms // fps)})
+                            "loop_ms_per_frame": round(loop, 1),
+                            "cores_busy": round(r["cameras"] * fps * ms / 1000.0, 2), "cameras_that_fit": fit})
     return out
+
+
+def report(payload: dict[str, Any], factors: dict[str, list[float]]) -> dict[str, Any]:
+    """Print the measured table and the projection; the projection rows for the JSON."""
+    results, fps = payload["results"], payload["fps"]
+    print(f"\nOne daemon, N cameras of 640×480 at {fps:g} fps, a person lingering — {describe(payload['machine'])}")
+    rows = [[r["cameras"], " / ".join(f"{c['fps']:.1f}" for c in r["per_camera"].values()),
+             r["fps_total"], f"{r['dropped']} ({r['drop_pct']}%)", r["cpu_pct"], r["cpu_ms_per_frame"],
+             f"{loop_ms(r):.2f}", r["rss_peak_mb"], f"{r['events_published']} / {r['events_delivered']}",
+             r["events_lost"]] for r in results]
+    print(table(["cameras", "fps per camera", "fps total", "dropped", "CPU % (100 = 1 core)", "CPU ms / frame",
+                 "loop ms / frame", "RSS peak MB", "events published / delivered", "events lost"], rows))
+    projection = project(results, fps, factors)
+    print("\nPROJECTION, not a measurement (no Pi here): this machine's ms per frame × an assumed factor per Pi "
+          "(4 cores)")
+    print(table(["Pi", "factor", "cameras", "CPU ms / frame", "loop ms / frame", f"cores busy at {fps:g} fps each",
+                 f"cameras at {fps:g} fps that fit"],
+                [[p["pi"], f"×{p['factor']:g}", p["cameras"], p["cpu_ms_per_frame"], p["loop_ms_per_frame"],
+                  p["cores_busy"], p["cameras_that_fit"]] for p in projection]))
+    return {"factors": factors, "rows": projection}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cameras", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="the bundle the daemon runs")
+    parser.add_argument("--bundle", type=Path, default=None, metavar="DIR", help="the bundle the daemon runs")
     parser.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4], metavar="N",
                         help="camera counts to run, one daemon each (default 1 2 4)")
     parser.add_argument("--fps", type=float, default=10.0, help="each camera's frame rate (default %(default)s)")
@@ -252,39 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pi5-factor", type=float, nargs=2, default=[3.0, 6.0], metavar=("LOW", "HIGH"),
                         help="the same for a Pi 5 (default 3 6)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cameras.json", help="JSON result (default %(default)s)")
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
+                        help="print the tables of an earlier run's JSON (with these factors) instead of running")
     args = parser.parse_args(argv)
-    if not (args.bundle / "manifest.json").is_file():
+    factors = {"Pi 4": args.pi4_factor, "Pi 5": args.pi5_factor}
+    if args.report is not None:
+        report(json.loads(args.report.read_text()), factors)
+        return 0
+    if args.bundle is None or not (args.bundle / "manifest.json").is_file():
         print(f"error: {args.bundle} is not a bundle ; pass --bundle DIR written by python -m convert", file=sys.stderr)
         return 2
     if min(args.cameras) < 1 or args.fps <= 0 or args.seconds < 5 or args.linger < 1 or args.away < 4:
         parser.error("--cameras ≥ 1, --fps > 0, --seconds ≥ 5, --linger ≥ 1 and --away ≥ 4 (to end the track)")
     photo = args.photo or need_shared("photos", "scenes", "obama-720p.jpg")
     info = machine()
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="faceberry-bench-cameras-") as tmp:
         for n in args.cameras:
             print(f"{n} camera(s)…", file=sys.stderr, flush=True)
             results.append(run_daemon(n, args, Path(tmp), photo))
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    print(f"\nOne daemon, N cameras of 640×480 at {args.fps:g} fps, a person lingering — {describe(info)}")
-    rows = [[r["cameras"], " / ".join(f"{c['fps']:.1f}" for c in r["per_camera"].values()),
-             r["fps_total"], f"{r['dropped']} ({r['drop_pct']}%)", r["cpu_pct"], r["cpu_ms_per_frame"],
-             r["rss_peak_mb"], f"{r['events_published']} / {r['events_delivered']}", r["events_lost"]]
-            for r in results]
-    print(table(["cameras", "fps per camera", "fps total", "dropped", "CPU % (100 = 1 core)", "CPU ms / frame",
-                 "RSS peak MB", "events published / delivered", "events lost"], rows))
-    factors = {"Pi 4": args.pi4_factor, "Pi 5": args.pi5_factor}
-    projection = project(results, args.fps, factors)
-    print("\nPROJECTION, not a measurement (no Pi here): this machine's CPU ms / frame × an assumed factor per "
-          "Pi; a Pi has 4 cores")
-    print(table(["Pi", "factor", "cameras", "CPU ms / frame", f"cores busy at {args.fps:g} fps each",
-                 f"cameras at {args.fps:g} fps, frames in turn"],
-                [[p["pi"], f"×{p['factor']:g}", p["cameras"], p["cpu_ms_per_frame"], p["cores_busy"],
-                  p["cameras_at_fps"]] for p in projection]))
-    path = write_result("cameras", {
-        "machine": info, "fps": args.fps, "seconds": args.seconds, "linger": args.linger, "away": args.away,
-        "photo": str(photo), "bundle": str(args.bundle), "results": results,
-        "projection": {"factors": factors, "rows": projection}}, args.out)
+    payload = {"machine": info, "fps": args.fps, "seconds": args.seconds, "linger": args.linger, "away": args.away,
+               "photo": str(photo), "bundle": str(args.bundle), "results": results}
+    payload["projection"] = report(payload, factors)
+    path = write_result("cameras", payload, args.out)
     print(f"\nwrote {path}")
     return 0 if all(r["events_lost"] == 0 for r in results) else 1
 
