@@ -1,4 +1,4 @@
-"""`python -m device check`: is this Pi ready to run? Config, bundle, camera and broker, each OK or why."""
+"""`python -m device check`: is this Pi ready to run? Config, bundle, each camera and broker, each OK or why."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from faceberry.device.config import (
 )
 from faceberry.errors import EXIT_FAILURE, EXIT_OK, permission_message
 
-HELP = "check the config, the bundle, the camera and the broker, each OK or a clear reason"
+HELP = "check the config, the bundle, every camera and the broker, each OK or a clear reason"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
