@@ -113,7 +113,8 @@ def test_sighup_switches_bundles_over_one_connection_and_refuses_a_corrupt_one(
     assert json.loads((tmp_path / "state" / f"status-{DEVICE}.json").read_text())["running"] is False
     assert not list((tmp_path / "state").glob(".*.tmp"))
     # One log line per reload: what was loaded, and what was refused with why and the fix.
-    assert len(re.findall(r"INFO faceberry\.device\.[a-z_.]+: reloaded: bundle test-v2 \(was test-v1\)", err)) == 1, err[-3000:]
+    reloaded = re.findall(r"INFO faceberry\.device\.[a-z_.]+: reloaded: bundle test-v2 \(was test-v1\)", err)
+    assert len(reloaded) == 1, err[-3000:]
     refusals = [line for line in err.splitlines() if "reload refused" in line]
     assert len(refusals) == 1 and " ERROR " in refusals[0] and "still serving test-v2" in refusals[0]
     assert "test-broken" in refusals[0] and "reload again" in refusals[0]
