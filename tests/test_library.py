@@ -73,6 +73,53 @@ def test_the_library_topic_is_shared_not_the_devices() -> None:
     assert topics.library_filter == "faceberry/library/#"
 
 
+def _library(tmp_path: Path, published: list, embedder: str | None = EMBEDDER):
+    import threading
+
+    from faceberry.device.messaging.dispatcher import ReloadRequests
+    from faceberry.device.messaging.library import Library
+
+    def no_enrolment(label: str, embeddings: np.ndarray) -> dict:
+        raise AssertionError(f"{label} must not be enrolled")
+
+    return Library(Topics("faceberry", "door-a"), lambda *a, **k: published.append((a, k)),
+                   state=tmp_path / "library-door-a.json", enroll=no_enrolment, reloads=ReloadRequests(),
+                   embedder=lambda: embedder, enroll_lock=threading.Lock())
+
+
+def test_a_shared_entry_is_retained_and_its_echo_is_not_applied_even_after_a_restart(tmp_path) -> None:
+    published: list = []
+    entry_id = _library(tmp_path, published).share("Ann", _emb(), EMBEDDER)
+    (topic, payload), options = published[0]
+    assert topic == f"faceberry/library/{entry_id}" and options == {"retain": True, "qos": 1}
+    assert decode_entry(payload).label == "Ann"
+    # The echo from the broker, to this process and to the next one (same state_dir): nothing enrolled.
+    assert _library(tmp_path, []).apply(topic, payload) is False
+    restarted = _library(tmp_path, [])
+    restarted.receive(topic, payload)
+    restarted.drain()
+    assert restarted.stats == {"library_applied": 0, "library_refused": 0}
+
+
+def test_an_entry_of_another_embedder_is_ignored_with_one_line_and_not_recorded(tmp_path, caplog) -> None:
+    entry_id, payload = encode_entry("Ann", _emb(), "cd" * 32, "door-b", version=7)
+    lib = _library(tmp_path, [])
+    topic = f"faceberry/library/{entry_id}"
+    assert lib.apply(topic, payload) is False and lib.apply(topic, payload) is False
+    said = [r.getMessage() for r in caplog.records if "embedder" in r.getMessage()]
+    assert len(said) == 1 and "deploy the same bundle" in said[0], said
+    # Not recorded as applied: served the right bundle later, the device enrols it.
+    assert entry_id not in _library(tmp_path, []).applied
+
+
+def test_an_entry_on_another_entrys_topic_is_refused(tmp_path, caplog) -> None:
+    _, payload = encode_entry("Ann", _emb(), EMBEDDER, "door-b", version=7)
+    lib = _library(tmp_path, [])
+    assert lib.apply("faceberry/library/door-b-8", payload) is False
+    assert lib.stats["library_refused"] == 1
+    assert any("is not its topic's" in r.getMessage() for r in caplog.records)
+
+
 # --- real daemons -------------------------------------------------------------------------------------------------
 
 
