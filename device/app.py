@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from faceberry.device.messaging.dispatcher import (
     Stopping,
     Tick,
 )
+from faceberry.device.messaging.library import EnrollEmbeddings, Library
 from faceberry.device.messaging.mqtt import MqttError, MqttPublisher
 from faceberry.device.messaging.outbox import Outbox, OutboxError, StateDirError, default_state_dir
 from faceberry.device.messaging.topics import Topics
@@ -101,14 +104,52 @@ def load_pipeline(cfg: Config) -> tuple[str, Bundle, FacePipeline]:
     return path, bundle, pipeline
 
 
-def enroller(cfg: Config) -> Enroll:
-    """`enroll(name, folder)` into cfg.bundle, as `device enroll` does (a command names a face)."""
+def enroller(cfg: Config, lock: threading.Lock) -> Enroll:
+    """`enroll(name, folder)` into cfg.bundle, as `device enroll` does (a command names a face). `lock`: held by
+    every enrolment of this daemon (commands, the library): two at once would each switch `current` to a
+    version without the other's person."""
     def enroll_crops(name: str, folder: Path) -> dict[str, Any]:
         from faceberry.device.recognition.enroll import enroll  # loaded only when a command names someone
 
-        return enroll(Path(cfg.bundle), name, folder, min_photos=1, min_face_size=cfg.detection.min_face_size,
-                      num_threads=cfg.recognition.num_threads)
+        with lock:
+            return enroll(Path(cfg.bundle), name, folder, min_photos=1, min_face_size=cfg.detection.min_face_size,
+                          num_threads=cfg.recognition.num_threads)
     return enroll_crops
+
+
+def library_enroller(cfg: Config) -> EnrollEmbeddings:
+    """`enroll(label, embeddings)` into cfg.bundle: another device's enrolment from the shared library (the
+    caller holds the enrolment lock)."""
+    def enroll_embeddings(name: str, embeddings: Any) -> dict[str, Any]:
+        from faceberry.device.recognition.enroll import enroll
+
+        return enroll(Path(cfg.bundle), name, Path(), num_threads=cfg.recognition.num_threads, embeddings=embeddings)
+    return enroll_embeddings
+
+
+def embedder_of(bundle_path: Callable[[], str]) -> Callable[[], str | None]:
+    """The sha256 of the classifier file of the bundle `bundle_path()` names (what library entries carry)."""
+    def embedder() -> str | None:
+        import json
+
+        try:
+            manifest = json.loads((Path(bundle_path()) / "manifest.json").read_text(encoding="utf-8"))
+            return manifest["files"][manifest["classifier"]["file"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("library: cannot read the bundle's embedder (%s)", exc)
+            return None
+    return embedder
+
+
+def open_library(cfg: Config, topics: Topics, publisher: MqttPublisher, memory_dir: Path | None,
+                 reloads: ReloadRequests, lock: threading.Lock) -> Library:
+    """The shared library, subscribed to every device's entries (paho's thread only queues them)."""
+    library = Library(topics, publisher.publish,
+                      state=memory_dir / f"library-{cfg.device_id}.json" if memory_dir else None,
+                      enroll=library_enroller(cfg), reloads=reloads,
+                      embedder=embedder_of(lambda: os.path.realpath(cfg.bundle)), enroll_lock=lock)
+    publisher.subscribe(topics.library_filter, library.receive)
+    return library
 
 
 @dataclass
@@ -211,11 +252,14 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     dispatcher.subscribe(Started, bundle_status.started)
     dispatcher.subscribe(Reloaded, bundle_status.reloaded)
     # 7. Commands in: paho routes the command topic to the runner, which runs them on its own thread.
-    runner = None
+    #    The shared library (library.share): every device's enrolments, applied on its own thread.
+    runner, enroll_lock = None, threading.Lock()
+    library = open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock) if cfg.library.share else None
+    dispatcher.workers.extend([library] if library is not None else [])
     if commands_on:
         runner = CommandRunner(topics, publish, max_bytes=hass.command_max_bytes, faces=faces, strangers=strangers,
-                               negatives=negatives, reloads=reloads, enroll=enroller(cfg),
-                               clear_images=images.clear, scratch=memory_dir)
+                               negatives=negatives, reloads=reloads, enroll=enroller(cfg, enroll_lock),
+                               clear_images=images.clear, scratch=memory_dir, library=library)
         publisher.subscribe(topics.command, runner.receive)
         dispatcher.workers.append(runner)
 
@@ -225,7 +269,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
             return None
         return {"faces": len(faces) if faces is not None else 0,
                 "strangers": len(strangers) if strangers is not None else 0, "corrections": len(negatives),
-                **(runner.stats() if runner is not None else {"commands_accepted": 0, "commands_refused": 0})}
+                **(runner.stats() if runner is not None else {"commands_accepted": 0, "commands_refused": 0}),
+                **(library.stats if library is not None else {})}
 
     dispatcher.add_stats("memory", memory_stats)
     # 8. The loop: capture in, decisions out to the dispatcher; nothing else.

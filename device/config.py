@@ -293,6 +293,15 @@ class HomeAssistantConfig(_Section):
                                    description="longest command message accepted, in bytes; longer ones are refused")
 
 
+class LibraryConfig(_Section):
+    """One face library for every device (docs/MQTT.md, "The library"): people named on one device are named on all."""
+
+    share: bool = Field(False, description="publish the people this device enrols from a command (their face "
+                                           "embeddings, retained, on <topic_prefix>/library/<entry>) and enrol the "
+                                           "ones other devices publish; off by default: privacy (embeddings on the "
+                                           "broker)")
+
+
 class MemoryConfig(_Section):
     """What the daemon remembers of the faces it saw, in state_dir (only when commands or strangers are on)."""
 
@@ -446,6 +455,8 @@ class Config(_Section):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig,
                                                description="Home Assistant presence, images and commands")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="recent faces and strangers remembered")
+    library: LibraryConfig = Field(default_factory=LibraryConfig,
+                                   description="the face library shared with the other devices")
     stats_interval: float = Field(60.0, gt=0, le=86400, description="seconds between statistics lines in the log "
                                                           "(frames, dropped, faces, events, stage timings)")
     state_dir: Annotated[Path, Field(strict=False)] = Field(

@@ -39,6 +39,7 @@ from faceberry.device.messaging.commands import (
     safe_text,
 )
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
+from faceberry.device.messaging.library import Library
 from faceberry.device.messaging.topics import Topics
 from faceberry.device.outputs.events import encode
 
@@ -61,9 +62,11 @@ _STOP = object()
 class CommandRunner:
     def __init__(self, topics: Topics, publish: Publish, *, max_bytes: int, faces: FaceStore | None,
                  strangers: StrangerMemory | None, negatives: Negatives, reloads: ReloadRequests,
-                 enroll: Enroll, clear_images: Callable[..., None], scratch: Path | None = None) -> None:
+                 enroll: Enroll, clear_images: Callable[..., None], scratch: Path | None = None,
+                 library: Library | None = None) -> None:
         """`clear_images(*which)`: replace the retained pictures (the images output's); `scratch`: where an
-        enrolment's crops are laid out (state_dir)."""
+        enrolment's crops are laid out (state_dir); `library`: where a successful enrolment is shared with the
+        other devices (library.share)."""
         self.topics = topics
         self.publish = publish
         self.max_bytes = max_bytes
@@ -74,6 +77,7 @@ class CommandRunner:
         self.enroll = enroll
         self.clear_images = clear_images
         self.scratch = scratch
+        self.library = library
         self.inbox: queue.Queue[Any] = queue.Queue(INBOX_SIZE)
         self._busy_lock = threading.Lock()
         self._busy = 0  # commands refused as busy in paho's thread since the runner last looked
@@ -299,6 +303,12 @@ class CommandRunner:
         if stranger_id and self.strangers is not None:
             self.strangers.forget(stranger_id)
         extra = {"name": name, "bundle_id": result.bundle_id, "photos": summary.get("photos")}
+        if self.library is not None and summary.get("embedder") and summary.get("embeddings") is not None:
+            try:
+                extra["library_entry"] = self.library.share(name, summary["embeddings"], summary["embedder"])
+            except Exception as exc:  # enrolled here all the same: the answer says what the others miss
+                log.error("%s was enrolled but not shared with the other devices: %s: %s", name,
+                          type(exc).__name__, safe_text(exc))
         rival = summary.get("nearest_other")
         message = f"enrolled {name} from {summary.get('photos')} crop(s); serving bundle {result.bundle_id}"
         if rival and rival[1] >= summary.get("threshold", 1.0):

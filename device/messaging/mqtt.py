@@ -550,12 +550,14 @@ class MqttPublisher:
 
     def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
         """Call `handler(topic, payload, retain)` in paho's thread for each message on `topic` (an exact topic,
-        no wildcards), from now on and after every reconnection; `retain` is true for a retained message the
-        broker hands over at subscription (at every start and reconnection). The handler must only queue the
+        or a subtree ending in /#), from now on and after every reconnection; `retain` is true for a retained
+        message the broker hands over at subscription (at every start and reconnection). The handler must only queue the
         message. Routed by paho itself (message_callback_add); a handler's exception is logged, never raised
         into paho's network thread."""
-        if "+" in topic or "#" in topic:
-            raise ValueError(f"subscribe to exact topics only, not {topic!r}")
+        # One filter form besides exact topics: a subtree (`…/library/#`), shared by every device.
+        exact = topic[:-2] if topic.endswith("/#") else topic
+        if "+" in exact or "#" in exact:
+            raise ValueError(f"subscribe to exact topics or one subtree (a/b/#) only, not {topic!r}")
 
         def deliver(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
             try:

@@ -15,6 +15,7 @@ device/outputs/homeassistant.py (`events_topic`, `presence_topic` …) are kept 
     <prefix>/<device_id>/image/<which>          retained JPEG: last_face, last_unknown
     <prefix>/<device_id>/command                commands in
     <prefix>/<device_id>/command/result         their answers
+    <prefix>/library/<entry_id>                 retained: the face library every device shares (library.share)
     <discovery_prefix>/status                   Home Assistant's birth message (read)
     <discovery_prefix>/<component>/faceberry_<device_id>/<object_id>/config   discovery configs
 """
@@ -134,6 +135,16 @@ class Topics:
         if which not in IMAGES:
             raise ValueError(f"image must be last_face or last_unknown, not {which!r}")
         return f"{self.base}/image/{which}"
+
+    # --- shared by every device ---------------------------------------------------------------------------------
+
+    @property
+    def library_filter(self) -> str:
+        """Every library entry, of every device (device/messaging/library.py)."""
+        return f"{self.prefix.strip('/')}/library/#"
+
+    def library(self, entry_id: str) -> str:
+        return f"{self.prefix.strip('/')}/library/{sanitize_label(entry_id)}"
 
     # --- Home Assistant's ---------------------------------------------------------------------------------------
 

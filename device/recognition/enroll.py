@@ -195,8 +195,12 @@ def _store_of(bundle_dir: Path | None, store: BundleStore | str | Path | None) -
 
 def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int = 3, min_face_size: int = 40,
            replace: bool = False, num_threads: int | None = None, store: BundleStore | str | Path | None = None,
-           keep: int = KEEP) -> dict:
+           keep: int = KEEP, embeddings: np.ndarray | None = None) -> dict:
     """Add `name` to the bundle; returns a summary. Raises EnrollError/BundleError/ModelError/StoreError.
+
+    `embeddings` (n, dim), instead of photos (`photos_dir` is then unused): another device's enrolment from the
+    shared library (faceberry.device.messaging.library). A name already enrolled is then the same person: the
+    entry becomes the centroid of their entry and these (no `replace` needed).
 
     With a store (`store`, or `bundle_dir` being a store's `current` link) a new version is written and
     `current` switched to it; the summary's `path` and `bundle_id` name it. Nothing is reloaded here.
@@ -221,6 +225,8 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         _recover(bundle_dir)
         source = bundle_dir
     bundle = load_bundle(source)
+    if embeddings is not None:
+        replace = True  # merged below, never lost
     problem = name_problem(name, [*bundle.labels, *bundle.gallery_labels], replace)
     if problem:
         raise EnrollError(problem)
@@ -229,27 +235,39 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         raise EnrollError(refusal)
     if name in bundle.labels and not replace:
         raise EnrollError(f"{name!r} is already in {bundle_dir}; pass --replace to re-enroll them from these photos")
-    if not photos_dir.is_dir():
-        raise EnrollError(f"photos folder not found: {photos_dir}; pass a folder of {name}'s photos")
-    photos = list_images(photos_dir)
-    if not photos:
-        raise EnrollError(f"no photos ({SUFFIXES}) in {photos_dir}; add photos of {name}")
-
-    detector = FaceDetector(bundle.detector_path, num_threads=num_threads)
     classifier = FaceClassifier(bundle, num_threads=num_threads)
-    crops, refused = usable_crops(
-        photos, detector, bundle.preprocessing.input_size, min_face_size, bundle.preprocessing.alignment,
-        embed=classifier.enrolled,
-    )
-    for path, why in refused:
-        print(f"refused {path}: {why}", file=sys.stderr)
-    if len(crops) < min_photos:
-        raise EnrollError(
-            f"only {len(crops)} of {len(photos)} photos in {photos_dir} show one usable face (need {min_photos}; "
-            "refused ones are listed above); add clear, front-facing photos of one person"
+    if embeddings is not None:
+        emb = np.asarray(embeddings, dtype=np.float32)
+        width = int(classifier.gallery.shape[1]) if classifier.gallery.ndim == 2 else emb.shape[-1]
+        if emb.ndim != 2 or not len(emb) or emb.shape[1] != width:
+            raise EnrollError(f"embeddings of shape {emb.shape} do not fit this bundle's gallery (width {width}); "
+                              "they were made by another embedder")
+        crops, refused = list(emb), []
+        own_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl == name]
+        merged = np.concatenate([np.asarray(bundle.gallery_embeddings, dtype=np.float32)[own_rows], emb]) \
+            if own_rows else emb
+        entry = centroid(merged)
+    else:
+        if not photos_dir.is_dir():
+            raise EnrollError(f"photos folder not found: {photos_dir}; pass a folder of {name}'s photos")
+        photos = list_images(photos_dir)
+        if not photos:
+            raise EnrollError(f"no photos ({SUFFIXES}) in {photos_dir}; add photos of {name}")
+
+        detector = FaceDetector(bundle.detector_path, num_threads=num_threads)
+        crops, refused = usable_crops(
+            photos, detector, bundle.preprocessing.input_size, min_face_size, bundle.preprocessing.alignment,
+            embed=classifier.enrolled,
         )
-    emb = np.stack([classifier.enrolled(c) for c in crops])
-    entry = centroid(emb)
+        for path, why in refused:
+            print(f"refused {path}: {why}", file=sys.stderr)
+        if len(crops) < min_photos:
+            raise EnrollError(
+                f"only {len(crops)} of {len(photos)} photos in {photos_dir} show one usable face (need {min_photos}; "
+                "refused ones are listed above); add clear, front-facing photos of one person"
+            )
+        emb = np.stack([classifier.enrolled(c) for c in crops])
+        entry = centroid(emb)
     # How this person's own photos score against the new entry, and how close they come to others:
     # a newcomer already matching someone else above the threshold is worth a warning.
     own = emb @ entry
@@ -300,6 +318,9 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         "parent_bundle_id": parent_id, "people": len(labels),
         "own_min_cosine": float(own.min()), "nearest_other": rival, "threshold": threshold,
         "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None,
+        # What the shared library publishes (faceberry.device.messaging.library): the embeddings and the
+        # embedder that made them (the classifier file, unchanged by an enrolment).
+        "embeddings": emb, "embedder": bundle.manifest["files"].get(bundle.manifest["classifier"]["file"]),
     }
     if versions is not None:
         # Not just the pid: the daemon may run two enrolments at once (its Home Assistant helper).
