@@ -118,7 +118,7 @@ def test_python_module_commands_exist_with_their_flags(argv: list[str]) -> None:
         assert re.search(re.escape(flag) + r"\b", text), f"`{' '.join(argv)}`: {flag} is not in its --help"
 
 
-RUNNERS = [ROOT / "demo.py", ROOT / "quickstart.sh", *sorted((ROOT / "tests").glob("*.py"))]
+RUNNERS = [ROOT / "demo.py", ROOT / "quickstart.sh", *sorted((ROOT / "tests").rglob("*.py"))]
 
 
 def runs_of(module: str, subs: list[str]) -> list[Path]:
