@@ -6,6 +6,7 @@ network all live here, so a face seen by the Pi is cropped exactly as the traini
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -14,7 +15,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
 
 from faceberry.errors import UsageError
 
@@ -104,17 +104,18 @@ class Preprocessing:
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-# The formats cv2 decodes (faceberry.contract.OPENCV_SUFFIXES), as Pillow's header readers, most common first.
-# Each reads the header only and decodes nothing until asked to. They are used directly rather than
-# through Image.open so that Pillow's own decompression-bomb check (a global limit, far above ours) does not
-# replace our refusal, which names the claimed size and honours `max_pixels`.
-_HEADER_READERS = (
-    JpegImagePlugin.JpegImageFile,
-    PngImagePlugin.PngImageFile,
-    WebPImagePlugin.WebPImageFile,
-    BmpImagePlugin.BmpImageFile,
-    TiffImagePlugin.TiffImageFile,
-)
+@functools.cache
+def _header_readers() -> tuple[Any, ...]:
+    """The formats cv2 decodes (faceberry.contract.OPENCV_SUFFIXES), as Pillow's header readers, most common first.
+
+    Each reads the header only and decodes nothing until asked to. They are used directly rather than
+    through Image.open so that Pillow's own decompression-bomb check (a global limit, far above ours) does not
+    replace our refusal, which names the claimed size and honours `max_pixels`. Imported at the first image
+    file read: a daemon on a live camera never reads one, and Pillow would cost it ~7 MB of memory."""
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
+
+    return (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile, WebPImagePlugin.WebPImageFile,
+            BmpImagePlugin.BmpImageFile, TiffImagePlugin.TiffImageFile)
 
 
 # Pillow's TIFF reader warns (Python warnings, on stderr) about each damaged tag it skips while reading a
@@ -131,8 +132,10 @@ def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
 
     Only the header is read: this is how a hostile file is refused before cv2 decodes it.
     """
+    from PIL import Image
+
     buffer = io.BytesIO(data if isinstance(data, bytes) else data.tobytes())
-    for reader in _HEADER_READERS:
+    for reader in _header_readers():
         buffer.seek(0)
         try:
             with reader(buffer) as im:
@@ -189,7 +192,7 @@ def _load_phone_photo(path: Path, data: np.ndarray, kind: str, max_pixels: int) 
     missing = phone_reader(kind)
     if missing is not None:
         raise _image_error(path, missing)
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
@@ -229,6 +232,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     try:
         size = image_size(data)
     except _OverPillowsLimitError:
+        from PIL import Image
+
         raise _image_error(path, f"its header claims more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP, over the "
                            f"{max_pixels / 1e6:.0f} MP limit (resize it)") from None
     if size is None:
