@@ -133,9 +133,6 @@ class FrameLoop:
         """Ask the loop to reload the bundle between two frames; safe from any thread or a signal."""
         return self.reloads.request()
 
-    def wait_reload(self, ticket: int, timeout: float | None = None) -> ReloadResult | None:
-        return self.reloads.wait(ticket, timeout)
-
     # --- the bundle ----------------------------------------------------------------------------------------------
 
     def reload(self) -> ReloadResult:

@@ -88,15 +88,6 @@ def quiet_third_party(debug: bool, filter_stderr: bool = True) -> None:
         _filter_stderr()
 
 
-def silence_absl() -> None:
-    """absl's Python logger, once TensorFlow has installed it: only errors."""
-    try:
-        from absl import logging as absl_logging
-    except ImportError:
-        return
-    absl_logging.set_verbosity(absl_logging.ERROR)
-
-
 def _filter_stderr() -> None:
     """Route fd 2 through a child process that drops _NOISE lines and passes everything else on."""
     if os.environ.get("FACEBERRY_STDERR_FILTER") == "0" or not hasattr(os, "fork"):
