@@ -77,7 +77,7 @@ TREE: dict[CommandPath, Command] = {
                   "and convert the models that do it (on the workstation)."),
     ("run",): Command("faceberry.device.service", "run the daemon: watch the camera and publish who it sees over MQTT"),
     ("check",): Command("faceberry.device.ops.check",
-                        "check the config, the bundle, the camera and the broker, each OK or a "
+                        "check the config, the bundle, every camera and the broker, each OK or a "
                         "clear reason"),
     ("status",): Command("faceberry.device.ops.status_cmd",
                          "show the running daemon (bundle, fps, MQTT, reloads) and the bundle "

@@ -142,3 +142,20 @@ def test_a_file_that_is_not_a_status_file_is_not_read_as_one(tmp_path: Path) -> 
     out = status("--state-dir", str(tmp_path))
     assert out.returncode == 3
     assert out.stdout.startswith("no status file in "), out.stdout
+
+
+def test_what_the_daemon_writes_reads_back_nulls_included(tmp_path: Path) -> None:
+    """The writer and the reader hold one contract: a file written with empty fields (an accepted reload has no
+    error, a daemon before its first bundle no bundle id) reads back equal."""
+    from faceberry.device.ops.status_file import read_status
+
+    written = StatusFile(
+        device_id=DEVICE, pid=os.getpid(), running=True, mqtt_state="connected", fps=0.0, frames=0, events=0,
+        bundle_id=None, bundle_path=None, updated_at="2026-01-31T08:00:00.000Z", status="starting", captured=0,
+        dropped=0, skipped_images=0, faces=0, suppressed=0, tracks=0, camera={"state": "ok", "outages": 0,
+        "outage_s": 0.0}, cameras={}, bundle={"id": None, "reloads": 1, "refused": 0}, ms_per_frame={},
+        ms_per_face={}, mqtt={"state": "connected"},
+        last_reload={"ok": True, "bundle_id": "b2", "path": "/b2", "error": None, "at": "2026-01-31T08:00:00Z"})
+    path = tmp_path / f"status-{DEVICE}.json"
+    path.write_text(written.dump())
+    assert read_status(path) == written

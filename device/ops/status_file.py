@@ -40,9 +40,9 @@ class BundleCounts(_Strict):
 
 class LastReload(_Strict):
     ok: bool
-    bundle_id: str | None
-    path: str | None
-    error: str | None
+    bundle_id: str | None = None
+    path: str | None = None
+    error: str | None = None
     at: str
 
 
@@ -77,7 +77,8 @@ class StatusFile(_Strict):
     last_reload: LastReload | None = None
 
     def dump(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=1, sort_keys=True) + "\n"
+        # Nulls are written (a reader tells "no error" from a file cut short), as the daemon always did.
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
 
 
 def read_status(path: Path) -> StatusFile | None:
