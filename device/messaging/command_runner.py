@@ -41,6 +41,7 @@ from faceberry.device.messaging.commands import (
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
 from faceberry.device.messaging.library import Library
 from faceberry.device.messaging.topics import Topics
+from faceberry.device.messaging.worker import Inbox
 from faceberry.device.outputs.events import encode
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ Answer = tuple[bool, str, dict[str, Any]]
 # Enrols `name` from crops in a folder into the bundle; returns enroll's summary
 # (faceberry.device.recognition.enroll.enroll).
 Enroll = Callable[[str, Path], dict[str, Any]]
-
-_STOP = object()
-
 
 class CommandRunner:
     def __init__(self, topics: Topics, publish: Publish, *, max_bytes: int, faces: FaceStore | None,
@@ -78,11 +76,10 @@ class CommandRunner:
         self.clear_images = clear_images
         self.scratch = scratch
         self.library = library
-        self.inbox: queue.Queue[Any] = queue.Queue(INBOX_SIZE)
+        self.inbox = Inbox("commands", INBOX_SIZE, self._handle, before=self._count_busy)
         self._busy_lock = threading.Lock()
         self._busy = 0  # commands refused as busy in paho's thread since the runner last looked
         self._retained_seen: set[bytes] = set()  # digests of retained commands answered by this process
-        self._thread: threading.Thread | None = None
         self.accepted = 0
         self.refused = 0
 
@@ -93,7 +90,7 @@ class CommandRunner:
         # At most one byte more than the limit: enough to refuse it as oversized.
         payload = payload[: self.max_bytes + 1]
         try:
-            self.inbox.put_nowait((topic, payload, retain))
+            self.inbox.put_nowait(topic, payload, retain)
         except queue.Full:
             self._refuse_busy(payload, retain)
 
@@ -120,40 +117,18 @@ class CommandRunner:
     # --- the runner's thread ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
-        self._thread.start()
+        self.inbox.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let the command being run finish (up to `timeout`), then end the thread; queued ones are dropped
         unanswered only if it does not finish in time."""
-        if self._thread is None:
-            return
-        with contextlib.suppress(queue.Full):
-            self.inbox.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self.inbox.stop(timeout):
             log.warning("a command was still running at the stop (%.0f s); its answer may be missing", timeout)
-        self._thread = None
-
-    def _work(self) -> None:
-        while True:
-            item = self.inbox.get()
-            self._count_busy()
-            if item is _STOP:
-                return
-            self._handle(*item)
 
     def drain(self) -> None:
         """Run every queued command now, in the calling thread (the thread's job when it runs; a test's
         when it does not)."""
-        self._count_busy()
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                self._handle(*item)
+        self.inbox.drain()
 
     def _count_busy(self) -> None:
         if self._busy:

@@ -26,7 +26,6 @@ The entry, `schema` 1 (docs/MQTT.md, "The library"):
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ import numpy as np
 
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
 from faceberry.device.messaging.topics import Topics
+from faceberry.device.messaging.worker import Inbox
 from faceberry.statefile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,6 @@ class Applied:
                             entry_id, self.path, exc)
 
 
-_STOP = object()
-
-
 class Library:
     """Shares this device's enrolments and applies the other devices'. `embedder()` is the sha256 of the
     classifier file of the bundle serving now (None: no bundle that enrols)."""
@@ -182,9 +179,8 @@ class Library:
         self.embedder = embedder
         self.enroll_lock = enroll_lock
         self.applied = Applied(state)
-        self.inbox: queue.Queue[Any] = queue.Queue(INBOX_SIZE)
+        self.inbox = Inbox("library", INBOX_SIZE, self._apply_logged)
         self._said: set[str] = set()  # one log line per refused entry (or other embedder) per process
-        self._thread: threading.Thread | None = None
         self.stats = {"library_applied": 0, "library_refused": 0}
 
     # --- this device's enrolments -----------------------------------------------------------------------------
@@ -204,7 +200,7 @@ class Library:
         if not payload:
             return  # an entry cleared from the broker
         try:
-            self.inbox.put_nowait((topic, payload[: MAX_BYTES + 1]))
+            self.inbox.put_nowait(topic, payload[: MAX_BYTES + 1])
         except queue.Full:
             self._once(f"full:{topic}", logging.WARNING, "library entry on %s dropped: %d waiting (it is retained: "
                        "the next reconnection or restart brings it again)", topic, INBOX_SIZE)
@@ -212,36 +208,20 @@ class Library:
     # --- the library's thread -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="library", daemon=True)
-        self._thread.start()
+        self.inbox.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        with contextlib.suppress(queue.Full):
-            self.inbox.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
-        self._thread = None
+        self.inbox.stop(timeout)
 
-    def _work(self) -> None:
-        while True:
-            item = self.inbox.get()
-            if item is _STOP:
-                return
-            try:
-                self.apply(*item)
-            except Exception:  # an entry must never take the daemon down
-                log.exception("library entry on %s could not be applied", item[0])
+    def _apply_logged(self, topic: str, payload: bytes) -> None:
+        try:
+            self.apply(topic, payload)
+        except Exception:  # an entry must never take the daemon down
+            log.exception("library entry on %s could not be applied", topic)
 
     def drain(self) -> None:
         """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                self.apply(*item)
+        self.inbox.drain(self.apply)
 
     def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
         if key not in self._said:
