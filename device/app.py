@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from faceberry.bundle import Bundle, load_bundle
+from faceberry.device import __version__
 from faceberry.device.capture.camera import Capture, open_source
 from faceberry.device.config import DEFAULT_STATE_DIR, Config
 from faceberry.device.loop import FrameLoop
@@ -32,6 +33,7 @@ from faceberry.device.messaging.command_runner import CommandRunner, Enroll
 from faceberry.device.messaging.dispatcher import (
     Dispatcher,
     FrameDone,
+    Publish,
     Reloaded,
     ReloadRequests,
     Started,
@@ -47,6 +49,7 @@ from faceberry.device.ops.notify import Notifier
 from faceberry.device.outputs import homeassistant as ha
 from faceberry.device.outputs.assistant import Diagnostics, Discovery, Images, Presence
 from faceberry.device.outputs.events import BundleStatusOutput, EventsOutput
+from faceberry.device.outputs.state import DeviceState
 from faceberry.device.recognition.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,18 @@ class App:
         return self.loop.run(max_frames=max_frames)
 
 
+def subscribe_status(dispatcher: Dispatcher, topics: Topics, publish: Publish, library: Library | None) -> None:
+    """The retained bundle topic, and the state `faceberry fleet status` reads (device/outputs/state.py):
+    both published with or without Home Assistant."""
+    bundle_status = BundleStatusOutput(topics, publish)
+    dispatcher.subscribe(Started, bundle_status.started)
+    dispatcher.subscribe(Reloaded, bundle_status.reloaded)
+    state = DeviceState(topics, publish, software=__version__,
+                        library=(lambda: dict(library.applied.ids)) if library is not None else None)
+    dispatcher.subscribe(FrameDone, state.frame)
+    dispatcher.subscribe(StatsReport, state.stats)
+
+
 def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Notifier | None = None) -> App:
     """Everything the daemon is, from the config, in this order. Raises what loading the bundle, opening
     the camera or the outbox raises (the CLI turns each into its exit code)."""
@@ -248,14 +263,12 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     if faces is not None:
         dispatcher.subscribe(FrameDone, FaceMemory(faces).frame)  # after the stranger memory named the face
     dispatcher.subscribe(FrameDone, images.frame)
-    bundle_status = BundleStatusOutput(topics, publish)
-    dispatcher.subscribe(Started, bundle_status.started)
-    dispatcher.subscribe(Reloaded, bundle_status.reloaded)
     # 7. Commands in: paho routes the command topic to the runner, which runs them on its own thread.
     #    The shared library (library.share): every device's enrolments, applied on its own thread.
     runner, enroll_lock = None, threading.Lock()
     library = open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock) if cfg.library.share else None
     dispatcher.workers.extend([library] if library is not None else [])
+    subscribe_status(dispatcher, topics, publish, library)
     if commands_on:
         runner = CommandRunner(topics, publish, max_bytes=hass.command_max_bytes, faces=faces, strangers=strangers,
                                negatives=negatives, reloads=reloads, enroll=enroller(cfg, enroll_lock),

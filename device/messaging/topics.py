@@ -12,6 +12,7 @@ device/outputs/homeassistant.py (`events_topic`, `presence_topic` …) are kept 
     <prefix>/<device_id>/bundle                 retained: the bundle serving and how the last load went
     <prefix>/<device_id>/presence/<label>       retained ON/OFF (Home Assistant)
     <prefix>/<device_id>/diagnostics            retained JSON (Home Assistant)
+    <prefix>/<device_id>/state                  retained JSON: bundle, library, cameras, last event (fleet status)
     <prefix>/<device_id>/image/<which>          retained JPEG: last_face, last_unknown
     <prefix>/<device_id>/command                commands in
     <prefix>/<device_id>/command/result         their answers
@@ -111,6 +112,11 @@ class Topics:
     @property
     def diagnostics(self) -> str:
         return f"{self.base}/diagnostics"
+
+    @property
+    def state(self) -> str:
+        """Retained: what `faceberry fleet status` reads (device/outputs/state.py)."""
+        return f"{self.base}/state"
 
     @property
     def command(self) -> str:
