@@ -1,6 +1,7 @@
 """The one `faceberry` command line: every command in one tree, one error handler, logging set up once.
 
     faceberry [--log-level L] run|check|status|eval|enroll|deploy|rollback …   the Pi's commands
+    faceberry fleet status …                                                  every device on a broker
     faceberry train [backbone|cohort] …                                       the workstation's (TensorFlow)
     faceberry convert …
     faceberry models fetch
@@ -94,6 +95,10 @@ TREE: dict[CommandPath, Command] = {
     ("rollback",): Command("faceberry.device.ops.rollback",
                            "switch the Pi's bundle back to the version that was current before, "
                            "and reload the daemon"),
+    ("fleet",): Command(None, "every device at once: `fleet status` (deploy and rollback take several --host)"),
+    ("fleet", "status"): Command("faceberry.device.ops.fleet",
+                                 "every device on a broker: online, bundle, library, cameras and last "
+                                 "event, from their retained topics"),
     ("sightings",): Command("faceberry.device.ops.sightings",
                             "log every event from MQTT into SQLite or PostgreSQL; daily summary "
                             "per person; CSV export"),
