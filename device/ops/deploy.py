@@ -156,8 +156,10 @@ def deploy_to(host: str, args: argparse.Namespace, bundle_id: str, *, capture: b
 
 
 def _last_line(text: str | None) -> str:
+    """rsync's reason: ssh's own line when there is one (rsync's last line only says the connection closed)."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    ssh = [line for line in lines if line.startswith("ssh:")]
+    return ssh[0] if ssh else lines[-1] if lines else ""
 
 
 def summary_line(text: str | None) -> str:

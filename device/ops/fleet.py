@@ -21,7 +21,7 @@ mqtt.password_file as the daemon reads it) and/or --broker/--username/--password
 latter winning. A password is never taken on the command line (`ps` shows every argument to every user).
 
 The same module runs a command on many hosts at once for `deploy` and `rollback` (`on_hosts`): a bounded pool of
-threads, one result line per host as each finishes, then a summary.
+threads, one result line per host as each finishes, then a summary; exit 1 if any host failed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceberry.errors import EXIT_OK, EXIT_UNAVAILABLE, UnavailableError, UsageError
+from faceberry.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, UnavailableError, UsageError
 
 HELP = "every device on a broker: online, bundle, library, cameras and last event, from their retained topics"
 DEFAULT_PREFIX = "faceberry"
@@ -326,7 +326,7 @@ def read_hosts(hosts: Iterable[str] | None, hosts_file: str | None) -> list[str]
 
 def on_hosts(hosts: Sequence[str], one: Callable[[str], HostResult], *, workers: int, what: str) -> int:
     """Run `one(host)` for every host, at most `workers` at a time; print each host's line as it finishes
-    and a summary. Returns 0 when every host succeeded, else the first failure's exit code."""
+    and a summary. Returns 0 when every host succeeded, else 1 (each host's own exit code is on its line)."""
     results: list[HostResult] = []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(hosts))), thread_name_prefix="host") as pool:
         futures = {pool.submit(one, host): host for host in hosts}
@@ -344,5 +344,4 @@ def on_hosts(hosts: Sequence[str], one: Callable[[str], HostResult], *, workers:
     if failed:
         line += f"; failed: {', '.join(sorted(r.host for r in failed))}"
     print(line, file=sys.stderr if failed else sys.stdout, flush=True)
-    ordered = {h: i for i, h in enumerate(hosts)}
-    return min(failed, key=lambda r: ordered[r.host]).code if failed else 0
+    return EXIT_FAILURE if failed else EXIT_OK
