@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import sys
 import time
@@ -122,9 +121,10 @@ def test_hosts_from_options_and_file(tmp_path: Path) -> None:
 
 # --- fleet status over a real broker ---------------------------------------------------------------------------
 
-def _vanishing_device(host: str, port: int, device_id: str, password: str, state: bytes) -> socket.socket:
+def _vanishing_device(host: str, port: int, device_id: str, password: str, state: bytes) -> paho.Client:
     """A device publishing `online` and its state, retained, with `offline` as its last will, as the daemon's
-    MqttPublisher does; returns its socket, whose close is a Pi losing power (the broker then sends the will)."""
+    MqttPublisher does; closing its socket is a Pi losing power (the broker then sends the will). Keep the
+    client referenced until then: collected, it would close the socket."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"faceberry-{device_id}")
     client.username_pw_set("fleet", password)
     topics = Topics("faceberry", device_id)
@@ -134,7 +134,7 @@ def _vanishing_device(host: str, port: int, device_id: str, password: str, state
     for topic, payload in ((topics.state, state), (topics.status, ONLINE.encode())):
         client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
     client.loop_stop()  # no DISCONNECT will ever be sent: the socket just goes away
-    return client.socket()
+    return client
 
 
 @pytest.mark.broker
@@ -157,7 +157,7 @@ def test_fleet_status_lists_a_real_daemon_and_a_device_that_dropped_off(
 
     garage = state_payload(device_id="garage", software="0.1.0", bundle_id="gallery-old", cameras={},
                            library=None, last_event=None, fps=None, at=time.time())
-    sock = _vanishing_device(broker.host, broker.port, "garage", "pw", encode(garage))
+    garage_pi = _vanishing_device(broker.host, broker.port, "garage", "pw", encode(garage))
     daemon = Daemon(config)
     try:
         # Published by the daemon itself, with every stats report: its state with the bundle, the library
@@ -178,7 +178,7 @@ def test_fleet_status_lists_a_real_daemon_and_a_device_that_dropped_off(
         assert front["last_event"]["camera"] == "camera" and front["last_event"]["label"]
         assert rows["garage"]["online"] and rows["garage"]["bundle"] == "gallery-old"
 
-        sock.close()  # the garage Pi loses power: the broker publishes its will
+        garage_pi.socket().close()  # the garage Pi loses power: the broker publishes its will
         args = ("fleet", "status", "--broker", f"{broker.host}:{broker.port}", "--username", "fleet",
                 "--password-file", str(pw))
         deadline = time.monotonic() + 30
