@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -35,9 +36,9 @@ from faceberry.device.outputs.events import ONLINE, encode
 from faceberry.device.outputs.state import DeviceState, library_version, state_payload
 from faceberry.errors import UsageError
 from tests.plugins.broker import password_file
-from tests.plugins.daemon import Daemon, folder_of_photos, write_config
+from tests.plugins.daemon import Daemon, folder_of_photos, mqtt_cfg, write_config
 from tests.plugins.files import pi_root, variant
-from tests.plugins.processes import ROOT, module
+from tests.plugins.processes import ROOT, module, run
 
 STATS = {"cameras": {"door": {"state": "ok", "fps": 9.5, "dropped": 1, "frames": 90, "captured": 91},
                      "garage": {"state": "failed", "reason": "folder is gone", "fps": 0.0, "dropped": 0}}}
@@ -45,6 +46,18 @@ STATS = {"cameras": {"door": {"state": "ok", "fps": 9.5, "dropped": 1, "frames":
 
 def cli(*args: str, **kwargs):
     return module("device", *args, what=f"device {' '.join(args)}", unset=["FACEBERRY_CONFIG"], timeout=180, **kwargs)
+
+
+def command(argv: list[str], **kwargs):
+    """A command line as the README writes it (`python -m device …`): tests/test_readme.py looks for it here."""
+    return run(argv, unset=["FACEBERRY_CONFIG"], timeout=180, **kwargs)
+
+
+def readme_fleet_acl() -> str:
+    """The README's ACL block for the user of `fleet status`."""
+    match = re.search(r"```text\n(user fleet\n.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert match, "the README has no ```text block starting with `user fleet`"
+    return match.group(1)
 
 
 # --- pure: the payload, the rows, the options ------------------------------------------------------------------
@@ -121,12 +134,19 @@ def test_hosts_from_options_and_file(tmp_path: Path) -> None:
 
 # --- fleet status over a real broker ---------------------------------------------------------------------------
 
+def wait_until(predicate, timeout: float, daemon: Daemon) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.3)
+
+
 def _vanishing_device(host: str, port: int, device_id: str, password: str, state: bytes) -> paho.Client:
     """A device publishing `online` and its state, retained, with `offline` as its last will, as the daemon's
     MqttPublisher does; closing its socket is a Pi losing power (the broker then sends the will). Keep the
     client referenced until then: collected, it would close the socket."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"faceberry-{device_id}")
-    client.username_pw_set("fleet", password)
+    client.username_pw_set("pi", password)
     topics = Topics("faceberry", device_id)
     client.will_set(topics.status, "offline", qos=1, retain=True)
     client.connect(host, port, keepalive=60)
@@ -142,52 +162,52 @@ def test_fleet_status_lists_a_real_daemon_and_a_device_that_dropped_off(
         tmp_path, mosquitto_factory, gallery_bundle, heldout_photos) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
-    broker = mosquitto_factory(anonymous=False, extra_config=f"password_file {password_file(secrets, 'fleet', 'pw')}")
-    pw = secrets / "fleet.pw"
-    pw.write_text("pw\n")
-    pw.chmod(0o600)
+    # The Pis log in as `pi`; `fleet status` as `fleet`, allowed only what the README's ACL block allows.
+    acl = secrets / "acl"
+    acl.write_text(f"{readme_fleet_acl()}\nuser pi\ntopic readwrite #\n", encoding="utf-8")
+    acl.chmod(0o644)
+    users = password_file(secrets, {"pi": "pi-pw", "fleet": "fleet-pw"})
+    broker = mosquitto_factory(anonymous=False, extra_config=f"password_file {users}\nacl_file {acl}\n")
+    pw, fleet_pw = secrets / "pi.pw", secrets / "fleet.pw"
+    for path, secret in ((pw, "pi-pw"), (fleet_pw, "fleet-pw")):
+        path.write_text(secret + "\n")
+        path.chmod(0o600)
     camera = tmp_path / "camera"
     folder_of_photos(heldout_photos, camera, per_person=1, broken=False)
     config = write_config(tmp_path / "config.yaml", gallery_bundle, broker,
                           {"device": str(camera), "loop": True, "fps": 5}, library={"share": True})
     data = yaml.safe_load(config.read_text())
     data["device_id"] = "front"
-    data["mqtt"].update(username="fleet", password_file=str(pw))
+    data["mqtt"].update(username="pi", password_file=str(pw))
     config.write_text(yaml.safe_dump(data))
 
     garage = state_payload(device_id="garage", software="0.1.0", bundle_id="gallery-old", cameras={},
                            library=None, last_event=None, fps=None, at=time.time())
-    garage_pi = _vanishing_device(broker.host, broker.port, "garage", "pw", encode(garage))
+    garage_pi = _vanishing_device(broker.host, broker.port, "garage", "pi-pw", encode(garage))
     daemon = Daemon(config)
     try:
         # Published by the daemon itself, with every stats report: its state with the bundle, the library
         # (on, nothing in it yet) and the camera, and a last event once a face was decided.
-        deadline = time.monotonic() + 90
-        while True:
-            out = cli("fleet", "status", "--config", str(config), "--json", "--wait", "1")
-            rows = {r["device"]: r for r in json.loads(out.stdout)["devices"]} if out.stdout else {}
-            front = rows.get("front") or {}
-            if front.get("online") and front.get("last_event"):
-                break
-            assert time.monotonic() < deadline and daemon.proc.poll() is None, out.stderr + daemon.text()
-            time.sleep(0.5)
+        mqtt = mqtt_cfg(broker).model_copy(update={"username": "pi"})
+        wait_until(lambda: (lambda f: f is not None and f.status == "online" and f.state
+                            and f.state.get("last_event"))(fleet.listen(mqtt, "pi-pw", "faceberry", 0.3).get("front")),
+                   90, daemon)
+        out = cli("fleet", "status", "--config", str(config), "--json", "--wait", "1")
         assert out.returncode == 0, out.stdout + out.stderr  # both online
-        assert front["bundle"] == load_bundle(gallery_bundle).bundle_id and front["software"]
+        rows = {r["device"]: r for r in json.loads(out.stdout)["devices"]}
+        front = rows["front"]
+        assert front["online"] and front["bundle"] == load_bundle(gallery_bundle).bundle_id and front["software"]
         assert front["library"] == {"entries": 0, "newest": None, "newest_id": None}
         assert front["cameras_ok"] == ["camera"] and front["cameras_not_ok"] == {}
         assert front["last_event"]["camera"] == "camera" and front["last_event"]["label"]
         assert rows["garage"]["online"] and rows["garage"]["bundle"] == "gallery-old"
 
         garage_pi.socket().close()  # the garage Pi loses power: the broker publishes its will
-        args = ("fleet", "status", "--broker", f"{broker.host}:{broker.port}", "--username", "fleet",
-                "--password-file", str(pw))
-        deadline = time.monotonic() + 30
-        while True:
-            out = cli(*args)
-            if out.returncode == 3:
-                break
-            assert time.monotonic() < deadline, out.stdout + out.stderr
-            time.sleep(0.5)
+        wait_until(lambda: fleet.listen(mqtt, "pi-pw", "faceberry", 0.3)["garage"].status == "offline", 30, daemon)
+        argv = [sys.executable, "-m", "device", "fleet", "status", "--broker", f"{broker.host}:{broker.port}",
+                "--username", "fleet", "--password-file", str(fleet_pw)]
+        out = command(argv)
+        assert out.returncode == 3, out.stdout + out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].split() == ["DEVICE", "ONLINE", "BUNDLE", "LIBRARY", "CAMERAS", "LAST", "EVENT"]
         front_line = next(line for line in lines if line.startswith("front "))
@@ -197,14 +217,13 @@ def test_fleet_status_lists_a_real_daemon_and_a_device_that_dropped_off(
         assert lines[-1] == "2 devices: 1 online, 1 offline (garage)"
     finally:
         daemon.stop()
-    stopped = cli("fleet", "status", "--config", str(config), "--json", "--wait", "0.5")
-    assert stopped.returncode == 3
-    assert {r["device"]: r["online"] for r in json.loads(stopped.stdout)["devices"]} == {"front": False,
-                                                                                         "garage": False}
+    # A clean stop says `offline` too.
+    assert {d: v.status for d, v in fleet.listen(mqtt, "pi-pw", "faceberry", 0.5).items()} == {
+        "front": "offline", "garage": "offline"}
 
     wrong = secrets / "wrong.pw"
     wrong.write_text("nope\n")
-    refused = cli(*args[:-1], str(wrong))
+    refused = command([*argv[:-1], str(wrong)])
     assert refused.returncode == 3 and refused.stderr.startswith("error: the broker") and "refused" in refused.stderr
     empty = cli("fleet", "status", "--config", str(config), "--prefix", "elsewhere", "--wait", "0.5")
     assert empty.returncode == 3 and "no device publishes under elsewhere/" in empty.stdout
@@ -243,10 +262,11 @@ def test_deploy_and_rollback_to_two_hosts_one_of_them_down(tmp_path, gallery_bun
     listed.write_text("pi-front\n# the back door\npi-back\n")
     remote = f"env PYTHONPATH={ROOT} {sys.executable} -m device"
     common = ("--store", STORE, "--ssh", str(shim), "--remote-command", remote, "--remote-sudo", "",
-              "--hosts-file", str(listed), "--parallel", "2")
+              "--parallel", "2")
     env = {"FLEET_HOSTS": str(hosts)}
 
-    out = cli("deploy", "--bundle", str(v2), *common, env=env)
+    out = command([sys.executable, "-m", "device", "deploy", "--bundle", str(v2), "--hosts-file", str(listed), *common],
+                  env=env)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "deploying fleet-v2 to 2 hosts, 2 at a time"
@@ -259,7 +279,7 @@ def test_deploy_and_rollback_to_two_hosts_one_of_them_down(tmp_path, gallery_bun
     assert not list(up.glob(".incoming-*"))
     assert not (hosts / "pi-back").exists()  # nothing half-done on the host that failed
 
-    back = cli("rollback", *common, env=env)
+    back = command([sys.executable, "-m", "device", "rollback", "--hosts-file", str(listed), *common], env=env)
     assert back.returncode == 1, back.stdout + back.stderr
     assert any(line.startswith("ok     pi-front: rolled back") and "current is fleet-v1" in line
                for line in back.stdout.splitlines()), back.stdout
@@ -272,7 +292,7 @@ def test_deploy_and_rollback_to_two_hosts_one_of_them_down(tmp_path, gallery_bun
     pi_root(hosts / "pi-back")
     BundleStore(hosts / "pi-back" / "bundles").add(v1)
     BundleStore(hosts / "pi-back" / "bundles").switch("fleet-v1")
-    again = cli("rollback", *common, env=env)
+    again = cli("rollback", "--hosts-file", str(listed), *common, env=env)
     assert again.returncode == 1, again.stdout + again.stderr
     assert "FAILED (exit 2) pi-back: error: " in again.stdout  # nothing to go back to there: bad input
     assert "current is fleet-v2" in again.stdout and os.readlink(up / "current") == "fleet-v2"
