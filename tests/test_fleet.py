@@ -309,3 +309,16 @@ def test_deploy_to_many_hosts_refuses_a_bad_bundle_before_copying(tmp_path, gall
     empty.write_text("# nobody yet\n")
     refused = cli("deploy", "--bundle", str(bad), "--hosts-file", str(empty))
     assert refused.returncode == 2 and "names no host" in refused.stderr
+
+
+def test_the_mqtt_doc_shows_the_state_payload_the_daemon_builds() -> None:
+    doc = (ROOT / "docs" / "MQTT.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## Device state (retained)"):]
+    shown = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    built = state_payload(device_id="d", software="1", bundle_id="b", cameras={"door": STATS["cameras"]["garage"]},
+                          library=library_version({"a-1": 1}), last_event={"at": "t", "label": "x", "camera": "c"},
+                          fps=1.0, at=0)
+    assert set(shown) == set(built) and set(shown["library"]) == set(built["library"])
+    assert set(shown["last_event"]) == set(built["last_event"])
+    assert set(shown["cameras"]["side"]) == set(built["cameras"]["door"])
+    assert "`<prefix>/<device>/state`" in doc
