@@ -322,3 +322,30 @@ def test_the_mqtt_doc_shows_the_state_payload_the_daemon_builds() -> None:
     assert set(shown["last_event"]) == set(built["last_event"])
     assert set(shown["cameras"]["side"]) == set(built["cameras"]["door"])
     assert "`<prefix>/<device>/state`" in doc
+
+
+def test_home_assistant_library_entity_reads_the_device_state() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    from faceberry.device.outputs import homeassistant as ha
+
+    def sensors(**kwargs) -> dict[str, dict]:
+        return {c["unique_id"]: c for t, c in ha.discovery("faceberry", "front", ["alice"], **kwargs)
+                if "/sensor/" in t}
+
+    assert "faceberry_front_library_entries" not in sensors()  # library.share off: no such entity
+    entity = sensors(library=True)["faceberry_front_library_entries"]
+    assert entity["state_topic"] == entity["json_attributes_topic"] == Topics("faceberry", "front").state
+    assert entity["entity_category"] == "diagnostic" and entity["availability_topic"] == "faceberry/front/status"
+    env = jinja2.Environment()
+    env.filters["to_json"] = json.dumps
+
+    def render(template: str, payload: dict) -> str:
+        return env.from_string(template).render(value_json=payload)
+
+    state = state_payload(device_id="front", software="1", bundle_id="b", cameras={}, fps=None, at=0,
+                          library=library_version({"back-1": 10**18, "front-2": 2 * 10**18}), last_event=None)
+    assert render(entity["value_template"], state) == "2"
+    assert json.loads(render(entity["json_attributes_template"], state))["newest_id"] == "front-2"
+    off = {**state, "library": None}
+    assert render(entity["value_template"], off) == "None"  # Home Assistant's MQTT sensor: no value
+    assert json.loads(render(entity["json_attributes_template"], off)) == {}

@@ -98,8 +98,9 @@ class Discovery:
     after a reload (the people may have changed). Entities that disappear get an empty retained config."""
 
     def __init__(self, topics: Topics, publish: Publish, *, ledger: ha.DiscoveryLedger, images: bool,
-                 commands: bool, cpu_temp: bool) -> None:
+                 commands: bool, cpu_temp: bool, library: bool = False) -> None:
         self.topics = topics
+        self.library = library
         self.publish = publish
         self.ledger = ledger
         self.images = images
@@ -115,7 +116,8 @@ class Discovery:
     def publish_all(self) -> None:
         configs = ha.discovery(self.topics.prefix, self.topics.device_id, self.labels,
                                discovery_prefix=self.topics.discovery_prefix, images=self.images,
-                               commands=self.commands, cpu_temp=self.cpu_temp, sw_version=__version__)
+                               commands=self.commands, cpu_temp=self.cpu_temp, sw_version=__version__,
+                               library=self.library)
         with self._lock:
             for topic in self.ledger.replace(t for t, _ in configs):
                 self.publish(topic, b"", retain=True, qos=1)  # an empty retained config removes the entity

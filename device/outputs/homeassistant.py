@@ -13,6 +13,8 @@ release we support, unlike device-based discovery (2024.11+). Entities:
   image          "Last face" / "Last unknown face": only with homeassistant.images
   sensor         diagnostics: fps, detect/align/classify ms, dropped frames, outbox depth, CPU temperature
                  (when readable), bundle id, people enrolled
+  sensor         "Library entries" (only with library.share): the shared library entries this device holds,
+                 the newest as attributes, from the retained device state
   text + button  commands (only with homeassistant.commands): name the last unknown face, "wrong",
                  undo, forget
   sensor         "Last command" (only with homeassistant.commands): every command's result message, the
@@ -159,7 +161,7 @@ def label_id(label: str) -> str:
 
 def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_prefix: str = "homeassistant",
               images: bool = False, commands: bool = False, cpu_temp: bool = False,
-              sw_version: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+              sw_version: str | None = None, library: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(config topic, config payload) for every entity of this device; the daemon publishes them retained.
 
     Per-entity discovery, not the device-based form (one config for all, 2024.11+): Home Assistant keeps
@@ -229,6 +231,14 @@ def discovery(prefix: str, device_id: str, labels: Sequence[str], *, discovery_p
         if state_class:
             config["state_class"] = state_class
         add("sensor", key, config)
+    if library:
+        # From the device state (device/outputs/state.py): the same count on every device means they are in step.
+        add("sensor", "library_entries", {
+            "name": "Library entries", "entity_category": "diagnostic", "state_topic": t.state,
+            "value_template": "{{ value_json.library.entries if value_json.library else None }}",
+            "json_attributes_topic": t.state,
+            "json_attributes_template": "{{ (value_json.library or {}) | to_json }}",
+            "state_class": "measurement", "icon": "mdi:book-account-outline"})
     if commands:
         cmd = t.command
         events = t.events
