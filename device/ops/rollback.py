@@ -67,4 +67,5 @@ def run(args: argparse.Namespace) -> int:
         return rollback_here(args)
     if len(args.hosts) == 1:
         return rollback_on(args.hosts[0], args).code
+    print(f"rolling back {len(args.hosts)} hosts, {min(args.parallel, len(args.hosts))} at a time")
     return deploy.on_each_host(args, "rollback", lambda host: rollback_on(host, args, capture=True))
