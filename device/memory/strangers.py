@@ -298,11 +298,6 @@ class StrangerMemory:
         centroid = l2_normalize(np.asarray(shared.centroid, np.float32).reshape(-1))
         if self.clusters and len(next(iter(self.clusters.values())).total) != len(centroid):
             return None  # not comparable with ours (the sync checks the embedder first: a damaged peer)
-        if self.clock() - shared.last_seen > self.retention:
-            # A retained entry nobody cleared (its devices were off when it expired): clear it now.
-            if self.sharing is not None:
-                self.sharing.remove([shared.stranger_id])
-            return None
         sid = self.resolve(shared.stranger_id)
         here = self.clusters.get(sid)
         if here is not None:
@@ -313,9 +308,15 @@ class StrangerMemory:
             here.shared_at = max(here.shared_at or shared.last_seen, shared.last_seen)
             if sid == shared.stranger_id and shared.count > here.count:
                 here.total, here.count = centroid * shared.count, shared.count
-            return sid
-        if sid != shared.stranger_id:
-            return None  # merged into a stranger no longer here (expired or evicted)
+            self._prune()
+            return sid if sid in self.clusters else None
+        if self.clock() - shared.last_seen > self.retention:
+            # A retained entry nobody cleared (its devices were off when it expired): clear it now.
+            if self.sharing is not None:
+                self.sharing.remove([shared.stranger_id])
+            return None
+        # Under the id it is known by: an alias that came before the winner's own entry names the stranger
+        # already (the winner's entry, when it comes, brings the earlier first_seen).
         incoming = Stranger(sid, centroid * shared.count, shared.count, shared.first_seen, shared.last_seen,
                             shared_at=shared.last_seen)
         best, sim = self.nearest(centroid)
