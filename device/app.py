@@ -162,12 +162,14 @@ def open_strangers(cfg: Config, memory_dir: Path | None, threshold: float) -> St
 
 
 def share_strangers(cfg: Config, topics: Topics, publisher: MqttPublisher, dispatcher: Dispatcher,
-                    strangers: StrangerMemory | None) -> StrangerSync | None:
+                    strangers: StrangerMemory | None, faces: FaceStore | None) -> StrangerSync | None:
     """The stranger memory shared with every device (library.strangers; None: off, or no stranger memory),
-    subscribed to every device's strangers (paho's thread only queues them), a worker of the dispatcher."""
+    subscribed to every device's strangers (paho's thread only queues them), a worker of the dispatcher. A
+    stranger another device forgot takes its recent faces here with it."""
     if strangers is None or not cfg.library.strangers:
         return None
-    sync = StrangerSync(topics, publisher.publish, strangers, embedder_of(lambda: os.path.realpath(cfg.bundle)))
+    sync = StrangerSync(topics, publisher.publish, strangers, embedder_of(lambda: os.path.realpath(cfg.bundle)),
+                        forgotten=faces.forget if faces is not None else None)
     publisher.subscribe(topics.strangers_filter, sync.receive)
     dispatcher.workers.append(sync)
     return sync.attach()
@@ -276,7 +278,7 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     library = open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock) if cfg.library.share else None
     dispatcher.workers.extend([library] if library is not None else [])
     #    Shared strangers (library.strangers): every device's stranger identities, adopted on their own thread.
-    stranger_sync = share_strangers(cfg, topics, publisher, dispatcher, strangers)
+    stranger_sync = share_strangers(cfg, topics, publisher, dispatcher, strangers, faces)
     if commands_on:
         runner = CommandRunner(topics, publish, max_bytes=hass.command_max_bytes, faces=faces, strangers=strangers,
                                negatives=negatives, reloads=reloads, enroll=enroller(cfg, enroll_lock),

@@ -52,9 +52,11 @@ class Device:
                  embedder: str = EMBEDDER) -> None:
         self.name = name
         self.published: list[tuple[str, bytes]] = []
+        self.forgotten: list[str] = []  # what the daemon's recent faces store is told to forget
         path = tmp_path / f"strangers-{name}.npz" if tmp_path is not None else None
         self.memory = StrangerMemory(path, threshold=0.8, retention=retention, clock=clock)
-        self.sync = StrangerSync(Topics("faceberry", name), self._publish, self.memory, lambda: embedder).attach()
+        self.sync = StrangerSync(Topics("faceberry", name), self._publish, self.memory, lambda: embedder,
+                                 forgotten=self.forgotten.append).attach()
 
     def _publish(self, topic: str, payload: bytes | str, retain: bool = False, qos: int | None = None) -> bool:
         assert retain and qos == 1, (topic, retain, qos)
@@ -245,7 +247,7 @@ def test_expiry_and_forget_clear_the_shared_entry_on_every_device() -> None:
     # Forget on B: cleared, so forgotten on A as well.
     assert b.memory.forget(kept.stranger_id) == 1
     a.deliver(b.published[-1:])
-    assert kept.stranger_id not in a.ids
+    assert kept.stranger_id not in a.ids and a.forgotten == [kept.stranger_id]
 
 
 # --- real daemons -------------------------------------------------------------------------------------------------

@@ -156,11 +156,14 @@ class StrangerSync:
     `embedder()` is the sha256 of the classifier file of the bundle serving now (None: unknown)."""
 
     def __init__(self, topics: Topics, publish: Publish, memory: StrangerMemory,
-                 embedder: Callable[[], str | None]) -> None:
+                 embedder: Callable[[], str | None], forgotten: Callable[[str], Any] | None = None) -> None:
+        """`forgotten(stranger_id)`: called when another device cleared a stranger this device knew (the recent
+        faces stored under that id go too: a stranger forgotten on one device leaves no crop on another)."""
         self.topics = topics
         self.publish = publish
         self.memory = memory
         self.embedder = embedder
+        self.forgotten = forgotten
         self.inbox = Inbox("strangers", INBOX_SIZE, self._apply_logged)
         self._said: set[str] = set()  # one log line per refused topic (or other embedder) per process
         self.stats = {"strangers_shared": 0, "strangers_adopted": 0, "strangers_refused": 0}
@@ -240,6 +243,8 @@ class StrangerSync:
         if not payload:
             # Cleared by the device that forgot it or saw it expire: forgotten here too.
             if self.memory.drop(sid):
+                if self.forgotten is not None:
+                    self.forgotten(sid)
                 log.info("strangers: %s forgotten (cleared by another device)", sid)
                 return True
             return False
