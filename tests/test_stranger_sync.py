@@ -139,6 +139,18 @@ def test_a_refused_or_misplaced_entry_changes_nothing_and_is_logged_once(caplog)
     assert not other.ids and sum("deploy the same bundle" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_sharing_strangers_without_a_stranger_memory_is_a_one_line_config_error(tmp_path) -> None:
+    from faceberry.device.config import ConfigError, load_config
+
+    path = tmp_path / "faceberry.yaml"
+    path.write_text("bundle: /b\nlibrary: {strangers: true}\n")
+    with pytest.raises(ConfigError, match=r"library\.strangers: true needs memory\.strangers: true") as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value)
+    path.write_text("bundle: /b\nlibrary: {strangers: true}\nmemory: {strangers: true}\n")
+    assert load_config(path, env={}).library.strangers is True
+
+
 # --- the fleet, without a broker ----------------------------------------------------------------------------------
 
 
