@@ -206,6 +206,11 @@ def test_two_ids_for_one_stranger_merge_to_the_earliest_whatever_the_arrival_ord
         assert late.ids == {id_a} and late.memory.resolve(id_b) == id_a, order
         late.deliver(a.published[:1])
         assert late.ids == {id_a} and late.memory.clusters[id_a].first_seen == T0
+    # A device that missed the merge shares the loser again, over the alias on the broker: it is said again.
+    a.published.clear()
+    a.deliver(b.published[:1])
+    assert a.published and all(json.loads(p)["op"] == "alias" and json.loads(p)["alias_of"] == id_a
+                               for _, p in a.published)
     # A face of the stranger seen next on any device gets the winner's id; also after a restart.
     assert b.memory.observe(unit(1, 0.02, 0.02))[0].stranger_id == id_a
     assert StrangerMemory(tmp_path / "strangers-door-b.npz", 0.8, clock=Clock(T0 + 4)).resolve(id_b) == id_a

@@ -308,6 +308,10 @@ class StrangerMemory:
             here.shared_at = max(here.shared_at or shared.last_seen, shared.last_seen)
             if sid == shared.stranger_id and shared.count > here.count:
                 here.total, here.count = centroid * shared.count, shared.count
+            elif sid != shared.stranger_id and self.sharing is not None:
+                # A device that has not heard of the merge shared the loser again, over its alias entry on the
+                # broker: say it again, for that device and for those started later.
+                self.sharing.alias(shared.stranger_id, sid)
             self._prune()
             return sid if sid in self.clusters else None
         if self.clock() - shared.last_seen > self.retention:
