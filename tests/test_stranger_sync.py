@@ -216,6 +216,18 @@ def test_two_ids_for_one_stranger_merge_to_the_earliest_whatever_the_arrival_ord
     assert StrangerMemory(tmp_path / "strangers-door-b.npz", 0.8, clock=Clock(T0 + 4)).resolve(id_b) == id_a
 
 
+def test_damaged_aliases_set_the_memory_file_aside(tmp_path, caplog) -> None:
+    path = tmp_path / "strangers-x.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, ids=np.array(["s-0000000a"]), totals=np.eye(1, 3, dtype=np.float32), counts=np.array([1]),
+                 first=np.array([T0]), last=np.array([T0]), alias_from=np.array(["s-0000000b", "s-0000000c"]),
+                 alias_to=np.array(["s-0000000a"]))
+    with caplog.at_level("WARNING"):
+        mem = StrangerMemory(path, 0.8, clock=Clock())
+    assert len(mem) == 0 and not mem.aliases and not path.exists()
+    assert any("alias arrays" in r.getMessage() for r in caplog.records)
+
+
 def test_equal_first_seen_the_smaller_id_wins_in_either_order() -> None:
     def shared(sid: str) -> SharedStranger:
         return SharedStranger(sid, unit(1, 0, 0), 1, T0, T0)
