@@ -286,12 +286,18 @@ class StrangerMemory:
     def adopt(self, shared: SharedStranger) -> str | None:
         """Take in a stranger (or an alias) another device shared; returns the id it is known by here now
         (None: not taken: expired, or made with embeddings of another size)."""
+        before = self._fingerprint()
         if shared.alias_of is not None:
             known = self._adopt_alias(shared.stranger_id, shared.alias_of)
         else:
             known = self._adopt_stranger(shared)
-        self.save()
+        if self._fingerprint() != before:  # a start brings every retained entry, most of them known: no rewrite
+            self.save()
         return known
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        return (tuple((s.stranger_id, s.count, s.first_seen, s.last_seen) for s in self.clusters.values()),
+                tuple(self.aliases.items()))
 
     def _adopt_stranger(self, shared: SharedStranger) -> str | None:
         assert shared.centroid is not None
