@@ -44,6 +44,7 @@ from faceberry.device.messaging.dispatcher import (
 from faceberry.device.messaging.library import EnrollEmbeddings, Library
 from faceberry.device.messaging.mqtt import MqttError, MqttPublisher
 from faceberry.device.messaging.outbox import Outbox, OutboxError, StateDirError, default_state_dir
+from faceberry.device.messaging.stranger_sync import StrangerSync
 from faceberry.device.messaging.topics import Topics
 from faceberry.device.ops.notify import Notifier
 from faceberry.device.outputs import homeassistant as ha
@@ -155,6 +156,28 @@ def open_library(cfg: Config, topics: Topics, publisher: MqttPublisher, memory_d
     return library
 
 
+def open_strangers(cfg: Config, memory_dir: Path | None, threshold: float) -> StrangerMemory | None:
+    """The stranger memory in state_dir (memory.strangers; None: off, or no state_dir)."""
+    if memory_dir is None or not cfg.memory.strangers:
+        return None
+    return StrangerMemory(memory_dir / f"strangers-{cfg.device_id}.npz", threshold, cfg.memory.max_strangers,
+                          cfg.memory.stranger_retention)
+
+
+def share_strangers(cfg: Config, topics: Topics, publisher: MqttPublisher, dispatcher: Dispatcher,
+                    strangers: StrangerMemory | None, faces: FaceStore | None) -> StrangerSync | None:
+    """The stranger memory shared with every device (library.strangers; None: off, or no stranger memory),
+    subscribed to every device's strangers (paho's thread only queues them), a worker of the dispatcher. A
+    stranger another device forgot takes its recent faces here with it."""
+    if strangers is None or not cfg.library.strangers:
+        return None
+    sync = StrangerSync(topics, publisher.publish, strangers, embedder_of(lambda: os.path.realpath(cfg.bundle)),
+                        forgotten=faces.forget if faces is not None else None)
+    publisher.subscribe(topics.strangers_filter, sync.receive)
+    dispatcher.workers.append(sync)
+    return sync.attach()
+
+
 @dataclass
 class App:
     """The built daemon. `loop` is what runs; the rest is kept for the tests and the stats."""
@@ -222,12 +245,10 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
         memory_dir = None
     commands_on = bool(hass.commands)
     negatives = Negatives(memory_dir / f"negatives-{cfg.device_id}.json" if memory_dir else None)
-    faces = strangers = None
+    faces = None
     if memory_dir is not None and (commands_on or mem.strangers):
         faces = FaceStore(memory_dir / f"faces-{cfg.device_id}", mem.max_faces, mem.max_age)
-    if memory_dir is not None and mem.strangers:
-        strangers = StrangerMemory(memory_dir / f"strangers-{cfg.device_id}.npz", pipeline.classifier.threshold,
-                                   mem.max_strangers, mem.stranger_retention)
+    strangers = open_strangers(cfg, memory_dir, pipeline.classifier.threshold)
     # 6. The dispatcher and its subscribers, in the order a frame's decisions reach them.
     reloads = ReloadRequests()
     dispatcher = Dispatcher(publisher)
@@ -268,6 +289,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     runner, enroll_lock = None, threading.Lock()
     library = open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock) if cfg.library.share else None
     dispatcher.workers.extend([library] if library is not None else [])
+    #    Shared strangers (library.strangers): every device's stranger identities, adopted on their own thread.
+    stranger_sync = share_strangers(cfg, topics, publisher, dispatcher, strangers, faces)
     subscribe_status(dispatcher, topics, publish, library)
     if commands_on:
         runner = CommandRunner(topics, publish, max_bytes=hass.command_max_bytes, faces=faces, strangers=strangers,
@@ -283,7 +306,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
         return {"faces": len(faces) if faces is not None else 0,
                 "strangers": len(strangers) if strangers is not None else 0, "corrections": len(negatives),
                 **(runner.stats() if runner is not None else {"commands_accepted": 0, "commands_refused": 0}),
-                **(library.stats if library is not None else {})}
+                **(library.stats if library is not None else {}),
+                **(stranger_sync.stats if stranger_sync is not None else {})}
 
     dispatcher.add_stats("memory", memory_stats)
     # 8. The loop: capture in, decisions out to the dispatcher; nothing else.

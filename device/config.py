@@ -300,6 +300,11 @@ class LibraryConfig(_Section):
                                            "embeddings, retained, on <topic_prefix>/library/<entry>) and enrol the "
                                            "ones other devices publish; off by default: privacy (embeddings on the "
                                            "broker)")
+    strangers: bool = Field(False, description="share stranger identities with the other devices, so a stranger "
+                                               "keeps one stranger_id on every device: each stranger's centroid "
+                                               "embedding, retained on <topic_prefix>/strangers/<stranger_id>; needs "
+                                               "memory.strangers; off by default: privacy (embeddings of people who "
+                                               "never agreed, on the broker)")
 
 
 class MemoryConfig(_Section):
@@ -498,6 +503,13 @@ class Config(_Section):
                 raise ValueError(f"device_id: the hostname {host!r} is not a valid device_id; set device_id "
                                  "(1-64 characters of A-Z a-z 0-9 _ . -)")
             self.device_id = host
+        return self
+
+    @model_validator(mode="after")
+    def _shared_strangers(self) -> Config:
+        if self.library.strangers and not self.memory.strangers:
+            raise ValueError("library.strangers: true needs memory.strangers: true (the stranger memory it shares); "
+                             "set both, or library.strangers: false")
         return self
 
     @model_validator(mode="after")

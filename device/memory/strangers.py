@@ -6,6 +6,17 @@ for a known person is close enough for a stranger), else it starts a new cluster
 `stranger_id` ("s-" + 8 hex digits). A centroid is the normalised sum of its members' embeddings.
 Bounded: at most `max_clusters` (the least recently seen go first) and none unseen for `retention`
 seconds. Persisted in `<state_dir>/strangers-<device_id>.npz` (centroids, ids, counts, times: no images).
+
+Shared with the other devices (`library.strangers`, device/messaging/stranger_sync.py): a `Sharing` attached
+as `memory.sharing` is told of every new stranger (and, at most every `share_interval`, of a known one seen
+again, so every device's last_seen follows the fleet's), of every merge and of every stranger expired or
+forgotten. Strangers shared by other devices join through `adopt`, under the merge rule below, so a stranger
+keeps one `stranger_id` on every camera of every device.
+
+The merge rule, the same on every device whatever the order entries arrive in: a shared stranger whose
+centroid is within `threshold` of a stranger already here is the same person; of the two, the one with the
+earlier first_seen keeps its id (equal first_seen: the smaller id) and the other id becomes its alias. Aliases
+are shared too, so a device that saw only one side (or disagreed by a hair on the cosine) follows the merge.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,17 +49,51 @@ class Stranger:
     count: int
     first_seen: float
     last_seen: float
+    # The last_seen last published or received (None: not shared yet); not persisted: a restart shares again.
+    shared_at: float | None = None
 
     @property
     def centroid(self) -> np.ndarray:
         return l2_normalize(self.total)
 
 
+@dataclass(frozen=True)
+class SharedStranger:
+    """A stranger as another device shares it (device/messaging/stranger_sync.py decodes and verifies it)."""
+
+    stranger_id: str
+    centroid: np.ndarray | None  # unit (dim,) float32; None for an alias
+    count: int
+    first_seen: float
+    last_seen: float
+    alias_of: str | None = None  # this id is now that stranger's
+
+
+class Sharing(Protocol):
+    """Where the memory's changes go to the other devices (device/messaging/stranger_sync.py). Called with
+    the memory's lock held: only publish, never call the memory back."""
+
+    def share(self, stranger: Stranger) -> None: ...
+
+    def alias(self, loser: str, winner: str) -> None: ...
+
+    def remove(self, stranger_ids: list[str]) -> None: ...
+
+
 KEYS = ("ids", "totals", "counts", "first", "last")
+ALIAS_KEYS = ("alias_from", "alias_to")  # optional: files written before sharing have none
+# How often a stranger seen again is shared again, at most: its last_seen elsewhere lags by no more.
+SHARE_INTERVAL_S = 3600.0
 
 
 def read_strangers(path: Path) -> dict[str, Stranger]:
     """The clusters in a stranger memory file; DamagedFileError naming what is wrong, OSError if unreadable."""
+    return read_memory(path)[0]
+
+
+def read_memory(path: Path) -> tuple[dict[str, Stranger], dict[str, str]]:
+    """The clusters and the aliases (id -> the id it is now) in a stranger memory file; DamagedFileError
+    naming what is wrong, OSError if unreadable."""
     try:
         # Our own file object: np.load given a path leaves it open when the content is refused.
         with open(path, "rb") as fh:
@@ -60,6 +105,7 @@ def read_strangers(path: Path) -> dict[str, Stranger]:
                 if missing:
                     raise DamagedFileError(f"no {', '.join(missing)} in it")
                 ids, totals, counts, first, last = (data[k] for k in KEYS)
+                alias_from, alias_to = (data[k] if k in data.files else np.array([], str) for k in ALIAS_KEYS)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise DamagedFileError(f"not a whole .npz file ({describe_error(exc)})") from exc
     except (OSError, DamagedFileError):
@@ -80,8 +126,12 @@ def read_strangers(path: Path) -> dict[str, Stranger]:
         raise DamagedFileError("NaN or infinite values")
     if n and (np.any(counts < 1) or len(set(ids.tolist())) != n or not totals.shape[1]):
         raise DamagedFileError("counts below 1, repeated ids or empty embeddings")
-    return {str(sid): Stranger(str(sid), np.asarray(total, np.float32), int(count), float(f), float(la))
-            for sid, total, count, f, la in zip(ids, totals, counts, first, last, strict=True)}
+    if alias_from.ndim != 1 or alias_from.shape != alias_to.shape or (
+            len(alias_from) and (alias_from.dtype.kind not in "US" or alias_to.dtype.kind not in "US")):
+        raise DamagedFileError(f"alias arrays of the wrong shapes or types ({alias_from.shape}, {alias_to.shape})")
+    clusters = {str(sid): Stranger(str(sid), np.asarray(total, np.float32), int(count), float(f), float(la))
+                for sid, total, count, f, la in zip(ids, totals, counts, first, last, strict=True)}
+    return clusters, {str(a): str(b) for a, b in zip(alias_from, alias_to, strict=True)}
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -104,6 +154,11 @@ class StrangerMemory:
         self.retention = float(retention)
         self.clock = clock
         self.clusters: dict[str, Stranger] = {}
+        # Ids merged into another stranger (device/messaging/stranger_sync.py): old id -> the id it is now.
+        self.aliases: dict[str, str] = {}
+        # Shared strangers' last_seen elsewhere lags by at most this: a tenth of the retention, at most an hour.
+        self.share_interval = min(SHARE_INTERVAL_S, self.retention / 10)
+        self.sharing: Sharing | None = None
         # The frame loop observes faces while the command runner's thread forgets strangers.
         self.lock = threading.RLock()
         self._failures = RateLimitedLog(log)
@@ -114,7 +169,7 @@ class StrangerMemory:
     def _load(self, path: Path) -> None:
         lost = "the strangers it remembered are forgotten (their next visits get new stranger ids)"
         try:
-            self.clusters = read_strangers(path)
+            self.clusters, self.aliases = read_memory(path)
         except OSError as exc:
             if isinstance(exc, IsADirectoryError):
                 set_aside(path, "a directory, not a file", lost)
@@ -122,10 +177,10 @@ class StrangerMemory:
                 # Unreadable (rights, an I/O error) is not damage: leave the file for a person to fix.
                 log.warning("cannot read the stranger memory %s (%s); the daemon goes on without it", path,
                             describe_error(exc))
-            self.clusters = {}
+            self.clusters, self.aliases = {}, {}
         except DamagedFileError as exc:
             set_aside(path, describe_error(exc), lost)
-            self.clusters = {}
+            self.clusters, self.aliases = {}, {}
 
     @_locked
     def save(self) -> None:
@@ -133,13 +188,16 @@ class StrangerMemory:
             return
         items = list(self.clusters.values())
         dim = len(items[0].total) if items else 0
+        aliases = list(self.aliases.items())
 
         def write(fh: IO[bytes]) -> None:
             np.savez(fh, ids=np.array([s.stranger_id for s in items], dtype=str),
                      totals=np.array([s.total for s in items], np.float32).reshape(len(items), dim),
                      counts=np.array([s.count for s in items], np.int64),
                      first=np.array([s.first_seen for s in items], np.float64),
-                     last=np.array([s.last_seen for s in items], np.float64))
+                     last=np.array([s.last_seen for s in items], np.float64),
+                     alias_from=np.array([a for a, _ in aliases], dtype=str),
+                     alias_to=np.array([b for _, b in aliases], dtype=str))
 
         try:
             write_atomic(self.path, write)
@@ -152,11 +210,37 @@ class StrangerMemory:
 
     def _prune(self) -> None:
         now = self.clock()
-        for sid in [s.stranger_id for s in self.clusters.values() if now - s.last_seen > self.retention]:
+        expired = [s.stranger_id for s in self.clusters.values() if now - s.last_seen > self.retention]
+        for sid in expired:
             del self.clusters[sid]
+        # Capacity is this device's own limit, not the fleet's: an evicted stranger stays shared.
         while len(self.clusters) > self.max_clusters:
             oldest = min(self.clusters.values(), key=lambda s: s.last_seen)
             del self.clusters[oldest.stranger_id]
+        gone = self._drop_aliases_of(set(expired))
+        # Aliases of strangers no longer here and never coming back: bounded like the clusters.
+        while len(self.aliases) > 4 * self.max_clusters:
+            del self.aliases[next(iter(self.aliases))]
+        if expired and self.sharing is not None:
+            # Retention is the fleet's: every device expires the same strangers about the same time (their
+            # last_seen is shared), and clearing the retained entry keeps a device started later from them.
+            self.sharing.remove(expired + gone)
+
+    def _drop_aliases_of(self, ids: set[str]) -> list[str]:
+        gone = [a for a, b in self.aliases.items() if b in ids]
+        for a in gone:
+            del self.aliases[a]
+        return gone
+
+    def resolve(self, stranger_id: str) -> str:
+        """The id `stranger_id` is known by now (itself, unless it was merged into another stranger)."""
+        seen = {stranger_id}
+        while stranger_id in self.aliases:
+            stranger_id = self.aliases[stranger_id]
+            if stranger_id in seen:  # a cycle (impossible under the rule, but entries come from outside)
+                break
+            seen.add(stranger_id)
+        return stranger_id
 
     @_locked
     def nearest(self, embedding: np.ndarray) -> tuple[Stranger | None, float]:
@@ -192,17 +276,139 @@ class StrangerMemory:
             self.clusters[cluster.stranger_id] = cluster
             new = True
         self._prune()
+        if self.sharing is not None and (cluster.shared_at is None or at - cluster.shared_at >= self.share_interval):
+            cluster.shared_at = at
+            self.sharing.share(cluster)
         self.save()
         return cluster, new
 
     @_locked
+    def adopt(self, shared: SharedStranger) -> str | None:
+        """Take in a stranger (or an alias) another device shared; returns the id it is known by here now
+        (None: not taken: expired, or made with embeddings of another size)."""
+        before = self._fingerprint()
+        if shared.alias_of is not None:
+            known = self._adopt_alias(shared.stranger_id, shared.alias_of)
+        else:
+            known = self._adopt_stranger(shared)
+        if self._fingerprint() != before:  # a start brings every retained entry, most of them known: no rewrite
+            self.save()
+        return known
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        return (tuple((s.stranger_id, s.count, s.first_seen, s.last_seen) for s in self.clusters.values()),
+                tuple(self.aliases.items()))
+
+    def _adopt_stranger(self, shared: SharedStranger) -> str | None:
+        assert shared.centroid is not None
+        centroid = l2_normalize(np.asarray(shared.centroid, np.float32).reshape(-1))
+        if self.clusters and len(next(iter(self.clusters.values())).total) != len(centroid):
+            return None  # not comparable with ours (the sync checks the embedder first: a damaged peer)
+        sid = self.resolve(shared.stranger_id)
+        here = self.clusters.get(sid)
+        if here is not None:
+            # Known here (our own echo, a later sighting elsewhere, or an alias of ours): the times follow the
+            # fleet's; the embeddings follow whichever side has seen more of the stranger.
+            here.first_seen = min(here.first_seen, shared.first_seen)
+            here.last_seen = max(here.last_seen, shared.last_seen)
+            here.shared_at = max(here.shared_at or shared.last_seen, shared.last_seen)
+            if sid == shared.stranger_id and shared.count > here.count:
+                here.total, here.count = centroid * shared.count, shared.count
+            elif sid != shared.stranger_id and self.sharing is not None:
+                # A device that has not heard of the merge shared the loser again, over its alias entry on the
+                # broker: say it again, for that device and for those started later.
+                self.sharing.alias(shared.stranger_id, sid)
+            self._prune()
+            return sid if sid in self.clusters else None
+        if self.clock() - shared.last_seen > self.retention:
+            # A retained entry nobody cleared (its devices were off when it expired): clear it now.
+            if self.sharing is not None:
+                self.sharing.remove([shared.stranger_id])
+            return None
+        # Under the id it is known by: an alias that came before the winner's own entry names the stranger
+        # already (the winner's entry, when it comes, brings the earlier first_seen).
+        incoming = Stranger(sid, centroid * shared.count, shared.count, shared.first_seen, shared.last_seen,
+                            shared_at=shared.last_seen)
+        best, sim = self.nearest(centroid)
+        if best is not None and sim >= self.threshold:
+            known = self._merge(best, incoming).stranger_id
+        else:
+            self.clusters[sid] = incoming
+            known = sid
+        self._prune()
+        return known if known in self.clusters else None
+
+    def _merge(self, a: Stranger, b: Stranger) -> Stranger:
+        """The merge rule: the earlier first_seen keeps its id (then the smaller id); the other is its alias."""
+        winner, loser = sorted((a, b), key=lambda s: (s.first_seen, s.stranger_id))
+        merged = Stranger(winner.stranger_id, a.total + b.total, a.count + b.count, winner.first_seen,
+                          max(a.last_seen, b.last_seen), shared_at=winner.shared_at)
+        self.clusters.pop(loser.stranger_id, None)
+        self.clusters[winner.stranger_id] = merged
+        self._alias(loser.stranger_id, winner.stranger_id)
+        log.info("strangers: %s is %s (merged by the earlier first_seen)", loser.stranger_id, winner.stranger_id)
+        if self.sharing is not None:
+            self.sharing.alias(loser.stranger_id, winner.stranger_id)
+        return merged
+
+    def _alias(self, loser: str, winner: str) -> None:
+        self.aliases.pop(loser, None)
+        self.aliases[loser] = winner  # last in the dict: the newest, kept longest under the bound
+        for a, b in self.aliases.items():
+            if b == loser:
+                self.aliases[a] = winner
+
+    def _adopt_alias(self, loser: str, winner: str) -> str | None:
+        winner = self.resolve(winner)
+        if winner == loser:
+            return None  # a cycle: impossible under the rule, but entries come from outside
+        if loser not in self.clusters and self.resolve(loser) == winner:
+            return winner  # known already (our own merge, its echo, or a restart's retained entries)
+        self._alias(loser, winner)
+        mine = self.clusters.pop(loser, None)
+        if mine is not None:
+            there = self.clusters.get(winner)
+            if there is None:
+                # The winner's entry has not come yet: the stranger goes on under its id (the entry, when it
+                # comes, brings the earlier first_seen).
+                mine.stranger_id = winner
+                self.clusters[winner] = mine
+            else:
+                there.total = there.total + mine.total
+                there.count += mine.count
+                there.first_seen = min(there.first_seen, mine.first_seen)
+                there.last_seen = max(there.last_seen, mine.last_seen)
+        self._prune()
+        return winner
+
+    @_locked
+    def drop(self, stranger_id: str) -> bool:
+        """Another device cleared this stranger's entry (forgotten or expired there): forget it here too,
+        without clearing anything (already cleared). True if something was forgotten."""
+        if stranger_id in self.aliases:
+            del self.aliases[stranger_id]
+            self.save()
+            return True
+        if self.clusters.pop(stranger_id, None) is None:
+            return False
+        self._drop_aliases_of({stranger_id})
+        self.save()
+        return True
+
+    @_locked
     def forget(self, stranger_id: str | None = None) -> int:
-        """Forget one stranger (or all); returns how many were forgotten."""
+        """Forget one stranger (or all); returns how many were forgotten. Shared: forgotten on every device."""
         if stranger_id is None:
             n = len(self.clusters)
-            self.clusters = {}
+            removed = [*self.clusters, *self.aliases]
+            self.clusters, self.aliases = {}, {}
         else:
-            n = int(self.clusters.pop(stranger_id, None) is not None)
+            # An id from an older event may have been merged since: the stranger is the one it became.
+            sid = self.resolve(stranger_id)
+            n = int(self.clusters.pop(sid, None) is not None)
+            removed = [sid, *self._drop_aliases_of({sid})] if n else []
+        if removed and self.sharing is not None:
+            self.sharing.remove(removed)
         self.save()
         return n
 

@@ -17,6 +17,7 @@ device/outputs/homeassistant.py (`events_topic`, `presence_topic` …) are kept 
     <prefix>/<device_id>/command                commands in
     <prefix>/<device_id>/command/result         their answers
     <prefix>/library/<entry_id>                 retained: the face library every device shares (library.share)
+    <prefix>/strangers/<stranger_id>            retained: stranger identities every device shares (library.strangers)
     <discovery_prefix>/status                   Home Assistant's birth message (read)
     <discovery_prefix>/<component>/faceberry_<device_id>/<object_id>/config   discovery configs
 """
@@ -160,3 +161,12 @@ class Topics:
 
     def config(self, component: str, suffix: str) -> str:
         return config_topic(self.discovery_prefix, component, self.device_id, suffix)
+
+    # --- stranger identities, shared by every device (device/messaging/stranger_sync.py) -----------------------
+
+    @property
+    def strangers_filter(self) -> str:
+        return f"{self.prefix.strip('/')}/strangers/#"
+
+    def stranger(self, stranger_id: str) -> str:
+        return f"{self.prefix.strip('/')}/strangers/{sanitize_label(stranger_id)}"
