@@ -213,3 +213,50 @@ def test_rabbitmq_keeps_retained_messages_on_their_node_and_sends_none_to_a_wild
         for sub in later.values():
             sub.close()
         mqtt_publish.single(topic, b"", qos=1, retain=True, hostname=node1.host, port=node1.port)
+
+
+def test_rabbitmq_310_speaks_mqtt_311_and_delivers_qos_2_at_qos_1(cluster) -> None:
+    """The daemon's client speaks MQTT 3.1.1 (device/messaging/mqtt.py), which RabbitMQ 3.10 serves; an MQTT 5
+    client (Home Assistant set to protocol 5, say) gets no CONNACK. `mqtt.qos: 2` is accepted from a publisher
+    and delivered at QoS 1, which the event_id de-duplication covers."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    node = cluster.nodes[0]
+    version = node.version() or ""
+    if not version.startswith(("3.10.", "3.11.", "3.12.")):
+        pytest.skip(f"RabbitMQ {version}: these findings were made on 3.10 (MQTT 5 came in 3.13)")
+
+    answered = threading.Event()
+    v5 = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    v5.on_connect = lambda *args: answered.set()
+    v5.connect(node.host, node.port, keepalive=5)
+    v5.loop_start()
+    try:
+        assert not answered.wait(5), "RabbitMQ accepted an MQTT 5 client: update docs/TOPOLOGIES.md"
+    finally:
+        v5.loop_stop()
+
+    topic = f"faceberry/cluster-test/qos2-{time.time_ns()}"
+    granted: list[int] = []
+    got: list[int] = []
+    sub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    subscribed = threading.Event()
+
+    def on_subscribe(client, userdata, mid, reasons, properties) -> None:
+        granted.extend(int(r.value) for r in reasons)
+        subscribed.set()
+
+    sub.on_subscribe = on_subscribe
+    sub.on_message = lambda client, userdata, msg: got.append(msg.qos)
+    sub.connect(cluster.nodes[1].host, cluster.nodes[1].port)
+    sub.loop_start()
+    try:
+        sub.subscribe(topic, qos=2)
+        assert subscribed.wait(10)
+        mqtt_publish.single(topic, b"x", qos=2, hostname=node.host, port=node.port)
+        assert wait_until(lambda: got, 10), "a QoS 2 publish was not delivered"
+        assert granted == [1] and got == [1], (granted, got)
+    finally:
+        sub.disconnect()
+        sub.loop_stop()

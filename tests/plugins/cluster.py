@@ -39,7 +39,7 @@ def rabbitmq_server() -> str | None:
     """The rabbitmq-server script to run, or None when RabbitMQ is not installed."""
     if _DEBIAN_SCRIPT.is_file():
         return str(_DEBIAN_SCRIPT)
-    return shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
+    return shutil.which("rabbitmq-server")
 
 
 def _accepts(host: str, port: int) -> bool:
