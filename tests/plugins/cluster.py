@@ -84,8 +84,10 @@ class RabbitNode:
 
     def env(self) -> dict[str, str]:
         w = self.workdir
+        # Not a RABBITMQ_* or ERL_* setting of the caller's: only ours.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         return {
-            **os.environ,
+            **inherited,
             "HOME": str(self.home),  # its .erlang.cookie is the cluster's
             "ERL_EPMD_PORT": str(self.epmd_port),
             "RABBITMQ_NODENAME": self.nodename,
