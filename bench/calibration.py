@@ -415,8 +415,48 @@ LOOKALIKE_DRAWS = {"dev": (10, 10)}  # (splits, draws): DEV, where the margin is
 VISITS_PER_CORRECTION = 20  # visits of VISIT_FRAMES of the stranger's other photos, per correction
 
 
+# Other correction rules tried (study only; each on the decided vectors like the shipped rule). Arguments: the
+# faces' scores for X (k,), their vectors (k, D), the correction's negatives (j, D), X's gallery entry, the
+# threshold; returns which faces stay X. The spread of each is chosen to span the same range of outcomes.
+AltRule = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def _margin_rule(margin: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]) -> AltRule:
+    """Kept when the score beats every negative's similarity by `margin(...)` ((k, j): face × negative)."""
+    return lambda s, p, n, g, t: np.all(s[:, None] - p @ n.T >= margin(s, p, n, g, t), axis=1)
+
+
+ALTERNATIVES: dict[str, tuple[str, AltRule]] = {
+    # several negatives per correction: the decided vector, the face alone and its mirror image
+    **{f"{m:g}, face + mirror negatives": ("face+mirror", _margin_rule(lambda s, p, n, g, t, m=m: np.full(
+        (len(s), len(n)), m))) for m in (0.002, 0.004, 0.008)},
+    # a margin relative to how far the negative is from X's entry (cosine distance or euclidean)
+    **{f"{a:g} × (1 − X·negative)": ("decided", _margin_rule(lambda s, p, n, g, t, a=a: np.broadcast_to(
+        a * (1 - n @ g)[None], (len(s), len(n))))) for a in (0.1, 0.2)},
+    **{f"{b:g} × |X − negative|": ("decided", _margin_rule(lambda s, p, n, g, t, b=b: np.broadcast_to(
+        b * np.linalg.norm(g[None] - n, axis=1)[None], (len(s), len(n))))) for b in (0.02, 0.03)},
+    # a margin relative to the threshold's distance from 1
+    **{f"{c:g} × (1 − threshold)": ("decided", _margin_rule(lambda s, p, n, g, t, c=c: np.full(
+        (len(s), len(n)), c * (1 - t)))) for c in (0.1, 0.2)},
+    # family photos that score high for X protected: no correction below threshold + c
+    **{f"{m:g}, none at ≥ threshold + {c:g}": ("decided", lambda s, p, n, g, t, m=m, c=c: (
+        np.all(s[:, None] - p @ n.T >= m, axis=1) | (s >= t + c))) for m, c in ((0.008, 0.03), (0.015, 0.03))},
+    # the margin only where the face is as near the negative as X's entry is (the negative's own neighbourhood)
+    **{f"0 + {m:g} where face·negative ≥ X·negative − 0.01": ("decided", lambda s, p, n, g, t, m=m: np.all(
+        (s[:, None] - p @ n.T >= 0) & ((p @ n.T < (n @ g)[None] - 0.01) | (s[:, None] - p @ n.T >= m)), axis=1))
+       for m in (0.008, 0.012)},
+    # a margin shrinking with the face's own score above the threshold
+    **{f"{a:g} − 0.25 × (score − threshold)": ("decided", _margin_rule(lambda s, p, n, g, t, a=a: np.broadcast_to(
+        (a - 0.25 * (s - t))[:, None], (len(s), len(n))))) for a in (0.006, 0.009, 0.012)},
+}
+
+
 def variant_names() -> list[str]:
     return [f"{m:g}" for m in NEGATIVE_MARGINS] + [f"{m:g}, face only" for m in FACE_ONLY_MARGINS]
+
+
+def all_variants() -> list[str]:
+    return variant_names() + list(ALTERNATIVES)
 
 
 def still_named(member: str, score: np.ndarray, threshold: float, vectors: np.ndarray, idx: np.ndarray,
@@ -424,6 +464,12 @@ def still_named(member: str, score: np.ndarray, threshold: float, vectors: np.nd
     """Whether each photo `idx` (named `member` before) is still named after the correction: the device's rule."""
     return np.array([accept_with_negatives(member, float(score[i]), threshold, vectors[i], negatives, margin) == member
                      for i in idx], dtype=bool)
+
+
+def record(row: dict[str, Any], variant: str, after: np.ndarray, lost: np.ndarray, visits: list[np.ndarray]) -> None:
+    row[f"after_{variant}"] = int(np.sum(after))
+    row[f"visits_after_{variant}"] = sum(visit_agreed(int(np.sum(after[v])), VISIT_FRAMES) for v in visits)
+    row[f"family_lost_{variant}"] = int(np.sum(lost))
 
 
 def lookalikes(part: str, people: list[str], face: np.ndarray, both: np.ndarray, ok: np.ndarray, labels: np.ndarray,
@@ -485,11 +531,17 @@ def lookalikes(part: str, people: list[str], face: np.ndarray, both: np.ndarray,
                             vectors = emb_face[look] if "face only" in v else decided
                             negative = vectors[c][None]
                             after = before & still_named(member, score, th, vectors, others, negative, margin)
-                            row[f"after_{v}"] = int(np.sum(after))
-                            row[f"visits_after_{v}"] = sum(visit_agreed(int(np.sum(after[s])), VISIT_FRAMES)
-                                                           for s in visits)
-                            row[f"family_lost_{v}"] = int(np.sum(~still_named(member, score, th, vectors, family,
-                                                                              negative, margin)))
+                            lost = ~still_named(member, score, th, vectors, family, negative, margin)
+                            record(row, v, after, lost, visits)
+                        f, b = emb_face[look[c]], emb_both[look[c]]
+                        mirror = 2 * float(b @ f) * b - f  # the mirror image's vector: mirror_mean(f, m) = b
+                        negatives = {"decided": decided[c][None],
+                                     "face+mirror": np.stack([decided[c], f, mirror])}
+                        for v, (kind, alt) in ALTERNATIVES.items():
+                            n = negatives[kind]
+                            after = before & alt(score[others], decided[others], n, gallery[x], th)
+                            lost = ~alt(score[family], decided[family], n, gallery[x], th)
+                            record(row, v, after, lost, visits)
                         out.append(row)
     return out
 
@@ -502,7 +554,7 @@ def summarise_lookalikes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         photos = sum(r["photos"] for r in rs)
         visits = sum(r["visits"] for r in rs)
         visits_before = sum(r["visits_before"] for r in rs)
-        for m in variant_names():
+        for m in all_variants():
             after = sum(r[f"after_{m}"] for r in rs)
             visits_after = sum(r[f"visits_after_{m}"] for r in rs)
             out.append({"part": part, "rule": rule, "margin": m, "corrections": len(rs),
@@ -630,7 +682,15 @@ def main(argv: list[str] | None = None) -> int:
                       r["other_photos"], pct(r["named_before"]), pct(r["named_after"]), pct(r["after_over_before"]),
                       pct(r["visits_named_before"]), pct(r["visits_named_after"]),
                       f"{r['family_photos_lost']} of {r['family_photos_at_risk']} named X "
-                      f"({r['family_photos_checked']} named)"] for r in look_rows]))
+                      f"({r['family_photos_checked']} named)"] for r in look_rows
+                     if r["margin"] in variant_names()]))
+        print("\nthe shipped threshold rule; each correction rule: share of what the lookalike was named X that is "
+              "left after one correction, the family's photos of X lost")
+        shown = [p for p in parts_order if any(r["part"] == p for r in look_rows)]
+        cell = {(r["part"], r["margin"]): r for r in look_rows if r["rule"] == "current"}
+        print(table(["correction rule (margin)", *[f"{p}: after/before, lost" for p in shown]],
+                    [[v, *[f"{pct(cell[(p, v)]['after_over_before'])}, {cell[(p, v)]['family_photos_lost']}"
+                           if (p, v) in cell else "—" for p in shown]] for v in all_variants()]))
     result = {"machine": machine(), "seconds": round(time.monotonic() - started, 1),
               "protocol": {"sizes": SIZES, "dev_sizes": DEV_SIZES, "cohort_per_person": PER_PERSON,
                            "dev_people": DEV_PEOPLE, "cohort_share": COHORT_SHARE, "draws": args.draws,
