@@ -48,13 +48,15 @@ on TEST, and the best-of-N form (maxpeople) with the default bandwidth and no ma
 informed the last step (union or best-of-N, both from the same kernel), not the bandwidth or the margin.
 
 face_recognition is run beside ours by bench.household (it needs .venv-bench); here it is skipped when
-absent. Lookalikes (--lookalikes, on TEST's and FULL's households with the largest cohort, old and shipped
-rule): every stranger with a photo accepted as a member X is corrected once ("this is not X" on a random one
-of those photos, its face-only camera embedding stored as faceberry.device.memory.corrections stores it; 5 random
-choices
-per lookalike), and their other photos named X before and after are counted, with the family's photos
-lost (faceberry.contract.accept_with_negatives at each memory.negative_margin; "radius t+r" also refuses a face
-at least threshold + r close to the corrected one).
+absent. Lookalikes (--lookalikes, on DEV's, TEST's and FULL's households with the largest cohort, old and
+shipped rule): every stranger with a photo accepted as a member X is corrected once ("this is not X" on a random
+one of those photos, 5 random choices per lookalike), and their other photos named X before and after are
+counted — per photo and per visit of 5 of them — with the family's photos of X lost. As the daemon does it:
+the correction keeps the vector the device decided on for that face (face+mirror where the second look ran)
+and every later face named X is checked with its own decided vector by faceberry.contract.accept_with_negatives
+at each memory.negative_margin ("face only": both sides face-only, as this study measured before). The default
+margin is chosen on DEV (more households there: 10 splits × 10 draws) — the largest with no family photo lost —
+and reported on TEST and FULL.
 
 Prints tables and writes bench/results/calibration.json.
 """
@@ -71,9 +73,16 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT, machine, need_shared, peer_python, table, write_result
-from bench.household import Household, HouseholdEmbedder, draw_households, visit_rates
+from bench.household import VISIT_FRAMES, Household, HouseholdEmbedder, draw_households, visit_rates
 from faceberry import cohort as cohort_mod
-from faceberry.contract import SECOND_LOOK, UNKNOWN, gallery_from, threshold_for_far
+from faceberry.contract import (
+    SECOND_LOOK,
+    UNKNOWN,
+    accept_with_negatives,
+    gallery_from,
+    threshold_for_far,
+    visit_agreed,
+)
 
 SIZES = (1, 2, 4, 8, 16, 25)
 DEV_SIZES = (1, 2, 4, 8)
@@ -398,20 +407,83 @@ parts_order = ("dev", "test", "full")
 EXPLORED = False  # the first round of candidates on DEV (all lost; see docs/BENCHMARKS.md), re-run when True
 
 
-NEGATIVE_MARGINS = (0.0, 0.01, 0.015, 0.02, 0.03)  # device config memory.negative_margin
-# "radius": also refused when the face is at least this close to the corrected face, beyond the threshold itself
-# (as near to the stranger one corrected as a face must be to a member to be named)
-RADII = (0.0, 0.01)
+NEGATIVE_MARGINS = (0.0, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015)  # device config memory.negative_margin
+# The vectors the study measured before it compared what the device compares (face only, both sides).
+FACE_ONLY_MARGINS = (0.0, 0.01)
 CORRECTION_REPEATS = 5  # random choices of the corrected photo per lookalike
+LOOKALIKE_DRAWS = {"dev": (10, 10)}  # (splits, draws): DEV, where the margin is chosen, more households
+VISITS_PER_CORRECTION = 20  # visits of VISIT_FRAMES of the stranger's other photos, per correction
+
+
+# Other correction rules tried (study only; each on the decided vectors like the shipped rule). Arguments: the
+# faces' scores for X (k,), their vectors (k, D), the correction's negatives (j, D), X's gallery entry, the
+# threshold; returns which faces stay X. The spread of each is chosen to span the same range of outcomes.
+AltRule = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def _margin_rule(margin: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]) -> AltRule:
+    """Kept when the score beats every negative's similarity by `margin(...)` ((k, j): face × negative)."""
+    return lambda s, p, n, g, t: np.all(s[:, None] - p @ n.T >= margin(s, p, n, g, t), axis=1)
+
+
+ALTERNATIVES: dict[str, tuple[str, AltRule]] = {
+    # several negatives per correction: the decided vector, the face alone and its mirror image
+    **{f"{m:g}, face + mirror negatives": ("face+mirror", _margin_rule(lambda s, p, n, g, t, m=m: np.full(
+        (len(s), len(n)), m))) for m in (0.002, 0.004, 0.008)},
+    # a margin relative to how far the negative is from X's entry (cosine distance or euclidean)
+    **{f"{a:g} × (1 − X·negative)": ("decided", _margin_rule(lambda s, p, n, g, t, a=a: np.broadcast_to(
+        a * (1 - n @ g)[None], (len(s), len(n))))) for a in (0.1, 0.2)},
+    **{f"{b:g} × |X − negative|": ("decided", _margin_rule(lambda s, p, n, g, t, b=b: np.broadcast_to(
+        b * np.linalg.norm(g[None] - n, axis=1)[None], (len(s), len(n))))) for b in (0.02, 0.03)},
+    # a margin relative to the threshold's distance from 1
+    **{f"{c:g} × (1 − threshold)": ("decided", _margin_rule(lambda s, p, n, g, t, c=c: np.full(
+        (len(s), len(n)), c * (1 - t)))) for c in (0.1, 0.2)},
+    # family photos that score high for X protected: no correction below threshold + c
+    **{f"{m:g}, none at ≥ threshold + {c:g}": ("decided", lambda s, p, n, g, t, m=m, c=c: (
+        np.all(s[:, None] - p @ n.T >= m, axis=1) | (s >= t + c))) for m, c in ((0.008, 0.03), (0.015, 0.03))},
+    # the margin only where the face is as near the negative as X's entry is (the negative's own neighbourhood)
+    **{f"0 + {m:g} where face·negative ≥ X·negative − 0.01": ("decided", lambda s, p, n, g, t, m=m: np.all(
+        (s[:, None] - p @ n.T >= 0) & ((p @ n.T < (n @ g)[None] - 0.01) | (s[:, None] - p @ n.T >= m)), axis=1))
+       for m in (0.008, 0.012)},
+    # a margin shrinking with the face's own score above the threshold
+    **{f"{a:g} − 0.25 × (score − threshold)": ("decided", _margin_rule(lambda s, p, n, g, t, a=a: np.broadcast_to(
+        (a - 0.25 * (s - t))[:, None], (len(s), len(n))))) for a in (0.006, 0.009, 0.012)},
+}
+
+
+def variant_names() -> list[str]:
+    return [f"{m:g}" for m in NEGATIVE_MARGINS] + [f"{m:g}, face only" for m in FACE_ONLY_MARGINS]
+
+
+def all_variants() -> list[str]:
+    return variant_names() + list(ALTERNATIVES)
+
+
+def still_named(member: str, score: np.ndarray, threshold: float, vectors: np.ndarray, idx: np.ndarray,
+                negatives: np.ndarray, margin: float) -> np.ndarray:
+    """Whether each photo `idx` (named `member` before) is still named after the correction: the device's rule."""
+    return np.array([accept_with_negatives(member, float(score[i]), threshold, vectors[i], negatives, margin) == member
+                     for i in idx], dtype=bool)
+
+
+def record(row: dict[str, Any], variant: str, after: np.ndarray, lost: np.ndarray, visits: list[np.ndarray]) -> None:
+    row[f"after_{variant}"] = int(np.sum(after))
+    row[f"visits_after_{variant}"] = sum(visit_agreed(int(np.sum(after[v])), VISIT_FRAMES) for v in visits)
+    row[f"family_lost_{variant}"] = int(np.sum(lost))
 
 
 def lookalikes(part: str, people: list[str], face: np.ndarray, both: np.ndarray, ok: np.ndarray, labels: np.ndarray,
                rules: dict[str, Rule], sizes: tuple[int, ...], splits: int, draws: int) -> list[dict[str, Any]]:
     """One correction per lookalike (a stranger with a photo accepted as a member X), on the households of
     run_part with the largest cohort: per rule, margin and lookalike, the stranger's other photos named X
-    before and after "this is not X" on one random accepted photo (CORRECTION_REPEATS choices), and the
-    family's probes named right before and after (faceberry.contract.accept_with_negatives; the negative is the
-    face's camera embedding, face only, as faceberry.device.memory.corrections stores it)."""
+    (and visits of VISIT_FRAMES of them) before and after "this is not X" on one random accepted photo
+    (CORRECTION_REPEATS choices), and the family's photos named X lost.
+
+    As the daemon does it: the correction stores the vector the device decided on for that face (face+mirror
+    where the second look ran, else face only: device/memory/corrections.py keeps the frames' vectors) and
+    every later face named X is checked by faceberry.contract.accept_with_negatives with *its* decided vector
+    (device/loop.py passes the recognition's vector). "face only" rows use the face-only vectors on both
+    sides, as this study did before."""
     emb_face = np.zeros((len(ok), face.shape[1]), np.float32)
     emb_both = np.zeros_like(emb_face)
     emb_face[ok], emb_both[ok] = face, both
@@ -431,48 +503,72 @@ def lookalikes(part: str, people: list[str], face: np.ndarray, both: np.ndarray,
                 th = rule(Case(gallery, hh.home, cohort, own, own_labels))
                 if np.ndim(th):
                     continue
+                th = float(th)
                 who, score = decide(fb, fsc, bb, bsc, th)
+                looked_again = np.abs(fsc - th) < SECOND_LOOK  # decide()'s second look
+                decided = np.where(looked_again[:, None], emb_both[look], emb_face[look])
                 family_right = (who == truth) & is_probe
                 for stranger in sorted({str(x) for x in who_lbl[(who >= 0) & ~is_probe]}):
                     mine = np.flatnonzero(who_lbl == stranger)
                     taken = who[mine][who[mine] >= 0]
                     x = int(np.bincount(taken).argmax())  # the member they are most often taken for
+                    member = hh.home[x]
                     accepted = mine[who[mine] == x]
+                    family = np.flatnonzero(family_right & (who == x))  # the member's photos named them
                     for c in rng.choice(accepted, min(CORRECTION_REPEATS, len(accepted)), replace=False):
-                        neg = emb_face[look[c]]
                         others = mine[mine != c]
-                        near = emb_face[look] @ neg  # every looked-at photo's similarity to the corrected face
+                        before = who[others] == x
+                        visits = [rng.choice(len(others), VISIT_FRAMES, replace=False)
+                                  for _ in range(VISITS_PER_CORRECTION if len(others) >= VISIT_FRAMES else 0)]
                         row = {"part": part, "split": split, "household": hh.size, "draw": hh.draw, "rule": name,
-                               "stranger": stranger, "member": hh.home[x], "photos": len(others),
-                               "accepted": len(accepted), "before": int(np.sum(who[others] == x)),
-                               "family_named": int(np.sum(family_right))}
-                        variants = {f"{m:g}": (who == x) & (score >= near + m) for m in NEGATIVE_MARGINS}
-                        variants |= {f"0 + radius t+{r:g}": (who == x) & (score >= near) & (near < th + r)
-                                     for r in RADII}
-                        for v, kept in variants.items():
-                            row[f"after_{v}"] = int(np.sum(kept[others]))
-                            row[f"family_lost_{v}"] = int(np.sum(family_right & (who == x) & ~kept))
+                               "stranger": stranger, "member": member, "photos": len(others),
+                               "accepted": len(accepted), "before": int(np.sum(before)),
+                               "visits": len(visits),
+                               "visits_before": sum(visit_agreed(int(np.sum(before[v])), VISIT_FRAMES) for v in visits),
+                               "family_named": int(np.sum(family_right)), "family_named_x": len(family)}
+                        for v in variant_names():
+                            margin = float(v.split(",")[0])
+                            vectors = emb_face[look] if "face only" in v else decided
+                            negative = vectors[c][None]
+                            after = before & still_named(member, score, th, vectors, others, negative, margin)
+                            lost = ~still_named(member, score, th, vectors, family, negative, margin)
+                            record(row, v, after, lost, visits)
+                        f, b = emb_face[look[c]], emb_both[look[c]]
+                        mirror = 2 * float(b @ f) * b - f  # the mirror image's vector: mirror_mean(f, m) = b
+                        negatives = {"decided": decided[c][None],
+                                     "face+mirror": np.stack([decided[c], f, mirror])}
+                        for v, (kind, alt) in ALTERNATIVES.items():
+                            n = negatives[kind]
+                            after = before & alt(score[others], decided[others], n, gallery[x], th)
+                            lost = ~alt(score[family], decided[family], n, gallery[x], th)
+                            record(row, v, after, lost, visits)
                         out.append(row)
     return out
 
 
 def summarise_lookalikes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for part, rule in sorted({(r["part"], r["rule"]) for r in rows}):
+    for part, rule in sorted({(r["part"], r["rule"]) for r in rows}, key=lambda k: (parts_order.index(k[0]), k[1])):
         rs = [r for r in rows if r["part"] == part and r["rule"] == rule]
         before = sum(r["before"] for r in rs)
         photos = sum(r["photos"] for r in rs)
-        for m in [f"{m:g}" for m in NEGATIVE_MARGINS] + [f"0 + radius t+{r:g}" for r in RADII]:
+        visits = sum(r["visits"] for r in rs)
+        visits_before = sum(r["visits_before"] for r in rs)
+        for m in all_variants():
             after = sum(r[f"after_{m}"] for r in rs)
+            visits_after = sum(r[f"visits_after_{m}"] for r in rs)
             out.append({"part": part, "rule": rule, "margin": m, "corrections": len(rs),
                         "lookalikes": len({(r["split"], r["household"], r["draw"], r["stranger"]) for r in rs}),
                         "households": len({(r["split"], r["household"], r["draw"]) for r in rs}),
                         "other_photos": photos, "named_before": before / photos if photos else None,
                         "named_after": after / photos if photos else None,
                         "after_over_before": after / before if before else None,
+                        "visits": visits, "visits_named_before": visits_before / visits if visits else None,
+                        "visits_named_after": visits_after / visits if visits else None,
                         "lookalikes_still_named_half": float(np.mean([r[f"after_{m}"] >= 0.5 * r["photos"]
                                                                       for r in rs if r["photos"]])),
                         "family_photos_lost": sum(r[f"family_lost_{m}"] for r in rs),
+                        "family_photos_at_risk": sum(r["family_named_x"] for r in rs),
                         "family_photos_checked": sum(r["family_named"] for r in rs)})
     return out
 
@@ -552,10 +648,11 @@ def main(argv: list[str] | None = None) -> int:
                             args.splits, args.draws, args.visits)
     looks: list[dict[str, Any]] = []
     if args.lookalikes:
-        for part in [p for p in parts_order if p in args.parts.split(",") and p != "dev"]:
+        for part in [p for p in parts_order if p in args.parts.split(",")]:
             print(f"lookalikes, part {part} …", file=sys.stderr)
-            looks += lookalikes(part, parts(emb.names)[part], face, both, ok, labels, lookalike_rules(), SIZES,
-                                args.splits, args.draws)
+            splits, draws = LOOKALIKE_DRAWS.get(part, (args.splits, args.draws))
+            looks += lookalikes(part, parts(emb.names)[part], face, both, ok, labels, lookalike_rules(),
+                                DEV_SIZES if part == "dev" else SIZES, splits, draws)
     rows = summarise(entries)
     met = goals(rows)
     for part in [p for p in parts_order if p in args.parts.split(",")]:
@@ -579,11 +676,21 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlookalikes: one correction (\"this is not X\", a random one of their accepted photos) per stranger "
               "accepted as a member; their other photos named X before and after, the family's photos lost")
         print(table(["part", "rule", "negative margin", "corrections", "lookalikes", "households", "other photos",
-                     "named before", "named after", "after/before", "still ≥ half named", "family photos lost"],
+                     "named X before", "after", "after/before", "visits named X before", "after",
+                     "family photos lost"],
                     [[r["part"], r["rule"], r["margin"], r["corrections"], r["lookalikes"], r["households"],
                       r["other_photos"], pct(r["named_before"]), pct(r["named_after"]), pct(r["after_over_before"]),
-                      pct(r["lookalikes_still_named_half"]),
-                      f"{r['family_photos_lost']} of {r['family_photos_checked']}"] for r in look_rows]))
+                      pct(r["visits_named_before"]), pct(r["visits_named_after"]),
+                      f"{r['family_photos_lost']} of {r['family_photos_at_risk']} named X "
+                      f"({r['family_photos_checked']} named)"] for r in look_rows
+                     if r["margin"] in variant_names()]))
+        print("\nthe shipped threshold rule; each correction rule: share of what the lookalike was named X that is "
+              "left after one correction, the family's photos of X lost")
+        shown = [p for p in parts_order if any(r["part"] == p for r in look_rows)]
+        cell = {(r["part"], r["margin"]): r for r in look_rows if r["rule"] == "current"}
+        print(table(["correction rule (margin)", *[f"{p}: after/before, lost" for p in shown]],
+                    [[v, *[f"{pct(cell[(p, v)]['after_over_before'])}, {cell[(p, v)]['family_photos_lost']}"
+                           if (p, v) in cell else "—" for p in shown]] for v in all_variants()]))
     result = {"machine": machine(), "seconds": round(time.monotonic() - started, 1),
               "protocol": {"sizes": SIZES, "dev_sizes": DEV_SIZES, "cohort_per_person": PER_PERSON,
                            "dev_people": DEV_PEOPLE, "cohort_share": COHORT_SHARE, "draws": args.draws,

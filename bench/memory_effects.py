@@ -32,11 +32,12 @@ import numpy as np
 from bench.common import SHARED_DATA, table, write_result
 from faceberry.bundle import load_bundle
 from faceberry.contract import UNKNOWN, accept, accept_with_negatives, best_match, list_images
+from faceberry.device.config import MemoryConfig
 from faceberry.device.memory.strangers import StrangerMemory
 from faceberry.device.recognition.pipeline import FacePipeline
 from faceberry.preprocess import load_image
 
-MARGINS = (0.0, 0.05, 0.1)
+MARGINS = (0.0, MemoryConfig().negative_margin, 0.05, 0.1)  # the daemon's default among them
 
 
 def embed_all(pipe: FacePipeline, lfw: Path) -> tuple[list[str], list[str], np.ndarray]:

@@ -323,8 +323,10 @@ class MemoryConfig(_Section):
         30 * 86400.0, gt=0, le=31_536_000,
         description="seconds a stranger cluster unseen is kept before it is forgotten")
     negative_margin: float = Field(
-        0.0, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
-        "stored negative's similarity to the face by this much (0: measured best, docs/BENCHMARKS.md)")
+        0.004, ge=0, le=1, description="after 'wrong, not X': X is accepted only when its score beats the nearest "
+        "stored negative's similarity to the face by this much (0.004: the largest that lost no family photo in "
+        "bench.calibration's lookalike study, docs/BENCHMARKS.md; higher stops a lookalike more, at the cost of "
+        "X's own faces that resemble them)")
 
 
 class TlsConfig(_Section):
