@@ -488,3 +488,50 @@ def test_a_correction_on_one_device_is_a_negative_on_every_device(tmp_path, mosq
         a.close()
         b.close()
 
+
+# --- across a bridge --------------------------------------------------------------------------------------------
+
+
+def _bridge_config(central, client_id: str) -> str:
+    """docs/MQTT.md's bridge configuration (the one tests/test_bridge.py runs), pointed at `central`, retrying
+    after a second instead of the documented 5 s."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "MQTT.md").read_text(encoding="utf-8")
+    section = doc.split("### A local broker on each site, bridged to a central one", 1)[1]
+    conf = re.search(r"```conf\n(.*?)```", section, re.S).group(1)
+    assert "topic faceberry/# both 1" in conf, "docs/MQTT.md's bridge no longer carries faceberry/# both ways"
+    lines = {line.split()[0]: line for line in conf.splitlines() if line and not line.startswith("#")}
+    for key, value in [("address", f"address {central.host}:{central.port}"),
+                       ("remote_clientid", f"remote_clientid {client_id}"),
+                       ("restart_timeout", "restart_timeout 1 2")]:
+        conf = conf.replace(lines[key], value)
+    return conf
+
+
+@pytest.mark.broker
+def test_the_library_crosses_a_bridge_and_an_outage_of_it_loses_nothing(tmp_path, mosquitto_factory, tiny) -> None:
+    central = mosquitto_factory(persistent=True)
+    local = mosquitto_factory(persistent=True, extra_config=_bridge_config(central, "faceberry-bridge-library"))
+    name, vectors, photo = _newcomer(tiny)
+    a = _Node(tmp_path / "a", "site-a-door", local, tiny["bundle"])
+    b = _Node(tmp_path / "b", "centre-door", central, tiny["bundle"])
+    try:
+        # Named on A (its local broker), across the bridge: B's bundle names the face.
+        assert predictions(b.bundle, [photo])[0][0] == "unknown"
+        _enrol_here(a, name, vectors)
+        assert b.wait(lambda: b.serves(name)), (b.reloaded, b.lib.stats)
+        assert predictions(b.bundle, [photo])[0][0] == name
+
+        # The central broker (and so the bridge) goes away; A names someone else meanwhile.
+        central.stop()
+        _, dim = _embedder_and_dim(a.bundle)
+        other = _enrol_here(a, "Zed", list(_unit(np.random.default_rng(5), 2, dim)))
+        assert not b.serves("Zed")
+        central.start()
+        # The local broker kept it for the bridge: it arrives once the bridge is back.
+        assert b.wait(lambda: b.serves("Zed"), 60), (b.reloaded, b.lib.stats)
+        assert other in b.lib.state and b.lib.stats["library_refused"] == 0
+    finally:
+        a.close()
+        b.close()
