@@ -180,7 +180,7 @@ def open_library(cfg: Config, topics: Topics, publisher: MqttPublisher, memory_d
                       enroll=library_enroller(cfg), reloads=reloads,
                       embedder=embedder_of(lambda: os.path.realpath(cfg.bundle)), enroll_lock=lock,
                       unenroll=unenroller(cfg), gallery=gallery_rows(lambda: os.path.realpath(cfg.bundle)),
-                      add_negative=negatives.add if negatives is not None else None)
+                      negatives=negatives)
     publisher.subscribe(topics.library_filter, library.receive)
     return library
 

@@ -266,7 +266,7 @@ def _serving(bundle: Path) -> dict[str, np.ndarray]:
     return {str(label): rows[i] for i, label in enumerate(b.gallery_labels)}
 
 
-def _bundle_library(bundle: Path, topics: Topics, publish, embedder: str, reloads=None, add_negative=None):
+def _bundle_library(bundle: Path, topics: Topics, publish, embedder: str, reloads=None, negatives=None):
     """A Library on a real bundle (real enrol, unenrol, recalibration); without `reloads`, nobody serves reloads
     (no frame loop)."""
     import threading
@@ -287,7 +287,7 @@ def _bundle_library(bundle: Path, topics: Topics, publish, embedder: str, reload
     return Library(topics, publish, state=bundle.parent / f"library-{topics.device_id}.json",
                    enroll=lambda label, e: enroll(bundle, label, Path(), embeddings=e, merge=False),
                    unenroll=lambda label: unenroll(bundle, label), gallery=gallery, reloads=reloads,
-                   embedder=lambda: embedder, enroll_lock=threading.Lock(), add_negative=add_negative)
+                   embedder=lambda: embedder, enroll_lock=threading.Lock(), negatives=negatives)
 
 
 def _embedder_and_dim(bundle: Path) -> tuple[str, int]:
@@ -359,7 +359,7 @@ class _Node:
         self.reloads = ReloadRequests()
         self.lib = _bundle_library(self.bundle, Topics("faceberry", name),
                                    lambda t, p, retain=False, qos=0: self.client.publish(t, p, qos=qos, retain=retain),
-                                   embedder, self.reloads, self.negatives.add)
+                                   embedder, self.reloads, self.negatives)
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._serve, daemon=True)
         self._loop.start()
@@ -470,23 +470,56 @@ def _retained(broker) -> set[str]:
 
 
 @pytest.mark.broker
-def test_a_correction_on_one_device_is_a_negative_on_every_device(tmp_path, mosquitto_factory, tiny) -> None:
+def test_a_correction_on_one_device_is_a_negative_on_every_device_and_its_undo_undoes_it_everywhere(
+        tmp_path, mosquitto_factory, tiny) -> None:
     broker = mosquitto_factory()
     _, vectors, _ = _newcomer(tiny)
     a = _Node(tmp_path / "a", "door-a", broker, tiny["bundle"])
     b = _Node(tmp_path / "b", "door-b", broker, tiny["bundle"])
+    late = None
     try:
         person = tiny["people"][0]
         # What `wrong` does on A: the negative stored there, then shared.
-        a.negatives.add(person, vectors[0], "ev-1")
+        correction = a.negatives.add(person, vectors[0], "ev-1")
         entry_id = a.lib.share_correction(person, vectors[0], a.lib.embedder(), "ev-1")
+        a.negatives.tag(correction, entry_id)
         assert b.wait(lambda: b.negatives.for_label(person) is not None)
         assert np.allclose(b.negatives.for_label(person), vectors[0][None], atol=1e-6)
         assert b.negatives.records[0]["event_id"] == "ev-1" and entry_id in b.lib.state
         assert len(a.negatives) == 1  # its own entry came back and was not stored twice
+
+        # `undo` on B (the correction came from A): undone on A too, and on a device started later.
+        rec = b.negatives.undo()
+        assert rec is not None and rec["library"] == entry_id
+        b.lib.uncorrect(rec["label"], rec["library"])
+        assert a.wait(lambda: len(a.negatives) == 0), a.negatives.records
+        assert f"faceberry/library/{entry_id}" not in _retained(broker)
+        late = _Node(tmp_path / "late", "door-late", broker, tiny["bundle"])
+        assert late.wait(lambda: late.lib.stats["library_applied"] >= 1)
+        assert len(late.negatives) == 0
     finally:
-        a.close()
-        b.close()
+        for node in (a, b, late):
+            if node is not None:
+                node.close()
+
+
+def test_an_undone_correction_is_not_stored_whichever_comes_first(tmp_path) -> None:
+    import threading
+
+    from faceberry.device.memory.corrections import Negatives
+    from faceberry.device.messaging.dispatcher import ReloadRequests
+    from faceberry.device.messaging.library import Library
+
+    correct = encode_entry("Ann", _emb(1), EMBEDDER, "door-a", version=1, op="correct", subject="ev-1")
+    undo = encode_entry("Ann", None, None, "door-b", version=2, op="uncorrect", subject=correct[0])
+    for name, order in (("in-order", [correct, undo]), ("reversed", [undo, correct])):
+        negatives = Negatives(tmp_path / f"negatives-{name}.json")
+        lib = Library(Topics("faceberry", "door-c"), lambda *a, **k: None, state=tmp_path / f"library-{name}.json",
+                      enroll=lambda *a: {}, reloads=ReloadRequests(), embedder=lambda: EMBEDDER,
+                      enroll_lock=threading.Lock(), negatives=negatives)
+        for entry_id, payload in order:
+            lib.apply(f"faceberry/library/{entry_id}", payload)
+        assert len(negatives) == 0, (name, negatives.records)
 
 
 # --- across a bridge --------------------------------------------------------------------------------------------

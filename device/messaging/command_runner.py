@@ -206,10 +206,7 @@ class CommandRunner:
 
     def _run(self, cmd: Command) -> Answer:
         if isinstance(cmd, Undo):
-            rec = self.negatives.undo()
-            if rec is None:
-                return False, "no correction to undo", {}
-            return True, f"undid correction {rec['id']} (not {rec['label']})", {"correction_id": rec["id"]}
+            return self._undo()
         if isinstance(cmd, Forget):
             return self._forget(cmd)
         if self.faces is None:
@@ -235,19 +232,33 @@ class CommandRunner:
                 return False, f"no stored faces of stranger {cmd.stranger_id}", {}
             return self._enroll(cmd.name, faces, cmd.stranger_id)
         if isinstance(cmd, Wrong):
-            face = store.get(cmd.event_id) if cmd.event_id else store.last(exclude=UNKNOWN)
-            if face is None:
-                return False, (f"event {cmd.event_id} is not among the stored faces" if cmd.event_id
-                               else "no recognised face is stored"), {}
-            label = cmd.not_ or face.label
-            if label == UNKNOWN:
-                return False, "that face was already unknown; say which person it was not with \"not\"", {}
-            correction = self.negatives.add(label, face.embeddings(), face.event_id)
-            self._share(lambda lib: lib.share_correction(label, face.embeddings(), lib.embedder() or "",
-                                                         face.event_id), f"the correction not {label}")
-            return True, f"stored event {face.event_id} as not {label}", {"correction_id": correction,
-                                                                          "event_id": face.event_id, "not": label}
+            return self._wrong(cmd, store)
         return False, f"unhandled command {cmd.command}", {}
+
+    def _undo(self) -> Answer:
+        rec = self.negatives.undo()
+        if rec is None:
+            return False, "no correction to undo", {}
+        if rec.get("library"):  # shared (made here or on another device): undone on every device
+            self._share(lambda lib: lib.uncorrect(rec["label"], rec["library"]), f"the undo of {rec['id']}")
+        return True, f"undid correction {rec['id']} (not {rec['label']})", {"correction_id": rec["id"]}
+
+    def _wrong(self, cmd: Wrong, store: FaceStore) -> Answer:
+        face = store.get(cmd.event_id) if cmd.event_id else store.last(exclude=UNKNOWN)
+        if face is None:
+            return False, (f"event {cmd.event_id} is not among the stored faces" if cmd.event_id
+                           else "no recognised face is stored"), {}
+        label = cmd.not_ or face.label
+        if label == UNKNOWN:
+            return False, "that face was already unknown; say which person it was not with \"not\"", {}
+        correction = self.negatives.add(label, face.embeddings(), face.event_id)
+        entry = self._share(lambda lib: lib.share_correction(label, face.embeddings(), lib.embedder() or "",
+                                                             face.event_id), f"the correction not {label}")
+        extra = {"correction_id": correction, "event_id": face.event_id, "not": label}
+        if entry:
+            self.negatives.tag(correction, entry)
+            extra["library_entry"] = entry
+        return True, f"stored event {face.event_id} as not {label}", extra
 
     def _forget(self, cmd: Forget) -> Answer:
         if cmd.name is not None:

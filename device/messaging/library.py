@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from faceberry.device.memory.corrections import Negatives
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
 from faceberry.device.messaging.topics import Topics
 from faceberry.device.messaging.worker import Inbox
@@ -72,7 +73,8 @@ SCHEMA = 1
 OP_ENROL = "enrol"
 OP_FORGET = "forget"
 OP_CORRECT = "correct"
-OPS = (OP_ENROL, OP_FORGET, OP_CORRECT)
+OP_UNCORRECT = "uncorrect"
+OPS = (OP_ENROL, OP_FORGET, OP_CORRECT, OP_UNCORRECT)
 WITH_EMBEDDINGS = (OP_ENROL, OP_CORRECT)
 # An entry is a few embeddings: anything far larger is not one of ours.
 MAX_BYTES = 1 << 20
@@ -90,8 +92,6 @@ EnrollEmbeddings = Callable[[str, np.ndarray], dict[str, Any]]
 Unenroll = Callable[[str], dict[str, Any]]
 # The gallery rows of `label` in the bundle serving now (None: not enrolled).
 GalleryRows = Callable[[str], "np.ndarray | None"]
-# Stores a hard negative: (label, embeddings, event_id) → correction id (Negatives.add).
-AddNegative = Callable[[str, np.ndarray, "str | None"], str]
 
 Key = tuple[int, str]
 
@@ -196,6 +196,8 @@ def decode_entry(payload: bytes) -> Entry:
             raise LibraryError("embeddings hold NaN or infinity")
     if not label.strip():
         raise LibraryError("empty label")
+    if op == OP_UNCORRECT and not subject:
+        raise LibraryError("an uncorrect entry names the correct entry it undoes in `subject`, and has none")
     return Entry(entry_id, label, emb, embedder, origin, version, op, subject)
 
 
@@ -255,10 +257,12 @@ class State:
         self.path = path
         self.ids: dict[str, int] = {}
         self.people: dict[str, Person] = {}
+        self.revoked: set[str] = set()  # the correct entries an uncorrect undid
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 self.ids = {str(k): int(v) for k, v in data["applied"].items()}
+                self.revoked = {str(v) for v in data.get("revoked", [])}
                 for label, p in data.get("people", {}).items():
                     dim = int(p["dim"]) if p.get("dim") else 0
                     self.people[str(label)] = Person(
@@ -267,8 +271,8 @@ class State:
                               _rows(q["rows"], dim) if q.get("rows") else None) for q in p["parts"]],
                         (int(p["forgot"][0]), str(p["forgot"][1])) if p.get("forgot") else None)
             except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-                log.warning("%s is unreadable (%s): library entries will be applied again (the same person "
-                            "merged with themself)", path, exc)
+                log.warning("%s is unreadable (%s): the retained library entries will be applied again (a person "
+                            "enrolled from the library counts their present entry once more)", path, exc)
 
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self.ids
@@ -296,7 +300,8 @@ class State:
                                      "rows": _b64(q.rows) if q.rows is not None else None} for q in p.parts]}
                   for label, p in self.people.items()}
         try:
-            write_atomic(self.path, json.dumps({"applied": self.ids, "people": people}, indent=1), fsync=True)
+            write_atomic(self.path, json.dumps({"applied": self.ids, "people": people,
+                                                "revoked": sorted(self.revoked)}, indent=1), fsync=True)
         except OSError as exc:
             log.warning("could not record the library in %s (%s): a restart applies its entries again",
                         self.path, exc)
@@ -313,13 +318,13 @@ class Library:
     def __init__(self, topics: Topics, publish: Publish, *, state: Path | None, enroll: EnrollEmbeddings,
                  reloads: ReloadRequests, embedder: Callable[[], str | None], enroll_lock: threading.Lock,
                  unenroll: Unenroll | None = None, gallery: GalleryRows | None = None,
-                 add_negative: AddNegative | None = None) -> None:
+                 negatives: Negatives | None = None) -> None:
         self.topics = topics
         self.publish = publish
         self.enroll = enroll
         self.unenroll = unenroll
         self.gallery = gallery or (lambda label: None)
-        self.add_negative = add_negative
+        self.negatives = negatives
         self.reloads = reloads
         self.embedder = embedder
         self.enroll_lock = enroll_lock
@@ -373,9 +378,25 @@ class Library:
         """Publish a correction this device stored ("not `label`"). Returns the entry id."""
         entry_id, payload = encode_entry(label, embeddings, embedder, self.topics.device_id, op=OP_CORRECT,
                                          subject=event_id)
-        self.state.add(entry_id, int(entry_id.rsplit("-", 1)[1]))
+        with self.enroll_lock:
+            self.state.add(entry_id, int(entry_id.rsplit("-", 1)[1]))
         self.publish(self.topics.library(entry_id), payload, retain=True, qos=1)
         log.info("library: shared the correction not %s as entry %s", label, entry_id)
+        return entry_id
+
+    def uncorrect(self, label: str, correction_entry: str) -> str:
+        """Publish that the correction shared as `correction_entry` was undone here: a retained tombstone
+        (every device removes it, and one that gets the correction later does not store it), and the
+        correction cleared from the broker. Returns the entry id."""
+        entry_id, payload = encode_entry(label, None, None, self.topics.device_id, op=OP_UNCORRECT,
+                                         subject=correction_entry)
+        with self.enroll_lock:
+            self.state.revoked.add(correction_entry)
+            self.state.add(entry_id, int(entry_id.rsplit("-", 1)[1]))
+        self.publish(self.topics.library(entry_id), payload, retain=True, qos=1)
+        self.publish(self.topics.library(correction_entry), b"", retain=True, qos=1)
+        log.info("library: shared that the correction %s (not %s) is undone (entry %s)", correction_entry, label,
+                 entry_id)
         return entry_id
 
     @staticmethod
@@ -460,8 +481,9 @@ class Library:
                            "another model mean nothing here; deploy the same bundle to every device)",
                            (entry.embedder or "none")[:12], (mine or "none")[:12])
                 return False
-        if entry.op == OP_CORRECT:
-            return self._correct(entry)
+        if entry.op in (OP_CORRECT, OP_UNCORRECT):
+            with self.enroll_lock:  # the state's one writer at a time
+                return self._correct(entry)
         with self.enroll_lock:
             try:
                 changed = self._apply_person(entry)
@@ -513,11 +535,25 @@ class Library:
         return changed
 
     def _correct(self, entry: Entry) -> bool:
-        if self.add_negative is None:
+        """A correction or its undoing (the caller holds the lock). Corrections are a set: an uncorrect that
+        arrives first is kept (`revoked`), and the correction it names is not stored when it comes."""
+        if self.negatives is None:
             return False
+        if entry.op == OP_UNCORRECT:
+            assert entry.subject is not None
+            self.state.revoked.add(entry.subject)
+            removed = self.negatives.remove_library(entry.subject)
+            self.state.add(entry.id, entry.version)
+            self.stats["library_applied"] += 1
+            log.info("library: undid the correction %s (not %s) from %s (entry %s; %d removed here)", entry.subject,
+                     entry.label, entry.origin, entry.id, removed)
+            return True
         assert entry.embeddings is not None
+        if entry.id in self.state.revoked:
+            self.state.add(entry.id, entry.version)
+            return False
         try:
-            correction = self.add_negative(entry.label, entry.embeddings, entry.subject)
+            correction = self.negatives.add(entry.label, entry.embeddings, entry.subject, entry.id)
         except ValueError as exc:
             return self._refuse(entry, str(exc))
         self.state.add(entry.id, entry.version)
