@@ -307,10 +307,6 @@ class State:
                         self.path, exc)
 
 
-# Kept for callers of the first library (the ids applied): the state is a superset.
-Applied = State
-
-
 class Library:
     """Shares this device's enrolments, forgets and corrections, and applies the other devices'. `embedder()`
     is the sha256 of the classifier file of the bundle serving now (None: no bundle that enrols)."""
@@ -332,10 +328,6 @@ class Library:
         self.inbox = Inbox("library", INBOX_SIZE, self._apply_logged)
         self._said: set[str] = set()  # one log line per refused entry (or other embedder) per process
         self.stats = {"library_applied": 0, "library_refused": 0}
-
-    @property
-    def applied(self) -> State:
-        return self.state
 
     # --- this device's changes --------------------------------------------------------------------------------
 
