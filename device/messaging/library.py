@@ -343,7 +343,12 @@ class Library:
             person.parts.append(Part(entry.id, entry.key, subject, entry.embeddings))
             self.state.add(entry.id, entry.version)
             # A subject named before under another label is that label's no more.
-            changed = self._reconcile(before, skip=label)
+            try:
+                changed = self._reconcile(before, skip=label)
+            except Exception as exc:  # shared all the same: the other devices apply the rule themselves
+                log.warning("library: %s shared, but the rule's other changes here failed: %s: %s", label,
+                            type(exc).__name__, exc)
+                changed = True
         self.publish(self.topics.library(entry_id), payload, retain=True, qos=1)
         log.info("library: shared %s as entry %s", label, entry_id)
         if changed:
@@ -478,7 +483,7 @@ class Library:
                 return self._correct(entry)
         with self.enroll_lock:
             try:
-                changed = self._apply_person(entry)
+                changed, voided = self._apply_person(entry)
             except Exception as exc:
                 from faceberry.bundle import BundleError
                 from faceberry.device.recognition.enroll import EnrollError
@@ -489,22 +494,29 @@ class Library:
                 return self._refuse(entry, str(exc))
             self.state.add(entry.id, entry.version)
         self.stats["library_applied"] += 1
+        for old in voided:  # every device that voids one clears it: the origin of the forget may not know it
+            self.publish(self.topics.library(old), b"", retain=True, qos=1)
         serving = self._reload() if changed else None
-        log.info("library: %s %s from %s (entry %s)%s", "enrolled" if entry.op == OP_ENROL else "forgot",
-                 entry.label, entry.origin, entry.id,
+        what = ("forgot" if entry.op == OP_FORGET else "enrolled" if entry.id not in voided
+                else "did not enrol (forgotten by a later entry)")
+        log.info("library: %s %s from %s (entry %s)%s", what, entry.label, entry.origin, entry.id,
                  "" if not changed else f"; serving bundle {serving}" if serving else "; bundle not loaded yet")
         return True
 
-    def _apply_person(self, entry: Entry) -> bool:
-        """Add an enrol or forget to the state and bring the bundle to what the rule says; True if it changed."""
+    def _apply_person(self, entry: Entry) -> tuple[bool, list[str]]:
+        """Add an enrol or forget to the state and bring the bundle to what the rule says; (whether the bundle
+        changed, the ids of the enrolments the forget voids: cleared from the broker)."""
         person = self.state.person(entry.label, lambda: self.gallery(entry.label))
         before = resolve(self.state.people)
         if entry.op == OP_FORGET:
-            self._forget(person, entry.key)
+            voided = self._forget(person, entry.key)
         else:
-            voided = person.forgot is not None and entry.key <= person.forgot
-            person.parts.append(Part(entry.id, entry.key, entry.subject, None if voided else entry.embeddings))
-        return self._reconcile(before)
+            # An enrolment older than a forget this device holds (it crossed a bridge late, or was retained
+            # before the origin of the forget knew it): void at once, and cleared like the others.
+            late = person.forgot is not None and entry.key <= person.forgot
+            person.parts.append(Part(entry.id, entry.key, entry.subject, None if late else entry.embeddings))
+            voided = [entry.id] if late else []
+        return self._reconcile(before), voided
 
     def _reconcile(self, before: dict[str, np.ndarray | None], skip: str | None = None) -> bool:
         """Bring every label whose rows changed from `before` to the rule's answer (the caller holds the lock);
@@ -543,6 +555,7 @@ class Library:
         assert entry.embeddings is not None
         if entry.id in self.state.revoked:
             self.state.add(entry.id, entry.version)
+            self.publish(self.topics.library(entry.id), b"", retain=True, qos=1)  # undone: cleared
             return False
         try:
             correction = self.negatives.add(entry.label, entry.embeddings, entry.subject, entry.id)
