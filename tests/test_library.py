@@ -335,6 +335,27 @@ def test_conflicting_entries_end_the_same_on_every_device_in_whatever_order_they
     assert threshold_a == threshold_b
 
 
+
+def test_a_person_is_forgotten_from_a_pi_store_as_a_new_version(tmp_path, tiny) -> None:
+    """unenroll (a forget, here or from the library) writes a new version as enroll does: rollback has the old."""
+    from faceberry.bundle import load_bundle
+    from faceberry.device.ops.store import BundleStore
+    from faceberry.device.recognition.enroll import EnrollError, unenroll
+    from tests.plugins.files import pi_root
+
+    store = BundleStore(pi_root(tmp_path))
+    first = store.add(tiny["bundle"]).name
+    store.switch(first)
+    person = tiny["people"][0]
+    result = unenroll(store.root / "current", person)
+    after = load_bundle(store.root / "current")
+    assert result["bundle_id"] == store.current() != first and store.previous() == first
+    assert person not in after.labels and person not in list(after.gallery_labels)
+    assert sorted(after.labels) == sorted(p for p in tiny["people"] if p != person)
+    assert person in load_bundle(store.root / first).labels  # the old version is untouched
+    with pytest.raises(EnrollError, match=r"is not enrolled .*nothing to forget"):
+        unenroll(store.root / "current", person)
+
 # --- forget and corrections over a real broker ----------------------------------------------------------------------
 
 
