@@ -122,13 +122,44 @@ def enroller(cfg: Config, lock: threading.Lock) -> Enroll:
 
 
 def library_enroller(cfg: Config) -> EnrollEmbeddings:
-    """`enroll(label, embeddings)` into cfg.bundle: another device's enrolment from the shared library (the
-    caller holds the enrolment lock)."""
+    """`enroll(label, embeddings)` into cfg.bundle: the label's entry set to the centroid of the embeddings the
+    shared library computed for them (the caller holds the enrolment lock)."""
     def enroll_embeddings(name: str, embeddings: Any) -> dict[str, Any]:
         from faceberry.device.recognition.enroll import enroll
 
-        return enroll(Path(cfg.bundle), name, Path(), num_threads=cfg.recognition.num_threads, embeddings=embeddings)
+        return enroll(Path(cfg.bundle), name, Path(), num_threads=cfg.recognition.num_threads, embeddings=embeddings,
+                      merge=False)
     return enroll_embeddings
+
+
+def unenroller(cfg: Config, lock: threading.Lock | None = None) -> Callable[[str], dict[str, Any]]:
+    """`unenroll(name)` from cfg.bundle (a person forgotten); `lock`: taken here (a command), or None when the
+    caller holds it (the library)."""
+    def unenroll_name(name: str) -> dict[str, Any]:
+        from faceberry.device.recognition.enroll import unenroll
+
+        if lock is None:
+            return unenroll(Path(cfg.bundle), name)
+        with lock:
+            return unenroll(Path(cfg.bundle), name)
+    return unenroll_name
+
+
+def gallery_rows(bundle_path: Callable[[], str]) -> Callable[[str], Any]:
+    """The gallery rows of a label in the bundle `bundle_path()` names (None: not enrolled)."""
+    def rows(label: str) -> Any:
+        import numpy as np
+
+        from faceberry.bundle import BundleError, load_bundle
+
+        try:
+            bundle = load_bundle(bundle_path(), verify=False)
+        except (BundleError, OSError) as exc:
+            log.warning("library: cannot read the bundle's gallery (%s)", exc)
+            return None
+        keep = [i for i, lbl in enumerate(bundle.gallery_labels or []) if lbl == label]
+        return np.asarray(bundle.gallery_embeddings, dtype=np.float32)[keep] if keep else None
+    return rows
 
 
 def embedder_of(bundle_path: Callable[[], str]) -> Callable[[], str | None]:
@@ -146,12 +177,14 @@ def embedder_of(bundle_path: Callable[[], str]) -> Callable[[], str | None]:
 
 
 def open_library(cfg: Config, topics: Topics, publisher: MqttPublisher, memory_dir: Path | None,
-                 reloads: ReloadRequests, lock: threading.Lock) -> Library:
+                 reloads: ReloadRequests, lock: threading.Lock, negatives: Negatives | None = None) -> Library:
     """The shared library, subscribed to every device's entries (paho's thread only queues them)."""
     library = Library(topics, publisher.publish,
                       state=memory_dir / f"library-{cfg.device_id}.json" if memory_dir else None,
                       enroll=library_enroller(cfg), reloads=reloads,
-                      embedder=embedder_of(lambda: os.path.realpath(cfg.bundle)), enroll_lock=lock)
+                      embedder=embedder_of(lambda: os.path.realpath(cfg.bundle)), enroll_lock=lock,
+                      unenroll=unenroller(cfg), gallery=gallery_rows(lambda: os.path.realpath(cfg.bundle)),
+                      negatives=negatives)
     publisher.subscribe(topics.library_filter, library.receive)
     return library
 
@@ -287,7 +320,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     # 7. Commands in: paho routes the command topic to the runner, which runs them on its own thread.
     #    The shared library (library.share): every device's enrolments, applied on its own thread.
     runner, enroll_lock = None, threading.Lock()
-    library = open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock) if cfg.library.share else None
+    library = (open_library(cfg, topics, publisher, memory_dir, reloads, enroll_lock, negatives)
+               if cfg.library.share else None)
     dispatcher.workers.extend([library] if library is not None else [])
     #    Shared strangers (library.strangers): every device's stranger identities, adopted on their own thread.
     stranger_sync = share_strangers(cfg, topics, publisher, dispatcher, strangers, faces)
@@ -295,7 +329,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
     if commands_on:
         runner = CommandRunner(topics, publish, max_bytes=hass.command_max_bytes, faces=faces, strangers=strangers,
                                negatives=negatives, reloads=reloads, enroll=enroller(cfg, enroll_lock),
-                               clear_images=images.clear, scratch=memory_dir, library=library)
+                               clear_images=images.clear, scratch=memory_dir, library=library,
+                               unenroll=unenroller(cfg, enroll_lock))
         publisher.subscribe(topics.command, runner.receive)
         dispatcher.workers.append(runner)
 

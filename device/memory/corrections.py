@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -71,6 +72,8 @@ class Negatives:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self._failures = RateLimitedLog(log)
+        # Two writers: the command runner's thread and the shared library's (device/messaging/library.py).
+        self._lock = threading.RLock()
         if path is not None and (path.exists() or path.is_symlink()):
             self._load(path)
         self._index()
@@ -116,11 +119,16 @@ class Negatives:
         else:
             self._failures.ok("save", f"the corrections in {self.path} are saved again")
 
-    def add(self, label: str, embeddings: np.ndarray, event_id: str | None = None) -> str:
-        """Store that these embeddings are not `label`; returns the correction's id.
+    def add(self, label: str, embeddings: np.ndarray, event_id: str | None = None, library: str | None = None) -> str:
+        """Store that these embeddings are not `label`; returns the correction's id. `library`: the shared library
+        entry it came from or went out as (an undo anywhere then removes it everywhere).
 
         Rows with NaN or infinite values are left out; ValueError when none is left (nothing to store).
         """
+        with self._lock:
+            return self._add(label, embeddings, event_id, library)
+
+    def _add(self, label: str, embeddings: np.ndarray, event_id: str | None, library: str | None) -> str:
         rows = np.atleast_2d(np.asarray(embeddings, np.float32))
         rows = rows[np.all(np.isfinite(rows), axis=1)]
         if not len(rows):
@@ -132,30 +140,54 @@ class Negatives:
                              f"{label} {current.shape[1]} (another bundle): undo the old corrections first")
         rec = {"id": uuid.uuid4().hex[:12], "label": label, "event_id": event_id, "at": time.time(),
                "embeddings": [[round(float(v), 6) for v in row] for row in rows]}
+        if library is not None:
+            rec["library"] = library
         self.records.append(rec)
         self._index()
         self._save()
         return rec["id"]
 
+    def tag(self, correction_id: str, library: str) -> None:
+        """Record the shared library entry a correction made here went out as."""
+        with self._lock:
+            for rec in self.records:
+                if rec["id"] == correction_id:
+                    rec["library"] = library
+                    self._save()
+
     def undo(self) -> dict[str, Any] | None:
         """Remove the latest correction; returns it (None when there is none)."""
-        if not self.records:
-            return None
-        rec = self.records.pop()
-        self._index()
-        self._save()
-        return rec
+        with self._lock:
+            if not self.records:
+                return None
+            rec = self.records.pop()
+            self._index()
+            self._save()
+            return rec
+
+    def remove_library(self, library: str) -> int:
+        """Remove the corrections that came from (or went out as) the library entry `library`; how many."""
+        with self._lock:
+            kept = [rec for rec in self.records if rec.get("library") != library]
+            removed = len(self.records) - len(kept)
+            if removed:
+                self.records = kept
+                self._index()
+                self._save()
+            return removed
 
     def clear(self) -> int:
-        n = len(self.records)
-        self.records = []
-        self._index()
-        self._save()
-        return n
+        with self._lock:
+            n = len(self.records)
+            self.records = []
+            self._index()
+            self._save()
+            return n
 
     def for_label(self, label: str) -> np.ndarray | None:
-        # The frame loop reads while the command runner's thread (the only writer) adds and undoes: _index
-        # swaps in a whole new dict, so a reader sees the old corrections or the new, never half.
+        # The frame loop reads while the command runner's and the library's threads (the writers, one at a
+        # time under the lock) add and undo: _index swaps in a whole new dict, so a reader sees the old
+        # corrections or the new, never half.
         return self._by_label.get(label)
 
     def __len__(self) -> int:

@@ -61,10 +61,11 @@ class CommandRunner:
     def __init__(self, topics: Topics, publish: Publish, *, max_bytes: int, faces: FaceStore | None,
                  strangers: StrangerMemory | None, negatives: Negatives, reloads: ReloadRequests,
                  enroll: Enroll, clear_images: Callable[..., None], scratch: Path | None = None,
-                 library: Library | None = None) -> None:
+                 library: Library | None = None, unenroll: Callable[[str], dict[str, Any]] | None = None) -> None:
         """`clear_images(*which)`: replace the retained pictures (the images output's); `scratch`: where an
-        enrolment's crops are laid out (state_dir); `library`: where a successful enrolment is shared with the
-        other devices (library.share)."""
+        enrolment's crops are laid out (state_dir); `library`: where a successful enrolment, forget or
+        correction is shared with the other devices (device/messaging/library.py); `unenroll(name)`: removes a
+        person from the bundle (`forget` with `name`)."""
         self.topics = topics
         self.publish = publish
         self.max_bytes = max_bytes
@@ -76,6 +77,7 @@ class CommandRunner:
         self.clear_images = clear_images
         self.scratch = scratch
         self.library = library
+        self.unenroll = unenroll
         self.inbox = Inbox("commands", INBOX_SIZE, self._handle, before=self._count_busy)
         self._busy_lock = threading.Lock()
         self._busy = 0  # commands refused as busy in paho's thread since the runner last looked
@@ -204,18 +206,9 @@ class CommandRunner:
 
     def _run(self, cmd: Command) -> Answer:
         if isinstance(cmd, Undo):
-            rec = self.negatives.undo()
-            if rec is None:
-                return False, "no correction to undo", {}
-            return True, f"undid correction {rec['id']} (not {rec['label']})", {"correction_id": rec["id"]}
+            return self._undo()
         if isinstance(cmd, Forget):
-            faces = self.faces.forget(cmd.stranger_id) if self.faces is not None else 0
-            strangers = self.strangers.forget(cmd.stranger_id) if self.strangers is not None else 0
-            what = f"stranger {cmd.stranger_id}" if cmd.stranger_id else "all stored faces and strangers"
-            # The retained pictures are stored faces too: the last unknown may be this stranger.
-            self.clear_images(*(("last_unknown",) if cmd.stranger_id else ("last_face", "last_unknown")))
-            return True, f"forgot {what}: {faces} faces, {strangers} clusters", {"faces": faces,
-                                                                                   "strangers": strangers}
+            return self._forget(cmd)
         if self.faces is None:
             return False, "no faces are remembered (state_dir is not writable)", {}
         store = self.faces
@@ -239,17 +232,46 @@ class CommandRunner:
                 return False, f"no stored faces of stranger {cmd.stranger_id}", {}
             return self._enroll(cmd.name, faces, cmd.stranger_id)
         if isinstance(cmd, Wrong):
-            face = store.get(cmd.event_id) if cmd.event_id else store.last(exclude=UNKNOWN)
-            if face is None:
-                return False, (f"event {cmd.event_id} is not among the stored faces" if cmd.event_id
-                               else "no recognised face is stored"), {}
-            label = cmd.not_ or face.label
-            if label == UNKNOWN:
-                return False, "that face was already unknown; say which person it was not with \"not\"", {}
-            correction = self.negatives.add(label, face.embeddings(), face.event_id)
-            return True, f"stored event {face.event_id} as not {label}", {"correction_id": correction,
-                                                                          "event_id": face.event_id, "not": label}
+            return self._wrong(cmd, store)
         return False, f"unhandled command {cmd.command}", {}
+
+    def _undo(self) -> Answer:
+        rec = self.negatives.undo()
+        if rec is None:
+            return False, "no correction to undo", {}
+        if rec.get("library"):  # shared (made here or on another device): undone on every device
+            self._share(lambda lib: lib.uncorrect(rec["label"], rec["library"]), f"the undo of {rec['id']}")
+        return True, f"undid correction {rec['id']} (not {rec['label']})", {"correction_id": rec["id"]}
+
+    def _wrong(self, cmd: Wrong, store: FaceStore) -> Answer:
+        face = store.get(cmd.event_id) if cmd.event_id else store.last(exclude=UNKNOWN)
+        if face is None:
+            return False, (f"event {cmd.event_id} is not among the stored faces" if cmd.event_id
+                           else "no recognised face is stored"), {}
+        label = cmd.not_ or face.label
+        if label == UNKNOWN:
+            return False, "that face was already unknown; say which person it was not with \"not\"", {}
+        correction = self.negatives.add(label, face.embeddings(), face.event_id)
+        entry = self._share(lambda lib: lib.share_correction(label, face.embeddings(), lib.embedder() or "",
+                                                             face.event_id), f"the correction not {label}")
+        extra = {"correction_id": correction, "event_id": face.event_id, "not": label}
+        if entry:
+            self.negatives.tag(correction, entry)
+            extra["library_entry"] = entry
+        return True, f"stored event {face.event_id} as not {label}", extra
+
+    def _forget(self, cmd: Forget) -> Answer:
+        if cmd.name is not None:
+            if cmd.stranger_id is not None:
+                return False, "give a name or a stranger_id to forget, not both", {}
+            return self._forget_person(cmd.name)
+        faces = self.faces.forget(cmd.stranger_id) if self.faces is not None else 0
+        strangers = self.strangers.forget(cmd.stranger_id) if self.strangers is not None else 0
+        what = f"stranger {cmd.stranger_id}" if cmd.stranger_id else "all stored faces and strangers"
+        # The retained pictures are stored faces too: the last unknown may be this stranger.
+        self.clear_images(*(("last_unknown",) if cmd.stranger_id else ("last_face", "last_unknown")))
+        return True, f"forgot {what}: {faces} faces, {strangers} clusters", {"faces": faces,
+                                                                               "strangers": strangers}
 
     def _enroll(self, name: str, faces: list[StoredFace], stranger_id: str | None = None) -> Answer:
         """Enrol `name` from stored faces (this thread: it takes seconds), then have the frame loop load
@@ -278,14 +300,45 @@ class CommandRunner:
         if stranger_id and self.strangers is not None:
             self.strangers.forget(stranger_id)
         extra = {"name": name, "bundle_id": result.bundle_id, "photos": summary.get("photos")}
-        if self.library is not None and summary.get("embedder") and summary.get("embeddings") is not None:
-            try:
-                extra["library_entry"] = self.library.share(name, summary["embeddings"], summary["embedder"])
-            except Exception as exc:  # enrolled here all the same: the answer says what the others miss
-                log.error("%s was enrolled but not shared with the other devices: %s: %s", name,
-                          type(exc).__name__, safe_text(exc))
+        if summary.get("embedder") and summary.get("embeddings") is not None:
+            entry = self._share(lambda lib: lib.share(name, summary["embeddings"], summary["embedder"], stranger_id),
+                                name)
+            if entry:
+                extra["library_entry"] = entry
         rival = summary.get("nearest_other")
         message = f"enrolled {name} from {summary.get('photos')} crop(s); serving bundle {result.bundle_id}"
         if rival and rival[1] >= summary.get("threshold", 1.0):
             message += f" (warning: also scores {rival[1]:.3f} against {rival[0]}: they may be confused)"
         return True, message, extra
+
+    def _forget_person(self, name: str) -> Answer:
+        """Remove `name` from the bundle, have the frame loop load it, and tell the other devices."""
+        from faceberry.bundle import BundleError
+        from faceberry.device.recognition.enroll import EnrollError
+
+        if self.unenroll is None:
+            return False, "forgetting a person needs a bundle that enrols (an embedding bundle)", {}
+        try:
+            self.unenroll(name)
+        except (EnrollError, BundleError) as exc:
+            return False, f"not forgotten: {exc}", {}
+        result = self.reloads.wait(self.reloads.request(), RELOAD_WAIT_S)
+        extra: dict[str, Any] = {"name": name, "bundle_id": result.bundle_id if result is not None else None}
+        entry = self._share(lambda lib: lib.forget(name), f"that {name} is forgotten")
+        if entry:
+            extra["library_entry"] = entry
+        if result is None or not result.ok:
+            return False, (f"forgot {name}, but the new bundle is not serving yet "
+                           f"({result.error if result is not None else 'no reload within the wait'})"), extra
+        return True, f"forgot {name}; serving bundle {result.bundle_id}", extra
+
+    def _share(self, share: Callable[[Library], str], what: str) -> str | None:
+        """Hand a change made here to the shared library (when on); the entry id, or None."""
+        if self.library is None:
+            return None
+        try:
+            return share(self.library)
+        except Exception as exc:  # done here all the same: the log says what the others miss
+            log.error("%s was done here but not shared with the other devices: %s: %s", what,
+                      type(exc).__name__, safe_text(exc))
+            return None

@@ -7,6 +7,7 @@ A command is one JSON object of at most `homeassistant.command_max_bytes` bytes,
     {"command": "wrong", "event_id": "60b4e4b6-...", "not": "Alice"}   (both optional: the last event, its label)
     {"command": "undo"}                                                (the last correction)
     {"command": "forget"}  /  {"command": "forget", "stranger_id": "s-3f2a9c1e"}
+    {"command": "forget", "name": "Ann"}                               (a person: out of the bundle, every device's)
 
 Unknown commands, unknown or repeated keys, wrong types, nesting deeper than `MAX_DEPTH`, ids outside
 `ID_PATTERN`, names with control characters, oversized or non-UTF-8 messages are refused: `parse()` turns
@@ -114,6 +115,8 @@ class Undo(_Command):
 class Forget(_Command):
     command: Literal["forget"]
     stranger_id: Id | None = None
+    name: Name | None = Field(None, description="a person enrolled: removed from the bundle (and, with the "
+                                                "shared library, from every device's)")
 
 
 Command = Annotated[NameLastUnknown | NameStranger | Wrong | Undo | Forget, Field(discriminator="command")]

@@ -34,6 +34,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -195,12 +196,13 @@ def _store_of(bundle_dir: Path | None, store: BundleStore | str | Path | None) -
 
 def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int = 3, min_face_size: int = 40,
            replace: bool = False, num_threads: int | None = None, store: BundleStore | str | Path | None = None,
-           keep: int = KEEP, embeddings: np.ndarray | None = None) -> dict:
+           keep: int = KEEP, embeddings: np.ndarray | None = None, merge: bool = True) -> dict:
     """Add `name` to the bundle; returns a summary. Raises EnrollError/BundleError/ModelError/StoreError.
 
     `embeddings` (n, dim), instead of photos (`photos_dir` is then unused): another device's enrolment from the
     shared library (faceberry.device.messaging.library). A name already enrolled is then the same person: the
-    entry becomes the centroid of their entry and these (no `replace` needed).
+    entry becomes the centroid of their entry and these (no `replace` needed); with `merge=False` their entry is
+    replaced by the centroid of these alone (the library recomputes a person from every live entry).
 
     With a store (`store`, or `bundle_dir` being a store's `current` link) a new version is written and
     `current` switched to it; the summary's `path` and `bundle_id` name it. Nothing is reloaded here.
@@ -243,7 +245,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
             raise EnrollError(f"embeddings of shape {emb.shape} do not fit this bundle's gallery (width {width}); "
                               "they were made by another embedder")
         crops, refused = list(emb), []
-        own_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl == name]
+        own_rows = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl == name] if merge else []
         merged = np.concatenate([np.asarray(bundle.gallery_embeddings, dtype=np.float32)[own_rows], emb]) \
             if own_rows else emb
         entry = centroid(merged)
@@ -283,35 +285,11 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
     # A bigger household lets more strangers through one fixed threshold (a stranger has one more person
     # to resemble), so it is recalibrated on the bundle's stranger cohort (convert also had the people's own
     # photos and any negatives; the Pi has only the cohort).
-    threshold, recalibrated = bundle.accept_threshold, None
-    if bundle.cohort_path is not None:
-        try:
-            cohort = cohort_mod.load(bundle.cohort_path, new_emb.shape[1], views=bundle.enrolled_views)
-        except cohort_mod.CohortError as exc:
-            raise EnrollError(str(exc)) from exc
-        target = float(bundle.manifest["thresholds"].get("target_far", cohort_mod.DEFAULT_TARGET_FAR))
-        recalibrated = cohort_mod.calibrate(new_emb, new_gallery_labels, cohort, target_far=target)
-        threshold = recalibrated["accept"]
-
-    manifest = json.loads(json.dumps(bundle.manifest))
-    files = list(manifest["files"])
-    parent_id = manifest.pop("bundle_id", None)
-    manifest.pop("created", None)
-    manifest["parent_bundle_id"] = parent_id
-    manifest["labels"]["count"] = len(labels)
-    if recalibrated is not None:
-        manifest["thresholds"] = {"source": "recalibrated by `device enroll` on the bundle's stranger cohort",
-                                  **{k: v for k, v in recalibrated.items() if k != "warnings"}}
+    threshold, recalibrated, manifest, files, parent_id = _next_manifest(bundle, new_emb, new_gallery_labels, labels)
     manifest.setdefault("enrolled", []).append({
         "name": name, "photos": len(crops), "refused": len(refused),
         "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     })
-
-    def fill(tmp: Path) -> dict:
-        with open(tmp / manifest["gallery"]["file"], "wb") as fh:
-            np.savez(fh, embeddings=new_emb, labels=np.array(new_gallery_labels, dtype=str))
-        (tmp / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        return write_manifest(tmp, manifest, files)
 
     summary = {
         "name": name, "photos": len(crops), "refused": [str(p) for p, _ in refused],
@@ -322,6 +300,83 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         # embedder that made them (the classifier file, unchanged by an enrolment).
         "embeddings": emb, "embedder": bundle.manifest["files"].get(bundle.manifest["classifier"]["file"]),
     }
+    return {**summary, **_write(bundle_dir, source, versions, keep, manifest, files, new_emb, new_gallery_labels,
+                                labels)}
+
+
+def _next_manifest(bundle: Any, gallery: np.ndarray, gallery_labels: list[str],
+                   labels: list[str]) -> tuple[float, dict | None, dict, list[str], str | None]:
+    """(threshold, the recalibration or None, the new manifest, its files, the parent bundle_id) for `bundle`
+    with this gallery: the threshold recalibrated on the bundle's stranger cohort when it has one."""
+    threshold, recalibrated = bundle.accept_threshold, None
+    if bundle.cohort_path is not None and len(gallery):
+        try:
+            cohort = cohort_mod.load(bundle.cohort_path, gallery.shape[1], views=bundle.enrolled_views)
+        except cohort_mod.CohortError as exc:
+            raise EnrollError(str(exc)) from exc
+        target = float(bundle.manifest["thresholds"].get("target_far", cohort_mod.DEFAULT_TARGET_FAR))
+        recalibrated = cohort_mod.calibrate(gallery, gallery_labels, cohort, target_far=target)
+        threshold = recalibrated["accept"]
+    manifest = json.loads(json.dumps(bundle.manifest))
+    files = list(manifest["files"])
+    parent_id = manifest.pop("bundle_id", None)
+    manifest.pop("created", None)
+    manifest["parent_bundle_id"] = parent_id
+    manifest["labels"]["count"] = len(labels)
+    if recalibrated is not None:
+        manifest["thresholds"] = {"source": "recalibrated by `device enroll` on the bundle's stranger cohort",
+                                  **{k: v for k, v in recalibrated.items() if k != "warnings"}}
+    return threshold, recalibrated, manifest, files, parent_id
+
+
+def unenroll(bundle_dir: Path | None, name: str, store: BundleStore | str | Path | None = None,
+             keep: int = KEEP) -> dict:
+    """Remove `name` from the bundle's gallery and labels (a person forgotten: the shared library's `forget`),
+    the threshold recalibrated for the smaller gallery; written as enroll writes. Raises EnrollError (not
+    enrolled, a bundle that does not enrol), BundleError, StoreError."""
+    name = unicodedata.normalize("NFC", name.strip())
+    versions = _store_of(Path(bundle_dir) if bundle_dir is not None else None, store)
+    if versions is not None:
+        bundle_dir = versions.root / CURRENT
+        if versions.current() is None:
+            raise EnrollError(f"{versions.root} has no current version; deploy a bundle first")
+        source = Path(os.path.realpath(bundle_dir))
+    elif bundle_dir is None:
+        raise EnrollError("no bundle given; pass --bundle DIR (or --store ROOT)")
+    else:
+        bundle_dir = Path(bundle_dir)
+        _recover(bundle_dir)
+        source = bundle_dir
+    bundle = load_bundle(source)
+    refusal = bundle.head.enrolment_refusal(bundle, Path(bundle_dir))
+    if refusal:
+        raise EnrollError(refusal)
+    if name not in bundle.labels and name not in bundle.gallery_labels:
+        raise EnrollError(f"{name!r} is not enrolled in {bundle_dir}; nothing to forget")
+    kept = [i for i, lbl in enumerate(bundle.gallery_labels) if lbl != name]
+    gallery = np.asarray(bundle.gallery_embeddings, dtype=np.float32)
+    gallery = gallery[kept] if len(gallery) else gallery
+    gallery_labels = [str(bundle.gallery_labels[i]) for i in kept]
+    labels = [lbl for lbl in bundle.labels if lbl != name]
+    threshold, recalibrated, manifest, files, parent_id = _next_manifest(bundle, gallery, gallery_labels, labels)
+    # The manifest keeps no trace of a forgotten person (its schema has no place for one: the library has it).
+    manifest["enrolled"] = [e for e in manifest.get("enrolled", []) if e.get("name") != name]
+    summary = {"name": name, "parent_bundle_id": parent_id, "people": len(labels), "threshold": threshold,
+               "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None}
+    return {**summary, **_write(Path(bundle_dir), source, versions, keep, manifest, files, gallery, gallery_labels,
+                                labels)}
+
+
+def _write(bundle_dir: Path, source: Path, versions: BundleStore | None, keep: int, manifest: dict, files: list[str],
+           gallery: np.ndarray, gallery_labels: list[str], labels: list[str]) -> dict:
+    """Write the bundle `source` with this gallery and labels: a new version of the store (switched to), or the
+    plain directory replaced by rename. Returns bundle_id, path, store and pruned."""
+    def fill(tmp: Path) -> dict:
+        with open(tmp / manifest["gallery"]["file"], "wb") as fh:
+            np.savez(fh, embeddings=gallery, labels=np.array(gallery_labels, dtype=str))
+        (tmp / manifest["labels"]["file"]).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        return write_manifest(tmp, manifest, files)
+
     if versions is not None:
         # Not just the pid: the daemon may run two enrolments at once (its Home Assistant helper).
         tmp = versions.incoming(f"{os.getpid()}-enroll-{secrets.token_hex(4)}")
@@ -334,7 +389,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         path = versions.add(tmp)  # owned, moded, fsynced and verified before it is renamed into place
         versions.switch(path.name)
         removed = versions.prune(keep)
-        return {**summary, "bundle_id": path.name, "path": str(path), "store": str(versions.root),
+        return {"bundle_id": path.name, "path": str(path), "store": str(versions.root),
                 "pruned": removed}
 
     tmp = bundle_dir.parent / f".{bundle_dir.name}.enroll-{os.getpid()}"
@@ -356,7 +411,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return {**summary, "bundle_id": written["bundle_id"], "path": str(bundle_dir), "store": None, "pruned": []}
+    return {"bundle_id": written["bundle_id"], "path": str(bundle_dir), "store": None, "pruned": []}
 
 
 def run(args: argparse.Namespace) -> int:
