@@ -141,7 +141,8 @@ run_tests() {
     "$VENV/bin/python" -m ruff check .
     ruff_rc=$?
     say "pytest $*"
-    "$VENV/bin/python" -m pytest --durations=15 "$@"
+    # One worker per core (pytest-xdist), tests handed out as workers free up; `-n 0` runs in one process.
+    "$VENV/bin/python" -m pytest -n auto --dist worksteal --durations=15 "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then

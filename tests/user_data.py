@@ -18,6 +18,7 @@ files) and `faces/five-celebrities`, which only ../shared has.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -86,10 +87,14 @@ def prepare() -> Path | None:
     if os.environ.get("FACEBERRY_OFFLINE"):
         return None
     faces, weights = DATA_HOME / "faces" / "lfw-dev", DATA_HOME / "weights" / WEIGHTS_NAME
-    if not (faces.is_dir() and weights.is_file()):
-        _say(f"../shared is absent: getting public faces and weights into {DATA_HOME} (once; FACEBERRY_OFFLINE=1 "
-             "skips the tests that need them)")
-    if not (_faces(faces) and _weights(weights)):
-        return None
+    DATA_HOME.mkdir(parents=True, exist_ok=True)
+    with open(DATA_HOME / ".lock", "w") as lock:
+        # pytest-xdist's controller and every worker import the conftest at once: one downloads, the others wait.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (faces.is_dir() and weights.is_file()):
+            _say(f"../shared is absent: getting public faces and weights into {DATA_HOME} (once; "
+                 "FACEBERRY_OFFLINE=1 skips the tests that need them)")
+        if not (_faces(faces) and _weights(weights)):
+            return None
     return DATA_HOME
 

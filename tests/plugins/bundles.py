@@ -16,11 +16,10 @@ The legacy softmax fine-tune, built only when a test about it runs (`--backbone 
                         person folder), listed with their expected outcome in awkward.json beside it
     tiny_bundle         its int8 bundle;  tiny_bundle_people  its people
 The distilled MobileNetV2 student (`train backbone --arch mobilenetv2`), for the distillation tests:
-    tiny_embedding      {"backbone", "run", "bundle", "people", "newcomer", ...};  `tiny` the same, or a build
-                        named by FACEBERRY_TINY_EMBEDDING
+    tiny_embedding      {"backbone", "run", "bundle", "people", "newcomer", ...};  `tiny` the same
     loadable_bundle     a bundle that loads without any training (see make_loadable_bundle)
 
-The gallery and softmax builds are cached in pytest's cache dir (.pytest_cache/d/faceberry-<kind>/<key>), keyed
+The gallery, softmax and student builds are cached in pytest's cache dir (.pytest_cache/d/faceberry-<kind>/<key>), keyed
 by the bundle format's files, this file and the photos used, so repeated local runs do not rebuild;
 FACEBERRY_TINY_REBUILD=1 forces a rebuild. A fresh CI checkout builds each once.
 """
@@ -225,7 +224,7 @@ def _cached(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             # Built in place (run/crops.npz records absolute photo paths).
             shutil.rmtree(dest, ignore_errors=True)
             build(dest)
-            shutil.rmtree(dest / "crop-cache", ignore_errors=True)
+            shutil.rmtree(dest / "crop-cache", ignore_errors=True)  # crops of ../shared photos: not kept
             (dest / ".complete").write_text("")
             # Drop builds of other keys once nobody can still be using them (a test session running
             # now may hold an older key's paths).
@@ -320,9 +319,6 @@ STUDENT_INPUT_SIZE = 64  # small, to keep CI fast; the real default is 128
 STUDENT_ARGS = ["--input-size", str(STUDENT_INPUT_SIZE), "--views", "2", "--epochs", "12", "--batch-size", "16",
                 "--lr", "2e-3", "--val-people", "0.25", "--seed", "0", "--teacher", "dlib", "-q"]
 
-_BUILT: dict[str, dict] = {}
-
-
 def need_teacher() -> None:
     try:
         import dlib  # noqa: F401
@@ -350,12 +346,12 @@ def student_selection() -> dict[str, dict[str, list[Path]]]:
     return {"gallery": gallery, "newcomer": {name: files[:14]}}
 
 
-def build_student(base: Path) -> dict:
-    """backbone → few-shot run → int8 bundle, by the real CLIs; returns paths and timings."""
+def build_student(base: Path) -> None:
+    """backbone → few-shot run → int8 bundle, by the real CLIs, into `base` (see `student`)."""
     sel = student_selection()
     photos = base / "photos"
     link_tree(photos, sel["gallery"])
-    cache = base / "cache"
+    cache = base / "crop-cache"  # removed once built (`_cached`)
     timings = {}
     t0 = time.monotonic()
     python("-m", "train", "backbone", "--arch", "mobilenetv2", "--photos", str(photos), "--out",
@@ -380,28 +376,31 @@ def build_student(base: Path) -> dict:
     enroll_dir.mkdir(parents=True)
     for path in files[:STUDENT_ENROLL_PHOTOS]:
         (enroll_dir / path.name).symlink_to(path)
+    (base / "timings.json").write_text(json.dumps(timings) + "\n")
+
+
+def student(base: Path) -> dict:
+    """The paths and timings of a student built by `build_student` into `base`."""
+    sel = student_selection()
+    (name, files), = sel["newcomer"].items()
     return {"base": base, "backbone": base / "backbone", "run": base / "run", "bundle": base / "bundle",
-            "people": sorted(sel["gallery"]), "newcomer": name, "newcomer_photos": enroll_dir,
-            "newcomer_probes": files[STUDENT_ENROLL_PHOTOS:], "timings": timings}
+            "people": sorted(sel["gallery"]), "newcomer": name, "newcomer_photos": base / "newcomer" / name,
+            "newcomer_probes": files[STUDENT_ENROLL_PHOTOS:],
+            "timings": json.loads((base / "timings.json").read_text())}
 
 
 @pytest.fixture(scope="session")
-def tiny_embedding(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny_embedding(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Built once (cached like the gallery: pytest-xdist's workers share one build, and so do repeated runs)."""
     need_student_data()
     need_teacher()
-    if "tiny" not in _BUILT:
-        _BUILT["tiny"] = build_student(tmp_path_factory.mktemp("tiny-embedding"))
-    return _BUILT["tiny"]
+    key = _cache_key("student", student_selection(), *STUDENT_ARGS, str(WEIGHTS.stat().st_size))
+    return student(_cached(request, tmp_path_factory, "student", key, build_student))
 
 
 @pytest.fixture(scope="session")
-def tiny(request: pytest.FixtureRequest) -> dict:
-    """The session's `tiny_embedding` bundle; FACEBERRY_TINY_EMBEDDING=<its summary .json> reuses a build
-    (a developer re-running these tests saves the minute it takes)."""
-    cached = os.environ.get("FACEBERRY_TINY_EMBEDDING")
-    if cached:
-        return json.loads(Path(cached).read_text())
-    return request.getfixturevalue("tiny_embedding")
+def tiny(tiny_embedding: dict) -> dict:
+    return tiny_embedding
 
 
 def make_loadable_bundle(root: Path, detector: Path, name: str = "person") -> Path:

@@ -21,7 +21,7 @@ import yaml
 from faceberry.device.capture.camera import IMAGE_SUFFIXES
 from faceberry.device.outputs import homeassistant as ha
 from tests.plugins.broker import Subscriber
-from tests.plugins.processes import finish, start
+from tests.plugins.processes import start
 
 DEVICE = "testcam"
 HA_DEVICE = "hacam"
@@ -159,7 +159,14 @@ class Daemon:
             assert self.proc.poll() is None, "".join(self.log)[-4000:]
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc, _ = finish(self.proc, timeout=60)
+        # wait(), not communicate(): a second reader of stderr would take lines the log thread never sees.
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self._reader.join(5)
+            pytest.fail(f"daemon did not exit within 60s:\n{''.join(self.log)[-3000:]}")
         self._reader.join(5)
         if self.sub is not None:
             self.sub.close()
