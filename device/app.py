@@ -236,7 +236,7 @@ def subscribe_status(dispatcher: Dispatcher, topics: Topics, publish: Publish, l
     dispatcher.subscribe(Started, bundle_status.started)
     dispatcher.subscribe(Reloaded, bundle_status.reloaded)
     state = DeviceState(topics, publish, software=__version__,
-                        library=(lambda: dict(library.applied.ids)) if library is not None else None)
+                        library=(lambda: dict(library.state.ids)) if library is not None else None)
     dispatcher.subscribe(FrameDone, state.frame)
     dispatcher.subscribe(StatsReport, state.stats)
 

@@ -388,12 +388,13 @@ class FrameLoop:
                                            final=self._stopped))
         return s
 
-    def write_status(self) -> Path | None:
-        """Write the stats, bundle, pid and MQTT state atomically (tmp + rename): a reader never sees half."""
+    def write_status(self, stats: dict[str, Any] | None = None) -> Path | None:
+        """Write the stats (`stats`, else taken now), bundle, pid and MQTT state atomically (tmp + rename): a
+        reader never sees half."""
         path = self.status_path
         if path is None:
             return None
-        s = self.stats()
+        s = stats if stats is not None else self.stats()
         data = {**s, "bundle_id": self.bundle_id, "bundle_path": self.bundle_path, "pid": os.getpid(),
                 "device_id": self.cfg.device_id, "updated_at": iso_utc(time.time()),
                 "mqtt_state": s["mqtt"]["state"], "fps": round(self.fps, 2), "status": self.status_text(),
@@ -431,7 +432,10 @@ class FrameLoop:
         s = self.stats()
         self.notifier.status(self.status_text())
         self._report_stats(s)
-        self.write_status()
+        # The very figures of the stats line below (counters move between two stats() calls), and the
+        # periodic write waits its full interval from here.
+        self._status_at = time.monotonic()
+        self.write_status(s)
         self._fps_frames, self._fps_since = self.frames, time.monotonic()
         for c in self.cameras:
             c.fps_frames = c.frames

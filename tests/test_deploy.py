@@ -26,9 +26,9 @@ import pytest
 from faceberry.bundle import MANIFEST, load_bundle, write_manifest
 from faceberry.device.ops.store import BundleStore
 from tests.plugins.broker import Subscriber, client_connections
-from tests.plugins.daemon import finish, folder_of_photos, start_daemon, write_config
+from tests.plugins.daemon import folder_of_photos, start_daemon, write_config
 from tests.plugins.files import assert_owned_like_root, corrupt, pi_root, variant
-from tests.plugins.processes import free_port, module, run
+from tests.plugins.processes import finish, free_port, module, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "deploycam"

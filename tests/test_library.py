@@ -224,7 +224,7 @@ def test_a_face_named_on_one_device_is_named_on_every_device(tmp_path, mosquitto
 # --- the rule: deterministic whatever the order ---------------------------------------------------------------------
 
 
-def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+def _random_unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     v = rng.standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -302,14 +302,14 @@ def test_conflicting_entries_end_the_same_on_every_device_in_whatever_order_they
     known = tiny["people"][0]
     entries = [
         # Two devices name one stranger differently: b's name is the later one.
-        encode_entry("Ann", _unit(rng, 2, dim), embedder, "door-a", version=10, subject="s-0000aaaa"),
-        encode_entry("Anne", _unit(rng, 2, dim), embedder, "door-b", version=20, subject="s-0000aaaa"),
+        encode_entry("Ann", _random_unit(rng, 2, dim), embedder, "door-a", version=10, subject="s-0000aaaa"),
+        encode_entry("Anne", _random_unit(rng, 2, dim), embedder, "door-b", version=20, subject="s-0000aaaa"),
         # One device enrols Cid, another forgets Cid later: forgotten.
-        encode_entry("Cid", _unit(rng, 1, dim), embedder, "door-a", version=30),
+        encode_entry("Cid", _random_unit(rng, 1, dim), embedder, "door-a", version=30),
         encode_entry("Cid", None, None, "door-b", version=40, op="forget"),
         # One device forgets Dee, another (its clock later) enrols Dee: enrolled.
         encode_entry("Dee", None, None, "door-a", version=45, op="forget"),
-        encode_entry("Dee", _unit(rng, 2, dim), embedder, "door-b", version=50),
+        encode_entry("Dee", _random_unit(rng, 2, dim), embedder, "door-b", version=50),
         # A person of the deployed bundle, forgotten: gone, on a device started later too.
         encode_entry(known, None, None, "door-b", version=60, op="forget"),
     ]
@@ -593,7 +593,7 @@ def test_the_library_crosses_a_bridge_and_an_outage_of_it_loses_nothing(tmp_path
         # The central broker (and so the bridge) goes away; A names someone else meanwhile.
         central.stop()
         _, dim = _embedder_and_dim(a.bundle)
-        other = _enrol_here(a, "Zed", list(_unit(np.random.default_rng(5), 2, dim)))
+        other = _enrol_here(a, "Zed", list(_random_unit(np.random.default_rng(5), 2, dim)))
         assert not b.serves("Zed")
         central.start()
         # The local broker kept it for the bridge: it arrives once the bridge is back.

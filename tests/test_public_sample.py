@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.broker import Subscriber
-from tests.plugins.daemon import DEVICE, expected_event_labels, finish, start_daemon, write_config
-from tests.plugins.processes import python
+from tests.plugins.daemon import DEVICE, expected_event_labels, start_daemon, write_config
+from tests.plugins.processes import finish, python
 from tests.public_faces import KNOWN, STRANGER
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from faceberry.bundle import MANIFEST, load_bundle, write_manifest
 from tests.plugins.broker import Subscriber, client_connections
-from tests.plugins.daemon import finish, folder_of_photos, start_daemon, switch_current, write_config
+from tests.plugins.daemon import folder_of_photos, start_daemon, switch_current, write_config
+from tests.plugins.processes import finish
 
 DEVICE = "reloadcam"
 pytestmark = pytest.mark.broker

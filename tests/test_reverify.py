@@ -22,7 +22,8 @@ from faceberry.device.recognition.pipeline import FacePipeline
 from faceberry.device.recognition.tracker import REVERIFY_EVERY, REVERIFY_SETTLED, Observation, Tracker
 from faceberry.preprocess import load_image
 from tests.conftest import need_shared
-from tests.plugins.daemon import events_of, finish, start_daemon, write_config
+from tests.plugins.daemon import events_of, start_daemon, write_config
+from tests.plugins.processes import finish
 
 VOTES = 5  # the config's default tracking.votes_needed
 

@@ -24,12 +24,12 @@ from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import (
     events_of,
     expected_event_labels,
-    finish,
     folder_of_photos,
     mqtt_cfg,
     start_daemon,
     write_config,
 )
+from tests.plugins.processes import finish
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "testcam"

@@ -195,5 +195,5 @@ def deploy_remote(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     # A StoreError or BundleError (bad input, exit 2) is printed by faceberry.device.cli.
     if not hasattr(args, "hosts"):  # called without validate() (a script)
-        validate(argparse.ArgumentParser(), args)
+        args.hosts = read_hosts(args.host, args.hosts_file)
     return deploy_remote(args) if args.hosts else deploy_local(args)

@@ -150,11 +150,11 @@ def receive(devices: dict[str, Device], prefix: str, topic: str, payload: bytes)
     base = prefix.strip("/").split("/")
     if len(levels) != len(base) + 2 or levels[: len(base)] != base or levels[-1] not in KINDS:
         return
-    device_id, kind = levels[-2], levels[-1]
+    device_id, topic = levels[-2], levels[-1]
     if not payload:  # a cleared retained topic
         return
     device = devices.setdefault(device_id, Device(device_id))
-    if kind == "status":
+    if topic == "status":
         device.status = payload.decode("utf-8", "replace").strip()
         return
     try:
@@ -162,9 +162,9 @@ def receive(devices: dict[str, Device], prefix: str, topic: str, payload: bytes)
     except (UnicodeDecodeError, ValueError):
         value = None
     if not isinstance(value, dict):
-        device.unreadable.append(kind)
+        device.unreadable.append(topic)
         return
-    setattr(device, kind, value)
+    setattr(device, topic, value)
 
 
 def listen(mqtt: Any, password: str | None, prefix: str, wait: float) -> dict[str, Device]:

@@ -16,7 +16,7 @@ import shlex
 import subprocess
 
 from faceberry.device.ops import deploy
-from faceberry.device.ops.fleet import HostResult
+from faceberry.device.ops.fleet import HostResult, read_hosts
 from faceberry.device.ops.reloader import add_store_arguments, read_setup, reload_and_report, store_root
 from faceberry.device.ops.store import BundleStore
 
@@ -62,7 +62,7 @@ def rollback_here(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if not hasattr(args, "hosts"):  # called without validate() (a script)
-        validate(argparse.ArgumentParser(), args)
+        args.hosts = read_hosts(args.host, args.hosts_file)
     if not args.hosts:
         return rollback_here(args)
     if len(args.hosts) == 1:
