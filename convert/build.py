@@ -38,6 +38,11 @@ MIN_AGREEMENT = 95.0
 CALIBRATION_SAMPLES = {"augmented": 1000, "plain": 200}
 
 
+# Modes whose activation ranges are measured on calibration faces, and modes with int8 weights.
+CALIBRATED = ("int8", "int16x8")
+INT8_WEIGHTS = ("int8", "int16x8", "dynamic")
+
+
 class ConvertError(UsageError):
     """A run or bundle problem; the message names it and the fix."""
 
@@ -149,7 +154,7 @@ def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantiza
 
     recipe: dict[str, Any] = {}
     representative = None
-    if quantization == "int8":
+    if quantization in CALIBRATED:
         calibration, float_ops = _int8_recipe(calibration, float_ops)
         if calibration_samples is None:
             calibration_samples = CALIBRATION_SAMPLES[calibration]
@@ -162,7 +167,7 @@ def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantiza
              f" ({recipe['calibration']['samples']} {calibration} calibration faces"
              f"{', ' + '/'.join(float_ops) + ' in float' if float_ops else ''})" if recipe else "")
     flatbuffer = convert_model(model, quantization, representative, float_ops=recipe.get("float_ops", ()))
-    if quantization == "int8":
+    if quantization in INT8_WEIGHTS:
         recipe["weight_scales"] = weight_scales(flatbuffer)
     return flatbuffer, recipe
 

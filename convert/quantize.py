@@ -1,7 +1,13 @@
-"""Keras model → TFLite (full-integer int8, float16 or float32) via SavedModel export.
+"""Keras model → TFLite (full-integer int8, 16x8, dynamic-range, float16 or float32) via SavedModel export.
 
 int8 weights are quantised per output channel (conv, depthwise and dense: the converter's default, which
 convert never turns off); activations per tensor, from the ranges seen on the representative set.
+
+- int8: full-integer, int8 weights and activations (XNNPACK's fast integer kernels).
+- int16x8: int8 weights, int16 activations (TFLite's experimental 16x8 mode; float input and output). 256
+  times finer activations than int8, but LiteRT runs it on its reference kernels (no XNNPACK).
+- dynamic: int8 weights, float activations (dynamic-range quantisation: weights dequantised or activations
+  quantised on the fly); no calibration.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ HEAD_OPS = ("MEAN", "FULLY_CONNECTED", "SOFTMAX")
 
 
 def convert_model(model, quantization: str, representative: np.ndarray | None = None,
-                  float_ops: Sequence[str] = ()) -> bytes:
+                  float_ops: Sequence[str] = (), per_channel: bool = True) -> bytes:
     """The TFLite flatbuffer of a Keras model taking (N, S, S, 3) float32 input.
 
     int8 is full-integer (int8 input and output, only integer builtin ops), so the Pi runs it with
     the integer kernels and reads scale/zero point from the tensor details. With `float_ops` (TFLite
     builtin names, e.g. HEAD_OPS) those ops stay float (selective quantisation): int8 input, the rest
-    integer, a float output; faceberry.runtime reads either.
+    integer, a float output; faceberry.runtime reads either. `per_channel=False` gives one weight scale per
+    tensor (only to measure what per-channel buys: bench/card_path.py).
     """
     import tensorflow as tf
 
@@ -53,6 +60,7 @@ def convert_model(model, quantization: str, representative: np.ndarray | None = 
         saved = Path(tmp) / "saved_model"
         model.export(str(saved), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        converter._experimental_disable_per_channel = not per_channel  # no public switch
         if quantization == "int8":
             if representative is None or len(representative) == 0:
                 raise ValueError("int8 conversion needs training crops for its representative set")
@@ -68,6 +76,15 @@ def convert_model(model, quantization: str, representative: np.ndarray | None = 
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+        elif quantization == "int16x8":
+            if representative is None or len(representative) == 0:
+                raise ValueError("int16x8 conversion needs training crops for its representative set")
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in representative)
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        elif quantization == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
         elif quantization == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
