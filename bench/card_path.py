@@ -35,13 +35,18 @@ from bench.protocol import LFW_DEV, make_split
 from faceberry.convert.quantize import HEAD_OPS
 
 # Recipes measured on the same run: (name, quantization, options). Options: calibration / calibration_samples /
-# float_ops as convert_run takes them; per_channel=False and logits=True are bench-only variants.
+# float_ops / bias_correction as convert_run takes them (here bias correction is off unless a recipe says so);
+# per_channel=False and logits=True are bench-only variants.
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
+    ("int8: bias-corrected on 96 crops, 161 plain calibration (convert's default)", "int8",
+     {"bias_correction": True}),
+    ("int8: bias-corrected, 1000 augmented calibration", "int8",
+     {"bias_correction": True, "calibration": "augmented", "calibration_samples": 1000}),
     ("float16", "float16", {}),
     ("dynamic range: int8 weights, float activations", "dynamic", {}),
     ("16x8: int8 weights, int16 activations", "int16x8", {}),
     ("16x8, 1000 augmented calibration faces", "int16x8", {"calibration": "augmented", "calibration_samples": 1000}),
-    ("int8: 161 plain crops (convert's default)", "int8", {}),
+    ("int8: 161 plain crops (convert's default before bias correction)", "int8", {}),
     ("int8: per-tensor weights (per-channel off)", "int8", {"per_channel": False}),
     ("int8: 1000 augmented crops", "int8", {"calibration": "augmented", "calibration_samples": 1000}),
     ("int8: 4000 augmented crops", "int8", {"calibration": "augmented", "calibration_samples": 4000}),
@@ -151,19 +156,20 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
             known_accuracy=ev["known_accuracy"], stranger_false_accept_rate=ev["stranger_false_accept_rate"],
             closed_set_accuracy=ev["closed_set_accuracy"],
         )
-        # The int8 bundle convert refused, built with the guard off: what the device would do with it on
-        # photos the run never saw, beside the bundle convert wrote.
-        forced = work / "bundle-int8-unguarded"
-        convert_run(run, forced, quantization="int8", max_drop=100.0, min_agreement=0.0, force=True)
-        ev8 = device_eval(forced, Path(data["eval_dir"]), work / "eval-int8.json")
-        best = {p["path"]: p["best"] for p in ev["probes"] if p["faces"]}
-        found = [p for p in ev8["probes"] if p["path"] in best and p["faces"]]
-        final["unguarded_int8"] = {
-            "known_accuracy": ev8["known_accuracy"], "stranger_false_accept_rate": ev8["stranger_false_accept_rate"],
-            "closed_set_accuracy": ev8["closed_set_accuracy"], "probe_faces": len(found),
-            "top1_agreement_on_probes": (float(np.mean([p["best"] == best[p["path"]] for p in found]))
-                                         if found else None),
-        }
+        # Beside the bundle convert wrote, on photos the run never saw: the float16 bundle (the float model's
+        # answers) and the int8 without bias correction (refused by the guard; built with the guard off).
+        final["others"] = {}
+        for name, options in (("float16", {"quantization": "float16"}),
+                              ("int8 without bias correction", {"quantization": "int8", "bias_correction": False})):
+            other = work / f"bundle-{options['quantization']}{'-nobc' if 'bias_correction' in options else ''}"
+            convert_run(run, other, max_drop=100.0, min_agreement=0.0, force=True, **options)
+            final["others"][name] = device_eval(other, Path(data["eval_dir"]), work / f"eval-{other.name}.json")
+        reference = final["others"]["float16"]
+        final["on_probes"] = {name: probe_agreement(e, reference) for name, e in
+                              (("written bundle", ev), *final["others"].items())}
+        for name, e in final["others"].items():
+            final["others"][name] = {k: e[k] for k in ("known_accuracy", "stranger_false_accept_rate",
+                                                       "closed_set_accuracy", "bundle_id")}
     diagnostics = diagnose(run)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
@@ -176,10 +182,14 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
               f"{data['probe_photos']} probes of the known people and {data['stranger_photos']} of "
               f"{data['stranger_people']} strangers: known {pct(final['known_accuracy'])}, strangers accepted "
               f"{pct(final['stranger_false_accept_rate'])}, closed-set {pct(final['closed_set_accuracy'])}")
-        u = final["unguarded_int8"]
-        print(f"the refused int8 (guard off), same probes: known {pct(u['known_accuracy'])}, strangers accepted "
-              f"{pct(u['stranger_false_accept_rate'])}, closed-set {pct(u['closed_set_accuracy'])}; its top-1 "
-              f"agrees with the written bundle's on {pct(u['top1_agreement_on_probes'])} of {u['probe_faces']} faces")
+        for name, o in final["others"].items():
+            print(f"{name} bundle, same probes: known {pct(o['known_accuracy'])}, strangers accepted "
+                  f"{pct(o['stranger_false_accept_rate'])}, closed-set {pct(o['closed_set_accuracy'])}")
+        print(table(["against the float16 bundle, on the probes", "faces", "top-1 =", "decisions =",
+                     "decisions = where either names"],
+                    [[name, a["faces"], pct(a["top1"]), pct(a["decisions"]),
+                      f"{a['agree_where_named']}/{a['named_by_either']} = {pct(a['decisions_where_named'])}"]
+                     for name, a in final["on_probes"].items()]))
     else:
         print(f"\n`python -m convert` (defaults) refused: {refused}")
     print("\nwhere int8 moves the answers (top-1 agreement with the float Keras model on the validation faces):")
@@ -190,6 +200,20 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
         "diagnostics": diagnostics})
     print(f"\nwrote {path}")
     return 0
+
+
+def probe_agreement(ev: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Face by face on the probes both device evals found a face in: top-1 and decisions against `reference`."""
+    ref = {p["path"]: p for p in reference["probes"] if p["faces"]}
+    pairs = [(p, ref[p["path"]]) for p in ev["probes"] if p["faces"] and p["path"] in ref]
+    named = [(p, r) for p, r in pairs if "unknown" not in (p["predicted"], r["predicted"])
+             or p["predicted"] != r["predicted"]]
+    agree = sum(p["predicted"] == r["predicted"] for p, r in named)
+    return {"faces": len(pairs),
+            "top1": float(np.mean([p["best"] == r["best"] for p, r in pairs])) if pairs else None,
+            "decisions": float(np.mean([p["predicted"] == r["predicted"] for p, r in pairs])) if pairs else None,
+            "named_by_either": len(named), "agree_where_named": agree,
+            "decisions_where_named": agree / len(named) if named else None}
 
 
 class _Check:
@@ -262,6 +286,7 @@ def measure_recipe(work: Path, run_dir: Path, name: str, quantization: str, opti
                   "weight_scales": weight_scales(flat)}
     else:
         convert_options = {k: options.get(k) for k in ("calibration", "calibration_samples", "float_ops")}
+        convert_options["bias_correction"] = bool(options.get("bias_correction"))
         flat, recipe = _quantize(c.model, run, run_dir, c.train_x, quantization, **convert_options)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
