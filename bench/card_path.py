@@ -38,7 +38,7 @@ from faceberry.convert.quantize import HEAD_OPS
 # float_ops / bias_correction as convert_run takes them (here bias correction is off unless a recipe says so);
 # per_channel=False and logits=True are bench-only variants.
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
-    ("int8: bias-corrected on 96 crops, 161 plain calibration (convert's default)", "int8",
+    ("int8: bias-corrected on the 161 crops, plain calibration (convert's default)", "int8",
      {"bias_correction": True}),
     ("int8: bias-corrected, 1000 augmented calibration", "int8",
      {"bias_correction": True, "calibration": "augmented", "calibration_samples": 1000}),

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="convert a softmax run's int8 without bias correction (by default the mean output shift "
                    "int8 weight rounding causes is corrected layer by layer on training faces first; on the card's "
-                   "MobileNetV2 fine-tune it took top-1 agreement with float from 73%% to 95%%)")
+                   "MobileNetV2 fine-tune it took top-1 agreement with float from 73%% to 95%% on validation faces)")
     p.add_argument("--keep-threshold", action="store_true",
                    help="keep the training run's accept threshold (and, for a backbone run, its float gallery) "
                    "instead of re-fitting them on the converted model")

@@ -130,7 +130,7 @@ def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle, tiny
     with np.load(tiny_run / "crops.npz") as data:
         train_faces = int((data["split"] == "train").sum())
     bias = agreement["bias_correction"]
-    assert bias["layers"] == 53 and bias["faces"] == min(96, train_faces)
+    assert bias["layers"] == 53 and bias["faces"] == min(200, train_faces)
     test = agreement["paired_test"]
     assert test["faces"] == agreement["faces"] and 0 <= test["p_value"] <= 1
 
