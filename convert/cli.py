@@ -21,6 +21,9 @@ BUNDLE_DIR gets classifier.tflite, face_detection_short_range.tflite, labels.txt
 preprocessing, accept threshold, sha256 of every file, float-vs-converted agreement) and, for an embedding
 run, gallery.npz. Copy the whole directory to the Pi and point the device config at it.
 
+For a run without --backbone, int8 weights are bias-corrected first (the mean output shift rounding them
+causes is taken out of each layer's bias, measured on training crops; about a minute on 2 cores).
+
 The converted model is run through the device's own TFLite wrapper on the run's validation and stranger
 faces and compared with the float Keras model, face by face; if it is more than --max-drop points less
 accurate and the faces it loses are too many to be chance, no bundle is written.
