@@ -455,6 +455,22 @@ def test_the_summary_says_which_quantization_was_written_and_why(tmp_path):
     assert "float16 classifier, 4470 KiB — int8 was refused: int8 model agrees" in text and "bias" not in text
 
 
+def test_no_bias_correction_reaches_the_conversion_and_the_default_leaves_it_to_the_run(tmp_path, monkeypatch):
+    import faceberry.convert.build
+    from faceberry.convert import cli
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["bias_correction"])
+        raise ConvertError("stopped here")
+
+    monkeypatch.setattr(faceberry.convert.build, "convert_run", record)
+    assert cli.main(["--run", str(tmp_path), "--out", str(tmp_path / "b"), "-q", "--no-bias-correction"]) == 2
+    assert cli.main(["--run", str(tmp_path), "--out", str(tmp_path / "b"), "-q"]) == 2
+    assert seen == [False, None]  # None: convert_run decides (on for a classifier's int8, off for an embedder)
+
+
 def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tmp_path, capsys, monkeypatch):
     import faceberry.convert.build
     from faceberry.convert import cli
