@@ -8,10 +8,16 @@ training photos each; their other photos (up to --probes each) and 2 photos of e
 the probes for `python -m device eval`. Training is the README's `python -m train --photos DIR` (the project
 defaults: 128 px, augmentation, head then top blocks), with the shared ImageNet weights file.
 
-On that one run, every quantisation recipe is built by faceberry.convert.build.convert_run (the code `python -m
-convert` runs) and measured on the run's validation faces against the float Keras model: top-1 and decision
-agreement, accuracy, the guard's paired test (faceberry.convert.verify.paired_drop) and whether convert would write
-it. Then `python -m convert --run RUN --out BUNDLE` (defaults) and `python -m device eval` on the probes.
+On that one run, every quantisation recipe (RECIPES: bias-corrected int8, plain and augmented calibration,
+per-tensor, a float head, logits, 16x8, dynamic range, float16) is built with the code `python -m convert` runs
+(faceberry.convert.build._quantize, the head's verify with the threshold re-fitted, the guard _check_drop; each
+.tflite kept under WORK/tflite and reused) and measured against the float Keras model on the validation faces:
+top-1 agreement, decisions where either model names someone, top-1 where the float model accepts, accuracy,
+the guard's paired test, size, and LiteRT ms per face in .venv-device (interleaved rounds). Then `python -m
+convert --run RUN --out BUNDLE` (defaults), and `python -m device eval` on the probes of that bundle, a float16
+one and an int8 one without bias correction, compared face by face with the float16 bundle.
+
+    nice -n 10 python -m bench.card_path --recipes-only   # the recipe table alone
 
 Writes bench/results/card_path.json.
 """
@@ -21,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,14 +40,25 @@ from bench.common import RESULTS, SHARED_WEIGHTS, describe, machine, pct, table,
 from bench.protocol import LFW_DEV, make_split
 from faceberry.convert.quantize import HEAD_OPS
 
-# Recipes measured on the same run: (name, quantization, convert_run options).
+# Recipes measured on the same run: (name, quantization, options). Options: calibration / calibration_samples /
+# float_ops / bias_correction as convert_run takes them (here bias correction is off unless a recipe says so);
+# per_channel=False and logits=True are bench-only variants.
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
+    ("int8: bias-corrected on the 161 crops, plain calibration (convert's default)", "int8",
+     {"bias_correction": True}),
+    ("int8: bias-corrected, 1000 augmented calibration", "int8",
+     {"bias_correction": True, "calibration": "augmented", "calibration_samples": 1000}),
     ("float16", "float16", {}),
-    ("int8: 200 plain crops, all int8 (convert's default)", "int8", {}),
-    ("int8: 1000 augmented crops, all int8", "int8", {"calibration": "augmented", "calibration_samples": 1000}),
-    ("int8: 200 plain crops, head in float", "int8", {"float_ops": HEAD_OPS}),
+    ("dynamic range: int8 weights, float activations", "dynamic", {}),
+    ("16x8: int8 weights, int16 activations", "int16x8", {}),
+    ("16x8, 1000 augmented calibration faces", "int16x8", {"calibration": "augmented", "calibration_samples": 1000}),
+    ("int8: 161 plain crops (convert's default before bias correction)", "int8", {}),
+    ("int8: per-tensor weights (per-channel off)", "int8", {"per_channel": False}),
+    ("int8: 1000 augmented crops", "int8", {"calibration": "augmented", "calibration_samples": 1000}),
+    ("int8: 4000 augmented crops", "int8", {"calibration": "augmented", "calibration_samples": 4000}),
     ("int8: 1000 augmented crops, head in float", "int8", {"calibration": "augmented", "calibration_samples": 1000,
                                                            "float_ops": HEAD_OPS}),
+    ("int8: logits out (softmax removed), compared by argmax", "int8", {"logits": True}),
 ]
 
 
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="people, split and training seed (default 0)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the run exists")
     parser.add_argument("--train-only", action="store_true", help="stop after training")
+    parser.add_argument("--recipes-only", action="store_true",
+                        help="measure the recipes only (no convert CLI, device eval or diagnostics)")
     parser.add_argument("--train-arg", action="append", default=[], help="extra `python -m train` argument")
     args = parser.parse_args(argv)
     if not LFW_DEV.is_dir():
@@ -108,32 +128,26 @@ def main(argv: list[str] | None = None) -> int:
     meta = train(work, data, args.seed, args.retrain, args.train_arg)
     if args.train_only:
         return 0
-    return measure(work, data, meta, info)
+    return measure(work, data, meta, info, args.recipes_only)
 
 
-def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[str, Any]) -> int:
-    from faceberry.convert.build import ConvertError, convert_run
+def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[str, Any],
+            recipes_only: bool = False) -> int:
+    from faceberry.convert.build import convert_run
 
     run = work / "run"
     report = json.loads((run / "report.json").read_text())
-    rows: list[dict[str, Any]] = []
-    for name, quantization, options in RECIPES:
-        out = work / f"bundle-{len(rows)}"
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"recipe": name, "quantization": quantization, "options": options}
-        try:
-            manifest = convert_run(run, out, quantization=quantization, force=True, **options)
-            row["written"] = True
-            agreement = manifest["metrics"]["agreement"]
-            row["classifier_bytes"] = (out / manifest["classifier"]["file"]).stat().st_size
-        except ConvertError as exc:
-            row["written"], row["refusal"] = False, str(exc)
-            agreement = getattr(exc, "agreement", {}) or {}
-        row["convert_seconds"] = round(time.perf_counter() - t0, 1)
-        row["agreement"] = agreement
-        rows.append(row)
-        print(f"{name}: {'written' if row['written'] else 'refused'} "
-              f"top-1 agreement {pct(agreement.get('top1_agreement'))}", file=sys.stderr, flush=True)
+    rows = [measure_recipe(work, run, name, quantization, options) for name, quantization, options in RECIPES]
+    speed = litert_speed(work, [r for r in rows if r.get("tflite")])
+    for row in rows:
+        row["invoke_ms"] = speed.get(row.get("tflite", ""), {})
+    if recipes_only:
+        info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        print(f"\nthe card's path — {describe(info)}; float validation accuracy {pct(report.get('val_accuracy'))}")
+        print(recipe_table(rows))
+        path = write_result("card_path_recipes", {"machine": info, "data": data, "train": meta, "recipes": rows})
+        print(f"\nwrote {path}")
+        return 0
 
     bundle = work / "bundle"
     seconds, refused = sh([PY, "-m", "convert", "--run", run, "--out", bundle, "--force"], "convert", may_fail=True)
@@ -148,42 +162,40 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
             known_accuracy=ev["known_accuracy"], stranger_false_accept_rate=ev["stranger_false_accept_rate"],
             closed_set_accuracy=ev["closed_set_accuracy"],
         )
-        # The int8 bundle convert refused, built with the guard off: what the device would do with it on
-        # photos the run never saw, beside the bundle convert wrote.
-        forced = work / "bundle-int8-unguarded"
-        convert_run(run, forced, quantization="int8", max_drop=100.0, min_agreement=0.0, force=True)
-        ev8 = device_eval(forced, Path(data["eval_dir"]), work / "eval-int8.json")
-        best = {p["path"]: p["best"] for p in ev["probes"] if p["faces"]}
-        found = [p for p in ev8["probes"] if p["path"] in best and p["faces"]]
-        final["unguarded_int8"] = {
-            "known_accuracy": ev8["known_accuracy"], "stranger_false_accept_rate": ev8["stranger_false_accept_rate"],
-            "closed_set_accuracy": ev8["closed_set_accuracy"], "probe_faces": len(found),
-            "top1_agreement_on_probes": (float(np.mean([p["best"] == best[p["path"]] for p in found]))
-                                         if found else None),
-        }
+        # Beside the bundle convert wrote, on photos the run never saw: the float16 bundle (the float model's
+        # answers) and the int8 without bias correction (refused by the guard; built with the guard off).
+        final["others"] = {}
+        for name, options in (("float16", {"quantization": "float16"}),
+                              ("int8 without bias correction", {"quantization": "int8", "bias_correction": False})):
+            other = work / f"bundle-{options['quantization']}{'-nobc' if 'bias_correction' in options else ''}"
+            convert_run(run, other, max_drop=100.0, min_agreement=0.0, force=True, **options)
+            final["others"][name] = device_eval(other, Path(data["eval_dir"]), work / f"eval-{other.name}.json")
+        reference = final["others"]["float16"]
+        final["on_probes"] = {name: probe_agreement(e, reference) for name, e in
+                              (("written bundle", ev), *final["others"].items())}
+        for name, e in final["others"].items():
+            final["others"][name] = {k: e[k] for k in ("known_accuracy", "stranger_false_accept_rate",
+                                                       "closed_set_accuracy", "bundle_id")}
     diagnostics = diagnose(run)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
     print(f"\nthe card's path, {len(data['people'])} people × {data['train_photos'] // len(data['people'])} photos "
           f"— {describe(info)}; float validation accuracy {pct(report.get('val_accuracy'))} "
           f"on {report['split']['val']} faces")
-    print(table(
-        ["recipe", "int8 recipe", "written", "top-1 = float (95% CI)", "decisions = float",
-         "accuracy float / converted", "faces float-only right / converted-only right", "p (McNemar)", "size"],
-        [[r["recipe"], _recipe(r["agreement"]), "yes" if r["written"] else "refused",
-          _agree(r["agreement"]), pct(r["agreement"].get("decision_agreement")),
-          f"{pct(r['agreement'].get('float_accuracy'))} / {pct(r['agreement'].get('converted_accuracy'))}",
-          _discordant(r["agreement"]), _p(r["agreement"]),
-          f"{r['classifier_bytes'] / 1e6:.2f} MB" if r.get("classifier_bytes") else "—"] for r in rows]))
+    print(recipe_table(rows))
     if refused is None:
         print(f"\n`python -m convert` (defaults) → {final['quantization']} bundle {final['bundle_id']}; device eval on "
               f"{data['probe_photos']} probes of the known people and {data['stranger_photos']} of "
               f"{data['stranger_people']} strangers: known {pct(final['known_accuracy'])}, strangers accepted "
               f"{pct(final['stranger_false_accept_rate'])}, closed-set {pct(final['closed_set_accuracy'])}")
-        u = final["unguarded_int8"]
-        print(f"the refused int8 (guard off), same probes: known {pct(u['known_accuracy'])}, strangers accepted "
-              f"{pct(u['stranger_false_accept_rate'])}, closed-set {pct(u['closed_set_accuracy'])}; its top-1 "
-              f"agrees with the written bundle's on {pct(u['top1_agreement_on_probes'])} of {u['probe_faces']} faces")
+        for name, o in final["others"].items():
+            print(f"{name} bundle, same probes: known {pct(o['known_accuracy'])}, strangers accepted "
+                  f"{pct(o['stranger_false_accept_rate'])}, closed-set {pct(o['closed_set_accuracy'])}")
+        print(table(["against the float16 bundle, on the probes", "faces", "top-1 =", "decisions =",
+                     "decisions = where either names"],
+                    [[name, a["faces"], pct(a["top1"]), pct(a["decisions"]),
+                      f"{a['agree_where_named']}/{a['named_by_either']} = {pct(a['decisions_where_named'])}"]
+                     for name, a in final["on_probes"].items()]))
     else:
         print(f"\n`python -m convert` (defaults) refused: {refused}")
     print("\nwhere int8 moves the answers (top-1 agreement with the float Keras model on the validation faces):")
@@ -196,9 +208,205 @@ def measure(work: Path, data: dict[str, Any], meta: dict[str, Any], info: dict[s
     return 0
 
 
+def probe_agreement(ev: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Face by face on the probes both device evals found a face in: top-1 and decisions against `reference`."""
+    ref = {p["path"]: p for p in reference["probes"] if p["faces"]}
+    pairs = [(p, ref[p["path"]]) for p in ev["probes"] if p["faces"] and p["path"] in ref]
+    named = [(p, r) for p, r in pairs if "unknown" not in (p["predicted"], r["predicted"])
+             or p["predicted"] != r["predicted"]]
+    agree = sum(p["predicted"] == r["predicted"] for p, r in named)
+    return {"faces": len(pairs),
+            "top1": float(np.mean([p["best"] == r["best"] for p, r in pairs])) if pairs else None,
+            "decisions": float(np.mean([p["predicted"] == r["predicted"] for p, r in pairs])) if pairs else None,
+            "named_by_either": len(named), "agree_where_named": agree,
+            "decisions_where_named": agree / len(named) if named else None}
+
+
+class _Check:
+    """The run, its float model and the float outputs on the check faces, loaded once for every recipe."""
+
+    _cache: ClassVar[dict[Path, _Check]] = {}
+
+    def __init__(self, run_dir: Path) -> None:
+        from faceberry.convert.build import _check_set, _load_keras, load_run
+
+        self.run = load_run(run_dir)
+        self.model = _load_keras(run_dir / "model.keras")
+        self.train_x, self.check_x, self.truth, self.is_val = _check_set(self.run, run_dir)
+        self.float_out = np.asarray(self.model.predict(self.check_x, batch_size=64, verbose=0), np.float32)
+
+    @classmethod
+    def of(cls, run_dir: Path) -> _Check:
+        if run_dir not in cls._cache:
+            cls._cache[run_dir] = cls(run_dir)
+        return cls._cache[run_dir]
+
+
+def _logits_model(model):
+    """The run's model with the softmax taken off its dense layer (same weights): it outputs logits."""
+    import keras
+
+    dense = model.get_layer("probabilities")
+    logits = keras.layers.Dense(dense.units, name="logits")(model.get_layer("dropout").output)
+    out = keras.Model(model.inputs, logits)
+    out.get_layer("logits").set_weights(dense.get_weights())
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def measure_recipe(work: Path, run_dir: Path, name: str, quantization: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Convert the run with one recipe (the code convert_run runs: _quantize, the head's verify with the
+    threshold re-fitted on the converted outputs, the guard _check_drop) and measure it against the float
+    model on the check faces. The .tflite is kept under WORK/tflite and reused when the run has not changed."""
+    import copy
+    import hashlib
+
+    from faceberry.contract import UNKNOWN
+    from faceberry.convert.build import ConvertError, _check_drop, _quantize
+    from faceberry.convert.quantize import convert_model, weight_scales
+    from faceberry.convert.verify import run_tflite, wilson_interval
+    from faceberry.heads import Verification, softmax_decisions
+    from faceberry.train.calibrate import calibrate
+
+    c = _Check.of(run_dir)
+    run = c.run
+    key = hashlib.sha256(json.dumps([name, quantization, {k: str(v) for k, v in options.items()},
+                                     (run_dir / "model.keras").stat().st_mtime]).encode()).hexdigest()[:12]
+    path = work / "tflite" / f"{key}.tflite"
+    recipe_path = path.with_suffix(".json")
+    t0 = time.perf_counter()
+    if path.is_file() and recipe_path.is_file():
+        recipe = json.loads(recipe_path.read_text())
+    elif options.get("per_channel") is False or options.get("logits"):
+        from faceberry.convert.quantize import representative_samples
+
+        model = _logits_model(c.model) if options.get("logits") else c.model
+        representative = representative_samples(c.train_x, 200)
+        flat = convert_model(model, quantization, representative, per_channel=options.get("per_channel", True))
+        recipe = {"calibration": {"source": "plain", "samples": len(representative),
+                                  "training_crops": len(c.train_x)}, "float_ops": [],
+                  "weight_scales": weight_scales(flat)}
+    else:
+        convert_options = {k: options.get(k) for k in ("calibration", "calibration_samples", "float_ops")}
+        convert_options["bias_correction"] = bool(options.get("bias_correction"))
+        flat, recipe = _quantize(c.model, run, run_dir, c.train_x, quantization, **convert_options)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(flat)
+        recipe_path.write_text(json.dumps(recipe))
+    convert_seconds = time.perf_counter() - t0
+    q_out = run_tflite(path, c.check_x)
+    if options.get("logits"):
+        q_out = _softmax(q_out)  # the probabilities the float softmax would give from the int8 logits
+    verified = run.head.verify(Verification(
+        float_out=c.float_out, converted_out=q_out, truth=c.truth, is_val=c.is_val, labels=run.labels,
+        threshold=float(run.report.threshold.accept), target_far=float(run.report.threshold.target_far),
+        reference=run.reference, refit=calibrate))
+    agreement = verified.agreement
+    agreement.update(quantization=quantization, **recipe)
+    row: dict[str, Any] = {"recipe": name, "quantization": quantization,
+                           "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+                           "tflite": str(path), "classifier_bytes": path.stat().st_size,
+                           "convert_seconds": round(convert_seconds, 1)}
+    guarded = copy.deepcopy(agreement)
+    try:
+        _check_drop(guarded, quantization, 2.0, 95.0)
+        row["written"] = True
+    except ConvertError as exc:
+        row["written"], row["refusal"] = False, str(exc)
+    row["agreement"] = guarded
+
+    # The device acts on decisions (a name, or unknown below the threshold), never on the top-1 of a face it
+    # rejects: where do the two models' decisions differ, and on which faces does top-1 move?
+    labels = run.labels
+    f_dec = np.array(softmax_decisions(c.float_out, labels, float(run.report.threshold.accept)))
+    q_dec = np.array(softmax_decisions(q_out, labels, float(verified.threshold)))
+    named = (f_dec != UNKNOWN) | (q_dec != UNKNOWN)
+    f_top, q_top = c.float_out.argmax(1), q_out.argmax(1)
+    val = c.is_val
+    f_accepts = val & (f_dec != UNKNOWN)
+    srt = np.sort(c.float_out, axis=1)
+    margin = srt[:, -1] - srt[:, -2]
+    q_srt = np.sort(q_out, axis=1)
+    n_named, agree_named = int(named.sum()), int((f_dec == q_dec)[named].sum())
+    row["decisions"] = {
+        "threshold_float": float(run.report.threshold.accept), "threshold_converted": float(verified.threshold),
+        "faces": len(f_dec), "named_by_either": n_named, "agree_where_named": agree_named,
+        "agreement_where_named": agree_named / n_named if n_named else None,
+        "agreement_where_named_95ci": list(wilson_interval(agree_named, n_named)),
+        "float_named": int((f_dec != UNKNOWN).sum()), "converted_named": int((q_dec != UNKNOWN).sum()),
+        "float_accepts_val": int(f_accepts.sum()),
+        "top1_where_float_accepts": float(np.mean(f_top[f_accepts] == q_top[f_accepts])) if f_accepts.any() else None,
+        "float_accept_accuracy": float(np.mean(f_dec[val] == np.array(c.truth)[val])),
+        "converted_accept_accuracy": float(np.mean(q_dec[val] == np.array(c.truth)[val])),
+        "top1_ties_in_converted_output": int(np.sum(q_srt[:, -1] == q_srt[:, -2])),
+        "float_margin_median_where_top1_moved": (float(np.median(margin[val & (f_top != q_top)]))
+                                                 if (val & (f_top != q_top)).any() else None),
+        "float_margin_median_where_top1_kept": (float(np.median(margin[val & (f_top == q_top)]))
+                                                if (val & (f_top == q_top)).any() else None),
+    }
+    d = row["decisions"]
+    print(f"{name}: {'written' if row['written'] else 'refused'}; top-1 = float {pct(guarded.get('top1_agreement'))}, "
+          f"decisions where either names {agree_named}/{n_named}, top-1 where float accepts "
+          f"{pct(d['top1_where_float_accepts'])} of {d['float_accepts_val']}", file=sys.stderr, flush=True)
+    return row
+
+
+TIMING = """
+import json, sys, time
+import numpy as np
+from faceberry.runtime import TFLiteModel
+paths, x, threads, rounds = json.loads(sys.argv[1]), np.load(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+models = {(p, t): TFLiteModel(p, num_threads=t) for p in paths for t in threads}
+times = {f"{p}|{t}": [] for p in paths for t in threads}
+for m in models.values():
+    for xi in x[:3]:
+        m.run(xi[None])
+for _ in range(rounds):  # interleaved, so load on the shared machine falls on every model alike
+    for (p, t), m in models.items():
+        for xi in x:
+            t0 = time.perf_counter()
+            m.run(xi[None])  # the device's call: quantise the input, invoke, dequantise the output
+            times[f"{p}|{t}"].append((time.perf_counter() - t0) * 1e3)
+print(json.dumps({"backend": next(iter(models.values())).backend, "times": times}))
+"""
+
+
+def litert_speed(work: Path, rows: list[dict[str, Any]], threads: tuple[int, ...] = (1, 2), faces: int = 20,
+                 rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """Bare invoke time of every recipe's .tflite in the Pi's environment (.venv-device: ai-edge-litert), 1 and
+    2 threads, on validation faces; every model loaded once and timed in interleaved rounds."""
+    from bench.common import ROOT, stats
+
+    python = ROOT / ".venv-device" / "bin" / "python"
+    if not python.is_file():
+        print(f"{python} is absent: no LiteRT timing", file=sys.stderr)
+        return {}
+    c = _Check.of(work / "run")
+    x_path = work / "timing-inputs.npy"
+    np.save(x_path, c.check_x[c.is_val][:faces])
+    paths = sorted({r["tflite"] for r in rows})
+    proc = subprocess.run([str(python), "-c", TIMING, json.dumps(paths), str(x_path), json.dumps(list(threads)),
+                           str(rounds)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        print(f"LiteRT timing failed: {proc.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, dict[str, Any]] = {}
+    for key, values in result["times"].items():
+        p, t = key.rsplit("|", 1)
+        out.setdefault(p, {"backend": result["backend"]})[t] = stats(values)
+    return out
+
+
 def diagnose(run_dir: Path) -> dict[str, float]:
-    """Which part of int8 moves the answers: weights alone (in Keras, and TFLite's dynamic range), 16-bit
-    activations with int8 weights, and the network from block 6 on kept in float."""
+    """Which part of int8 moves the answers: the float model with int8-rounded weights (in Keras), and the
+    network from block 6 on kept in float."""
     import tempfile
 
     import keras
@@ -226,18 +434,10 @@ def diagnose(run_dir: Path) -> dict[str, float]:
             path.write_bytes(flatbuffer)
             return float(np.mean(run_tflite(path, x_val).argmax(1) == top))
 
-        def converter(calibrated: bool):
-            c = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            if calibrated:
-                c.representative_dataset = lambda: ([x[None]] for x in rep)
-            return c
-
-        out["int8 weights only (TFLite dynamic range, activations float)"] = agree(converter(False).convert())
-        c = converter(True)
-        c.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        out["int8 weights, int16 activations (16x8)"] = agree(c.convert())
-        c = converter(True)
+        # (Dynamic range and 16x8 are recipes in RECIPES, measured like the others.)
+        c = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = lambda: ([x[None]] for x in rep)
         c._experimental_calibrate_only = True
         calibrated = c.convert()
         interpreter = tf.lite.Interpreter(model_content=calibrated)
@@ -263,6 +463,31 @@ def diagnose(run_dir: Path) -> dict[str, float]:
     out["float model with int8-rounded weights (Keras, per channel)"] = float(
         np.mean(model.predict(x_val, verbose=0).argmax(1) == top))
     return out
+
+
+def recipe_table(rows: list[dict[str, Any]]) -> str:
+    def ms(row: dict[str, Any], threads: str) -> str:
+        stat = (row.get("invoke_ms") or {}).get(threads)
+        return f"{stat['median']:.1f}" if stat else "—"
+
+    def named(row: dict[str, Any]) -> str:
+        d = row["decisions"]
+        lo, hi = d["agreement_where_named_95ci"]
+        return (f"{d['agree_where_named']}/{d['named_by_either']} = {pct(d['agreement_where_named'])} "
+                f"({100 * lo:.0f}–{100 * hi:.0f}%)")
+
+    return table(
+        ["recipe", "calibration; float ops; per-channel weights", "guard today", "top-1 = float (95% CI)",
+         "decisions = float, all faces", "decisions = float where either names (95% CI)",
+         "top-1 = float where float accepts", "accuracy float / converted", "accepted right float / converted",
+         "lost / gained (McNemar p)", "size", "LiteRT ms 1 / 2 thr"],
+        [[r["recipe"], _recipe(r["agreement"]), "written" if r["written"] else "refused",
+          _agree(r["agreement"]), pct(r["agreement"].get("decision_agreement")), named(r),
+          f"{pct(r['decisions']['top1_where_float_accepts'])} of {r['decisions']['float_accepts_val']}",
+          f"{pct(r['agreement'].get('float_accuracy'))} / {pct(r['agreement'].get('converted_accuracy'))}",
+          f"{pct(r['decisions']['float_accept_accuracy'])} / {pct(r['decisions']['converted_accept_accuracy'])}",
+          f"{_discordant(r['agreement'])} ({_p(r['agreement'])})", f"{r['classifier_bytes'] / 1e6:.2f} MB",
+          f"{ms(r, '1')} / {ms(r, '2')}"] for r in rows])
 
 
 def _recipe(agreement: dict[str, Any]) -> str:

@@ -36,6 +36,16 @@ MIN_AGREEMENT = 95.0
 # Faces the int8 activation ranges are measured on, by calibration source: training crops alone (the
 # default), or training crops then augmented copies of them.
 CALIBRATION_SAMPLES = {"augmented": 1000, "plain": 200}
+# Training faces the int8 weight rounding's mean output shift is measured on (faceberry.convert.quantize.bias_correct):
+# every crop up to 200, the plain calibration set. On the card's fine-tune (161 crops) int8's top-1 agreement with
+# float went from 72.7% to 95.5% on its validation faces and from 73.0% to 92.4% on 185 other photos (96 crops:
+# 95.5% and 89.2%; bench/card_path.py).
+BIAS_CORRECTION_FACES = 200
+
+
+# Modes whose activation ranges are measured on calibration faces, and modes with int8 weights.
+CALIBRATED = ("int8", "int16x8")
+INT8_WEIGHTS = ("int8", "int16x8", "dynamic")
 
 
 class ConvertError(UsageError):
@@ -143,13 +153,16 @@ def _check_set(run: Run, run_dir: Path) -> tuple[np.ndarray, np.ndarray, list[st
 
 
 def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantization: str, calibration: str | None,
-              calibration_samples: int | None, float_ops: Sequence[str] | None) -> tuple[bytes, dict[str, Any]]:
-    """The TFLite flatbuffer and, for int8, the recipe that made it (calibration, float ops, weight scales)."""
-    from faceberry.convert.quantize import convert_model, representative_samples, weight_scales
+              calibration_samples: int | None, float_ops: Sequence[str] | None,
+              bias_correction: bool | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The TFLite flatbuffer and, for int8, the recipe that made it (calibration, float ops, bias correction,
+    weight scales)."""
+    from faceberry.convert.quantize import bias_correct, convert_model, representative_samples, weight_scales
 
     recipe: dict[str, Any] = {}
     representative = None
-    if quantization == "int8":
+    source = model
+    if quantization in CALIBRATED:
         calibration, float_ops = _int8_recipe(calibration, float_ops)
         if calibration_samples is None:
             calibration_samples = CALIBRATION_SAMPLES[calibration]
@@ -158,11 +171,23 @@ def _quantize(model: Any, run: Run, run_dir: Path, train_x: np.ndarray, quantiza
         recipe = {"calibration": {"source": calibration, "samples": len(representative),
                                   "training_crops": len(train_x)},
                   "float_ops": list(float_ops)}
+        if bias_correction is None:
+            # On for a classifier's int8 (the card's fine-tune, whose classes lie a few hundredths apart), off for
+            # an embedder: the face backbones keep their answers without it and were not measured with it.
+            bias_correction = quantization == "int8" and not run.head.embeds
+        if bias_correction:
+            # A second copy: the float model stays the reference the converted one is checked against.
+            source = _load_keras(run_dir / "model.keras")
+            log.info("correcting the int8 weight rounding's mean shift layer by layer on %d training faces "
+                     "(bias correction) …", min(len(train_x), BIAS_CORRECTION_FACES))
+            recipe["bias_correction"] = bias_correct(source, representative_samples(train_x, BIAS_CORRECTION_FACES))
+        else:
+            recipe["bias_correction"] = None
     log.info("converting %s to %s TFLite%s …", run_dir / "model.keras", quantization,
              f" ({recipe['calibration']['samples']} {calibration} calibration faces"
              f"{', ' + '/'.join(float_ops) + ' in float' if float_ops else ''})" if recipe else "")
-    flatbuffer = convert_model(model, quantization, representative, float_ops=recipe.get("float_ops", ()))
-    if quantization == "int8":
+    flatbuffer = convert_model(source, quantization, representative, float_ops=recipe.get("float_ops", ()))
+    if quantization in INT8_WEIGHTS:
         recipe["weight_scales"] = weight_scales(flatbuffer)
     return flatbuffer, recipe
 
@@ -180,14 +205,16 @@ def convert_run(
     calibration: str | None = None,
     float_ops: Sequence[str] | None = None,
     tried: Sequence[str] = (),
+    bias_correction: bool | None = None,
 ) -> dict[str, Any]:
     """Build and verify the bundle; returns its manifest. Raises ConvertError when it does not pass.
 
     int8 options (measured in bench/card_path.py; defaults in _int8_recipe): `calibration` "plain" (up to
     `calibration_samples` training crops, default 200) or "augmented" (the run's training crops and
     augmented copies of them, `calibration_samples` in all, default 1000); `float_ops`, TFLite builtin ops
-    kept in float (faceberry.convert.quantize.HEAD_OPS). `tried`: modes refused earlier in this conversion, for the
-    message.
+    kept in float (faceberry.convert.quantize.HEAD_OPS); `bias_correction` (default: on for a softmax run's int8,
+    off otherwise) corrects the mean shift int8 weight rounding causes, layer by layer, before converting.
+    `tried`: modes refused earlier in this conversion, for the message.
     """
     from faceberry.convert.verify import run_tflite
     from faceberry.train.calibrate import calibrate
@@ -201,7 +228,7 @@ def convert_run(
     train_x, check_x, truth, is_val = _check_set(run, run_dir)
     model = _load_keras(run_dir / "model.keras")
     flatbuffer, recipe = _quantize(model, run, run_dir, train_x, quantization, calibration, calibration_samples,
-                                   float_ops)
+                                   float_ops, bias_correction)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -269,10 +296,11 @@ def convert_run(
 def _int8_recipe(calibration: str | None, float_ops: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
     """The int8 recipe: the caller's choice, else training crops as they are and every op in int8.
 
-    Augmented calibration faces and a float head (faceberry.convert.quantize.HEAD_OPS) were measured on the card's
-    fine-tune (22 people × 10 photos, bench/card_path.py, docs/BENCHMARKS.md) and changed nothing: its
-    int8 answers differ from float on 12 of 44 faces with every recipe, because the int8 *weights* alone
-    (per channel, float activations) already move them. They stay options, not the default."""
+    Augmented calibration faces (1,000 or 4,000), a float head (faceberry.convert.quantize.HEAD_OPS), 16-bit
+    activations and dynamic range were measured on the card's fine-tune (22 people × 10 photos,
+    bench/card_path.py, docs/BENCHMARKS.md) and changed nothing: its int8 answers differ from float on 12 of 44
+    faces with each, because the int8 *weights* alone (per channel, float activations) already move them. What
+    moves them back is bias correction (convert_run's `bias_correction`, on for a softmax run); these stay options."""
     if calibration is None:
         calibration = "plain"
     if calibration not in ("augmented", "plain"):

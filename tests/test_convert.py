@@ -117,7 +117,7 @@ def test_bundle_loads_and_agrees_in_tflite_runtime_214(tiny_bundle, tiny_run, tm
 
 
 @pytest.mark.shared
-def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
+def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle, tiny_run):
     """Per-channel weights are the converter's default; convert records it rather than assuming it."""
     from faceberry.convert.quantize import weight_scales
 
@@ -126,8 +126,64 @@ def test_int8_weights_are_per_channel_and_the_manifest_says_so(tiny_bundle):
     agreement = json.loads((tiny_bundle / "manifest.json").read_text())["metrics"]["agreement"]
     assert agreement["weight_scales"] == scales
     assert agreement["calibration"]["source"] == "plain" and agreement["float_ops"] == []
+    # A softmax run's int8 is bias-corrected by default: MobileNetV2's 52 conv/batch-norm pairs and the dense head.
+    with np.load(tiny_run / "crops.npz") as data:
+        train_faces = int((data["split"] == "train").sum())
+    bias = agreement["bias_correction"]
+    assert bias["layers"] == 53 and bias["faces"] == min(200, train_faces)
     test = agreement["paired_test"]
     assert test["faces"] == agreement["faces"] and 0 <= test["p_value"] <= 1
+
+
+BIAS_CORRECTION = """
+import json
+import numpy as np, keras
+from faceberry.convert.quantize import bias_correct
+rng = np.random.default_rng(0)
+inp = keras.Input((12, 12, 3))
+x = keras.layers.Conv2D(6, 3, use_bias=False, name="conv")(inp)
+x = keras.layers.BatchNormalization(name="conv_bn")(x)
+x = keras.layers.ReLU(6.0)(x)
+x = keras.layers.DepthwiseConv2D(3, use_bias=False, name="dw")(x)
+x = keras.layers.BatchNormalization(name="dw_bn")(x)
+backbone = keras.Model(inp, x, name="backbone")
+image = keras.Input((12, 12, 3))
+pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(image))
+model = keras.Model(image, keras.layers.Dense(4, activation="softmax", name="probabilities")(pooled))
+for bn in (backbone.get_layer("conv_bn"), backbone.get_layer("dw_bn")):  # far from identity: folding matters
+    n = bn.get_weights()[0].shape[0]
+    bn.set_weights([rng.uniform(0.5, 3, n), rng.normal(0, 1, n), rng.normal(0, 1, n), rng.uniform(0.05, 2, n)])
+faces = rng.uniform(0, 1, (40, 12, 12, 3)).astype("float32")  # not zero-mean, as image crops are not
+probe = keras.Model(backbone.input, backbone.get_layer("conv_bn").output)
+before = np.asarray(probe(faces)).mean(axis=(0, 1, 2))
+w0 = backbone.get_layer("conv").get_weights()[0]
+beta0 = backbone.get_layer("conv_bn").get_weights()[1]
+done = bias_correct(model, faces)
+after = np.asarray(probe(faces)).mean(axis=(0, 1, 2))
+gamma, beta, mean, var = backbone.get_layer("conv_bn").get_weights()
+folded = backbone.get_layer("conv").get_weights()[0] * gamma / np.sqrt(var + 1e-3)
+steps = folded / (np.abs(folded).reshape(-1, folded.shape[-1]).max(0) / 127)
+dense = model.get_layer("probabilities").get_weights()[0]
+dense_steps = dense / (np.abs(dense).max(0) / 127)
+print(json.dumps({"done": done, "mean_shift": float(np.abs(after - before).max()),
+                  "weights_moved": float(np.abs(backbone.get_layer("conv").get_weights()[0] - w0).max()),
+                  "beta_moved": float(np.abs(beta - beta0).max()),
+                  "off_grid": float(np.abs(steps - np.round(steps)).max()),
+                  "dense_off_grid": float(np.abs(dense_steps - np.round(dense_steps)).max())}))
+"""
+
+
+def test_bias_correction_puts_weights_on_the_int8_grid_and_keeps_each_layers_mean(tmp_path):
+    """The first conv sees the same faces before and after: its batch norm's mean output must not move although
+    its weights did (rounded to the per-channel int8 grid the converter will use, after folding)."""
+    proc = subprocess.run([sys.executable, "-c", BIAS_CORRECTION], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["done"]["layers"] == 3 and got["done"]["faces"] == 40  # two conv/batch-norm pairs and the dense
+    # The rounding moved the outputs' mean (beta took it back), and nothing of it is left.
+    assert got["weights_moved"] > 1e-4 and got["beta_moved"] > 1e-3 and got["mean_shift"] < 1e-4
+    assert got["off_grid"] < 1e-3 and got["dense_off_grid"] < 1e-3
 
 
 def test_calibration_faces_are_every_training_crop_then_augmented_copies():
@@ -379,6 +435,40 @@ def test_default_int8_that_fails_its_check_falls_back_to_float16_and_says_so(tin
     assert load_bundle(out).manifest["classifier"]["quantization"] == "float16"
     assert cli.main(["--run", str(tiny_run), "--out", str(tmp_path / "b2"), "--quantization", "int8", "-q"]) == 2
     assert not (tmp_path / "b2").exists()
+
+
+def test_the_summary_says_which_quantization_was_written_and_why(tmp_path):
+    from faceberry.convert.cli import summary
+
+    manifest = {"bundle_id": "b1", "classifier": {"file": "classifier.tflite", "quantization": "int8"},
+                "thresholds": {"accept": 0.8, "source": "recalibrated on the converted model's outputs"},
+                "metrics": {"agreement": {"faces": 44, "faces_with_strangers": 44, "top1_agreement": 42 / 44,
+                                          "top1_agreement_95ci": [0.849, 0.987], "float_accuracy": 0.477,
+                                          "converted_accuracy": 0.455, "decision_agreement": 0.93,
+                                          "bias_correction": {"layers": 53, "faces": 96}}}}
+    text = summary(manifest, tmp_path, 2830, "the default; it passed the check against the float model")
+    assert "int8 classifier, bias-corrected on 96 training faces, 2830 KiB — the default" in text
+    assert "same top-1 answer as the float model on 95.5% (95% interval 84.9–98.7%)" in text
+    manifest["classifier"]["quantization"] = "float16"
+    manifest["metrics"]["agreement"]["bias_correction"] = None
+    text = summary(manifest, tmp_path, 4470, "int8 was refused: int8 model agrees with float on only 72.7%")
+    assert "float16 classifier, 4470 KiB — int8 was refused: int8 model agrees" in text and "bias" not in text
+
+
+def test_no_bias_correction_reaches_the_conversion_and_the_default_leaves_it_to_the_run(tmp_path, monkeypatch):
+    import faceberry.convert.build
+    from faceberry.convert import cli
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["bias_correction"])
+        raise ConvertError("stopped here")
+
+    monkeypatch.setattr(faceberry.convert.build, "convert_run", record)
+    assert cli.main(["--run", str(tmp_path), "--out", str(tmp_path / "b"), "-q", "--no-bias-correction"]) == 2
+    assert cli.main(["--run", str(tmp_path), "--out", str(tmp_path / "b"), "-q"]) == 2
+    assert seen == [False, None]  # None: convert_run decides (on for a classifier's int8, off for an embedder)
 
 
 def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tmp_path, capsys, monkeypatch):
