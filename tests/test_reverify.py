@@ -5,10 +5,11 @@ The sequences are real: the shared head-pose clips (a head turning) through the 
 held-out photo of a known person lingering in front of the camera
 (the photo repeated with a small jitter, the way a still person is seen), the same place taken over by
 another known person, and the Hamilton clip through the real daemon with the tiny softmax bundle, which
-hesitates on a face it never learnt (identities that change). What re-verification gives up: a decided track
-that flips to another name and back within fewer than `reverify_every` frames is not seen to flip (the
-bias-corrected tiny bundle does that once on the male head-pose clip: unknown, then a person for under 5
-frames, then unknown), since the frames between two embedder runs reuse the last recognition. Embedder runs are counted
+hesitates on a face it never learnt (identities that change). What re-verification gives up: an identity
+changes only on a majority of fresh votes, and a settled track gets one every `reverify_every` frames, so a
+change that reverts within a few frames is not announced (the bias-corrected tiny bundle on the male head-pose
+clip: embedding every frame, the track goes Jacques_Chirac → unknown at frame 43 → Jacques_Chirac at 48 →
+unknown at 55; at k=5 it stays Jacques_Chirac until 55). Embedder runs are counted
 (FaceClassifier.look calls), never timed.
 """
 
