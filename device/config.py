@@ -296,9 +296,10 @@ class HomeAssistantConfig(_Section):
 class LibraryConfig(_Section):
     """One face library for every device (docs/MQTT.md, "The library"): people named on one device are named on all."""
 
-    share: bool = Field(False, description="publish the people this device enrols from a command (their face "
-                                           "embeddings, retained, on <topic_prefix>/library/<entry>) and enrol the "
-                                           "ones other devices publish; off by default: privacy (embeddings on the "
+    share: bool = Field(False, description="publish what this device's commands change in the library (people "
+                                           "enrolled, with their face embeddings; people forgotten; corrections and "
+                                           "their undo), retained on <topic_prefix>/library/<entry>, and apply what "
+                                           "other devices publish; off by default: privacy (embeddings on the "
                                            "broker)")
     strangers: bool = Field(False, description="share stranger identities with the other devices, so a stranger "
                                                "keeps one stranger_id on every device: each stranger's centroid "
