@@ -297,7 +297,8 @@ def build(cfg: Config, *, publisher: MqttPublisher | None = None, notifier: Noti
         publisher.before_status(presence.now)
         discovery = Discovery(topics, publish, ledger=ha.DiscoveryLedger(
             memory_dir / f"discovery-{cfg.device_id}.json" if memory_dir else None),
-            images=bool(hass.images), commands=commands_on, cpu_temp=cpu_temp, library=bool(cfg.library.share))
+            images=bool(hass.images), commands=commands_on, cpu_temp=cpu_temp, library=bool(cfg.library.share),
+            announce=publisher.announce)
         dispatcher.subscribe(Started, discovery.started)
         dispatcher.subscribe(Tick, discovery.tick)
         dispatcher.subscribe(Reloaded, discovery.reloaded)

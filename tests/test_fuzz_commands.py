@@ -507,7 +507,7 @@ def test_a_flood_of_home_assistant_online_is_one_publication(service: Any, caplo
         assistant._queue("homeassistant/status", b"online", i % 2 == 0)
     assistant._queue(COMMAND_TOPIC, _dump({"command": "undo", "request_id": "after-flood"}), False)
     assistant.tick()
-    assert caplog.text.count("home assistant is online: publishing discovery again") == 1
+    assert caplog.text.count("home assistant is online: publishing discovery and availability again") == 1
     # The flood took no command's place: the command behind it was run and answered.
     assert answers(service)[-1]["request_id"] == "after-flood"
     assistant.tick()

@@ -294,9 +294,17 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
         from faceberry.device import __version__
         assert {c["device"].get("sw_version") for c in retained.values()} == {__version__}
 
-        # Home Assistant says it is online again: every config is published once more.
+        # Home Assistant says it is online again: every config is published once more, and the device's
+        # availability with its presence ahead of it — where the broker no longer holds the retained `online`
+        # (cleared here; a clustered broker keeping retained messages per node), Home Assistant would
+        # otherwise show the device unavailable until its next connection.
+        status = status_topic("faceberry", DEVICE)
+        mqtt_publish.single(status, b"", qos=1, retain=True, hostname=broker.host, port=broker.port)
         mark = d.send("online", f"{DP}/status")
         d.wait(lambda m: {t for t, _, _ in m[mark:] if t.endswith("/config")} >= expected, 30)
+        d.wait(lambda m: (status, b"online") in [(t, p) for t, p, _ in m[mark:]], 30)
+        again = [t for t, p, _ in list(d.sub.messages)[mark:] if t in (status, presence) and p]
+        assert again.index(presence) < again.index(status), again
     finally:
         err = d.stop()
     assert images[ha.image_topic("faceberry", DEVICE, "last_face")][:2] == b"\xff\xd8"  # a JPEG
@@ -304,7 +312,7 @@ def test_discovery_presence_images_and_diagnostics_through_mosquitto(
                          "cpu_temperature", "bundle_id", "people"}
     assert diag["people"] == len(tiny["people"]) and diag["fps"] > 0 and diag["detect_ms"] > 0
     assert diag["align_ms"] > 0 and diag["classify_ms"] > 0  # per face: a face was seen
-    assert "home assistant is online: publishing discovery again" in err
+    assert "home assistant is online: publishing discovery and availability again" in err
     assert len(client_connections(broker, f"faceberry-{DEVICE}")) == 1
     # Nothing but the daemon's own status ended as offline.
     assert d.sub.on(status_topic("faceberry", DEVICE))[-1] == b"offline"

@@ -449,6 +449,17 @@ class MqttPublisher:
         self._acked.append(mid)
         self._wake.set()
 
+    def announce(self) -> bool:
+        """Publish the states that precede the status, then `online`, again now (retained, as at a connection);
+        False when not connected (the next connection does it). For a broker that does not keep this device's
+        retained `online` where Home Assistant reads it (a clustered broker that keeps retained messages per
+        node): Home Assistant's birth message then finds the device unavailable until this runs."""
+        if not self.connected:
+            return False
+        self._publish_before_status(self.client)
+        self._status_info = self.client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        return True
+
     def _publish_before_status(self, client: _Client) -> None:
         # Straight to the broker, ahead of `online`/`offline` on the same connection (which keeps their
         # order): the outbox is only handed over after `online`, too late for a state that must be right

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import cv2
 
@@ -98,8 +99,10 @@ class Discovery:
     after a reload (the people may have changed). Entities that disappear get an empty retained config."""
 
     def __init__(self, topics: Topics, publish: Publish, *, ledger: ha.DiscoveryLedger, images: bool,
-                 commands: bool, cpu_temp: bool, library: bool = False) -> None:
+                 commands: bool, cpu_temp: bool, library: bool = False,
+                 announce: Callable[[], object] | None = None) -> None:
         self.topics = topics
+        self.announce = announce  # the device's presence states and `online` again, when Home Assistant starts
         self.library = library
         self.publish = publish
         self.ledger = ledger
@@ -134,8 +137,10 @@ class Discovery:
     def tick(self, msg: Tick) -> None:
         if self._ha_online:
             self._ha_online = False
-            log.info("home assistant is online: publishing discovery again")
+            log.info("home assistant is online: publishing discovery and availability again")
             self.publish_all()
+            if self.announce is not None:
+                self.announce()
 
     def reloaded(self, msg: Reloaded) -> None:
         if msg.result.ok:
