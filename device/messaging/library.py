@@ -50,7 +50,6 @@ import base64
 import hashlib
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +63,7 @@ import numpy as np
 from faceberry.device.memory.corrections import Negatives
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
 from faceberry.device.messaging.topics import Topics
-from faceberry.device.messaging.worker import Inbox
+from faceberry.device.messaging.worker import Entries
 from faceberry.statefile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -325,8 +324,7 @@ class Library:
         self.embedder = embedder
         self.enroll_lock = enroll_lock
         self.state = State(state)
-        self.inbox = Inbox("library", INBOX_SIZE, self._apply_logged)
-        self._said: set[str] = set()  # one log line per refused entry (or other embedder) per process
+        self.entries = Entries("library", "library entry", INBOX_SIZE, MAX_BYTES, self.apply, log)
         self.stats = {"library_applied": 0, "library_refused": 0}
 
     # --- this device's changes --------------------------------------------------------------------------------
@@ -415,34 +413,22 @@ class Library:
     def receive(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if not payload:
             return  # an entry cleared from the broker
-        try:
-            self.inbox.put_nowait(topic, payload[: MAX_BYTES + 1])
-        except queue.Full:
-            self._once(f"full:{topic}", logging.WARNING, "library entry on %s dropped: %d waiting (it is retained: "
-                       "the next reconnection or restart brings it again)", topic, INBOX_SIZE)
+        self.entries.receive(topic, payload)
 
     # --- the library's thread -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.inbox.start()
+        self.entries.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.inbox.stop(timeout)
-
-    def _apply_logged(self, topic: str, payload: bytes) -> None:
-        try:
-            self.apply(topic, payload)
-        except Exception:  # an entry must never take the daemon down
-            log.exception("library entry on %s could not be applied", topic)
+        self.entries.stop(timeout)
 
     def drain(self) -> None:
         """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
-        self.inbox.drain(self.apply)
+        self.entries.drain()
 
     def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            log.log(level, msg, *args)
+        self.entries.once(key, level, msg, *args)  # one line per refused entry (or other embedder) per process
 
     def _refuse(self, entry: Entry, why: str) -> bool:
         self.stats["library_refused"] += 1

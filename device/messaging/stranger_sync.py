@@ -30,7 +30,6 @@ import base64
 import json
 import logging
 import math
-import queue
 import re
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from faceberry.device.memory.strangers import SharedStranger, Stranger, Stranger
 from faceberry.device.messaging.dispatcher import Publish
 from faceberry.device.messaging.library import checksum
 from faceberry.device.messaging.topics import Topics
-from faceberry.device.messaging.worker import Inbox
+from faceberry.device.messaging.worker import Entries
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +163,7 @@ class StrangerSync:
         self.memory = memory
         self.embedder = embedder
         self.forgotten = forgotten
-        self.inbox = Inbox("strangers", INBOX_SIZE, self._apply_logged)
-        self._said: set[str] = set()  # one log line per refused topic (or other embedder) per process
+        self.entries = Entries("strangers", "stranger entry", INBOX_SIZE, MAX_BYTES, self.apply, log)
         self.stats = {"strangers_shared": 0, "strangers_adopted": 0, "strangers_refused": 0}
 
     def attach(self) -> StrangerSync:
@@ -174,9 +172,7 @@ class StrangerSync:
         return self
 
     def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            log.log(level, msg, *args)
+        self.entries.once(key, level, msg, *args)  # one line per refused entry (or other embedder) per process
 
     # --- the memory's changes, out (the frame loop's or the command runner's thread, the memory locked) ----------
 
@@ -204,29 +200,19 @@ class StrangerSync:
     # --- paho's thread --------------------------------------------------------------------------------------------
 
     def receive(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        try:
-            self.inbox.put_nowait(topic, payload[: MAX_BYTES + 1])
-        except queue.Full:
-            self._once(f"full:{topic}", logging.WARNING, "stranger entry on %s dropped: %d waiting (it is retained: "
-                       "the next reconnection or restart brings it again)", topic, INBOX_SIZE)
+        self.entries.receive(topic, payload)
 
     # --- this module's thread -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.inbox.start()
+        self.entries.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.inbox.stop(timeout)
+        self.entries.stop(timeout)
 
     def drain(self) -> None:
         """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
-        self.inbox.drain(self.apply)
-
-    def _apply_logged(self, topic: str, payload: bytes) -> None:
-        try:
-            self.apply(topic, payload)
-        except Exception:  # an entry must never take the daemon down
-            log.exception("stranger entry on %s could not be applied", topic)
+        self.entries.drain()
 
     def _refuse(self, topic: str, why: str) -> None:
         self.stats["strangers_refused"] += 1

@@ -1,13 +1,14 @@
 """A bounded inbox served by one thread of its own: what paho's network thread hands over without waiting.
 
-The command runner and the face library each own one: paho's callbacks put work in (a full inbox is the
-owner's to answer), the thread runs it, and `drain()` runs what is queued in the caller's thread (a test's,
-when the thread is not started).
+The command runner owns one: paho's callbacks put work in (a full inbox is the owner's to answer), the thread
+runs it, and `drain()` runs what is queued in the caller's thread (a test's, when the thread is not started).
+The face library and the shared strangers each own an `Entries`: retained entries of one kind, through an inbox.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -67,3 +68,48 @@ class Inbox:
                 return
             if item is not _STOP:
                 (handle or self.handle)(*item)
+
+
+class Entries:
+    """Retained entries of one kind (the library's, the shared strangers'), from paho's thread to a thread of their
+    own: each cut at `max_bytes` + 1 (the owner refuses what is larger), `apply(topic, payload)` run for each and
+    never fatal, a full inbox said once per topic (the entry is retained: the next reconnection brings it again).
+    `once` is the owner's one-line-per-key log, in the owner's logger."""
+
+    def __init__(self, name: str, what: str, size: int, max_bytes: int, apply: Callable[[str, bytes], object],
+                 log: logging.Logger) -> None:
+        self.what = what  # "library entry", "stranger entry": how the log lines name one
+        self.size = size
+        self.max_bytes = max_bytes
+        self.apply = apply
+        self.log = log
+        self.inbox = Inbox(name, size, self._apply_logged)
+        self._said: set[str] = set()
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        try:
+            self.inbox.put_nowait(topic, payload[: self.max_bytes + 1])
+        except queue.Full:
+            self.once(f"full:{topic}", logging.WARNING, "%s on %s dropped: %d waiting (it is retained: the next "
+                      "reconnection or restart brings it again)", self.what, topic, self.size)
+
+    def once(self, key: str, level: int, msg: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log.log(level, msg, *args)
+
+    def start(self) -> None:
+        self.inbox.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.inbox.stop(timeout)
+
+    def drain(self) -> None:
+        """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
+        self.inbox.drain(self.apply)
+
+    def _apply_logged(self, topic: str, payload: bytes) -> None:
+        try:
+            self.apply(topic, payload)
+        except Exception:  # an entry must never take the daemon down
+            self.log.exception("%s on %s could not be applied", self.what, topic)
