@@ -136,12 +136,20 @@ def test_status_without_the_rights_says_run_it_with_sudo(tmp_path: Path) -> None
 
 def test_a_file_that_is_not_a_status_file_is_not_read_as_one(tmp_path: Path) -> None:
     """The status file is a typed contract: a file under its name that breaks it (another program's, or one
-    cut short) is no daemon, and `status` says there is none rather than showing half a dict."""
-    (tmp_path / f"status-{DEVICE}.json").write_text(json.dumps({"device_id": DEVICE, "pid": os.getpid(),
-                                                                "running": True, "fps": "fast"}))
+    cut short) is no daemon, and `status` names the file and what is wrong with it rather than showing half a
+    dict or saying there is no file."""
+    path = tmp_path / f"status-{DEVICE}.json"
+    path.write_text(json.dumps({"device_id": DEVICE, "pid": os.getpid(), "running": True, "fps": "fast"}))
     out = status("--state-dir", str(tmp_path))
     assert out.returncode == 3
-    assert out.stdout.startswith("no status file in "), out.stdout
+    first = out.stdout.splitlines()[0]
+    assert first.startswith(f"status file {path} is not one this faceberry writes ("), out.stdout
+    assert "no status file" not in out.stdout and "daemon " not in out.stdout, out.stdout
+    path.write_bytes(b'{"device_id": "' + b"\xff" * 3)  # cut short, and not even text
+    out = status("--state-dir", str(tmp_path), "--json")
+    assert out.returncode == 3
+    report = json.loads(out.stdout)
+    assert report["daemons"] == [] and list(report["unreadable_status_files"]) == [str(path)], report
 
 
 def test_what_the_daemon_writes_reads_back_nulls_included(tmp_path: Path) -> None:

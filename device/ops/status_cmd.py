@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from faceberry.device.ops.reloader import is_faceberry, pid_alive, read_setup, read_status, status_files, store_root
+from faceberry.device.ops.status_file import check_status
 from faceberry.device.ops.store import BundleStore, StoreError, default_root
 from faceberry.errors import EXIT_OK, EXIT_UNAVAILABLE
 
@@ -76,13 +77,14 @@ def store_view(root: Path) -> dict[str, Any]:
         return {"root": str(root), "error": str(exc)}
 
 
-def _text(daemons: list[dict[str, Any]], store: dict[str, Any], where: list[Path]) -> str:
-    lines = []
+def _text(daemons: list[dict[str, Any]], store: dict[str, Any], where: list[Path],
+          problems: dict[str, str] | None = None) -> str:
+    lines = [f"status file {path} is {why}" for path, why in (problems or {}).items()]
     hidden = [d for d in dict.fromkeys(where) if d.is_dir() and not os.access(d, os.R_OK | os.X_OK)]
-    if not daemons and hidden:
+    if not daemons and hidden and not problems:
         lines.append(f"cannot read {', '.join(map(str, hidden))} as this user: run `sudo faceberry status` (the "
                      "state directory belongs to the service user)")
-    elif not daemons:
+    elif not daemons and not problems:
         lines.append(f"no status file in {', '.join(map(str, where))}: the daemon has not run here (or under "
                      "another state_dir: pass --config or --state-dir)")
     for d in daemons:
@@ -136,10 +138,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         setup = read_setup(args.config)
         where, device_id = setup.state_dirs, setup.device_id
-    daemons = [v for v in (daemon_view(p) for p in status_files(where, device_id)) if v is not None]
+    daemons, problems = [], {}
+    for path in status_files(where, device_id):
+        view = daemon_view(path)
+        if view is not None:
+            daemons.append(view)
+        else:
+            problems[str(path)] = check_status(path)[1] or "unreadable"
     store = store_view(store_root(args.store, setup))
     if args.json:
-        print(json.dumps({"daemons": daemons, "store": store}, indent=1, sort_keys=True))
+        print(json.dumps({"daemons": daemons, "store": store, "unreadable_status_files": problems}, indent=1,
+                         sort_keys=True))
     else:
-        print(_text(daemons, store, where))
+        print(_text(daemons, store, where, problems))
     return EXIT_OK if any(d["running"] for d in daemons) else EXIT_UNAVAILABLE

@@ -84,15 +84,24 @@ class StatusFile(_Strict):
 def read_status(path: Path) -> StatusFile | None:
     """The status file at `path`, checked; None when it is missing, unreadable or not a faceberry status file
     (one debug line says which: a reader goes on to the next file)."""
+    status, problem = check_status(path)
+    if problem is not None:
+        log.debug("status file %s: %s", path, problem)
+    return status
+
+
+def check_status(path: Path) -> tuple[StatusFile | None, str | None]:
+    """(the status file, None), or (None, what is wrong with it, in words a user can act on)."""
     try:
         raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None, "not text: damaged; the daemon writes it again within seconds of its next start"
     except OSError as exc:
-        log.debug("status file %s: %s", path, exc)
-        return None
+        return None, f"cannot be read ({exc.strerror or exc}); run it with sudo if the file is the service user's"
     try:
-        return StatusFile.model_validate_json(raw)
+        return StatusFile.model_validate_json(raw), None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(the file)"
-        log.debug("status file %s is not one this faceberry writes (%s: %s)", path, where, first["msg"])
-        return None
+        return None, (f"not one this faceberry writes ({where}: {first['msg']}): damaged, or written by another "
+                      "faceberry version; the daemon writes it again within seconds of its next start")
