@@ -43,21 +43,7 @@ import cv2
 import numpy as np
 
 from bench.common import PEER_WORKER, RESULTS, describe, machine, need_shared, peer_python, stats, table, write_result
-from bench.speed import _cover
-
-
-def video(path: Path) -> Iterator[tuple[float, np.ndarray]]:
-    cap = cv2.VideoCapture(str(path))
-    try:
-        while True:
-            t0 = time.perf_counter()
-            ok, bgr = cap.read()
-            if not ok:
-                return
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            yield (time.perf_counter() - t0) * 1e3, rgb
-    finally:
-        cap.release()
+from bench.speed import _cover, timed_video
 
 
 def still(photo: Path, n: int, seed: int = 0) -> Iterator[tuple[float, np.ndarray]]:
@@ -230,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.process(warm)
         if peer is not None:
             peer.time(warm)
-        for name, frames in (("video 640×360 (hamilton)", video(clip)),
+        for name, frames in (("video 640×360 (hamilton)", timed_video(clip)),
                              (f"still 640×480 ({photo.name})", still(photo, args.still_frames))):
             print(f"running {name}…", file=sys.stderr, flush=True)
             sequences[name] = run_sequence(pipeline, frames, ks, args.votes, peer, args.peer_every)

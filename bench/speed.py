@@ -81,17 +81,24 @@ class FrameSet:
                 yield (time.perf_counter() - t0) * 1e3, rgb
         else:
             for path, limit in self.items:
-                cap = cv2.VideoCapture(str(path))
-                try:
-                    for _ in range(limit):
-                        t0 = time.perf_counter()
-                        ok, bgr = cap.read()
-                        if not ok:
-                            break
-                        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                        yield (time.perf_counter() - t0) * 1e3, rgb
-                finally:
-                    cap.release()
+                yield from timed_video(path, limit)
+
+
+def timed_video(path: Path, limit: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
+    """(decode_ms, rgb frame) for each frame of the video at `path`, `limit` frames at most."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        n = 0
+        while limit is None or n < limit:
+            t0 = time.perf_counter()
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            yield (time.perf_counter() - t0) * 1e3, rgb
+            n += 1
+    finally:
+        cap.release()
 
 
 def frame_sets(video_frames: int, repeat: int) -> list[FrameSet]:
