@@ -81,6 +81,11 @@ def test_the_cohort_is_embeddings_of_many_people_and_no_names(household):
         hashes = [str(h) for h in data["name_hashes"]]
     assert emb.shape[1] == 128 and emb.dtype == np.float16 and len(emb) == len(ident) >= 1000
     assert len(np.unique(ident)) == len(hashes) >= 55  # a few of the 60 may have no usable face
+    # --max-per-person 30 caps usable faces, not photos: whoever has more photos than that gives 30 faces even
+    # where some of their first 30 photos have none.
+    counts = np.bincount(ident)
+    rich = [p for p in household["cohort_people"] if len(list((household["work"] / "cohort-faces" / p).iterdir())) > 40]
+    assert counts.max() == 30 and np.sum(counts == 30) >= len(rich) > 0, (sorted(counts), len(rich))
     assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
     raw = path.read_bytes()
     assert not any(name.encode() in raw for name in household["cohort_people"])

@@ -99,11 +99,12 @@ def lfw_folder() -> Path:
     return folder
 
 
-def select_photos(people: dict[str, list[Path]], exclude: set[str] | None, per_person: int | None,
+def select_photos(people: dict[str, list[Path]], exclude: set[str] | None,
                   seed: int = 0) -> tuple[dict[str, list[Path]], dict[str, int]]:
-    """({person: photos to use}, {"per_person": photos over the cap, "excluded": photos of excluded people,
-    "excluded_people": n, "no_face": 0, "max_faces": 0}): every photo unless `per_person` caps it (the first
-    ones by name), people in a seeded order so a --max-faces cut takes whole people at random."""
+    """({person: photos to read}, {"per_person": 0, "excluded": photos of excluded people, "excluded_people": n,
+    "no_face": 0, "max_faces": 0}): every photo of every person not excluded (build_cohort reads them in name
+    order up to --per-person faces), people in a seeded order so a --max-faces cut takes whole people at
+    random."""
     excluded = {cohort_mod.same_name(n) for n in (exclude or set())}
     order = sorted(p for p, files in people.items() if files)
     np.random.default_rng(seed).shuffle(order)
@@ -115,9 +116,7 @@ def select_photos(people: dict[str, list[Path]], exclude: set[str] | None, per_p
             dropped["excluded_people"] += 1
             dropped["excluded"] += len(files)
             continue
-        keep = files if per_person is None else files[:per_person]
-        dropped["per_person"] += len(files) - len(keep)
-        chosen[name] = keep
+        chosen[name] = files
     return chosen, dropped
 
 
@@ -136,7 +135,9 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
     maker = CropMaker(prep.input_size, cache_dir=default_cache_dir(), min_face_size=min_face_size,
                       alignment=prep.alignment)
-    chosen, dropped = select_photos(list_people(photos), exclude, per_person, seed)
+    # The cap is on usable faces, not photos: a person's photos are read in name order until they gave
+    # `per_person` faces, so photos without a face do not leave the person short.
+    chosen, dropped = select_photos(list_people(photos), exclude, seed)
     crops: list[np.ndarray] = []
     names: list[str] = []
     per: dict[str, int] = {}
@@ -144,6 +145,9 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
         for path in paths:
             if len(crops) >= max_faces:
                 dropped["max_faces"] += 1
+                continue
+            if per_person is not None and per.get(name, 0) >= per_person:
+                dropped["per_person"] += 1
                 continue
             crop, _ = maker.crop_file(path)
             if crop is None:
@@ -164,7 +168,7 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
     views = enrolled_views(bconfig.get("arch"))
     log.info("cohort: embedding %d faces of %d people", len(crops), len(per))
     cohort = cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
-    return cohort, {"photos": sum(len(v) for v in chosen.values()) + dropped["per_person"] + dropped["excluded"],
+    return cohort, {"photos": sum(len(v) for v in chosen.values()) + dropped["excluded"],
                     "kept": len(crops), **dropped}
 
 
@@ -195,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     cohort.save(out)
     print(f"stranger cohort → {out}: {len(cohort)} faces of {cohort.people} people, from {kept['photos']} photos "
           f"({time.monotonic() - started:.0f} s); `python -m train --backbone {args.backbone}` calibrates on it")
-    why = {"per_person": f"photos over --per-person {args.per_person or LFW_PER_PERSON}",
+    why = {"per_person": f"photos not read, their person had --per-person {args.per_person or LFW_PER_PERSON} faces",
            "excluded": "photos of people in --exclude", "no_face": "photos without one usable face",
            "max_faces": f"photos over --max-faces {args.max_faces}"}
     left = [f"{n} {why[k]}" for k, n in kept.items() if k in why and n]
