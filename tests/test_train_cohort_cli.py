@@ -16,20 +16,18 @@ def _people(n: int, photos: int) -> dict[str, list[Path]]:
     return {f"Person_{i:02d}": [Path(f"Person_{i:02d}/{k}.jpg") for k in range(photos + i % 3)] for i in range(n)}
 
 
-def test_every_photo_is_kept_unless_per_person_says_otherwise():
+def test_every_photo_is_read_in_name_order():
+    """--per-person caps usable faces while reading (tests/test_cohort.py), so every photo is offered."""
     people = _people(25, 8)
     total = sum(len(v) for v in people.values())
-    chosen, dropped = select_photos(people, None, None)
+    chosen, dropped = select_photos(people, None)
     assert sum(len(v) for v in chosen.values()) == total and dropped["per_person"] == 0
-    assert set(chosen) == set(people)
-    capped, dropped = select_photos(people, None, 5)
-    assert all(files == people[name][:5] for name, files in capped.items())
-    assert dropped["per_person"] == total - 5 * len(people)
+    assert set(chosen) == set(people) and all(files == people[name] for name, files in chosen.items())
 
 
 def test_excluded_people_are_left_out_and_counted():
     people = _people(25, 4)
-    chosen, dropped = select_photos(people, {"person 03", "Person_07"}, None)
+    chosen, dropped = select_photos(people, {"person 03", "Person_07"})
     assert "Person_03" not in chosen and "Person_07" not in chosen and len(chosen) == 23
     assert dropped["excluded_people"] == 2
     assert dropped["excluded"] == len(people["Person_03"]) + len(people["Person_07"])
