@@ -194,6 +194,23 @@ def _store_of(bundle_dir: Path | None, store: BundleStore | str | Path | None) -
     return BundleStore(root) if root is not None and bundle_dir.is_symlink() else None
 
 
+def _resolve(bundle_dir: Path | str | None, store: BundleStore | str | Path | None,
+             what: str) -> tuple[BundleStore | None, Path, Path]:
+    """(the store or None, the bundle path to write through, the version to read): with a store, its `current`
+    (read through the version it names now, even if it switches meanwhile); else the bundle directory, recovered
+    from an interrupted write."""
+    versions = _store_of(Path(bundle_dir) if bundle_dir is not None else None, store)
+    if versions is not None:
+        if versions.current() is None:
+            raise EnrollError(f"{versions.root} has no current version {what}; deploy a bundle first "
+                              "(`faceberry deploy --bundle DIR`)")
+        return versions, versions.root / CURRENT, Path(os.path.realpath(versions.root / CURRENT))
+    if bundle_dir is None:
+        raise EnrollError("no bundle given; pass --bundle DIR (or --store ROOT)")
+    _recover(Path(bundle_dir))
+    return None, Path(bundle_dir), Path(bundle_dir)
+
+
 def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int = 3, min_face_size: int = 40,
            replace: bool = False, num_threads: int | None = None, store: BundleStore | str | Path | None = None,
            keep: int = KEEP, embeddings: np.ndarray | None = None, merge: bool = True) -> dict:
@@ -213,19 +230,7 @@ def enroll(bundle_dir: Path | None, name: str, photos_dir: Path, min_photos: int
         raise EnrollError(
             f"--name {name!r} is not usable (empty, multi-line or the reserved {UNKNOWN!r}); choose another name"
         )
-    versions = _store_of(Path(bundle_dir) if bundle_dir is not None else None, store)
-    if versions is not None:
-        bundle_dir = versions.root / CURRENT
-        if versions.current() is None:
-            raise EnrollError(f"{versions.root} has no current version to enroll into; deploy a bundle first "
-                              "(`faceberry deploy --bundle DIR`)")
-        source = Path(os.path.realpath(bundle_dir))  # the version current names now, even if it switches meanwhile
-    elif bundle_dir is None:
-        raise EnrollError("no bundle given; pass --bundle DIR (or --store ROOT)")
-    else:
-        bundle_dir = Path(bundle_dir)
-        _recover(bundle_dir)
-        source = bundle_dir
+    versions, bundle_dir, source = _resolve(bundle_dir, store, "to enroll into")
     bundle = load_bundle(source)
     if embeddings is not None:
         replace = True  # merged below, never lost
@@ -335,18 +340,7 @@ def unenroll(bundle_dir: Path | None, name: str, store: BundleStore | str | Path
     the threshold recalibrated for the smaller gallery; written as enroll writes. Raises EnrollError (not
     enrolled, a bundle that does not enrol), BundleError, StoreError."""
     name = unicodedata.normalize("NFC", name.strip())
-    versions = _store_of(Path(bundle_dir) if bundle_dir is not None else None, store)
-    if versions is not None:
-        bundle_dir = versions.root / CURRENT
-        if versions.current() is None:
-            raise EnrollError(f"{versions.root} has no current version; deploy a bundle first")
-        source = Path(os.path.realpath(bundle_dir))
-    elif bundle_dir is None:
-        raise EnrollError("no bundle given; pass --bundle DIR (or --store ROOT)")
-    else:
-        bundle_dir = Path(bundle_dir)
-        _recover(bundle_dir)
-        source = bundle_dir
+    versions, bundle_dir, source = _resolve(bundle_dir, store, "to forget from")
     bundle = load_bundle(source)
     refusal = bundle.head.enrolment_refusal(bundle, Path(bundle_dir))
     if refusal:
@@ -363,7 +357,7 @@ def unenroll(bundle_dir: Path | None, name: str, store: BundleStore | str | Path
     manifest["enrolled"] = [e for e in manifest.get("enrolled", []) if e.get("name") != name]
     summary = {"name": name, "parent_bundle_id": parent_id, "people": len(labels), "threshold": threshold,
                "previous_threshold": bundle.accept_threshold, "recalibrated": recalibrated is not None}
-    return {**summary, **_write(Path(bundle_dir), source, versions, keep, manifest, files, gallery, gallery_labels,
+    return {**summary, **_write(bundle_dir, source, versions, keep, manifest, files, gallery, gallery_labels,
                                 labels)}
 
 
