@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from contextlib import closing
@@ -29,7 +27,7 @@ import yaml
 from faceberry.device.outputs.events import iso_utc
 from tests.plugins.broker import Subscriber
 from tests.plugins.cluster import INSTALL_HINT, RabbitCluster, rabbitmq_server
-from tests.plugins.daemon import folder_of_photos, start_daemon, write_config
+from tests.plugins.daemon import Daemon, folder_of_photos, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -90,35 +88,9 @@ def wait_until(predicate, timeout: float) -> bool:
     return True
 
 
-class Device:
-    """`python -m device run` with its log read line by line. (Not the daemon plugin's `Daemon`: its `stop()`
-    waits with `communicate()`, which can take the last lines from under the reader thread, and this test
-    counts the "event:" lines.)"""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = start_daemon(config)
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-
-    def text(self) -> str:
-        return "".join(self.log)[-4000:]
-
-    def published(self) -> int:
-        """How many events the daemon logged: each went to its outbox first, then to the broker."""
-        return sum(bool(re.search(r"\bevent: ", line)) for line in list(self.log))
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit code, once the whole log is read."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(10)
-        self._reader.join(10)
-        return rc
+def published(daemon: Daemon) -> int:
+    """How many events the daemon logged: each went to its outbox first, then to the broker."""
+    return sum(bool(re.search(r"\bevent: ", line)) for line in list(daemon.log))
 
 
 def test_a_device_on_each_node_every_event_once_and_a_node_outage_loses_nothing(
@@ -133,10 +105,10 @@ def test_a_device_on_each_node_every_event_once_and_a_node_outage_loses_nothing(
     watcher = Subscriber(node2.host, node2.port, "faceberry/+/events")
     configs = {"door-1": device_config(tmp_path / "door-1", "door-1", node1, tiny_bundle, heldout_photos),
                "door-2": device_config(tmp_path / "door-2", "door-2", node2, tiny_bundle, heldout_photos)}
-    daemons: dict[str, Device] = {}
+    daemons: dict[str, Daemon] = {}
     try:
         assert logger.wait_log("subscribed to faceberry/+/events"), logger.log
-        daemons = {device: Device(config) for device, config in configs.items()}
+        daemons = {device: Daemon(config) for device, config in configs.items()}
 
         # Across the cluster, both ways: each device's events reach the log on node 1 and the subscriber on node 2.
         for device, daemon in daemons.items():
@@ -146,8 +118,8 @@ def test_a_device_on_each_node_every_event_once_and_a_node_outage_loses_nothing(
         # Node 2 goes away: door-2 loses its broker, door-1 and the log go on through node 1.
         node2.stop()
         outage_from = time.time()
-        before = daemons["door-2"].published()
-        assert wait_until(lambda: daemons["door-2"].published() >= before + 5, 120), daemons["door-2"].text()
+        before = published(daemons["door-2"])
+        assert wait_until(lambda: published(daemons["door-2"]) >= before + 5, 120), daemons["door-2"].text()
         door1_during = len(in_log(db, "door-1"))
         assert wait_until(lambda: len(in_log(db, "door-1")) >= door1_during + 3, 60), logger.log[-3000:]
         assert all(d.proc.poll() is None for d in daemons.values())
@@ -167,11 +139,17 @@ def test_a_device_on_each_node_every_event_once_and_a_node_outage_loses_nothing(
         if not node2.running:
             node2.start()
         watcher.close()
-        codes = {device: daemon.stop() for device, daemon in daemons.items()}
+        # Daemon.stop asserts a clean exit (0, no traceback); every daemon is stopped before any is judged.
+        failed = []
+        for daemon in daemons.values():
+            try:
+                daemon.stop()
+            except AssertionError as exc:
+                failed.append(exc)
     try:
+        assert not failed, failed
         for device, daemon in daemons.items():
-            assert codes[device] == 0 and "Traceback" not in "".join(daemon.log), daemon.text()
-            sent = daemon.published()
+            sent = published(daemon)
             # Every event each daemon logged is in the log on node 1, once: the outage lost none.
             assert wait_until(lambda d=device, n=sent: len(in_log(db, d)) >= n, 120), \
                 f"{device}: {len(in_log(db, device))} of {sent} events reached the log\n{logger.log[-3000:]}"
