@@ -23,7 +23,7 @@ import yaml
 from faceberry.device.outputs import homeassistant as ha
 from faceberry.device.outputs.events import status_topic
 from tests.plugins.broker import Subscriber, client_connections
-from tests.plugins.daemon import Daemon, blank, ha_config, link, predictions, write_config
+from tests.plugins.daemon import Daemon, blank, ha_config, link, newcomer_unknown, predictions, write_config
 
 DEVICE = "hacam"
 DP = "homeassistant"
@@ -325,11 +325,8 @@ def test_naming_the_last_unknown_face_from_a_command(tmp_path, mosquitto_factory
     (bundles/<bundle_id>/ and `current`), where the naming writes a new version and switches `current`."""
     broker = mosquitto_factory()
     name = tiny["newcomer"]
-    probes = [Path(p) for p in tiny["newcomer_probes"]]
-    unknown = [p for p, (label, _, _) in zip(probes, predictions(tiny["bundle"], probes), strict=True)
-               if label == "unknown"]
-    assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
-    camera = face_then_blanks(tmp_path, unknown[0], 3, "a_newcomer.jpg")
+    photo, _ = newcomer_unknown(tiny)
+    camera = face_then_blanks(tmp_path, photo, 3, "a_newcomer.jpg")
     if layout == "store":
         from faceberry.device.ops.store import BundleStore
 

@@ -24,7 +24,7 @@ from faceberry.device.messaging.library import (
     encode_entry,
 )
 from faceberry.device.messaging.topics import Topics
-from tests.plugins.daemon import Daemon, blank, ha_config, link, predictions
+from tests.plugins.daemon import Daemon, blank, ha_config, link, newcomer_unknown, predictions
 
 EMBEDDER = "ab" * 32
 
@@ -159,11 +159,7 @@ def _labels(d: Daemon, start: int = 0) -> list[str]:
 def test_a_face_named_on_one_device_is_named_on_every_device(tmp_path, mosquitto_factory, tiny) -> None:
     broker = mosquitto_factory()
     name = tiny["newcomer"]
-    probes = [Path(p) for p in tiny["newcomer_probes"]]
-    unknown = [p for p, (label, _, _) in zip(probes, predictions(tiny["bundle"], probes), strict=True)
-               if label == "unknown"]
-    assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
-    photo = unknown[0]
+    photo, _ = newcomer_unknown(tiny)
 
     # A tampered entry, retained before any device starts: made with the bundle's own embedder, then altered.
     manifest = json.loads((Path(tiny["bundle"]) / "manifest.json").read_text())
@@ -433,11 +429,8 @@ class _Node:
 def _newcomer(tiny: dict) -> tuple[str, list[np.ndarray], Path]:
     """The newcomer's name, the embedding of a photo of theirs the bundle takes for a stranger (the daemon's
     pipeline: what a command names), and that photo."""
-    probes = [Path(p) for p in tiny["newcomer_probes"]]
-    unknown = [(p, v) for p, (label, _, v) in zip(probes, predictions(tiny["bundle"], probes), strict=True)
-               if label == "unknown"]
-    assert unknown, "every probe photo of the newcomer was taken for someone: pick another newcomer"
-    return tiny["newcomer"], [unknown[0][1]], unknown[0][0]
+    photo, vector = newcomer_unknown(tiny)
+    return tiny["newcomer"], [vector], photo
 
 
 def _enrol_here(node: _Node, name: str, vectors: list[np.ndarray], subject: str | None = None) -> str:

@@ -120,6 +120,16 @@ def predictions(bundle: Path, photos: list[Path], threshold: float | None = None
     return out
 
 
+def newcomer_unknown(student: dict) -> tuple[Path, np.ndarray]:
+    """A probe photo of the `tiny` student fixture's newcomer that its bundle takes for a stranger, and its
+    embedding through the daemon's pipeline (what a command names)."""
+    probes = [Path(p) for p in student["newcomer_probes"]]
+    for photo, (label, _, vector) in zip(probes, predictions(student["bundle"], probes), strict=True):
+        if label == "unknown":
+            return photo, vector
+    raise AssertionError("every probe photo of the newcomer was taken for someone: pick another newcomer")
+
+
 class Daemon:
     """`python -m device run` as a subprocess, its log collected, and (given the broker) a subscriber to
     everything. `stays_up`: `stop()` also asserts the daemon was still running when it was stopped."""
