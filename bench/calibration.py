@@ -47,10 +47,16 @@ strangers passed per column than the face-level fits promised; 0.9–1.4× with 
 on TEST, and the best-of-N form (maxpeople) with the default bandwidth and no margin was kept. So TEST
 informed the last step (union or best-of-N, both from the same kernel), not the bandwidth or the margin.
 
-face_recognition is run beside ours by bench.household (it needs .venv-bench); here it is skipped when
-absent. Lookalikes (--lookalikes, on DEV's, TEST's and FULL's households with the largest cohort, old and
-shipped rule): every stranger with a photo accepted as a member X is corrected once ("this is not X" on a random
-one of those photos, 5 random choices per lookalike), and their other photos named X before and after are
+face_recognition 1.3 (dlib; .venv-bench from bench/setup_peer.sh, skipped when absent) runs on every household
+too, at its default as its README uses it: the nearest enrolled encoding if within 0.6
+(bench.household.peer_default), enrolled from the same photos, scored on the same probes, strangers' photos and
+visits. It has no cohort, so its row is the same for every cohort size. A photo in which dlib's HOG detector
+finds no face counts as not named (a member's) or not accepted (a stranger's); a visit skips such frames, as the
+tracker skips a frame with no face.
+
+Lookalikes (--lookalikes, on DEV's, TEST's and FULL's households with the largest cohort, old and shipped
+rule): every stranger with a photo accepted as a member X is corrected once ("this is not X" on a random one
+of those photos, 5 random choices per lookalike), and their other photos named X before and after are
 counted — per photo and per visit of 5 of them — with the family's photos of X lost. As the daemon does it:
 the correction keeps the vector the device decided on for that face (face+mirror where the second look ran)
 and every later face named X is checked with its own decided vector by faceberry.contract.accept_with_negatives
@@ -72,8 +78,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, machine, need_shared, peer_python, table, write_result
-from bench.household import VISIT_FRAMES, Household, HouseholdEmbedder, draw_households, visit_rates
+from bench.common import ROOT, machine, need_shared, table, write_result
+from bench.household import (
+    DLIB_TOLERANCE,
+    VISIT_FRAMES,
+    Household,
+    HouseholdEmbedder,
+    draw_households,
+    peer_default,
+    peer_embeddings,
+    visit_rates,
+)
 from faceberry import cohort as cohort_mod
 from faceberry.contract import (
     SECOND_LOOK,
@@ -93,6 +108,7 @@ PART_SEED = 24
 TARGET = cohort_mod.DEFAULT_TARGET_FAR
 parts_order = ("dev", "test", "full")
 EXPLORED = False  # the first round of candidates on DEV (all lost; see docs/BENCHMARKS.md), re-run when True
+PEER_RULE = f"face_recognition (default {DLIB_TOLERANCE:g})"
 
 
 # ---- the candidates' tail estimators (study only; the shipped rule is faceberry.cohort.threshold_rule) ----------
@@ -362,10 +378,28 @@ def household_scores(hh: Household, gallery: np.ndarray, emb_face: np.ndarray, e
     return look, fb, fsc, bb, bsc, truth, np.arange(len(look)) < len(probe_idx)
 
 
+def peer_rates(hh: Household, labels: np.ndarray, ok: np.ndarray, peer: tuple[np.ndarray, np.ndarray]
+               ) -> dict[str, float]:
+    """face_recognition at its default on one household, over the photos ours is scored on (the members' probes;
+    the strangers' photos in which our detector found a face). `peer`: every photo's encoding and whether dlib
+    found a face; where it found none the photo is not named (a probe) or not accepted (a stranger's), and a
+    visit goes on without that frame."""
+    enc, found = peer
+    pred, dist = peer_default(enc, found, labels, hh.enrol)
+    probes = np.asarray(hh.probes, int)
+    strangers = np.flatnonzero(hh.strangers & ok)
+    return {"threshold": DLIB_TOLERANCE,
+            "known": float(np.mean(pred[probes] == labels[probes])) if len(probes) else np.nan,
+            "strangers": float(np.mean(pred[strangers] != UNKNOWN)) if len(strangers) else np.nan,
+            **visit_rates(hh.visits, labels, pred, -dist, found, hh.home)}
+
+
 def run_part(part: str, people: list[str], face: np.ndarray, both: np.ndarray, ok: np.ndarray, labels: np.ndarray,
              rules: dict[str, Rule], sizes: tuple[int, ...], splits: int, draws: int, visits: int,
-             on_household: Callable[..., None] | None = None) -> list[dict[str, Any]]:
-    """Every rule on every household and cohort of one part: one entry per (rule, cohort, household)."""
+             on_household: Callable[..., None] | None = None,
+             peer: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Every rule on every household and cohort of one part: one entry per (rule, cohort, household); with
+    `peer` (face_recognition's encodings, face found), its default too (PEER_RULE, the same for every cohort)."""
     emb_face = np.zeros((len(ok), face.shape[1]), np.float32)
     emb_both = np.zeros_like(emb_face)
     emb_face[ok], emb_both[ok] = face, both
@@ -379,7 +413,11 @@ def run_part(part: str, people: list[str], face: np.ndarray, both: np.ndarray, o
             own_labels = [str(x) for x in labels[hh.enrol]]
             gallery = gallery_from(own, own_labels, hh.home)
             look, fb, fsc, bb, bsc, truth, is_probe = household_scores(hh, gallery, emb_face, emb_both, ok, labels)
+            theirs = peer_rates(hh, labels, ok, peer) if peer is not None else None
             for k, cohort in cohorts.items():
+                if theirs is not None:
+                    entries.append({"part": part, "split": split, "cohort_per_person": k, "cohort_faces": len(cohort),
+                                    "household": hh.size, "draw": hh.draw, "rule": PEER_RULE, **theirs})
                 case = Case(gallery, hh.home, cohort, own, own_labels)
                 # The oracle: the threshold that accepts exactly TARGET of this household's unseen strangers (no
                 # rule can know it; it shows what the family could have at that rate).
@@ -636,16 +674,21 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.array([p for p in emb.names for _ in emb.everyone[p]])
     print(f"embedding {len(paths)} photos (int8, device code; cached) …", file=sys.stderr)
     face, both, ok = emb.clean(paths)
-    if peer_python() is None:
-        print("note: face_recognition is not installed (bash bench/setup_peer.sh): its rows are left to "
-              "bench.household", file=sys.stderr)
+    peer = peer_embeddings(paths)
+    if peer is None:
+        print("note: face_recognition is not installed (bash bench/setup_peer.sh): its rows are left out",
+              file=sys.stderr)
+    else:
+        print(f"face_recognition {peer[2].get('face_recognition')} (dlib {peer[2].get('dlib')}) found a face in "
+              f"{int(peer[1].sum())} of {len(paths)} photos ({int((peer[1] & ok).sum())} of the {int(ok.sum())} "
+              "ours found one in); a photo it finds none in is not named / not accepted", file=sys.stderr)
     entries: list[dict[str, Any]] = []
     for part in [p for p in parts_order if p in args.parts.split(",") and not args.no_rules]:
         people = parts(emb.names)[part]
         dev = part == "dev"
         print(f"part {part}: {len(people)} people …", file=sys.stderr)
         entries += run_part(part, people, face, both, ok, labels, candidates(dev), DEV_SIZES if dev else SIZES,
-                            args.splits, args.draws, args.visits)
+                            args.splits, args.draws, args.visits, peer=None if peer is None else peer[:2])
     looks: list[dict[str, Any]] = []
     if args.lookalikes:
         for part in [p for p in parts_order if p in args.parts.split(",")]:
@@ -697,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
                            "splits": args.splits, "visits": args.visits, "target_far": TARGET,
                            "parts": {k: len(v) for k, v in parts(emb.names).items()}},
               "rows": rows, "lookalikes": look_rows,
+              "face_recognition": None if peer is None else {
+                  "versions": peer[2], "default_tolerance": DLIB_TOLERANCE, "photos": len(paths),
+                  "photos_with_face": int(peer[1].sum()), "photos_with_face_ours_too": int((peer[1] & ok).sum())},
               "goals": [{"part": p, "rule": r, **g} for (p, r), g in sorted(met.items())]}
     path = write_result("calibration", result)
     print(f"{result['seconds']:.0f} s on {machine().get('cpu', '')}; wrote {path.relative_to(ROOT)}")

@@ -239,6 +239,28 @@ def visit_rates(visits: list[list[int]], labels: np.ndarray, pred: np.ndarray, s
             f"{prefix}known_visits_right": right / known if known else np.nan}
 
 
+def nearest_within(dist: np.ndarray, ref_labels: np.ndarray, tolerance: float,
+                   found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo (rows of `dist`, distances to each reference): the nearest reference's label where it is within
+    `tolerance` and the photo has a face, else UNKNOWN; and that nearest distance."""
+    nearest = np.argmin(dist, axis=1)
+    d = dist[np.arange(len(dist)), nearest]
+    return np.where(found & (d <= tolerance), ref_labels[nearest], UNKNOWN).astype(object), d
+
+
+def peer_default(enc: np.ndarray, found: np.ndarray, labels: np.ndarray, enrol_idx: list[int],
+                 probes: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """face_recognition at its default, as its README does: face_distance to every enrolled encoding, the nearest
+    one's name if compare_faces accepts it (distance ≤ DLIB_TOLERANCE). Per photo (all N): the name or UNKNOWN
+    (also where dlib found no face) and the nearest distance. Enrolled: the photos of `enrol_idx` with a face;
+    `probes` (encodings, found) replaces the photos looked at (a degraded variant)."""
+    from scipy.spatial.distance import cdist
+
+    penc, pfound = probes if probes is not None else (enc, found)
+    enrol = [i for i in enrol_idx if found[i]]
+    return nearest_within(cdist(penc, enc[enrol]), labels[enrol].astype(str), DLIB_TOLERANCE, pfound)
+
+
 def peer_household(peer: tuple[np.ndarray, np.ndarray, dict[str, Any]], labels: np.ndarray, home: list[str],
                    enrol_idx: list[int], probe_idx: list[int], stranger_idx: np.ndarray, cohort_idx: np.ndarray,
                    visits: list[list[int]], probes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
@@ -261,17 +283,13 @@ def peer_household(peer: tuple[np.ndarray, np.ndarray, dict[str, Any]], labels: 
     tolerance = calibrate_distance(impostors, PEER_RATE)
     if probes is not None:
         dist_means = np.linalg.norm(penc[:, None] - means[None], axis=2)
-    dist_refs = np.linalg.norm(penc[:, None] - enc[enrol][None], axis=2)
-    methods = {"dlib_default_": (dist_refs, np.array([str(labels[i]) for i in enrol]), DLIB_TOLERANCE),
-               "dlib_calibrated_": (dist_means, np.array(members), tolerance)}
+    methods = {"dlib_default_": peer_default(enc, found, labels, enrol_idx, probes),
+               "dlib_calibrated_": nearest_within(dist_means, np.array(members), tolerance, pfound)}
     kp = [i for i in probe_idx if pfound[i]]
     sp = [int(i) for i in stranger_idx if pfound[i]]
     out: dict[str, float] = {"dlib_face_found": float(np.mean(pfound[probe_idx])), "dlib_tolerance": tolerance,
                              "dlib_impostor_scores": float(len(impostors))}
-    for prefix, (dist, ref_labels, tol) in methods.items():
-        nearest = np.argmin(dist, axis=1)
-        d = dist[np.arange(len(dist)), nearest]
-        pred = np.where(pfound & (d <= tol), ref_labels[nearest], UNKNOWN).astype(object)
+    for prefix, (pred, d) in methods.items():
         out[f"{prefix}known"] = float(np.mean(pred[kp] == labels[kp])) if kp else np.nan
         out[f"{prefix}strangers"] = float(np.mean(pred[sp] != UNKNOWN)) if sp else np.nan
         if visits:

@@ -296,3 +296,26 @@ def test_calibration_decides_as_the_household_bench_and_keeps_its_parts_apart():
     parts = calibration.parts(names)
     assert len(parts["dev"]) == calibration.DEV_PEOPLE and not set(parts["dev"]) & set(parts["test"])
     assert sorted(parts["dev"] + parts["test"]) == sorted(parts["full"]) == names
+
+
+def test_calibration_peer_counts_a_photo_without_a_dlib_face_as_not_named_and_not_accepted():
+    from bench import calibration, household
+
+    a, b = np.zeros(4), np.array([1.0, 0, 0, 0])
+    x, y = np.eye(4)[1:3]  # directions away from a and b
+    enc = np.array([a] * 10 + [b] * 10  # enrolled
+                   + [a + 0.05 * b, a, b + 0.7 * y]  # probes: named, no dlib face, beyond 0.6
+                   + [a + 0.3 * x, a, a + 2.0 * x, a])  # strangers: passes, no dlib face, far, ours found none
+    found = np.ones(len(enc), bool)
+    found[[21, 24]] = False
+    ok = np.ones(len(enc), bool)
+    ok[26] = False
+    labels = np.array(["a"] * 10 + ["b"] * 10 + ["a", "a", "b"] + ["s", "t", "u", "v"])
+    hh = household.Household(2, 0, ["a", "b"], list(range(20)), [20, 21, 22], np.arange(len(enc)) >= 23,
+                             [[23, 24, 23, 23, 23], [20, 21, 20, 20, 20]])
+    out = calibration.peer_rates(hh, labels, ok, (enc, found))
+    assert out["threshold"] == household.DLIB_TOLERANCE
+    assert out["known"] == pytest.approx(1 / 3)  # the no-face probe counts as not named, as the one beyond 0.6
+    assert out["strangers"] == pytest.approx(1 / 3)  # of the three ours found a face in; the no-face one not accepted
+    # A visit goes on without the frame dlib found no face in: 4 of 4 frames name the stranger a.
+    assert out["stranger_visits_named"] == 1.0 and out["known_visits_right"] == 1.0
