@@ -63,7 +63,7 @@ import numpy as np
 from faceberry.device.memory.corrections import Negatives
 from faceberry.device.messaging.dispatcher import Publish, ReloadRequests
 from faceberry.device.messaging.topics import Topics
-from faceberry.device.messaging.worker import Entries
+from faceberry.device.messaging.worker import Entries, Shares
 from faceberry.statefile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,29 @@ def checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in body.items() if k != "checksum"})).hexdigest()
 
 
+def signed(body: dict[str, Any]) -> bytes:
+    """The payload of an entry (the library's, the shared strangers'): `body` with its checksum, compact JSON."""
+    body["checksum"] = checksum(body)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def verified(payload: bytes, max_bytes: int, schema: int, error: type[ValueError]) -> dict[str, Any]:
+    """The JSON object of an entry, its size, schema and checksum checked; raises `error` naming what is wrong."""
+    if len(payload) > max_bytes:
+        raise error(f"{len(payload)} bytes, more than {max_bytes}")
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise error("not a JSON object")
+    if body.get("schema") != schema:
+        raise error(f"schema {body.get('schema')!r} is not {schema} (a newer faceberry wrote it; upgrade)")
+    if not isinstance(body.get("checksum"), str) or body["checksum"] != checksum(body):
+        raise error("checksum mismatch (altered or damaged on the way)")
+    return body
+
+
 def _b64(rows: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode()
 
@@ -154,24 +177,12 @@ def encode_entry(label: str, embeddings: np.ndarray | None, embedder: str | None
                  "at": (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")})
     if subject is not None:
         body["subject"] = subject
-    body["checksum"] = checksum(body)
-    return entry_id, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return entry_id, signed(body)
 
 
 def decode_entry(payload: bytes) -> Entry:
     """The entry in `payload`, verified; raises LibraryError naming what is wrong."""
-    if len(payload) > MAX_BYTES:
-        raise LibraryError(f"{len(payload)} bytes, more than {MAX_BYTES}")
-    try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LibraryError(f"not JSON ({exc})") from exc
-    if not isinstance(body, dict):
-        raise LibraryError("not a JSON object")
-    if body.get("schema") != SCHEMA:
-        raise LibraryError(f"schema {body.get('schema')!r} is not {SCHEMA} (a newer faceberry wrote it; upgrade)")
-    if not isinstance(body.get("checksum"), str) or body["checksum"] != checksum(body):
-        raise LibraryError("checksum mismatch (altered or damaged on the way)")
+    body = verified(payload, MAX_BYTES, SCHEMA, LibraryError)
     op = body.get("op")
     if op not in OPS:
         raise LibraryError(f"op {op!r} is not one of {', '.join(OPS)} (a newer faceberry wrote it; upgrade)")
@@ -306,7 +317,7 @@ class State:
                         self.path, exc)
 
 
-class Library:
+class Library(Shares):
     """Shares this device's enrolments, forgets and corrections, and applies the other devices'. `embedder()`
     is the sha256 of the classifier file of the bundle serving now (None: no bundle that enrols)."""
 
@@ -324,7 +335,7 @@ class Library:
         self.embedder = embedder
         self.enroll_lock = enroll_lock
         self.state = State(state)
-        self.entries = Entries("library", "library entry", INBOX_SIZE, MAX_BYTES, self.apply, log)
+        self.entries = Entries("library", "library", INBOX_SIZE, MAX_BYTES, self.apply, log)
         self.stats = {"library_applied": 0, "library_refused": 0}
 
     # --- this device's changes --------------------------------------------------------------------------------
@@ -413,22 +424,9 @@ class Library:
     def receive(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if not payload:
             return  # an entry cleared from the broker
-        self.entries.receive(topic, payload)
+        super().receive(topic, payload, retain)
 
-    # --- the library's thread -------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.entries.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.entries.stop(timeout)
-
-    def drain(self) -> None:
-        """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
-        self.entries.drain()
-
-    def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        self.entries.once(key, level, msg, *args)  # one line per refused entry (or other embedder) per process
+    # --- the library's thread: start, stop and drain (Shares) -----------------------------------------------------
 
     def _refuse(self, entry: Entry, why: str) -> bool:
         self.stats["library_refused"] += 1
@@ -455,15 +453,8 @@ class Library:
             self._once(digest, logging.WARNING, "library entry on %s refused: its id %r is not its topic's; nothing "
                        "applied", topic, entry.id)
             return False
-        if entry.op in WITH_EMBEDDINGS:
-            mine = self.embedder()
-            if mine is None or entry.embedder != mine:
-                # Not recorded: the same entry applies once this device serves a bundle with that embedder.
-                self._once(f"embedder:{entry.embedder}", logging.WARNING,
-                           "library entries made with embedder %s… are ignored: this device's is %s (embeddings of "
-                           "another model mean nothing here; deploy the same bundle to every device)",
-                           (entry.embedder or "none")[:12], (mine or "none")[:12])
-                return False
+        if entry.op in WITH_EMBEDDINGS and self.entries.foreign(entry.embedder, self.embedder()):
+            return False  # not recorded: the same entry applies once this device serves a bundle with that embedder
         if entry.op in (OP_CORRECT, OP_UNCORRECT):
             with self.enroll_lock:  # the state's one writer at a time
                 return self._correct(entry)

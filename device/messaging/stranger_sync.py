@@ -27,7 +27,6 @@ The entries, `schema` 1 (docs/MQTT.md, "Shared strangers"):
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import re
@@ -41,9 +40,9 @@ import numpy as np
 
 from faceberry.device.memory.strangers import SharedStranger, Stranger, StrangerMemory
 from faceberry.device.messaging.dispatcher import Publish
-from faceberry.device.messaging.library import checksum
+from faceberry.device.messaging.library import signed, verified
 from faceberry.device.messaging.topics import Topics
-from faceberry.device.messaging.worker import Entries
+from faceberry.device.messaging.worker import Entries, Shares
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +74,10 @@ def _at(at: datetime | None) -> str:
     return (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _signed(body: dict[str, Any]) -> bytes:
-    body["checksum"] = checksum(body)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def encode_stranger(stranger: Stranger, embedder: str, origin: str, at: datetime | None = None) -> bytes:
     """The entry sharing `stranger` (its centroid, never the faces it was made of)."""
     centroid = np.ascontiguousarray(stranger.centroid, dtype="<f4").reshape(-1)
-    return _signed({
+    return signed({
         "schema": SCHEMA, "op": OP_STRANGER, "id": stranger.stranger_id, "dim": int(centroid.shape[0]),
         "centroid": base64.b64encode(centroid.tobytes()).decode(), "count": int(stranger.count),
         "first_seen": float(stranger.first_seen), "last_seen": float(stranger.last_seen), "embedder": embedder,
@@ -92,7 +86,7 @@ def encode_stranger(stranger: Stranger, embedder: str, origin: str, at: datetime
 
 def encode_alias(loser: str, winner: str, origin: str, at: datetime | None = None) -> bytes:
     """The entry saying that stranger `loser` is stranger `winner` (the merge rule decided)."""
-    return _signed({"schema": SCHEMA, "op": OP_ALIAS, "id": loser, "alias_of": winner, "origin": origin,
+    return signed({"schema": SCHEMA, "op": OP_ALIAS, "id": loser, "alias_of": winner, "origin": origin,
                     "at": _at(at)})
 
 
@@ -104,19 +98,7 @@ def _id(value: Any, key: str) -> str:
 
 def decode_entry(payload: bytes, now: float | None = None) -> Entry:
     """The entry in `payload`, verified; raises StrangerEntryError naming what is wrong."""
-    if len(payload) > MAX_BYTES:
-        raise StrangerEntryError(f"{len(payload)} bytes, more than {MAX_BYTES}")
-    try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StrangerEntryError(f"not JSON ({exc})") from exc
-    if not isinstance(body, dict):
-        raise StrangerEntryError("not a JSON object")
-    if body.get("schema") != SCHEMA:
-        raise StrangerEntryError(f"schema {body.get('schema')!r} is not {SCHEMA} (a newer faceberry wrote it; "
-                                 "upgrade)")
-    if not isinstance(body.get("checksum"), str) or body["checksum"] != checksum(body):
-        raise StrangerEntryError("checksum mismatch (altered or damaged on the way)")
+    body = verified(payload, MAX_BYTES, SCHEMA, StrangerEntryError)
     op = body.get("op")
     sid = _id(body.get("id"), "id")
     origin = str(body.get("origin", ""))
@@ -150,7 +132,7 @@ def decode_entry(payload: bytes, now: float | None = None) -> Entry:
     return Entry(SharedStranger(sid, centroid / norm, count, first, last), embedder, origin)
 
 
-class StrangerSync:
+class StrangerSync(Shares):
     """The stranger memory's `Sharing`: publishes this device's strangers and adopts the other devices'.
     `embedder()` is the sha256 of the classifier file of the bundle serving now (None: unknown)."""
 
@@ -163,16 +145,13 @@ class StrangerSync:
         self.memory = memory
         self.embedder = embedder
         self.forgotten = forgotten
-        self.entries = Entries("strangers", "stranger entry", INBOX_SIZE, MAX_BYTES, self.apply, log)
+        self.entries = Entries("strangers", "stranger", INBOX_SIZE, MAX_BYTES, self.apply, log)
         self.stats = {"strangers_shared": 0, "strangers_adopted": 0, "strangers_refused": 0}
 
     def attach(self) -> StrangerSync:
         """From now on the memory's new, merged, expired and forgotten strangers are shared."""
         self.memory.sharing = self
         return self
-
-    def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        self.entries.once(key, level, msg, *args)  # one line per refused entry (or other embedder) per process
 
     # --- the memory's changes, out (the frame loop's or the command runner's thread, the memory locked) ----------
 
@@ -197,22 +176,7 @@ class StrangerSync:
             log.info("strangers: cleared %d shared entr%s (%s)", len(stranger_ids),
                      "y" if len(stranger_ids) == 1 else "ies", ", ".join(stranger_ids[:5]))
 
-    # --- paho's thread --------------------------------------------------------------------------------------------
-
-    def receive(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.entries.receive(topic, payload)
-
-    # --- this module's thread -------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.entries.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.entries.stop(timeout)
-
-    def drain(self) -> None:
-        """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
-        self.entries.drain()
+    # --- paho's and this module's threads: receive, start, stop and drain (Shares) --------------------------------
 
     def _refuse(self, topic: str, why: str) -> None:
         self.stats["strangers_refused"] += 1
@@ -242,14 +206,8 @@ class StrangerSync:
         if entry.stranger.stranger_id != sid:
             self._refuse(topic, f"its id {entry.stranger.stranger_id!r} is not its topic's")
             return False
-        if entry.embedder is not None:
-            mine = self.embedder()
-            if mine is None or entry.embedder != mine:
-                self._once(f"embedder:{entry.embedder}", logging.WARNING,
-                           "stranger entries made with embedder %s… are ignored: this device's is %s (embeddings of "
-                           "another model mean nothing here; deploy the same bundle to every device)",
-                           entry.embedder[:12], (mine or "none")[:12])
-                return False
+        if entry.embedder is not None and self.entries.foreign(entry.embedder, self.embedder()):
+            return False
         known = self.memory.adopt(entry.stranger)
         if known is not None and entry.origin != self.topics.device_id:
             self.stats["strangers_adopted"] += 1

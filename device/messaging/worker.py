@@ -2,7 +2,8 @@
 
 The command runner owns one: paho's callbacks put work in (a full inbox is the owner's to answer), the thread
 runs it, and `drain()` runs what is queued in the caller's thread (a test's, when the thread is not started).
-The face library and the shared strangers each own an `Entries`: retained entries of one kind, through an inbox.
+The face library and the shared strangers each own an `Entries`: retained entries of one kind, through an inbox;
+both are `Shares`, received, started, stopped and drained through it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Entries:
 
     def __init__(self, name: str, what: str, size: int, max_bytes: int, apply: Callable[[str, bytes], object],
                  log: logging.Logger) -> None:
-        self.what = what  # "library entry", "stranger entry": how the log lines name one
+        self.what = what  # "library", "stranger": how the log lines name an entry ("library entry")
         self.size = size
         self.max_bytes = max_bytes
         self.apply = apply
@@ -90,13 +91,24 @@ class Entries:
         try:
             self.inbox.put_nowait(topic, payload[: self.max_bytes + 1])
         except queue.Full:
-            self.once(f"full:{topic}", logging.WARNING, "%s on %s dropped: %d waiting (it is retained: the next "
+            self.once(f"full:{topic}", logging.WARNING, "%s entry on %s dropped: %d waiting (it is retained: the next "
                       "reconnection or restart brings it again)", self.what, topic, self.size)
 
     def once(self, key: str, level: int, msg: str, *args: Any) -> None:
         if key not in self._said:
             self._said.add(key)
             self.log.log(level, msg, *args)
+
+    def foreign(self, embedder: str | None, mine: str | None) -> bool:
+        """True when an entry made with `embedder` means nothing to this device, whose embedder is `mine` (None:
+        unknown); said once per embedder."""
+        if mine is not None and embedder == mine:
+            return False
+        self.once(f"embedder:{embedder}", logging.WARNING,
+                  "%s entries made with embedder %s… are ignored: this device's is %s (embeddings of another model "
+                  "mean nothing here; deploy the same bundle to every device)", self.what, (embedder or "none")[:12],
+                  (mine or "none")[:12])
+        return True
 
     def start(self) -> None:
         self.inbox.start()
@@ -112,4 +124,31 @@ class Entries:
         try:
             self.apply(topic, payload)
         except Exception:  # an entry must never take the daemon down
-            self.log.exception("%s on %s could not be applied", self.what, topic)
+            self.log.exception("%s entry on %s could not be applied", self.what, topic)
+
+
+class Shares:
+    """What the face library and the shared strangers both are: the owner of an `Entries` (`entries`), received,
+    started, stopped and drained through it."""
+
+    entries: Entries
+
+    # --- paho's thread --------------------------------------------------------------------------------------------
+
+    def receive(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.entries.receive(topic, payload)
+
+    # --- the entries' thread --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.entries.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.entries.stop(timeout)
+
+    def drain(self) -> None:
+        """Apply every queued entry now, in the calling thread (a test's, when the thread does not run)."""
+        self.entries.drain()
+
+    def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
+        self.entries.once(key, level, msg, *args)  # one line per refused entry (or other embedder) per process
