@@ -25,6 +25,7 @@ from faceberry.device.messaging.library import (
 )
 from faceberry.device.messaging.topics import Topics
 from tests.plugins.daemon import Daemon, blank, ha_config, link, newcomer_unknown, predictions
+from tests.plugins.files import resigned
 
 EMBEDDER = "ab" * 32
 
@@ -47,20 +48,14 @@ def test_an_entry_decodes_to_what_was_encoded() -> None:
     assert body["checksum"] == checksum(body)
 
 
-def _resigned(payload: bytes, **changes) -> bytes:
-    body = {**json.loads(payload), **changes}
-    body["checksum"] = checksum(body)
-    return json.dumps(body).encode()
-
-
 @pytest.mark.parametrize(("mutate", "why"), [
     (lambda p: p.replace(b'"Ann"', b'"Eve"'), "checksum mismatch"),
-    (lambda p: _resigned(p, schema=2), "schema 2"),
-    (lambda p: _resigned(p, count=3), "do not hold count 3"),
-    (lambda p: _resigned(p, embeddings="not base64!"), "malformed"),
-    (lambda p: _resigned(p, op="rename"), "op 'rename'"),
-    (lambda p: _resigned(p, subject=3), "subject is not a string"),
-    (lambda p: _resigned(p, embeddings=base64.b64encode(np.full(16, np.nan, "<f4").tobytes()).decode()), "NaN"),
+    (lambda p: resigned(p, schema=2), "schema 2"),
+    (lambda p: resigned(p, count=3), "do not hold count 3"),
+    (lambda p: resigned(p, embeddings="not base64!"), "malformed"),
+    (lambda p: resigned(p, op="rename"), "op 'rename'"),
+    (lambda p: resigned(p, subject=3), "subject is not a string"),
+    (lambda p: resigned(p, embeddings=base64.b64encode(np.full(16, np.nan, "<f4").tobytes()).decode()), "NaN"),
     (lambda p: b"{not json", "not JSON"),
     (lambda p: b"[]", "not a JSON object"),
 ])

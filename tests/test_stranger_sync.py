@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from faceberry.device.memory.strangers import SharedStranger, StrangerMemory
-from faceberry.device.messaging.library import checksum
 from faceberry.device.messaging.stranger_sync import (
     StrangerEntryError,
     StrangerSync,
@@ -27,6 +26,7 @@ from faceberry.device.messaging.stranger_sync import (
 )
 from faceberry.device.messaging.topics import Topics
 from tests.plugins.daemon import MARGIN, Daemon, blank, ha_config, link, predictions
+from tests.plugins.files import resigned
 
 EMBEDDER = "ab" * 32
 T0 = 1_796_600_000.0
@@ -97,25 +97,19 @@ def _payload() -> bytes:
     return encode_stranger(d.memory.observe(unit(1, 0, 0))[0], EMBEDDER, "door-a")
 
 
-def _resigned(payload: bytes, **changes) -> bytes:
-    body = {**json.loads(payload), **changes}
-    body["checksum"] = checksum(body)
-    return json.dumps(body).encode()
-
-
 @pytest.mark.parametrize(("mutate", "why"), [
     (lambda p: p.replace(b'"door-a"', b'"door-x"'), "checksum mismatch"),
-    (lambda p: _resigned(p, schema=2), "schema 2"),
-    (lambda p: _resigned(p, dim=4), "does not hold dim 4"),
-    (lambda p: _resigned(p, centroid="not base64!"), "malformed"),
-    (lambda p: _resigned(p, op="forget"), "op 'forget'"),
-    (lambda p: _resigned(p, id="s-../../x"), "not a stranger id"),
-    (lambda p: _resigned(p, count=0), "count 0"),
-    (lambda p: _resigned(p, centroid=base64.b64encode(np.zeros(3, "<f4").tobytes()).decode()), "is zero"),
-    (lambda p: _resigned(p, centroid=base64.b64encode(np.full(3, np.nan, "<f4").tobytes()).decode()), "NaN"),
-    (lambda p: _resigned(p, first_seen=T0 + 10, last_seen=T0), "not finite times in order"),
-    (lambda p: _resigned(p, last_seen=T0 + 9 * 86400), "ahead of this device's clock"),
-    (lambda p: _resigned(p, op="alias", alias_of=json.loads(p)["id"]), "alias of itself"),
+    (lambda p: resigned(p, schema=2), "schema 2"),
+    (lambda p: resigned(p, dim=4), "does not hold dim 4"),
+    (lambda p: resigned(p, centroid="not base64!"), "malformed"),
+    (lambda p: resigned(p, op="forget"), "op 'forget'"),
+    (lambda p: resigned(p, id="s-../../x"), "not a stranger id"),
+    (lambda p: resigned(p, count=0), "count 0"),
+    (lambda p: resigned(p, centroid=base64.b64encode(np.zeros(3, "<f4").tobytes()).decode()), "is zero"),
+    (lambda p: resigned(p, centroid=base64.b64encode(np.full(3, np.nan, "<f4").tobytes()).decode()), "NaN"),
+    (lambda p: resigned(p, first_seen=T0 + 10, last_seen=T0), "not finite times in order"),
+    (lambda p: resigned(p, last_seen=T0 + 9 * 86400), "ahead of this device's clock"),
+    (lambda p: resigned(p, op="alias", alias_of=json.loads(p)["id"]), "alias of itself"),
     (lambda p: b"x" * 70000, "more than"),
     (lambda p: b"{not json", "not JSON"),
 ])

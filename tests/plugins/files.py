@@ -1,5 +1,6 @@
 """Files made for tests: images whose headers lie (every accepted format), damaged SQLite files, bundle
-versions re-signed under a new id or corrupted, a store root owned like the Pi's."""
+versions re-signed under a new id or corrupted, a store root owned like the Pi's, shared entries (the library's,
+the strangers') re-signed with changed keys."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 
 from faceberry.bundle import MANIFEST, load_bundle, write_manifest
+from faceberry.device.messaging.library import checksum
 from faceberry.device.ops.store import DIR_MODE, FILE_MODE
 
 
@@ -151,3 +153,11 @@ def write_frame(folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(folder / "frame.png"), np.full((48, 64, 3), 128, np.uint8))
+
+
+def resigned(payload: bytes, **changes) -> bytes:
+    """A shared entry with `changes` to its keys and a checksum that matches them: past the checksum check, so
+    what is refused is the change itself."""
+    body = {**json.loads(payload), **changes}
+    body["checksum"] = checksum(body)
+    return json.dumps(body).encode()
