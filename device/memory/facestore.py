@@ -9,7 +9,6 @@ Bounded by count (`memory.max_faces`) and age (`memory.max_age`); `forget` remov
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -19,11 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
 
+from faceberry.device.memory.locked import locked
 from faceberry.device.messaging.dispatcher import FrameDone
 from faceberry.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
 
@@ -107,17 +107,6 @@ def read_face(folder: Path) -> StoredFace:
     return face
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _locked(method: F) -> F:
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return method(self, *args, **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
 class FaceStore:
     def __init__(self, root: Path, max_faces: int = 50, max_age: float = 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -155,7 +144,7 @@ class FaceStore:
                         "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""))
         self.prune()
 
-    @_locked
+    @locked
     def add(self, *, event_id: str, label: str, score: float, track_id: int, bundle_id: str,
             crops: Sequence[np.ndarray], embeddings: np.ndarray, stranger_id: str | None = None,
             at: float | None = None) -> StoredFace | None:
@@ -193,7 +182,7 @@ class FaceStore:
         self.prune()
         return face
 
-    @_locked
+    @locked
     def prune(self) -> int:
         """Drop faces older than max_age, then the oldest beyond max_faces; returns how many went."""
         now = self.clock()
@@ -205,14 +194,14 @@ class FaceStore:
             self.remove(face.event_id)
         return len(expired)
 
-    @_locked
+    @locked
     def remove(self, event_id: str) -> bool:
         face = self._faces.pop(event_id, None)
         if face is not None:
             shutil.rmtree(face.folder, ignore_errors=True)
         return face is not None
 
-    @_locked
+    @locked
     def forget(self, stranger_id: str | None = None) -> int:
         """Remove every stored face (or a stranger's); returns how many."""
         gone = [f.event_id for f in self._faces.values() if stranger_id is None or f.stranger_id == stranger_id]
@@ -220,18 +209,18 @@ class FaceStore:
             self.remove(event_id)
         return len(gone)
 
-    @_locked
+    @locked
     def get(self, event_id: str) -> StoredFace | None:
         return self._faces.get(event_id)
 
-    @_locked
+    @locked
     def last(self, label: str | None = None, exclude: str | None = None) -> StoredFace | None:
         """The most recent face (with `label`, or whose label is not `exclude`)."""
         faces = [f for f in self._faces.values()
                  if (label is None or f.label == label) and (exclude is None or f.label != exclude)]
         return max(faces, key=lambda f: f.at, default=None)
 
-    @_locked
+    @locked
     def of_stranger(self, stranger_id: str) -> list[StoredFace]:
         return sorted((f for f in self._faces.values() if f.stranger_id == stranger_id), key=lambda f: f.at)
 

@@ -21,7 +21,6 @@ are shared too, so a device that saw only one side (or disagreed by a hair on th
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -30,11 +29,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol
 
 import numpy as np
 
 from faceberry.contract import UNKNOWN, l2_normalize
+from faceberry.device.memory.locked import locked
 from faceberry.device.messaging.dispatcher import FrameDone, Reloaded
 from faceberry.device.outputs.events import iso_utc
 from faceberry.statefile import DamagedFileError, RateLimitedLog, describe_error, set_aside, write_atomic
@@ -134,17 +134,6 @@ def read_memory(path: Path) -> tuple[dict[str, Stranger], dict[str, str]]:
     return clusters, {str(a): str(b) for a, b in zip(alias_from, alias_to, strict=True)}
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _locked(method: F) -> F:
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return method(self, *args, **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
 class StrangerMemory:
     def __init__(self, path: Path | None, threshold: float, max_clusters: int = 200, retention: float = 30 * 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -182,7 +171,7 @@ class StrangerMemory:
             set_aside(path, describe_error(exc), lost)
             self.clusters, self.aliases = {}, {}
 
-    @_locked
+    @locked
     def save(self) -> None:
         if self.path is None:
             return
@@ -242,7 +231,7 @@ class StrangerMemory:
             seen.add(stranger_id)
         return stranger_id
 
-    @_locked
+    @locked
     def nearest(self, embedding: np.ndarray) -> tuple[Stranger | None, float]:
         if not self.clusters:
             return None, -1.0
@@ -255,7 +244,7 @@ class StrangerMemory:
         i = int(np.argmax(sims))
         return items[i], float(sims[i])
 
-    @_locked
+    @locked
     def observe(self, embedding: np.ndarray, at: float | None = None) -> tuple[Stranger, bool]:
         """Add one unknown face; returns (its cluster, whether the cluster is new)."""
         at = self.clock() if at is None else at
@@ -282,7 +271,7 @@ class StrangerMemory:
         self.save()
         return cluster, new
 
-    @_locked
+    @locked
     def adopt(self, shared: SharedStranger) -> str | None:
         """Take in a stranger (or an alias) another device shared; returns the id it is known by here now
         (None: not taken: expired, or made with embeddings of another size)."""
@@ -381,7 +370,7 @@ class StrangerMemory:
         self._prune()
         return winner
 
-    @_locked
+    @locked
     def drop(self, stranger_id: str) -> bool:
         """Another device cleared this stranger's entry (forgotten or expired there): forget it here too,
         without clearing anything (already cleared). True if something was forgotten."""
@@ -395,7 +384,7 @@ class StrangerMemory:
         self.save()
         return True
 
-    @_locked
+    @locked
     def forget(self, stranger_id: str | None = None) -> int:
         """Forget one stranger (or all); returns how many were forgotten. Shared: forgotten on every device."""
         if stranger_id is None:
