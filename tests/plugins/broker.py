@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import getpass
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.plugins.processes import free_port, run
+from tests.plugins.processes import free_port, run, stop_server, wait_accepting
 
 
 def _mosquitto_binary() -> str | None:
@@ -31,14 +29,6 @@ def _mosquitto_binary() -> str | None:
         if Path(candidate).is_file():
             return candidate
     return None
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class Mosquitto:
@@ -69,32 +59,19 @@ class Mosquitto:
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
         self._log = log
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
-            if _accepts(self.host, self.port):
-                return self
-            time.sleep(0.05)
+        if wait_accepting(self.proc, self.host, self.port, timeout, 0.05):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
         self.stop()
         raise RuntimeError(f"mosquitto did not accept connections on {self.host}:{self.port} within {timeout}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_server(self.proc, self.host, self.port, wait=5, kill_wait=5, free_within=5, poll=0.05)
         self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
-        # Wait until the port is free again so a restart on the same port succeeds.
-        deadline = time.monotonic() + 5
-        while _accepts(self.host, self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     @property
     def running(self) -> bool:

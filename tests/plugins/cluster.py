@@ -21,13 +21,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from tests.plugins.processes import free_port
+from tests.plugins.processes import free_port, stop_server, wait_accepting
 
 # Debian's /usr/sbin/rabbitmq-server is a wrapper that switches to the `rabbitmq` user and its /var/lib home;
 # the script behind it runs as whoever starts it.
@@ -40,14 +38,6 @@ def rabbitmq_server() -> str | None:
     if _DEBIAN_SCRIPT.is_file():
         return str(_DEBIAN_SCRIPT)
     return shutil.which("rabbitmq-server")
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class RabbitNode:
@@ -106,14 +96,11 @@ class RabbitNode:
         self._out = out
         self.proc = subprocess.Popen([self.script], cwd=self.workdir, env=self.env(), stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"RabbitMQ node {self.nodename} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            if _accepts(self.host, self.port):
-                return self
-            time.sleep(0.2)
+        if wait_accepting(self.proc, self.host, self.port, timeout, 0.2):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"RabbitMQ node {self.nodename} exited with {self.proc.returncode}:\n"
+                               f"{self.log_tail()}")
         tail = self.log_tail()
         self.stop()
         raise RuntimeError(f"RabbitMQ node {self.nodename} did not open its MQTT port {self.port} within "
@@ -121,20 +108,12 @@ class RabbitNode:
 
     def stop(self, timeout: float = 60) -> None:
         """A clean stop: the script turns SIGTERM into RabbitMQ's own shutdown."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_server(self.proc, self.host, self.port, wait=timeout, kill_wait=10, free_within=10, poll=0.1,
+                    group=True)
         self.proc = None
         if getattr(self, "_out", None) is not None:
             self._out.close()
             self._out = None
-        deadline = time.monotonic() + 10
-        while _accepts(self.host, self.port) and time.monotonic() < deadline:
-            time.sleep(0.1)
 
     @property
     def running(self) -> bool:

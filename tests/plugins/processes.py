@@ -1,17 +1,21 @@
-"""The suite's one subprocess runner and its one free port.
+"""The suite's one subprocess runner and its one free port, and the servers the suite starts (up, down).
 
 `run` starts a command the way every test wants it: in the repository, with this checkout first on
 PYTHONPATH (so a worktree tests its own code), TensorFlow's C++ logging quiet, no stdin, output captured as
 text. `python(...)` is `run` for this interpreter; `check=True` fails the test with the command's last lines.
+A server child (mosquitto, a RabbitMQ node) is up once it `accepts` on its port (`wait_accepting`), and down
+once its port is free again (`stop_server`), so a restart on the same port succeeds.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -87,3 +91,44 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
         _, err = proc.communicate()
         pytest.fail(f"daemon did not exit within {timeout}s:\n{(err or '')[-3000:]}")
     return proc.returncode, err
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_accepting(proc: subprocess.Popen, host: str, port: int, timeout: float, poll: float) -> bool:
+    """True once `proc` accepts connections on host:port; False if it exited first (`proc.poll()` says so) or
+    did not within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if accepts(host, port):
+            return True
+        time.sleep(poll)
+    return False
+
+
+def stop_server(proc: subprocess.Popen | None, host: str, port: int, *, wait: float, kill_wait: float,
+                free_within: float, poll: float, group: bool = False) -> None:
+    """SIGTERM to `proc` (SIGKILL, to its process group if `group`, when it is still running after `wait` s),
+    then up to `free_within` s for its port to be free again."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait(kill_wait)
+    deadline = time.monotonic() + free_within
+    while accepts(host, port) and time.monotonic() < deadline:
+        time.sleep(poll)
