@@ -33,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -190,34 +192,35 @@ def _trials(bundle: Path, trials: int, fps: float, work: Path, broker_a: LocalBr
     rows: dict[str, list[float]] = {k: [] for k in ("name_arrival", "name_applied", "name_served",
                                                     "forget_arrival", "forget_applied", "forget_served")}
     lost = 0
+
+    def timed(step: str, name: str, served: bool, publish: Callable[[], str]) -> bool:
+        """A's change to `name`, from `publish()` until B serves a bundle with (`served`) or without it: the
+        rows `<step>_arrival`, `_applied`, `_served`; False if B did not within 120 s."""
+        b.served_at.clear()
+        t0 = time.perf_counter()
+        entry = publish()
+        at = b.serving_since(lambda labels: (name in labels) == served, 120)
+        if at is None:
+            return False
+        rows[f"{step}_arrival"].append(b.received_at[entry] - t0)
+        rows[f"{step}_applied"].append(b.applied_at[name] - t0)
+        rows[f"{step}_served"].append(at - t0)
+        return True
+
     try:
         for i in range(trials):
             name = f"Bench Person {i:03d}"
             emb = rng.standard_normal((3, dim)).astype(np.float32)
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             summary = enroll(a.bundle, name, Path(), embeddings=emb, merge=False)
-            b.served_at.clear()
-            t0 = time.perf_counter()
-            entry = a.library.share(name, summary["embeddings"], summary["embedder"])
-            served = b.serving_since(lambda labels, n=name: n in labels, 120)
-            if served is None:
+            if not timed("name", name, True, partial(a.library.share, name, summary["embeddings"],
+                                                     summary["embedder"])):
                 lost += 1
                 continue
-            rows["name_arrival"].append(b.received_at[entry] - t0)
-            rows["name_applied"].append(b.applied_at[name] - t0)
-            rows["name_served"].append(served - t0)
-
             unenroll(a.bundle, name)
-            b.served_at.clear()
-            t0 = time.perf_counter()
-            entry = a.library.forget(name)
-            served = b.serving_since(lambda labels, n=name: n not in labels, 120)
-            if served is None:
+            if not timed("forget", name, False, partial(a.library.forget, name)):
                 lost += 1
                 continue
-            rows["forget_arrival"].append(b.received_at[entry] - t0)
-            rows["forget_applied"].append(b.applied_at[name] - t0)
-            rows["forget_served"].append(served - t0)
             if (i + 1) % 10 == 0:
                 print(f"{i + 1}/{trials} trials", file=sys.stderr, flush=True)
     finally:
