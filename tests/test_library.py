@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -421,6 +422,21 @@ class _Node:
         self.reloads.close()
 
 
+@pytest.fixture
+def nodes(tmp_path: Path, mosquitto_factory) -> Iterator[Callable[..., _Node]]:
+    """`nodes(device_id, broker, bundle)`: a `_Node` in tmp_path/<device_id>; every one is closed after the test
+    (before its brokers stop)."""
+    made: list[_Node] = []
+
+    def node(device_id: str, broker, bundle: Path) -> _Node:
+        made.append(_Node(tmp_path / device_id, device_id, broker, bundle))
+        return made[-1]
+
+    yield node
+    for each in made:
+        each.close()
+
+
 def _newcomer(tiny: dict) -> tuple[str, list[np.ndarray], Path]:
     """The newcomer's name, the embedding of a photo of theirs the bundle takes for a stranger (the daemon's
     pipeline: what a command names), and that photo."""
@@ -439,39 +455,33 @@ def _enrol_here(node: _Node, name: str, vectors: list[np.ndarray], subject: str 
 
 @pytest.mark.broker
 def test_a_person_forgotten_on_one_device_is_forgotten_on_every_device_and_stays_forgotten(
-        tmp_path, mosquitto_factory, tiny) -> None:
+        tmp_path, mosquitto_factory, nodes, tiny) -> None:
     from faceberry.device.recognition.enroll import unenroll
 
     broker = mosquitto_factory()
     name, vectors, _ = _newcomer(tiny)
-    a = _Node(tmp_path / "a", "door-a", broker, tiny["bundle"])
-    b = _Node(tmp_path / "b", "door-b", broker, tiny["bundle"])
-    late = None
-    try:
-        enrol_id = _enrol_here(a, name, vectors)
-        assert b.wait(lambda: b.serves(name)), b.reloaded
-        # A forgets them (the `forget` command with `name`): out of A's bundle, then shared.
-        unenroll(a.bundle, name)
-        forget_id = a.lib.forget(name)
-        assert b.wait(lambda: b.reloaded and not b.serves(name)), b.reloaded
-        # On the broker: the tombstone stays, the enrolment (their embeddings) is cleared (A publishes the clear
-        # just after the tombstone: it may still be on its way).
-        retained = _retained(broker, lambda r: f"faceberry/library/{enrol_id}" not in r)
-        assert f"faceberry/library/{forget_id}" in retained and f"faceberry/library/{enrol_id}" not in retained
-        # A device started later, with the person in the bundle it was deployed with: not resurrected.
-        seeded = tmp_path / "seeded"
-        shutil.copytree(b.bundle, seeded)
-        from faceberry.device.recognition.enroll import enroll
-        enroll(seeded, name, Path(), embeddings=np.stack(vectors))
-        late = _Node(tmp_path / "late", "door-late", broker, seeded)
-        assert late.wait(lambda: forget_id in late.lib.state), late.lib.state.ids
-        assert name not in _serving(late.bundle)
-        # And B, restarted (same state_dir), applies nothing again.
-        assert forget_id in b.lib.state and enrol_id in b.lib.state
-    finally:
-        for node in (a, b, late):
-            if node is not None:
-                node.close()
+    a = nodes("door-a", broker, tiny["bundle"])
+    b = nodes("door-b", broker, tiny["bundle"])
+    enrol_id = _enrol_here(a, name, vectors)
+    assert b.wait(lambda: b.serves(name)), b.reloaded
+    # A forgets them (the `forget` command with `name`): out of A's bundle, then shared.
+    unenroll(a.bundle, name)
+    forget_id = a.lib.forget(name)
+    assert b.wait(lambda: b.reloaded and not b.serves(name)), b.reloaded
+    # On the broker: the tombstone stays, the enrolment (their embeddings) is cleared (A publishes the clear
+    # just after the tombstone: it may still be on its way).
+    retained = _retained(broker, lambda r: f"faceberry/library/{enrol_id}" not in r)
+    assert f"faceberry/library/{forget_id}" in retained and f"faceberry/library/{enrol_id}" not in retained
+    # A device started later, with the person in the bundle it was deployed with: not resurrected.
+    seeded = tmp_path / "seeded"
+    shutil.copytree(b.bundle, seeded)
+    from faceberry.device.recognition.enroll import enroll
+    enroll(seeded, name, Path(), embeddings=np.stack(vectors))
+    late = nodes("door-late", broker, seeded)
+    assert late.wait(lambda: forget_id in late.lib.state), late.lib.state.ids
+    assert name not in _serving(late.bundle)
+    # And B, restarted (same state_dir), applies nothing again.
+    assert forget_id in b.lib.state and enrol_id in b.lib.state
 
 
 def _retained(broker, until=lambda retained: True, timeout: float = 20) -> set[str]:
@@ -492,37 +502,31 @@ def _retained(broker, until=lambda retained: True, timeout: float = 20) -> set[s
 
 @pytest.mark.broker
 def test_a_correction_on_one_device_is_a_negative_on_every_device_and_its_undo_undoes_it_everywhere(
-        tmp_path, mosquitto_factory, tiny) -> None:
+        mosquitto_factory, nodes, tiny) -> None:
     broker = mosquitto_factory()
     _, vectors, _ = _newcomer(tiny)
-    a = _Node(tmp_path / "a", "door-a", broker, tiny["bundle"])
-    b = _Node(tmp_path / "b", "door-b", broker, tiny["bundle"])
-    late = None
-    try:
-        person = tiny["people"][0]
-        # What `wrong` does on A: the negative stored there, then shared.
-        correction = a.negatives.add(person, vectors[0], "ev-1")
-        entry_id = a.lib.share_correction(person, vectors[0], a.lib.embedder(), "ev-1")
-        a.negatives.tag(correction, entry_id)
-        assert b.wait(lambda: b.negatives.for_label(person) is not None)
-        assert np.allclose(b.negatives.for_label(person), vectors[0][None], atol=1e-6)
-        assert b.negatives.records[0]["event_id"] == "ev-1" and entry_id in b.lib.state
-        assert len(a.negatives) == 1  # its own entry came back and was not stored twice
+    a = nodes("door-a", broker, tiny["bundle"])
+    b = nodes("door-b", broker, tiny["bundle"])
+    person = tiny["people"][0]
+    # What `wrong` does on A: the negative stored there, then shared.
+    correction = a.negatives.add(person, vectors[0], "ev-1")
+    entry_id = a.lib.share_correction(person, vectors[0], a.lib.embedder(), "ev-1")
+    a.negatives.tag(correction, entry_id)
+    assert b.wait(lambda: b.negatives.for_label(person) is not None)
+    assert np.allclose(b.negatives.for_label(person), vectors[0][None], atol=1e-6)
+    assert b.negatives.records[0]["event_id"] == "ev-1" and entry_id in b.lib.state
+    assert len(a.negatives) == 1  # its own entry came back and was not stored twice
 
-        # `undo` on B (the correction came from A): undone on A too, and on a device started later.
-        rec = b.negatives.undo()
-        assert rec is not None and rec["library"] == entry_id
-        undo_id = b.lib.uncorrect(rec["label"], rec["library"])
-        assert a.wait(lambda: len(a.negatives) == 0), a.negatives.records
-        cleared = f"faceberry/library/{entry_id}"
-        assert cleared not in _retained(broker, lambda r: cleared not in r)
-        late = _Node(tmp_path / "late", "door-late", broker, tiny["bundle"])
-        assert late.wait(lambda: undo_id in late.lib.state)
-        assert len(late.negatives) == 0
-    finally:
-        for node in (a, b, late):
-            if node is not None:
-                node.close()
+    # `undo` on B (the correction came from A): undone on A too, and on a device started later.
+    rec = b.negatives.undo()
+    assert rec is not None and rec["library"] == entry_id
+    undo_id = b.lib.uncorrect(rec["label"], rec["library"])
+    assert a.wait(lambda: len(a.negatives) == 0), a.negatives.records
+    cleared = f"faceberry/library/{entry_id}"
+    assert cleared not in _retained(broker, lambda r: cleared not in r)
+    late = nodes("door-late", broker, tiny["bundle"])
+    assert late.wait(lambda: undo_id in late.lib.state)
+    assert len(late.negatives) == 0
 
 
 def test_an_undone_correction_is_not_stored_whichever_comes_first(tmp_path) -> None:
@@ -565,28 +569,24 @@ def _bridge_config(central, client_id: str) -> str:
 
 
 @pytest.mark.broker
-def test_the_library_crosses_a_bridge_and_an_outage_of_it_loses_nothing(tmp_path, mosquitto_factory, tiny) -> None:
+def test_the_library_crosses_a_bridge_and_an_outage_of_it_loses_nothing(mosquitto_factory, nodes, tiny) -> None:
     central = mosquitto_factory(persistent=True)
     local = mosquitto_factory(persistent=True, extra_config=_bridge_config(central, "faceberry-bridge-library"))
     name, vectors, photo = _newcomer(tiny)
-    a = _Node(tmp_path / "a", "site-a-door", local, tiny["bundle"])
-    b = _Node(tmp_path / "b", "centre-door", central, tiny["bundle"])
-    try:
-        # Named on A (its local broker), across the bridge: B's bundle names the face.
-        assert predictions(b.bundle, [photo])[0][0] == "unknown"
-        _enrol_here(a, name, vectors)
-        assert b.wait(lambda: b.serves(name)), (b.reloaded, b.lib.stats)
-        assert predictions(b.bundle, [photo])[0][0] == name
+    a = nodes("site-a-door", local, tiny["bundle"])
+    b = nodes("centre-door", central, tiny["bundle"])
+    # Named on A (its local broker), across the bridge: B's bundle names the face.
+    assert predictions(b.bundle, [photo])[0][0] == "unknown"
+    _enrol_here(a, name, vectors)
+    assert b.wait(lambda: b.serves(name)), (b.reloaded, b.lib.stats)
+    assert predictions(b.bundle, [photo])[0][0] == name
 
-        # The central broker (and so the bridge) goes away; A names someone else meanwhile.
-        central.stop()
-        _, dim = _embedder_and_dim(a.bundle)
-        other = _enrol_here(a, "Zed", list(_random_unit(np.random.default_rng(5), 2, dim)))
-        assert not b.serves("Zed")
-        central.start()
-        # The local broker kept it for the bridge: it arrives once the bridge is back.
-        assert b.wait(lambda: b.serves("Zed"), 60), (b.reloaded, b.lib.stats)
-        assert other in b.lib.state and b.lib.stats["library_refused"] == 0
-    finally:
-        a.close()
-        b.close()
+    # The central broker (and so the bridge) goes away; A names someone else meanwhile.
+    central.stop()
+    _, dim = _embedder_and_dim(a.bundle)
+    other = _enrol_here(a, "Zed", list(_random_unit(np.random.default_rng(5), 2, dim)))
+    assert not b.serves("Zed")
+    central.start()
+    # The local broker kept it for the bridge: it arrives once the bridge is back.
+    assert b.wait(lambda: b.serves("Zed"), 60), (b.reloaded, b.lib.stats)
+    assert other in b.lib.state and b.lib.stats["library_refused"] == 0
