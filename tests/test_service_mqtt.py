@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import signal
-import subprocess
 import threading
 import time
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from faceberry.device.outputs.events import OFFLINE, ONLINE
 from tests.conftest import need_shared
 from tests.plugins.broker import Subscriber
 from tests.plugins.daemon import (
+    Daemon,
     events_of,
     expected_event_labels,
     folder_of_photos,
@@ -532,33 +532,26 @@ def test_a_live_stream_that_dies_and_comes_back_resumes_in_the_same_process(tmp_
     # (cooldown 0); a refresh stamped after the stream's return shows the same process publishing again.
     config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": stream.url, "reopen_max_s": 2}, events={"cooldown": 0})
-    proc = start_daemon(config)
-    logged: list[str] = []
-    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
-    reader.start()
+    daemon = Daemon(config)
     try:
-        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), "".join(logged)[-3000:]
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), daemon.text()
         stream.stop()
         # Out for longer than the old daemon lived without frames (it exited after about 5 s).
         deadline = time.monotonic() + 30
-        while not any("lost:" in line for line in logged) and time.monotonic() < deadline:
+        while not any("lost:" in line for line in daemon.log) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(3)
-        assert proc.poll() is None, "".join(logged)[-3000:]
+        assert daemon.proc.poll() is None, daemon.text()
         stream.start()
         back = time.time()
         assert subscriber.wait_for(lambda m: any("/person/" in t and seen(p) > back for t, p, _ in m), 60), \
-            "".join(logged)[-3000:]
-        assert proc.poll() is None
+            daemon.text()
+        assert daemon.proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            err = daemon.stop()
         finally:
             stream.stop()
-    reader.join(5)
-    err = "".join(logged)
-    assert proc.returncode == 0, err[-3000:]
     assert len(re.findall(r"camera \S+ lost: ", err)) == 1, err[-3000:]
     outage = re.findall(r"camera \S+ is back after ([\d.]+) s out", err)
     assert len(outage) == 1 and float(outage[0]) > 0
@@ -602,32 +595,25 @@ def test_a_live_stream_absent_at_start_is_waited_for_and_the_same_process_publis
     stream = MjpegCamera(cv2.imread(str(photo)), fps=5, port=free_port())  # nothing listens there yet
     config = write_config(tmp_path / "config.yaml", gallery_bundle, mosquitto,
                           {"source": "opencv", "device": stream.url, "reopen_max_s": 1}, events={"cooldown": 0})
-    proc = start_daemon(config)
-    logged: list[str] = []
-    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
-    reader.start()
+    daemon = Daemon(config)
     try:
         # Up without a camera: online on the broker, the outage in the stats line, no exit.
         assert subscriber.wait_for(lambda m: (f"faceberry/{DEVICE}/status", ONLINE.encode(), True) in m
                                    or (f"faceberry/{DEVICE}/status", ONLINE.encode(), False) in m, 60), \
-            "".join(logged)[-3000:]
+            daemon.text()
         deadline = time.monotonic() + 30
-        while not any("camera out outages=1" in line for line in logged) and time.monotonic() < deadline:
+        while not any("camera out outages=1" in line for line in daemon.log) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert any("camera out outages=1" in line for line in logged), "".join(logged)[-3000:]
-        assert proc.poll() is None, "".join(logged)[-3000:]
+        assert any("camera out outages=1" in line for line in daemon.log), daemon.text()
+        assert daemon.proc.poll() is None, daemon.text()
         stream.start()
-        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), "".join(logged)[-3000:]
-        assert proc.poll() is None
+        assert subscriber.wait_for(lambda m: any(t.endswith("/events") for t, _, _ in m), 60), daemon.text()
+        assert daemon.proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            err = daemon.stop()
         finally:
             stream.stop()
-    reader.join(5)
-    err = "".join(logged)
-    assert proc.returncode == 0, err[-3000:]
     assert len(re.findall(r"camera \S+ is not available at start: ", err)) == 1, err[-3000:]
     assert len(re.findall(r"camera \S+ is back after [\d.]+ s out", err)) == 1, err[-3000:]
     assert "error:" not in err
@@ -670,27 +656,17 @@ def test_a_broker_that_is_away_never_ends_the_daemon(tmp_path, mosquitto_factory
     config = write_config(tmp_path / "config.yaml", gallery_bundle, broker, {"device": str(tmp_path / "camera"),
                                                                           "loop": True},
                           mqtt={"fatal_after_s": 1})
-    proc = start_daemon(config)
-    logged: list[str] = []
-    reader = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)
-    reader.start()
+    daemon = Daemon(config)
     try:
         # Several stats lines (stats_interval 1) with the broker refusing, well past fatal_after_s.
         deadline = time.monotonic() + 60
-        while sum("mqtt state=error" in line for line in logged) < 4 and time.monotonic() < deadline:
-            assert proc.poll() is None, "".join(logged)[-3000:]
+        while sum("mqtt state=error" in line for line in daemon.log) < 4 and time.monotonic() < deadline:
+            assert daemon.proc.poll() is None, daemon.text()
             time.sleep(0.1)
-        assert sum("mqtt state=error" in line for line in logged) >= 4, "".join(logged)[-3000:]
-        assert proc.poll() is None
+        assert sum("mqtt state=error" in line for line in daemon.log) >= 4, daemon.text()
+        assert daemon.proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    reader.join(5)
-    assert proc.returncode == 0, "".join(logged)[-3000:]
+        daemon.stop()  # exit code 0
 
 
 def test_a_camera_out_longer_than_max_outage_s_exits_3_with_one_line(tmp_path, mosquitto, gallery_bundle) -> None:
