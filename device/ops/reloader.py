@@ -29,7 +29,7 @@ from typing import Any
 
 from faceberry.device.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, ConfigError, load_config
 from faceberry.device.messaging.outbox import default_state_dir
-from faceberry.device.ops import status_file
+from faceberry.device.ops.status_file import StatusFile, read_status
 from faceberry.device.ops.store import default_root
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,6 @@ def store_root(args_store: str | None, setup: Setup) -> Path:
 # --- finding the daemon -----------------------------------------------------------------------------------
 
 
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The status file at `path` as its contract reads it (device/ops/status_file.py), else None."""
-    status = status_file.read_status(path)
-    return None if status is None else status.model_dump(mode="json")
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -115,13 +109,12 @@ def is_faceberry(pid: int) -> bool:
 class Daemon:
     pid: int
     status_path: Path
-    status: dict[str, Any]
+    status: StatusFile | None  # None: found through systemd, its status file not readable here
 
     @property
     def answered(self) -> int:
         """Reloads done plus refused: grows by one with every reload the daemon serves."""
-        bundle = self.status.get("bundle") or {}
-        return int(bundle.get("reloads", 0)) + int(bundle.get("refused", 0))
+        return 0 if self.status is None else self.status.bundle.reloads + self.status.bundle.refused
 
 
 def serves(bundle_path: str | None, target: Path) -> bool:
@@ -149,14 +142,14 @@ def running_daemons(state_dirs: list[Path], root: Path, device_id: str | None = 
     daemons = []
     for path in status_files(state_dirs, device_id):
         status = read_status(path)
-        if not status or not status.get("running") or not isinstance(status.get("pid"), int):
+        if status is None or not status.running:
             continue
-        pid = status["pid"]
+        pid = status.pid
         if not pid_alive(pid) or not is_faceberry(pid):
             continue
-        if not serves(status.get("bundle_path"), root):
+        if not serves(status.bundle_path, root):
             log.info("the daemon (pid %d) serves %s, not a version of %s: not asked to reload", pid,
-                     status.get("bundle_path"), root)
+                     status.bundle_path, root)
             continue
         daemons.append(Daemon(pid, path, status))
     return daemons
@@ -190,14 +183,14 @@ class ReloadReport:
         return self.state in ("reloaded", "not-running")
 
 
-def _wait(daemon: Daemon, timeout: float) -> dict[str, Any] | None:
+def _wait(daemon: Daemon, timeout: float) -> StatusFile | None:
     """The status file once it shows one more reload answered; None if not within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = read_status(daemon.status_path)
         if status is not None:
             now = Daemon(daemon.pid, daemon.status_path, status)
-            if status.get("pid") != daemon.pid or now.answered > daemon.answered or not status.get("running"):
+            if status.pid != daemon.pid or now.answered > daemon.answered or not status.running:
                 return status
         time.sleep(0.2)
     return None
@@ -228,7 +221,7 @@ def reload_daemons(state_dirs: list[Path], root: Path, expected: str, device_id:
     unit_pid = systemd_main_pid(unit)
     if not daemons and unit_pid is not None:
         # The unit runs but its status file is not readable here (or not written yet): reload, unconfirmed.
-        err = _ask(Daemon(unit_pid, Path(), {}), unit_pid, unit)
+        err = _ask(Daemon(unit_pid, Path(), None), unit_pid, unit)
         if err:
             return [ReloadReport("failed", err, unit_pid)]
         return [ReloadReport("unconfirmed", f"asked systemd to reload {unit} (pid {unit_pid}); its status file "
@@ -250,23 +243,22 @@ def reload_daemons(state_dirs: list[Path], root: Path, expected: str, device_id:
                 f"{daemon.status_path} showed no reload within {timeout:.0f} s; it may be busy or stuck: check its "
                 f"log (`journalctl -u {unit}`)", daemon.pid))
             continue
-        if status.get("pid") != daemon.pid or not status.get("running"):
+        if status.pid != daemon.pid or not status.running:
             reports.append(ReloadReport("not-running", f"the daemon (pid {daemon.pid}) stopped meanwhile; its next "
                                         f"start loads {expected}", daemon.pid))
             continue
-        last = status.get("last_reload") or {}
-        serving = status.get("bundle_id")
-        if last.get("ok") and serving == expected:
+        last, serving, details = status.last_reload, status.bundle_id, status.model_dump(mode="json")
+        if last is not None and last.ok and serving == expected:
             reports.append(ReloadReport("reloaded", f"the daemon (pid {daemon.pid}, {how}) now serves {serving}",
-                                        daemon.pid, serving, status))
-        elif last.get("ok"):
+                                        daemon.pid, serving, details))
+        elif last is not None and last.ok:
             reports.append(ReloadReport("unconfirmed", f"the daemon (pid {daemon.pid}) reloaded, but serves "
                                         f"{serving}, not {expected} (current changed again meanwhile?)",
-                                        daemon.pid, serving, status))
+                                        daemon.pid, serving, details))
         else:
             reports.append(ReloadReport("refused", f"the daemon (pid {daemon.pid}) refused {expected} "
-                                        f"({last.get('error')}) and still serves {serving}", daemon.pid, serving,
-                                        status))
+                                        f"({last.error if last else None}) and still serves {serving}", daemon.pid,
+                                        serving, details))
     return reports
 
 

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from faceberry.device.ops.reloader import is_faceberry, pid_alive, read_setup, read_status, status_files, store_root
-from faceberry.device.ops.status_file import check_status
+from faceberry.device.ops.reloader import is_faceberry, pid_alive, read_setup, status_files, store_root
+from faceberry.device.ops.status_file import check_status, read_status
 from faceberry.device.ops.store import BundleStore, StoreError, default_root
 from faceberry.errors import EXIT_OK, EXIT_UNAVAILABLE
 
@@ -55,16 +55,15 @@ def daemon_view(path: Path) -> dict[str, Any] | None:
     status = read_status(path)
     if status is None:
         return None
-    pid = status.get("pid")
-    alive = isinstance(pid, int) and pid_alive(pid) and is_faceberry(pid)
+    alive = pid_alive(status.pid) and is_faceberry(status.pid)
     # `running` in the file is the daemon's word; a daemon killed (-9, power cut) never took it back.
-    running = bool(status.get("running")) and alive
-    view = {**status, "status_file": str(path), "alive": alive, "running": running,
-            "stale": bool(status.get("running")) and not alive, "age_s": _age_s(status.get("updated_at"))}
+    running = status.running and alive
+    view = {**status.model_dump(mode="json"), "status_file": str(path), "alive": alive, "running": running,
+            "stale": status.running and not alive, "age_s": _age_s(status.updated_at)}
     if not running:
         # A daemon that is not running has no connection and no frame rate now, whatever it last wrote.
-        view["last_mqtt_state"], view["mqtt_state"] = status.get("mqtt_state"), "none (not running)"
-        view["last_fps"], view["fps"] = status.get("fps"), 0.0
+        view["last_mqtt_state"], view["mqtt_state"] = status.mqtt_state, "none (not running)"
+        view["last_fps"], view["fps"] = status.fps, 0.0
     return view
 
 
