@@ -18,6 +18,7 @@ from faceberry.contract import (
     l2_normalize,
     subject_candidates,
 )
+from faceberry.train.crops import Candidates, CropSet, resolve_subjects
 
 
 @dataclass
@@ -82,3 +83,38 @@ def test_candidates_are_the_faces_of_similar_size_widest_first():
     got, why = subject_candidates([_Face(200), _Face(60)], min_face_size=40)
     assert why is None and [f.width for f in got] == [200]
     assert subject_candidates([_Face(10)], min_face_size=40)[0] == []
+
+
+def _crop_set(rng: np.random.Generator, people: dict[str, np.ndarray], n: int,
+              group: np.ndarray) -> tuple[CropSet, np.ndarray]:
+    """`n` one-face photos per person and the same group photo (`group`: its faces' embeddings) in every
+    person's folder. A crop is a stand-in whose first pixel indexes the returned embedding table."""
+    table = [*group]
+    labels: list[str] = []
+    for name, centre in people.items():
+        table.extend(_person(rng, centre, n))
+        labels += [name] * n
+    first = len(group)
+    crops = np.zeros((len(labels), 2, 2, 3), np.uint8)
+    crops[:, 0, 0, 0] = np.arange(first, first + len(labels))
+    faces = np.zeros((len(group), 2, 2, 3), np.uint8)
+    faces[:, 0, 0, 0] = np.arange(len(group))
+    group_photo = Candidates(faces, np.array([110, 100, 90], np.float32), np.array([0.2, 0.0, 0.2], np.float32))
+    ambiguous = [(name, f"{name}/group.jpg", group_photo) for name in people]
+    return CropSet(crops, labels, [f"{label}/{i}.jpg" for i, label in enumerate(labels)], [], ambiguous), \
+        np.stack(table)
+
+
+def test_a_group_photo_in_each_persons_folder_gives_each_their_own_face():
+    """What README says of group photos: a copy in each one's folder enrols each with their own face."""
+    rng = np.random.default_rng(4)
+    people = {name: rng.normal(size=32) for name in ("alice", "bob")}
+    # The group photo: bob (widest), a stranger (most central), alice.
+    group = np.stack([_person(rng, people["bob"], 1)[0], _person(rng, rng.normal(size=32), 1)[0],
+                      _person(rng, people["alice"], 1)[0]])
+    crop_set, table = _crop_set(rng, people, 5, group)
+    got = resolve_subjects(crop_set, lambda crops: table[crops[:, 0, 0, 0]])
+    assert got == {"chosen": 2, "refused": 0} and crop_set.skipped == []
+    chosen = {label: int(crop[0, 0, 0]) for label, crop in zip(crop_set.labels[-2:], crop_set.crops[-2:], strict=True)}
+    assert chosen == {"alice": 2, "bob": 0}
+    assert crop_set.paths[-2:] == ["alice/group.jpg", "bob/group.jpg"]
