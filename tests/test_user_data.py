@@ -40,3 +40,11 @@ def test_offline_asks_for_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setattr(user_data, "DATA_HOME", tmp_path / "data")
     assert user_data.prepare() is None
     assert not (tmp_path / "data").exists()
+
+
+def test_no_test_writes_its_own_shared_skip_reason() -> None:
+    """A skip that names ../shared by hand tells a clone of your own nothing it can do: `absent` says it."""
+    own = {Path(conftest.__file__).name, Path(__file__).name}
+    by_hand = [p.name for p in Path(conftest.__file__).parent.rglob("*.py")
+               if p.name not in own and "shared/README.md" in p.read_text(encoding="utf-8")]
+    assert by_hand == [], f"use tests.conftest.absent(...) for the skip reason in {by_hand}"
