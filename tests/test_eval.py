@@ -41,6 +41,21 @@ def test_json_has_the_documented_keys_and_types(eval_result):
     assert isinstance(eval_result["per_person"], dict) and eval_result["per_person"]
     assert isinstance(eval_result["bundle_id"], str) and eval_result["bundle_id"]
     assert isinstance(eval_result["confusion"], dict)
+    # Per stranger folder: its counts and whom its accepted photos were taken for (person → photos).
+    assert isinstance(eval_result["strangers"], dict) and eval_result["strangers"]
+    for folder, row in eval_result["strangers"].items():
+        assert set(row) == {"probes", "false_accepts", "rejected", "no_face", "false_accept_rate", "taken_for"}, folder
+        assert all(type(row[k]) is int for k in ("probes", "false_accepts", "rejected", "no_face")), folder
+        assert row["false_accept_rate"] is None or isinstance(row["false_accept_rate"], float), folder
+        assert isinstance(row["taken_for"], dict), folder
+        assert all(isinstance(k, str) and type(n) is int for k, n in row["taken_for"].items()), folder
+    # Enrolled people named as another enrolled person: [{truth, predicted, probes}], most frequent first.
+    assert isinstance(eval_result["confusions"], list)
+    for item in eval_result["confusions"]:
+        assert set(item) == {"truth", "predicted", "probes"}, item
+        assert isinstance(item["truth"], str) and isinstance(item["predicted"], str) and type(item["probes"]) is int
+    assert [c["probes"] for c in eval_result["confusions"]] == sorted(
+        (c["probes"] for c in eval_result["confusions"]), reverse=True)
     for stage in ("decode", "detect", "align", "classify"):
         stat = eval_result["latency_ms"][stage]
         assert stat["n"] > 0, stage
