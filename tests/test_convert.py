@@ -6,15 +6,20 @@ TensorFlow runs only in subprocesses (the CLIs), never in the test process.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from faceberry.bundle import load_bundle, sha256_file
+from faceberry.convert import cli as convert_cli
 from faceberry.convert.build import AccuracyDropError, ConvertError, _check_drop
 from faceberry.models import DETECTOR_FILENAME
 from faceberry.preprocess import normalize
@@ -485,3 +490,21 @@ def test_when_float16_is_refused_too_the_error_says_both_and_suggests_neither(tm
     assert error.startswith("error: float16 model is 18.6 points less accurate") and "int8 refused before it" in error
     assert "--quantization float16" not in error and "--quantization int8" not in error
     assert not out.exists()
+
+
+def test_heartbeat_says_a_long_step_is_still_running_and_stops_with_it(caplog: pytest.LogCaptureFixture) -> None:
+    """convert's silent TFLite step logs a line every N seconds (no conversion here: the context manager alone)."""
+    caplog.set_level(logging.INFO, logger=convert_cli.log.name)
+
+    def beats() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == convert_cli.log.name]
+
+    with convert_cli.heartbeat("a quick step", every_s=3600):
+        pass
+    assert beats() == []  # a step shorter than the interval says nothing
+    with convert_cli.heartbeat("still converting to int8 and checking", every_s=0.01):
+        deadline = time.monotonic() + 30  # a bound on the wait, not a timing assertion
+        while not beats() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert beats() and all(re.fullmatch(r"still converting to int8 and checking … \d+ s", b) for b in beats())
+    assert not any(t.name == "convert-heartbeat" for t in threading.enumerate())
