@@ -263,6 +263,33 @@ def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):
     assert cohort_mod.name_hash(people[1]) in cohort.name_hashes
 
 
+def test_a_small_cohort_says_what_it_left_out_and_asks_for_1000_faces(backbone, tmp_path):
+    """What `train cohort` prints of a small --photos folder: the "not used: …" line with its counts (one face per
+    person kept, an excluded person) and, under 1,000 faces, the warning that asks for more."""
+    if not LFW.is_dir():
+        pytest.skip(absent(LFW))
+    people = [d.name for d in sorted(LFW.iterdir()) if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2][:22]
+    faces = tmp_path / "faces"
+    for p in people:
+        _link(faces, p, sorted((LFW / p).glob("*.jpg"))[:2])
+    mine = tmp_path / "photos"
+    (mine / people[0]).mkdir(parents=True)
+    copy = Path(shutil.copytree(backbone, tmp_path / "backbone", ignore=shutil.ignore_patterns("cohort.npz")))
+    res = python("-m", "train", "cohort", "--backbone", str(copy), "--photos", str(faces), "--per-person", "1",
+                 "--exclude", str(mine), check=True, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, nice=True, timeout=900)
+    from faceberry import cohort as cohort_mod
+
+    kept = len(cohort_mod.load(copy / "cohort.npz", 128))
+    line = next(x for x in res.stdout.splitlines() if x.startswith("not used: "))
+    parts = dict(reversed(part.split(" ", 1)) for part in line.removeprefix("not used: ").split("; "))
+    not_read = int(parts.pop("photos not read, their person had --per-person 1 faces"))
+    assert int(parts.pop("photos of people in --exclude")) == 2
+    no_face = int(parts.pop("photos without one usable face", 0))
+    assert parts == {} and not_read + no_face + kept == 2 * (len(people) - 1), line
+    assert f"warning: {kept} faces is a small cohort: the threshold wants 1000+ faces" in res.stderr
+    assert "use --lfw" in res.stderr
+
+
 # ---- the threshold rule and its uncertainty (faceberry.cohort.calibrate; bench/calibration.py) -------------------
 
 def _people(rng: np.random.Generator, people: int, faces: int, dim: int = 32, spread: float = 0.3,
