@@ -118,3 +118,18 @@ def test_a_group_photo_in_each_persons_folder_gives_each_their_own_face():
     chosen = {label: int(crop[0, 0, 0]) for label, crop in zip(crop_set.labels[-2:], crop_set.crops[-2:], strict=True)}
     assert chosen == {"alice": 2, "bob": 0}
     assert crop_set.paths[-2:] == ["alice/group.jpg", "bob/group.jpg"]
+
+
+def test_without_a_recognizer_a_group_photo_is_skipped_with_the_fix():
+    """The fine-tune path (no --backbone) has no embedder: its skipped.json reason says to train with --backbone."""
+    rng = np.random.default_rng(5)
+    people = {"alice": rng.normal(size=32)}
+    group = np.stack([_person(rng, people["alice"], 1)[0], _person(rng, rng.normal(size=32), 1)[0],
+                      _person(rng, rng.normal(size=32), 1)[0]])
+    crop_set, _ = _crop_set(rng, people, 5, group)
+    before = len(crop_set)
+    assert resolve_subjects(crop_set, None) == {"chosen": 0, "refused": 1}
+    assert len(crop_set) == before and crop_set.ambiguous == []
+    [skip] = crop_set.skipped
+    assert skip["path"] == "alice/group.jpg" and skip["label"] == "alice"
+    assert skip["reason"].startswith(SEVERAL_FACES) and "train with --backbone" in skip["reason"]
