@@ -190,6 +190,28 @@ def test_households_never_meet_their_cohort_and_strangers_are_everyone_else_unse
     assert [h.enrol for _, _, hs in again for h in hs] == [h.enrol for _, _, hs in drawn for h in hs]
 
 
+def test_household_of_one_draws_a_new_person_each_time_and_keeps_the_parts_apart(tmp_path):
+    from bench import household_of_one as one
+
+    counts = {f"known{i}": 20 + i for i in range(3)} | {f"other{i}": 10 + i for i in range(10)}
+    source = _fake_people(tmp_path / "faces", counts)
+    draws = [one.draw(source, i, seed=5) for i in range(4)]
+    people = [next(iter(d.train)) for d in draws]
+    assert sorted(people[:3]) == ["known0", "known1", "known2"] and people[3] == people[0]  # then round again
+    for d in draws:
+        (person,) = d.train
+        assert len(d.train[person]) == one.ENROL and len(d.test[person]) == counts[person] - one.ENROL
+        assert not set(d.train[person]) & set(d.test[person])
+        assert len(d.negatives) == round(12 * one.COHORT_FRACTION)
+        assert not set(d.negatives) & set(d.strangers) and person not in {*d.negatives, *d.strangers}
+        assert set(d.negatives) | set(d.strangers) | {person} == set(counts)  # every other photo is a probe
+        assert all(len(d.strangers[p]) == counts[p] for p in d.strangers)
+    assert one.draw(source, 1, seed=5).to_dict() == draws[1].to_dict()
+    assert one.draw(source, 1, seed=6).fingerprint() != draws[1].fingerprint()
+    with pytest.raises(ValueError, match="20\\+ photos"):
+        one.draw(_fake_people(tmp_path / "few", {"a": 12, "b": 11}), 0)
+
+
 def test_household_rules_score_a_member_above_a_stranger():
     from bench.household_rules import rule_scorers
     from faceberry.contract import l2_normalize
