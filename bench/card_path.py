@@ -9,11 +9,12 @@ the probes for `python -m device eval`. Training is the README's `python -m trai
 defaults: 128 px, augmentation, head then top blocks), with the shared ImageNet weights file.
 
 On that one run, every quantisation recipe (RECIPES: bias-corrected int8, plain and augmented calibration,
-per-tensor, a float head, logits, 16x8, dynamic range, float16) is built with the code `python -m convert` runs
-(faceberry.convert.build._quantize, the head's verify with the threshold re-fitted, the guard _check_drop; each
+per-tensor, a float head, logits, 16x8, dynamic range, float16, quantisation-aware distillation) is built
+with the code `python -m convert` runs (faceberry.convert.build._quantize, the head's verify with the threshold re-fitted, the guard _check_drop; each
 .tflite kept under WORK/tflite and reused) and measured against the float Keras model on the validation faces:
 top-1 agreement, decisions where either model names someone, top-1 where the float model accepts, accuracy,
-the guard's paired test, size, and LiteRT ms per face in .venv-device (interleaved rounds). Then `python -m
+the guard's paired test, size, LiteRT ms per face in .venv-device (interleaved rounds), and top-1 agreement on
+the probe photos' faces (cropped by the training pipeline: faces no choice was made on). Then `python -m
 convert --run RUN --out BUNDLE` (defaults), and `python -m device eval` on the probes of that bundle, a float16
 one and an int8 one without bias correction, compared face by face with the float16 bundle.
 
@@ -42,12 +43,14 @@ from faceberry.convert.quantize import HEAD_OPS
 
 # Recipes measured on the same run: (name, quantization, options). Options: calibration / calibration_samples /
 # float_ops / bias_correction as convert_run takes them (here bias correction is off unless a recipe says so);
-# per_channel=False and logits=True are bench-only variants.
+# per_channel=False, logits=True and distill={...} (distill_on_grid's arguments) are bench-only variants.
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
     ("int8: bias-corrected on the 161 crops, plain calibration (convert's default)", "int8",
      {"bias_correction": True}),
     ("int8: bias-corrected, 1000 augmented calibration", "int8",
      {"bias_correction": True, "calibration": "augmented", "calibration_samples": 1000}),
+    ("int8: bias-corrected, head (pooling, dense, softmax) in float", "int8",
+     {"bias_correction": True, "float_ops": HEAD_OPS}),
     ("float16", "float16", {}),
     ("dynamic range: int8 weights, float activations", "dynamic", {}),
     ("16x8: int8 weights, int16 activations", "int16x8", {}),
@@ -59,6 +62,9 @@ RECIPES: list[tuple[str, str, dict[str, Any]]] = [
     ("int8: 1000 augmented crops, head in float", "int8", {"calibration": "augmented", "calibration_samples": 1000,
                                                            "float_ops": HEAD_OPS}),
     ("int8: logits out (softmax removed), compared by argmax", "int8", {"logits": True}),
+    ("int8: bias-corrected, then quantisation-aware distillation, 48 steps", "int8", {"distill": {"steps": 48}}),
+    ("int8: bias-corrected, then quantisation-aware distillation, 96 steps with mixup", "int8",
+     {"distill": {"steps": 96, "mixup": True}}),
 ]
 
 
@@ -235,6 +241,23 @@ class _Check:
         self.train_x, self.check_x, self.truth, self.is_val = _check_set(self.run, run_dir)
         self.float_out = np.asarray(self.model.predict(self.check_x, batch_size=64, verbose=0), np.float32)
 
+    def unseen(self, work: Path) -> np.ndarray:
+        """The run's input crops of the probe photos (WORK/eval: the known people's other photos and the
+        strangers'), made by the training crop pipeline, normalised; cached in WORK/unseen-crops.npz. The
+        validation faces are 44: a recipe's agreement is also measured here, on faces no choice was made on."""
+        if not hasattr(self, "unseen_x"):
+            from faceberry.preprocess import normalize
+            from train.crops import build_crop_set
+
+            cache = work / "unseen-crops.npz"
+            if not cache.is_file():
+                crops = build_crop_set(work / "eval", int(self.model.input.shape[1]), progress=False).crops
+                np.savez(cache, crops=crops)
+            self.unseen_x = normalize(np.load(cache)["crops"], self.run.prep)
+            self.unseen_float_top = (self.model.predict(self.unseen_x, batch_size=64, verbose=0).argmax(1)
+                                     if len(self.unseen_x) else np.zeros(0, int))
+        return self.unseen_x
+
     @classmethod
     def of(cls, run_dir: Path) -> _Check:
         if run_dir not in cls._cache:
@@ -251,6 +274,62 @@ def _logits_model(model):
     out = keras.Model(model.inputs, logits)
     out.get_layer("logits").set_weights(dense.get_weights())
     return out
+
+
+def distill_on_grid(student, teacher, faces: np.ndarray, augment, steps: int = 48, batch: int = 32,
+                    lr: float = 1e-5, temperature: float = 2.0, mixup: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Quantisation-aware fine-tuning by distillation (measured here, not shipped), in place, after bias_correct:
+    every conv, depthwise and dense kernel runs forward on the per-channel int8 grid the converter will use and
+    its update goes to a float shadow copy (straight-through estimator); the batch norms stay in inference mode,
+    so each conv's fold factor is fixed and snapping the unfolded kernel per channel is snapping the folded one.
+    Trained: the kernels, the batch norms' beta and the dense bias, to match the float `teacher`'s softmax
+    (temperature `temperature`) on augmented, mirrored training faces (and mixtures of two with `mixup`) — no
+    labels, the float model's answers are the target. Ends with the kernels on the grid."""
+    import keras
+    import tensorflow as tf
+
+    from faceberry.convert.quantize import _snap_per_channel
+
+    started = time.monotonic()
+    backbone = next(layer for layer in student.layers if isinstance(layer, keras.Model))
+    convs = [layer for layer in backbone.layers
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+    dense = [layer for layer in student.layers if isinstance(layer, keras.layers.Dense)]
+    gridded = convs + dense
+
+    def snap(layer, w: np.ndarray) -> np.ndarray:
+        if isinstance(layer, keras.layers.DepthwiseConv2D):  # one scale per (input channel, multiplier)
+            return _snap_per_channel(w.reshape(*w.shape[:2], -1)).reshape(w.shape)
+        return _snap_per_channel(w)
+
+    kernels = [layer.kernel for layer in gridded]
+    shadow = [k.numpy().copy() for k in kernels]
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    trained = [*kernels, *(layer.beta for layer in norms), *(layer.bias for layer in dense if layer.use_bias)]
+    optimizer = keras.optimizers.Adam(lr)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        x = np.asarray(augment(faces[rng.choice(len(faces), min(batch, len(faces)), replace=False)]))
+        x = np.where((rng.random(len(x)) < 0.5)[:, None, None, None], x[:, :, ::-1], x).astype(np.float32)
+        if mixup:
+            share = rng.uniform(0, 1, (len(x), 1, 1, 1)).astype(np.float32)
+            x = share * x + (1 - share) * x[rng.permutation(len(x))]
+        target = tf.nn.log_softmax(tf.math.log(teacher(x, training=False) + 1e-8) / temperature)
+        for k, w, layer in zip(kernels, shadow, gridded, strict=True):
+            k.assign(snap(layer, w))
+        with tf.GradientTape() as tape:
+            out = tf.nn.log_softmax(tf.math.log(student(x, training=False) + 1e-8) / temperature)
+            loss = tf.reduce_mean(tf.reduce_sum(tf.exp(target) * (target - out), axis=1)) * temperature ** 2
+        on_grid = [k.numpy() for k in kernels]
+        optimizer.apply(tape.gradient(loss, trained), trained)
+        shadow = [w + (k.numpy() - g) for w, k, g in zip(shadow, kernels, on_grid, strict=True)]
+        losses.append(float(loss))
+    for k, w, layer in zip(kernels, shadow, gridded, strict=True):
+        k.assign(snap(layer, w))
+    return {"steps": steps, "faces": steps * min(batch, len(faces)), "lr": lr, "temperature": temperature,
+            "mixup": mixup, "loss_first": round(float(np.mean(losses[:5])), 5),
+            "loss_last": round(float(np.mean(losses[-5:])), 5), "seconds": round(time.monotonic() - started, 1)}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -290,6 +369,18 @@ def measure_recipe(work: Path, run_dir: Path, name: str, quantization: str, opti
         recipe = {"calibration": {"source": "plain", "samples": len(representative),
                                   "training_crops": len(c.train_x)}, "float_ops": [],
                   "weight_scales": weight_scales(flat)}
+    elif options.get("distill"):
+        from faceberry.convert.build import _augmentation, _load_keras
+        from faceberry.convert.quantize import bias_correct, representative_samples
+
+        student = _load_keras(run_dir / "model.keras")
+        representative = representative_samples(c.train_x, 200)
+        corrected = bias_correct(student, representative)
+        distilled = distill_on_grid(student, c.model, c.train_x, _augmentation(run), **options["distill"])
+        flat = convert_model(student, quantization, representative)
+        recipe = {"calibration": {"source": "plain", "samples": len(representative),
+                                  "training_crops": len(c.train_x)}, "float_ops": [],
+                  "bias_correction": corrected, "distillation": distilled, "weight_scales": weight_scales(flat)}
     else:
         convert_options = {k: options.get(k) for k in ("calibration", "calibration_samples", "float_ops")}
         convert_options["bias_correction"] = bool(options.get("bias_correction"))
@@ -349,8 +440,14 @@ def measure_recipe(work: Path, run_dir: Path, name: str, quantization: str, opti
         "float_margin_median_where_top1_kept": (float(np.median(margin[val & (f_top == q_top)]))
                                                 if (val & (f_top == q_top)).any() else None),
     }
+    unseen = c.unseen(work)
+    if len(unseen):
+        same = run_tflite(path, unseen).argmax(1) == c.unseen_float_top
+        row["unseen"] = {"faces": len(unseen), "top1_same": int(same.sum()), "top1_agreement": float(same.mean()),
+                         "top1_95ci": list(wilson_interval(int(same.sum()), len(unseen)))}
     d = row["decisions"]
-    print(f"{name}: {'written' if row['written'] else 'refused'}; top-1 = float {pct(guarded.get('top1_agreement'))}, "
+    print(f"{name}: {'written' if row['written'] else 'refused'}; top-1 = float {pct(guarded.get('top1_agreement'))}"
+          f"{'' if 'unseen' not in row else ' (unseen faces: ' + pct(row['unseen']['top1_agreement']) + ')'}, "
           f"decisions where either names {agree_named}/{n_named}, top-1 where float accepts "
           f"{pct(d['top1_where_float_accepts'])} of {d['float_accepts_val']}", file=sys.stderr, flush=True)
     return row
@@ -480,14 +577,22 @@ def recipe_table(rows: list[dict[str, Any]]) -> str:
         ["recipe", "calibration; float ops; per-channel weights", "guard today", "top-1 = float (95% CI)",
          "decisions = float, all faces", "decisions = float where either names (95% CI)",
          "top-1 = float where float accepts", "accuracy float / converted", "accepted right float / converted",
-         "lost / gained (McNemar p)", "size", "LiteRT ms 1 / 2 thr"],
+         "lost / gained (McNemar p)", "top-1 = float on the unseen probes", "size", "LiteRT ms 1 / 2 thr"],
         [[r["recipe"], _recipe(r["agreement"]), "written" if r["written"] else "refused",
           _agree(r["agreement"]), pct(r["agreement"].get("decision_agreement")), named(r),
           f"{pct(r['decisions']['top1_where_float_accepts'])} of {r['decisions']['float_accepts_val']}",
           f"{pct(r['agreement'].get('float_accuracy'))} / {pct(r['agreement'].get('converted_accuracy'))}",
           f"{pct(r['decisions']['float_accept_accuracy'])} / {pct(r['decisions']['converted_accept_accuracy'])}",
-          f"{_discordant(r['agreement'])} ({_p(r['agreement'])})", f"{r['classifier_bytes'] / 1e6:.2f} MB",
+          f"{_discordant(r['agreement'])} ({_p(r['agreement'])})", _unseen(r), f"{r['classifier_bytes'] / 1e6:.2f} MB",
           f"{ms(r, '1')} / {ms(r, '2')}"] for r in rows])
+
+
+def _unseen(row: dict[str, Any]) -> str:
+    u = row.get("unseen")
+    if not u:
+        return "—"
+    lo, hi = u["top1_95ci"]
+    return f"{u['top1_same']}/{u['faces']} = {pct(u['top1_agreement'])} ({100 * lo:.0f}–{100 * hi:.0f}%)"
 
 
 def _recipe(agreement: dict[str, Any]) -> str:
