@@ -9,14 +9,15 @@ the probes for `python -m device eval`. Training is the README's `python -m trai
 defaults: 128 px, augmentation, head then top blocks), with the shared ImageNet weights file.
 
 On that one run, every quantisation recipe (RECIPES: bias-corrected int8, plain and augmented calibration,
-per-tensor, a float head, logits, 16x8, dynamic range, float16, quantisation-aware distillation) is built
-with the code `python -m convert` runs (faceberry.convert.build._quantize, the head's verify with the threshold re-fitted, the guard _check_drop; each
-.tflite kept under WORK/tflite and reused) and measured against the float Keras model on the validation faces:
-top-1 agreement, decisions where either model names someone, top-1 where the float model accepts, accuracy,
-the guard's paired test, size, LiteRT ms per face in .venv-device (interleaved rounds), and top-1 agreement on
-the probe photos' faces (cropped by the training pipeline: faces no choice was made on). Then `python -m
-convert --run RUN --out BUNDLE` (defaults), and `python -m device eval` on the probes of that bundle, a float16
-one and an int8 one without bias correction, compared face by face with the float16 bundle.
+per-tensor, a float head, logits, 16x8, dynamic range, float16, quantisation-aware distillation) is built with
+the code `python -m convert` runs (faceberry.convert.build._quantize, the head's verify with the threshold
+re-fitted, the guard _check_drop; each .tflite kept under WORK/tflite and reused) and measured against the float
+Keras model on the validation faces: top-1 agreement, decisions where either model names someone, top-1 where
+the float model accepts, accuracy, the guard's paired test, size, LiteRT ms per face in .venv-device
+(interleaved rounds), and top-1 agreement on the probe photos' faces (cropped by the training pipeline: faces no
+choice was made on). Then `python -m convert --run RUN --out BUNDLE` (defaults), and `python -m device eval` on
+the probes of that bundle, a float16 one and an int8 one without bias correction, compared face by face with the
+float16 bundle.
 
     nice -n 10 python -m bench.card_path --recipes-only   # the recipe table alone
 
