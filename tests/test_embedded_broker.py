@@ -22,6 +22,7 @@ import pytest
 
 import demo
 from tests.conftest import ROOT
+from tests.plugins.processes import accepts
 
 TIMEOUT = 5.0
 
@@ -295,22 +296,14 @@ def test_unsubscribe_stops_delivery(broker: Endpoint) -> None:
 
 # ---- the demo's choice of broker --------------------------------------------------------------
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def test_embedded_broker_is_amqtt_in_a_child_process_and_is_stopped_afterwards(tmp_path: Path) -> None:
     need_amqtt()
     with demo.local_broker("embedded", tmp_path) as (name, port):
         assert name == f"embedded amqtt {demo.amqtt_version()} (pure-Python broker from PyPI)"
-        assert _accepts(port)
+        assert accepts("127.0.0.1", port)
         conf = (tmp_path / "amqtt.yaml").read_text()
         assert f"bind: 127.0.0.1:{port}" in conf  # loopback only
-    assert not _accepts(port)
+    assert not accepts("127.0.0.1", port)
     assert "Listener 'default'" in (tmp_path / "amqtt.log").read_text()
 
 
@@ -323,7 +316,7 @@ def test_auto_takes_mosquitto_when_installed_else_the_embedded_broker(tmp_path: 
     if demo.shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").is_file():
         monkeypatch.undo()
         with demo.local_broker("auto", tmp_path) as (name, port):
-            assert name.startswith("mosquitto (") and _accepts(port)
+            assert name.startswith("mosquitto (") and accepts("127.0.0.1", port)
 
 
 def test_no_broker_at_all_is_one_error_naming_both_fixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,8 +25,7 @@ import pytest
 from faceberry.device.capture.camera import CameraError, Capture, RtspSource, open_source, redact_url
 from faceberry.device.config import ConfigError, config_from_dict
 from tests.conftest import need_shared
-from tests.plugins.broker import _accepts
-from tests.plugins.processes import free_port
+from tests.plugins.processes import accepts, free_port
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin") or "/usr/bin/python3"
@@ -90,7 +89,7 @@ class RtspServer:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not _accepts("127.0.0.1", self.port):
+        while not accepts("127.0.0.1", self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the RTSP server did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
