@@ -11,13 +11,11 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import faceberry.detector
 import faceberry.preprocess
@@ -37,6 +35,7 @@ from faceberry.contract import UNKNOWN as UNKNOWN
 from faceberry.detector import FaceDetector
 from faceberry.preprocess import ALIGN_TEMPLATE_NAME, ImageError, align_face, load_image, phone_reader
 from faceberry.runtime import ModelError
+from faceberry.train.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +237,7 @@ def build_crop_set(
     maker = maker or CropMaker(input_size, detector_path, cache_dir, min_face_size=min_face_size)
     people = files if files is not None else list_people(Path(photos_dir))
     todo = [(label, p) for label, paths in people.items() for p in paths]
-    # On a terminal a bar; in a log (not a terminal) one line every 30 s, so a long run shows it is alive.
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=len(todo), desc=f"face crops ({Path(photos_dir).name})", unit="photo", file=sys.stderr,
-               disable=not progress or not todo, mininterval=0.1 if tty else 30.0, ascii=not tty)
+    bar = progress_bar(len(todo), f"face crops ({Path(photos_dir).name})", "photo", enabled=progress and bool(todo))
     crops, labels, paths, skipped = [], [], [], []
     ambiguous: list[tuple[str, str, Candidates]] = []
     for label, path in todo:
