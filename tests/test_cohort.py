@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,7 +266,8 @@ def test_lfw_cohort_through_scikit_learns_fetcher_offline(household, tmp_path):
 
 def test_a_small_cohort_says_what_it_left_out_and_asks_for_1000_faces(backbone, tmp_path):
     """What `train cohort` prints of a small --photos folder: the "not used: …" line with its counts (one face per
-    person kept, an excluded person) and, under 1,000 faces, the warning that asks for more."""
+    person kept, an excluded person), under 1,000 faces the warning that asks for more, and the embedding's
+    progress."""
     if not LFW.is_dir():
         pytest.skip(absent(LFW))
     people = [d.name for d in sorted(LFW.iterdir()) if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2][:22]
@@ -288,6 +290,8 @@ def test_a_small_cohort_says_what_it_left_out_and_asks_for_1000_faces(backbone, 
     assert parts == {} and not_read + no_face + kept == 2 * (len(people) - 1), line
     assert f"warning: {kept} faces is a small cohort: the threshold wants 1000+ faces" in res.stderr
     assert "use --lfw" in res.stderr
+    # The embedding's progress in a log (stderr is not a terminal): at least tqdm's last line, every face done.
+    assert re.search(rf"embedding cohort faces: 100%.* {kept}/{kept} ", res.stderr), res.stderr[-2000:]
 
 
 # ---- the threshold rule and its uncertainty (faceberry.cohort.calibrate; bench/calibration.py) -------------------

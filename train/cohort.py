@@ -12,9 +12,12 @@ calibrates the accept threshold on them, `python -m convert` carries them into t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from faceberry.contract import list_images
 from faceberry.device import cli
 from faceberry.errors import UsageError
 from faceberry.preprocess import Preprocessing
+from faceberry.train.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ MIN_PEOPLE = 20
 WANT_FACES = 1000
 # LFW holds a few people with hundreds of photos (530 of one man): many people matter more than many photos.
 LFW_PER_PERSON = 5
+# Faces per embedding call: small enough that the bar moves every few seconds, large enough that the call's
+# overhead does not show.
+EMBED_BLOCK = 512
 
 
 class CohortBuildError(UsageError, ValueError):
@@ -72,27 +79,72 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.build_parser(("train", "cohort"), at=("train", "cohort"), prog="python -m train cohort")
 
 
-def lfw_folder() -> Path:
-    """LFW's <person>/*.jpg folder, downloaded through scikit-learn's fetcher when it is not there yet.
+def download(url: str, dest: Path, progress: bool = True, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """`url` saved as `dest`, with a progress bar over the bytes read (of Content-Length when the server gives
+    it). The bytes go to DEST.part first, so an interrupted download never leaves a `dest` that looks whole;
+    with `sha256`, a file that does not match is deleted and refused. Network errors are raised as they come
+    (OSError: URLError, HTTPError, a timeout) for the caller to say what to do."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
+            length = resp.headers.get("Content-Length", "")
+            total = int(length) if length.isdigit() else None
+            with progress_bar(total, f"download {dest.name}", "B", enabled=progress, unit_scale=True,
+                              unit_divisor=1024) as bar:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CohortBuildError(f"the download of {url} is damaged (its SHA-256 is not the expected one); "
+                                   "run the command again")
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    return dest
 
-    Only the download is asked of the fetcher (a limit no one meets stops it before it loads a photo): its
-    loader would decode all 13,233 photos into one float array, about 10 GB. The files are then read like
-    any --photos folder, one at a time.
+
+def _cannot_download(exc: OSError) -> CohortBuildError:
+    reason = getattr(exc, "reason", None) or exc
+    return CohortBuildError(
+        f"cannot download LFW ({reason}; no network?): use --photos DIR with photos of people not in your "
+        f"household, one sub-folder per person, at least {MIN_PEOPLE} people ({WANT_FACES}+ faces of hundreds "
+        "of people are better), or run --lfw once on a machine with network and copy its scikit_learn_data/"
+        "lfw_home here (to ~/scikit_learn_data or $SCIKIT_LEARN_DATA)")
+
+
+def lfw_folder(progress: bool = True) -> Path:
+    """LFW's <person>/*.jpg folder, downloaded when it is not there yet.
+
+    The ~200 MB archive is downloaded here, with a progress bar (scikit-learn's fetcher shows none), to where
+    the fetcher looks for it, under the fetcher's own name, URL and checksum; the fetcher then unpacks it and
+    fetches its small pair lists. Only that is asked of it (a limit no one meets stops it before it loads a
+    photo): its loader would decode all 13,233 photos into one float array, about 10 GB. The files are then read
+    like any --photos folder, one at a time.
     """
     from sklearn.datasets import fetch_lfw_people, get_data_home
+    from sklearn.datasets._lfw import FUNNELED_ARCHIVE
 
+    home = Path(get_data_home()) / "lfw_home"
+    folder = home / "lfw_funneled"
+    archive = home / FUNNELED_ARCHIVE.filename
+    if not folder.is_dir() and not archive.is_file():
+        log.info("LFW: downloading %s (about 200 MB, once) into %s", FUNNELED_ARCHIVE.url, home)
+        try:
+            download(FUNNELED_ARCHIVE.url, archive, progress, FUNNELED_ARCHIVE.checksum)
+        except OSError as exc:  # URLError, HTTPError, a timeout, a full disk
+            raise _cannot_download(exc) from None
+    if not folder.is_dir():
+        log.info("LFW: unpacking %s", archive)
     try:
         fetch_lfw_people(min_faces_per_person=10**9, download_if_missing=True)
     except ValueError:
         pass  # "too restrictive": downloaded, nothing loaded
-    except OSError as exc:  # URLError, HTTPError, a timeout, a full disk
-        reason = getattr(exc, "reason", None) or exc
-        raise CohortBuildError(
-            f"cannot download LFW ({reason}; no network?): use --photos DIR with photos of people not in your "
-            f"household, one sub-folder per person, at least {MIN_PEOPLE} people ({WANT_FACES}+ faces of hundreds "
-            "of people are better), or run --lfw once on a machine with network and copy its scikit_learn_data/"
-            "lfw_home here (to ~/scikit_learn_data or $SCIKIT_LEARN_DATA)") from None
-    folder = Path(get_data_home()) / "lfw_home" / "lfw_funneled"
+    except OSError as exc:
+        raise _cannot_download(exc) from None
     if not folder.is_dir():
         raise CohortBuildError(f"LFW's photos are not in {folder} after the download; delete {folder.parent} and "
                                "run again")
@@ -120,16 +172,30 @@ def select_photos(people: dict[str, list[Path]], exclude: set[str] | None,
     return chosen, dropped
 
 
+def embed_faces(model, crops: list[np.ndarray], prep: Preprocessing, views: str, progress: bool = True) -> np.ndarray:
+    """The crops' embeddings (faceberry.train.fewshot.embed), EMBED_BLOCK faces at a time: a bar that moves over
+    up to --max-faces faces, and only one block of crops stacked at a time."""
+    from faceberry.train.fewshot import embed
+
+    parts = []
+    with progress_bar(len(crops), "embedding cohort faces", "face", enabled=progress) as bar:
+        for start in range(0, len(crops), EMBED_BLOCK):
+            block = np.stack(crops[start:start + EMBED_BLOCK])
+            parts.append(embed(model, block, prep, views))
+            bar.update(len(block))
+    return np.concatenate(parts)  # never empty: build_cohort refuses fewer than MIN_PEOPLE people first
+
+
 def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, exclude: set[str] | None = None,
                  per_person: int | None = None, max_faces: int = 20000, min_face_size: int = 40,
-                 seed: int = 0) -> tuple[cohort_mod.Cohort, dict]:
+                 seed: int = 0, progress: bool = True) -> tuple[cohort_mod.Cohort, dict]:
     """(the cohort, what was kept and dropped: {"photos", "kept", "per_person", "excluded_people", "no_face",
-    "max_faces"})."""
+    "max_faces"}). `progress`: bars for the LFW download and the embedding (stderr)."""
     from faceberry.train.backbone_dir import load_embedder
     from faceberry.train.crops import CropMaker, default_cache_dir, list_people
 
     if lfw:
-        photos = lfw_folder()
+        photos = lfw_folder(progress)
         per_person = LFW_PER_PERSON if per_person is None else per_person
     model, bconfig = load_embedder(backbone)
     prep = Preprocessing.from_dict(bconfig["preprocessing"])
@@ -163,11 +229,10 @@ def build_cohort(backbone: Path, photos: Path | None = None, lfw: bool = False, 
             f"only {len(set(names))} people with a usable face: a stranger cohort needs at least {MIN_PEOPLE} "
             f"({WANT_FACES}+ faces of hundreds of people are better); pass a bigger --photos folder or use --lfw")
     from faceberry.contract import enrolled_views
-    from faceberry.train.fewshot import embed
 
     views = enrolled_views(bconfig.get("arch"))
     log.info("cohort: embedding %d faces of %d people", len(crops), len(per))
-    cohort = cohort_mod.build(embed(model, np.stack(crops), prep, views), names, views)
+    cohort = cohort_mod.build(embed_faces(model, crops, prep, views, progress), names, views)
     return cohort, {"photos": sum(len(v) for v in chosen.values()) + dropped["excluded"],
                     "kept": len(crops), **dropped}
 
@@ -191,8 +256,9 @@ def run(args: argparse.Namespace) -> int:
                                "sub-folder")
     # A BackboneError or CohortBuildError (exit 2) is printed by faceberry.device.cli.
     try:
+        # No -q here: --log-level WARNING (or above) is this command's quiet, for the bars too.
         cohort, kept = build_cohort(args.backbone, args.photos, args.lfw, exclude, args.per_person, args.max_faces,
-                                    args.min_face_size, args.seed)
+                                    args.min_face_size, args.seed, progress=log.isEnabledFor(logging.INFO))
     except OSError as exc:  # on the workstation, a path of the user's own: not a case for sudo
         raise CohortBuildError(f"{exc}; check the paths and permissions") from exc
     out = args.backbone / cohort_mod.COHORT_FILE
