@@ -126,15 +126,19 @@ def lfw_folder(progress: bool = True) -> Path:
     like any --photos folder, one at a time.
     """
     from sklearn.datasets import fetch_lfw_people, get_data_home
-    from sklearn.datasets._lfw import FUNNELED_ARCHIVE
 
+    try:
+        from sklearn.datasets import _lfw  # private: the fetcher's own archive name, URL and checksum
+        remote = _lfw.FUNNELED_ARCHIVE
+    except (ImportError, AttributeError):  # a scikit-learn that moved it: its fetcher downloads, without a bar
+        remote = None
     home = Path(get_data_home()) / "lfw_home"
     folder = home / "lfw_funneled"
-    archive = home / FUNNELED_ARCHIVE.filename
-    if not folder.is_dir() and not archive.is_file():
-        log.info("LFW: downloading %s (about 200 MB, once) into %s", FUNNELED_ARCHIVE.url, home)
+    archive = home / (remote.filename if remote is not None else "lfw-funneled.tgz")
+    if remote is not None and not folder.is_dir() and not archive.is_file():
+        log.info("LFW: downloading %s (about 200 MB, once) into %s", remote.url, home)
         try:
-            download(FUNNELED_ARCHIVE.url, archive, progress, FUNNELED_ARCHIVE.checksum)
+            download(remote.url, archive, progress, remote.checksum)
         except OSError as exc:  # URLError, HTTPError, a timeout, a full disk
             raise _cannot_download(exc) from None
     if not folder.is_dir():
