@@ -626,6 +626,7 @@ def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "known": float(np.mean(col("known"))), "known_worst": float(np.min(col("known"))),
                      "strangers": float(np.mean(col("strangers"))), "strangers_worst": float(np.max(col("strangers"))),
                      "known_visits_right": float(np.mean(col("known_visits_right"))),
+                     "known_visits_right_worst": float(np.min(col("known_visits_right"))),
                      "stranger_visits_named": float(np.mean(col("stranger_visits_named"))),
                      "stranger_visits_named_worst": float(np.max(col("stranger_visits_named")))})
     return rows
@@ -701,11 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     for part in [p for p in parts_order if p in args.parts.split(",")]:
         print(f"\n{part}: per rule, cohort (max per person → faces) and household size")
         print(table(["rule", "cohort", "people", "threshold", "known", "known worst", "strangers", "strangers worst",
-                     "known/visit", "strangers/visit"],
+                     "known/visit", "known/visit worst", "strangers/visit", "strangers/visit worst"],
                     [[r["rule"], f"{r['cohort_per_person'] or 'all'} → {r['cohort_faces']:.0f}", r["household"],
                       f"{r['threshold']:.4f}±{r['threshold_sd']:.4f}", pct(r["known"]), pct(r["known_worst"]),
                       pct(r["strangers"]), pct(r["strangers_worst"]), pct(r["known_visits_right"]),
-                      pct(r["stranger_visits_named"])]
+                      pct(r["known_visits_right_worst"]), pct(r["stranger_visits_named"]),
+                      pct(r["stranger_visits_named_worst"])]
                      for r in sorted((r for r in rows if r["part"] == part),
                                      key=lambda r: (r["rule"], r["cohort_faces"], r["household"]))]))
         print(table(["rule", "goals ≥500 faces", "largest cohort", "min known (≥500)", "max strangers (≥500)",
