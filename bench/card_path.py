@@ -289,7 +289,7 @@ def distill_on_grid(student, teacher, faces: np.ndarray, augment, steps: int = 4
     import keras
     import tensorflow as tf
 
-    from faceberry.convert.quantize import _snap_per_channel
+    from faceberry.convert.quantize import snap_kernel
 
     started = time.monotonic()
     backbone = next(layer for layer in student.layers if isinstance(layer, keras.Model))
@@ -299,9 +299,7 @@ def distill_on_grid(student, teacher, faces: np.ndarray, augment, steps: int = 4
     gridded = convs + dense
 
     def snap(layer, w: np.ndarray) -> np.ndarray:
-        if isinstance(layer, keras.layers.DepthwiseConv2D):  # one scale per (input channel, multiplier)
-            return _snap_per_channel(w.reshape(*w.shape[:2], -1)).reshape(w.shape)
-        return _snap_per_channel(w)
+        return snap_kernel(w, isinstance(layer, keras.layers.DepthwiseConv2D))
 
     kernels = [layer.kernel for layer in gridded]
     shadow = [k.numpy().copy() for k in kernels]
@@ -512,7 +510,7 @@ def diagnose(run_dir: Path) -> dict[str, float]:
     from tensorflow.lite.python import convert as tflite_convert
 
     from faceberry.convert.build import _load_keras, load_run
-    from faceberry.convert.quantize import representative_samples
+    from faceberry.convert.quantize import representative_samples, snap_kernel
     from faceberry.convert.verify import run_tflite
     from faceberry.preprocess import normalize
 
@@ -547,17 +545,11 @@ def diagnose(run_dir: Path) -> dict[str, float]:
             calibrated, fully_quantize=True, input_data_type=tf.int8, output_data_type=tf.float32,
             denylisted_nodes=nodes, denylisted_ops=list(HEAD_OPS)))
 
-    def snap(w: np.ndarray, axis: int) -> np.ndarray:  # symmetric int8 per channel, as TFLite quantises
-        moved = np.moveaxis(w, axis, -1)
-        scale = np.abs(moved).reshape(-1, moved.shape[-1]).max(0) / 127
-        scale = np.where(scale > 0, scale, 1)
-        return np.moveaxis(np.round(moved / scale) * scale, -1, axis).astype(w.dtype)
-
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
             weights = layer.get_weights()
-            axis = 2 if isinstance(layer, keras.layers.DepthwiseConv2D) else weights[0].ndim - 1
-            layer.set_weights([snap(weights[0], axis), *weights[1:]])
+            depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+            layer.set_weights([snap_kernel(weights[0], depthwise), *weights[1:]])
     out["float model with int8-rounded weights (Keras, per channel)"] = float(
         np.mean(model.predict(x_val, verbose=0).argmax(1) == top))
     return out

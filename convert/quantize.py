@@ -165,11 +165,10 @@ def bias_correct(model, calibration: np.ndarray) -> dict[str, Any]:
         gamma, beta, mean, var = bn.get_weights()
         factor = gamma / np.sqrt(var + bn.epsilon)  # what the converter multiplies the weights by
         w = conv.get_weights()[0]
-        per_out = factor.reshape(w.shape[2], w.shape[3]) if isinstance(conv, keras.layers.DepthwiseConv2D) else factor
+        depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+        per_out = factor.reshape(w.shape[2], w.shape[3]) if depthwise else factor
         safe = np.where(per_out != 0, per_out, 1.0)
-        folded = (w * per_out).reshape(*w.shape[:-2], -1) if isinstance(conv, keras.layers.DepthwiseConv2D) \
-            else w * per_out
-        snapped = _snap_per_channel(folded).reshape(w.shape)
+        snapped = snap_kernel(w * per_out, depthwise)
         x = _run_eagerly(keras.Model(backbone.input, conv.input), calibration)
         before = _run_eagerly(conv, x).mean(axis=(0, 1, 2))
         conv.set_weights([np.where(per_out != 0, snapped / safe, w).astype(w.dtype)])
@@ -189,6 +188,14 @@ def _run_eagerly(layer, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """`layer` on `x` in batches, called directly: Model.predict on 50 new sub-models would trace a tf.function
     for each and TensorFlow warns about the retracing on the user's console."""
     return np.concatenate([np.asarray(layer(x[i:i + batch], training=False)) for i in range(0, len(x), batch)])
+
+
+def snap_kernel(w: np.ndarray, depthwise: bool = False) -> np.ndarray:
+    """A conv, depthwise or dense kernel on the per-channel int8 grid TFLite quantises it to (a depthwise kernel,
+    (h, w, in, multiplier), has one scale per input channel and multiplier)."""
+    if depthwise:
+        return _snap_per_channel(w.reshape(*w.shape[:-2], -1)).reshape(w.shape)
+    return _snap_per_channel(w)
 
 
 def _snap_per_channel(w: np.ndarray) -> np.ndarray:
