@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from faceberry.device.ops.reloader import is_faceberry, pid_alive, read_setup, status_files, store_root
-from faceberry.device.ops.status_file import check_status, read_status
+from faceberry.device.ops.status_file import StatusFile, check_status
 from faceberry.device.ops.store import BundleStore, StoreError, default_root
 from faceberry.errors import EXIT_OK, EXIT_UNAVAILABLE
 
@@ -51,10 +51,7 @@ def _age_s(stamp: Any) -> float | None:
     return None
 
 
-def daemon_view(path: Path) -> dict[str, Any] | None:
-    status = read_status(path)
-    if status is None:
-        return None
+def daemon_view(path: Path, status: StatusFile) -> dict[str, Any]:
     alive = pid_alive(status.pid) and is_faceberry(status.pid)
     # `running` in the file is the daemon's word; a daemon killed (-9, power cut) never took it back.
     running = status.running and alive
@@ -139,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
         where, device_id = setup.state_dirs, setup.device_id
     daemons, problems = [], {}
     for path in status_files(where, device_id):
-        view = daemon_view(path)
-        if view is not None:
-            daemons.append(view)
+        status, problem = check_status(path)  # read once: the view, or what is wrong with the file
+        if status is not None:
+            daemons.append(daemon_view(path, status))
         else:
-            problems[str(path)] = check_status(path)[1] or "unreadable"
+            problems[str(path)] = problem or "unreadable"
     store = store_view(store_root(args.store, setup))
     if args.json:
         print(json.dumps({"daemons": daemons, "store": store, "unreadable_status_files": problems}, indent=1,
