@@ -147,7 +147,13 @@ def verified(payload: bytes, max_bytes: int, schema: int, error: type[ValueError
     return body
 
 
-def _b64(rows: np.ndarray) -> str:
+def stamp(at: datetime | None = None) -> str:
+    """An entry's `at` (the library's, the shared strangers'): UTC to the second."""
+    return (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def floats_b64(rows: np.ndarray) -> str:
+    """Embeddings in an entry (the library's, the shared strangers'): base64 of little-endian float32."""
     return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode()
 
 
@@ -171,10 +177,10 @@ def encode_entry(label: str, embeddings: np.ndarray | None, embedder: str | None
             emb = emb[None]
         if emb.ndim != 2 or not len(emb):
             raise LibraryError(f"embeddings must be (count, dim), not {emb.shape}")
-        body.update({"dim": int(emb.shape[1]), "count": int(emb.shape[0]), "embeddings": _b64(emb),
+        body.update({"dim": int(emb.shape[1]), "count": int(emb.shape[0]), "embeddings": floats_b64(emb),
                      "embedder": embedder})
     body.update({"origin": origin, "version": version,
-                 "at": (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")})
+                 "at": stamp(at)})
     if subject is not None:
         body["subject"] = subject
     return entry_id, signed(body)
@@ -304,10 +310,10 @@ class State:
             shapes = [r.shape[1] for r in [p.base, *(q.rows for q in p.parts)] if r is not None]
             return shapes[0] if shapes else 0
 
-        people = {label: {"dim": dim(p), "base": _b64(p.base) if p.base is not None else None,
+        people = {label: {"dim": dim(p), "base": floats_b64(p.base) if p.base is not None else None,
                           "forgot": list(p.forgot) if p.forgot else None,
                           "parts": [{"id": q.id, "key": list(q.key), "subject": q.subject,
-                                     "rows": _b64(q.rows) if q.rows is not None else None} for q in p.parts]}
+                                     "rows": floats_b64(q.rows) if q.rows is not None else None} for q in p.parts]}
                   for label, p in self.people.items()}
         try:
             write_atomic(self.path, json.dumps({"applied": self.ids, "people": people,

@@ -33,14 +33,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from faceberry.device.memory.strangers import SharedStranger, Stranger, StrangerMemory
 from faceberry.device.messaging.dispatcher import Publish
-from faceberry.device.messaging.library import signed, verified
+from faceberry.device.messaging.library import floats_b64, signed, stamp, verified
 from faceberry.device.messaging.topics import Topics
 from faceberry.device.messaging.worker import Entries, Shares
 
@@ -70,24 +70,20 @@ class Entry:
     origin: str
 
 
-def _at(at: datetime | None) -> str:
-    return (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def encode_stranger(stranger: Stranger, embedder: str, origin: str, at: datetime | None = None) -> bytes:
     """The entry sharing `stranger` (its centroid, never the faces it was made of)."""
     centroid = np.ascontiguousarray(stranger.centroid, dtype="<f4").reshape(-1)
     return signed({
         "schema": SCHEMA, "op": OP_STRANGER, "id": stranger.stranger_id, "dim": int(centroid.shape[0]),
-        "centroid": base64.b64encode(centroid.tobytes()).decode(), "count": int(stranger.count),
+        "centroid": floats_b64(centroid), "count": int(stranger.count),
         "first_seen": float(stranger.first_seen), "last_seen": float(stranger.last_seen), "embedder": embedder,
-        "origin": origin, "at": _at(at)})
+        "origin": origin, "at": stamp(at)})
 
 
 def encode_alias(loser: str, winner: str, origin: str, at: datetime | None = None) -> bytes:
     """The entry saying that stranger `loser` is stranger `winner` (the merge rule decided)."""
     return signed({"schema": SCHEMA, "op": OP_ALIAS, "id": loser, "alias_of": winner, "origin": origin,
-                    "at": _at(at)})
+                    "at": stamp(at)})
 
 
 def _id(value: Any, key: str) -> str:
