@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT, machine, need_shared, table, write_result
+from bench.common import pct as percent
 from bench.household import (
     DLIB_TOLERANCE,
     VISIT_FRAMES,
@@ -653,7 +654,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def pct(v: float | None) -> str:
-    return "—" if v is None or v != v else f"{100 * v:.2f}%"
+    return "—" if v != v else percent(v, 2)  # the study's tables: two decimals; NaN where no faces were counted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,8 +100,9 @@ def fmt_ms(stat: dict[str, Any] | None) -> str:
     return f"{stat['median']:.2f} / {stat['p95']:.2f}"
 
 
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
+def pct(value: float | None, digits: int = 1) -> str:
+    """A share as a percentage, "—" where there is none."""
+    return "—" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def write_result(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.accuracy import PY, convert_run, device_eval, sh
-from bench.common import ROOT, machine, need_shared, table, write_result
+from bench.common import ROOT, machine, need_shared, pct, table, write_result
 from bench.protocol import Split, materialise
 from faceberry import cohort as cohort_mod
 from faceberry.contract import list_images
@@ -134,10 +134,6 @@ def run_draw(split: Split, index: int, backbone: Path, work: Path) -> dict[str, 
     }
 
 
-def pct(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{100 * v:.{digits}f}%"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.household_of_one", description=__doc__.split("\n\n")[0])
     ap.add_argument("--draws", type=int, default=6, help="seeded draws, a different person each (default 6)")
@@ -185,19 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     body = [[r["draw"], r["person"], f"{r['enrolled_photos']} / {r['known_probes']}",
              f"{r['cohort_people']} / {r['cohort_faces']}", interval(r),
              f"{pct(r['known'], 1)} ({r['known_right']}/{r['known_probes']})",
-             f"{pct(r['strangers'])} ({r['false_accepts']}/{r['strangers_found']})",
+             f"{pct(r['strangers'], 2)} ({r['false_accepts']}/{r['strangers_found']})",
              (f"{r['worst_stranger']['name']} {r['worst_stranger']['false_accepts']}/{r['worst_stranger']['probes']}"
               if r["worst_stranger"]["false_accepts"] else "none"), f"{r['seconds']:.0f}"] for r in rows]
     body.append(["mean", "", "", "", "", f"{pct(summary['known_mean'], 1)} (pooled {pct(summary['known_pooled'], 1)})",
-                 f"{pct(summary['strangers_mean'])} (pooled {summary['false_accepts']}/{summary['strangers_found']})",
+                 f"{pct(summary['strangers_mean'], 2)} "
+                 f"(pooled {summary['false_accepts']}/{summary['strangers_found']})", "", ""])
+    body.append(["worst draw", "", "", "", "", pct(summary["known_worst"], 1), pct(summary["strangers_worst"], 2),
                  "", ""])
-    body.append(["worst draw", "", "", "", "", pct(summary["known_worst"], 1), pct(summary["strangers_worst"]), "", ""])
     print(table(["draw", "person", "enrolled / probes", "cohort people / faces", "threshold (90% interval)",
                  "known named right", "strangers accepted", "stranger most accepted", "seconds"], body))
     met = "met" if summary["goal_met_mean"] else "not met"
     print(f"\ngoal known ≥ {pct(GOAL_KNOWN, 0)}, strangers ≤ {pct(GOAL_STRANGERS, 1)}: {met} on the mean "
-          f"({pct(summary['known_mean'], 1)}, {pct(summary['strangers_mean'])}); worst draw "
-          f"{pct(summary['known_worst'], 1)} known, {pct(summary['strangers_worst'])} strangers"
+          f"({pct(summary['known_mean'], 1)}, {pct(summary['strangers_mean'], 2)}); worst draw "
+          f"{pct(summary['known_worst'], 1)} known, {pct(summary['strangers_worst'], 2)} strangers"
           f"{'' if summary['goal_met_every_draw'] else ' (not every draw meets it)'}")
     print(f"{seconds:.0f} s on {info['cpu']}; wrote {path.relative_to(ROOT)}")
     return 0
