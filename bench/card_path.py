@@ -359,27 +359,22 @@ def measure_recipe(work: Path, run_dir: Path, name: str, quantization: str, opti
     t0 = time.perf_counter()
     if path.is_file() and recipe_path.is_file():
         recipe = json.loads(recipe_path.read_text())
-    elif options.get("per_channel") is False or options.get("logits"):
-        from faceberry.convert.quantize import representative_samples
-
-        model = _logits_model(c.model) if options.get("logits") else c.model
-        representative = representative_samples(c.train_x, 200)
-        flat = convert_model(model, quantization, representative, per_channel=options.get("per_channel", True))
-        recipe = {"calibration": {"source": "plain", "samples": len(representative),
-                                  "training_crops": len(c.train_x)}, "float_ops": [],
-                  "weight_scales": weight_scales(flat)}
-    elif options.get("distill"):
+    elif options.get("per_channel") is False or options.get("logits") or options.get("distill"):
+        # The bench-only variants: the converter called here, on the plain calibration faces.
         from faceberry.convert.build import _augmentation, _load_keras
         from faceberry.convert.quantize import bias_correct, representative_samples
 
-        student = _load_keras(run_dir / "model.keras")
         representative = representative_samples(c.train_x, 200)
-        corrected = bias_correct(student, representative)
-        distilled = distill_on_grid(student, c.model, c.train_x, _augmentation(run), **options["distill"])
-        flat = convert_model(student, quantization, representative)
         recipe = {"calibration": {"source": "plain", "samples": len(representative),
-                                  "training_crops": len(c.train_x)}, "float_ops": [],
-                  "bias_correction": corrected, "distillation": distilled, "weight_scales": weight_scales(flat)}
+                                  "training_crops": len(c.train_x)}, "float_ops": []}
+        model = _logits_model(c.model) if options.get("logits") else c.model
+        if options.get("distill"):
+            model = _load_keras(run_dir / "model.keras")  # a copy: c.model stays the float reference
+            recipe["bias_correction"] = bias_correct(model, representative)
+            recipe["distillation"] = distill_on_grid(model, c.model, c.train_x, _augmentation(run),
+                                                     **options["distill"])
+        flat = convert_model(model, quantization, representative, per_channel=options.get("per_channel", True))
+        recipe["weight_scales"] = weight_scales(flat)
     else:
         convert_options = {k: options.get(k) for k in ("calibration", "calibration_samples", "float_ops")}
         convert_options["bias_correction"] = bool(options.get("bias_correction"))
